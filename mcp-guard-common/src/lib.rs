@@ -1,0 +1,276 @@
+//! Byte layouts shared by the kernel programs and the daemon.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding and a compile-time size
+//! check, so both sides agree on every byte. Addresses are always 16 bytes: an IPv4
+//! address is stored in its IPv4-mapped IPv6 form (`::ffff:a.b.c.d`). That single
+//! representation is what makes a dual-stack socket connecting to `::ffff:169.254.169.254`
+//! hit exactly the same map entries as an AF_INET socket connecting to `169.254.169.254`.
+//!
+//! Map names carry a version suffix (`_1`): a layout change gets a new name so a
+//! daemon never reads a pinned map of another layout.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Scope used in policy keys for the node-wide baseline deny list.
+pub const SCOPE_BASELINE: u32 = 0;
+/// Scope of the built-in "internal" ranges that `default = "deny-internal"` refuses.
+pub const SCOPE_INTERNAL: u32 = 1;
+/// Scope of the metadata set, used only to classify a denied destination.
+pub const SCOPE_METADATA: u32 = 2;
+/// First workload id; ids below are reserved scopes.
+pub const FIRST_WORKLOAD_ID: u32 = 16;
+
+/// Policy lives in two slots; the daemon writes the inactive one and then flips
+/// [`Config::slot`] with a single array update, so a decision never sees half a policy.
+pub const SLOTS: u32 = 2;
+
+/// Deepest cgroup level whose ancestors are searched for a workload. A workload's own
+/// cgroup must be at this level or above; its descendants may be deeper.
+pub const MAX_CGROUP_LEVEL: u32 = 32;
+
+/// Port ranges a single policy entry can carry (after merging, see the compiler).
+pub const MAX_RANGES: usize = 8;
+
+/// Packs the workload (or reserved scope) and the policy slot into the key's scope word.
+#[inline(always)]
+#[must_use]
+pub const fn scope(id: u32, slot: u32) -> u32 {
+    (id << 1) | (slot & 1)
+}
+
+/// Data part of the LPM-trie key: `prefix_len` counts 32 scope bits plus address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LpmData {
+    pub scope: u32,
+    /// IPv6 or IPv4-mapped address, network byte order.
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<LpmData>() == 20);
+
+/// Key of the exact-host hash (/32 and /128 entries): a hash lookup costs the same with
+/// 100 or 100,000 hosts, where an LPM trie walk grows with the entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ExactKey {
+    pub scope: u32,
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<ExactKey>() == 20);
+
+/// Protocol bits for [`PortRange::protos`].
+pub const PROTO_TCP: u8 = 1;
+pub const PROTO_UDP: u8 = 2;
+/// A protocol that is neither TCP nor UDP (SCTP, ICMP ping sockets, ...).
+pub const PROTO_OTHER: u8 = 4;
+pub const PROTO_ANY: u8 = PROTO_TCP | PROTO_UDP | PROTO_OTHER;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortRange {
+    /// Inclusive, host byte order.
+    pub lo: u16,
+    pub hi: u16,
+    pub protos: u8,
+    pub _pad: [u8; 3],
+    /// The rule that allowed this range; reported by `explain` and in events.
+    pub rule_id: u32,
+}
+const _: () = assert!(size_of::<PortRange>() == 12);
+
+/// What a policy entry means.
+pub const ENTRY_ALLOW: u8 = 0;
+pub const ENTRY_BASELINE_METADATA: u8 = 1;
+pub const ENTRY_BASELINE_DENY: u8 = 2;
+pub const ENTRY_INTERNAL: u8 = 3;
+pub const ENTRY_METADATA_CLASS: u8 = 4;
+
+/// Value of both policy maps. For allow entries the compiler has already merged the
+/// ranges of every shorter covering prefix into it, so the longest match alone decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PolicyEntry {
+    pub kind: u8,
+    pub n_ranges: u8,
+    pub _pad: [u8; 2],
+    /// For deny entries: the rule (baseline CIDR or named set) that decided.
+    pub rule_id: u32,
+    pub ranges: [PortRange; MAX_RANGES],
+}
+const _: () = assert!(size_of::<PolicyEntry>() == 8 + 12 * MAX_RANGES);
+
+/// Workload defaults (`default = ...`).
+pub const DEFAULT_DENY_INTERNAL: u8 = 0;
+pub const DEFAULT_DENY: u8 = 1;
+pub const DEFAULT_ALLOW: u8 = 2;
+
+pub const MODE_ENFORCE: u8 = 0;
+pub const MODE_AUDIT: u8 = 1;
+
+/// Key of the cgroup map: which workload owns a cgroup (in one policy slot).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CgroupKey {
+    pub cgroup_id: u64,
+    pub slot: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<CgroupKey>() == 16);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WorkloadInfo {
+    pub workload_id: u32,
+    pub default: u8,
+    pub mode: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<WorkloadInfo>() == 8);
+
+/// Single element of the `CONFIG_1` array: read once per decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Active policy slot (0 or 1).
+    pub slot: u32,
+    /// Bumped on every policy switch; carried in events so tests can observe reloads.
+    pub generation: u32,
+    /// Events per second per (workload, destination, port); 0 disables the limit.
+    pub rate_limit_per_sec: u32,
+    pub _reserved: u32,
+}
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// Hooks, as reported in events and counters.
+pub const HOOK_CONNECT4: u8 = 0;
+pub const HOOK_CONNECT6: u8 = 1;
+pub const HOOK_SENDMSG4: u8 = 2;
+pub const HOOK_SENDMSG6: u8 = 3;
+pub const HOOK_TC: u8 = 4;
+pub const HOOK_COUNT: usize = 5;
+
+pub const VERDICT_DENIED: u8 = 0;
+pub const VERDICT_AUDITED: u8 = 1;
+
+/// Why a flow was refused.
+pub const REASON_BASELINE_METADATA: u8 = 0;
+pub const REASON_BASELINE_DENY: u8 = 1;
+/// `default = "deny-internal"` and the destination is internal.
+pub const REASON_DENY_INTERNAL: u8 = 2;
+/// `default = "deny"` and no allow rule matched the address.
+pub const REASON_DEFAULT_DENY: u8 = 3;
+/// An allow rule matched the address, but not the port or protocol, and the default denies.
+pub const REASON_NOT_ALLOWED: u8 = 4;
+pub const REASON_COUNT: usize = 5;
+
+pub const CLASS_METADATA: u8 = 0;
+pub const CLASS_INTERNAL: u8 = 1;
+pub const CLASS_PUBLIC: u8 = 2;
+
+/// Per-CPU counter key: one per label combination the metrics export.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowCounterKey {
+    pub workload_id: u32,
+    pub hook: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub dest_class: u8,
+    /// Address family as judged: 4 or 6 (an IPv4-mapped destination counts as 4).
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowCounterKey>() == 12);
+
+/// Indexes of the per-CPU `STATS_1` array.
+pub const STAT_DECISIONS: u32 = 0;
+/// Denied or audited decisions (the left side of the event invariant).
+pub const STAT_REPORTED: u32 = 1;
+pub const STAT_EVENTS_SUBMITTED: u32 = 2;
+pub const STAT_EVENTS_SUPPRESSED: u32 = 3;
+pub const STAT_EVENTS_LOST: u32 = 4;
+/// Flow counter hash full: the decision was still counted in `STAT_REPORTED`.
+pub const STAT_COUNTER_OVERFLOW: u32 = 5;
+pub const STAT_COUNT: u32 = 8;
+
+/// Rate-limit state per (workload, destination, port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RateKey {
+    pub workload_id: u32,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: u8,
+    pub daddr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<RateKey>() == 24);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RateState {
+    pub window_start_ns: u64,
+    pub emitted: u32,
+    pub suppressed: u32,
+}
+const _: () = assert!(size_of::<RateState>() == 16);
+
+pub const COMM_LEN: usize = 16;
+
+/// One denied (or audited) decision, written to the `EVENTS_1` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub cgroup_id: u64,
+    pub socket_cookie: u64,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub workload_id: u32,
+    pub rule_id: u32,
+    /// Events for the same (workload, destination, port) suppressed since the last one.
+    pub suppressed: u32,
+    pub generation: u32,
+    pub daddr_be: [u8; 16],
+    pub saddr_be: [u8; 16],
+    /// Host byte order.
+    pub dport: u16,
+    pub sport: u16,
+    pub hook: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub dest_class: u8,
+    /// Socket family: 2 (AF_INET) or 10 (AF_INET6).
+    pub sock_family: u8,
+    /// IPPROTO_* of the socket.
+    pub proto: u8,
+    pub _pad: [u8; 6],
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<Event>() == 24 + 32 + 32 + 16 + 16);
+
+/// Ring buffer size: 1 MiB holds about 8,000 events.
+pub const EVENTS_RING_BYTES: u32 = 1 << 20;
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        CgroupKey, Config, Event, ExactKey, FlowCounterKey, LpmData, PolicyEntry, RateKey,
+        RateState, WorkloadInfo,
+    };
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for LpmData {}
+    unsafe impl aya::Pod for ExactKey {}
+    unsafe impl aya::Pod for PolicyEntry {}
+    unsafe impl aya::Pod for CgroupKey {}
+    unsafe impl aya::Pod for WorkloadInfo {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowCounterKey {}
+    unsafe impl aya::Pod for RateKey {}
+    unsafe impl aya::Pod for RateState {}
+    unsafe impl aya::Pod for Event {}
+}

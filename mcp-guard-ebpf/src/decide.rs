@@ -1,0 +1,235 @@
+//! The decision: workload lookup by cgroup ancestry, then baseline, allow rules and the
+//! workload's default, in that order.
+
+use aya_ebpf::{
+    helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use mcp_guard_common::{
+    scope, CgroupKey, ExactKey, LpmData, PolicyEntry, WorkloadInfo, CLASS_INTERNAL, CLASS_METADATA,
+    CLASS_PUBLIC, DEFAULT_ALLOW, DEFAULT_DENY, ENTRY_BASELINE_METADATA, MAX_CGROUP_LEVEL,
+    MAX_RANGES, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP, REASON_BASELINE_DENY,
+    REASON_BASELINE_METADATA, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL, REASON_NOT_ALLOWED,
+    SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, VERDICT_AUDITED, VERDICT_DENIED,
+};
+
+use crate::{
+    maps::{CGROUPS_1, CONFIG_1, POLICY_EXACT_1, POLICY_LPM_1},
+    report::{self, Flow},
+    ALLOW, DENY,
+};
+
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+const IPPROTO_UDPLITE: u32 = 136;
+const IPPROTO_MPTCP: u32 = 262;
+
+/// A refused flow: why, and which rule or set decided.
+pub struct Refusal {
+    pub reason: u8,
+    pub rule_id: u32,
+}
+
+/// Reads one context field with a single load at a constant offset: the verifier refuses
+/// context accesses through a pointer the compiler has moved (for example one shared by
+/// the v4 and v6 paths).
+macro_rules! ctx_field {
+    ($sa:expr, $($field:tt)+) => {
+        // SAFETY: the kernel hands every sock_addr program a valid bpf_sock_addr.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*$sa).$($field)+)) }
+    };
+}
+
+#[inline(always)]
+pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
+    let sa = ctx.sock_addr;
+    let Some(cfg) = CONFIG_1.get(0) else {
+        // The config array always has its one element; unreachable in practice.
+        return ALLOW;
+    };
+    let slot = cfg.slot & 1;
+    // A cgroup that belongs to no workload is untouched.
+    let Some(wl) = find_workload(slot) else {
+        return ALLOW;
+    };
+
+    let mut addr = [0u8; 16];
+    if IPV6 {
+        let words = [
+            ctx_field!(sa, user_ip6[0]),
+            ctx_field!(sa, user_ip6[1]),
+            ctx_field!(sa, user_ip6[2]),
+            ctx_field!(sa, user_ip6[3]),
+        ];
+        let mut i = 0;
+        while i < 4 {
+            let b = words[i].to_ne_bytes();
+            addr[i * 4] = b[0];
+            addr[i * 4 + 1] = b[1];
+            addr[i * 4 + 2] = b[2];
+            addr[i * 4 + 3] = b[3];
+            i += 1;
+        }
+    } else {
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        let b = ctx_field!(sa, user_ip4).to_ne_bytes();
+        addr[12] = b[0];
+        addr[13] = b[1];
+        addr[14] = b[2];
+        addr[15] = b[3];
+    }
+    // user_port holds the port in network order in its low 16 bits.
+    let port = u16::from_be(ctx_field!(sa, user_port) as u16);
+    let protocol = ctx_field!(sa, protocol);
+    let proto_bit = match protocol {
+        IPPROTO_TCP | IPPROTO_MPTCP => PROTO_TCP,
+        IPPROTO_UDP | IPPROTO_UDPLITE => PROTO_UDP,
+        _ => PROTO_OTHER,
+    };
+
+    let Err(refusal) = decide(slot, wl, &addr, port, proto_bit) else {
+        return ALLOW;
+    };
+    let audit = wl.mode == MODE_AUDIT;
+    report::refused::<IPV6>(
+        ctx,
+        &Flow {
+            hook,
+            verdict: if audit {
+                VERDICT_AUDITED
+            } else {
+                VERDICT_DENIED
+            },
+            workload_id: wl.workload_id,
+            reason: refusal.reason,
+            rule_id: refusal.rule_id,
+            dest_class: classify(slot, &addr),
+            addr,
+            port,
+            proto: protocol as u8,
+            sock_family: if IPV6 { 10 } else { 2 },
+            generation: cfg.generation,
+            rate_limit: cfg.rate_limit_per_sec,
+        },
+    );
+    if audit {
+        ALLOW
+    } else {
+        DENY
+    }
+}
+
+/// The workload of the calling task: its own cgroup or the nearest ancestor that has a
+/// policy. Walking the ancestors at decision time means a child cgroup created after the
+/// policy was loaded, and any process forked into it, is covered with no update at all.
+#[inline(always)]
+fn find_workload(slot: u32) -> Option<&'static WorkloadInfo> {
+    let mut found = None;
+    let mut level = 0;
+    while level < MAX_CGROUP_LEVEL {
+        // SAFETY: a plain helper call; returns 0 above the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 {
+            break;
+        }
+        let key = CgroupKey {
+            cgroup_id: id,
+            slot,
+            _pad: 0,
+        };
+        // SAFETY: entries are replaced whole by user space; WorkloadInfo is plain data.
+        if let Some(w) = unsafe { CGROUPS_1.get(&key) } {
+            found = Some(w);
+        }
+        level += 1;
+    }
+    found
+}
+
+#[inline(always)]
+fn lpm(scope_id: u32, slot: u32, addr: &[u8; 16]) -> Option<&'static PolicyEntry> {
+    let key = Key::new(
+        32 + 128,
+        LpmData {
+            scope: scope(scope_id, slot),
+            addr_be: *addr,
+        },
+    );
+    POLICY_LPM_1.get(&key)
+}
+
+/// Precedence: baseline deny, then workload allow, then workload default.
+#[inline(always)]
+fn decide(
+    slot: u32,
+    wl: &WorkloadInfo,
+    addr: &[u8; 16],
+    port: u16,
+    proto_bit: u8,
+) -> Result<u32, Refusal> {
+    if let Some(e) = lpm(SCOPE_BASELINE, slot, addr) {
+        let reason = if e.kind == ENTRY_BASELINE_METADATA {
+            REASON_BASELINE_METADATA
+        } else {
+            REASON_BASELINE_DENY
+        };
+        return Err(Refusal {
+            reason,
+            rule_id: e.rule_id,
+        });
+    }
+
+    let exact = ExactKey {
+        scope: scope(wl.workload_id, slot),
+        addr_be: *addr,
+    };
+    // SAFETY: entries are replaced whole by user space; PolicyEntry is plain data.
+    let entry = match unsafe { POLICY_EXACT_1.get(&exact) } {
+        Some(e) => Some(e),
+        None => lpm(wl.workload_id, slot, addr),
+    };
+    let address_matched = entry.is_some();
+    if let Some(e) = entry {
+        let mut i = 0;
+        while i < MAX_RANGES {
+            if i >= e.n_ranges as usize {
+                break;
+            }
+            let r = &e.ranges[i];
+            if r.protos & proto_bit != 0 && port >= r.lo && port <= r.hi {
+                return Ok(r.rule_id);
+            }
+            i += 1;
+        }
+    }
+
+    let refused_reason = match wl.default {
+        DEFAULT_ALLOW => return Ok(0),
+        DEFAULT_DENY => REASON_DEFAULT_DENY,
+        _ => {
+            if lpm(SCOPE_INTERNAL, slot, addr).is_none() {
+                return Ok(0);
+            }
+            REASON_DENY_INTERNAL
+        }
+    };
+    let reason = if address_matched {
+        REASON_NOT_ALLOWED
+    } else {
+        refused_reason
+    };
+    Err(Refusal { reason, rule_id: 0 })
+}
+
+/// Destination class for metrics; only computed for refused flows.
+#[inline(always)]
+fn classify(slot: u32, addr: &[u8; 16]) -> u8 {
+    if lpm(SCOPE_METADATA, slot, addr).is_some() {
+        CLASS_METADATA
+    } else if lpm(SCOPE_INTERNAL, slot, addr).is_some() {
+        CLASS_INTERNAL
+    } else {
+        CLASS_PUBLIC
+    }
+}

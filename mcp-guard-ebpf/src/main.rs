@@ -1,0 +1,47 @@
+//! mcp-guard's kernel programs: socket-level egress decisions per workload cgroup.
+//!
+//! Every program has the same shape: find the workload, decide, report, return the
+//! verdict. Policy is compiled in user space; here there are only bounded lookups.
+#![no_std]
+#![no_main]
+
+mod decide;
+mod maps;
+mod report;
+
+use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
+use mcp_guard_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
+
+/// cgroup/sock_addr programs: 1 lets the call proceed, 0 makes it fail with EPERM.
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+
+#[cgroup_sock_addr(connect4)]
+pub fn mcpg_connect4(ctx: SockAddrContext) -> i32 {
+    decide::sock_addr::<false>(&ctx, HOOK_CONNECT4)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mcpg_connect6(ctx: SockAddrContext) -> i32 {
+    decide::sock_addr::<true>(&ctx, HOOK_CONNECT6)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mcpg_sendmsg4(ctx: SockAddrContext) -> i32 {
+    decide::sock_addr::<false>(&ctx, HOOK_SENDMSG4)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mcpg_sendmsg6(ctx: SockAddrContext) -> i32 {
+    decide::sock_addr::<true>(&ctx, HOOK_SENDMSG6)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,43 @@
+//! Every map the programs use. Names are the kernel's map names: 15 characters at
+//! most, versioned so that a layout change gets a new name.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use mcp_guard_common::{
+    CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, PolicyEntry, RateKey, RateState,
+    WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
+};
+
+/// Hash maps are not preallocated: memory follows the policy actually loaded.
+const NO_PREALLOC: u32 = 1;
+
+#[map]
+pub static CONFIG_1: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static CGROUPS_1: HashMap<CgroupKey, WorkloadInfo> =
+    HashMap::with_max_entries(131_072, NO_PREALLOC);
+
+/// Prefix rules: baseline, internal ranges, metadata class and workload prefixes.
+#[map]
+pub static POLICY_LPM_1: LpmTrie<LpmData, PolicyEntry> = LpmTrie::with_max_entries(524_288, 0);
+
+/// Exact host rules (/32, /128) of workloads.
+#[map]
+pub static POLICY_EXACT_1: HashMap<ExactKey, PolicyEntry> =
+    HashMap::with_max_entries(524_288, NO_PREALLOC);
+
+#[map]
+pub static STATS_1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);
+
+#[map]
+pub static FLOWS_1: PerCpuHashMap<FlowCounterKey, u64> =
+    PerCpuHashMap::with_max_entries(16_384, NO_PREALLOC);
+
+#[map]
+pub static RATE_1: LruHashMap<RateKey, RateState> = LruHashMap::with_max_entries(16_384, 0);
+
+#[map]
+pub static EVENTS_1: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);

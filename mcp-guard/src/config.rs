@@ -1,0 +1,762 @@
+//! The TOML config: parsing and validation. Every error names the file, the line and
+//! what to fix. Validation is complete before anything touches the kernel, so a bad
+//! config never weakens running enforcement.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::sets;
+
+/// A config problem, located in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// All the problems found in one config, reported together so a user fixes them in one go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultAction {
+    #[default]
+    DenyInternal,
+    Deny,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Proto {
+    Tcp,
+    Udp,
+    #[default]
+    Any,
+}
+
+// ---- raw TOML shape -------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    mode: Option<Spanned<Mode>>,
+    #[serde(default)]
+    baseline: Option<RawBaseline>,
+    #[serde(default)]
+    workload: Vec<RawWorkload>,
+    #[serde(default)]
+    events: RawEvents,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBaseline {
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    name: Spanned<String>,
+    cgroup: Spanned<String>,
+    #[serde(default)]
+    default: DefaultAction,
+    #[serde(default)]
+    mode: Option<Mode>,
+    #[serde(default)]
+    allow: Vec<RawAllow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllow {
+    cidr: Spanned<String>,
+    #[serde(default)]
+    ports: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    proto: Proto,
+    #[serde(default)]
+    comment: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawEvents {
+    #[serde(default)]
+    rate_limit_per_sec: Option<Spanned<i64>>,
+    #[serde(default)]
+    sink: Option<Spanned<String>>,
+    #[serde(default)]
+    file: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(default)]
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    #[serde(default)]
+    attach_cgroup: Option<Spanned<String>>,
+}
+
+// ---- validated config -----------------------------------------------------------------
+
+/// Where in the config file something was written, for messages and `explain`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Loc {
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BaselineItem {
+    Set { name: String, nets: Vec<IpNet> },
+    Cidr(IpNet),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaselineEntry {
+    pub item: BaselineItem,
+    pub text: String,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortSpan {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    pub net: IpNet,
+    /// Empty means every port.
+    pub ports: Vec<PortSpan>,
+    pub proto: Proto,
+    pub comment: Option<String>,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    /// Path below the cgroup v2 mount, normalised to start with '/' and have no trailing '/'.
+    pub cgroup: String,
+    pub default: DefaultAction,
+    pub mode: Mode,
+    pub allow: Vec<AllowRule>,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sink {
+    Stdout,
+    File,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub mode: Mode,
+    pub baseline: Vec<BaselineEntry>,
+    pub workloads: Vec<Workload>,
+    pub rate_limit_per_sec: u32,
+    pub sink: Sink,
+    pub events_file: Option<PathBuf>,
+    pub metrics_listen: SocketAddr,
+    /// cgroup (below the v2 mount) the programs attach to; "/" covers the whole machine.
+    pub attach_cgroup: String,
+    /// Problems that do not stop the config from loading.
+    pub warnings: Vec<String>,
+}
+
+pub const DEFAULT_RATE_LIMIT: u32 = 100;
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        (line, column)
+    }
+
+    fn loc(&self, span: &Range<usize>) -> Loc {
+        Loc {
+            line: self.line_col(span.start).0,
+        }
+    }
+
+    fn err(&mut self, span: &Range<usize>, message: impl Into<String>) {
+        let (line, column) = self.line_col(span.start);
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        });
+    }
+}
+
+/// Reads and validates a config file.
+///
+/// # Errors
+/// Every problem found, each with file, line and the fix.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates config text; `path` is only used in messages.
+///
+/// # Errors
+/// Every problem found, each with file, line and the fix.
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut cx = Ctx {
+        file: path,
+        text,
+        errors: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().to_string();
+            cx.err(&span, hint_for_toml_error(&msg));
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+    let mut warnings = Vec::new();
+
+    let baseline = match raw.baseline {
+        // Secure default: without a [baseline] table the metadata services are still denied.
+        None => vec![BaselineEntry {
+            item: BaselineItem::Set {
+                name: "metadata".into(),
+                nets: sets::named("metadata").expect("built-in set").to_vec(),
+            },
+            text: "metadata".into(),
+            loc: Loc::default(),
+        }],
+        Some(b) => {
+            if b.deny.is_empty() {
+                warnings.push(format!(
+                    "{}: [baseline] deny is empty: cloud metadata services are reachable from every workload; add deny = [\"metadata\"]",
+                    path.display()
+                ));
+            }
+            b.deny
+                .iter()
+                .filter_map(|s| baseline_entry(&mut cx, s))
+                .collect()
+        }
+    };
+
+    let mut workloads = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut cgroups: HashMap<String, usize> = HashMap::new();
+    for w in &raw.workload {
+        let loc = cx.loc(&w.name.span());
+        let name = w.name.get_ref().trim().to_string();
+        if name.is_empty() {
+            cx.err(
+                &w.name.span(),
+                "workload name is empty: give each [[workload]] a unique name",
+            );
+        } else if let Some(first) = names.insert(name.clone(), loc.line) {
+            cx.err(
+                &w.name.span(),
+                format!("duplicate workload name {name:?} (first defined on line {first}): names must be unique"),
+            );
+        }
+        let Some(cgroup) = normalise_cgroup(&mut cx, &w.cgroup) else {
+            continue;
+        };
+        if let Some(first) = cgroups.insert(cgroup.clone(), loc.line) {
+            cx.err(
+                &w.cgroup.span(),
+                format!("duplicate workload cgroup {cgroup:?} (first used on line {first}): each cgroup belongs to one workload"),
+            );
+        }
+        let allow = w
+            .allow
+            .iter()
+            .filter_map(|a| allow_rule(&mut cx, a))
+            .collect();
+        workloads.push(Workload {
+            name,
+            cgroup,
+            default: w.default,
+            mode: w
+                .mode
+                .unwrap_or_else(|| raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref())),
+            allow,
+            loc,
+        });
+    }
+
+    let rate_limit_per_sec = match &raw.events.rate_limit_per_sec {
+        None => DEFAULT_RATE_LIMIT,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n) => n,
+            Err(_) => {
+                cx.err(
+                    &v.span(),
+                    "events.rate_limit_per_sec must be between 0 (no limit) and 4294967295",
+                );
+                DEFAULT_RATE_LIMIT
+            }
+        },
+    };
+    let sink = match raw
+        .events
+        .sink
+        .as_ref()
+        .map(|s| (s.get_ref().as_str(), s.span()))
+    {
+        None | Some(("stdout", _)) => Sink::Stdout,
+        Some(("file", span)) => {
+            if raw.events.file.is_none() {
+                cx.err(
+                    &span,
+                    "events.sink = \"file\" needs events.file = \"/path/to/events.jsonl\"",
+                );
+            }
+            Sink::File
+        }
+        Some(("none", _)) => Sink::None,
+        Some((other, span)) => {
+            cx.err(
+                &span,
+                format!("unknown events.sink {other:?}: use \"stdout\", \"file\" or \"none\""),
+            );
+            Sink::Stdout
+        }
+    };
+    let metrics_listen = match &raw.metrics.listen {
+        None => DEFAULT_LISTEN.parse().expect("valid default"),
+        Some(s) => s.get_ref().parse().unwrap_or_else(|_| {
+            cx.err(
+                &s.span(),
+                format!(
+                    "metrics.listen {:?} is not ADDR:PORT, e.g. \"127.0.0.1:9464\"",
+                    s.get_ref()
+                ),
+            );
+            DEFAULT_LISTEN.parse().expect("valid default")
+        }),
+    };
+    let attach_cgroup = match &raw.daemon.attach_cgroup {
+        None => "/".to_string(),
+        Some(s) => {
+            let p = s.get_ref().trim_end_matches('/');
+            if s.get_ref().starts_with('/') && !s.get_ref().contains("..") {
+                if p.is_empty() {
+                    "/".into()
+                } else {
+                    p.to_string()
+                }
+            } else {
+                cx.err(&s.span(), "daemon.attach_cgroup must be an absolute path below the cgroup v2 mount, e.g. \"/\"");
+                "/".into()
+            }
+        }
+    };
+    if attach_cgroup != "/" {
+        for w in &workloads {
+            if !(w.cgroup == attach_cgroup || w.cgroup.starts_with(&format!("{attach_cgroup}/"))) {
+                warnings.push(format!(
+                    "{}:{}: workload {:?} cgroup {} is outside daemon.attach_cgroup {}: it will not be enforced",
+                    path.display(), w.loc.line, w.name, w.cgroup, attach_cgroup
+                ));
+            }
+        }
+    }
+
+    if !cx.errors.is_empty() {
+        return Err(ConfigErrors(cx.errors));
+    }
+    Ok(Config {
+        path: path.to_path_buf(),
+        mode: raw.mode.map_or(Mode::Enforce, |m| m.into_inner()),
+        baseline,
+        workloads,
+        rate_limit_per_sec,
+        sink,
+        events_file: raw.events.file,
+        metrics_listen,
+        attach_cgroup,
+        warnings,
+    })
+}
+
+/// Adds the fix to toml's own messages where it does not say it.
+fn hint_for_toml_error(msg: &str) -> String {
+    if msg.starts_with("unknown field") {
+        format!("{msg}; remove or rename the key")
+    } else if msg.starts_with("unknown variant") {
+        format!("{msg}; use one of the listed values")
+    } else {
+        msg.to_string()
+    }
+}
+
+fn baseline_entry(cx: &mut Ctx<'_>, s: &Spanned<String>) -> Option<BaselineEntry> {
+    let text = s.get_ref().trim();
+    let loc = cx.loc(&s.span());
+    if let Some(nets) = sets::named(text) {
+        return Some(BaselineEntry {
+            item: BaselineItem::Set {
+                name: text.to_string(),
+                nets: nets.to_vec(),
+            },
+            text: text.to_string(),
+            loc,
+        });
+    }
+    match parse_cidr(text) {
+        Ok(net) => Some(BaselineEntry {
+            item: BaselineItem::Cidr(net),
+            text: text.to_string(),
+            loc,
+        }),
+        Err(e) => {
+            cx.err(
+                &s.span(),
+                format!(
+                    "baseline.deny: {e}; use a CIDR or one of the named sets: {}",
+                    sets::NAMES.join(", ")
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Parses "a.b.c.d/n", "v6/n" or a bare address (a host). Host bits must be zero, so a
+/// typo such as "10.0.12.7/16" does not silently widen a rule.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = if text.contains('/') {
+        text.parse()
+            .map_err(|_| format!("{text:?} is not a valid CIDR"))?
+    } else {
+        let ip: std::net::IpAddr = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a valid CIDR or address"))?;
+        IpNet::from(ip)
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "{text:?} has host bits set: write {} (or a /{} host route)",
+            net.trunc(),
+            net.max_prefix_len()
+        ));
+    }
+    Ok(net)
+}
+
+fn normalise_cgroup(cx: &mut Ctx<'_>, s: &Spanned<String>) -> Option<String> {
+    let raw = s.get_ref().trim();
+    if !raw.starts_with('/') {
+        cx.err(&s.span(), format!("cgroup {raw:?} must be an absolute path below the cgroup v2 mount, e.g. \"/mcp.slice/github-mcp.service\""));
+        return None;
+    }
+    if raw.split('/').any(|c| c == ".." || c == ".") {
+        cx.err(
+            &s.span(),
+            format!("cgroup {raw:?} must not contain '.' or '..' components"),
+        );
+        return None;
+    }
+    let p = raw.trim_end_matches('/');
+    if p.is_empty() {
+        cx.err(&s.span(), "cgroup \"/\" is the whole machine, including mcp-guard itself: use the MCP server's own cgroup, or [baseline] for node-wide rules");
+        return None;
+    }
+    let depth = p.split('/').filter(|c| !c.is_empty()).count();
+    if depth > mcp_guard_common::MAX_CGROUP_LEVEL as usize - 1 {
+        cx.err(
+            &s.span(),
+            format!(
+                "cgroup {raw:?} is {depth} levels deep; the kernel programs search {} levels",
+                mcp_guard_common::MAX_CGROUP_LEVEL - 1
+            ),
+        );
+        return None;
+    }
+    // Collapse "//" so two spellings of one cgroup are caught as duplicates.
+    let mut out = String::new();
+    for c in p.split('/').filter(|c| !c.is_empty()) {
+        out.push('/');
+        out.push_str(c);
+    }
+    Some(out)
+}
+
+fn allow_rule(cx: &mut Ctx<'_>, a: &RawAllow) -> Option<AllowRule> {
+    let loc = cx.loc(&a.cidr.span());
+    let net = match parse_cidr(a.cidr.get_ref().trim()) {
+        Ok(n) => n,
+        Err(e) => {
+            cx.err(&a.cidr.span(), format!("allow.cidr: {e}"));
+            return None;
+        }
+    };
+    let mut ports = Vec::new();
+    let mut ok = true;
+    for p in &a.ports {
+        match parse_port(p.get_ref()) {
+            Ok(span) => ports.push(span),
+            Err(e) => {
+                cx.err(&p.span(), format!("allow.ports: {e}"));
+                ok = false;
+            }
+        }
+    }
+    ok.then(|| AllowRule {
+        net,
+        ports,
+        proto: a.proto,
+        comment: a.comment.clone(),
+        loc,
+    })
+}
+
+fn port_number(n: i64) -> Result<u16, String> {
+    if (1..=65535).contains(&n) {
+        Ok(n as u16)
+    } else {
+        Err(format!("port {n} is out of range: ports are 1 to 65535"))
+    }
+}
+
+fn parse_port(v: &toml::Value) -> Result<PortSpan, String> {
+    match v {
+        toml::Value::Integer(n) => port_number(*n).map(|p| PortSpan { lo: p, hi: p }),
+        toml::Value::String(s) => {
+            let s = s.trim();
+            let (lo, hi) = match s.split_once('-') {
+                Some((lo, hi)) => (lo.trim(), hi.trim()),
+                None => (s, s),
+            };
+            let num = |x: &str| -> Result<u16, String> {
+                let n: i64 = x
+                    .parse()
+                    .map_err(|_| format!("{s:?} is not a port or a range like \"8000-8100\""))?;
+                port_number(n)
+            };
+            let (lo, hi) = (num(lo)?, num(hi)?);
+            if lo > hi {
+                return Err(format!("range {s:?} is inverted: write \"{hi}-{lo}\""));
+            }
+            Ok(PortSpan { lo, hi })
+        }
+        other => Err(format!(
+            "{other} is not a port: use a number (443) or a range string (\"8000-8100\")"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(text: &str) -> Result<Config, ConfigErrors> {
+        parse(Path::new("test.toml"), text)
+    }
+
+    fn err(text: &str) -> ConfigError {
+        p(text).expect_err("config must be rejected").0.remove(0)
+    }
+
+    const GOOD: &str = r#"
+mode = "enforce"
+[baseline]
+deny = ["metadata", "192.0.2.0/24"]
+[[workload]]
+name = "github-mcp"
+cgroup = "/mcp.slice/github-mcp.service"
+default = "deny-internal"
+[[workload.allow]]
+cidr = "10.0.12.0/24"
+ports = [5432, "8000-8100"]
+proto = "tcp"
+"#;
+
+    #[test]
+    fn parses_the_contract_example() {
+        let c = p(GOOD).unwrap();
+        assert_eq!(c.mode, Mode::Enforce);
+        assert_eq!(c.baseline.len(), 2);
+        let w = &c.workloads[0];
+        assert_eq!(w.name, "github-mcp");
+        assert_eq!(w.cgroup, "/mcp.slice/github-mcp.service");
+        assert_eq!(w.default, DefaultAction::DenyInternal);
+        assert_eq!(
+            w.allow[0].ports,
+            vec![
+                PortSpan { lo: 5432, hi: 5432 },
+                PortSpan { lo: 8000, hi: 8100 }
+            ]
+        );
+        assert_eq!(w.allow[0].proto, Proto::Tcp);
+        assert_eq!(w.allow[0].loc.line, 10);
+    }
+
+    #[test]
+    fn missing_baseline_still_denies_metadata() {
+        let c = p("[[workload]]\nname='a'\ncgroup='/a'\n").unwrap();
+        assert!(
+            matches!(&c.baseline[0].item, BaselineItem::Set { name, .. } if name == "metadata")
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\ndefualt='deny'\n");
+        assert_eq!(e.line, 4);
+        assert!(e.message.contains("defualt"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr() {
+        let e =
+            err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.300/8'\n");
+        assert_eq!(e.line, 5);
+        assert!(e.message.contains("not a valid CIDR"), "{e}");
+    }
+
+    #[test]
+    fn host_bits_set() {
+        let e =
+            err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.12.7/16'\n");
+        assert!(e.message.contains("10.0.0.0/16"), "{e}");
+    }
+
+    #[test]
+    fn port_zero_and_too_big() {
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[0]\n");
+        assert_eq!(e.line, 6);
+        assert!(e.message.contains("1 to 65535"), "{e}");
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[\"1-65536\"]\n");
+        assert!(e.message.contains("65536"), "{e}");
+    }
+
+    #[test]
+    fn inverted_range() {
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[\"9000-8000\"]\n");
+        assert!(e.message.contains("inverted"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_name_and_cgroup() {
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='a'\ncgroup='/b'\n");
+        assert_eq!(e.line, 5);
+        assert!(e.message.contains("duplicate workload name"), "{e}");
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='b'\ncgroup='/a/'\n");
+        assert_eq!(e.line, 6);
+        assert!(e.message.contains("duplicate workload cgroup"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_value() {
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\ndefault='deny-all'\n");
+        assert_eq!(e.line, 4);
+        assert!(e.message.contains("deny-internal"), "{e}");
+    }
+
+    #[test]
+    fn root_cgroup_rejected() {
+        let e = err("[[workload]]\nname='a'\ncgroup='/'\n");
+        assert!(e.message.contains("whole machine"), "{e}");
+    }
+
+    #[test]
+    fn unknown_named_set() {
+        let e = err("[baseline]\ndeny=['metdata']\n");
+        assert_eq!(e.line, 2);
+        assert!(e.message.contains("metadata"), "{e}");
+    }
+
+    #[test]
+    fn workload_mode_overrides_global() {
+        let c = p("mode='audit'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='b'\ncgroup='/b'\nmode='enforce'\n").unwrap();
+        assert_eq!(c.workloads[0].mode, Mode::Audit);
+        assert_eq!(c.workloads[1].mode, Mode::Enforce);
+    }
+}

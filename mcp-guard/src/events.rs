@@ -1,0 +1,299 @@
+//! Denied-flow events: read from the kernel ring buffer, enriched, written as JSON lines.
+//!
+//! The reader never blocks the kernel: a full ring buffer makes the programs count the
+//! event as lost and carry on deciding.
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+};
+
+use aya::maps::{MapData, RingBuf};
+use mcp_guard_common::{
+    Event, CLASS_INTERNAL, CLASS_METADATA, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
+    HOOK_SENDMSG6, HOOK_TC, VERDICT_AUDITED,
+};
+use serde::Serialize;
+use tokio::{io::unix::AsyncFd, sync::broadcast};
+
+use crate::{
+    cgroup,
+    policy::{display_addr, reason_name},
+};
+
+pub const SCHEMA: &str = "mcp-guard.event/v1";
+
+/// One event as written to sinks and streamed to `mcp-guard events`.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct JsonEvent {
+    pub schema: String,
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub monotonic_ns: u64,
+    pub hook: String,
+    pub verdict: String,
+    pub reason: String,
+    pub rule_id: u32,
+    pub rule: Option<String>,
+    pub workload: Option<String>,
+    pub workload_id: u32,
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cmdline: Option<String>,
+    /// Family of the destination as judged: "ipv4" (also for IPv4-mapped) or "ipv6".
+    pub family: String,
+    /// Family of the socket: "inet" or "inet6".
+    pub socket_family: String,
+    pub proto: String,
+    pub dst: String,
+    pub dport: u16,
+    pub src: Option<String>,
+    pub sport: u16,
+    pub socket_cookie: u64,
+    pub dest_class: String,
+    pub suppressed: u32,
+    pub policy_generation: u32,
+}
+
+/// Names the daemon knows for ids in events.
+#[derive(Default, Clone)]
+pub struct Names {
+    pub workloads: HashMap<u32, String>,
+    pub rules: HashMap<u32, String>,
+}
+
+#[must_use]
+pub fn hook_name(h: u8) -> &'static str {
+    match h {
+        HOOK_CONNECT4 => "connect4",
+        HOOK_CONNECT6 => "connect6",
+        HOOK_SENDMSG4 => "sendmsg4",
+        HOOK_SENDMSG6 => "sendmsg6",
+        HOOK_TC => "tc",
+        _ => "unknown",
+    }
+}
+
+#[must_use]
+pub fn class_name(c: u8) -> &'static str {
+    match c {
+        CLASS_METADATA => "metadata",
+        CLASS_INTERNAL => "internal",
+        _ => "public",
+    }
+}
+
+#[must_use]
+pub fn proto_name(p: u8) -> String {
+    match p {
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        136 => "udplite".into(),
+        1 => "icmp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        other => other.to_string(),
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// RFC 3339 UTC from Unix nanoseconds (civil-from-days, Howard Hinnant's algorithm).
+#[must_use]
+pub fn rfc3339(unix_ns: u128) -> String {
+    let secs = (unix_ns / 1_000_000_000) as i64;
+    let micros = (unix_ns % 1_000_000_000) / 1000;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Decodes one ring-buffer record.
+#[must_use]
+pub fn decode(bytes: &[u8]) -> Option<Event> {
+    (bytes.len() >= size_of::<Event>())
+        // SAFETY: length checked; Event is plain data; read_unaligned tolerates alignment.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+fn proc_text(pid: u32, what: &str) -> Option<String> {
+    match what {
+        "exe" => std::fs::read_link(format!("/proc/{pid}/exe"))
+            .ok()
+            .map(|p| p.display().to_string()),
+        _ => std::fs::read(format!("/proc/{pid}/cmdline"))
+            .ok()
+            .filter(|b| !b.is_empty())
+            .map(|b| {
+                let s: Vec<String> = b
+                    .split(|c| *c == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                s.join(" ")
+            }),
+    }
+}
+
+/// Turns a kernel event into its JSON form, enriched from /proc while the process lives.
+#[must_use]
+pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
+    let now_mono = monotonic_ns();
+    let now_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let wall = now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns)));
+    let dst = display_addr(e.daddr_be);
+    let src = (e.saddr_be != [0; 16]).then(|| display_addr(e.saddr_be).to_string());
+    let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
+    JsonEvent {
+        schema: SCHEMA.into(),
+        time: rfc3339(wall),
+        monotonic_ns: e.ts_ns,
+        hook: hook_name(e.hook).into(),
+        verdict: if e.verdict == VERDICT_AUDITED {
+            "audited"
+        } else {
+            "denied"
+        }
+        .into(),
+        reason: reason_name(e.reason).into(),
+        rule_id: e.rule_id,
+        rule: names.rules.get(&e.rule_id).cloned(),
+        workload: names.workloads.get(&e.workload_id).cloned(),
+        workload_id: e.workload_id,
+        cgroup_id: e.cgroup_id,
+        cgroup: cgroup::of_pid(e.tgid),
+        pid: e.pid,
+        tgid: e.tgid,
+        uid: e.uid,
+        gid: e.gid,
+        comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
+        exe: proc_text(e.tgid, "exe"),
+        cmdline: proc_text(e.tgid, "cmdline"),
+        family: if dst.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
+        socket_family: if e.sock_family == 2 { "inet" } else { "inet6" }.into(),
+        proto: proto_name(e.proto),
+        dst: dst.to_string(),
+        dport: e.dport,
+        src,
+        sport: e.sport,
+        socket_cookie: e.socket_cookie,
+        dest_class: class_name(e.dest_class).into(),
+        suppressed: e.suppressed,
+        policy_generation: e.generation,
+    }
+}
+
+/// Where events go besides the live stream.
+pub enum SinkWriter {
+    Stdout,
+    File(std::fs::File),
+    None,
+}
+
+/// Counts of what the reader delivered, for the invariant and the metrics.
+#[derive(Default)]
+pub struct Delivered {
+    pub events: AtomicU64,
+}
+
+/// Reads the ring buffer until the task is dropped. `names` is refreshed on reloads.
+pub async fn read_loop(
+    ring: RingBuf<MapData>,
+    names: Arc<std::sync::RwLock<Names>>,
+    mut sink: SinkWriter,
+    stream: broadcast::Sender<Arc<JsonEvent>>,
+    delivered: Arc<Delivered>,
+) -> std::io::Result<()> {
+    let mut fd = AsyncFd::try_new(ring).map_err(std::io::Error::from)?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let ring = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = ring.next() {
+            if let Some(e) = decode(&item) {
+                batch.push(e);
+            }
+        }
+        guard.clear_ready();
+        if batch.is_empty() {
+            continue;
+        }
+        delivered
+            .events
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let names = names.read().expect("names lock").clone();
+        let mut out = Vec::new();
+        for e in &batch {
+            let j = Arc::new(enrich(e, &names));
+            if !matches!(sink, SinkWriter::None) {
+                serde_json::to_writer(&mut out, &*j).expect("serialisable");
+                out.push(b'\n');
+            }
+            // No receivers is fine: nobody is following the stream.
+            let _ = stream.send(j);
+        }
+        match &mut sink {
+            SinkWriter::Stdout => {
+                let mut so = std::io::stdout().lock();
+                let _ = so.write_all(&out);
+                let _ = so.flush();
+            }
+            SinkWriter::File(f) => {
+                let _ = f.write_all(&out);
+            }
+            SinkWriter::None => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_known_instants() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            rfc3339(1_795_000_000_123_456_000),
+            "2026-11-18T08:26:40.123456Z"
+        );
+        assert_eq!(
+            rfc3339(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! mcp-guard: per-workload egress policy for MCP servers, enforced in the kernel.
+//!
+//! - [`config`] parses and validates the TOML config.
+//! - [`sets`] holds the named address sets (metadata endpoints, internal ranges).
+//! - [`policy`] compiles a config into map entries and evaluates them like the kernel.
+//! - [`loader`] loads and attaches the eBPF programs; [`maps`] writes policy and reads counters.
+//! - [`events`] reads and enriches denied-flow events; [`metrics`] and [`http`] serve them.
+//! - [`daemon`] ties it together for `mcp-guard run`; [`client`] talks to a running daemon.
+
+pub mod cgroup;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod events;
+pub mod http;
+pub mod loader;
+pub mod maps;
+pub mod metrics;
+pub mod policy;
+pub mod sets;

@@ -1,0 +1,321 @@
+use std::{
+    io::BufRead,
+    net::{IpAddr, SocketAddr},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use mcp_guard::{
+    cgroup, client, config, daemon,
+    events::JsonEvent,
+    policy::{display_addr, reason_name, Evaluator, FlowProto, Verdict},
+};
+use mcp_guard_common::{DEFAULT_ALLOW, DEFAULT_DENY, MODE_AUDIT};
+
+/// Egress guard for MCP servers: per-workload allowlists enforced in the kernel.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load and attach the programs, enforce the policy, report denials; stays in the foreground.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config and print the compiled policy.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show the verdict for one destination and the rule that decided.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, short)]
+        workload: String,
+        /// ADDR:PORT[/tcp|/udp], IPv6 as [ADDR]:PORT
+        dest: String,
+    },
+    /// Run a command inside a workload's cgroup (created if needed), once a running daemon enforces it.
+    Exec {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, short)]
+        workload: String,
+        /// Run even if no daemon is enforcing the workload (the command is NOT guarded).
+        #[arg(long)]
+        unguarded: bool,
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+    /// Follow denied-flow events of a running daemon.
+    Events {
+        /// Config of the daemon (its metrics.listen is used); or give --listen.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        #[arg(long)]
+        workload: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        /// One JSON object per line instead of the human-readable form.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MCP_GUARD_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run { config } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(daemon::run(config))),
+        Cmd::Check { config } => check(&config),
+        Cmd::Explain {
+            config,
+            workload,
+            dest,
+        } => explain(&config, &workload, &dest),
+        Cmd::Exec {
+            config,
+            workload,
+            unguarded,
+            cmd,
+        } => exec(&config, &workload, unguarded, &cmd),
+        Cmd::Events {
+            config,
+            listen,
+            workload,
+            reason,
+            json,
+        } => events(config, listen, workload, reason, json),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check(path: &Path) -> Result<()> {
+    let (cfg, compiled) = daemon::prepare(path)?;
+    println!("{}: OK", path.display());
+    println!("mode: {:?}", cfg.mode);
+    let mount = cgroup::mount_point().ok();
+    for w in &compiled.workloads {
+        let default = match w.default {
+            DEFAULT_DENY => "deny",
+            DEFAULT_ALLOW => "allow",
+            _ => "deny-internal",
+        };
+        let mode = if w.mode == MODE_AUDIT {
+            "audit"
+        } else {
+            "enforce"
+        };
+        let exists = mount
+            .as_deref()
+            .is_some_and(|m| cgroup::id(m, &w.cgroup).is_ok());
+        println!(
+            "workload {} (id {}): cgroup {}{} default={default} mode={mode}",
+            w.name,
+            w.id,
+            w.cgroup,
+            if exists { "" } else { " [does not exist yet]" }
+        );
+        if !exists {
+            eprintln!("warning: workload {:?}: cgroup {} does not exist yet; it will be enforced when it appears", w.name, w.cgroup);
+        }
+    }
+    println!("rules:");
+    for r in &compiled.rules {
+        println!("  #{} {}", r.id, r.text);
+    }
+    println!(
+        "map entries: {} prefix, {} exact host",
+        compiled.lpm.len(),
+        compiled.exact.len()
+    );
+    Ok(())
+}
+
+fn parse_dest(s: &str) -> Result<(IpAddr, u16, FlowProto)> {
+    let (hostport, proto) = match s.rsplit_once('/') {
+        Some((hp, "tcp")) => (hp, FlowProto::Tcp),
+        Some((hp, "udp")) => (hp, FlowProto::Udp),
+        Some((_, other)) => bail!("{s:?}: unknown protocol {other:?}, use /tcp or /udp"),
+        None => (s, FlowProto::Tcp),
+    };
+    let sa: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("{s:?} is not ADDR:PORT (IPv6 as [ADDR]:PORT)"))?;
+    Ok((sa.ip(), sa.port(), proto))
+}
+
+fn explain(path: &Path, workload: &str, dest: &str) -> Result<()> {
+    let (_, compiled) = daemon::prepare(path)?;
+    let ev = Evaluator::new(&compiled);
+    let Some(wl) = ev.workload(workload) else {
+        let names: Vec<&str> = compiled.workloads.iter().map(|w| w.name.as_str()).collect();
+        bail!(
+            "{}: no workload named {workload:?}; workloads: {}",
+            path.display(),
+            names.join(", ")
+        );
+    };
+    let (ip, port, proto) = parse_dest(dest)?;
+    let d = ev.decide(wl, ip, port, proto);
+    let judged = display_addr(mcp_guard::policy::addr16(ip));
+    let what = match (d.verdict, wl.mode == MODE_AUDIT) {
+        (Verdict::Allow, _) => "ALLOW".to_string(),
+        (Verdict::Deny, false) => format!("DENY ({})", reason_name(d.reason.unwrap_or(0))),
+        (Verdict::Deny, true) => format!(
+            "AUDIT: would deny ({}), allowed because the workload is in audit mode",
+            reason_name(d.reason.unwrap_or(0))
+        ),
+    };
+    println!(
+        "{workload} -> {judged} port {port}/{}: {what}",
+        match proto {
+            FlowProto::Tcp => "tcp",
+            FlowProto::Udp => "udp",
+            FlowProto::Other => "other",
+        }
+    );
+    match ev.rule_text(d.rule_id) {
+        Some(t) => println!("decided by rule #{}: {t}", d.rule_id),
+        None => println!(
+            "decided by the workload default ({})",
+            match wl.default {
+                DEFAULT_DENY => "deny",
+                DEFAULT_ALLOW => "allow",
+                _ => "deny-internal",
+            }
+        ),
+    }
+    Ok(())
+}
+
+fn exec(path: &Path, workload: &str, unguarded: bool, cmd: &[String]) -> Result<()> {
+    let cfg = config::load(path)?;
+    let wl = cfg
+        .workloads
+        .iter()
+        .find(|w| w.name == workload)
+        .with_context(|| format!("{}: no workload named {workload:?}", path.display()))?;
+    let mount = cgroup::mount_point()?;
+    let dir = cgroup::create(&mount, &wl.cgroup)
+        .with_context(|| format!("creating cgroup {}", wl.cgroup))?;
+    let id = cgroup::id(&mount, &wl.cgroup)?;
+    if !unguarded {
+        // Wait until the daemon has registered this exact cgroup: only then is the command guarded.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let body = client::get_body(cfg.metrics_listen, "/status");
+            let registered = body
+                .as_ref()
+                .ok()
+                .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+                .is_some_and(|v| {
+                    v["workloads"].as_array().is_some_and(|ws| {
+                        ws.iter()
+                            .any(|w| w["name"] == workload && w["cgroup_id"] == id)
+                    })
+                });
+            if registered {
+                break;
+            }
+            if Instant::now() > deadline {
+                match body {
+                    Err(e) => bail!("no mcp-guard daemon answers on {} ({e}): start `mcp-guard run --config {}` first, or pass --unguarded to run without protection", cfg.metrics_listen, path.display()),
+                    Ok(_) => bail!("the daemon on {} does not enforce workload {workload:?} (cgroup {}): is it running with this config?", cfg.metrics_listen, wl.cgroup),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    cgroup::join(&dir, std::process::id())
+        .with_context(|| format!("joining cgroup {}", dir.display()))?;
+    let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
+    bail!("cannot run {:?}: {err}", cmd[0])
+}
+
+fn events(
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    workload: Option<String>,
+    reason: Option<String>,
+    json: bool,
+) -> Result<()> {
+    let addr = match (listen, config) {
+        (Some(a), _) => a,
+        (None, Some(c)) => config::load(&c)?.metrics_listen,
+        (None, None) => config::DEFAULT_LISTEN.parse().expect("valid"),
+    };
+    let mut q = Vec::new();
+    if let Some(w) = &workload {
+        q.push(format!("workload={w}"));
+    }
+    if let Some(r) = &reason {
+        q.push(format!("reason={r}"));
+    }
+    let path = if q.is_empty() {
+        "/events".to_string()
+    } else {
+        format!("/events?{}", q.join("&"))
+    };
+    let stream = client::get(addr, &path)
+        .with_context(|| format!("no mcp-guard daemon answers on {addr}"))?;
+    for line in stream.lines() {
+        let line = line?;
+        if json {
+            println!("{line}");
+            continue;
+        }
+        let Ok(e) = serde_json::from_str::<JsonEvent>(&line) else {
+            continue;
+        };
+        println!(
+            "{} {} {} {} pid={} comm={} -> {}:{}/{} reason={} hook={}{}",
+            e.time,
+            e.verdict.to_uppercase(),
+            e.workload.as_deref().unwrap_or("?"),
+            e.cgroup.as_deref().unwrap_or(""),
+            e.tgid,
+            e.comm,
+            e.dst,
+            e.dport,
+            e.proto,
+            e.reason,
+            e.hook,
+            if e.suppressed > 0 {
+                format!(" (+{} suppressed)", e.suppressed)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! Writing compiled policy into the kernel maps, and reading the counters back.
+//!
+//! Policy lives in two slots. A new policy is written whole into the inactive slot and
+//! then made live by one update of `CONFIG_1`: a program run reads the slot once, so no
+//! decision ever sees half of a policy. The old slot is cleared only at the next switch,
+//! long after any program run that could still be reading it has finished.
+
+use std::{collections::HashMap as StdHashMap, path::Path};
+
+use aya::maps::{
+    lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+};
+use mcp_guard_common::{
+    scope, CgroupKey, Config as KConfig, ExactKey, FlowCounterKey, LpmData, PolicyEntry,
+    WorkloadInfo, STAT_COUNT,
+};
+use tracing::{debug, info, warn};
+
+use crate::{cgroup, policy::Compiled};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
+    move |source| MapsError::Map { name, source }
+}
+
+/// What one slot currently holds, so it can be cleared exactly.
+#[derive(Default)]
+struct SlotContents {
+    lpm: Vec<Key<LpmData>>,
+    exact: Vec<ExactKey>,
+    cgroups: Vec<CgroupKey>,
+}
+
+pub struct PolicyMaps {
+    config: Array<MapData, KConfig>,
+    cgroups: HashMap<MapData, CgroupKey, WorkloadInfo>,
+    lpm: LpmTrie<MapData, LpmData, PolicyEntry>,
+    exact: HashMap<MapData, ExactKey, PolicyEntry>,
+    stats: PerCpuArray<MapData, u64>,
+    flows: PerCpuHashMap<MapData, FlowCounterKey, u64>,
+    slots: [SlotContents; 2],
+    active: u32,
+    generation: u32,
+    rate_limit: u32,
+    /// Workload id -> the cgroup id currently registered for it in the active slot.
+    registered: StdHashMap<u32, u64>,
+}
+
+/// Counters summed over CPUs.
+#[derive(Debug, Clone, Default)]
+pub struct Counters {
+    pub stats: [u64; STAT_COUNT as usize],
+    pub flows: Vec<(FlowCounterKey, u64)>,
+}
+
+impl PolicyMaps {
+    /// Takes the maps out of a loaded object.
+    ///
+    /// # Errors
+    /// A map is missing or has an unexpected type.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
+        fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<Map, MapsError> {
+            ebpf.take_map(name).ok_or(MapsError::Missing(name))
+        }
+        Ok(Self {
+            config: Array::try_from(take(ebpf, "CONFIG_1")?).map_err(map_err("CONFIG_1"))?,
+            cgroups: HashMap::try_from(take(ebpf, "CGROUPS_1")?).map_err(map_err("CGROUPS_1"))?,
+            lpm: LpmTrie::try_from(take(ebpf, "POLICY_LPM_1")?).map_err(map_err("POLICY_LPM_1"))?,
+            exact: HashMap::try_from(take(ebpf, "POLICY_EXACT_1")?)
+                .map_err(map_err("POLICY_EXACT_1"))?,
+            stats: PerCpuArray::try_from(take(ebpf, "STATS_1")?).map_err(map_err("STATS_1"))?,
+            flows: PerCpuHashMap::try_from(take(ebpf, "FLOWS_1")?).map_err(map_err("FLOWS_1"))?,
+            slots: [SlotContents::default(), SlotContents::default()],
+            active: 0,
+            generation: 0,
+            rate_limit: 0,
+            registered: StdHashMap::new(),
+        })
+    }
+
+    #[must_use]
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Writes `compiled` into the inactive slot and switches to it in one update.
+    ///
+    /// # Errors
+    /// A map update failed (for example a map is full); the active policy is unchanged.
+    pub fn install(
+        &mut self,
+        compiled: &Compiled,
+        mount: &Path,
+        rate_limit: u32,
+    ) -> Result<(), MapsError> {
+        let slot = 1 - self.active;
+        self.clear_slot(slot);
+        let mut contents = SlotContents::default();
+        let mut registered = StdHashMap::new();
+        let result = (|| {
+            for e in &compiled.lpm {
+                let key = Key::new(
+                    32 + u32::from(e.plen),
+                    LpmData {
+                        scope: scope(e.scope, slot),
+                        addr_be: e.addr,
+                    },
+                );
+                self.lpm
+                    .insert(&key, e.entry, 0)
+                    .map_err(map_err("POLICY_LPM_1"))?;
+                contents.lpm.push(key);
+            }
+            for e in &compiled.exact {
+                let key = ExactKey {
+                    scope: scope(e.scope, slot),
+                    addr_be: e.addr,
+                };
+                self.exact
+                    .insert(key, e.entry, 0)
+                    .map_err(map_err("POLICY_EXACT_1"))?;
+                contents.exact.push(key);
+            }
+            for w in &compiled.workloads {
+                let Ok(id) = cgroup::id(mount, &w.cgroup) else {
+                    debug!(workload = %w.name, cgroup = %w.cgroup, "cgroup does not exist yet");
+                    continue;
+                };
+                let key = CgroupKey {
+                    cgroup_id: id,
+                    slot,
+                    _pad: 0,
+                };
+                let info = WorkloadInfo {
+                    workload_id: w.id,
+                    default: w.default,
+                    mode: w.mode,
+                    _pad: [0; 2],
+                };
+                self.cgroups
+                    .insert(key, info, 0)
+                    .map_err(map_err("CGROUPS_1"))?;
+                contents.cgroups.push(key);
+                registered.insert(w.id, id);
+            }
+            Ok(())
+        })();
+        self.slots[slot as usize] = contents;
+        result?;
+        let cfg = KConfig {
+            slot,
+            generation: self.generation + 1,
+            rate_limit_per_sec: rate_limit,
+            _reserved: 0,
+        };
+        self.config.set(0, cfg, 0).map_err(map_err("CONFIG_1"))?;
+        self.active = slot;
+        self.generation += 1;
+        self.rate_limit = rate_limit;
+        self.registered = registered;
+        info!(
+            generation = self.generation,
+            slot,
+            lpm = compiled.lpm.len(),
+            exact = compiled.exact.len(),
+            "policy installed"
+        );
+        Ok(())
+    }
+
+    fn clear_slot(&mut self, slot: u32) {
+        let c = std::mem::take(&mut self.slots[slot as usize]);
+        for k in &c.lpm {
+            let _ = self.lpm.remove(k);
+        }
+        for k in &c.exact {
+            let _ = self.exact.remove(k);
+        }
+        for k in &c.cgroups {
+            let _ = self.cgroups.remove(k);
+        }
+    }
+
+    /// Registers workload cgroups that appeared (or were recreated with a new id) since
+    /// the policy was installed, in the active slot. Returns how many changed.
+    pub fn refresh_cgroups(&mut self, compiled: &Compiled, mount: &Path) -> usize {
+        let slot = self.active;
+        let mut changed = 0;
+        for w in &compiled.workloads {
+            let now = cgroup::id(mount, &w.cgroup).ok();
+            let before = self.registered.get(&w.id).copied();
+            if now == before {
+                continue;
+            }
+            if let Some(old) = before {
+                let key = CgroupKey {
+                    cgroup_id: old,
+                    slot,
+                    _pad: 0,
+                };
+                let _ = self.cgroups.remove(&key);
+                self.slots[slot as usize].cgroups.retain(|k| *k != key);
+                self.registered.remove(&w.id);
+            }
+            if let Some(id) = now {
+                let key = CgroupKey {
+                    cgroup_id: id,
+                    slot,
+                    _pad: 0,
+                };
+                let info = WorkloadInfo {
+                    workload_id: w.id,
+                    default: w.default,
+                    mode: w.mode,
+                    _pad: [0; 2],
+                };
+                match self.cgroups.insert(key, info, 0) {
+                    Ok(()) => {
+                        self.slots[slot as usize].cgroups.push(key);
+                        self.registered.insert(w.id, id);
+                        info!(workload = %w.name, cgroup = %w.cgroup, cgroup_id = id, "workload cgroup registered");
+                    }
+                    Err(e) => {
+                        warn!(workload = %w.name, error = %e, "cannot register workload cgroup")
+                    }
+                }
+            }
+            changed += 1;
+        }
+        changed
+    }
+
+    /// Workload id -> registered cgroup id.
+    #[must_use]
+    pub fn registered(&self) -> &StdHashMap<u32, u64> {
+        &self.registered
+    }
+
+    /// Reads every counter, summed over CPUs.
+    ///
+    /// # Errors
+    /// A map read failed.
+    pub fn counters(&self) -> Result<Counters, MapsError> {
+        let mut c = Counters::default();
+        for (i, v) in c.stats.iter_mut().enumerate() {
+            let per_cpu = self.stats.get(&(i as u32), 0).map_err(map_err("STATS_1"))?;
+            *v = per_cpu.iter().sum();
+        }
+        for item in self.flows.iter() {
+            let (k, per_cpu) = item.map_err(map_err("FLOWS_1"))?;
+            c.flows.push((k, per_cpu.iter().sum()));
+        }
+        Ok(c)
+    }
+}

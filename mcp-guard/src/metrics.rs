@@ -1,0 +1,137 @@
+//! Prometheus metrics. Flow counters are read from the kernel's per-CPU maps at scrape
+//! time, so they stay exact when events are rate-limited or lost.
+
+use std::collections::HashMap;
+
+use mcp_guard_common::{
+    STAT_EVENTS_LOST, STAT_EVENTS_SUBMITTED, STAT_EVENTS_SUPPRESSED, STAT_REPORTED, VERDICT_AUDITED,
+};
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::{
+    events::{class_name, hook_name, proto_name},
+    maps::Counters,
+    policy::reason_name,
+};
+
+const FLOW_LABELS: [&str; 6] = [
+    "workload",
+    "reason",
+    "dest_class",
+    "family",
+    "proto",
+    "hook",
+];
+
+pub struct Metrics {
+    registry: Registry,
+    denied: IntCounterVec,
+    audited: IntCounterVec,
+    reported: IntCounter,
+    suppressed: IntCounter,
+    lost: IntCounter,
+    submitted: IntCounter,
+    pub delivered: IntCounter,
+    pub programs_attached: IntGaugeVec,
+    pub policy_rules: IntGaugeVec,
+    pub workloads: IntGauge,
+    pub reloads: IntCounterVec,
+    pub last_reload_success: Gauge,
+    pub policy_generation: IntGauge,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone()))
+        .expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new(kernel: &str) -> Self {
+        let r = Registry::new();
+        let flows = |name: &str, help: &str| {
+            IntCounterVec::new(Opts::new(name, help), &FLOW_LABELS).expect("valid")
+        };
+        let m = Self {
+            denied: reg(&r, flows("mcp_guard_denied_flows_total", "Flows refused by policy (the caller got EPERM or the packet was dropped).")),
+            audited: reg(&r, flows("mcp_guard_audited_flows_total", "Flows that policy would refuse, let through because the workload is in audit mode.")),
+            reported: reg(&r, IntCounter::new("mcp_guard_events_reported_total", "Denied or audited decisions that should produce an event.").expect("valid")),
+            suppressed: reg(&r, IntCounter::new("mcp_guard_events_suppressed_total", "Events not emitted because of the per-destination rate limit.").expect("valid")),
+            lost: reg(&r, IntCounter::new("mcp_guard_events_lost_total", "Events dropped because the kernel ring buffer was full.").expect("valid")),
+            submitted: reg(&r, IntCounter::new("mcp_guard_events_submitted_total", "Events written to the kernel ring buffer.").expect("valid")),
+            delivered: reg(&r, IntCounter::new("mcp_guard_events_delivered_total", "Events read from the ring buffer by the daemon.").expect("valid")),
+            programs_attached: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_programs_attached", "Programs attached, by hook (1 attached, 0 not)."), &["hook"]).expect("valid")),
+            policy_rules: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_policy_rules", "Allow rules in the loaded policy, by workload."), &["workload"]).expect("valid")),
+            workloads: reg(&r, IntGauge::new("mcp_guard_workloads", "Workloads in the loaded policy.").expect("valid")),
+            reloads: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_policy_reloads_total", "Policy reloads, by result (success, failure)."), &["result"]).expect("valid")),
+            last_reload_success: reg(&r, Gauge::new("mcp_guard_policy_last_reload_success_timestamp_seconds", "Unix time of the last successful policy load.").expect("valid")),
+            policy_generation: reg(&r, IntGauge::new("mcp_guard_policy_generation", "Generation of the policy the kernel is deciding with.").expect("valid")),
+            registry: r,
+        };
+        let build = reg(
+            &m.registry,
+            IntGaugeVec::new(
+                Opts::new("mcp_guard_build_info", "Build and kernel of this agent."),
+                &["version", "kernel"],
+            )
+            .expect("valid"),
+        );
+        build
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), kernel])
+            .set(1);
+        for r in ["success", "failure"] {
+            m.reloads.with_label_values(&[r]);
+        }
+        m
+    }
+
+    /// Brings the kernel-backed counters up to the kernel's values and renders the text.
+    #[must_use]
+    pub fn render(&self, c: &Counters, workload_names: &HashMap<u32, String>) -> String {
+        for (k, v) in &c.flows {
+            let workload = workload_names
+                .get(&k.workload_id)
+                .map_or_else(|| format!("id-{}", k.workload_id), Clone::clone);
+            let labels = [
+                workload.as_str(),
+                reason_name(k.reason),
+                class_name(k.dest_class),
+                if k.family == 4 { "ipv4" } else { "ipv6" },
+                &proto_name(k.proto),
+                hook_name(k.hook),
+            ];
+            let vec = if k.verdict == VERDICT_AUDITED {
+                &self.audited
+            } else {
+                &self.denied
+            };
+            catch_up(&vec.with_label_values(&labels), *v);
+        }
+        catch_up(&self.reported, c.stats[STAT_REPORTED as usize]);
+        catch_up(&self.suppressed, c.stats[STAT_EVENTS_SUPPRESSED as usize]);
+        catch_up(&self.lost, c.stats[STAT_EVENTS_LOST as usize]);
+        catch_up(&self.submitted, c.stats[STAT_EVENTS_SUBMITTED as usize]);
+        self.text()
+    }
+
+    #[must_use]
+    pub fn text(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding");
+        String::from_utf8(out).expect("utf-8")
+    }
+}
+
+/// Kernel counters only grow (per-CPU sums of monotonic values); a policy reload with a
+/// fresh map would start lower, which a Prometheus counter must not do: then keep it.
+fn catch_up(counter: &IntCounter, kernel: u64) {
+    let cur = counter.get();
+    if kernel > cur {
+        counter.inc_by(kernel - cur);
+    }
+}

@@ -1,0 +1,765 @@
+//! The policy compiler: a pure function from a validated [`Config`] to the exact map
+//! entries the kernel gets, and an evaluator that decides over those same entries the
+//! way the kernel programs do. `explain` and the differential test use the evaluator.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::{IpAddr, Ipv6Addr},
+};
+
+use ipnet::IpNet;
+use mcp_guard_common::{
+    PolicyEntry, PortRange, DEFAULT_ALLOW, DEFAULT_DENY, DEFAULT_DENY_INTERNAL, ENTRY_ALLOW,
+    ENTRY_BASELINE_DENY, ENTRY_BASELINE_METADATA, ENTRY_INTERNAL, ENTRY_METADATA_CLASS,
+    FIRST_WORKLOAD_ID, MAX_RANGES, MODE_AUDIT, MODE_ENFORCE, PROTO_ANY, PROTO_OTHER, PROTO_TCP,
+    PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY,
+    REASON_DENY_INTERNAL, REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA,
+};
+
+use crate::{
+    config::{BaselineItem, Config, DefaultAction, Mode, Proto},
+    sets,
+};
+
+/// One rule as the user wrote it, for `explain`, events and `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub id: u32,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompiledWorkload {
+    pub id: u32,
+    pub name: String,
+    pub cgroup: String,
+    pub default: u8,
+    pub mode: u8,
+    pub rules: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LpmEntry {
+    pub scope: u32,
+    pub addr: [u8; 16],
+    /// Address bits, 0 to 128 (the kernel key adds the 32 scope bits).
+    pub plen: u8,
+    pub entry: PolicyEntry,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExactEntry {
+    pub scope: u32,
+    pub addr: [u8; 16],
+    pub entry: PolicyEntry,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Compiled {
+    pub lpm: Vec<LpmEntry>,
+    pub exact: Vec<ExactEntry>,
+    pub workloads: Vec<CompiledWorkload>,
+    /// Index `id - 1`.
+    pub rules: Vec<RuleInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompileError(pub String);
+
+impl fmt::Display for CompileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CompileError {}
+
+/// An address as the maps store it: IPv6, or IPv4 in its mapped form.
+#[must_use]
+pub fn addr16(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The reverse of [`addr16`]: mapped addresses are shown as IPv4.
+#[must_use]
+pub fn display_addr(a: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+fn net16(net: &IpNet) -> ([u8; 16], u8) {
+    match net {
+        IpNet::V4(n) => (addr16(IpAddr::V4(n.network())), n.prefix_len() + 96),
+        IpNet::V6(n) => (n.network().octets(), n.prefix_len()),
+    }
+}
+
+fn mask(addr: &[u8; 16], plen: u8) -> [u8; 16] {
+    let bits = u128::from_be_bytes(*addr);
+    let m = if plen == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(plen))
+    };
+    (bits & m).to_be_bytes()
+}
+
+fn contains(outer: &([u8; 16], u8), inner: &([u8; 16], u8)) -> bool {
+    outer.1 <= inner.1 && mask(&inner.0, outer.1) == outer.0
+}
+
+fn deny_entry(kind: u8, rule_id: u32) -> PolicyEntry {
+    PolicyEntry {
+        kind,
+        n_ranges: 0,
+        _pad: [0; 2],
+        rule_id,
+        ranges: [PortRange::default(); MAX_RANGES],
+    }
+}
+
+fn proto_bits(p: Proto) -> u8 {
+    match p {
+        Proto::Tcp => PROTO_TCP,
+        Proto::Udp => PROTO_UDP,
+        Proto::Any => PROTO_ANY,
+    }
+}
+
+fn proto_text(p: Proto) -> &'static str {
+    match p {
+        Proto::Tcp => "tcp",
+        Proto::Udp => "udp",
+        Proto::Any => "any",
+    }
+}
+
+/// Drops ranges that an earlier range already covers (same or wider protocols): the
+/// kernel takes the first matching range, so they could never decide.
+fn dedupe(ranges: &mut Vec<PortRange>) {
+    let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
+    for r in ranges.drain(..) {
+        let covered = out
+            .iter()
+            .any(|e| e.lo <= r.lo && r.hi <= e.hi && e.protos & r.protos == r.protos);
+        if !covered {
+            out.push(r);
+        }
+    }
+    *ranges = out;
+}
+
+/// Merges overlapping or adjacent ranges with the same protocols; the merged range keeps
+/// the first rule's id. Only used when a prefix carries more than [`MAX_RANGES`].
+fn coalesce(ranges: &mut Vec<PortRange>) {
+    let mut by_proto: Vec<PortRange> = Vec::new();
+    let mut sorted = ranges.clone();
+    sorted.sort_by_key(|r| (r.protos, r.lo, r.hi));
+    for r in sorted {
+        if let Some(last) = by_proto.last_mut() {
+            if last.protos == r.protos && u32::from(r.lo) <= u32::from(last.hi) + 1 {
+                last.hi = last.hi.max(r.hi);
+                continue;
+            }
+        }
+        by_proto.push(r);
+    }
+    *ranges = by_proto;
+}
+
+/// Compiles a validated config into map entries.
+///
+/// # Errors
+/// A prefix whose rules (its own and those of every shorter prefix covering it) need more
+/// than [`MAX_RANGES`] distinct port ranges.
+pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
+    let mut out = Compiled::default();
+    let file = cfg.path.display().to_string();
+    let add_rule = |rules: &mut Vec<RuleInfo>, text: String| -> u32 {
+        let id = u32::try_from(rules.len() + 1).expect("fewer than 2^32 rules");
+        rules.push(RuleInfo { id, text });
+        id
+    };
+
+    // Baseline: the first entry to name a prefix keeps it.
+    let mut seen: HashMap<([u8; 16], u8), ()> = HashMap::new();
+    for b in &cfg.baseline {
+        let where_ = if b.loc.line == 0 {
+            "built-in default".to_string()
+        } else {
+            format!("{file}:{}", b.loc.line)
+        };
+        let id = add_rule(
+            &mut out.rules,
+            format!("baseline deny {} ({where_})", b.text),
+        );
+        let (kind, nets): (u8, &[IpNet]) = match &b.item {
+            BaselineItem::Set { name, nets } if name == "metadata" => {
+                (ENTRY_BASELINE_METADATA, nets)
+            }
+            BaselineItem::Set { nets, .. } => (ENTRY_BASELINE_DENY, nets),
+            BaselineItem::Cidr(n) => (ENTRY_BASELINE_DENY, std::slice::from_ref(n)),
+        };
+        for n in nets {
+            let (addr, plen) = net16(n);
+            if seen.insert((addr, plen), ()).is_none() {
+                out.lpm.push(LpmEntry {
+                    scope: SCOPE_BASELINE,
+                    addr,
+                    plen,
+                    entry: deny_entry(kind, id),
+                });
+            }
+        }
+    }
+    for (scope, kind, nets) in [
+        (SCOPE_INTERNAL, ENTRY_INTERNAL, sets::internal()),
+        (SCOPE_METADATA, ENTRY_METADATA_CLASS, sets::metadata()),
+    ] {
+        for n in nets {
+            let (addr, plen) = net16(n);
+            out.lpm.push(LpmEntry {
+                scope,
+                addr,
+                plen,
+                entry: deny_entry(kind, 0),
+            });
+        }
+    }
+
+    for (i, w) in cfg.workloads.iter().enumerate() {
+        let wid = FIRST_WORKLOAD_ID
+            + u32::try_from(i).map_err(|_| CompileError("too many workloads".into()))?;
+        // Own ranges per prefix, in rule order.
+        let mut own: HashMap<([u8; 16], u8), Vec<PortRange>> = HashMap::new();
+        for a in &w.allow {
+            let ports = if a.ports.is_empty() {
+                "all ports".to_string()
+            } else {
+                let p: Vec<String> = a
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        if p.lo == p.hi {
+                            p.lo.to_string()
+                        } else {
+                            format!("{}-{}", p.lo, p.hi)
+                        }
+                    })
+                    .collect();
+                format!("ports {}", p.join(","))
+            };
+            let id = add_rule(
+                &mut out.rules,
+                format!(
+                    "workload {} allow {} {} {} ({file}:{})",
+                    w.name,
+                    a.net,
+                    ports,
+                    proto_text(a.proto),
+                    a.loc.line
+                ),
+            );
+            let protos = proto_bits(a.proto);
+            let ranges = own.entry(net16(&a.net)).or_default();
+            if a.ports.is_empty() {
+                ranges.push(PortRange {
+                    lo: 0,
+                    hi: u16::MAX,
+                    protos,
+                    _pad: [0; 3],
+                    rule_id: id,
+                });
+            } else {
+                for p in &a.ports {
+                    ranges.push(PortRange {
+                        lo: p.lo,
+                        hi: p.hi,
+                        protos,
+                        _pad: [0; 3],
+                        rule_id: id,
+                    });
+                }
+            }
+        }
+        // Flatten: a longest-prefix match must carry every covering prefix's ranges.
+        // Sorted by (address, length), each prefix follows all prefixes that contain it.
+        let mut keys: Vec<([u8; 16], u8)> = own.keys().copied().collect();
+        keys.sort_unstable();
+        let mut stack: Vec<(([u8; 16], u8), Vec<PortRange>)> = Vec::new();
+        for k in keys {
+            while stack.last().is_some_and(|(top, _)| !contains(top, &k)) {
+                stack.pop();
+            }
+            let mut ranges = own[&k].clone();
+            if let Some((_, inherited)) = stack.last() {
+                ranges.extend_from_slice(inherited);
+            }
+            dedupe(&mut ranges);
+            if ranges.len() > MAX_RANGES {
+                coalesce(&mut ranges);
+                dedupe(&mut ranges);
+            }
+            if ranges.len() > MAX_RANGES {
+                let net = IpNet::new(
+                    display_addr(k.0),
+                    if display_addr(k.0).is_ipv4() {
+                        k.1 - 96
+                    } else {
+                        k.1
+                    },
+                )
+                .map_or_else(|_| "?".into(), |n| n.to_string());
+                return Err(CompileError(format!(
+                    "{file}: workload {:?}: destination {net} is covered by {} distinct port ranges (its own rules and those of wider CIDRs); at most {MAX_RANGES} fit: merge ports into ranges such as \"8000-8100\"",
+                    w.name,
+                    ranges.len()
+                )));
+            }
+            let mut entry = deny_entry(ENTRY_ALLOW, 0);
+            entry.n_ranges = ranges.len() as u8;
+            entry.ranges[..ranges.len()].copy_from_slice(&ranges);
+            if k.1 == 128 {
+                out.exact.push(ExactEntry {
+                    scope: wid,
+                    addr: k.0,
+                    entry,
+                });
+            } else {
+                out.lpm.push(LpmEntry {
+                    scope: wid,
+                    addr: k.0,
+                    plen: k.1,
+                    entry,
+                });
+            }
+            stack.push((k, ranges));
+        }
+        out.workloads.push(CompiledWorkload {
+            id: wid,
+            name: w.name.clone(),
+            cgroup: w.cgroup.clone(),
+            default: match w.default {
+                DefaultAction::DenyInternal => DEFAULT_DENY_INTERNAL,
+                DefaultAction::Deny => DEFAULT_DENY,
+                DefaultAction::Allow => DEFAULT_ALLOW,
+            },
+            mode: match w.mode {
+                Mode::Enforce => MODE_ENFORCE,
+                Mode::Audit => MODE_AUDIT,
+            },
+            rules: w.allow.len(),
+        });
+    }
+    Ok(out)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// Set when denied.
+    pub reason: Option<u8>,
+    /// The rule that decided; 0 when the workload's default decided.
+    pub rule_id: u32,
+}
+
+/// Socket protocol as the kernel programs classify it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowProto {
+    Tcp,
+    Udp,
+    Other,
+}
+
+impl FlowProto {
+    fn bit(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+            Self::Other => PROTO_OTHER,
+        }
+    }
+}
+
+/// Decides over the compiled entries exactly as `mcp-guard-ebpf/src/decide.rs` does.
+pub struct Evaluator<'a> {
+    compiled: &'a Compiled,
+    lpm: HashMap<(u32, u8, [u8; 16]), usize>,
+    /// Prefix lengths present per scope, longest first.
+    plens: HashMap<u32, Vec<u8>>,
+    exact: HashMap<(u32, [u8; 16]), usize>,
+}
+
+impl<'a> Evaluator<'a> {
+    #[must_use]
+    pub fn new(compiled: &'a Compiled) -> Self {
+        let mut lpm = HashMap::new();
+        let mut plens: HashMap<u32, Vec<u8>> = HashMap::new();
+        for (i, e) in compiled.lpm.iter().enumerate() {
+            lpm.insert((e.scope, e.plen, e.addr), i);
+            plens.entry(e.scope).or_default().push(e.plen);
+        }
+        for v in plens.values_mut() {
+            v.sort_unstable_by(|a, b| b.cmp(a));
+            v.dedup();
+        }
+        let exact = compiled
+            .exact
+            .iter()
+            .enumerate()
+            .map(|(i, e)| ((e.scope, e.addr), i))
+            .collect();
+        Self {
+            compiled,
+            lpm,
+            plens,
+            exact,
+        }
+    }
+
+    fn lookup_lpm(&self, scope: u32, addr: &[u8; 16]) -> Option<&'a PolicyEntry> {
+        let plens = self.plens.get(&scope)?;
+        plens.iter().find_map(|&p| {
+            self.lpm
+                .get(&(scope, p, mask(addr, p)))
+                .map(|&i| &self.compiled.lpm[i].entry)
+        })
+    }
+
+    #[must_use]
+    pub fn workload(&self, name: &str) -> Option<&'a CompiledWorkload> {
+        self.compiled.workloads.iter().find(|w| w.name == name)
+    }
+
+    /// The verdict for one destination of one workload (mode aside: audit mode reports
+    /// the same decision and lets the flow through).
+    #[must_use]
+    pub fn decide(
+        &self,
+        wl: &CompiledWorkload,
+        ip: IpAddr,
+        port: u16,
+        proto: FlowProto,
+    ) -> Decision {
+        let addr = addr16(ip);
+        if let Some(e) = self.lookup_lpm(SCOPE_BASELINE, &addr) {
+            let reason = if e.kind == ENTRY_BASELINE_METADATA {
+                REASON_BASELINE_METADATA
+            } else {
+                REASON_BASELINE_DENY
+            };
+            return Decision {
+                verdict: Verdict::Deny,
+                reason: Some(reason),
+                rule_id: e.rule_id,
+            };
+        }
+        let entry = self
+            .exact
+            .get(&(wl.id, addr))
+            .map(|&i| &self.compiled.exact[i].entry)
+            .or_else(|| self.lookup_lpm(wl.id, &addr));
+        if let Some(e) = entry {
+            if let Some(r) = e.ranges[..usize::from(e.n_ranges)]
+                .iter()
+                .find(|r| r.protos & proto.bit() != 0 && (r.lo..=r.hi).contains(&port))
+            {
+                return Decision {
+                    verdict: Verdict::Allow,
+                    reason: None,
+                    rule_id: r.rule_id,
+                };
+            }
+        }
+        let refused = match wl.default {
+            DEFAULT_ALLOW => {
+                return Decision {
+                    verdict: Verdict::Allow,
+                    reason: None,
+                    rule_id: 0,
+                }
+            }
+            DEFAULT_DENY => REASON_DEFAULT_DENY,
+            _ => {
+                if self.lookup_lpm(SCOPE_INTERNAL, &addr).is_none() {
+                    return Decision {
+                        verdict: Verdict::Allow,
+                        reason: None,
+                        rule_id: 0,
+                    };
+                }
+                REASON_DENY_INTERNAL
+            }
+        };
+        let reason = if entry.is_some() {
+            REASON_NOT_ALLOWED
+        } else {
+            refused
+        };
+        Decision {
+            verdict: Verdict::Deny,
+            reason: Some(reason),
+            rule_id: 0,
+        }
+    }
+
+    #[must_use]
+    pub fn rule_text(&self, id: u32) -> Option<&'a str> {
+        id.checked_sub(1)
+            .and_then(|i| self.compiled.rules.get(i as usize))
+            .map(|r| r.text.as_str())
+    }
+}
+
+#[must_use]
+pub fn reason_name(r: u8) -> &'static str {
+    match r {
+        REASON_BASELINE_METADATA => "baseline-metadata",
+        REASON_BASELINE_DENY => "baseline-deny",
+        REASON_DENY_INTERNAL => "deny-internal",
+        REASON_DEFAULT_DENY => "default-deny",
+        REASON_NOT_ALLOWED => "not-allowed",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::parse;
+
+    fn compile_str(t: &str) -> Compiled {
+        compile(&parse(Path::new("t.toml"), t).unwrap()).unwrap()
+    }
+
+    fn decide(c: &Compiled, wl: &str, ip: &str, port: u16, proto: FlowProto) -> Decision {
+        let ev = Evaluator::new(c);
+        ev.decide(ev.workload(wl).unwrap(), ip.parse().unwrap(), port, proto)
+    }
+
+    const CFG: &str = r#"
+[baseline]
+deny = ["metadata", "198.51.100.0/24"]
+[[workload]]
+name = "gh"
+cgroup = "/gh"
+default = "deny-internal"
+[[workload.allow]]
+cidr = "10.0.12.0/24"
+ports = [5432]
+proto = "tcp"
+[[workload.allow]]
+cidr = "10.0.0.0/8"
+ports = ["8000-8100"]
+[[workload.allow]]
+cidr = "169.254.169.254/32"
+[[workload]]
+name = "strict"
+cgroup = "/strict"
+default = "deny"
+[[workload.allow]]
+cidr = "93.184.216.34"
+ports = [443]
+[[workload]]
+name = "open"
+cgroup = "/open"
+default = "allow"
+"#;
+
+    #[test]
+    fn golden_decisions() {
+        let c = compile_str(CFG);
+        use FlowProto::{Tcp, Udp};
+        let d = |w, ip, port, p| decide(&c, w, ip, port, p);
+        // Baseline beats a workload allow of the metadata address.
+        assert_eq!(
+            d("gh", "169.254.169.254", 80, Tcp).reason,
+            Some(REASON_BASELINE_METADATA)
+        );
+        assert_eq!(
+            d("gh", "::ffff:169.254.169.254", 80, Tcp).reason,
+            Some(REASON_BASELINE_METADATA)
+        );
+        assert_eq!(
+            d("gh", "fd00:ec2::254", 80, Tcp).reason,
+            Some(REASON_BASELINE_METADATA)
+        );
+        assert_eq!(
+            d("open", "169.254.170.2", 80, Tcp).reason,
+            Some(REASON_BASELINE_METADATA)
+        );
+        assert_eq!(
+            d("open", "198.51.100.7", 80, Tcp).reason,
+            Some(REASON_BASELINE_DENY)
+        );
+        // Allowed CIDR and port; the /24 rule inherits the /8's port range.
+        assert_eq!(d("gh", "10.0.12.5", 5432, Tcp).verdict, Verdict::Allow);
+        assert_eq!(d("gh", "10.0.12.5", 8080, Udp).verdict, Verdict::Allow);
+        assert_eq!(d("gh", "10.9.9.9", 8080, Tcp).verdict, Verdict::Allow);
+        // Wrong port / proto on an allowed address, internal: refused.
+        assert_eq!(
+            d("gh", "10.0.12.5", 5433, Tcp).reason,
+            Some(REASON_NOT_ALLOWED)
+        );
+        assert_eq!(
+            d("gh", "10.0.12.5", 5432, Udp).reason,
+            Some(REASON_NOT_ALLOWED)
+        );
+        // Internal, no rule.
+        assert_eq!(
+            d("gh", "192.168.1.1", 80, Tcp).reason,
+            Some(REASON_DENY_INTERNAL)
+        );
+        assert_eq!(
+            d("gh", "127.0.0.1", 80, Tcp).reason,
+            Some(REASON_DENY_INTERNAL)
+        );
+        assert_eq!(d("gh", "::ffff:10.1.1.1", 80, Tcp).verdict, Verdict::Deny);
+        assert_eq!(
+            d("gh", "fe80::1", 80, Tcp).reason,
+            Some(REASON_DENY_INTERNAL)
+        );
+        // Global: allowed under deny-internal.
+        assert_eq!(d("gh", "93.184.216.34", 443, Tcp).verdict, Verdict::Allow);
+        assert_eq!(d("gh", "2606:4700::1", 443, Tcp).verdict, Verdict::Allow);
+        // deny: only the allowed host and port.
+        assert_eq!(
+            d("strict", "93.184.216.34", 443, Tcp).verdict,
+            Verdict::Allow
+        );
+        assert_eq!(
+            d("strict", "93.184.216.34", 80, Tcp).reason,
+            Some(REASON_NOT_ALLOWED)
+        );
+        assert_eq!(
+            d("strict", "1.1.1.1", 443, Tcp).reason,
+            Some(REASON_DEFAULT_DENY)
+        );
+        assert_eq!(d("open", "10.0.0.1", 22, Tcp).verdict, Verdict::Allow);
+    }
+
+    #[test]
+    fn decided_rule_is_reported() {
+        let c = compile_str(CFG);
+        let ev = Evaluator::new(&c);
+        let d = decide(&c, "gh", "10.0.12.5", 5432, FlowProto::Tcp);
+        assert!(ev
+            .rule_text(d.rule_id)
+            .unwrap()
+            .contains("10.0.12.0/24 ports 5432 tcp (t.toml:10)"));
+        let d = decide(&c, "gh", "169.254.169.254", 80, FlowProto::Tcp);
+        assert!(ev
+            .rule_text(d.rule_id)
+            .unwrap()
+            .contains("baseline deny metadata"));
+    }
+
+    #[test]
+    fn too_many_ranges_is_a_clear_error() {
+        let mut t = String::from(
+            "[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[",
+        );
+        let ports: Vec<String> = (0..20).map(|i| (1000 + i * 10).to_string()).collect();
+        t.push_str(&ports.join(","));
+        t.push_str("]\n");
+        let e = compile(&parse(Path::new("t.toml"), &t).unwrap()).unwrap_err();
+        assert!(e.0.contains("10.0.0.0/8") && e.0.contains("at most"), "{e}");
+    }
+
+    /// Reference semantics straight from the config, independent of the compiler.
+    fn reference(cfg: &Config, w: usize, ip: IpAddr, port: u16, proto: FlowProto) -> Verdict {
+        let inb = |n: &IpNet| match (n, ip) {
+            (IpNet::V4(n), IpAddr::V4(a)) => n.contains(&a),
+            (IpNet::V6(n), IpAddr::V6(a)) => n.contains(&a),
+            _ => false,
+        };
+        for b in &cfg.baseline {
+            let nets: Vec<IpNet> = match &b.item {
+                BaselineItem::Set { nets, .. } => nets.clone(),
+                BaselineItem::Cidr(n) => vec![*n],
+            };
+            if nets.iter().any(inb) {
+                return Verdict::Deny;
+            }
+        }
+        let wl = &cfg.workloads[w];
+        for a in &wl.allow {
+            let proto_ok = match a.proto {
+                Proto::Any => true,
+                Proto::Tcp => proto == FlowProto::Tcp,
+                Proto::Udp => proto == FlowProto::Udp,
+            };
+            let port_ok =
+                a.ports.is_empty() || a.ports.iter().any(|p| (p.lo..=p.hi).contains(&port));
+            if inb(&a.net) && proto_ok && port_ok {
+                return Verdict::Allow;
+            }
+        }
+        match wl.default {
+            DefaultAction::Allow => Verdict::Allow,
+            DefaultAction::Deny => Verdict::Deny,
+            DefaultAction::DenyInternal => {
+                if sets::internal().iter().any(inb) {
+                    Verdict::Deny
+                } else {
+                    Verdict::Allow
+                }
+            }
+        }
+    }
+
+    fn arb_v4() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<u32>().prop_map(|x| IpAddr::from(x.to_be_bytes())),
+            (0u8..4, any::<u16>()).prop_map(|(b, x)| IpAddr::from([
+                10,
+                b,
+                (x >> 8) as u8,
+                x as u8
+            ])),
+            Just("169.254.169.254".parse().unwrap()),
+        ]
+    }
+
+    proptest! {
+        /// The compiled entries decide exactly as the rules read literally.
+        #[test]
+        fn compiled_matches_reference(
+            rules in prop::collection::vec((0u8..4, any::<u16>(), 8u8..=32, prop::option::of((1u16..200, 0u16..50)), 0u8..3), 0..12),
+            default in 0u8..3,
+            probes in prop::collection::vec((arb_v4(), 1u16..260, any::<bool>()), 64),
+        ) {
+            let mut t = format!("[[workload]]\nname='w'\ncgroup='/w'\ndefault='{}'\n", ["deny-internal","deny","allow"][default as usize]);
+            for (b, x, plen, ports, proto) in &rules {
+                let net = IpNet::new(IpAddr::from([10, *b, (x >> 8) as u8, *x as u8]), *plen).unwrap().trunc();
+                t.push_str(&format!("[[workload.allow]]\ncidr='{net}'\nproto='{}'\n", ["tcp","udp","any"][*proto as usize]));
+                if let Some((lo, len)) = ports { t.push_str(&format!("ports=['{}-{}']\n", lo, lo + len)); }
+            }
+            let cfg = parse(Path::new("p.toml"), &t).unwrap();
+            let Ok(c) = compile(&cfg) else { return Ok(()) };
+            let ev = Evaluator::new(&c);
+            for (ip, port, tcp) in probes {
+                let p = if tcp { FlowProto::Tcp } else { FlowProto::Udp };
+                let got = ev.decide(&c.workloads[0], ip, port, p).verdict;
+                prop_assert_eq!(got, reference(&cfg, 0, ip, port, p), "{} {}:{} {:?}\n{}", t, ip, port, p, "");
+            }
+        }
+    }
+}
