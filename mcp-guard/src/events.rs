@@ -238,7 +238,9 @@ pub async fn read_loop(
     stream: broadcast::Sender<Arc<JsonEvent>>,
     delivered: Arc<Delivered>,
 ) -> std::io::Result<()> {
-    let mut fd = AsyncFd::try_new(ring).map_err(std::io::Error::from)?;
+    // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, so the fd stays open
+    // exactly as long as it is registered.
+    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
     loop {
         let mut guard = fd.readable_mut().await?;
         let ring = guard.get_inner_mut();
@@ -289,7 +291,7 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
         assert_eq!(
             rfc3339(1_795_000_000_123_456_000),
-            "2026-11-18T08:26:40.123456Z"
+            "2026-11-18T11:06:40.123456Z"
         );
         assert_eq!(
             rfc3339(951_782_400_000_000_000),

@@ -663,7 +663,7 @@ default = "allow"
         assert!(ev
             .rule_text(d.rule_id)
             .unwrap()
-            .contains("10.0.12.0/24 ports 5432 tcp (t.toml:10)"));
+            .contains("10.0.12.0/24 ports 5432 tcp (t.toml:9)"));
         let d = decide(&c, "gh", "169.254.169.254", 80, FlowProto::Tcp);
         assert!(ev
             .rule_text(d.rule_id)

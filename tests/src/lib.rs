@@ -1,1 +1,446 @@
+//! Harness for mcp-guard's kernel integration tests.
+//!
+//! Safety rule: every packet stays inside a network namespace a test created. The
+//! metadata, internal and "public" addresses a test uses are bound to that namespace's
+//! own `lo`; the namespace has no other interface, so nothing can leave the machine.
+//! Every guard cleans up on drop, also when the test panics.
 
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, SocketAddr, TcpListener},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call: tests run in parallel.
+#[must_use]
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fresh network namespace with only `lo`, up.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    #[must_use]
+    pub fn new() -> Self {
+        let name = unique("mcpg");
+        run("ip", &["netns", "add", &name]);
+        let ns = Self { name };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    #[must_use]
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Binds an address to this namespace's `lo`.
+    pub fn add_addr(&self, ip: &str) {
+        let ip: IpAddr = ip.parse().expect("address");
+        let cidr = if ip.is_ipv4() {
+            format!("{ip}/32")
+        } else {
+            format!("{ip}/128")
+        };
+        let mut args = vec!["-n", &self.name, "addr", "add", &cidr, "dev", "lo"];
+        if ip.is_ipv6() {
+            args.push("nodad");
+        }
+        run("ip", &args);
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (setns is per thread).
+    pub fn in_ns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("netns file");
+            // SAFETY: valid netns fd; only this thread changes namespace.
+            assert_eq!(
+                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+                0,
+                "setns"
+            );
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// A TCP listener inside the namespace that accepts and closes connections forever
+    /// (it lives as long as the namespace: deleting the namespace closes it).
+    pub fn listen_tcp(&self, addr: &str) {
+        let sa: SocketAddr = addr.parse().expect("socket address");
+        let listener =
+            self.in_ns(move || TcpListener::bind(sa).unwrap_or_else(|e| panic!("bind {sa}: {e}")));
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                drop(s);
+            }
+        });
+    }
+}
+
+impl Default for NetNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// The cgroup v2 mount, from mountinfo.
+#[must_use]
+pub fn cgroup_mount() -> PathBuf {
+    mcp_guard::cgroup::mount_point().expect("cgroup v2 must be mounted on this machine")
+}
+
+/// A fresh cgroup subtree below the v2 mount; removed (processes killed) on drop.
+pub struct TestCgroup {
+    /// Path below the mount, e.g. "/mcpg-123-0".
+    pub rel: String,
+    pub dir: PathBuf,
+}
+
+impl TestCgroup {
+    #[must_use]
+    pub fn new() -> Self {
+        let rel = format!("/{}", unique("mcpg-test"));
+        let dir = cgroup_mount().join(rel.trim_start_matches('/'));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self { rel, dir }
+    }
+
+    /// Creates a child cgroup and returns its (relative path, directory).
+    pub fn child(&self, name: &str) -> (String, PathBuf) {
+        let rel = format!("{}/{name}", self.rel);
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir child cgroup");
+        (rel, dir)
+    }
+}
+
+impl Default for TestCgroup {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        remove_tree(&self.dir);
+    }
+}
+
+/// The mcp-guard binary of this build (target/<profile>/mcp-guard), or $MCP_GUARD_BIN.
+#[must_use]
+pub fn guard_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("MCP_GUARD_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("mcp-guard");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p mcp-guard` first (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A free loopback port for a daemon's listener.
+#[must_use]
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A running `mcp-guard run`, with its stdout (events) and stderr (logs) collected.
+pub struct Daemon {
+    child: Child,
+    pub config: PathBuf,
+    pub listen: SocketAddr,
+    events: mpsc::Receiver<String>,
+    pub stderr: Arc<Mutex<String>>,
+    _dir: TempDir,
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    #[must_use]
+    pub fn new() -> Self {
+        let p = std::env::temp_dir().join(unique("mcpg-tmp"));
+        std::fs::create_dir_all(&p).expect("tempdir");
+        Self(p)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Daemon {
+    /// Writes `config` (with `[metrics] listen` appended) and starts the daemon, waiting
+    /// for its `ready` log line.
+    #[must_use]
+    pub fn start(config: &str) -> Self {
+        let dir = TempDir::new();
+        let port = free_port();
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let path = dir.0.join("config.toml");
+        std::fs::write(
+            &path,
+            format!("{config}\n[metrics]\nlisten = \"{listen}\"\n"),
+        )
+        .expect("write config");
+        Self::start_file(path, listen, dir)
+    }
+
+    fn start_file(config: PathBuf, listen: SocketAddr, dir: TempDir) -> Self {
+        let mut child = Command::new(guard_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("MCP_GUARD_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mcp-guard");
+        let (tx, events) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let err = child.stderr.take().expect("stderr");
+        let log = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("ready") {
+                    let _ = ready_tx.send(());
+                }
+                let mut l = log.lock().expect("log");
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let mut d = Self {
+            child,
+            config,
+            listen,
+            events,
+            stderr,
+            _dir: dir,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+            panic!(
+                "mcp-guard never became ready:\n{}",
+                d.stderr.lock().expect("log")
+            );
+        }
+        d
+    }
+
+    /// Event JSON lines received so far, plus any arriving within `wait`.
+    pub fn events(&self, wait: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(l) => out.push(
+                    serde_json::from_str(&l)
+                        .unwrap_or_else(|e| panic!("event is not JSON ({e}): {l}")),
+                ),
+                Err(_) => return out,
+            }
+        }
+    }
+
+    /// GET a path on the daemon's listener.
+    #[must_use]
+    pub fn get(&self, path: &str) -> String {
+        mcp_guard::client::get_body(self.listen, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// SIGTERM, then wait; returns whether it exited successfully.
+    pub fn stop(mut self) -> bool {
+        self.signal(libc::SIGTERM);
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A probe process inside a cgroup and a namespace, answering one socket op per line.
+pub struct Probe {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Probe {
+    #[must_use]
+    pub fn new(probe_bin: &str, cgroup_dir: &Path, ns: &NetNs) -> Self {
+        let mut child = Command::new(probe_bin)
+            .arg("--cgroup")
+            .arg(cgroup_dir)
+            .arg("--netns")
+            .arg(ns.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn probe");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Performs one operation, e.g. `probe.op("tcp 169.254.169.254 80")`.
+    pub fn op(&mut self, line: &str) -> String {
+        writeln!(self.stdin, "{line}").expect("probe stdin");
+        self.stdin.flush().expect("probe stdin");
+        let mut out = String::new();
+        self.stdout.read_line(&mut out).expect("probe stdout");
+        assert!(!out.is_empty(), "probe exited on {line:?}");
+        out.trim().to_string()
+    }
+
+    /// Performs many operations, pipelined.
+    pub fn ops(&mut self, lines: &[String]) -> Vec<String> {
+        let mut input = String::new();
+        for l in lines {
+            input.push_str(l);
+            input.push('\n');
+        }
+        let mut stdin = self.stdin.try_clone_writer();
+        let writer = std::thread::spawn(move || {
+            stdin.write_all(input.as_bytes()).expect("probe stdin");
+            stdin.flush().expect("probe stdin");
+        });
+        let out = (0..lines.len())
+            .map(|_| {
+                let mut s = String::new();
+                self.stdout.read_line(&mut s).expect("probe stdout");
+                s.trim().to_string()
+            })
+            .collect();
+        writer.join().expect("writer");
+        out
+    }
+}
+
+trait CloneWriter {
+    fn try_clone_writer(&self) -> std::fs::File;
+}
+
+impl CloneWriter for ChildStdin {
+    fn try_clone_writer(&self) -> std::fs::File {
+        // SAFETY: dup of our own pipe fd; the File owns the duplicate.
+        let fd = unsafe { libc::dup(self.as_raw_fd()) };
+        assert!(fd >= 0, "dup");
+        // SAFETY: fd is a fresh duplicate we own.
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls until `f` returns true or the timeout passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}

@@ -1,0 +1,264 @@
+//! Socket-level enforcement, for real: the programs attached to a fresh cgroup, probes in
+//! a fresh network namespace, and assertions on what the kernel answered.
+
+use std::time::Duration;
+
+use mcp_guard_tests::{wait_until, Daemon, NetNs, Probe, TestCgroup};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
+
+/// A namespace where the metadata service, an internal database, an internal cache, a
+/// "public" API and a guarded internal subnet all live on `lo`, with listeners.
+fn lab() -> NetNs {
+    let ns = NetNs::new();
+    for a in [
+        "169.254.169.254",
+        "10.0.12.5",
+        "192.168.1.10",
+        "93.184.216.34",
+        "fd00:ec2::254",
+        "2606:4700::10",
+    ] {
+        ns.add_addr(a);
+    }
+    for l in [
+        "169.254.169.254:80",
+        "10.0.12.5:5432",
+        "10.0.12.5:5433",
+        "192.168.1.10:6379",
+        "93.184.216.34:443",
+        "[fd00:ec2::254]:80",
+        "[2606:4700::10]:443",
+    ] {
+        ns.listen_tcp(l);
+    }
+    ns
+}
+
+fn config(cg: &TestCgroup) -> String {
+    format!(
+        r#"
+mode = "enforce"
+[baseline]
+deny = ["metadata"]
+[[workload]]
+name = "github-mcp"
+cgroup = "{root}/github-mcp"
+default = "deny-internal"
+[[workload.allow]]
+cidr = "10.0.12.0/24"
+ports = [5432]
+proto = "tcp"
+[[workload]]
+name = "dry-run-mcp"
+cgroup = "{root}/dry-run-mcp"
+mode = "audit"
+[daemon]
+attach_cgroup = "{root}"
+[events]
+rate_limit_per_sec = 0
+"#,
+        root = cg.rel
+    )
+}
+
+#[test]
+fn socket_hooks_enforce_the_policy() {
+    let ns = lab();
+    let cg = TestCgroup::new();
+    let (_, guarded) = cg.child("github-mcp");
+    let d = Daemon::start(&config(&cg));
+    let mut p = Probe::new(PROBE, &guarded, &ns);
+
+    // Metadata over IPv4, IPv6, IPv4-mapped IPv6, TCP Fast Open, connected and unconnected UDP.
+    assert_eq!(
+        p.op("tcp 169.254.169.254 80"),
+        "EPERM",
+        "metadata over IPv4"
+    );
+    assert_eq!(p.op("tcp fd00:ec2::254 80"), "EPERM", "metadata over IPv6");
+    assert_eq!(
+        p.op("tcp6-mapped 169.254.169.254 80"),
+        "EPERM",
+        "metadata over IPv4-mapped IPv6"
+    );
+    assert_eq!(
+        p.op("tcp ::ffff:169.254.169.254 80"),
+        "EPERM",
+        "mapped address given directly"
+    );
+    assert_eq!(
+        p.op("tcp-fastopen 169.254.169.254 80"),
+        "EPERM",
+        "TCP Fast Open"
+    );
+    assert_eq!(
+        p.op("udp-connect 169.254.169.254 53"),
+        "EPERM",
+        "connected UDP"
+    );
+    assert_eq!(p.op("udp-sendto 169.254.169.254 53"), "EPERM", "UDP sendto");
+    // Internal services: denied unless allowed.
+    assert_eq!(p.op("tcp 192.168.1.10 6379"), "EPERM", "internal cache");
+    assert_eq!(p.op("tcp 127.0.0.1 22"), "EPERM", "loopback is internal");
+    // Allowed CIDR and port; wrong port and wrong protocol denied.
+    assert_eq!(p.op("tcp 10.0.12.5 5432"), "OK", "allowed database");
+    assert_eq!(p.op("tcp 10.0.12.5 5433"), "EPERM", "wrong port");
+    assert_eq!(
+        p.op("udp-sendto 10.0.12.5 5432"),
+        "EPERM",
+        "rule is tcp only"
+    );
+    // Global addresses are allowed under deny-internal.
+    assert_eq!(p.op("tcp 93.184.216.34 443"), "OK", "public API");
+    assert_eq!(p.op("tcp 2606:4700::10 443"), "OK", "public API over IPv6");
+    // A forked child is enforced.
+    assert_eq!(p.op("fork-tcp 169.254.169.254 80"), "EPERM", "forked child");
+
+    // A child cgroup created after attach is enforced, with no reload.
+    let (_, late) = cg.child("github-mcp/worker-started-later");
+    let mut late_probe = Probe::new(PROBE, &late, &ns);
+    assert_eq!(
+        late_probe.op("tcp 169.254.169.254 80"),
+        "EPERM",
+        "child cgroup made after attach"
+    );
+    assert_eq!(
+        late_probe.op("tcp 10.0.12.5 5432"),
+        "OK",
+        "child cgroup inherits allows"
+    );
+
+    // A process outside every workload is untouched.
+    let (_, other) = cg.child("not-an-mcp-server");
+    let mut outsider = Probe::new(PROBE, &other, &ns);
+    assert_eq!(
+        outsider.op("tcp 169.254.169.254 80"),
+        "OK",
+        "unguarded process"
+    );
+    assert_eq!(
+        outsider.op("tcp 192.168.1.10 6379"),
+        "OK",
+        "unguarded process"
+    );
+
+    // Every denial is reported, with the workload, destination, port, protocol and reason.
+    let mut events = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            events.extend(d.events(Duration::from_millis(100)));
+            events.len() >= 13
+        }),
+        "expected 13 denial events, got {}: {events:#?}",
+        events.len()
+    );
+    let find = |dst: &str, port: u64, hook: &str| {
+        events
+            .iter()
+            .find(|e| e["dst"] == dst && e["dport"] == port && e["hook"] == hook)
+            .unwrap_or_else(|| panic!("no event for {dst}:{port} on {hook} in {events:#?}"))
+    };
+    let e = find("169.254.169.254", 80, "connect4");
+    assert_eq!(e["workload"], "github-mcp");
+    assert_eq!(e["reason"], "baseline-metadata");
+    assert_eq!(e["verdict"], "denied");
+    assert_eq!(e["proto"], "tcp");
+    assert_eq!(e["dest_class"], "metadata");
+    assert_eq!(e["comm"], "mcpg-probe");
+    let mapped = find("169.254.169.254", 80, "connect6");
+    assert_eq!(
+        mapped["family"], "ipv4",
+        "a mapped destination is judged as IPv4"
+    );
+    assert_eq!(mapped["socket_family"], "inet6");
+    assert_eq!(
+        find("fd00:ec2::254", 80, "connect6")["reason"],
+        "baseline-metadata"
+    );
+    assert_eq!(
+        find("192.168.1.10", 6379, "connect4")["reason"],
+        "deny-internal"
+    );
+    assert_eq!(find("10.0.12.5", 5433, "connect4")["reason"], "not-allowed");
+    let udp = find("169.254.169.254", 53, "sendmsg4");
+    assert_eq!(udp["proto"], "udp");
+    assert!(
+        events.iter().all(|e| e["workload"] == "github-mcp"),
+        "the outsider made no events"
+    );
+
+    // Counters agree exactly with what was denied.
+    let metrics = d.get("/metrics");
+    let denied: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("mcp_guard_denied_flows_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(denied, 13.0, "{metrics}");
+    assert!(d.stop(), "daemon exits cleanly on SIGTERM");
+
+    // After a clean stop the programs are detached: the same probe is no longer denied.
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "OK", "detached on SIGTERM");
+}
+
+#[test]
+fn audit_mode_allows_but_reports() {
+    let ns = lab();
+    let cg = TestCgroup::new();
+    let (_, dry) = cg.child("dry-run-mcp");
+    let d = Daemon::start(&config(&cg));
+    let mut p = Probe::new(PROBE, &dry, &ns);
+    assert_eq!(
+        p.op("tcp 169.254.169.254 80"),
+        "OK",
+        "audit mode never blocks"
+    );
+    assert_eq!(
+        p.op("tcp 192.168.1.10 6379"),
+        "OK",
+        "audit mode never blocks"
+    );
+    assert_eq!(p.op("tcp 93.184.216.34 443"), "OK");
+    let mut events = Vec::new();
+    assert!(wait_until(Duration::from_secs(5), || {
+        events.extend(d.events(Duration::from_millis(100)));
+        events.len() >= 2
+    }));
+    assert_eq!(events.len(), 2, "{events:#?}");
+    assert!(events
+        .iter()
+        .all(|e| e["verdict"] == "audited" && e["workload"] == "dry-run-mcp"));
+    assert_eq!(events[0]["reason"], "baseline-metadata");
+    assert_eq!(events[1]["reason"], "deny-internal");
+    let metrics = d.get("/metrics");
+    assert!(metrics.contains("mcp_guard_audited_flows_total{dest_class=\"metadata\",family=\"ipv4\",hook=\"connect4\",proto=\"tcp\",reason=\"baseline-metadata\",workload=\"dry-run-mcp\"} 1"), "{metrics}");
+    assert!(
+        !metrics.contains("mcp_guard_denied_flows_total{"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn workload_cgroup_created_after_start_is_enforced() {
+    let ns = lab();
+    let cg = TestCgroup::new();
+    let d = Daemon::start(&config(&cg));
+    assert!(d.stderr.lock().unwrap().contains("does not exist yet"));
+    // The systemd unit starts (its cgroup appears) only now.
+    let (_, guarded) = cg.child("github-mcp");
+    let status_has_id = || {
+        let s: serde_json::Value = serde_json::from_str(&d.get("/status")).unwrap();
+        s["workloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w["name"] == "github-mcp" && w["cgroup_id"].is_u64())
+    };
+    assert!(
+        wait_until(Duration::from_secs(2), status_has_id),
+        "daemon never registered the new cgroup"
+    );
+    let mut p = Probe::new(PROBE, &guarded, &ns);
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+}
