@@ -298,15 +298,14 @@ fn events(
             continue;
         };
         println!(
-            "{} {} {} {} pid={} comm={} -> {}:{}/{} reason={} hook={}{}",
+            "{} {} {} {} pid={} comm={} -> {}/{} reason={} hook={}{}",
             e.time,
             e.verdict.to_uppercase(),
             e.workload.as_deref().unwrap_or("?"),
             e.cgroup.as_deref().unwrap_or(""),
             e.tgid,
             e.comm,
-            e.dst,
-            e.dport,
+            SocketAddr::new(e.dst.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])), e.dport),
             e.proto,
             e.reason,
             e.hook,

@@ -94,15 +94,26 @@ impl NetNs {
         .expect("netns thread")
     }
 
-    /// A TCP listener inside the namespace that accepts and closes connections forever
-    /// (it lives as long as the namespace: deleting the namespace closes it).
+    /// A TCP listener inside the namespace that accepts and closes connections forever.
     pub fn listen_tcp(&self, addr: &str) {
+        self.serve_tcp(addr, "");
+    }
+
+    /// A TCP listener inside the namespace that answers every connection with `reply`
+    /// (after reading what the client sent first, if anything, within 200 ms). It lives
+    /// until the process exits; deleting the namespace does not stop it.
+    pub fn serve_tcp(&self, addr: &str, reply: &'static str) {
         let sa: SocketAddr = addr.parse().expect("socket address");
         let listener =
             self.in_ns(move || TcpListener::bind(sa).unwrap_or_else(|e| panic!("bind {sa}: {e}")));
         std::thread::spawn(move || {
-            for s in listener.incoming() {
-                drop(s);
+            for mut s in listener.incoming().map_while(Result::ok) {
+                if !reply.is_empty() {
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                    let mut buf = [0u8; 512];
+                    let _ = std::io::Read::read(&mut s, &mut buf);
+                    let _ = s.write_all(reply.as_bytes());
+                }
             }
         });
     }

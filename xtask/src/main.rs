@@ -1,1 +1,84 @@
-fn main() {}
+//! Build, test, demo driver: `cargo xtask demo`, `cargo xtask test`.
+
+mod demo;
+mod setup;
+
+use std::process::Command;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing (nightly rust-src, bpf-linker, Debian packages).
+    Setup,
+    /// Build everything (the eBPF object is built by mcp-guard's build.rs).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: unit, property, kernel integration, differential.
+    Test,
+    /// A simulated compromised MCP server tries SSRF to the metadata service and an internal database.
+    Demo,
+}
+
+/// Debian packages the test suite needs: (command, package).
+const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("nsenter", "util-linux")];
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+pub fn build(release: bool) -> Result<()> {
+    setup::toolchain()?;
+    // Default members: the eBPF crate is built by mcp-guard's build.rs, never for the host.
+    let mut c = cargo();
+    c.args(["build", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    setup::status(&mut c)
+}
+
+fn test() -> Result<()> {
+    setup::require_root("cargo xtask test")?;
+    setup::packages(TEST_PACKAGES)?;
+    build(false)?;
+    // Unit and property tests, then the kernel integration tests (their own crate).
+    setup::status(cargo().args([
+        "test",
+        "-p",
+        "mcp-guard-common",
+        "-p",
+        "mcp-guard",
+        "-p",
+        "xtask",
+    ]))?;
+    setup::status(cargo().args(["test", "--package", "mcp-guard-tests"]))?;
+    eprintln!("xtask: all tests passed");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => {
+            setup::toolchain()?;
+            setup::packages(TEST_PACKAGES)
+        }
+        Cmd::Build { release } => build(release),
+        Cmd::Test => test(),
+        Cmd::Demo => {
+            setup::require_root("cargo xtask demo")?;
+            setup::packages(TEST_PACKAGES)?;
+            build(false)?;
+            demo::run()
+        }
+    }
+}

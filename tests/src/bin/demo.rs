@@ -1,0 +1,168 @@
+//! The demo behind `cargo xtask demo`: a compromised MCP server against mcp-guard.
+//!
+//! Everything happens inside a throw-away network namespace whose `lo` carries the fake
+//! metadata service, the internal database and cache, and the "public" API: no packet
+//! leaves the machine.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use mcp_guard_tests::{Daemon, NetNs, TestCgroup};
+
+/// The built-in example policy: the node baseline blocks every cloud metadata endpoint,
+/// and the GitHub MCP server may reach nothing internal but its own database.
+const DEMO_CONFIG: &str = r#"
+mode = "enforce"
+
+[baseline]
+deny = ["metadata"]
+
+[[workload]]
+name = "github-mcp"
+cgroup = "ROOT/github-mcp"
+default = "deny-internal"
+
+[[workload.allow]]
+cidr = "10.0.12.0/24"
+ports = [5432]
+proto = "tcp"
+comment = "its own database"
+
+[daemon]
+attach_cgroup = "ROOT"
+"#;
+
+const IMDS: &str = "HTTP/1.0 200 OK\r\n\r\n{\"AccessKeyId\":\"ASIA-FAKE-DEMO\",\"SecretAccessKey\":\"fake/demo/secret\",\"Token\":\"...\"}";
+const DB: &str = "fake-postgres: 4,211 rows from customers (name, email, card_last4)";
+const CACHE: &str = "fake-redis: session:admin, oauth:github-token";
+const API: &str = "HTTP/1.0 200 OK\r\n\r\n{\"repos\":[\"mcp-guard\"]}";
+
+fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("MCPG_BIN_DIR").map_or_else(
+        || {
+            std::env::current_exe()
+                .expect("exe")
+                .parent()
+                .expect("dir")
+                .to_path_buf()
+        },
+        PathBuf::from,
+    );
+    dir.join(name)
+}
+
+fn host_port(ip: &str, port: &serde_json::Value) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
+fn banner(s: &str) {
+    println!("\n\x1b[1m== {s}\x1b[0m");
+}
+
+fn main() {
+    let ns = NetNs::new();
+    for a in [
+        "169.254.169.254",
+        "fd00:ec2::254",
+        "10.0.20.7",
+        "192.168.7.3",
+        "93.184.216.34",
+    ] {
+        ns.add_addr(a);
+    }
+    ns.serve_tcp("169.254.169.254:80", IMDS);
+    ns.serve_tcp("[fd00:ec2::254]:80", IMDS);
+    ns.serve_tcp("10.0.20.7:5432", DB);
+    ns.serve_tcp("192.168.7.3:6379", CACHE);
+    ns.serve_tcp("93.184.216.34:443", API);
+    let cg = TestCgroup::new();
+    let nsenter = |extra: &mut Command| {
+        extra
+            .arg("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg(bin("fake-mcp-server"));
+    };
+
+    banner("1. Without mcp-guard: the compromised MCP server reaches everything");
+    let (_, plain) = cg.child("unguarded");
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && exec nsenter --net={} {}",
+        plain.display(),
+        ns.path().display(),
+        bin("fake-mcp-server").display()
+    ));
+    assert!(c.status().expect("run fake server").success());
+
+    banner("2. mcp-guard run with the built-in example policy");
+    let config = DEMO_CONFIG.replace("ROOT", &cg.rel);
+    println!("{}", config.trim());
+    let d = Daemon::start(&config);
+    println!("(daemon ready; metrics on http://{}/metrics)", d.listen);
+
+    banner("3. The same server, started with `mcp-guard exec --workload github-mcp`");
+    let mut c = Command::new(
+        std::env::var_os("MCP_GUARD_BIN").map_or_else(|| bin("mcp-guard"), PathBuf::from),
+    );
+    c.args(["exec", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "github-mcp", "--"]);
+    nsenter(&mut c);
+    assert!(c.status().expect("mcp-guard exec").success());
+
+    banner("4. What mcp-guard reported (events, one JSON line each on its stdout)");
+    let events = d.events(Duration::from_secs(1));
+    for e in &events {
+        println!(
+            "  {} {:<10} pid={} comm={} -> {} {} reason={} rule=\"{}\"",
+            e["verdict"].as_str().unwrap_or("").to_uppercase(),
+            e["workload"].as_str().unwrap_or("?"),
+            e["tgid"],
+            e["comm"].as_str().unwrap_or(""),
+            host_port(e["dst"].as_str().unwrap_or(""), &e["dport"]),
+            e["proto"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or(""),
+            e["rule"].as_str().unwrap_or("workload default"),
+        );
+    }
+    if let Some(e) = events.first() {
+        println!("  first event in full:\n  {e}");
+    }
+
+    banner("5. Metrics (exact, from the kernel's per-CPU counters)");
+    for l in d.get("/metrics").lines().filter(|l| {
+        l.starts_with("mcp_guard_denied_flows_total") || l.starts_with("mcp_guard_events_")
+    }) {
+        println!("  {l}");
+    }
+
+    banner("6. Why? `mcp-guard explain`");
+    for dest in [
+        "169.254.169.254:80",
+        "10.0.20.7:5432",
+        "10.0.12.9:5432",
+        "93.184.216.34:443",
+    ] {
+        let out = Command::new(
+            std::env::var_os("MCP_GUARD_BIN").map_or_else(|| bin("mcp-guard"), PathBuf::from),
+        )
+        .args(["explain", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "github-mcp", dest])
+        .output()
+        .expect("explain");
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("  {l}");
+        }
+    }
+
+    let denied = events.iter().filter(|e| e["verdict"] == "denied").count();
+    let stopped = d.stop();
+    banner(&format!(
+        "Result: {denied} flows blocked (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache); the allowed API was reached. Daemon stopped cleanly: {stopped}."
+    ));
+    assert!(denied >= 5, "expected the 5 attacks to be blocked");
+}

@@ -1,0 +1,95 @@
+//! First-use setup, idempotent: everything a fresh machine lacks to build and test.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+/// bpf-linker's LLVM must equal nightly rustc's (LLVM 22): 0.10.4 loads the nightly
+/// toolchain's own LLVM at run time (see ../shared/TOOLCHAIN.md).
+const BPF_LINKER_VERSION: &str = "0.10.4";
+
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+/// Rust side: the nightly toolchain with rust-src (for -Z build-std=core) and bpf-linker.
+pub fn toolchain() -> Result<()> {
+    if output("rustup", &["run", "nightly", "rustc", "--version"]).is_none() {
+        eprintln!("xtask: installing the nightly toolchain");
+        status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let installed = output(
+        "rustup",
+        &["component", "list", "--toolchain", "nightly", "--installed"],
+    )
+    .unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to nightly");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    let have = output("bpf-linker", &["--version"]).unwrap_or_default();
+    if !have.contains(BPF_LINKER_VERSION) {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+        status(Command::new("cargo").args([
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Debian packages the tests use, installed only when a command is missing.
+pub fn packages(needed: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = needed
+        .iter()
+        .filter(|(cmd, _)| output("sh", &["-c", &format!("command -v {cmd}")]).is_none())
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    status(Command::new("apt-get").arg("update").arg("-q"))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    Ok(())
+}
+
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} loads eBPF programs and creates network namespaces and cgroups: run it as root (sudo -E cargo xtask ...)");
+    }
+    Ok(())
+}
