@@ -1,0 +1,142 @@
+//! The CLI contract as a user meets it: exit codes and messages.
+
+use std::process::Command;
+
+use mcp_guard_tests::{guard_bin, TempDir, TestCgroup};
+
+fn run(args: &[&str], config: &str) -> (i32, String, String) {
+    let dir = TempDir::new();
+    let path = dir.0.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(guard_bin())
+        .args(args.iter().map(|a| {
+            if *a == "CFG" {
+                path.to_str().unwrap()
+            } else {
+                a
+            }
+        }))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn check_rejects_bad_input_with_file_and_line() {
+    let cases = [
+        ("[[workload]]\nname='a'\ncgroup='/a'\nportz=[1]\n", "config.toml:4:1", "unknown field `portz`"),
+        ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/33'\n", "config.toml:5:", "not a valid CIDR"),
+        ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[0]\n", "config.toml:6:", "1 to 65535"),
+        ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[70000]\n", "config.toml:6:", "1 to 65535"),
+        ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=['90-80']\n", "config.toml:6:", "inverted"),
+        ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='a'\ncgroup='/b'\n", "config.toml:5:", "duplicate workload name"),
+        ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='b'\ncgroup='/a'\n", "config.toml:6:", "duplicate workload cgroup"),
+    ];
+    for (config, place, what) in cases {
+        let (code, _, err) = run(&["check", "--config", "CFG"], config);
+        assert_eq!(code, 2, "{config}\n{err}");
+        assert!(
+            err.contains(place) && err.contains(what),
+            "expected {place} {what}, got: {err}"
+        );
+    }
+}
+
+#[test]
+fn check_warns_about_a_missing_cgroup_but_succeeds() {
+    let (code, out, err) = run(
+        &["check", "--config", "CFG"],
+        "[[workload]]\nname='a'\ncgroup='/no-such-cgroup-mcpg'\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("does not exist yet"), "{err}");
+    assert!(
+        out.contains("baseline deny metadata (built-in default)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn explain_names_the_deciding_rule() {
+    let cfg = "[baseline]\ndeny=['metadata']\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.12.0/24'\nports=[5432]\nproto='tcp'\n";
+    let (code, out, _) = run(
+        &[
+            "explain",
+            "--config",
+            "CFG",
+            "--workload",
+            "a",
+            "[::ffff:169.254.169.254]:80",
+        ],
+        cfg,
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("169.254.169.254 port 80/tcp: DENY (baseline-metadata)")
+            && out.contains("rule #1"),
+        "{out}"
+    );
+    let (_, out, _) = run(
+        &[
+            "explain",
+            "--config",
+            "CFG",
+            "--workload",
+            "a",
+            "10.0.12.9:5432/udp",
+        ],
+        cfg,
+    );
+    assert!(out.contains("DENY (not-allowed)"), "{out}");
+    let (_, out, _) = run(
+        &[
+            "explain",
+            "--config",
+            "CFG",
+            "--workload",
+            "a",
+            "10.0.12.9:5432",
+        ],
+        cfg,
+    );
+    assert!(
+        out.contains("ALLOW") && out.contains("config.toml:7"),
+        "{out}"
+    );
+    let (code, _, err) = run(
+        &[
+            "explain",
+            "--config",
+            "CFG",
+            "--workload",
+            "nope",
+            "1.1.1.1:1",
+        ],
+        cfg,
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("no workload named \"nope\""), "{err}");
+}
+
+#[test]
+fn exec_refuses_to_run_unguarded() {
+    let cg = TestCgroup::new();
+    let port = mcp_guard_tests::free_port();
+    let cfg = format!(
+        "[[workload]]\nname='a'\ncgroup='{}/a'\n[metrics]\nlisten='127.0.0.1:{port}'\n",
+        cg.rel
+    );
+    let (code, _, err) = run(
+        &["exec", "--config", "CFG", "--workload", "a", "--", "true"],
+        &cfg,
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("no mcp-guard daemon answers") && err.contains("--unguarded"),
+        "{err}"
+    );
+}
