@@ -84,3 +84,152 @@ pub fn of_pid(pid: u32) -> Option<String> {
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::to_string)
 }
+
+/// What a cgroup path says about its owner: the systemd unit, and for containers the
+/// Kubernetes pod UID, the container id and the runtime.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Owner {
+    pub systemd_unit: Option<String>,
+    pub pod_uid: Option<String>,
+    pub container_id: Option<String>,
+    pub container_runtime: Option<String>,
+}
+
+fn is_container_id(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Parses the shapes kubelet, containerd, CRI-O and Docker give cgroups, with the
+/// systemd and cgroupfs drivers:
+/// `/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice/cri-containerd-<id>.scope`,
+/// `/kubepods/burstable/pod<uid>/<id>`, `/kubepods/pod<uid>/crio-<id>`,
+/// `/system.slice/docker-<id>.scope`, `/docker/<id>`.
+#[must_use]
+pub fn owner(path: &str) -> Owner {
+    let mut o = Owner::default();
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    for p in &parts {
+        let base = p
+            .strip_suffix(".slice")
+            .or_else(|| p.strip_suffix(".scope"))
+            .unwrap_or(p);
+        // Pod: "pod<uid>" (cgroupfs) or "...-pod<uid_with_underscores>.slice" (systemd).
+        if let Some(i) = base.rfind("pod") {
+            let uid = &base[i + 3..];
+            if (i == 0 || base[..i].ends_with('-'))
+                && uid.len() == 36
+                && uid
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() || b == b'-' || b == b'_')
+            {
+                o.pod_uid = Some(uid.replace('_', "-"));
+            }
+        }
+        for (prefix, runtime) in [
+            ("cri-containerd-", "containerd"),
+            ("crio-", "cri-o"),
+            ("docker-", "docker"),
+            ("", ""),
+        ] {
+            if let Some(id) = base.strip_prefix(prefix) {
+                if is_container_id(id) {
+                    let runtime = if runtime.is_empty() {
+                        if parts.first() == Some(&"docker") {
+                            "docker"
+                        } else {
+                            "containerd"
+                        }
+                    } else {
+                        runtime
+                    };
+                    o.container_id = Some(id.to_string());
+                    o.container_runtime = Some(runtime.to_string());
+                    break;
+                }
+            }
+        }
+        if p.ends_with(".service") || (p.ends_with(".scope") && o.container_id.is_none()) {
+            o.systemd_unit = Some((*p).to_string());
+        }
+    }
+    if o.container_id.is_some() {
+        // A container scope is a unit too, but the container fields say it better.
+        if let Some(last) = parts.last() {
+            if last.ends_with(".scope") {
+                o.systemd_unit = Some((*last).to_string());
+            }
+        }
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "4f3c8d2e9a1b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d";
+
+    #[test]
+    fn systemd_service() {
+        let o = owner("/mcp.slice/github-mcp.service");
+        assert_eq!(o.systemd_unit.as_deref(), Some("github-mcp.service"));
+        assert_eq!(o.pod_uid, None);
+        assert_eq!(
+            owner("/mcp.slice/github-mcp.service/worker")
+                .systemd_unit
+                .as_deref(),
+            Some("github-mcp.service")
+        );
+    }
+
+    #[test]
+    fn kubernetes_systemd_driver_containerd() {
+        let p = format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/cri-containerd-{ID}.scope");
+        let o = owner(&p);
+        assert_eq!(
+            o.pod_uid.as_deref(),
+            Some("0a1b2c3d-4e5f-6789-abcd-ef0123456789")
+        );
+        assert_eq!(o.container_id.as_deref(), Some(ID));
+        assert_eq!(o.container_runtime.as_deref(), Some("containerd"));
+    }
+
+    #[test]
+    fn kubernetes_systemd_driver_crio_guaranteed() {
+        let p = format!("/kubepods.slice/kubepods-pod0a1b2c3d_4e5f_6789_abcd_ef0123456789.slice/crio-{ID}.scope");
+        let o = owner(&p);
+        assert_eq!(
+            o.pod_uid.as_deref(),
+            Some("0a1b2c3d-4e5f-6789-abcd-ef0123456789")
+        );
+        assert_eq!(o.container_runtime.as_deref(), Some("cri-o"));
+    }
+
+    #[test]
+    fn kubernetes_cgroupfs_driver() {
+        let o = owner(&format!(
+            "/kubepods/besteffort/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789/{ID}"
+        ));
+        assert_eq!(
+            o.pod_uid.as_deref(),
+            Some("0a1b2c3d-4e5f-6789-abcd-ef0123456789")
+        );
+        assert_eq!(o.container_id.as_deref(), Some(ID));
+        let o = owner(&format!(
+            "/kubepods/pod0a1b2c3d-4e5f-6789-abcd-ef0123456789/crio-{ID}"
+        ));
+        assert_eq!(o.container_runtime.as_deref(), Some("cri-o"));
+    }
+
+    #[test]
+    fn docker() {
+        let o = owner(&format!("/system.slice/docker-{ID}.scope"));
+        assert_eq!(
+            (o.container_id.as_deref(), o.container_runtime.as_deref()),
+            (Some(ID), Some("docker"))
+        );
+        let o = owner(&format!("/docker/{ID}"));
+        assert_eq!(o.container_runtime.as_deref(), Some("docker"));
+        assert_eq!(o.pod_uid, None);
+    }
+}

@@ -36,6 +36,11 @@ fn kernel_release() -> String {
 fn names_of(c: &Compiled) -> Names {
     Names {
         workloads: c.workloads.iter().map(|w| (w.id, w.name.clone())).collect(),
+        cgroups: c
+            .workloads
+            .iter()
+            .map(|w| (w.id, w.cgroup.clone()))
+            .collect(),
         rules: c.rules.iter().map(|r| (r.id, r.text.clone())).collect(),
     }
 }
@@ -111,10 +116,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
 
     let (tx, _) = broadcast::channel(4096);
     let delivered = Arc::new(Delivered::default());
+    let history = Arc::new(events::History::default());
     let shared = Arc::new(Shared {
         ready: false.into(),
         status: RwLock::new(String::from("{}")),
         events: tx.clone(),
+        history: history.clone(),
         metrics: {
             let (maps, metrics, names, delivered) = (
                 maps.clone(),
@@ -156,7 +163,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             }
         }
     };
-    let reader = tokio::spawn(events::read_loop(ring, names.clone(), sink, tx, delivered));
+    let reader = tokio::spawn(events::read_loop(
+        ring,
+        names.clone(),
+        sink,
+        tx,
+        delivered,
+        history,
+    ));
     let server = tokio::spawn(http::serve(listener, shared.clone()));
 
     *shared.status.write().expect("status") = status_json(

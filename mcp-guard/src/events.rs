@@ -43,6 +43,8 @@ pub struct JsonEvent {
     pub workload_id: u32,
     pub cgroup_id: u64,
     pub cgroup: Option<String>,
+    #[serde(flatten)]
+    pub owner: cgroup::Owner,
     pub pid: u32,
     pub tgid: u32,
     pub uid: u32,
@@ -69,6 +71,8 @@ pub struct JsonEvent {
 #[derive(Default, Clone)]
 pub struct Names {
     pub workloads: HashMap<u32, String>,
+    /// Workload id -> its configured cgroup, used when the process is already gone.
+    pub cgroups: HashMap<u32, String>,
     pub rules: HashMap<u32, String>,
 }
 
@@ -114,6 +118,16 @@ fn monotonic_ns() -> u64 {
     // SAFETY: valid pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Wall-clock Unix nanoseconds of a CLOCK_MONOTONIC timestamp.
+#[must_use]
+pub fn wall_ns(mono: u64) -> u128 {
+    let now_mono = monotonic_ns();
+    let now_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    now_wall.saturating_sub(u128::from(now_mono.saturating_sub(mono)))
 }
 
 /// RFC 3339 UTC from Unix nanoseconds (civil-from-days, Howard Hinnant's algorithm).
@@ -178,6 +192,11 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
     let dst = display_addr(e.daddr_be);
     let src = (e.saddr_be != [0; 16]).then(|| display_addr(e.saddr_be).to_string());
     let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
+    let cgroup_path = cgroup::of_pid(e.tgid).or_else(|| names.cgroups.get(&e.workload_id).cloned());
+    let owner = cgroup_path
+        .as_deref()
+        .map(cgroup::owner)
+        .unwrap_or_default();
     JsonEvent {
         schema: SCHEMA.into(),
         time: rfc3339(wall),
@@ -195,7 +214,8 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
         workload: names.workloads.get(&e.workload_id).cloned(),
         workload_id: e.workload_id,
         cgroup_id: e.cgroup_id,
-        cgroup: cgroup::of_pid(e.tgid),
+        cgroup: cgroup_path,
+        owner,
         pid: e.pid,
         tgid: e.tgid,
         uid: e.uid,
@@ -230,6 +250,12 @@ pub struct Delivered {
     pub events: AtomicU64,
 }
 
+/// How many recent events the daemon keeps for `mcp-guard events --since`.
+pub const HISTORY: usize = 10_000;
+
+/// Recent events with their wall-clock time (Unix ns), oldest first.
+pub type History = std::sync::Mutex<std::collections::VecDeque<(u128, Arc<JsonEvent>)>>;
+
 /// Reads the ring buffer until the task is dropped. `names` is refreshed on reloads.
 pub async fn read_loop(
     ring: RingBuf<MapData>,
@@ -237,6 +263,7 @@ pub async fn read_loop(
     mut sink: SinkWriter,
     stream: broadcast::Sender<Arc<JsonEvent>>,
     delivered: Arc<Delivered>,
+    history: Arc<History>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, so the fd stays open
     // exactly as long as it is registered.
@@ -259,14 +286,25 @@ pub async fn read_loop(
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let names = names.read().expect("names lock").clone();
         let mut out = Vec::new();
+        let mut recent = Vec::with_capacity(batch.len());
         for e in &batch {
             let j = Arc::new(enrich(e, &names));
+            recent.push((wall_ns(e.ts_ns), j.clone()));
             if !matches!(sink, SinkWriter::None) {
                 serde_json::to_writer(&mut out, &*j).expect("serialisable");
                 out.push(b'\n');
             }
             // No receivers is fine: nobody is following the stream.
             let _ = stream.send(j);
+        }
+        {
+            let mut h = history.lock().expect("history lock");
+            for r in recent {
+                if h.len() == HISTORY {
+                    h.pop_front();
+                }
+                h.push_back(r);
+            }
         }
         match &mut sink {
             SinkWriter::Stdout => {

@@ -19,13 +19,15 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::events::JsonEvent;
+use crate::events::{History, JsonEvent};
 
 pub struct Shared {
     pub ready: AtomicBool,
     /// JSON document served on /status.
     pub status: RwLock<String>,
     pub events: broadcast::Sender<Arc<JsonEvent>>,
+    /// Recent events, replayed to `/events?since=UNIX_SECONDS`.
+    pub history: Arc<History>,
     pub metrics: Box<dyn Fn() -> String + Send + Sync>,
 }
 
@@ -136,10 +138,36 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         "/events" => {
             let workload = query_param(query, "workload").map(str::to_string);
             let reason = query_param(query, "reason").map(str::to_string);
+            let since: Option<f64> = query_param(query, "since").and_then(|s| s.parse().ok());
+            let keep = |e: &JsonEvent| {
+                workload
+                    .as_deref()
+                    .is_none_or(|w| e.workload.as_deref() == Some(w))
+                    && reason.as_deref().is_none_or(|r| e.reason == r)
+            };
+            // Subscribe before replaying so nothing falls between history and live.
             let mut rx = shared.events.subscribe();
             stream
                 .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
                 .await?;
+            let mut last_replayed = 0u64;
+            if let Some(since) = since {
+                let cutoff = (since.max(0.0) * 1e9) as u128;
+                let replay: Vec<Arc<JsonEvent>> = shared
+                    .history
+                    .lock()
+                    .expect("history lock")
+                    .iter()
+                    .filter(|(t, e)| *t >= cutoff && keep(e))
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                for e in replay {
+                    last_replayed = last_replayed.max(e.monotonic_ns);
+                    let mut line = serde_json::to_vec(&*e).expect("serialisable");
+                    line.push(b'\n');
+                    stream.write_all(&line).await?;
+                }
+            }
             loop {
                 let e = match rx.recv().await {
                     Ok(e) => e,

@@ -68,6 +68,9 @@ enum Cmd {
         workload: Option<String>,
         #[arg(long)]
         reason: Option<String>,
+        /// Also show recent events (the daemon keeps the last 10,000): 30s, 5m, 2h, 1d.
+        #[arg(long, value_parser = parse_since)]
+        since: Option<Duration>,
         /// One JSON object per line instead of the human-readable form.
         #[arg(long)]
         json: bool,
@@ -107,8 +110,9 @@ fn main() -> ExitCode {
             listen,
             workload,
             reason,
+            since,
             json,
-        } => events(config, listen, workload, reason, json),
+        } => events(config, listen, workload, reason, since, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -262,11 +266,27 @@ fn exec(path: &Path, workload: &str, unguarded: bool, cmd: &[String]) -> Result<
     bail!("cannot run {:?}: {err}", cmd[0])
 }
 
+fn parse_since(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: use a number and a unit, e.g. 30s, 5m, 2h, 1d"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
 fn events(
     config: Option<PathBuf>,
     listen: Option<SocketAddr>,
     workload: Option<String>,
     reason: Option<String>,
+    since: Option<Duration>,
     json: bool,
 ) -> Result<()> {
     let addr = match (listen, config) {
@@ -280,6 +300,12 @@ fn events(
     }
     if let Some(r) = &reason {
         q.push(format!("reason={r}"));
+    }
+    if let Some(d) = since {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        q.push(format!("since={}", now.saturating_sub(d).as_secs()));
     }
     let path = if q.is_empty() {
         "/events".to_string()

@@ -341,6 +341,11 @@ impl Daemon {
         mcp_guard::client::get_body(self.listen, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal to the daemon.
     pub fn signal(&self, sig: i32) {
         // SAFETY: plain syscall on our child's pid.

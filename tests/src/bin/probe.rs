@@ -4,12 +4,13 @@
 //!
 //! Operations: `tcp ADDR PORT`, `udp-connect ADDR PORT`, `udp-sendto ADDR PORT`,
 //! `tcp-fastopen ADDR PORT`, `fork-tcp ADDR PORT` (a forked child connects),
-//! `tcp6-mapped A.B.C.D PORT` (AF_INET6 socket to ::ffff:A.B.C.D), `udp-flood ADDR PORT N`.
+//! `tcp6-mapped A.B.C.D PORT` (AF_INET6 socket to ::ffff:A.B.C.D), `udp-flood ADDR PORT N`,
+//! `tcp-from ADDR PORT SRC` (bound to SRC first).
 //! ADDR may be IPv4 or IPv6.
 
 use std::{
     io::{BufRead, Write},
-    net::{IpAddr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
 };
 
@@ -75,7 +76,7 @@ fn family(sa: &SocketAddr) -> i32 {
     }
 }
 
-fn op(kind: &str, sa: SocketAddr, count: u64) -> String {
+fn op(kind: &str, sa: SocketAddr, count: u64, from: Option<IpAddr>) -> String {
     let (st, len) = sockaddr(sa);
     let p = (&raw const st).cast::<libc::sockaddr>();
     // SAFETY (all blocks below): syscalls with valid fds and a valid sockaddr.
@@ -88,6 +89,22 @@ fn op(kind: &str, sa: SocketAddr, count: u64) -> String {
                 } else {
                     libc::SOCK_DGRAM
                 },
+            );
+            let r = result(unsafe { libc::connect(fd, p, len) } as isize);
+            unsafe { libc::close(fd) };
+            r
+        }
+        "tcp-from" => {
+            // Bind first, so the kernel knows the source address and port at connect().
+            let Some(src) = from else {
+                return "ERR tcp-from needs a source address".into();
+            };
+            let fd = socket(family(&sa), libc::SOCK_STREAM);
+            let (bst, blen) = sockaddr(SocketAddr::new(src, 0));
+            assert_eq!(
+                unsafe { libc::bind(fd, (&raw const bst).cast(), blen) },
+                0,
+                "bind {src}"
             );
             let r = result(unsafe { libc::connect(fd, p, len) } as isize);
             unsafe { libc::close(fd) };
@@ -134,7 +151,7 @@ fn op(kind: &str, sa: SocketAddr, count: u64) -> String {
             assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
             let pid = unsafe { libc::fork() };
             if pid == 0 {
-                let r = op("tcp", sa, 0);
+                let r = op("tcp", sa, 0, None);
                 unsafe {
                     libc::write(fds[1], r.as_ptr().cast(), r.len());
                     libc::_exit(0);
@@ -191,8 +208,8 @@ fn main() {
             .unwrap_or_else(|_| panic!("bad address {}", f[1]));
         let port: u16 = f[2].parse().expect("port");
         let count = f.get(3).and_then(|c| c.parse().ok()).unwrap_or(1);
-        let _ = Ipv6Addr::LOCALHOST;
-        writeln!(out, "{}", op(f[0], SocketAddr::new(ip, port), count)).expect("stdout");
+        let from = f.get(3).and_then(|c| c.parse().ok());
+        writeln!(out, "{}", op(f[0], SocketAddr::new(ip, port), count, from)).expect("stdout");
         out.flush().expect("stdout");
     }
 }
