@@ -14,7 +14,8 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<BufReader<TcpStream>
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        // HTTP/1.0: the answer is never chunked; the body ends when the connection closes.
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"
     )?;
     let mut r = BufReader::new(s);
     let mut status = String::new();

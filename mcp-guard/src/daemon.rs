@@ -104,9 +104,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     loader::attach_sock_addr(&mut ebpf, &attach_dir)?;
 
     let metrics = Arc::new(Metrics::new(&kernel_release()));
-    for hook in ["connect4", "connect6", "sendmsg4", "sendmsg6"] {
-        metrics.programs_attached.with_label_values(&[hook]).set(1);
-    }
+    let attached = check_attachment(&mut ebpf, &attach_dir, &metrics);
+    anyhow::ensure!(
+        attached,
+        "the kernel does not list every program as attached to {}",
+        attach_dir.display()
+    );
     let names = Arc::new(RwLock::new(names_of(&compiled)));
     let maps = Arc::new(Mutex::new(maps));
     let live = Arc::new(Mutex::new(Live { cfg, compiled }));
@@ -178,7 +181,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         &maps.lock().expect("maps"),
         &mount,
     );
-    shared.ready.store(true, Ordering::SeqCst);
+    shared.ready.store(attached, Ordering::SeqCst);
+    metrics.ready.set(i64::from(attached));
+    metrics
+        .policy_generation
+        .set(i64::from(maps.lock().expect("maps").generation()));
     info!(
         config = %config_path.display(),
         attach = %attach_dir.display(),
@@ -190,6 +197,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(CGROUP_RESCAN);
+    let mut attach_check = tokio::time::interval(ATTACH_CHECK);
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: detaching"); break; }
@@ -197,6 +205,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             _ = hup.recv() => {
                 reload(&config_path, &live, &maps, &mount, &names, &metrics);
                 *shared.status.write().expect("status") = status_json(&live.lock().expect("live").compiled, &maps.lock().expect("maps"), &mount);
+            }
+            _ = attach_check.tick() => {
+                let ok = check_attachment(&mut ebpf, &attach_dir, &metrics);
+                shared.ready.store(ok, Ordering::SeqCst);
+                metrics.ready.set(i64::from(ok));
             }
             _ = tick.tick() => {
                 let l = live.lock().expect("live");
@@ -208,11 +221,42 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         }
     }
     shared.ready.store(false, Ordering::SeqCst);
+    metrics.ready.set(0);
     reader.abort();
     server.abort();
     drop(ebpf);
     info!("detached; exiting");
     Ok(())
+}
+
+/// How often the daemon verifies with the kernel that its programs are still attached.
+const ATTACH_CHECK: Duration = Duration::from_secs(1);
+
+/// Asks the kernel which programs are attached, re-attaches any that someone detached
+/// (fail closed), and sets `programs_attached`. Returns whether all are attached.
+fn check_attachment(ebpf: &mut aya::Ebpf, attach_dir: &Path, metrics: &Metrics) -> bool {
+    let mut all = true;
+    for (hook, attached) in loader::attachment_state(ebpf, attach_dir) {
+        let mut now_attached = attached;
+        if !attached {
+            error!(hook, cgroup = %attach_dir.display(), "program is no longer attached (detached by someone else?): attaching it again");
+            match loader::reattach(ebpf, hook, attach_dir) {
+                Ok(()) => {
+                    metrics.reattached.inc();
+                    now_attached = loader::attachment_state(ebpf, attach_dir)
+                        .iter()
+                        .any(|(h, a)| *h == hook && *a);
+                }
+                Err(e) => error!(hook, "re-attaching failed: {e}"),
+            }
+        }
+        metrics
+            .programs_attached
+            .with_label_values(&[hook])
+            .set(i64::from(now_attached));
+        all &= now_attached;
+    }
+    all
 }
 
 fn unix_now() -> f64 {

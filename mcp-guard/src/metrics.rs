@@ -1,10 +1,11 @@
 //! Prometheus metrics. Flow counters are read from the kernel's per-CPU maps at scrape
 //! time, so they stay exact when events are rate-limited or lost.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Mutex};
 
 use mcp_guard_common::{
-    STAT_EVENTS_LOST, STAT_EVENTS_SUBMITTED, STAT_EVENTS_SUPPRESSED, STAT_REPORTED, VERDICT_AUDITED,
+    FlowCounterKey, STAT_EVENTS_LOST, STAT_EVENTS_SUBMITTED, STAT_EVENTS_SUPPRESSED, STAT_REPORTED,
+    VERDICT_AUDITED,
 };
 use prometheus::{
     Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -40,6 +41,11 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     pub last_reload_success: Gauge,
     pub policy_generation: IntGauge,
+    pub ready: IntGauge,
+    pub reattached: IntCounter,
+    last_denied: prometheus::GaugeVec,
+    /// Flow counter values at the previous render, to see which grew.
+    previous: Mutex<HashMap<FlowCounterKey, u64>>,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -69,6 +75,10 @@ impl Metrics {
             reloads: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_policy_reloads_total", "Policy reloads, by result (success, failure)."), &["result"]).expect("valid")),
             last_reload_success: reg(&r, Gauge::new("mcp_guard_policy_last_reload_success_timestamp_seconds", "Unix time of the last successful policy load.").expect("valid")),
             policy_generation: reg(&r, IntGauge::new("mcp_guard_policy_generation", "Generation of the policy the kernel is deciding with.").expect("valid")),
+            ready: reg(&r, IntGauge::new("mcp_guard_ready", "1 while every program is attached and the policy is loaded (what /readyz reports).").expect("valid")),
+            reattached: reg(&r, IntCounter::new("mcp_guard_programs_reattached_total", "Times the daemon found a program detached by someone else and attached it again.").expect("valid")),
+            last_denied: reg(&r, prometheus::GaugeVec::new(Opts::new("mcp_guard_last_denied_timestamp_seconds", "Unix time the daemon last saw the flow counters grow, by workload, destination class and verdict. Alert on its age: a counter series born at its first denial has no increase() yet."), &["workload", "dest_class", "verdict"]).expect("valid")),
+            previous: Mutex::new(HashMap::new()),
             registry: r,
         };
         let build = reg(
@@ -88,9 +98,22 @@ impl Metrics {
         m
     }
 
+    /// Remembers counter values that predate this daemon (adopted pinned maps), so they
+    /// do not look like fresh denials.
+    pub fn prime(&self, c: &Counters) {
+        let mut prev = self.previous.lock().expect("previous");
+        for (k, v) in &c.flows {
+            prev.insert(*k, *v);
+        }
+    }
+
     /// Brings the kernel-backed counters up to the kernel's values and renders the text.
     #[must_use]
     pub fn render(&self, c: &Counters, workload_names: &HashMap<u32, String>) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let mut prev = self.previous.lock().expect("previous");
         for (k, v) in &c.flows {
             let workload = workload_names
                 .get(&k.workload_id)
@@ -109,7 +132,18 @@ impl Metrics {
                 &self.denied
             };
             catch_up(&vec.with_label_values(&labels), *v);
+            if prev.insert(*k, *v).is_none_or(|before| *v > before) {
+                let verdict = if k.verdict == VERDICT_AUDITED {
+                    "audited"
+                } else {
+                    "denied"
+                };
+                self.last_denied
+                    .with_label_values(&[workload.as_str(), class_name(k.dest_class), verdict])
+                    .set(now);
+            }
         }
+        drop(prev);
         catch_up(&self.reported, c.stats[STAT_REPORTED as usize]);
         catch_up(&self.suppressed, c.stats[STAT_EVENTS_SUPPRESSED as usize]);
         catch_up(&self.lost, c.stats[STAT_EVENTS_LOST as usize]);

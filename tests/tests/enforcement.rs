@@ -262,3 +262,53 @@ fn workload_cgroup_created_after_start_is_enforced() {
     let mut p = Probe::new(PROBE, &guarded, &ns);
     assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
 }
+
+/// Fail closed: if someone detaches a program (here `bpftool link detach`), the daemon
+/// notices within a second, reports it and attaches it again.
+#[test]
+fn a_detached_program_is_reattached() {
+    let ns = lab();
+    let cg = TestCgroup::new();
+    let (_, guarded) = cg.child("github-mcp");
+    let d = Daemon::start(&config(&cg));
+    let mut p = Probe::new(PROBE, &guarded, &ns);
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+
+    let cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&cg.dir).unwrap());
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "list"])
+        .output()
+        .expect("bpftool (Debian package bpftool)");
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours = links
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["cgroup_id"] == cgroup_id && l["attach_type"] == "cgroup_inet4_connect")
+        .unwrap_or_else(|| panic!("no connect4 link on cgroup {cgroup_id}: {links:#}"));
+    let id = ours["id"].to_string();
+    let st = std::process::Command::new("bpftool")
+        .args(["link", "detach", "id", &id])
+        .status()
+        .unwrap();
+    assert!(st.success(), "bpftool link detach id {id}");
+
+    let reattached = wait_until(Duration::from_secs(5), || {
+        d.get("/metrics")
+            .contains("mcp_guard_programs_reattached_total 1")
+    });
+    assert!(
+        reattached,
+        "daemon did not re-attach:\n{}",
+        d.stderr.lock().unwrap()
+    );
+    assert!(
+        d.stderr.lock().unwrap().contains("no longer attached"),
+        "the detach is logged"
+    );
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM", "enforced again");
+    assert!(d
+        .get("/metrics")
+        .contains("mcp_guard_programs_attached{hook=\"connect4\"} 1"));
+    assert_eq!(d.get("/readyz"), "ready\n");
+}

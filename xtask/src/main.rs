@@ -30,7 +30,13 @@ enum Cmd {
 }
 
 /// Debian packages the test suite needs: (command, package).
-const TEST_PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("nsenter", "util-linux")];
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("prometheus", "prometheus"),
+    ("promtool", "prometheus"),
+    ("bpftool", "bpftool"),
+];
 
 pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))

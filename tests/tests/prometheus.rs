@@ -1,0 +1,195 @@
+//! Metrics as operators consume them: promtool lints the daemon's /metrics, and a real
+//! Prometheus server (Debian's package) scrapes the daemon with the shipped alert rules
+//! and fires the metadata alert after one denied connection from a test namespace.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use mcp_guard_tests::{free_port, wait_until, Daemon, NetNs, Probe, TempDir, TestCgroup};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
+
+fn rules() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/prometheus/mcp-guard-rules.yml"
+    ))
+    .canonicalize()
+    .unwrap()
+}
+
+struct Prometheus {
+    child: Child,
+    addr: String,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(target: &str) -> Self {
+        let dir = TempDir::new();
+        let port = free_port();
+        let config = dir.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: mcp-guard\n    static_configs:\n      - targets: ['{target}']\n",
+                rules().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package `prometheus`) must be installed: cargo xtask test installs it");
+        let p = Self {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        assert!(
+            wait_until(Duration::from_secs(30), || p.get("/-/ready").is_some()),
+            "prometheus never became ready"
+        );
+        p
+    }
+
+    fn get(&self, path: &str) -> Option<String> {
+        mcp_guard::client::get_body(self.addr.parse().unwrap(), path).ok()
+    }
+
+    fn alerts(&self) -> Vec<serde_json::Value> {
+        let body = self.get("/api/v1/alerts").unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        v["data"]["alerts"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn lab() -> (NetNs, TestCgroup, Daemon) {
+    let ns = NetNs::new();
+    ns.add_addr("169.254.169.254");
+    let cg = TestCgroup::new();
+    cg.child("github-mcp");
+    let d = Daemon::start(&format!(
+        "[baseline]\ndeny = [\"metadata\"]\n[[workload]]\nname = \"github-mcp\"\ncgroup = \"{r}/github-mcp\"\n[daemon]\nattach_cgroup = \"{r}\"\n",
+        r = cg.rel
+    ));
+    (ns, cg, d)
+}
+
+#[test]
+fn promtool_finds_no_problem_in_metrics() {
+    let (ns, cg, d) = lab();
+    // Some traffic first, so labelled series exist too.
+    let mut p = Probe::new(PROBE, &cg.dir.join("github-mcp"), &ns);
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+    let metrics = d.get("/metrics");
+    assert!(
+        metrics.contains("mcp_guard_denied_flows_total{"),
+        "{metrics}"
+    );
+    let mut lint = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(metrics.as_bytes())
+        .unwrap();
+    let out = lint.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && report.trim().is_empty(),
+        "promtool check metrics:\n{report}"
+    );
+}
+
+#[test]
+fn shipped_rules_pass_promtool() {
+    let dir = rules().parent().unwrap().to_path_buf();
+    for args in [
+        vec!["check", "rules", "mcp-guard-rules.yml"],
+        vec!["test", "rules", "mcp-guard-rules.test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn real_prometheus_fires_the_metadata_alert() {
+    let (ns, cg, d) = lab();
+    let prom = Prometheus::start(&d.listen.to_string());
+    let up = || {
+        prom.get("/api/v1/query?query=up%7Bjob%3D%22mcp-guard%22%7D%3D%3D1")
+            .is_some_and(|b| b.contains("\"value\""))
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), up),
+        "prometheus never scraped the daemon"
+    );
+    assert!(
+        prom.alerts().is_empty(),
+        "no alert before the attack: {:#?}",
+        prom.alerts()
+    );
+
+    let mut p = Probe::new(PROBE, &cg.dir.join("github-mcp"), &ns);
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+
+    let mut alerts = Vec::new();
+    let fired = wait_until(Duration::from_secs(30), || {
+        alerts = prom.alerts();
+        alerts.iter().any(|a| {
+            a["labels"]["alertname"] == "McpGuardMetadataAccessDenied" && a["state"] == "firing"
+        })
+    });
+    assert!(fired, "metadata alert did not fire: {alerts:#?}");
+    let a = alerts
+        .iter()
+        .find(|a| a["labels"]["alertname"] == "McpGuardMetadataAccessDenied")
+        .unwrap();
+    assert_eq!(a["labels"]["workload"], "github-mcp");
+    assert_eq!(a["labels"]["severity"], "critical");
+    assert!(a["annotations"]["summary"]
+        .as_str()
+        .unwrap()
+        .contains("github-mcp"));
+    assert!(
+        alerts
+            .iter()
+            .all(|a| a["labels"]["alertname"] == "McpGuardMetadataAccessDenied"),
+        "only the metadata alert fires: {alerts:#?}"
+    );
+}
