@@ -158,6 +158,20 @@ struct RawMetrics {
 struct RawDaemon {
     #[serde(default)]
     attach_cgroup: Option<Spanned<String>>,
+    #[serde(default)]
+    pin_dir: Option<Spanned<String>>,
+    #[serde(default)]
+    on_exit: Option<OnExit>,
+}
+
+/// What `run` does with the kernel programs when it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnExit {
+    /// Leave programs, links and maps pinned: enforcement continues without the daemon.
+    Keep,
+    /// Detach everything and remove the pins.
+    Detach,
 }
 
 // ---- validated config -----------------------------------------------------------------
@@ -227,12 +241,16 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// cgroup (below the v2 mount) the programs attach to; "/" covers the whole machine.
     pub attach_cgroup: String,
+    /// bpffs directory holding the pinned maps and links.
+    pub pin_dir: PathBuf,
+    pub on_exit: OnExit,
     /// Problems that do not stop the config from loading.
     pub warnings: Vec<String>,
 }
 
 pub const DEFAULT_RATE_LIMIT: u32 = 100;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mcp-guard";
 
 struct Ctx<'a> {
     file: &'a Path,
@@ -437,6 +455,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             }
         }
     };
+    let pin_dir = match &raw.daemon.pin_dir {
+        None => PathBuf::from(DEFAULT_PIN_DIR),
+        Some(s) if s.get_ref().starts_with('/') && !s.get_ref().split('/').any(|c| c == "..") => {
+            PathBuf::from(s.get_ref())
+        }
+        Some(s) => {
+            cx.err(&s.span(), "daemon.pin_dir must be an absolute path on a bpffs, e.g. \"/sys/fs/bpf/mcp-guard\"");
+            PathBuf::from(DEFAULT_PIN_DIR)
+        }
+    };
+    let global_mode = raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref());
+    // Enforcement outlives the daemon by default; a dry run (audit) cleans up after itself.
+    let on_exit = raw
+        .daemon
+        .on_exit
+        .unwrap_or(if global_mode == Mode::Enforce {
+            OnExit::Keep
+        } else {
+            OnExit::Detach
+        });
     if attach_cgroup != "/" {
         for w in &workloads {
             if !(w.cgroup == attach_cgroup || w.cgroup.starts_with(&format!("{attach_cgroup}/"))) {
@@ -461,6 +499,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         events_file: raw.events.file,
         metrics_listen,
         attach_cgroup,
+        pin_dir,
+        on_exit,
         warnings,
     })
 }

@@ -1,4 +1,5 @@
-//! `mcp-guard run`: load, attach, enforce, report, reload; detach on SIGTERM/SIGINT.
+//! `mcp-guard run`: load (or adopt) the pinned programs, enforce, report, reload on
+//! SIGHUP and on config file changes, and on SIGTERM/SIGINT keep or detach.
 
 use std::{
     path::{Path, PathBuf},
@@ -15,18 +16,24 @@ use tokio::{
 use tracing::{error, info, warn};
 
 use crate::{
-    cgroup, config,
+    cgroup,
+    config::{self, OnExit},
     events::{self, Delivered, Names, SinkWriter},
     http::{self, Shared},
-    loader,
+    loader::{self, Attachments},
     maps::PolicyMaps,
     metrics::Metrics,
+    pins::Pins,
     policy::{self, Compiled},
 };
 
 /// How often workload cgroups are re-resolved, so a cgroup created after start (a
 /// systemd unit starting, a pod scheduled) is enforced without a reload.
 const CGROUP_RESCAN: Duration = Duration::from_millis(100);
+/// How often the daemon verifies with the kernel that its programs are still attached.
+const ATTACH_CHECK: Duration = Duration::from_secs(1);
+/// How often the config file is checked for changes (edits, ConfigMap symlink swaps).
+const CONFIG_CHECK: Duration = Duration::from_secs(1);
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -45,7 +52,13 @@ fn names_of(c: &Compiled) -> Names {
     }
 }
 
-fn status_json(c: &Compiled, maps: &PolicyMaps, mount: &Path) -> String {
+fn status_json(
+    c: &Compiled,
+    maps: &PolicyMaps,
+    mount: &Path,
+    att: &Attachments,
+    map_ids: &[u32],
+) -> String {
     let workloads: Vec<serde_json::Value> = c
         .workloads
         .iter()
@@ -58,7 +71,14 @@ fn status_json(c: &Compiled, maps: &PolicyMaps, mount: &Path) -> String {
             })
         })
         .collect();
-    serde_json::json!({ "generation": maps.generation(), "workloads": workloads }).to_string()
+    serde_json::json!({
+        "generation": maps.generation(),
+        "workloads": workloads,
+        "programs": att.expected,
+        "adopted": att.adopted,
+        "maps": map_ids,
+    })
+    .to_string()
 }
 
 /// Loads and compiles a config, logging warnings. Nothing touches the kernel here.
@@ -75,8 +95,35 @@ pub fn prepare(path: &Path) -> Result<(config::Config, Compiled)> {
 }
 
 struct Live {
-    cfg: config::Config,
     compiled: Compiled,
+}
+
+/// Everything the periodic tasks and the reload path share.
+struct State {
+    live: Mutex<Live>,
+    maps: Arc<Mutex<PolicyMaps>>,
+    names: Arc<RwLock<Names>>,
+    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    mount: PathBuf,
+    attachments: Mutex<Attachments>,
+    map_ids: Vec<u32>,
+}
+
+impl State {
+    fn refresh_status(&self) {
+        let live = self.live.lock().expect("live");
+        let maps = self.maps.lock().expect("maps");
+        let att = self.attachments.lock().expect("attachments");
+        *self.shared.status.write().expect("status") =
+            status_json(&live.compiled, &maps, &self.mount, &att, &self.map_ids);
+    }
+}
+
+/// The content of the config file, following symlinks (a Kubernetes ConfigMap volume
+/// swaps a `..data` symlink), or `None` if it cannot be read.
+fn config_fingerprint(path: &Path) -> Option<Vec<u8>> {
+    std::fs::read(path).ok()
 }
 
 pub async fn run(config_path: PathBuf) -> Result<()> {
@@ -95,31 +142,43 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         )
     })?;
 
-    let mut ebpf = loader::open()?;
+    let pins = Pins::new(&cfg.pin_dir);
+    pins.prepare().with_context(|| {
+        format!(
+            "{}: daemon.pin_dir {}",
+            config_path.display(),
+            cfg.pin_dir.display()
+        )
+    })?;
+    let was_pinned = pins.has_links();
+    let mut ebpf = loader::open(&pins)?;
+    let map_ids: Vec<u32> = ebpf.maps().filter_map(|(_, m)| map_id(m)).collect();
     let mut maps = PolicyMaps::take(&mut ebpf)?;
-    // Policy first, then attach: the programs never run without a policy.
+    maps.adopt()?;
+    let metrics = Arc::new(Metrics::new(&kernel_release()));
+    if was_pinned {
+        metrics.prime(&maps.counters()?);
+    }
+    // Policy first, then attach: the programs never run without a policy. With adopted
+    // maps the old policy stays live until the new one is switched in whole.
     maps.install(&compiled, &mount, cfg.rate_limit_per_sec)?;
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS_1").context("map EVENTS_1 missing")?)?;
     let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
-    loader::attach_sock_addr(&mut ebpf, &attach_dir)?;
+    let attachments = loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins)?;
+    if was_pinned {
+        info!(
+            generation = maps.generation(),
+            adopted = ?attachments.adopted,
+            pin_dir = %pins.dir.display(),
+            "adopted pinned state from a previous daemon: enforcement never stopped"
+        );
+    }
 
-    let metrics = Arc::new(Metrics::new(&kernel_release()));
-    let attached = check_attachment(&mut ebpf, &attach_dir, &metrics);
-    anyhow::ensure!(
-        attached,
-        "the kernel does not list every program as attached to {}",
-        attach_dir.display()
-    );
     let names = Arc::new(RwLock::new(names_of(&compiled)));
-    let maps = Arc::new(Mutex::new(maps));
-    let live = Arc::new(Mutex::new(Live { cfg, compiled }));
-    set_policy_gauges(&metrics, &live.lock().expect("live").compiled);
-    metrics.reloads.with_label_values(&["success"]).inc();
-    metrics.last_reload_success.set(unix_now());
-
     let (tx, _) = broadcast::channel(4096);
     let delivered = Arc::new(Delivered::default());
     let history = Arc::new(events::History::default());
+    let maps = Arc::new(Mutex::new(maps));
     let shared = Arc::new(Shared {
         ready: false.into(),
         status: RwLock::new(String::from("{}")),
@@ -148,48 +207,56 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             })
         },
     });
-
-    let sink = {
-        let l = live.lock().expect("live");
-        match l.cfg.sink {
-            config::Sink::Stdout => SinkWriter::Stdout,
-            config::Sink::None => SinkWriter::None,
-            config::Sink::File => {
-                let p = l.cfg.events_file.clone().expect("validated");
-                SinkWriter::File(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&p)
-                        .with_context(|| format!("opening events.file {}", p.display()))?,
-                )
-            }
+    let sink = match cfg.sink {
+        config::Sink::Stdout => SinkWriter::Stdout,
+        config::Sink::None => SinkWriter::None,
+        config::Sink::File => {
+            let p = cfg.events_file.clone().expect("validated");
+            SinkWriter::File(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&p)
+                    .with_context(|| format!("opening events.file {}", p.display()))?,
+            )
         }
     };
-    let reader = tokio::spawn(events::read_loop(
-        ring,
-        names.clone(),
-        sink,
-        tx,
-        delivered,
-        history,
-    ));
-    let server = tokio::spawn(http::serve(listener, shared.clone()));
-
-    *shared.status.write().expect("status") = status_json(
-        &live.lock().expect("live").compiled,
-        &maps.lock().expect("maps"),
-        &mount,
-    );
-    shared.ready.store(attached, Ordering::SeqCst);
-    metrics.ready.set(i64::from(attached));
+    let listen = cfg.metrics_listen;
+    let on_exit = cfg.on_exit;
+    let state = Arc::new(State {
+        live: Mutex::new(Live { compiled }),
+        maps,
+        names: names.clone(),
+        metrics: metrics.clone(),
+        shared: shared.clone(),
+        mount,
+        attachments: Mutex::new(attachments),
+        map_ids,
+    });
+    set_policy_gauges(&metrics, &state.live.lock().expect("live").compiled);
+    metrics.reloads.with_label_values(&["success"]).inc();
+    metrics.last_reload_success.set(unix_now());
     metrics
         .policy_generation
-        .set(i64::from(maps.lock().expect("maps").generation()));
+        .set(i64::from(state.maps.lock().expect("maps").generation()));
+
+    let reader = tokio::spawn(events::read_loop(ring, names, sink, tx, delivered, history));
+    let server = tokio::spawn(http::serve(listener, shared.clone()));
+
+    let attached = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
+    anyhow::ensure!(
+        attached,
+        "the kernel does not list every program as attached to {}",
+        attach_dir.display()
+    );
+    state.refresh_status();
+    shared.ready.store(true, Ordering::SeqCst);
+    metrics.ready.set(1);
     info!(
         config = %config_path.display(),
         attach = %attach_dir.display(),
-        listen = %live.lock().expect("live").cfg.metrics_listen,
+        pin_dir = %pins.dir.display(),
+        listen = %listen,
         "ready: enforcing on connect4, connect6, sendmsg4, sendmsg6"
     );
 
@@ -198,24 +265,49 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(CGROUP_RESCAN);
     let mut attach_check = tokio::time::interval(ATTACH_CHECK);
+    let mut config_check = tokio::time::interval(CONFIG_CHECK);
+    let mut fingerprint = config_fingerprint(&config_path);
+    let mut reported_missing = false;
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            _ = term.recv() => { info!("SIGTERM"); break; }
+            _ = int.recv() => { info!("SIGINT"); break; }
             _ = hup.recv() => {
-                reload(&config_path, &live, &maps, &mount, &names, &metrics);
-                *shared.status.write().expect("status") = status_json(&live.lock().expect("live").compiled, &maps.lock().expect("maps"), &mount);
+                info!("SIGHUP: reloading {}", config_path.display());
+                fingerprint = config_fingerprint(&config_path);
+                reload(&config_path, &state);
+            }
+            _ = config_check.tick() => {
+                let now = config_fingerprint(&config_path);
+                match (&now, now == fingerprint) {
+                    (None, _) => {
+                        if !reported_missing {
+                            error!("config file {} is gone or unreadable: the running policy stays in force", config_path.display());
+                            metrics.reloads.with_label_values(&["failure"]).inc();
+                            reported_missing = true;
+                        }
+                    }
+                    (Some(_), false) => {
+                        info!("config file {} changed: reloading", config_path.display());
+                        reported_missing = false;
+                        fingerprint = now;
+                        reload(&config_path, &state);
+                    }
+                    (Some(_), true) => reported_missing = false,
+                }
             }
             _ = attach_check.tick() => {
-                let ok = check_attachment(&mut ebpf, &attach_dir, &metrics);
+                let ok = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
                 shared.ready.store(ok, Ordering::SeqCst);
                 metrics.ready.set(i64::from(ok));
             }
             _ = tick.tick() => {
-                let l = live.lock().expect("live");
-                let mut m = maps.lock().expect("maps");
-                if m.refresh_cgroups(&l.compiled, &mount) > 0 {
-                    *shared.status.write().expect("status") = status_json(&l.compiled, &m, &mount);
+                let changed = {
+                    let l = state.live.lock().expect("live");
+                    state.maps.lock().expect("maps").refresh_cgroups(&l.compiled, &state.mount)
+                };
+                if changed > 0 {
+                    state.refresh_status();
                 }
             }
         }
@@ -225,44 +317,78 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     reader.abort();
     server.abort();
     drop(ebpf);
-    info!("detached; exiting");
+    match on_exit {
+        OnExit::Keep => info!(
+            pin_dir = %pins.dir.display(),
+            "exiting; enforcement stays attached through the pins (on_exit = \"keep\"); `mcp-guard uninstall` removes it"
+        ),
+        OnExit::Detach => {
+            let removed = pins
+                .uninstall()
+                .with_context(|| format!("removing pins under {}", pins.dir.display()))?;
+            info!(
+                removed = removed.len(),
+                "detached and removed every pin (on_exit = \"detach\")"
+            );
+        }
+    }
     Ok(())
 }
 
-/// How often the daemon verifies with the kernel that its programs are still attached.
-const ATTACH_CHECK: Duration = Duration::from_secs(1);
-
-/// Asks the kernel which programs are attached, re-attaches any that someone detached
-/// (fail closed), and sets `programs_attached`. Returns whether all are attached.
-fn check_attachment(ebpf: &mut aya::Ebpf, attach_dir: &Path, metrics: &Metrics) -> bool {
-    let mut all = true;
-    for (hook, attached) in loader::attachment_state(ebpf, attach_dir) {
-        let mut now_attached = attached;
-        if !attached {
-            error!(hook, cgroup = %attach_dir.display(), "program is no longer attached (detached by someone else?): attaching it again");
-            match loader::reattach(ebpf, hook, attach_dir) {
-                Ok(()) => {
-                    metrics.reattached.inc();
-                    now_attached = loader::attachment_state(ebpf, attach_dir)
-                        .iter()
-                        .any(|(h, a)| *h == hook && *a);
-                }
-                Err(e) => error!(hook, "re-attaching failed: {e}"),
-            }
-        }
-        metrics
-            .programs_attached
-            .with_label_values(&[hook])
-            .set(i64::from(now_attached));
-        all &= now_attached;
-    }
-    all
+fn map_id(m: &aya::maps::Map) -> Option<u32> {
+    use aya::maps::Map;
+    let data = match m {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LpmTrie(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::LruHashMap(d)
+        | Map::RingBuf(d) => d,
+        _ => return None,
+    };
+    data.info().ok().map(|i| i.id())
 }
 
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Asks the kernel which programs are attached, re-attaches any that someone detached
+/// (fail closed), and sets `programs_attached`. Returns whether all are attached.
+fn check_attachment(ebpf: &mut aya::Ebpf, attach_dir: &Path, pins: &Pins, state: &State) -> bool {
+    let mut att = state.attachments.lock().expect("attachments");
+    let mut all = true;
+    let mut changed = false;
+    for (hook, attached) in loader::attachment_state(&att, attach_dir) {
+        let mut now_attached = attached;
+        if !attached {
+            error!(hook, cgroup = %attach_dir.display(), "program is no longer attached (detached by someone else?): attaching it again");
+            match loader::reattach(ebpf, hook, attach_dir, pins, &mut att) {
+                Ok(()) => {
+                    state.metrics.reattached.inc();
+                    changed = true;
+                    now_attached = loader::attachment_state(&att, attach_dir)
+                        .iter()
+                        .any(|(h, a)| *h == hook && *a);
+                }
+                Err(e) => error!(hook, "re-attaching failed: {e}"),
+            }
+        }
+        state
+            .metrics
+            .programs_attached
+            .with_label_values(&[hook])
+            .set(i64::from(now_attached));
+        all &= now_attached;
+    }
+    drop(att);
+    if changed {
+        state.refresh_status();
+    }
+    all
 }
 
 fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
@@ -277,14 +403,8 @@ fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
 }
 
 /// Validates first; an invalid config leaves the running policy untouched.
-fn reload(
-    path: &Path,
-    live: &Mutex<Live>,
-    maps: &Mutex<PolicyMaps>,
-    mount: &Path,
-    names: &RwLock<Names>,
-    metrics: &Metrics,
-) {
+fn reload(path: &Path, state: &State) {
+    let metrics = &state.metrics;
     let (cfg, compiled) = match prepare(path) {
         Ok(v) => v,
         Err(e) => {
@@ -293,17 +413,20 @@ fn reload(
             return;
         }
     };
-    let mut m = maps.lock().expect("maps");
-    if let Err(e) = m.install(&compiled, mount, cfg.rate_limit_per_sec) {
-        error!("reload failed writing maps, the running policy stays in force: {e}");
-        metrics.reloads.with_label_values(&["failure"]).inc();
-        return;
+    {
+        let mut m = state.maps.lock().expect("maps");
+        if let Err(e) = m.install(&compiled, &state.mount, cfg.rate_limit_per_sec) {
+            error!("reload failed writing maps, the running policy stays in force: {e}");
+            metrics.reloads.with_label_values(&["failure"]).inc();
+            return;
+        }
+        metrics.policy_generation.set(i64::from(m.generation()));
+        info!(generation = m.generation(), "policy reloaded");
     }
-    *names.write().expect("names") = names_of(&compiled);
+    *state.names.write().expect("names") = names_of(&compiled);
     set_policy_gauges(metrics, &compiled);
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.last_reload_success.set(unix_now());
-    metrics.policy_generation.set(i64::from(m.generation()));
-    info!(generation = m.generation(), "policy reloaded");
-    *live.lock().expect("live") = Live { cfg, compiled };
+    *state.live.lock().expect("live") = Live { compiled };
+    state.refresh_status();
 }

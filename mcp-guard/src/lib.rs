@@ -16,5 +16,6 @@ pub mod http;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod pins;
 pub mod policy;
 pub mod sets;

@@ -1,24 +1,31 @@
-//! Loading the embedded eBPF object and attaching its programs to a cgroup.
+//! Loading the embedded eBPF object and attaching its programs to a cgroup, through pins
+//! on bpffs so that enforcement outlives the daemon (see [`crate::pins`]).
 
-use std::{fs::File, path::Path};
+use std::{collections::HashMap, fs::File, path::Path};
 
 use aya::{
-    programs::{CgroupAttachMode, CgroupSockAddr},
-    Ebpf, EbpfError,
+    programs::{
+        links::{FdLink, PinnedLink},
+        loaded_programs, CgroupAttachMode, CgroupSockAddr,
+    },
+    Ebpf, EbpfError, EbpfLoader,
 };
-use tracing::info;
+use tracing::{info, warn};
 
-/// The socket-level programs, by kernel program name.
-pub const SOCK_ADDR_PROGRAMS: [&str; 4] = [
-    "mcpg_connect4",
-    "mcpg_connect6",
-    "mcpg_sendmsg4",
-    "mcpg_sendmsg6",
+use crate::pins::{Pins, MAP_NAMES};
+
+/// The socket-level programs, by kernel program name, with their hook names and kernel
+/// attach types (BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG).
+pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 4] = [
+    ("mcpg_connect4", "connect4", 10),
+    ("mcpg_connect6", "connect6", 11),
+    ("mcpg_sendmsg4", "sendmsg4", 14),
+    ("mcpg_sendmsg6", "sendmsg6", 15),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("loading the eBPF object: {0} (mcp-guard needs root or CAP_BPF + CAP_NET_ADMIN, and a kernel with BPF and BTF)")]
+    #[error("loading the eBPF object: {0} (mcp-guard needs root or CAP_BPF + CAP_NET_ADMIN + CAP_SYS_ADMIN, and a kernel with BPF ring buffers (5.8+), BTF and cgroup v2)")]
     Object(#[from] EbpfError),
     #[error("program {0} is missing from the eBPF object")]
     Missing(&'static str),
@@ -32,6 +39,12 @@ pub enum LoadError {
         path: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("pinning the {hook} link at {path}: {detail}")]
+    Pin {
+        hook: &'static str,
+        path: String,
+        detail: String,
     },
 }
 
@@ -50,16 +63,35 @@ fn tail(e: &aya::programs::ProgramError) -> String {
     )
 }
 
+/// An error with its sources, for messages that must say what the kernel answered.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// The object compiled by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcp-guard"));
 
-/// Loads the object; maps are created, programs not yet loaded.
+/// Loads the object. Maps already pinned under `pins` are reused with their contents
+/// (policy, counters, queued events); missing ones are created and pinned.
 ///
 /// # Errors
 /// The kernel refused the object.
-pub fn open() -> Result<Ebpf, LoadError> {
+pub fn open(pins: &Pins) -> Result<Ebpf, LoadError> {
     raise_memlock();
-    Ok(Ebpf::load(OBJECT)?)
+    let mut loader = EbpfLoader::new();
+    let paths: Vec<(&str, std::path::PathBuf)> =
+        MAP_NAMES.iter().map(|n| (*n, pins.map(n))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    Ok(loader.load(OBJECT)?)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
@@ -72,37 +104,124 @@ fn raise_memlock() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) };
 }
 
-/// Loads (verifies) every socket program and attaches it to `cgroup_dir`. The links
-/// stay owned by `ebpf`: dropping it detaches.
+/// Which program id enforces each hook, as this daemon expects it.
+#[derive(Debug, Default, Clone)]
+pub struct Attachments {
+    pub expected: HashMap<&'static str, u32>,
+    /// Hooks whose pinned link (left by an earlier daemon) was adopted as is.
+    pub adopted: Vec<&'static str>,
+}
+
+fn prog<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, LoadError> {
+    ebpf.program_mut(name)
+        .ok_or(LoadError::Missing(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })
+}
+
+fn tag_of(prog_id: u32) -> Option<u64> {
+    loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog_id)
+        .map(|p| p.tag())
+}
+
+/// Loads (verifies) every socket program and makes sure each hook is enforced by a
+/// pinned link on `cgroup_dir`:
+/// - a pinned link from an earlier daemon, still attached, running the same code: it is
+///   adopted as is (no window without enforcement, no second attachment);
+/// - otherwise our program is attached first, then its link is renamed over the old pin,
+///   which releases the old link: at every instant at least one program enforces.
 ///
 /// # Errors
-/// The verifier refused a program, or attaching failed.
-pub fn attach_sock_addr(ebpf: &mut Ebpf, cgroup_dir: &Path) -> Result<(), LoadError> {
+/// The verifier refused a program, or attaching or pinning failed.
+pub fn attach_sock_addr(
+    ebpf: &mut Ebpf,
+    cgroup_dir: &Path,
+    pins: &Pins,
+) -> Result<Attachments, LoadError> {
     let cg = File::open(cgroup_dir).map_err(|source| LoadError::Cgroup {
         path: cgroup_dir.display().to_string(),
         source,
     })?;
-    for name in SOCK_ADDR_PROGRAMS {
-        let prog: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Missing(name))?
-            .try_into()
+    let mut out = Attachments::default();
+    for (name, hook, attach_type) in SOCK_ADDR_PROGRAMS {
+        let p = prog(ebpf, name)?;
+        p.load()
             .map_err(|source| LoadError::Program { name, source })?;
-        prog.load()
+        let ours = p
+            .info()
             .map_err(|source| LoadError::Program { name, source })?;
-        // On 5.7+ aya attaches through a bpf_link, which the kernel always adds in
-        // multi mode (and refuses attach flags for): our programs coexist with systemd's
-        // and other agents', every one runs and any refusal wins.
-        prog.attach(&cg, CgroupAttachMode::Single)
-            .map_err(|source| LoadError::Program { name, source })?;
-        info!(program = name, cgroup = %cgroup_dir.display(), "attached");
+        if let Ok(pinned) = PinnedLink::from_pin(pins.link(hook)) {
+            let link = FdLink::from(pinned);
+            let pinned_prog = link.info().ok().map(|i| i.program_id());
+            let still_attached = pinned_prog.is_some_and(|id| {
+                attached_ids(&cg, attach_type).is_ok_and(|ids| ids.contains(&id))
+            });
+            if still_attached && pinned_prog.and_then(tag_of) == Some(ours.tag()) {
+                info!(
+                    hook,
+                    prog_id = pinned_prog,
+                    "adopted the pinned link: enforcement never stopped"
+                );
+                out.expected.insert(hook, pinned_prog.unwrap_or_default());
+                out.adopted.push(hook);
+                continue;
+            }
+            warn!(
+                hook,
+                still_attached,
+                "pinned link is detached or runs other code (upgrade): replacing it without a gap"
+            );
+        }
+        attach_and_pin(ebpf, name, hook, &cg, pins)?;
+        out.expected.insert(hook, ours.id());
     }
-    Ok(())
+    Ok(out)
 }
 
-/// Kernel attach types of the socket programs, in [`SOCK_ADDR_PROGRAMS`] order
-/// (BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG).
-const SOCK_ADDR_ATTACH_TYPES: [u32; 4] = [10, 11, 14, 15];
+fn attach_and_pin(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    hook: &'static str,
+    cg: &File,
+    pins: &Pins,
+) -> Result<(), LoadError> {
+    let p = prog(ebpf, name)?;
+    // On 5.7+ aya attaches through a bpf_link, which the kernel always adds in multi mode
+    // (and refuses attach flags for): our programs coexist with systemd's and other
+    // agents', every one runs and any refusal wins.
+    let id = p
+        .attach(cg, CgroupAttachMode::Single)
+        .map_err(|source| LoadError::Program { name, source })?;
+    let link = p
+        .take_link(id)
+        .map_err(|source| LoadError::Program { name, source })?;
+    let fd_link = FdLink::try_from(link).map_err(|e| LoadError::Pin {
+        hook,
+        path: String::new(),
+        detail: e.to_string(),
+    })?;
+    let final_path = pins.link(hook);
+    // bpffs refuses names with a dot.
+    let tmp = final_path.with_file_name(format!("{hook}-new"));
+    let _ = std::fs::remove_file(&tmp);
+    let pinned = fd_link.pin(&tmp).map_err(|e| LoadError::Pin {
+        hook,
+        path: tmp.display().to_string(),
+        detail: chain(&e),
+    })?;
+    // rename(2) on bpffs swaps the pin atomically; dropping the old pin releases the
+    // old link (detaching it), after ours is already attached.
+    std::fs::rename(&tmp, &final_path).map_err(|e| LoadError::Pin {
+        hook,
+        path: final_path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    drop(pinned);
+    info!(program = name, hook, cgroup = ?cg, "attached and pinned");
+    Ok(())
+}
 
 /// `union bpf_attr` as BPF_PROG_QUERY uses it.
 #[repr(C)]
@@ -151,52 +270,39 @@ fn attached_ids(cgroup: &File, attach_type: u32) -> std::io::Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// Which of our socket programs the kernel reports attached to `cgroup_dir`, by hook
-/// name (connect4, ...). Someone with CAP_SYS_ADMIN can detach them (`bpftool cgroup
-/// detach`); the daemon checks every second, reports it, and re-attaches.
-pub fn attachment_state(ebpf: &Ebpf, cgroup_dir: &Path) -> Vec<(&'static str, bool)> {
-    let Ok(cg) = File::open(cgroup_dir) else {
-        return SOCK_ADDR_PROGRAMS
-            .iter()
-            .map(|n| (hook_of(n), false))
-            .collect();
-    };
+/// For each hook, whether the kernel lists the expected program as attached to
+/// `cgroup_dir`. Someone with CAP_SYS_ADMIN can detach it (`bpftool link detach`); the
+/// daemon checks every second, reports it, and attaches again.
+#[must_use]
+pub fn attachment_state(expected: &Attachments, cgroup_dir: &Path) -> Vec<(&'static str, bool)> {
+    let cg = File::open(cgroup_dir).ok();
     SOCK_ADDR_PROGRAMS
         .iter()
-        .zip(SOCK_ADDR_ATTACH_TYPES)
-        .map(|(name, at)| {
-            let ours = ebpf
-                .program(name)
-                .and_then(|p| p.info().ok())
-                .map(|i| i.id());
-            let attached =
-                ours.is_some_and(|id| attached_ids(&cg, at).is_ok_and(|ids| ids.contains(&id)));
-            (hook_of(name), attached)
+        .map(|(_, hook, at)| {
+            let attached = match (&cg, expected.expected.get(hook)) {
+                (Some(cg), Some(id)) => attached_ids(cg, *at).is_ok_and(|ids| ids.contains(id)),
+                _ => false,
+            };
+            (*hook, attached)
         })
         .collect()
 }
 
-/// "mcpg_connect4" -> "connect4".
-#[must_use]
-pub fn hook_of(program: &str) -> &'static str {
-    match program {
-        "mcpg_connect4" => "connect4",
-        "mcpg_connect6" => "connect6",
-        "mcpg_sendmsg4" => "sendmsg4",
-        "mcpg_sendmsg6" => "sendmsg6",
-        _ => "unknown",
-    }
-}
-
-/// Re-attaches one already-loaded socket program.
+/// Attaches our (loaded) program for one hook again and pins it over the stale pin.
 ///
 /// # Errors
-/// Attaching failed.
-pub fn reattach(ebpf: &mut Ebpf, hook: &str, cgroup_dir: &Path) -> Result<(), LoadError> {
-    let Some(name) = SOCK_ADDR_PROGRAMS
+/// Attaching or pinning failed.
+pub fn reattach(
+    ebpf: &mut Ebpf,
+    hook: &str,
+    cgroup_dir: &Path,
+    pins: &Pins,
+    expected: &mut Attachments,
+) -> Result<(), LoadError> {
+    let Some((name, hook, _)) = SOCK_ADDR_PROGRAMS
         .iter()
         .copied()
-        .find(|n| hook_of(n) == hook)
+        .find(|(_, h, _)| *h == hook)
     else {
         return Err(LoadError::Missing("unknown hook"));
     };
@@ -204,12 +310,12 @@ pub fn reattach(ebpf: &mut Ebpf, hook: &str, cgroup_dir: &Path) -> Result<(), Lo
         path: cgroup_dir.display().to_string(),
         source,
     })?;
-    let prog: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(LoadError::Missing(name))?
-        .try_into()
-        .map_err(|source| LoadError::Program { name, source })?;
-    prog.attach(&cg, CgroupAttachMode::Single)
-        .map_err(|source| LoadError::Program { name, source })?;
+    attach_and_pin(ebpf, name, hook, &cg, pins)?;
+    let id = prog(ebpf, name)?
+        .info()
+        .map_err(|source| LoadError::Program { name, source })?
+        .id();
+    expected.expected.insert(hook, id);
+    expected.adopted.retain(|h| *h != hook);
     Ok(())
 }

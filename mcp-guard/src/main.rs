@@ -57,6 +57,14 @@ enum Cmd {
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
+    /// Detach every program and remove every pinned map and link (stop the daemon first).
+    Uninstall {
+        /// Config whose [daemon] pin_dir to clean; or give --pin-dir.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
     /// Follow denied-flow events of a running daemon.
     Events {
         /// Config of the daemon (its metrics.listen is used); or give --listen.
@@ -105,6 +113,7 @@ fn main() -> ExitCode {
             unguarded,
             cmd,
         } => exec(&config, &workload, unguarded, &cmd),
+        Cmd::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Cmd::Events {
             config,
             listen,
@@ -121,6 +130,29 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
+    let dir = match (pin_dir, config) {
+        (Some(d), _) => d,
+        (None, Some(c)) => config::load(&c)?.pin_dir,
+        (None, None) => PathBuf::from(config::DEFAULT_PIN_DIR),
+    };
+    if !dir.exists() {
+        println!("nothing pinned under {}", dir.display());
+        return Ok(());
+    }
+    let removed = mcp_guard::pins::Pins::new(&dir)
+        .uninstall()
+        .with_context(|| format!("removing {}", dir.display()))?;
+    for r in &removed {
+        println!("removed {r}");
+    }
+    println!(
+        "mcp-guard uninstalled from {}: no program, link or map of it remains pinned",
+        dir.display()
+    );
+    Ok(())
 }
 
 fn check(path: &Path) -> Result<()> {

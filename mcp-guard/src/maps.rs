@@ -94,6 +94,38 @@ impl PolicyMaps {
         self.generation
     }
 
+    /// Takes over maps pinned by an earlier daemon: which slot is live, the generation, and
+    /// which keys each slot holds, read back from the maps themselves.
+    ///
+    /// # Errors
+    /// A map read failed.
+    pub fn adopt(&mut self) -> Result<(), MapsError> {
+        let cfg = self.config.get(&0, 0).map_err(map_err("CONFIG_1"))?;
+        self.active = cfg.slot & 1;
+        self.generation = cfg.generation;
+        self.rate_limit = cfg.rate_limit_per_sec;
+        let mut slots = [SlotContents::default(), SlotContents::default()];
+        for k in self.lpm.keys() {
+            let k = k.map_err(map_err("POLICY_LPM_1"))?;
+            slots[(k.data().scope & 1) as usize].lpm.push(k);
+        }
+        for k in self.exact.keys() {
+            let k = k.map_err(map_err("POLICY_EXACT_1"))?;
+            slots[(k.scope & 1) as usize].exact.push(k);
+        }
+        let mut registered = StdHashMap::new();
+        for item in self.cgroups.iter() {
+            let (k, v) = item.map_err(map_err("CGROUPS_1"))?;
+            if k.slot == self.active {
+                registered.insert(v.workload_id, k.cgroup_id);
+            }
+            slots[(k.slot & 1) as usize].cgroups.push(k);
+        }
+        self.slots = slots;
+        self.registered = registered;
+        Ok(())
+    }
+
     /// Writes `compiled` into the inactive slot and switches to it in one update.
     ///
     /// # Errors

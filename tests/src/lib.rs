@@ -218,11 +218,14 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// A running `mcp-guard run`, with its stdout (events) and stderr (logs) collected.
+/// A running `mcp-guard run`, with its stdout (events) and stderr (logs) collected. Its
+/// pinned state lives in a bpffs directory of its own, removed on drop (also after a
+/// kill -9), so no test leaks attached programs.
 pub struct Daemon {
     child: Child,
     pub config: PathBuf,
     pub listen: SocketAddr,
+    pub pin_dir: PathBuf,
     events: mpsc::Receiver<String>,
     pub stderr: Arc<Mutex<String>>,
     _dir: TempDir,
@@ -252,27 +255,104 @@ impl Drop for TempDir {
     }
 }
 
+/// Adds the test's own pin directory (and, unless the config says otherwise,
+/// `on_exit = "detach"`) to a config's [daemon] table.
+fn with_pin_dir(config: &str, pin_dir: &Path) -> String {
+    let mut extra = format!("pin_dir = \"{}\"\n", pin_dir.display());
+    if !config.contains("on_exit") {
+        extra.push_str("on_exit = \"detach\"\n");
+    }
+    if config.contains("[daemon]\n") {
+        config.replacen("[daemon]\n", &format!("[daemon]\n{extra}"), 1)
+    } else {
+        format!("{config}\n[daemon]\n{extra}")
+    }
+}
+
+type Spawned = (Child, mpsc::Receiver<String>, Arc<Mutex<String>>);
+
 impl Daemon {
-    /// Writes `config` (with `[metrics] listen` appended) and starts the daemon, waiting
-    /// for its `ready` log line.
+    /// Writes `config` (with its own pin directory and `[metrics] listen`) and starts
+    /// the daemon, waiting for its `ready` log line.
     #[must_use]
     pub fn start(config: &str) -> Self {
         let dir = TempDir::new();
-        let port = free_port();
-        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("mcpg-test"));
         let path = dir.0.join("config.toml");
-        std::fs::write(
-            &path,
-            format!("{config}\n[metrics]\nlisten = \"{listen}\"\n"),
-        )
-        .expect("write config");
-        Self::start_file(path, listen, dir)
+        let (child, events, stderr) = {
+            let text = with_pin_dir(config, &pin_dir);
+            std::fs::write(&path, format!("{text}\n[metrics]\nlisten = \"{listen}\"\n"))
+                .expect("write config");
+            Self::spawn(&path)
+        };
+        let mut d = Self {
+            child,
+            config: path,
+            listen,
+            pin_dir,
+            events,
+            stderr,
+            _dir: dir,
+        };
+        d.wait_ready();
+        d
     }
 
-    fn start_file(config: PathBuf, listen: SocketAddr, dir: TempDir) -> Self {
+    /// Rewrites the config file, keeping the test's listener and pin directory.
+    pub fn write_config(&self, config: &str) {
+        let text = with_pin_dir(config, &self.pin_dir);
+        std::fs::write(
+            &self.config,
+            format!("{text}\n[metrics]\nlisten = \"{}\"\n", self.listen),
+        )
+        .expect("write config");
+    }
+
+    /// kill -9: the daemon gets no chance to clean up; its pins stay.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the daemon again on the same config and pin directory.
+    pub fn restart(&mut self) {
+        let (child, events, stderr) = Self::spawn(&self.config);
+        self.child = child;
+        self.events = events;
+        self.stderr = stderr;
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self
+                .stderr
+                .lock()
+                .expect("log")
+                .contains("ready: enforcing")
+            {
+                return;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        panic!(
+            "mcp-guard never became ready:\n{}",
+            self.stderr.lock().expect("log")
+        );
+    }
+
+    fn spawn(config: &Path) -> Spawned {
         let mut child = Command::new(guard_bin())
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("MCP_GUARD_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -287,36 +367,16 @@ impl Daemon {
             }
         });
         let stderr = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
         let err = child.stderr.take().expect("stderr");
         let log = stderr.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if line.contains("ready") {
-                    let _ = ready_tx.send(());
-                }
                 let mut l = log.lock().expect("log");
                 l.push_str(&line);
                 l.push('\n');
             }
         });
-        let mut d = Self {
-            child,
-            config,
-            listen,
-            events,
-            stderr,
-            _dir: dir,
-        };
-        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            let _ = d.child.kill();
-            let _ = d.child.wait();
-            panic!(
-                "mcp-guard never became ready:\n{}",
-                d.stderr.lock().expect("log")
-            );
-        }
-        d
+        (child, events, stderr)
     }
 
     /// Event JSON lines received so far, plus any arriving within `wait`.
@@ -341,6 +401,12 @@ impl Daemon {
         mcp_guard::client::get_body(self.listen, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    /// The daemon's /status document.
+    #[must_use]
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get("/status")).expect("status is JSON")
+    }
+
     #[must_use]
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -354,6 +420,11 @@ impl Daemon {
 
     /// SIGTERM, then wait; returns whether it exited successfully.
     pub fn stop(mut self) -> bool {
+        self.terminate()
+    }
+
+    /// SIGTERM and wait, keeping the guard (and its pin directory) alive.
+    pub fn terminate(&mut self) -> bool {
         self.signal(libc::SIGTERM);
         self.child.wait().map(|s| s.success()).unwrap_or(false)
     }
@@ -363,9 +434,9 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = mcp_guard::pins::Pins::new(&self.pin_dir).uninstall();
     }
 }
-
 /// A probe process inside a cgroup and a namespace, answering one socket op per line.
 pub struct Probe {
     child: Child,
