@@ -255,15 +255,17 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mcp-guard";
 struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
+    /// Byte offset where each line starts: locating a span is a binary search, so a
+    /// config with 100,000 rules is checked in linear time.
+    line_starts: Vec<usize>,
     errors: Vec<ConfigError>,
 }
 
 impl Ctx<'_> {
     fn line_col(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
-        let before = &self.text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let column = offset - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        let line = self.line_starts.partition_point(|&start| start <= offset);
+        let column = offset - self.line_starts[line - 1] + 1;
         (line, column)
     }
 
@@ -305,9 +307,13 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// # Errors
 /// Every problem found, each with file, line and the fix.
 pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let line_starts = std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect();
     let mut cx = Ctx {
         file: path,
         text,
+        line_starts,
         errors: Vec::new(),
     };
     let raw: RawConfig = match toml::from_str(text) {

@@ -142,6 +142,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         )
     })?;
 
+    crate::features::check_with(crate::features::present).map_err(anyhow::Error::msg)?;
     let pins = Pins::new(&cfg.pin_dir);
     pins.prepare().with_context(|| {
         format!(

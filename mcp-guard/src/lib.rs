@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod events;
+pub mod features;
 pub mod http;
 pub mod loader;
 pub mod maps;

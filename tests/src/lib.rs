@@ -447,11 +447,17 @@ pub struct Probe {
 impl Probe {
     #[must_use]
     pub fn new(probe_bin: &str, cgroup_dir: &Path, ns: &NetNs) -> Self {
+        Self::at(probe_bin, cgroup_dir, &ns.path())
+    }
+
+    /// Like [`Probe::new`], with the namespace given by its path (for other threads).
+    #[must_use]
+    pub fn at(probe_bin: &str, cgroup_dir: &Path, netns_path: &Path) -> Self {
         let mut child = Command::new(probe_bin)
             .arg("--cgroup")
             .arg(cgroup_dir)
             .arg("--netns")
-            .arg(ns.path())
+            .arg(netns_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

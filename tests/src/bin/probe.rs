@@ -170,6 +170,76 @@ fn op(kind: &str, sa: SocketAddr, count: u64, from: Option<IpAddr>) -> String {
     }
 }
 
+/// `sendto-cycle N PORT A,B,C...`: N rounds of one UDP sendto to each address; prints
+/// `A=allowed/denied B=...` (denied = EPERM).
+fn sendto_cycle(f: &[&str]) -> String {
+    let rounds: u64 = f[1].parse().expect("rounds");
+    let port: u16 = f[2].parse().expect("port");
+    let addrs: Vec<SocketAddr> = f[3]
+        .split(',')
+        .map(|a| SocketAddr::new(a.parse().expect("address"), port))
+        .collect();
+    let fd = socket(libc::AF_INET6, libc::SOCK_DGRAM);
+    let targets: Vec<_> = addrs
+        .iter()
+        .map(|a| match a {
+            SocketAddr::V4(v4) => sockaddr(SocketAddr::new(
+                IpAddr::V6(v4.ip().to_ipv6_mapped()),
+                a.port(),
+            )),
+            SocketAddr::V6(_) => sockaddr(*a),
+        })
+        .collect();
+    let mut counts = vec![(0u64, 0u64); addrs.len()];
+    for _ in 0..rounds {
+        for (i, (st, len)) in targets.iter().enumerate() {
+            // SAFETY: valid fd and sockaddr.
+            let rc = unsafe {
+                libc::sendto(
+                    fd,
+                    b"x".as_ptr().cast(),
+                    1,
+                    0,
+                    (&raw const *st).cast(),
+                    *len,
+                )
+            };
+            let denied =
+                rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if denied {
+                counts[i].1 += 1
+            } else {
+                counts[i].0 += 1
+            }
+        }
+    }
+    // SAFETY: our fd.
+    unsafe { libc::close(fd) };
+    addrs
+        .iter()
+        .zip(counts)
+        .map(|(a, (ok, no))| format!("{}={ok}/{no}", a.ip()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `tcp-loop ADDR PORT MILLIS`: connect() over and over for MILLIS ms; prints
+/// `ALLOWED a DENIED d OTHER o` (allowed = connected).
+fn tcp_loop(f: &[&str]) -> String {
+    let sa = SocketAddr::new(f[1].parse().expect("address"), f[2].parse().expect("port"));
+    let until =
+        std::time::Instant::now() + std::time::Duration::from_millis(f[3].parse().expect("millis"));
+    let (mut ok, mut denied, mut other) = (0u64, 0u64, 0u64);
+    while std::time::Instant::now() < until {
+        match op("tcp", sa, 1, None).as_str() {
+            "OK" => ok += 1,
+            "EPERM" => denied += 1,
+            _ => other += 1,
+        }
+    }
+    format!("ALLOWED {ok} DENIED {denied} OTHER {other}")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -200,6 +270,16 @@ fn main() {
     for line in stdin.lock().lines() {
         let line = line.expect("stdin");
         let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() == Some(&"sendto-cycle") {
+            writeln!(out, "{}", sendto_cycle(&f)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
+        if f.first() == Some(&"tcp-loop") {
+            writeln!(out, "{}", tcp_loop(&f)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
         if f.len() < 3 {
             continue;
         }
