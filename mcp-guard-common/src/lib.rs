@@ -138,7 +138,10 @@ pub struct Config {
     pub generation: u32,
     /// Events per second per (workload, destination, port); 0 disables the limit.
     pub rate_limit_per_sec: u32,
-    pub _reserved: u32,
+    /// Hash of the eBPF object of the daemon that wrote this config (and pinned the
+    /// links): a restarted daemon adopts pinned links only when it runs the same code.
+    /// Not read by the kernel programs.
+    pub object_hash: u32,
 }
 const _: () = assert!(size_of::<Config>() == 16);
 

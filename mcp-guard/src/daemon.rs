@@ -155,7 +155,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut ebpf = loader::open(&pins)?;
     let map_ids: Vec<u32> = ebpf.maps().filter_map(|(_, m)| map_id(m)).collect();
     let mut maps = PolicyMaps::take(&mut ebpf)?;
-    maps.adopt()?;
+    let pinned_hash = maps.adopt()?;
     let metrics = Arc::new(Metrics::new(&kernel_release()));
     if was_pinned {
         metrics.prime(&maps.counters()?);
@@ -165,7 +165,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     maps.install(&compiled, &mount, cfg.rate_limit_per_sec)?;
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS_1").context("map EVENTS_1 missing")?)?;
     let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
-    let attachments = loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins)?;
+    let attachments = loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins, pinned_hash)?;
     if was_pinned {
         info!(
             generation = maps.generation(),

@@ -6,7 +6,7 @@ use std::{collections::HashMap, fs::File, path::Path};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        loaded_programs, CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSockAddr,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -119,16 +119,19 @@ fn prog<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSock
         .map_err(|source| LoadError::Program { name, source })
 }
 
-fn tag_of(prog_id: u32) -> Option<u64> {
-    loaded_programs()
-        .flatten()
-        .find(|p| p.id() == prog_id)
-        .map(|p| p.tag())
+/// FNV-1a of the embedded object: identifies the code a daemon runs without needing
+/// CAP_SYS_ADMIN to look programs up by id.
+#[must_use]
+pub fn object_hash() -> u32 {
+    OBJECT.iter().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// Loads (verifies) every socket program and makes sure each hook is enforced by a
 /// pinned link on `cgroup_dir`:
-/// - a pinned link from an earlier daemon, still attached, running the same code: it is
+/// - a pinned link from an earlier daemon, still attached, from the same object
+///   (`pinned_hash`, recorded in the pinned config by that daemon): it is
 ///   adopted as is (no window without enforcement, no second attachment);
 /// - otherwise our program is attached first, then its link is renamed over the old pin,
 ///   which releases the old link: at every instant at least one program enforces.
@@ -139,6 +142,7 @@ pub fn attach_sock_addr(
     ebpf: &mut Ebpf,
     cgroup_dir: &Path,
     pins: &Pins,
+    pinned_hash: u32,
 ) -> Result<Attachments, LoadError> {
     let cg = File::open(cgroup_dir).map_err(|source| LoadError::Cgroup {
         path: cgroup_dir.display().to_string(),
@@ -158,7 +162,7 @@ pub fn attach_sock_addr(
             let still_attached = pinned_prog.is_some_and(|id| {
                 attached_ids(&cg, attach_type).is_ok_and(|ids| ids.contains(&id))
             });
-            if still_attached && pinned_prog.and_then(tag_of) == Some(ours.tag()) {
+            if still_attached && pinned_hash == object_hash() {
                 info!(
                     hook,
                     prog_id = pinned_prog,

@@ -99,7 +99,8 @@ impl PolicyMaps {
     ///
     /// # Errors
     /// A map read failed.
-    pub fn adopt(&mut self) -> Result<(), MapsError> {
+    /// Returns the object hash the previous daemon recorded (0 for fresh maps).
+    pub fn adopt(&mut self) -> Result<u32, MapsError> {
         let cfg = self.config.get(&0, 0).map_err(map_err("CONFIG_1"))?;
         self.active = cfg.slot & 1;
         self.generation = cfg.generation;
@@ -123,7 +124,7 @@ impl PolicyMaps {
         }
         self.slots = slots;
         self.registered = registered;
-        Ok(())
+        Ok(cfg.object_hash)
     }
 
     /// Writes `compiled` into the inactive slot and switches to it in one update.
@@ -194,7 +195,7 @@ impl PolicyMaps {
             slot,
             generation: self.generation + 1,
             rate_limit_per_sec: rate_limit,
-            _reserved: 0,
+            object_hash: crate::loader::object_hash(),
         };
         self.config.set(0, cfg, 0).map_err(map_err("CONFIG_1"))?;
         self.active = slot;
