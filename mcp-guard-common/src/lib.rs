@@ -134,7 +134,9 @@ const _: () = assert!(size_of::<WorkloadInfo>() == 8);
 pub struct Config {
     /// Active policy slot (0 or 1).
     pub slot: u32,
-    /// Bumped on every policy switch; carried in events so tests can observe reloads.
+    /// Bumped when a slot starts being rewritten and again when the live slot switches:
+    /// a program re-reads it after deciding and decides again if it moved. Carried in
+    /// events, so tests can observe reloads.
     pub generation: u32,
     /// Events per second per (workload, destination, port); 0 disables the limit.
     pub rate_limit_per_sec: u32,
@@ -196,6 +198,8 @@ pub const STAT_EVENTS_SUPPRESSED: u32 = 3;
 pub const STAT_EVENTS_LOST: u32 = 4;
 /// Flow counter hash full: the decision was still counted in `STAT_REPORTED`.
 pub const STAT_COUNTER_OVERFLOW: u32 = 5;
+/// Decisions that failed closed because the policy kept changing while they were made.
+pub const STAT_UNSTABLE: u32 = 6;
 pub const STAT_COUNT: u32 = 8;
 
 /// Rate-limit state per (workload, destination, port).

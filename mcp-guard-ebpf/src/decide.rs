@@ -24,6 +24,16 @@ const IPPROTO_UDP: u32 = 17;
 const IPPROTO_UDPLITE: u32 = 136;
 const IPPROTO_MPTCP: u32 = 262;
 
+/// `decide` returns one u64 (BPF calls return a single register): bit 63 set means
+/// refused, with the reason in bits 32..40 and the rule id in the low 32 bits; otherwise
+/// the low 32 bits are the allowing rule id.
+const REFUSED: u64 = 1 << 63;
+
+#[inline(always)]
+fn refused(r: Refusal) -> u64 {
+    REFUSED | (u64::from(r.reason) << 32) | u64::from(r.rule_id)
+}
+
 /// A refused flow: why, and which rule or set decided.
 pub struct Refusal {
     pub reason: u8,
@@ -40,19 +50,13 @@ macro_rules! ctx_field {
     };
 }
 
+/// Decisions made while the policy changed under them are made again, at most this
+/// many times in all; a decision still unstable then fails closed.
+const ATTEMPTS: u32 = 3;
+
 #[inline(always)]
 pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
     let sa = ctx.sock_addr;
-    let Some(cfg) = CONFIG_1.get(0) else {
-        // The config array always has its one element; unreachable in practice.
-        return ALLOW;
-    };
-    let slot = cfg.slot & 1;
-    // A cgroup that belongs to no workload is untouched.
-    let Some(wl) = find_workload(slot) else {
-        return ALLOW;
-    };
-
     let mut addr = [0u8; 16];
     if IPV6 {
         let words = [
@@ -88,42 +92,78 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
         _ => PROTO_OTHER,
     };
 
-    let Err(refusal) = decide(slot, wl, &addr, port, proto_bit) else {
+    let Some(cfg) = CONFIG_1.get(0) else {
+        // The config array always has its one element; unreachable in practice.
         return ALLOW;
     };
-    let audit = wl.mode == MODE_AUDIT;
-    report::refused::<IPV6>(
-        ctx,
-        &Flow {
-            hook,
-            verdict: if audit {
-                VERDICT_AUDITED
+    let mut attempt = 0;
+    while attempt < ATTEMPTS {
+        // User space bumps the generation before it starts clearing a slot and again when
+        // it switches slots. A program preempted mid-decision may have read a slot that
+        // was cleared meanwhile (a missing workload entry would mean "untouched"!): if the
+        // generation moved while deciding, the decision is made again on the live slot.
+        // SAFETY: the array element lives as long as the map; user space rewrites it in place.
+        let generation = unsafe { core::ptr::read_volatile(&raw const cfg.generation) };
+        let slot = unsafe { core::ptr::read_volatile(&raw const cfg.slot) } & 1;
+        // A cgroup that belongs to no workload is untouched.
+        let outcome = find_workload(slot).map(|wl| {
+            let result = decide(slot, wl, &addr, port, proto_bit);
+            let class = if result & REFUSED != 0 {
+                classify(slot, &addr)
             } else {
-                VERDICT_DENIED
+                CLASS_PUBLIC
+            };
+            (wl, result, class)
+        });
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(&raw const cfg.generation) } != generation {
+            attempt += 1;
+            continue;
+        }
+        let Some((wl, result, dest_class)) = outcome else {
+            return ALLOW;
+        };
+        if result & REFUSED == 0 {
+            return ALLOW;
+        }
+        let refusal = Refusal {
+            reason: (result >> 32) as u8,
+            rule_id: result as u32,
+        };
+        let audit = wl.mode == MODE_AUDIT;
+        report::refused::<IPV6>(
+            ctx,
+            &Flow {
+                hook,
+                verdict: if audit {
+                    VERDICT_AUDITED
+                } else {
+                    VERDICT_DENIED
+                },
+                workload_id: wl.workload_id,
+                reason: refusal.reason,
+                rule_id: refusal.rule_id,
+                dest_class,
+                addr,
+                port,
+                proto: protocol as u8,
+                sock_family: if IPV6 { 10 } else { 2 },
+                generation,
+                rate_limit: cfg.rate_limit_per_sec,
             },
-            workload_id: wl.workload_id,
-            reason: refusal.reason,
-            rule_id: refusal.rule_id,
-            dest_class: classify(slot, &addr),
-            addr,
-            port,
-            proto: protocol as u8,
-            sock_family: if IPV6 { 10 } else { 2 },
-            generation: cfg.generation,
-            rate_limit: cfg.rate_limit_per_sec,
-        },
-    );
-    if audit {
-        ALLOW
-    } else {
-        DENY
+        );
+        return if audit { ALLOW } else { DENY };
     }
+    report::unstable();
+    DENY
 }
 
 /// The workload of the calling task: its own cgroup or the nearest ancestor that has a
 /// policy. Walking the ancestors at decision time means a child cgroup created after the
 /// policy was loaded, and any process forked into it, is covered with no update at all.
-#[inline(always)]
+// A real BPF subprogram: inlined three times into the retry loop it would blow the
+// verifier's 512-byte stack limit.
+#[inline(never)]
 fn find_workload(slot: u32) -> Option<&'static WorkloadInfo> {
     let mut found = None;
     let mut level = 0;
@@ -160,21 +200,17 @@ fn lpm(scope_id: u32, slot: u32, addr: &[u8; 16]) -> Option<&'static PolicyEntry
 }
 
 /// Precedence: baseline deny, then workload allow, then workload default.
-#[inline(always)]
-fn decide(
-    slot: u32,
-    wl: &WorkloadInfo,
-    addr: &[u8; 16],
-    port: u16,
-    proto_bit: u8,
-) -> Result<u32, Refusal> {
+// A real BPF subprogram: inlined three times into the retry loop it would blow the
+// verifier's 512-byte stack limit.
+#[inline(never)]
+fn decide(slot: u32, wl: &WorkloadInfo, addr: &[u8; 16], port: u16, proto_bit: u8) -> u64 {
     if let Some(e) = lpm(SCOPE_BASELINE, slot, addr) {
         let reason = if e.kind == ENTRY_BASELINE_METADATA {
             REASON_BASELINE_METADATA
         } else {
             REASON_BASELINE_DENY
         };
-        return Err(Refusal {
+        return refused(Refusal {
             reason,
             rule_id: e.rule_id,
         });
@@ -198,18 +234,18 @@ fn decide(
             }
             let r = &e.ranges[i];
             if r.protos & proto_bit != 0 && port >= r.lo && port <= r.hi {
-                return Ok(r.rule_id);
+                return u64::from(r.rule_id);
             }
             i += 1;
         }
     }
 
     let refused_reason = match wl.default {
-        DEFAULT_ALLOW => return Ok(0),
+        DEFAULT_ALLOW => return 0,
         DEFAULT_DENY => REASON_DEFAULT_DENY,
         _ => {
             if lpm(SCOPE_INTERNAL, slot, addr).is_none() {
-                return Ok(0);
+                return 0;
             }
             REASON_DENY_INTERNAL
         }
@@ -219,11 +255,13 @@ fn decide(
     } else {
         refused_reason
     };
-    Err(Refusal { reason, rule_id: 0 })
+    refused(Refusal { reason, rule_id: 0 })
 }
 
 /// Destination class for metrics; only computed for refused flows.
-#[inline(always)]
+// A real BPF subprogram: inlined three times into the retry loop it would blow the
+// verifier's 512-byte stack limit.
+#[inline(never)]
 fn classify(slot: u32, addr: &[u8; 16]) -> u8 {
     if lpm(SCOPE_METADATA, slot, addr).is_some() {
         CLASS_METADATA

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use mcp_guard_common::{
     Event, FlowCounterKey, RateKey, RateState, STAT_COUNTER_OVERFLOW, STAT_EVENTS_LOST,
-    STAT_EVENTS_SUBMITTED, STAT_EVENTS_SUPPRESSED, STAT_REPORTED,
+    STAT_EVENTS_SUBMITTED, STAT_EVENTS_SUPPRESSED, STAT_REPORTED, STAT_UNSTABLE,
 };
 
 use crate::maps::{EVENTS_1, FLOWS_1, RATE_1, STATS_1};
@@ -130,6 +130,11 @@ fn rate_limit(f: &Flow, now: u64) -> Option<u32> {
     }
     s.suppressed += 1;
     None
+}
+
+/// The policy kept changing during one decision: it failed closed. Counted, never silent.
+pub fn unstable() {
+    bump(STAT_UNSTABLE);
 }
 
 #[inline(always)]

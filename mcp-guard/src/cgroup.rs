@@ -24,6 +24,53 @@ pub fn mount_point() -> io::Result<PathBuf> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem in /proc/self/mountinfo: mcp-guard needs the unified cgroup hierarchy (cgroup v2) mounted"))
 }
 
+/// The host cgroup v2 tree: `configured` if given (it must be a cgroup2 mount),
+/// otherwise found from mountinfo.
+///
+/// # Errors
+/// Nothing suitable is mounted.
+pub fn root(configured: Option<&Path>) -> io::Result<PathBuf> {
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let Some(p) = configured else {
+        return mount_point();
+    };
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: statfs with a valid C string and an out struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0
+        || st.f_type as i64 != CGROUP2_SUPER_MAGIC
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("daemon.cgroup_root {} is not a cgroup v2 mount: mount the host's /sys/fs/cgroup there", p.display()),
+        ));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// The path (below the mount) of the cgroup with id `id`, searched in the subtree of
+/// `under`: cgroup ids are inode numbers, so this needs no /proc and works from inside a
+/// container's cgroup namespace.
+#[must_use]
+pub fn find_by_id(mount: &Path, under: &str, id: u64) -> Option<String> {
+    fn walk(dir: &Path, id: u64, depth: u32) -> Option<PathBuf> {
+        if fs::metadata(dir).ok()?.ino() == id {
+            return Some(dir.to_path_buf());
+        }
+        if depth == 0 {
+            return None;
+        }
+        fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .find_map(|e| walk(&e.path(), id, depth - 1))
+    }
+    let found = walk(&fs_path(mount, under), id, 16)?;
+    let rel = found.strip_prefix(mount).ok()?;
+    Some(format!("/{}", rel.display()))
+}
+
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(s: &str) -> String {
     let mut out = String::new();
@@ -74,15 +121,6 @@ pub fn create(mount: &Path, cgroup: &str) -> io::Result<PathBuf> {
 /// controllers enabled, or the process is gone).
 pub fn join(cgroup_dir: &Path, pid: u32) -> io::Result<()> {
     fs::write(cgroup_dir.join("cgroup.procs"), pid.to_string())
-}
-
-/// The cgroup path (below the mount) of a live process, from /proc/PID/cgroup.
-#[must_use]
-pub fn of_pid(pid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_string)
 }
 
 /// What a cgroup path says about its owner: the systemd unit, and for containers the
@@ -231,5 +269,116 @@ mod tests {
         let o = owner(&format!("/docker/{ID}"));
         assert_eq!(o.container_runtime.as_deref(), Some("docker"));
         assert_eq!(o.pod_uid, None);
+    }
+}
+
+/// Whether a workload's cgroup is a pattern: `*` and `?` match within one path
+/// component, `**` matches any number of components.
+#[must_use]
+pub fn is_pattern(cgroup: &str) -> bool {
+    cgroup.contains(['*', '?'])
+}
+
+/// Shell-style match of one path component.
+fn component_matches(pattern: &[u8], name: &[u8]) -> bool {
+    match (pattern.first(), name.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            component_matches(&pattern[1..], name)
+                || (!name.is_empty() && component_matches(pattern, &name[1..]))
+        }
+        (Some(b'?'), Some(_)) => component_matches(&pattern[1..], &name[1..]),
+        (Some(p), Some(n)) if p == n => component_matches(&pattern[1..], &name[1..]),
+        _ => false,
+    }
+}
+
+/// Whether a cgroup path (below the mount) matches a pattern.
+#[must_use]
+pub fn path_matches(pattern: &str, path: &str) -> bool {
+    fn go(p: &[&str], c: &[&str]) -> bool {
+        match p.first() {
+            None => c.is_empty(),
+            Some(&"**") => (0..=c.len()).any(|skip| go(&p[1..], &c[skip..])),
+            Some(pc) => {
+                !c.is_empty()
+                    && component_matches(pc.as_bytes(), c[0].as_bytes())
+                    && go(&p[1..], &c[1..])
+            }
+        }
+    }
+    let p: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
+    let c: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    go(&p, &c)
+}
+
+/// The ids of the cgroups a workload's cgroup (a path or a pattern) names now.
+#[must_use]
+pub fn resolve(mount: &Path, cgroup: &str) -> Vec<u64> {
+    if !is_pattern(cgroup) {
+        return id(mount, cgroup).ok().into_iter().collect();
+    }
+    let parts: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
+    // Walk only below the literal prefix of the pattern, and no deeper than it can reach.
+    let literal = parts.iter().take_while(|p| !is_pattern(p)).count();
+    let max_depth = if parts.contains(&"**") {
+        crate::MAX_DEPTH
+    } else {
+        parts.len()
+    };
+    let start = format!("/{}", parts[..literal].join("/"));
+    let mut out = Vec::new();
+    let mut stack = vec![(fs_path(mount, &start), literal)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(rel) = dir.strip_prefix(mount) else {
+            continue;
+        };
+        let rel = format!("/{}", rel.display());
+        if path_matches(cgroup, &rel) {
+            if let Ok(m) = fs::metadata(&dir) {
+                out.push(m.ino());
+            }
+        }
+        if depth >= max_depth {
+            continue;
+        }
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            {
+                stack.push((e.path(), depth + 1));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod pattern_tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(path_matches("/kubepods*", "/kubepods.slice"));
+        assert!(path_matches("/kubepods*", "/kubepods"));
+        assert!(!path_matches("/kubepods*", "/kubepods.slice/x"));
+        assert!(path_matches(
+            "/kubepods.slice/*/kubepods-*-pod*.slice",
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0a_1b.slice"
+        ));
+        assert!(path_matches(
+            "/kubepods/**/pod*",
+            "/kubepods/besteffort/pod123"
+        ));
+        assert!(path_matches("/kubepods/**/pod*", "/kubepods/pod123"));
+        assert!(path_matches(
+            "/mcp.slice/mcp-?.service",
+            "/mcp.slice/mcp-a.service"
+        ));
+        assert!(!path_matches(
+            "/mcp.slice/mcp-?.service",
+            "/mcp.slice/mcp-ab.service"
+        ));
     }
 }

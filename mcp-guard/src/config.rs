@@ -161,6 +161,8 @@ struct RawDaemon {
     #[serde(default)]
     pin_dir: Option<Spanned<String>>,
     #[serde(default)]
+    cgroup_root: Option<PathBuf>,
+    #[serde(default)]
     on_exit: Option<OnExit>,
 }
 
@@ -241,6 +243,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// cgroup (below the v2 mount) the programs attach to; "/" covers the whole machine.
     pub attach_cgroup: String,
+    /// Where the host's cgroup v2 tree is mounted, if not found from mountinfo (in a
+    /// container, whose own /sys/fs/cgroup is a namespaced view).
+    pub cgroup_root: Option<PathBuf>,
     /// bpffs directory holding the pinned maps and links.
     pub pin_dir: PathBuf,
     pub on_exit: OnExit,
@@ -506,6 +511,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         metrics_listen,
         attach_cgroup,
         pin_dir,
+        cgroup_root: raw.daemon.cgroup_root,
         on_exit,
         warnings,
     })
@@ -592,6 +598,15 @@ fn normalise_cgroup(cx: &mut Ctx<'_>, s: &Spanned<String>) -> Option<String> {
     let p = raw.trim_end_matches('/');
     if p.is_empty() {
         cx.err(&s.span(), "cgroup \"/\" is the whole machine, including mcp-guard itself: use the MCP server's own cgroup, or [baseline] for node-wide rules");
+        return None;
+    }
+    if p.split('/').any(|c| c.contains("**") && c != "**") {
+        cx.err(
+            &s.span(),
+            format!(
+                "cgroup {raw:?}: `**` must be a whole path component, as in \"/kubepods/**/pod*\""
+            ),
+        );
         return None;
     }
     let depth = p.split('/').filter(|c| !c.is_empty()).count();

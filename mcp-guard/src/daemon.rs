@@ -40,8 +40,9 @@ fn kernel_release() -> String {
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
 }
 
-fn names_of(c: &Compiled) -> Names {
+fn names_of(c: &Compiled, mount: &Path) -> Names {
     Names {
+        mount: mount.to_path_buf(),
         workloads: c.workloads.iter().map(|w| (w.id, w.name.clone())).collect(),
         cgroups: c
             .workloads
@@ -67,7 +68,8 @@ fn status_json(
                 "name": w.name,
                 "cgroup": w.cgroup,
                 "cgroup_path": cgroup::fs_path(mount, &w.cgroup),
-                "cgroup_id": maps.registered().get(&w.id),
+                "cgroup_id": maps.cgroups_of(w.id).first(),
+                "cgroup_ids": maps.cgroups_of(w.id),
             })
         })
         .collect();
@@ -128,7 +130,7 @@ fn config_fingerprint(path: &Path) -> Option<Vec<u8>> {
 
 pub async fn run(config_path: PathBuf) -> Result<()> {
     let (cfg, compiled) = prepare(&config_path)?;
-    let mount = cgroup::mount_point()?;
+    let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
     for w in &compiled.workloads {
         if cgroup::id(&mount, &w.cgroup).is_err() {
             warn!(workload = %w.name, cgroup = %w.cgroup, "workload cgroup does not exist yet; it will be enforced as soon as it appears");
@@ -175,7 +177,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         );
     }
 
-    let names = Arc::new(RwLock::new(names_of(&compiled)));
+    let names = Arc::new(RwLock::new(names_of(&compiled, &mount)));
     let (tx, _) = broadcast::channel(4096);
     let delivered = Arc::new(Delivered::default());
     let history = Arc::new(events::History::default());
@@ -424,7 +426,7 @@ fn reload(path: &Path, state: &State) {
         metrics.policy_generation.set(i64::from(m.generation()));
         info!(generation = m.generation(), "policy reloaded");
     }
-    *state.names.write().expect("names") = names_of(&compiled);
+    *state.names.write().expect("names") = names_of(&compiled, &state.mount);
     set_policy_gauges(metrics, &compiled);
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.last_reload_success.set(unix_now());

@@ -71,8 +71,10 @@ pub struct JsonEvent {
 #[derive(Default, Clone)]
 pub struct Names {
     pub workloads: HashMap<u32, String>,
-    /// Workload id -> its configured cgroup, used when the process is already gone.
+    /// Workload id -> its configured cgroup, where events' cgroups are looked up.
     pub cgroups: HashMap<u32, String>,
+    /// The host cgroup v2 mount.
+    pub mount: std::path::PathBuf,
     pub rules: HashMap<u32, String>,
 }
 
@@ -192,7 +194,10 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
     let dst = display_addr(e.daddr_be);
     let src = (e.saddr_be != [0; 16]).then(|| display_addr(e.saddr_be).to_string());
     let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
-    let cgroup_path = cgroup::of_pid(e.tgid).or_else(|| names.cgroups.get(&e.workload_id).cloned());
+    let workload_cgroup = names.cgroups.get(&e.workload_id);
+    let cgroup_path = workload_cgroup
+        .and_then(|w| cgroup::find_by_id(&names.mount, w, e.cgroup_id))
+        .or_else(|| workload_cgroup.cloned());
     let owner = cgroup_path
         .as_deref()
         .map(cgroup::owner)

@@ -8,6 +8,9 @@
 //! - [`daemon`] ties it together for `mcp-guard run`; [`client`] talks to a running daemon.
 
 pub mod cgroup;
+
+/// Deepest cgroup level a `**` pattern walks to.
+pub const MAX_DEPTH: usize = 16;
 pub mod client;
 pub mod config;
 pub mod daemon;

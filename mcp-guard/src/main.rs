@@ -159,7 +159,7 @@ fn check(path: &Path) -> Result<()> {
     let (cfg, compiled) = daemon::prepare(path)?;
     println!("{}: OK", path.display());
     println!("mode: {:?}", cfg.mode);
-    let mount = cgroup::mount_point().ok();
+    let mount = cgroup::root(cfg.cgroup_root.as_deref()).ok();
     for w in &compiled.workloads {
         let default = match w.default {
             DEFAULT_DENY => "deny",
@@ -261,7 +261,13 @@ fn exec(path: &Path, workload: &str, unguarded: bool, cmd: &[String]) -> Result<
         .iter()
         .find(|w| w.name == workload)
         .with_context(|| format!("{}: no workload named {workload:?}", path.display()))?;
-    let mount = cgroup::mount_point()?;
+    anyhow::ensure!(
+        !cgroup::is_pattern(&wl.cgroup),
+        "{}: workload {workload:?} selects cgroups by the pattern {}; exec needs a workload with a plain cgroup path",
+        path.display(),
+        wl.cgroup
+    );
+    let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
     let dir = cgroup::create(&mount, &wl.cgroup)
         .with_context(|| format!("creating cgroup {}", wl.cgroup))?;
     let id = cgroup::id(&mount, &wl.cgroup)?;

@@ -5,7 +5,7 @@
 //! decision ever sees half of a policy. The old slot is cleared only at the next switch,
 //! long after any program run that could still be reading it has finished.
 
-use std::{collections::HashMap as StdHashMap, path::Path};
+use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{
     lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
@@ -14,7 +14,7 @@ use mcp_guard_common::{
     scope, CgroupKey, Config as KConfig, ExactKey, FlowCounterKey, LpmData, PolicyEntry,
     WorkloadInfo, STAT_COUNT,
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{cgroup, policy::Compiled};
 
@@ -32,6 +32,32 @@ pub enum MapsError {
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
+}
+
+/// Every existing cgroup a workload names (a path or a pattern), mapped to its workload.
+/// A cgroup named by two workloads belongs to the first in the config.
+fn resolve(compiled: &Compiled, mount: &Path) -> BTreeMap<u64, u32> {
+    let mut out = BTreeMap::new();
+    for w in &compiled.workloads {
+        for id in cgroup::resolve(mount, &w.cgroup) {
+            out.entry(id).or_insert(w.id);
+        }
+    }
+    out
+}
+
+fn info_of(compiled: &Compiled, workload_id: u32) -> WorkloadInfo {
+    let w = compiled
+        .workloads
+        .iter()
+        .find(|w| w.id == workload_id)
+        .expect("registered workloads are compiled");
+    WorkloadInfo {
+        workload_id: w.id,
+        default: w.default,
+        mode: w.mode,
+        _pad: [0; 2],
+    }
 }
 
 /// What one slot currently holds, so it can be cleared exactly.
@@ -53,8 +79,8 @@ pub struct PolicyMaps {
     active: u32,
     generation: u32,
     rate_limit: u32,
-    /// Workload id -> the cgroup id currently registered for it in the active slot.
-    registered: StdHashMap<u32, u64>,
+    /// cgroup id -> workload id, as registered in the active slot.
+    registered: BTreeMap<u64, u32>,
 }
 
 /// Counters summed over CPUs.
@@ -85,7 +111,7 @@ impl PolicyMaps {
             active: 0,
             generation: 0,
             rate_limit: 0,
-            registered: StdHashMap::new(),
+            registered: BTreeMap::new(),
         })
     }
 
@@ -114,11 +140,11 @@ impl PolicyMaps {
             let k = k.map_err(map_err("POLICY_EXACT_1"))?;
             slots[(k.scope & 1) as usize].exact.push(k);
         }
-        let mut registered = StdHashMap::new();
+        let mut registered = BTreeMap::new();
         for item in self.cgroups.iter() {
             let (k, v) = item.map_err(map_err("CGROUPS_1"))?;
             if k.slot == self.active {
-                registered.insert(v.workload_id, k.cgroup_id);
+                registered.insert(k.cgroup_id, v.workload_id);
             }
             slots[(k.slot & 1) as usize].cgroups.push(k);
         }
@@ -138,9 +164,22 @@ impl PolicyMaps {
         rate_limit: u32,
     ) -> Result<(), MapsError> {
         let slot = 1 - self.active;
+        // Announce that the inactive slot is about to change: a program that read it
+        // before the last switch and is still deciding sees the generation move and
+        // decides again on the live slot (see mcp-guard-ebpf/src/decide.rs).
+        self.generation += 1;
+        let announce = KConfig {
+            slot: self.active,
+            generation: self.generation,
+            rate_limit_per_sec: self.rate_limit,
+            object_hash: crate::loader::object_hash(),
+        };
+        self.config
+            .set(0, announce, 0)
+            .map_err(map_err("CONFIG_1"))?;
         self.clear_slot(slot);
         let mut contents = SlotContents::default();
-        let mut registered = StdHashMap::new();
+        let registered = resolve(compiled, mount);
         let result = (|| {
             for e in &compiled.lpm {
                 let key = Key::new(
@@ -165,27 +204,16 @@ impl PolicyMaps {
                     .map_err(map_err("POLICY_EXACT_1"))?;
                 contents.exact.push(key);
             }
-            for w in &compiled.workloads {
-                let Ok(id) = cgroup::id(mount, &w.cgroup) else {
-                    debug!(workload = %w.name, cgroup = %w.cgroup, "cgroup does not exist yet");
-                    continue;
-                };
+            for (&id, &wid) in &registered {
                 let key = CgroupKey {
                     cgroup_id: id,
                     slot,
                     _pad: 0,
                 };
-                let info = WorkloadInfo {
-                    workload_id: w.id,
-                    default: w.default,
-                    mode: w.mode,
-                    _pad: [0; 2],
-                };
                 self.cgroups
-                    .insert(key, info, 0)
+                    .insert(key, info_of(compiled, wid), 0)
                     .map_err(map_err("CGROUPS_1"))?;
                 contents.cgroups.push(key);
-                registered.insert(w.id, id);
             }
             Ok(())
         })();
@@ -225,59 +253,73 @@ impl PolicyMaps {
         }
     }
 
-    /// Registers workload cgroups that appeared (or were recreated with a new id) since
-    /// the policy was installed, in the active slot. Returns how many changed.
+    /// Brings the active slot's cgroup registrations up to date: cgroups that appeared
+    /// (a unit started, a pod was scheduled), were recreated with a new id, or went away.
+    /// Returns how many registrations changed.
     pub fn refresh_cgroups(&mut self, compiled: &Compiled, mount: &Path) -> usize {
         let slot = self.active;
+        let desired = resolve(compiled, mount);
         let mut changed = 0;
-        for w in &compiled.workloads {
-            let now = cgroup::id(mount, &w.cgroup).ok();
-            let before = self.registered.get(&w.id).copied();
-            if now == before {
+        // Only cgroups no workload names any more are removed; a cgroup that moves to
+        // another workload is overwritten in place, so no decision finds it missing.
+        let gone: Vec<u64> = self
+            .registered
+            .keys()
+            .filter(|id| !desired.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            let key = CgroupKey {
+                cgroup_id: id,
+                slot,
+                _pad: 0,
+            };
+            let _ = self.cgroups.remove(&key);
+            self.slots[slot as usize].cgroups.retain(|k| *k != key);
+            self.registered.remove(&id);
+            changed += 1;
+        }
+        for (&id, &wid) in &desired {
+            if self.registered.get(&id) == Some(&wid) {
                 continue;
             }
-            if let Some(old) = before {
-                let key = CgroupKey {
-                    cgroup_id: old,
-                    slot,
-                    _pad: 0,
-                };
-                let _ = self.cgroups.remove(&key);
-                self.slots[slot as usize].cgroups.retain(|k| *k != key);
-                self.registered.remove(&w.id);
-            }
-            if let Some(id) = now {
-                let key = CgroupKey {
-                    cgroup_id: id,
-                    slot,
-                    _pad: 0,
-                };
-                let info = WorkloadInfo {
-                    workload_id: w.id,
-                    default: w.default,
-                    mode: w.mode,
-                    _pad: [0; 2],
-                };
-                match self.cgroups.insert(key, info, 0) {
-                    Ok(()) => {
+            let key = CgroupKey {
+                cgroup_id: id,
+                slot,
+                _pad: 0,
+            };
+            match self.cgroups.insert(key, info_of(compiled, wid), 0) {
+                Ok(()) => {
+                    if !self.slots[slot as usize].cgroups.contains(&key) {
                         self.slots[slot as usize].cgroups.push(key);
-                        self.registered.insert(w.id, id);
-                        info!(workload = %w.name, cgroup = %w.cgroup, cgroup_id = id, "workload cgroup registered");
                     }
-                    Err(e) => {
-                        warn!(workload = %w.name, error = %e, "cannot register workload cgroup")
-                    }
+                    self.registered.insert(id, wid);
+                    let name = compiled
+                        .workloads
+                        .iter()
+                        .find(|w| w.id == wid)
+                        .map_or("?", |w| w.name.as_str());
+                    info!(
+                        workload = name,
+                        cgroup_id = id,
+                        "workload cgroup registered"
+                    );
+                    changed += 1;
                 }
+                Err(e) => warn!(workload_id = wid, error = %e, "cannot register workload cgroup"),
             }
-            changed += 1;
         }
         changed
     }
 
-    /// Workload id -> registered cgroup id.
+    /// The cgroup ids registered for a workload, in the active slot.
     #[must_use]
-    pub fn registered(&self) -> &StdHashMap<u32, u64> {
-        &self.registered
+    pub fn cgroups_of(&self, workload_id: u32) -> Vec<u64> {
+        self.registered
+            .iter()
+            .filter(|(_, w)| **w == workload_id)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// Reads every counter, summed over CPUs.

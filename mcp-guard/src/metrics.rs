@@ -42,6 +42,7 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     pub policy_generation: IntGauge,
     pub ready: IntGauge,
+    unstable: IntCounter,
     pub reattached: IntCounter,
     last_denied: prometheus::GaugeVec,
     /// Flow counter values at the previous render, to see which grew.
@@ -79,6 +80,7 @@ impl Metrics {
             reattached: reg(&r, IntCounter::new("mcp_guard_programs_reattached_total", "Times the daemon found a program detached by someone else and attached it again.").expect("valid")),
             last_denied: reg(&r, prometheus::GaugeVec::new(Opts::new("mcp_guard_last_denied_timestamp_seconds", "Unix time the daemon last saw the flow counters grow, by workload, destination class and verdict. Alert on its age: a counter series born at its first denial has no increase() yet."), &["workload", "dest_class", "verdict"]).expect("valid")),
             previous: Mutex::new(HashMap::new()),
+            unstable: reg(&r, IntCounter::new("mcp_guard_decisions_unstable_total", "Decisions that failed closed (denied) because the policy changed three times while they were made.").expect("valid")),
             registry: r,
         };
         let build = reg(
@@ -147,6 +149,10 @@ impl Metrics {
         catch_up(&self.reported, c.stats[STAT_REPORTED as usize]);
         catch_up(&self.suppressed, c.stats[STAT_EVENTS_SUPPRESSED as usize]);
         catch_up(&self.lost, c.stats[STAT_EVENTS_LOST as usize]);
+        catch_up(
+            &self.unstable,
+            c.stats[mcp_guard_common::STAT_UNSTABLE as usize],
+        );
         catch_up(&self.submitted, c.stats[STAT_EVENTS_SUBMITTED as usize]);
         self.text()
     }

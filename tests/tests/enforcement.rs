@@ -312,3 +312,56 @@ fn a_detached_program_is_reattached() {
         .contains("mcp_guard_programs_attached{hook=\"connect4\"} 1"));
     assert_eq!(d.get("/readyz"), "ready\n");
 }
+
+/// Workloads selected by cgroup patterns, the way pods and containers are under kubepods:
+/// cgroups that match later are enforced without a reload; the first workload to name a
+/// cgroup owns it.
+#[test]
+fn cgroup_patterns_select_workloads() {
+    let ns = lab();
+    let cg = TestCgroup::new();
+    let config = format!(
+        "[[workload]]\nname = \"containers\"\ncgroup = \"{r}/kubepods/*/pod*/ctr-*\"\n[[workload]]\nname = \"pods\"\ncgroup = \"{r}/kubepods/**/pod*\"\ndefault = \"allow\"\n[[workload]]\nname = \"late\"\ncgroup = \"{r}/kubepods/burstable/*/ctr-?\"\ndefault = \"allow\"\n[daemon]\nattach_cgroup = \"{r}\"\n",
+        r = cg.rel
+    );
+    let d = Daemon::start(&config);
+    // Created after start, like a scheduled pod's containers.
+    let (_, ctr) = cg.child("kubepods/burstable/podA/ctr-1");
+    let (_, sidecar) = cg.child("kubepods/burstable/podA/sidecar");
+    let registered = || {
+        let s = d.status();
+        s["workloads"][0]["cgroup_ids"].as_array().unwrap().len() == 1
+            && s["workloads"][1]["cgroup_ids"].as_array().unwrap().len() == 1
+    };
+    assert!(
+        wait_until(Duration::from_secs(3), registered),
+        "{}",
+        d.status()
+    );
+    let mut c = Probe::new(PROBE, &ctr, &ns);
+    assert_eq!(
+        c.op("tcp 192.168.1.10 6379"),
+        "EPERM",
+        "container pattern: deny-internal"
+    );
+    assert_eq!(c.op("tcp 169.254.169.254 80"), "EPERM");
+    let mut s = Probe::new(PROBE, &sidecar, &ns);
+    assert_eq!(
+        s.op("tcp 192.168.1.10 6379"),
+        "OK",
+        "the pod pattern (allow) covers the sidecar"
+    );
+    assert_eq!(
+        s.op("tcp 169.254.169.254 80"),
+        "EPERM",
+        "but the baseline still applies"
+    );
+    assert_eq!(
+        d.status()["workloads"][2]["cgroup_ids"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0,
+        "the first workload owns a cgroup"
+    );
+}

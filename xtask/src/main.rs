@@ -1,6 +1,7 @@
 //! Build, test, demo driver: `cargo xtask demo`, `cargo xtask test`.
 
 mod demo;
+mod dist;
 mod setup;
 
 use std::process::Command;
@@ -25,6 +26,8 @@ enum Cmd {
     },
     /// Run every test: unit, property, kernel integration, differential.
     Test,
+    /// Release tarball and container image definition under target/dist.
+    Dist,
     /// A simulated compromised MCP server tries SSRF to the metadata service and an internal database.
     Demo,
 }
@@ -56,7 +59,10 @@ pub fn build(release: bool) -> Result<()> {
 fn test() -> Result<()> {
     setup::require_root("cargo xtask test")?;
     setup::packages(TEST_PACKAGES)?;
+    setup::python_tools(&["kubernetes-validate"])?;
     build(false)?;
+    // The packaged-binary test runs the tarball's binary.
+    let tarball = dist::run()?;
     // Unit and property tests, then the kernel integration tests (their own crate).
     setup::status(cargo().args([
         "test",
@@ -67,7 +73,11 @@ fn test() -> Result<()> {
         "-p",
         "xtask",
     ]))?;
-    setup::status(cargo().args(["test", "--package", "mcp-guard-tests"]))?;
+    setup::status(
+        cargo()
+            .args(["test", "--package", "mcp-guard-tests"])
+            .env("MCPG_DIST_TARBALL", &tarball),
+    )?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }
@@ -80,6 +90,7 @@ fn main() -> Result<()> {
         }
         Cmd::Build { release } => build(release),
         Cmd::Test => test(),
+        Cmd::Dist => dist::run().map(|_| ()),
         Cmd::Demo => {
             setup::require_root("cargo xtask demo")?;
             setup::packages(TEST_PACKAGES)?;

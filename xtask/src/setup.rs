@@ -86,6 +86,17 @@ pub fn packages(needed: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// Python command-line tools from PyPI, installed only when missing.
+pub fn python_tools(tools: &[&str]) -> Result<()> {
+    for t in tools {
+        if output("sh", &["-c", &format!("command -v {t}")]).is_none() {
+            eprintln!("xtask: installing {t} from PyPI");
+            status(Command::new("python3").args(["-m", "pip", "install", "-q", t]))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn require_root(what: &str) -> Result<()> {
     // SAFETY: plain syscall.
     if unsafe { libc::geteuid() } != 0 {

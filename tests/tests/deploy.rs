@@ -1,0 +1,382 @@
+//! What ships: Kubernetes manifests validate against 1.30+ schemas, the PrometheusRule is
+//! the rules file, systemd units verify clean, and the packaged binary with the shipped
+//! example config blocks a metadata request.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use mcp_guard_tests::{cgroup_mount, guard_bin, wait_until, NetNs, Probe, TempDir};
+
+const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
+
+fn deploy() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
+        .canonicalize()
+        .unwrap()
+}
+
+const CORE_MANIFESTS: [&str; 6] = [
+    "namespace.yaml",
+    "serviceaccount.yaml",
+    "configmap.yaml",
+    "daemonset.yaml",
+    "service.yaml",
+    "networkpolicy.yaml",
+];
+
+fn validate(file: &Path, version: &str) -> (bool, String) {
+    let out = Command::new("kubernetes-validate")
+        .args(["-k", version, "--strict"])
+        .arg(file)
+        .output()
+        .expect("kubernetes-validate (PyPI) must be installed: cargo xtask test installs it");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        out.status.success() && text.contains("passed") && !text.contains("ERROR"),
+        text,
+    )
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_1_30_and_later() {
+    let dir = deploy().join("kubernetes");
+    for version in ["1.30.0", "1.33.0", "1.37.0"] {
+        for m in CORE_MANIFESTS {
+            let (ok, text) = validate(&dir.join(m), version);
+            assert!(ok, "{m} against {version}:\n{text}");
+        }
+    }
+    // The validator does reject a broken manifest (so the checks above mean something).
+    let tmp = TempDir::new();
+    let broken = tmp.0.join("daemonset.yaml");
+    let text = std::fs::read_to_string(dir.join("daemonset.yaml"))
+        .unwrap()
+        .replace("hostPID: true", "hostPIDs: true");
+    std::fs::write(&broken, text).unwrap();
+    assert!(
+        !validate(&broken, "1.30.0").0,
+        "a misspelt field must fail strict validation"
+    );
+
+    // Every manifest is in the kustomization.
+    let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = e.file_name().into_string().unwrap();
+        if name != "kustomization.yaml" {
+            assert!(
+                kustomization.contains(&format!("- {name}")),
+                "{name} missing from kustomization.yaml"
+            );
+        }
+    }
+}
+
+#[test]
+fn daemonset_is_least_privilege() {
+    let ds = std::fs::read_to_string(deploy().join("kubernetes/daemonset.yaml")).unwrap();
+    assert!(ds.contains("privileged: false") && !ds.contains("privileged: true"));
+    assert!(ds.contains("drop: [\"ALL\"]"));
+    let added: Vec<&str> = ds
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            l.starts_with("- ")
+                && l.chars()
+                    .skip(2)
+                    .all(|c| c.is_ascii_uppercase() || c == '_')
+        })
+        .collect();
+    assert_eq!(added, ["- BPF", "- NET_ADMIN", "- PERFMON"], "capabilities");
+    for needle in [
+        "path: /readyz",
+        "path: /healthz",
+        "priorityClassName: system-node-critical",
+        "operator: Exists",
+        "type: RollingUpdate",
+        "limits:",
+        "requests:",
+    ] {
+        assert!(ds.contains(needle), "daemonset lacks {needle}");
+    }
+}
+
+/// The same three capabilities really are enough: the daemon runs with nothing else.
+#[test]
+fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
+    let ns = NetNs::new();
+    ns.add_addr("169.254.169.254");
+    ns.listen_tcp("169.254.169.254:80");
+    let cg = mcp_guard_tests::TestCgroup::new();
+    let (_, dir) = cg.child("w");
+    let tmp = TempDir::new();
+    let pin_dir = PathBuf::from("/sys/fs/bpf").join(mcp_guard_tests::unique("mcpg-test"));
+    let port = mcp_guard_tests::free_port();
+    let config = tmp.0.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[daemon]\nattach_cgroup = \"{r}\"\npin_dir = \"{p}\"\non_exit = \"detach\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            r = cg.rel,
+            p = pin_dir.display()
+        ),
+    )
+    .unwrap();
+    let caps = "-all,+bpf,+net_admin,+perfmon";
+    let mut child = Command::new("setpriv")
+        .arg(format!("--bounding-set={caps}"))
+        .arg(format!("--inh-caps={caps}"))
+        .arg(guard_bin())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let ready = wait_until(Duration::from_secs(20), || {
+        mcp_guard::client::get_body(addr, "/readyz").is_ok()
+    });
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let mut p = Probe::new(PROBE, &dir, &ns);
+    let verdict = p.op("tcp 169.254.169.254 80");
+    // SAFETY: signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let _ = mcp_guard::pins::Pins::new(&pin_dir).uninstall();
+    assert!(
+        ready,
+        "the daemon did not become ready with three capabilities"
+    );
+    assert!(
+        status.contains("CapEff:\t000000c000001000"),
+        "effective capabilities: {status}"
+    );
+    assert_eq!(verdict, "EPERM");
+}
+
+#[test]
+fn prometheus_rule_is_the_rules_file() {
+    let rules = std::fs::read_to_string(deploy().join("prometheus/mcp-guard-rules.yml")).unwrap();
+    let crd = std::fs::read_to_string(deploy().join("kubernetes/prometheusrule.yaml")).unwrap();
+    let spec = crd.split_once("\nspec:\n").expect("spec").1;
+    let unindented: Vec<&str> = spec
+        .lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect();
+    let source: Vec<&str> = rules.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(
+        unindented.join("\n").trim(),
+        source.join("\n").trim(),
+        "regenerate deploy/kubernetes/prometheusrule.yaml from the rules file"
+    );
+    assert!(
+        crd.contains("kind: PrometheusRule")
+            && crd.contains("apiVersion: monitoring.coreos.com/v1")
+    );
+    let sm = std::fs::read_to_string(deploy().join("kubernetes/servicemonitor.yaml")).unwrap();
+    assert!(
+        sm.contains("kind: ServiceMonitor")
+            && sm.contains("- port: metrics")
+            && sm.contains("replacement: mcp-guard")
+    );
+    let svc = std::fs::read_to_string(deploy().join("kubernetes/service.yaml")).unwrap();
+    assert!(
+        svc.contains("name: metrics"),
+        "the ServiceMonitor's port exists on the Service"
+    );
+}
+
+#[test]
+fn systemd_units_verify_clean() {
+    let tmp = TempDir::new();
+    let sd = deploy().join("systemd");
+    let unit = std::fs::read_to_string(sd.join("mcp-guard.service"))
+        .unwrap()
+        .replace("/usr/local/bin/mcp-guard", guard_bin().to_str().unwrap());
+    std::fs::write(tmp.0.join("mcp-guard.service"), unit).unwrap();
+    std::fs::copy(sd.join("mcp.slice"), tmp.0.join("mcp.slice")).unwrap();
+    std::fs::write(
+        tmp.0.join("github-mcp.service"),
+        "[Service]\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    std::fs::create_dir(tmp.0.join("github-mcp.service.d")).unwrap();
+    std::fs::copy(
+        sd.join("github-mcp.service.d/mcp-guard.conf"),
+        tmp.0.join("github-mcp.service.d/mcp-guard.conf"),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args([
+            "verify",
+            "--man=no",
+            "mcp-guard.service",
+            "mcp.slice",
+            "github-mcp.service",
+        ])
+        .current_dir(&tmp.0)
+        .output()
+        .expect("systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+    let unit = std::fs::read_to_string(sd.join("mcp-guard.service")).unwrap();
+    for needle in [
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+        "AmbientCapabilities=",
+        "ReadWritePaths=/sys/fs/bpf /sys/fs/cgroup",
+        "Restart=always",
+    ] {
+        assert!(unit.contains(needle), "unit lacks {needle}");
+    }
+    // The example config is valid and names the drop-in's cgroup.
+    let out = Command::new(guard_bin())
+        .args(["check", "--config"])
+        .arg(deploy().join("config.example.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cgroup /mcp.slice/github-mcp.service"));
+}
+
+/// Removes what the packaged-binary test created, also when it fails.
+struct Installed {
+    daemon: Option<Child>,
+    bin: PathBuf,
+    created: Vec<PathBuf>,
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = Command::new(&self.bin)
+            .args(["uninstall", "--pin-dir", "/sys/fs/bpf/mcp-guard"])
+            .output();
+        for dir in self.created.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn tarball() -> PathBuf {
+    if let Some(t) = std::env::var_os("MCPG_DIST_TARBALL") {
+        return t.into();
+    }
+    let dist = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/dist"));
+    std::fs::read_dir(&dist)
+        .ok()
+        .and_then(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        })
+        .expect("no release tarball: run `cargo xtask dist` (cargo xtask test does)")
+}
+
+#[test]
+fn packaged_binary_with_shipped_config_blocks_metadata() {
+    assert!(
+        !Path::new("/sys/fs/bpf/mcp-guard").exists(),
+        "a real mcp-guard is installed on this machine (/sys/fs/bpf/mcp-guard): not touching it"
+    );
+    let tmp = TempDir::new();
+    let st = Command::new("tar")
+        .arg("xzf")
+        .arg(tarball())
+        .arg("-C")
+        .arg(&tmp.0)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let root = std::fs::read_dir(&tmp.0)
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let bin = root.join("bin/mcp-guard");
+    let config = root.join("etc/mcp-guard/config.toml");
+    assert!(
+        root.join("Containerfile").exists()
+            && root.join("kubernetes/daemonset.yaml").exists()
+            && root.join("systemd/mcp-guard.service").exists()
+    );
+
+    // The systemd layout the shipped config expects: /mcp.slice/github-mcp.service.
+    let mount = cgroup_mount();
+    let mut guard = Installed {
+        daemon: None,
+        bin: bin.clone(),
+        created: Vec::new(),
+    };
+    let mut path = mount.clone();
+    for part in ["mcp.slice", "github-mcp.service"] {
+        path = path.join(part);
+        if !path.exists() {
+            std::fs::create_dir(&path).unwrap();
+            guard.created.push(path.clone());
+        }
+    }
+    let ns = NetNs::new();
+    ns.add_addr("169.254.169.254");
+    ns.listen_tcp("169.254.169.254:80");
+    let daemon = Command::new(&bin)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = daemon.id();
+    guard.daemon = Some(daemon);
+    let addr = "127.0.0.1:9464".parse().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || mcp_guard::client::get_body(
+            addr, "/readyz"
+        )
+        .is_ok()),
+        "packaged daemon not ready"
+    );
+    let mut p = Probe::new(PROBE, &path, &ns);
+    assert_eq!(
+        p.op("tcp 169.254.169.254 80"),
+        "EPERM",
+        "the packaged binary blocks metadata"
+    );
+    // SIGTERM: the shipped config keeps enforcement; uninstall removes it.
+    // SAFETY: signal to our child.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let _ = guard.daemon.take().unwrap().wait();
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM", "on_exit = keep");
+    let out = Command::new(&bin)
+        .args(["uninstall", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "OK", "uninstalled");
+}
