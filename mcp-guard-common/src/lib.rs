@@ -118,13 +118,19 @@ pub struct CgroupKey {
 }
 const _: () = assert!(size_of::<CgroupKey>() == 16);
 
+/// [`WorkloadInfo::flags`]: refuse raw inet sockets (`cgroup/sock_create`).
+pub const WL_DENY_RAW: u8 = 1;
+/// [`WorkloadInfo::flags`]: refuse AF_PACKET sockets (BPF LSM `socket_create`).
+pub const WL_DENY_PACKET: u8 = 2;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WorkloadInfo {
     pub workload_id: u32,
     pub default: u8,
     pub mode: u8,
-    pub _pad: [u8; 2],
+    pub flags: u8,
+    pub _pad: u8,
 }
 const _: () = assert!(size_of::<WorkloadInfo>() == 8);
 
@@ -153,7 +159,9 @@ pub const HOOK_CONNECT6: u8 = 1;
 pub const HOOK_SENDMSG4: u8 = 2;
 pub const HOOK_SENDMSG6: u8 = 3;
 pub const HOOK_TC: u8 = 4;
-pub const HOOK_COUNT: usize = 5;
+pub const HOOK_SOCK_CREATE: u8 = 5;
+pub const HOOK_LSM_SOCKET: u8 = 6;
+pub const HOOK_COUNT: usize = 7;
 
 pub const VERDICT_DENIED: u8 = 0;
 pub const VERDICT_AUDITED: u8 = 1;
@@ -167,11 +175,19 @@ pub const REASON_DENY_INTERNAL: u8 = 2;
 pub const REASON_DEFAULT_DENY: u8 = 3;
 /// An allow rule matched the address, but not the port or protocol, and the default denies.
 pub const REASON_NOT_ALLOWED: u8 = 4;
-pub const REASON_COUNT: usize = 5;
+/// A raw inet socket (SOCK_RAW): crafted packets bypass the connect/sendmsg hooks.
+pub const REASON_RAW_SOCKET: u8 = 5;
+/// An AF_PACKET socket: whole frames below IP.
+pub const REASON_PACKET_SOCKET: u8 = 6;
+/// An IP packet from a guarded workload that could not be parsed (TC): dropped.
+pub const REASON_MALFORMED: u8 = 7;
+pub const REASON_COUNT: usize = 8;
 
 pub const CLASS_METADATA: u8 = 0;
 pub const CLASS_INTERNAL: u8 = 1;
 pub const CLASS_PUBLIC: u8 = 2;
+/// No destination (a refused socket creation).
+pub const CLASS_NONE: u8 = 3;
 
 /// Per-CPU counter key: one per label combination the metrics export.
 #[repr(C)]
@@ -201,6 +217,11 @@ pub const STAT_COUNTER_OVERFLOW: u32 = 5;
 /// Decisions that failed closed because the policy kept changing while they were made.
 pub const STAT_UNSTABLE: u32 = 6;
 pub const STAT_COUNT: u32 = 8;
+
+/// Pod mode of the TC classifier: a packet with no socket (it arrived from a pod's
+/// veth) is attributed by its source address. Value: the registered workload cgroup id
+/// of the network namespace that owns the address. Key: the address as in [`LpmData`].
+pub type SourceKey = [u8; 16];
 
 /// Rate-limit state per (workload, destination, port).
 #[repr(C)]

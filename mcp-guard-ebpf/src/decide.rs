@@ -19,15 +19,15 @@ use crate::{
     ALLOW, DENY,
 };
 
-const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
-const IPPROTO_UDPLITE: u32 = 136;
-const IPPROTO_MPTCP: u32 = 262;
+pub(crate) const IPPROTO_TCP: u32 = 6;
+pub(crate) const IPPROTO_UDP: u32 = 17;
+pub(crate) const IPPROTO_UDPLITE: u32 = 136;
+pub(crate) const IPPROTO_MPTCP: u32 = 262;
 
 /// `decide` returns one u64 (BPF calls return a single register): bit 63 set means
 /// refused, with the reason in bits 32..40 and the rule id in the low 32 bits; otherwise
 /// the low 32 bits are the allowing rule id.
-const REFUSED: u64 = 1 << 63;
+pub(crate) const REFUSED: u64 = 1 << 63;
 
 #[inline(always)]
 fn refused(r: Refusal) -> u64 {
@@ -52,7 +52,7 @@ macro_rules! ctx_field {
 
 /// Decisions made while the policy changed under them are made again, at most this
 /// many times in all; a decision still unstable then fails closed.
-const ATTEMPTS: u32 = 3;
+pub(crate) const ATTEMPTS: u32 = 3;
 
 #[inline(always)]
 pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
@@ -164,7 +164,7 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
 // A real BPF subprogram: inlined three times into the retry loop it would blow the
 // verifier's 512-byte stack limit.
 #[inline(never)]
-fn find_workload(slot: u32) -> Option<&'static WorkloadInfo> {
+pub(crate) fn find_workload(slot: u32) -> Option<&'static WorkloadInfo> {
     let mut found = None;
     let mut level = 0;
     while level < MAX_CGROUP_LEVEL {
@@ -203,7 +203,13 @@ fn lpm(scope_id: u32, slot: u32, addr: &[u8; 16]) -> Option<&'static PolicyEntry
 // A real BPF subprogram: inlined three times into the retry loop it would blow the
 // verifier's 512-byte stack limit.
 #[inline(never)]
-fn decide(slot: u32, wl: &WorkloadInfo, addr: &[u8; 16], port: u16, proto_bit: u8) -> u64 {
+pub(crate) fn decide(
+    slot: u32,
+    wl: &WorkloadInfo,
+    addr: &[u8; 16],
+    port: u16,
+    proto_bit: u8,
+) -> u64 {
     if let Some(e) = lpm(SCOPE_BASELINE, slot, addr) {
         let reason = if e.kind == ENTRY_BASELINE_METADATA {
             REASON_BASELINE_METADATA
@@ -262,7 +268,7 @@ fn decide(slot: u32, wl: &WorkloadInfo, addr: &[u8; 16], port: u16, proto_bit: u
 // A real BPF subprogram: inlined three times into the retry loop it would blow the
 // verifier's 512-byte stack limit.
 #[inline(never)]
-fn classify(slot: u32, addr: &[u8; 16]) -> u8 {
+pub(crate) fn classify(slot: u32, addr: &[u8; 16]) -> u8 {
     if lpm(SCOPE_METADATA, slot, addr).is_some() {
         CLASS_METADATA
     } else if lpm(SCOPE_INTERNAL, slot, addr).is_some() {

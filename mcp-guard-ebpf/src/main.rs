@@ -7,7 +7,9 @@
 
 mod decide;
 mod maps;
+mod packet;
 mod report;
+mod socket;
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
 use mcp_guard_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};

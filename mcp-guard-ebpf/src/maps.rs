@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mcp_guard_common::{
     CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, PolicyEntry, RateKey, RateState,
-    WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
+    SourceKey, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
 };
 
 /// Hash maps are not preallocated: memory follows the policy actually loaded.
@@ -28,6 +28,10 @@ pub static POLICY_LPM_1: LpmTrie<LpmData, PolicyEntry> = LpmTrie::with_max_entri
 #[map]
 pub static POLICY_EXACT_1: HashMap<ExactKey, PolicyEntry> =
     HashMap::with_max_entries(524_288, NO_PREALLOC);
+
+/// Pod mode of the TC classifier: source address -> registered workload cgroup id.
+#[map]
+pub static SOURCES_1: HashMap<SourceKey, u64> = HashMap::with_max_entries(65_536, NO_PREALLOC);
 
 #[map]
 pub static STATS_1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);

@@ -137,8 +137,49 @@ pub fn unstable() {
     bump(STAT_UNSTABLE);
 }
 
+/// Who made a refused flow, as far as the hook can tell: a socket hook runs in the
+/// caller's task; a TC classifier may run in softirq context and knows only the packet.
+pub struct Origin {
+    pub cgroup_id: u64,
+    pub socket_cookie: u64,
+    pub pid_tgid: u64,
+    pub uid_gid: u64,
+    pub comm: [u8; 16],
+    pub saddr: [u8; 16],
+    pub sport: u16,
+}
+
+impl Origin {
+    /// The calling task (socket hooks, LSM).
+    #[inline(always)]
+    pub fn task(socket_cookie: u64, saddr: [u8; 16], sport: u16) -> Self {
+        Self {
+            // SAFETY: plain helper call.
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            socket_cookie,
+            pid_tgid: bpf_get_current_pid_tgid(),
+            uid_gid: bpf_get_current_uid_gid(),
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            saddr,
+            sport,
+        }
+    }
+}
+
+/// A refused connect()/sendmsg(): the socket and the calling task.
 #[inline(always)]
 pub fn refused<const IPV6: bool>(ctx: &SockAddrContext, f: &Flow) {
+    // SAFETY: the source address/port are read through the socket the kernel passed.
+    let (saddr, sport) = unsafe { source::<IPV6>(ctx) };
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    emit(f, &Origin::task(cookie, saddr, sport));
+}
+
+/// Counts a refusal and, within the rate limit, writes its event. Every refusal lands
+/// in exactly one of submitted, suppressed or lost.
+#[inline(never)]
+pub fn emit(f: &Flow, o: &Origin) {
     bump(STAT_REPORTED);
     count_flow(f);
 
@@ -152,27 +193,22 @@ pub fn refused<const IPV6: bool>(ctx: &SockAddrContext, f: &Flow) {
         bump(STAT_EVENTS_LOST);
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
-    // SAFETY: the source address/port are read through the socket the kernel passed.
-    let (saddr, sport) = unsafe { source::<IPV6>(ctx) };
     let ev = Event {
         ts_ns: now,
-        // SAFETY: plain helper calls.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        pid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        uid: uid_gid as u32,
-        gid: (uid_gid >> 32) as u32,
+        cgroup_id: o.cgroup_id,
+        socket_cookie: o.socket_cookie,
+        pid: o.pid_tgid as u32,
+        tgid: (o.pid_tgid >> 32) as u32,
+        uid: o.uid_gid as u32,
+        gid: (o.uid_gid >> 32) as u32,
         workload_id: f.workload_id,
         rule_id: f.rule_id,
         suppressed,
         generation: f.generation,
         daddr_be: f.addr,
-        saddr_be: saddr,
+        saddr_be: o.saddr,
         dport: f.port,
-        sport,
+        sport: o.sport,
         hook: f.hook,
         verdict: f.verdict,
         reason: f.reason,
@@ -180,7 +216,7 @@ pub fn refused<const IPV6: bool>(ctx: &SockAddrContext, f: &Flow) {
         sock_family: f.sock_family,
         proto: f.proto,
         _pad: [0; 6],
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm: o.comm,
     };
     entry.write(ev);
     entry.submit(0);

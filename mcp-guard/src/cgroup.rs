@@ -279,6 +279,12 @@ pub fn is_pattern(cgroup: &str) -> bool {
     cgroup.contains(['*', '?'])
 }
 
+/// Shell-style match (`*`, `?`) of a name, e.g. an interface name against "veth*".
+#[must_use]
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    component_matches(pattern.as_bytes(), name.as_bytes())
+}
+
 /// Shell-style match of one path component.
 fn component_matches(pattern: &[u8], name: &[u8]) -> bool {
     match (pattern.first(), name.first()) {
@@ -315,8 +321,21 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
 /// The ids of the cgroups a workload's cgroup (a path or a pattern) names now.
 #[must_use]
 pub fn resolve(mount: &Path, cgroup: &str) -> Vec<u64> {
+    resolve_dirs(mount, cgroup)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// Like [`resolve`], with each cgroup's directory.
+#[must_use]
+pub fn resolve_dirs(mount: &Path, cgroup: &str) -> Vec<(u64, PathBuf)> {
     if !is_pattern(cgroup) {
-        return id(mount, cgroup).ok().into_iter().collect();
+        return id(mount, cgroup)
+            .ok()
+            .map(|i| (i, fs_path(mount, cgroup)))
+            .into_iter()
+            .collect();
     }
     let parts: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
     // Walk only below the literal prefix of the pattern, and no deeper than it can reach.
@@ -336,7 +355,7 @@ pub fn resolve(mount: &Path, cgroup: &str) -> Vec<u64> {
         let rel = format!("/{}", rel.display());
         if path_matches(cgroup, &rel) {
             if let Ok(m) = fs::metadata(&dir) {
-                out.push(m.ino());
+                out.push((m.ino(), dir.clone()));
             }
         }
         if depth >= max_depth {

@@ -101,6 +101,34 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default)]
+    tc: RawTc,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTc {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    interfaces: Option<Vec<String>>,
+    #[serde(default)]
+    pod_interfaces: Vec<String>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+}
+
+/// The packet-level backstop (TC classifier).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcConfig {
+    pub enabled: bool,
+    /// VM mode: egress of these interfaces (globs); default every non-loopback one.
+    pub interfaces: Vec<String>,
+    /// Pod mode: ingress of these (node-side veth) interfaces, by source address.
+    pub pod_interfaces: Vec<String>,
+    /// Network namespace whose interfaces are meant (a /run/netns path); default the
+    /// daemon's own.
+    pub netns: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -121,6 +149,10 @@ struct RawWorkload {
     mode: Option<Mode>,
     #[serde(default)]
     allow: Vec<RawAllow>,
+    #[serde(default)]
+    deny_raw_sockets: Option<bool>,
+    #[serde(default)]
+    deny_packet_sockets: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -221,6 +253,10 @@ pub struct Workload {
     pub default: DefaultAction,
     pub mode: Mode,
     pub allow: Vec<AllowRule>,
+    /// Refuse raw inet sockets (default true): crafted packets bypass connect/sendmsg.
+    pub deny_raw_sockets: bool,
+    /// Refuse AF_PACKET sockets (default true; needs BPF LSM).
+    pub deny_packet_sockets: bool,
     pub loc: Loc,
 }
 
@@ -249,6 +285,7 @@ pub struct Config {
     /// bpffs directory holding the pinned maps and links.
     pub pin_dir: PathBuf,
     pub on_exit: OnExit,
+    pub tc: TcConfig,
     /// Problems that do not stop the config from loading.
     pub warnings: Vec<String>,
 }
@@ -395,6 +432,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 .mode
                 .unwrap_or_else(|| raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref())),
             allow,
+            deny_raw_sockets: w.deny_raw_sockets.unwrap_or(true),
+            deny_packet_sockets: w.deny_packet_sockets.unwrap_or(true),
             loc,
         });
     }
@@ -512,6 +551,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         attach_cgroup,
         pin_dir,
         cgroup_root: raw.daemon.cgroup_root,
+        tc: TcConfig {
+            enabled: raw.tc.enabled.unwrap_or(true),
+            interfaces: raw.tc.interfaces.unwrap_or_else(|| vec!["*".into()]),
+            pod_interfaces: raw.tc.pod_interfaces,
+            netns: raw.tc.netns,
+        },
         on_exit,
         warnings,
     })

@@ -79,6 +79,7 @@ fn status_json(
         "programs": att.expected,
         "adopted": att.adopted,
         "maps": map_ids,
+        "pod_sources": maps.source_count(),
     })
     .to_string()
 }
@@ -98,6 +99,8 @@ pub fn prepare(path: &Path) -> Result<(config::Config, Compiled)> {
 
 struct Live {
     compiled: Compiled,
+    /// TC pod mode is on: keep the source-address map filled.
+    pod_mode: bool,
 }
 
 /// Everything the periodic tasks and the reload path share.
@@ -168,6 +171,35 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS_1").context("map EVENTS_1 missing")?)?;
     let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
     let attachments = loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins, pinned_hash)?;
+    match loader::attach_lsm(&mut ebpf, &pins, pinned_hash) {
+        Ok(_) => {
+            metrics
+                .programs_attached
+                .with_label_values(&[loader::LSM_HOOK])
+                .set(1);
+        }
+        Err(e) => {
+            metrics
+                .programs_attached
+                .with_label_values(&[loader::LSM_HOOK])
+                .set(0);
+            error!(
+                "AF_PACKET sockets stay open: the kernel refused the BPF LSM program ({e}). Needs CONFIG_BPF_LSM, \"bpf\" in the lsm= boot list, and a kernel that permits BPF LSM programs (some locked-down kernels refuse them). Meanwhile drop CAP_NET_RAW from MCP servers"
+            );
+        }
+    }
+    let mut tc = if cfg.tc.enabled {
+        let mut tc =
+            crate::tc::Tc::load(&mut ebpf, &cfg.tc).context("loading the TC classifier")?;
+        let n = tc.sync(&mut ebpf);
+        metrics
+            .programs_attached
+            .with_label_values(&["tc"])
+            .set(i64::from(n > 0));
+        Some(tc)
+    } else {
+        None
+    };
     if was_pinned {
         info!(
             generation = maps.generation(),
@@ -225,9 +257,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         }
     };
     let listen = cfg.metrics_listen;
+    let pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
     let on_exit = cfg.on_exit;
     let state = Arc::new(State {
-        live: Mutex::new(Live { compiled }),
+        live: Mutex::new(Live { compiled, pod_mode }),
         maps,
         names: names.clone(),
         metrics: metrics.clone(),
@@ -300,6 +333,20 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 }
             }
             _ = attach_check.tick() => {
+                if let Some(tc) = tc.as_mut() {
+                    let n = tc.sync(&mut ebpf);
+                    metrics.programs_attached.with_label_values(&["tc"]).set(i64::from(n > 0));
+                    let wanted = {
+                        let l = state.live.lock().expect("live");
+                        l.pod_mode.then(|| crate::sources::scan(&l.compiled, &state.mount))
+                    };
+                    if let Some(wanted) = wanted {
+                        let changed = state.maps.lock().expect("maps").set_sources(&wanted);
+                        if changed > 0 {
+                            state.refresh_status();
+                        }
+                    }
+                }
                 let ok = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
                 shared.ready.store(ok, Ordering::SeqCst);
                 metrics.ready.set(i64::from(ok));
@@ -430,6 +477,7 @@ fn reload(path: &Path, state: &State) {
     set_policy_gauges(metrics, &compiled);
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.last_reload_success.set(unix_now());
-    *state.live.lock().expect("live") = Live { compiled };
+    let pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
+    *state.live.lock().expect("live") = Live { compiled, pod_mode };
     state.refresh_status();
 }

@@ -86,6 +86,8 @@ pub fn hook_name(h: u8) -> &'static str {
         HOOK_SENDMSG4 => "sendmsg4",
         HOOK_SENDMSG6 => "sendmsg6",
         HOOK_TC => "tc",
+        mcp_guard_common::HOOK_SOCK_CREATE => "sock_create",
+        mcp_guard_common::HOOK_LSM_SOCKET => "socket_create",
         _ => "unknown",
     }
 }
@@ -95,6 +97,7 @@ pub fn class_name(c: u8) -> &'static str {
     match c {
         CLASS_METADATA => "metadata",
         CLASS_INTERNAL => "internal",
+        mcp_guard_common::CLASS_NONE => "none",
         _ => "public",
     }
 }
@@ -229,7 +232,13 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
         exe: proc_text(e.tgid, "exe"),
         cmdline: proc_text(e.tgid, "cmdline"),
         family: if dst.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
-        socket_family: if e.sock_family == 2 { "inet" } else { "inet6" }.into(),
+        socket_family: match e.sock_family {
+            2 => "inet",
+            10 => "inet6",
+            17 => "packet",
+            _ => "unknown",
+        }
+        .into(),
         proto: proto_name(e.proto),
         dst: dst.to_string(),
         dport: e.dport,

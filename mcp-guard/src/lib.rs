@@ -23,3 +23,5 @@ pub mod metrics;
 pub mod pins;
 pub mod policy;
 pub mod sets;
+pub mod sources;
+pub mod tc;

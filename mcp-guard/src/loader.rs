@@ -6,7 +6,7 @@ use std::{collections::HashMap, fs::File, path::Path};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -16,12 +16,18 @@ use crate::pins::{Pins, MAP_NAMES};
 
 /// The socket-level programs, by kernel program name, with their hook names and kernel
 /// attach types (BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG).
-pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 4] = [
+pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 5] = [
     ("mcpg_connect4", "connect4", 10),
     ("mcpg_connect6", "connect6", 11),
     ("mcpg_sendmsg4", "sendmsg4", 14),
     ("mcpg_sendmsg6", "sendmsg6", 15),
+    // cgroup/sock_create (BPF_CGROUP_INET_SOCK_CREATE): raw inet sockets.
+    ("mcpg_sock_create", "sock_create", 2),
 ];
+
+/// The BPF LSM program refusing AF_PACKET sockets, and its link's pin name.
+const LSM_PROGRAM: &str = "mcpg_lsm_socket";
+pub const LSM_HOOK: &str = "socket_create";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -112,13 +118,6 @@ pub struct Attachments {
     pub adopted: Vec<&'static str>,
 }
 
-fn prog<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, LoadError> {
-    ebpf.program_mut(name)
-        .ok_or(LoadError::Missing(name))?
-        .try_into()
-        .map_err(|source| LoadError::Program { name, source })
-}
-
 /// FNV-1a of the embedded object: identifies the code a daemon runs without needing
 /// CAP_SYS_ADMIN to look programs up by id.
 #[must_use]
@@ -150,12 +149,7 @@ pub fn attach_sock_addr(
     })?;
     let mut out = Attachments::default();
     for (name, hook, attach_type) in SOCK_ADDR_PROGRAMS {
-        let p = prog(ebpf, name)?;
-        p.load()
-            .map_err(|source| LoadError::Program { name, source })?;
-        let ours = p
-            .info()
-            .map_err(|source| LoadError::Program { name, source })?;
+        let ours_id = load_cgroup_prog(ebpf, name)?;
         if let Ok(pinned) = PinnedLink::from_pin(pins.link(hook)) {
             let link = FdLink::from(pinned);
             let pinned_prog = link.info().ok().map(|i| i.program_id());
@@ -179,9 +173,107 @@ pub fn attach_sock_addr(
             );
         }
         attach_and_pin(ebpf, name, hook, &cg, pins)?;
-        out.expected.insert(hook, ours.id());
+        out.expected.insert(hook, ours_id);
     }
     Ok(out)
+}
+
+fn load_cgroup_prog(ebpf: &mut Ebpf, name: &'static str) -> Result<u32, LoadError> {
+    let err = |source| LoadError::Program { name, source };
+    let program = ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
+    if name == "mcpg_sock_create" {
+        let p: &mut CgroupSock = program.try_into().map_err(err)?;
+        p.load().map_err(err)?;
+        Ok(p.info().map_err(err)?.id())
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
+        p.load().map_err(err)?;
+        Ok(p.info().map_err(err)?.id())
+    }
+}
+
+/// Attaches a loaded cgroup program and hands back its link.
+fn attach_cgroup_prog(ebpf: &mut Ebpf, name: &'static str, cg: &File) -> Result<FdLink, LoadError> {
+    let err = |source| LoadError::Program { name, source };
+    let program = ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
+    // On 5.7+ aya attaches through a bpf_link, which the kernel always adds in multi mode
+    // (and refuses attach flags for): our programs coexist with systemd's and other
+    // agents', every one runs and any refusal wins.
+    let fd_link = if name == "mcpg_sock_create" {
+        let p: &mut CgroupSock = program.try_into().map_err(err)?;
+        let id = p.attach(cg, CgroupAttachMode::Single).map_err(err)?;
+        FdLink::try_from(p.take_link(id).map_err(err)?)
+    } else {
+        let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
+        let id = p.attach(cg, CgroupAttachMode::Single).map_err(err)?;
+        FdLink::try_from(p.take_link(id).map_err(err)?)
+    };
+    fd_link.map_err(|e| LoadError::Pin {
+        hook: name,
+        path: String::new(),
+        detail: chain(&e),
+    })
+}
+
+/// Pins `link` as the hook's link: pinned under a temporary name, then renamed over the
+/// old pin (rename(2) on bpffs is atomic), which releases the old link only after the
+/// new one is attached.
+fn pin_over(link: FdLink, hook: &'static str, pins: &Pins) -> Result<(), LoadError> {
+    let final_path = pins.link(hook);
+    // bpffs refuses names with a dot.
+    let tmp = final_path.with_file_name(format!("{hook}-new"));
+    let _ = std::fs::remove_file(&tmp);
+    let pinned = link.pin(&tmp).map_err(|e| LoadError::Pin {
+        hook,
+        path: tmp.display().to_string(),
+        detail: chain(&e),
+    })?;
+    std::fs::rename(&tmp, &final_path).map_err(|e| LoadError::Pin {
+        hook,
+        path: final_path.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    drop(pinned);
+    Ok(())
+}
+
+/// Loads and attaches the BPF LSM program that refuses AF_PACKET sockets, adopting a
+/// pinned link from the same object. Returns its program id, or an error saying why the
+/// kernel cannot run it (BPF LSM inactive, no BTF): the caller reports that packet
+/// sockets stay open.
+///
+/// # Errors
+/// BTF, load, attach or pin failed.
+pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32, LoadError> {
+    let name = LSM_PROGRAM;
+    let err = |source| LoadError::Program { name, source };
+    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Pin {
+        hook: LSM_HOOK,
+        path: "/sys/kernel/btf/vmlinux".into(),
+        detail: chain(&e),
+    })?;
+    let p: &mut Lsm = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::Missing(name))?
+        .try_into()
+        .map_err(err)?;
+    p.load(LSM_HOOK, &btf).map_err(err)?;
+    let ours = p.info().map_err(err)?.id();
+    if let Ok(pinned) = PinnedLink::from_pin(pins.link(LSM_HOOK)) {
+        let link = FdLink::from(pinned);
+        if let (Ok(info), true) = (link.info(), pinned_hash == object_hash()) {
+            info!(hook = LSM_HOOK, "adopted the pinned LSM link");
+            return Ok(info.program_id());
+        }
+    }
+    let id = p.attach().map_err(err)?;
+    let link = FdLink::try_from(p.take_link(id).map_err(err)?).map_err(|e| LoadError::Pin {
+        hook: LSM_HOOK,
+        path: String::new(),
+        detail: chain(&e),
+    })?;
+    pin_over(link, LSM_HOOK, pins)?;
+    Ok(ours)
 }
 
 fn attach_and_pin(
@@ -191,39 +283,9 @@ fn attach_and_pin(
     cg: &File,
     pins: &Pins,
 ) -> Result<(), LoadError> {
-    let p = prog(ebpf, name)?;
-    // On 5.7+ aya attaches through a bpf_link, which the kernel always adds in multi mode
-    // (and refuses attach flags for): our programs coexist with systemd's and other
-    // agents', every one runs and any refusal wins.
-    let id = p
-        .attach(cg, CgroupAttachMode::Single)
-        .map_err(|source| LoadError::Program { name, source })?;
-    let link = p
-        .take_link(id)
-        .map_err(|source| LoadError::Program { name, source })?;
-    let fd_link = FdLink::try_from(link).map_err(|e| LoadError::Pin {
-        hook,
-        path: String::new(),
-        detail: e.to_string(),
-    })?;
-    let final_path = pins.link(hook);
-    // bpffs refuses names with a dot.
-    let tmp = final_path.with_file_name(format!("{hook}-new"));
-    let _ = std::fs::remove_file(&tmp);
-    let pinned = fd_link.pin(&tmp).map_err(|e| LoadError::Pin {
-        hook,
-        path: tmp.display().to_string(),
-        detail: chain(&e),
-    })?;
-    // rename(2) on bpffs swaps the pin atomically; dropping the old pin releases the
-    // old link (detaching it), after ours is already attached.
-    std::fs::rename(&tmp, &final_path).map_err(|e| LoadError::Pin {
-        hook,
-        path: final_path.display().to_string(),
-        detail: e.to_string(),
-    })?;
-    drop(pinned);
-    info!(program = name, hook, cgroup = ?cg, "attached and pinned");
+    let link = attach_cgroup_prog(ebpf, name, cg)?;
+    pin_over(link, hook, pins)?;
+    info!(program = name, hook, "attached and pinned");
     Ok(())
 }
 
@@ -315,7 +377,9 @@ pub fn reattach(
         source,
     })?;
     attach_and_pin(ebpf, name, hook, &cg, pins)?;
-    let id = prog(ebpf, name)?
+    let id = ebpf
+        .program(name)
+        .ok_or(LoadError::Missing(name))?
         .info()
         .map_err(|source| LoadError::Program { name, source })?
         .id();

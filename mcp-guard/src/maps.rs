@@ -56,7 +56,8 @@ fn info_of(compiled: &Compiled, workload_id: u32) -> WorkloadInfo {
         workload_id: w.id,
         default: w.default,
         mode: w.mode,
-        _pad: [0; 2],
+        flags: w.flags,
+        _pad: 0,
     }
 }
 
@@ -75,6 +76,9 @@ pub struct PolicyMaps {
     exact: HashMap<MapData, ExactKey, PolicyEntry>,
     stats: PerCpuArray<MapData, u64>,
     flows: PerCpuHashMap<MapData, FlowCounterKey, u64>,
+    sources: HashMap<MapData, [u8; 16], u64>,
+    /// What `sources` holds now.
+    source_entries: BTreeMap<[u8; 16], u64>,
     slots: [SlotContents; 2],
     active: u32,
     generation: u32,
@@ -107,6 +111,8 @@ impl PolicyMaps {
                 .map_err(map_err("POLICY_EXACT_1"))?,
             stats: PerCpuArray::try_from(take(ebpf, "STATS_1")?).map_err(map_err("STATS_1"))?,
             flows: PerCpuHashMap::try_from(take(ebpf, "FLOWS_1")?).map_err(map_err("FLOWS_1"))?,
+            sources: HashMap::try_from(take(ebpf, "SOURCES_1")?).map_err(map_err("SOURCES_1"))?,
+            source_entries: BTreeMap::new(),
             slots: [SlotContents::default(), SlotContents::default()],
             active: 0,
             generation: 0,
@@ -320,6 +326,36 @@ impl PolicyMaps {
             .filter(|(_, w)| **w == workload_id)
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Makes `SOURCES_1` (pod mode) equal `wanted`: new addresses first, then stale ones
+    /// removed. Returns how many entries changed.
+    pub fn set_sources(&mut self, wanted: &BTreeMap<[u8; 16], u64>) -> usize {
+        let mut changed = 0;
+        for (a, id) in wanted {
+            if self.source_entries.get(a) != Some(id) && self.sources.insert(a, id, 0).is_ok() {
+                self.source_entries.insert(*a, *id);
+                changed += 1;
+            }
+        }
+        let stale: Vec<[u8; 16]> = self
+            .source_entries
+            .keys()
+            .filter(|a| !wanted.contains_key(*a))
+            .copied()
+            .collect();
+        for a in stale {
+            let _ = self.sources.remove(&a);
+            self.source_entries.remove(&a);
+            changed += 1;
+        }
+        changed
+    }
+
+    /// How many source addresses pod mode maps to workloads.
+    #[must_use]
+    pub fn source_count(&self) -> usize {
+        self.source_entries.len()
     }
 
     /// Reads every counter, summed over CPUs.

@@ -16,7 +16,7 @@ use aya::programs::{links::PinnedLink, Link as _};
 use tracing::info;
 
 /// Every map of the object, by kernel name.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     "CONFIG_1",
     "CGROUPS_1",
     "POLICY_LPM_1",
@@ -25,6 +25,7 @@ pub const MAP_NAMES: [&str; 8] = [
     "FLOWS_1",
     "RATE_1",
     "EVENTS_1",
+    "SOURCES_1",
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

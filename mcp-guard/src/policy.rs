@@ -37,6 +37,8 @@ pub struct CompiledWorkload {
     pub default: u8,
     pub mode: u8,
     pub rules: usize,
+    /// `WL_DENY_RAW` | `WL_DENY_PACKET`.
+    pub flags: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -356,6 +358,15 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
                 Mode::Audit => MODE_AUDIT,
             },
             rules: w.allow.len(),
+            flags: (if w.deny_raw_sockets {
+                mcp_guard_common::WL_DENY_RAW
+            } else {
+                0
+            }) | (if w.deny_packet_sockets {
+                mcp_guard_common::WL_DENY_PACKET
+            } else {
+                0
+            }),
         });
     }
     Ok(out)
@@ -532,6 +543,9 @@ pub fn reason_name(r: u8) -> &'static str {
         REASON_DENY_INTERNAL => "deny-internal",
         REASON_DEFAULT_DENY => "default-deny",
         REASON_NOT_ALLOWED => "not-allowed",
+        mcp_guard_common::REASON_RAW_SOCKET => "raw-socket",
+        mcp_guard_common::REASON_PACKET_SOCKET => "packet-socket",
+        mcp_guard_common::REASON_MALFORMED => "malformed-packet",
         _ => "unknown",
     }
 }

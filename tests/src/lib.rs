@@ -94,6 +94,40 @@ impl NetNs {
         .expect("netns thread")
     }
 
+    /// Runs `ip -n NS ARGS...`.
+    pub fn ip(&self, args: &str) {
+        let mut v = vec!["-n", &self.name];
+        v.extend(args.split_whitespace());
+        run("ip", &v);
+    }
+
+    /// A veth pair between this namespace (`mine`) and `other` (`theirs`), both up.
+    pub fn veth(&self, mine: &str, other: &NetNs, theirs: &str) {
+        self.ip(&format!(
+            "link add {mine} type veth peer name {theirs} netns {}",
+            other.name
+        ));
+        self.ip(&format!("link set {mine} up"));
+        other.ip(&format!("link set {theirs} up"));
+    }
+
+    /// Counts UDP datagrams arriving at `addr` inside the namespace.
+    pub fn udp_counter(&self, addr: &str) -> Arc<std::sync::atomic::AtomicU64> {
+        let sa: SocketAddr = addr.parse().expect("socket address");
+        let sock = self.in_ns(move || {
+            std::net::UdpSocket::bind(sa).unwrap_or_else(|e| panic!("bind {sa}: {e}"))
+        });
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let c = count.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while sock.recv(&mut buf).is_ok() {
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        count
+    }
+
     /// A TCP listener inside the namespace that accepts and closes connections forever.
     pub fn listen_tcp(&self, addr: &str) {
         self.serve_tcp(addr, "");
@@ -262,10 +296,17 @@ fn with_pin_dir(config: &str, pin_dir: &Path) -> String {
     if !config.contains("on_exit") {
         extra.push_str("on_exit = \"detach\"\n");
     }
-    if config.contains("[daemon]\n") {
+    let config = if config.contains("[daemon]\n") {
         config.replacen("[daemon]\n", &format!("[daemon]\n{extra}"), 1)
     } else {
         format!("{config}\n[daemon]\n{extra}")
+    };
+    // The TC classifier would attach to this machine's interfaces: only the tests that
+    // are about it turn it on, in their own namespace.
+    if config.contains("[tc]") {
+        config
+    } else {
+        format!("{config}\n[tc]\nenabled = false\n")
     }
 }
 

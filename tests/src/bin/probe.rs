@@ -240,6 +240,164 @@ fn tcp_loop(f: &[&str]) -> String {
     format!("ALLOWED {ok} DENIED {denied} OTHER {other}")
 }
 
+fn errno_result(rc: i64) -> String {
+    if rc >= 0 {
+        return "OK".into();
+    }
+    let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    if e == libc::EPERM {
+        "EPERM".into()
+    } else {
+        format!("ERR {e}")
+    }
+}
+
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Below the socket hooks:
+/// `socket raw4|raw6|packet` creates such a socket;
+/// `raw-icmp A.B.C.D` sends an ICMP echo on a raw socket and waits 1 s for the reply
+/// (REPLY / NOREPLY);
+/// `raw-udp SRC DST PORT` sends a hand-built IPv4/UDP packet on an IPPROTO_RAW socket.
+fn below_sockets(f: &[&str]) -> Option<String> {
+    // SAFETY (all blocks): syscalls with valid fds and buffers.
+    match *f.first()? {
+        "socket" => {
+            let (family, ty, proto) = match *f.get(1)? {
+                "raw4" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
+                "raw6" => (libc::AF_INET6, libc::SOCK_RAW, libc::IPPROTO_ICMPV6),
+                "packet" => (
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW,
+                    i32::from((libc::ETH_P_ALL as u16).to_be()),
+                ),
+                _ => return Some("ERR bad-kind".into()),
+            };
+            let fd = unsafe { libc::socket(family, ty, proto) };
+            let r = errno_result(i64::from(fd));
+            if fd >= 0 {
+                unsafe { libc::close(fd) };
+            }
+            Some(r)
+        }
+        "raw-icmp" => {
+            let dst: std::net::Ipv4Addr = f.get(1)?.parse().ok()?;
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+            if fd < 0 {
+                return Some(errno_result(-1));
+            }
+            let mut pkt = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'm', b'c', b'p', b'g'];
+            let c = checksum(&pkt);
+            pkt[2..4].copy_from_slice(&c.to_be_bytes());
+            let (st, len) = sockaddr(SocketAddr::new(IpAddr::V4(dst), 0));
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    pkt.as_ptr().cast(),
+                    pkt.len(),
+                    0,
+                    (&raw const st).cast(),
+                    len,
+                )
+            };
+            if sent < 0 {
+                let r = errno_result(-1);
+                unsafe { libc::close(fd) };
+                return Some(r);
+            }
+            let tv = libc::timeval {
+                tv_sec: 1,
+                tv_usec: 0,
+            };
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    size_of::<libc::timeval>() as u32,
+                )
+            };
+            let mut buf = [0u8; 256];
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let mut reply = false;
+            while std::time::Instant::now() < until {
+                let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n < 0 {
+                    break;
+                }
+                let ihl = usize::from(buf[0] & 0x0f) * 4;
+                // An echo reply (type 0) from dst with our identifier.
+                if n as usize > ihl + 8
+                    && buf[ihl] == 0
+                    && buf[12..16] == dst.octets()
+                    && buf[ihl + 4..ihl + 6] == [0x12, 0x34]
+                {
+                    reply = true;
+                    break;
+                }
+            }
+            unsafe { libc::close(fd) };
+            Some(if reply {
+                "REPLY".into()
+            } else {
+                "NOREPLY".into()
+            })
+        }
+        "raw-udp" => {
+            let src: std::net::Ipv4Addr = f.get(1)?.parse().ok()?;
+            let dst: std::net::Ipv4Addr = f.get(2)?.parse().ok()?;
+            let port: u16 = f.get(3)?.parse().ok()?;
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+            if fd < 0 {
+                return Some(errno_result(-1));
+            }
+            let payload = b"hand-built";
+            let total = 20 + 8 + payload.len();
+            let mut p = vec![0u8; total];
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            p[8] = 64;
+            p[9] = 17;
+            p[12..16].copy_from_slice(&src.octets());
+            p[16..20].copy_from_slice(&dst.octets());
+            let c = checksum(&p[..20]);
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+            p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+            p[22..24].copy_from_slice(&port.to_be_bytes());
+            p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            p[28..].copy_from_slice(payload);
+            let (st, len) = sockaddr(SocketAddr::new(IpAddr::V4(dst), 0));
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    p.as_ptr().cast(),
+                    p.len(),
+                    0,
+                    (&raw const st).cast(),
+                    len,
+                )
+            };
+            unsafe { libc::close(fd) };
+            Some(if sent < 0 {
+                errno_result(-1)
+            } else {
+                "SENT".into()
+            })
+        }
+        _ => None,
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -272,6 +430,11 @@ fn main() {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.first() == Some(&"sendto-cycle") {
             writeln!(out, "{}", sendto_cycle(&f)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
+        if let Some(r) = below_sockets(&f) {
+            writeln!(out, "{r}").expect("stdout");
             out.flush().expect("stdout");
             continue;
         }

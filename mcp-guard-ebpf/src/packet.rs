@@ -1,0 +1,315 @@
+//! The packet-level backstop: a TC classifier that drops packets from guarded workloads
+//! to denied destinations, with the same compiled policy as the socket hooks. It sees
+//! what they cannot: raw and packet sockets, ICMP, hand-built packets.
+//!
+//! Workload attribution:
+//! - VM mode (egress of the host's interfaces): the packet's socket cgroup and its
+//!   ancestors, exactly like the socket hooks.
+//! - Pod mode (ingress of a pod's node-side veth, where the socket is gone): the source
+//!   address, through `SOURCES_1`, which the daemon fills from the workload's network
+//!   namespaces.
+
+use aya_ebpf::{
+    helpers::generated::{bpf_get_socket_cookie, bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    macros::classifier,
+    programs::TcContext,
+    EbpfContext,
+};
+use mcp_guard_common::{
+    CgroupKey, WorkloadInfo, HOOK_TC, MAX_CGROUP_LEVEL, MODE_AUDIT, PROTO_OTHER, PROTO_TCP,
+    PROTO_UDP, VERDICT_AUDITED, VERDICT_DENIED,
+};
+
+use crate::{
+    decide::{classify, decide, ATTEMPTS, REFUSED},
+    maps::{CGROUPS_1, CONFIG_1, SOURCES_1},
+    report::{self, Flow, Origin},
+};
+
+/// TCX_NEXT / TC_ACT_UNSPEC: no opinion, let the next program and the stack decide.
+const PASS: i32 = -1;
+const DROP: i32 = 2;
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+/// What the classifier needs from a packet.
+struct Packet {
+    daddr: [u8; 16],
+    saddr: [u8; 16],
+    proto: u8,
+    dport: u16,
+    sport: u16,
+    family: u8,
+}
+
+#[derive(Clone, Copy)]
+enum Parsed {
+    /// Not IP (ARP, LLDP...): not ours to judge.
+    NotIp,
+    /// IP, but cut short or malformed.
+    Broken,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Result<T, Parsed> {
+    ctx.load::<T>(off).map_err(|_| Parsed::Broken)
+}
+
+fn mapped(v4: [u8; 4]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12] = v4[0];
+    a[13] = v4[1];
+    a[14] = v4[2];
+    a[15] = v4[3];
+    a
+}
+
+#[inline(always)]
+fn ports(
+    ctx: &TcContext,
+    l4: usize,
+    proto: u8,
+    first_fragment: bool,
+) -> Result<(u16, u16), Parsed> {
+    // Only the first fragment carries the ports; later fragments are judged as "port
+    // unknown" (0): only rules for every port can allow them, so a fragment never
+    // slips past a port rule.
+    if first_fragment && (proto == 6 || proto == 17 || proto == 136) {
+        let sport: u16 = load(ctx, l4)?;
+        let dport: u16 = load(ctx, l4 + 2)?;
+        return Ok((u16::from_be(sport), u16::from_be(dport)));
+    }
+    Ok((0, 0))
+}
+
+#[inline(never)]
+fn parse(ctx: &TcContext) -> Result<Packet, Parsed> {
+    let mut eth_proto = u16::from_be(ctx.load::<u16>(12).map_err(|_| Parsed::NotIp)?);
+    let mut off = 14;
+    if eth_proto == ETH_P_8021Q || eth_proto == ETH_P_8021AD {
+        eth_proto = u16::from_be(load(ctx, 16)?);
+        off = 18;
+    }
+    match eth_proto {
+        ETH_P_IP => {
+            let vihl: u8 = load(ctx, off)?;
+            let ihl = usize::from(vihl & 0x0f) * 4;
+            if vihl >> 4 != 4 || ihl < 20 {
+                return Err(Parsed::Broken);
+            }
+            let frag = u16::from_be(load(ctx, off + 6)?);
+            let proto: u8 = load(ctx, off + 9)?;
+            let saddr: [u8; 4] = load(ctx, off + 12)?;
+            let daddr: [u8; 4] = load(ctx, off + 16)?;
+            let (sport, dport) = ports(ctx, off + ihl, proto, frag & 0x1fff == 0)?;
+            Ok(Packet {
+                daddr: mapped(daddr),
+                saddr: mapped(saddr),
+                proto,
+                dport,
+                sport,
+                family: 2,
+            })
+        }
+        ETH_P_IPV6 => {
+            let saddr: [u8; 16] = load(ctx, off + 8)?;
+            let daddr: [u8; 16] = load(ctx, off + 24)?;
+            let mut next: u8 = load(ctx, off + 6)?;
+            let mut l4 = off + 40;
+            let mut first_fragment = true;
+            let mut i = 0;
+            // Walk the extension headers to the transport header (bounded).
+            while i < 8 {
+                match next {
+                    0 | 43 | 60 => {
+                        // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+                        let nh: u8 = load(ctx, l4)?;
+                        let len: u8 = load(ctx, l4 + 1)?;
+                        next = nh;
+                        l4 += (usize::from(len) + 1) * 8;
+                    }
+                    44 => {
+                        // Fragment header: 8 bytes; a non-zero offset means no ports.
+                        let nh: u8 = load(ctx, l4)?;
+                        let offset = u16::from_be(load(ctx, l4 + 2)?) & 0xfff8;
+                        first_fragment = offset == 0;
+                        next = nh;
+                        l4 += 8;
+                    }
+                    51 => {
+                        // Authentication header: (len + 2) * 4 bytes.
+                        let nh: u8 = load(ctx, l4)?;
+                        let len: u8 = load(ctx, l4 + 1)?;
+                        next = nh;
+                        l4 += (usize::from(len) + 2) * 4;
+                    }
+                    _ => break,
+                }
+                i += 1;
+            }
+            let (sport, dport) = ports(ctx, l4, next, first_fragment)?;
+            Ok(Packet {
+                daddr,
+                saddr,
+                proto: next,
+                dport,
+                sport,
+                family: 10,
+            })
+        }
+        _ => Err(Parsed::NotIp),
+    }
+}
+
+/// ICMPv6 to a link-local or link-scope multicast address (neighbour discovery, router
+/// solicitation, MLD): the kernel's own link maintenance, which never leaves the link.
+/// Dropping it would cut a pod's IPv6 off in pod mode, where every packet from its
+/// address is the workload's.
+#[inline(always)]
+fn link_scoped_icmpv6(p: &Packet) -> bool {
+    let d = &p.daddr;
+    p.family == 10
+        && p.proto == 58
+        && ((d[0] == 0xff && d[1] & 0x0f == 0x02) || (d[0] == 0xfe && d[1] & 0xc0 == 0x80))
+}
+
+/// The workload of the packet's socket (nearest ancestor cgroup with a policy).
+#[inline(never)]
+fn workload_of_socket(ctx: &TcContext, slot: u32) -> Option<&'static WorkloadInfo> {
+    let skb = ctx.as_ptr().cast();
+    let mut found = None;
+    let mut level = 0;
+    while level < MAX_CGROUP_LEVEL {
+        // SAFETY: helper on our own skb; returns 0 without a socket or above its level.
+        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: entries are replaced whole by user space.
+        if let Some(w) = unsafe {
+            CGROUPS_1.get(&CgroupKey {
+                cgroup_id: id,
+                slot,
+                _pad: 0,
+            })
+        } {
+            found = Some(w);
+        }
+        level += 1;
+    }
+    found
+}
+
+/// Pod mode: the workload whose network namespace owns the source address.
+#[inline(always)]
+fn workload_of_source(saddr: &[u8; 16], slot: u32) -> Option<(&'static WorkloadInfo, u64)> {
+    // SAFETY: plain data written whole by user space.
+    let cgroup_id = *unsafe { SOURCES_1.get(saddr) }?;
+    // SAFETY: as above.
+    unsafe {
+        CGROUPS_1.get(&CgroupKey {
+            cgroup_id,
+            slot,
+            _pad: 0,
+        })
+    }
+    .map(|w| (w, cgroup_id))
+}
+
+#[classifier]
+pub fn mcpg_tc(ctx: TcContext) -> i32 {
+    let Some(cfg) = CONFIG_1.get(0) else {
+        return PASS;
+    };
+    let parsed = parse(&ctx);
+    if parsed.as_ref().is_ok_and(link_scoped_icmpv6) {
+        return PASS;
+    }
+    // SAFETY: helper on our own skb.
+    let socket_cgroup = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
+    let mut attempt = 0;
+    while attempt < ATTEMPTS {
+        // SAFETY: the array element lives as long as the map.
+        let generation = unsafe { core::ptr::read_volatile(&raw const cfg.generation) };
+        let slot = unsafe { core::ptr::read_volatile(&raw const cfg.slot) } & 1;
+        let by_socket = if socket_cgroup != 0 {
+            workload_of_socket(&ctx, slot).map(|w| (w, socket_cgroup))
+        } else {
+            None
+        };
+        let owner = match (&by_socket, &parsed) {
+            (Some(_), _) => by_socket,
+            (None, Ok(p)) => workload_of_source(&p.saddr, slot),
+            (None, Err(_)) => None,
+        };
+        let verdict = match (owner, &parsed) {
+            (None, _) | (Some(_), Err(Parsed::NotIp)) => None,
+            // A guarded workload's IP packet that cannot be parsed: fail closed.
+            (Some((wl, _)), Err(Parsed::Broken)) => Some((wl, 0u64, None)),
+            (Some((wl, _)), Ok(p)) => {
+                let proto_bit = match p.proto {
+                    6 => PROTO_TCP,
+                    17 | 136 => PROTO_UDP,
+                    _ => PROTO_OTHER,
+                };
+                let result = decide(slot, wl, &p.daddr, p.dport, proto_bit);
+                (result & REFUSED != 0).then(|| (wl, result, Some(classify(slot, &p.daddr))))
+            }
+        };
+        // SAFETY: as above; the same re-check as the socket hooks (see decide.rs).
+        if unsafe { core::ptr::read_volatile(&raw const cfg.generation) } != generation {
+            attempt += 1;
+            continue;
+        }
+        let Some((wl, result, class)) = verdict else {
+            return PASS;
+        };
+        let cgroup_id = owner.map_or(0, |(_, id)| id);
+        let (daddr, saddr, proto, dport, sport, family) = match &parsed {
+            Ok(p) => (p.daddr, p.saddr, p.proto, p.dport, p.sport, p.family),
+            Err(_) => ([0; 16], [0; 16], 0, 0, 0, 0),
+        };
+        let audit = wl.mode == MODE_AUDIT;
+        report::emit(
+            &Flow {
+                hook: HOOK_TC,
+                verdict: if audit {
+                    VERDICT_AUDITED
+                } else {
+                    VERDICT_DENIED
+                },
+                workload_id: wl.workload_id,
+                reason: if result & REFUSED != 0 {
+                    (result >> 32) as u8
+                } else {
+                    mcp_guard_common::REASON_MALFORMED
+                },
+                rule_id: result as u32,
+                dest_class: class.unwrap_or(mcp_guard_common::CLASS_NONE),
+                addr: daddr,
+                port: dport,
+                proto,
+                sock_family: family,
+                generation,
+                rate_limit: cfg.rate_limit_per_sec,
+            },
+            &Origin {
+                cgroup_id,
+                // SAFETY: helper on our own skb; 0 without a socket.
+                socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+                pid_tgid: 0,
+                uid_gid: 0,
+                comm: [0; 16],
+                saddr,
+                sport,
+            },
+        );
+        return if audit { PASS } else { DROP };
+    }
+    DROP
+}

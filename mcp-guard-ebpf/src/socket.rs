@@ -1,0 +1,130 @@
+//! Closing the paths below connect()/sendmsg(): a guarded workload may not create raw
+//! inet sockets (cgroup/sock_create) nor AF_PACKET sockets (BPF LSM socket_create), each
+//! configurable per workload and reported like any other refusal.
+
+use aya_ebpf::{
+    helpers::generated::bpf_get_socket_cookie,
+    macros::{cgroup_sock, lsm},
+    programs::{LsmContext, SockContext},
+    EbpfContext,
+};
+use mcp_guard_common::{
+    CLASS_NONE, HOOK_LSM_SOCKET, HOOK_SOCK_CREATE, MODE_AUDIT, REASON_PACKET_SOCKET,
+    REASON_RAW_SOCKET, VERDICT_AUDITED, VERDICT_DENIED, WL_DENY_PACKET, WL_DENY_RAW,
+};
+
+use crate::{
+    decide::{find_workload, ATTEMPTS},
+    maps::CONFIG_1,
+    report::{self, Flow, Origin},
+};
+
+const SOCK_RAW: u32 = 3;
+const AF_INET6: u32 = 10;
+const AF_PACKET: i32 = 17;
+const EPERM: i32 = 1;
+
+/// Whether the calling task's workload refuses this kind of socket; reports it if so.
+/// Returns true when the creation must fail.
+/// What is being created (BPF calls take at most five arguments, so one says all three:
+/// the workload flag, the reason and the hook).
+const RAW: u8 = 0;
+const PACKET: u8 = 1;
+
+#[inline(never)]
+fn refuse_creation(kind: u8, family: u8, proto: u8, cookie: u64) -> bool {
+    let (flag, reason, hook) = if kind == RAW {
+        (WL_DENY_RAW, REASON_RAW_SOCKET, HOOK_SOCK_CREATE)
+    } else {
+        (WL_DENY_PACKET, REASON_PACKET_SOCKET, HOOK_LSM_SOCKET)
+    };
+    let Some(cfg) = CONFIG_1.get(0) else {
+        return false;
+    };
+    let mut attempt = 0;
+    while attempt < ATTEMPTS {
+        // SAFETY: the array element lives as long as the map.
+        let generation = unsafe { core::ptr::read_volatile(&raw const cfg.generation) };
+        let slot = unsafe { core::ptr::read_volatile(&raw const cfg.slot) } & 1;
+        let wl = find_workload(slot);
+        // SAFETY: as above. Same re-check as the socket hooks (see decide.rs).
+        if unsafe { core::ptr::read_volatile(&raw const cfg.generation) } != generation {
+            attempt += 1;
+            continue;
+        }
+        let Some(wl) = wl else { return false };
+        if wl.flags & flag == 0 {
+            return false;
+        }
+        let audit = wl.mode == MODE_AUDIT;
+        report::emit(
+            &Flow {
+                hook,
+                verdict: if audit {
+                    VERDICT_AUDITED
+                } else {
+                    VERDICT_DENIED
+                },
+                workload_id: wl.workload_id,
+                reason,
+                rule_id: 0,
+                dest_class: CLASS_NONE,
+                addr: [0; 16],
+                port: 0,
+                proto,
+                sock_family: family,
+                generation,
+                rate_limit: cfg.rate_limit_per_sec,
+            },
+            &Origin::task(cookie, [0; 16], 0),
+        );
+        return !audit;
+    }
+    true
+}
+
+/// Raw inet sockets (SOCK_RAW on AF_INET/AF_INET6) send packets the connect and sendmsg
+/// hooks never see. This hook fires for inet sockets only.
+#[cgroup_sock(sock_create)]
+pub fn mcpg_sock_create(ctx: SockContext) -> i32 {
+    // SAFETY: single loads of the context's socket fields, as the verifier requires.
+    let ty = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock).type_) };
+    if ty != SOCK_RAW {
+        return 1;
+    }
+    let family = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock).family) };
+    let protocol = unsafe { core::ptr::read_volatile(&raw const (*ctx.sock).protocol) };
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let family = if family == AF_INET6 { 10 } else { 2 };
+    if refuse_creation(RAW, family, protocol as u8, cookie) {
+        0
+    } else {
+        1
+    }
+}
+
+/// AF_PACKET sockets see and send whole frames below IP. There is no cgroup hook for
+/// them; the BPF LSM socket_create hook sees every socket creation.
+#[lsm(hook = "socket_create")]
+pub fn mcpg_lsm_socket(ctx: LsmContext) -> i32 {
+    // socket_create(int family, int type, int protocol, int kern), then the verdict of
+    // the LSM programs before us: keep a refusal already made.
+    let family: i32 = ctx.arg(0);
+    let protocol: i32 = ctx.arg(2);
+    let kern: i32 = ctx.arg(3);
+    let previous: i32 = ctx.arg(4);
+    if previous != 0 {
+        return previous;
+    }
+    if family != AF_PACKET || kern != 0 {
+        return 0;
+    }
+    // The protocol of a packet socket is an ethertype in network order.
+    let proto = u16::from_be(protocol as u16) as u8;
+    if refuse_creation(PACKET, AF_PACKET as u8, proto, 0) {
+        -EPERM
+    } else {
+        0
+    }
+}
