@@ -49,13 +49,14 @@ struct Packet {
 enum Parsed {
     /// Not IP (ARP, LLDP...): not ours to judge.
     NotIp,
-    /// IP, but cut short or malformed.
-    Broken,
+    /// IP, but cut short or malformed; carries the source address when it was read
+    /// before the cut (pod mode attributes by it), zero otherwise.
+    Broken([u8; 16]),
 }
 
 #[inline(always)]
 fn load<T>(ctx: &TcContext, off: usize) -> Result<T, Parsed> {
-    ctx.load::<T>(off).map_err(|_| Parsed::Broken)
+    ctx.load::<T>(off).map_err(|_| Parsed::Broken([0; 16]))
 }
 
 fn mapped(v4: [u8; 4]) -> [u8; 16] {
@@ -98,18 +99,19 @@ fn parse(ctx: &TcContext) -> Result<Packet, Parsed> {
     match eth_proto {
         ETH_P_IP => {
             let vihl: u8 = load(ctx, off)?;
+            let saddr = mapped(load(ctx, off + 12)?);
+            let cut = |_| Parsed::Broken(saddr);
             let ihl = usize::from(vihl & 0x0f) * 4;
             if vihl >> 4 != 4 || ihl < 20 {
-                return Err(Parsed::Broken);
+                return Err(Parsed::Broken(saddr));
             }
-            let frag = u16::from_be(load(ctx, off + 6)?);
-            let proto: u8 = load(ctx, off + 9)?;
-            let saddr: [u8; 4] = load(ctx, off + 12)?;
-            let daddr: [u8; 4] = load(ctx, off + 16)?;
-            let (sport, dport) = ports(ctx, off + ihl, proto, frag & 0x1fff == 0)?;
+            let frag = u16::from_be(load(ctx, off + 6).map_err(cut)?);
+            let proto: u8 = load(ctx, off + 9).map_err(cut)?;
+            let daddr: [u8; 4] = load(ctx, off + 16).map_err(cut)?;
+            let (sport, dport) = ports(ctx, off + ihl, proto, frag & 0x1fff == 0).map_err(cut)?;
             Ok(Packet {
                 daddr: mapped(daddr),
-                saddr: mapped(saddr),
+                saddr,
                 proto,
                 dport,
                 sport,
@@ -118,8 +120,9 @@ fn parse(ctx: &TcContext) -> Result<Packet, Parsed> {
         }
         ETH_P_IPV6 => {
             let saddr: [u8; 16] = load(ctx, off + 8)?;
-            let daddr: [u8; 16] = load(ctx, off + 24)?;
-            let mut next: u8 = load(ctx, off + 6)?;
+            let cut = |_| Parsed::Broken(saddr);
+            let daddr: [u8; 16] = load(ctx, off + 24).map_err(cut)?;
+            let mut next: u8 = load(ctx, off + 6).map_err(cut)?;
             let mut l4 = off + 40;
             let mut first_fragment = true;
             let mut i = 0;
@@ -128,23 +131,23 @@ fn parse(ctx: &TcContext) -> Result<Packet, Parsed> {
                 match next {
                     0 | 43 | 60 => {
                         // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
-                        let nh: u8 = load(ctx, l4)?;
-                        let len: u8 = load(ctx, l4 + 1)?;
+                        let nh: u8 = load(ctx, l4).map_err(cut)?;
+                        let len: u8 = load(ctx, l4 + 1).map_err(cut)?;
                         next = nh;
                         l4 += (usize::from(len) + 1) * 8;
                     }
                     44 => {
                         // Fragment header: 8 bytes; a non-zero offset means no ports.
-                        let nh: u8 = load(ctx, l4)?;
-                        let offset = u16::from_be(load(ctx, l4 + 2)?) & 0xfff8;
+                        let nh: u8 = load(ctx, l4).map_err(cut)?;
+                        let offset = u16::from_be(load(ctx, l4 + 2).map_err(cut)?) & 0xfff8;
                         first_fragment = offset == 0;
                         next = nh;
                         l4 += 8;
                     }
                     51 => {
                         // Authentication header: (len + 2) * 4 bytes.
-                        let nh: u8 = load(ctx, l4)?;
-                        let len: u8 = load(ctx, l4 + 1)?;
+                        let nh: u8 = load(ctx, l4).map_err(cut)?;
+                        let len: u8 = load(ctx, l4 + 1).map_err(cut)?;
                         next = nh;
                         l4 += (usize::from(len) + 2) * 4;
                     }
@@ -152,7 +155,7 @@ fn parse(ctx: &TcContext) -> Result<Packet, Parsed> {
                 }
                 i += 1;
             }
-            let (sport, dport) = ports(ctx, l4, next, first_fragment)?;
+            let (sport, dport) = ports(ctx, l4, next, first_fragment).map_err(cut)?;
             Ok(Packet {
                 daddr,
                 saddr,
@@ -245,12 +248,15 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
         let owner = match (&by_socket, &parsed) {
             (Some(_), _) => by_socket,
             (None, Ok(p)) => workload_of_source(&p.saddr, slot),
+            (None, Err(Parsed::Broken(saddr))) if *saddr != [0; 16] => {
+                workload_of_source(saddr, slot)
+            }
             (None, Err(_)) => None,
         };
         let verdict = match (owner, &parsed) {
             (None, _) | (Some(_), Err(Parsed::NotIp)) => None,
             // A guarded workload's IP packet that cannot be parsed: fail closed.
-            (Some((wl, _)), Err(Parsed::Broken)) => Some((wl, 0u64, None)),
+            (Some((wl, _)), Err(Parsed::Broken(_))) => Some((wl, 0u64, None)),
             (Some((wl, _)), Ok(p)) => {
                 let proto_bit = match p.proto {
                     6 => PROTO_TCP,

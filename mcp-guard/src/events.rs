@@ -231,7 +231,12 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
         comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
         exe: proc_text(e.tgid, "exe"),
         cmdline: proc_text(e.tgid, "cmdline"),
-        family: if dst.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
+        family: match (e.dest_class, dst.is_ipv4()) {
+            (mcp_guard_common::CLASS_NONE, _) => "none",
+            (_, true) => "ipv4",
+            (_, false) => "ipv6",
+        }
+        .into(),
         socket_family: match e.sock_family {
             2 => "inet",
             10 => "inet6",
@@ -240,7 +245,11 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
         }
         .into(),
         proto: proto_name(e.proto),
-        dst: dst.to_string(),
+        dst: if e.dest_class == mcp_guard_common::CLASS_NONE {
+            String::new()
+        } else {
+            dst.to_string()
+        },
         dport: e.dport,
         src,
         sport: e.sport,

@@ -183,7 +183,10 @@ impl PolicyMaps {
         self.config
             .set(0, announce, 0)
             .map_err(map_err("CONFIG_1"))?;
-        self.clear_slot(slot);
+        // Rewrite the slot in place: entries the new policy keeps are overwritten (each
+        // update is atomic), only keys it drops are deleted. A reader still on this slot
+        // never finds an entry missing that both policies have.
+        let old = std::mem::take(&mut self.slots[slot as usize]);
         let mut contents = SlotContents::default();
         let registered = resolve(compiled, mount);
         let result = (|| {
@@ -223,6 +226,7 @@ impl PolicyMaps {
             }
             Ok(())
         })();
+        self.remove_stale(&old, &contents);
         self.slots[slot as usize] = contents;
         result?;
         let cfg = KConfig {
@@ -246,15 +250,23 @@ impl PolicyMaps {
         Ok(())
     }
 
-    fn clear_slot(&mut self, slot: u32) {
-        let c = std::mem::take(&mut self.slots[slot as usize]);
-        for k in &c.lpm {
+    /// Deletes the keys of `old` that `new` does not have.
+    fn remove_stale(&mut self, old: &SlotContents, new: &SlotContents) {
+        let keep_lpm: std::collections::HashSet<(u32, LpmData)> =
+            new.lpm.iter().map(|k| (k.prefix_len(), k.data())).collect();
+        for k in old
+            .lpm
+            .iter()
+            .filter(|k| !keep_lpm.contains(&(k.prefix_len(), k.data())))
+        {
             let _ = self.lpm.remove(k);
         }
-        for k in &c.exact {
+        let keep_exact: std::collections::HashSet<&ExactKey> = new.exact.iter().collect();
+        for k in old.exact.iter().filter(|k| !keep_exact.contains(k)) {
             let _ = self.exact.remove(k);
         }
-        for k in &c.cgroups {
+        let keep_cgroups: std::collections::HashSet<&CgroupKey> = new.cgroups.iter().collect();
+        for k in old.cgroups.iter().filter(|k| !keep_cgroups.contains(k)) {
             let _ = self.cgroups.remove(k);
         }
     }

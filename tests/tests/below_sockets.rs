@@ -9,6 +9,23 @@ use mcp_guard_tests::{wait_until, Daemon, NetNs, Probe, TestCgroup};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
 
+/// Events of these hooks follow the same versioned schema.
+fn schema_check(events: &[serde_json::Value]) {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../mcp-guard/schema/event-v1.schema.json"
+    ))
+    .unwrap();
+    let v = jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap();
+    for e in events {
+        let errors: Vec<String> = v
+            .iter_errors(e)
+            .map(|err| format!("{err} at {}", err.instance_path))
+            .collect();
+        assert!(errors.is_empty(), "{errors:#?}\n{e:#}");
+    }
+}
+
 #[test]
 fn raw_and_packet_sockets_are_refused_where_configured() {
     let ns = NetNs::new();
@@ -73,6 +90,10 @@ fn raw_and_packet_sockets_are_refused_where_configured() {
     assert!(events
         .iter()
         .all(|e| e["workload"] == "w" && e["comm"] == "mcpg-probe" && e["dest_class"] == "none"));
+    assert!(events
+        .iter()
+        .all(|e| e["family"] == "none" && e["dst"] == ""));
+    schema_check(&events);
 }
 
 /// VM mode: the workload lives in the "vm" namespace, reaching the "net" namespace (where
@@ -161,6 +182,7 @@ fn vm_mode_tc_drops_raw_packets_to_denied_destinations() {
         d.get("/metrics").contains("hook=\"tc\""),
         "counted in the same counters"
     );
+    schema_check(&events);
 }
 
 /// Pod mode: the workload runs in its own "pod" namespace joined to the "node" namespace

@@ -131,7 +131,7 @@ fn keep_on_exit_then_uninstall_leaves_nothing() {
         .iter()
         .map(|v| v.as_u64().unwrap())
         .collect();
-    assert_eq!(progs.len(), 4);
+    assert_eq!(progs.len(), 5);
     assert!(maps.len() >= 8, "{maps:?}");
     assert!(d.terminate());
     assert!(d
@@ -226,21 +226,27 @@ fn detach_on_exit_leaves_nothing() {
     assert!(gone, "programs {progs:?} or maps {maps:?} still loaded");
 }
 
-/// 100 reloads alternating between two policies while a guarded workload makes well over
+/// 100 reloads rotating three policies while a guarded workload makes well over
 /// a million decisions: none is inconsistent with both policies.
 #[test]
 fn reloads_are_atomic() {
     let ns = NetNs::new();
     let cg = TestCgroup::new();
     let (_, dir) = cg.child("w");
-    // X: allowed by A only; Y: by B only; W: by both; Z: by neither.
+    // Three policies in rotation, so every reload rewrites a slot holding a different
+    // policy (keys deleted, not only overwritten). X: allowed by A only; Y: by B only;
+    // W: by all; Z: by none (C allows 10.0.5.0/24, probed by nobody).
     let policy = |allowed: &str| {
         format!(
             "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndefault = \"deny\"\n[[workload.allow]]\ncidr = \"{allowed}\"\n[[workload.allow]]\ncidr = \"10.0.4.0/24\"\n[daemon]\nattach_cgroup = \"{r}\"\n[events]\nsink = \"none\"\n",
             r = cg.rel
         )
     };
-    let (a, b) = (policy("10.0.1.0/24"), policy("10.0.2.0/24"));
+    let (a, b, c) = (
+        policy("10.0.1.0/24"),
+        policy("10.0.2.0/24"),
+        policy("10.0.5.0/24"),
+    );
     let d = Daemon::start(&a);
     let done = Arc::new(AtomicBool::new(false));
     let decisions = Arc::new(AtomicU64::new(0));
@@ -252,6 +258,10 @@ fn reloads_are_atomic() {
             let mut totals = [(0u64, 0u64); 4];
             while !done.load(Ordering::SeqCst) {
                 let r = p.op("sendto-cycle 2500 9 10.0.1.1,10.0.2.1,10.0.3.1,10.0.4.1");
+                assert!(
+                    !r.contains("OTHER"),
+                    "sendto failed with errors that are neither a verdict nor routing: {r}"
+                );
                 for (i, part) in r.split_whitespace().enumerate() {
                     let (ok, no) = part.split_once('=').unwrap().1.split_once('/').unwrap();
                     totals[i].0 += ok.parse::<u64>().unwrap();
@@ -264,7 +274,7 @@ fn reloads_are_atomic() {
     };
     let mut generation = d.status()["generation"].as_u64().unwrap();
     for i in 0..100 {
-        d.write_config(if i % 2 == 0 { &b } else { &a });
+        d.write_config([&b, &c, &a][i % 3]);
         d.signal(libc::SIGHUP);
         assert!(
             wait_until(Duration::from_secs(5), || d.status()["generation"]
@@ -286,9 +296,19 @@ fn reloads_are_atomic() {
     assert!(total >= 1_000_000, "only {total} decisions probed");
     let [x, y, z, w] = totals;
     assert_eq!(
-        z.0, 0,
-        "Z is allowed by neither policy but got through {} times",
-        z.0
+        z.0,
+        0,
+        "Z is allowed by neither policy but got through {} times; daemon log:\n{}",
+        z.0,
+        d.stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .filter(|l| !l.contains("policy installed")
+                && !l.contains("policy reloaded")
+                && !l.contains("SIGHUP"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert_eq!(
         w.1, 0,

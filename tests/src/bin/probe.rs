@@ -191,6 +191,9 @@ fn sendto_cycle(f: &[&str]) -> String {
         })
         .collect();
     let mut counts = vec![(0u64, 0u64); addrs.len()];
+    // Errors other than EPERM (denied) and ENETUNREACH (allowed: routing, not policy,
+    // refused it) are reported apart, never mistaken for a verdict.
+    let mut other: Vec<String> = Vec::new();
     for _ in 0..rounds {
         for (i, (st, len)) in targets.iter().enumerate() {
             // SAFETY: valid fd and sockaddr.
@@ -204,23 +207,34 @@ fn sendto_cycle(f: &[&str]) -> String {
                     *len,
                 )
             };
-            let denied =
-                rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-            if denied {
-                counts[i].1 += 1
+            let errno = if rc < 0 {
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
             } else {
-                counts[i].0 += 1
+                0
+            };
+            match errno {
+                libc::EPERM => counts[i].1 += 1,
+                0 | libc::ENETUNREACH => counts[i].0 += 1,
+                e => {
+                    if other.len() < 5 {
+                        other.push(format!("{}:{e}", addrs[i].ip()));
+                    }
+                }
             }
         }
     }
     // SAFETY: our fd.
     unsafe { libc::close(fd) };
-    addrs
+    let mut out = addrs
         .iter()
         .zip(counts)
         .map(|(a, (ok, no))| format!("{}={ok}/{no}", a.ip()))
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    if !other.is_empty() {
+        out.push_str(&format!(" OTHER {}", other.join(",")));
+    }
+    out
 }
 
 /// `tcp-loop ADDR PORT MILLIS`: connect() over and over for MILLIS ms; prints
