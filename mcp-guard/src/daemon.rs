@@ -97,6 +97,45 @@ pub fn prepare(path: &Path) -> Result<(config::Config, Compiled)> {
     Ok((cfg, compiled))
 }
 
+/// Reads a config for a reload, refusing a file caught mid-write: a truncated file can
+/// be a valid config that guards less (an empty file has no workloads at all). The
+/// content must read the same twice, 50 ms apart, and must not be empty.
+fn read_settled(path: &Path) -> Result<String> {
+    let read = || {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the config file", path.display()))
+    };
+    let mut text = read()?;
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(50));
+        let again = read()?;
+        if again == text {
+            anyhow::ensure!(
+                !text.trim().is_empty(),
+                "{}: the config file is empty (being written?); an empty config would guard nothing",
+                path.display()
+            );
+            return Ok(text);
+        }
+        text = again;
+    }
+    anyhow::bail!(
+        "{}: the config file keeps changing; trying again at the next change",
+        path.display()
+    )
+}
+
+/// Like [`prepare`], for a reload: from settled content only.
+fn prepare_reload(path: &Path) -> Result<(config::Config, Compiled)> {
+    let text = read_settled(path)?;
+    let cfg = config::parse(path, &text)?;
+    for w in &cfg.warnings {
+        warn!("{w}");
+    }
+    let compiled = policy::compile(&cfg)?;
+    Ok((cfg, compiled))
+}
+
 struct Live {
     compiled: Compiled,
     /// TC pod mode is on: keep the source-address map filled.
@@ -455,7 +494,7 @@ fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
 /// Validates first; an invalid config leaves the running policy untouched.
 fn reload(path: &Path, state: &State) {
     let metrics = &state.metrics;
-    let (cfg, compiled) = match prepare(path) {
+    let (cfg, compiled) = match prepare_reload(path) {
         Ok(v) => v,
         Err(e) => {
             error!("reload refused, the running policy stays in force: {e:#}");

@@ -85,8 +85,8 @@ fn kill_9_never_opens_a_window_and_restart_adopts() {
     let status = d.status();
     assert_eq!(
         status["adopted"].as_array().unwrap().len(),
-        4,
-        "all four links adopted: {status}"
+        5,
+        "all five cgroup links adopted: {status}"
     );
     for t in [
         "cgroup_inet4_connect",
@@ -521,5 +521,40 @@ fn ten_thousand_workloads_and_a_hundred_thousand_rules() {
         q.op("udp-connect 10.0.0.5 5432"),
         "EPERM",
         "w0's rule does not apply to w9999"
+    );
+}
+
+/// A config caught mid-write (here: truncated to nothing) is a valid TOML document that
+/// guards nothing. It must never replace the running policy.
+#[test]
+fn an_empty_or_half_written_config_never_weakens_enforcement() {
+    let ns = lab();
+    let cg = TestCgroup::new();
+    let (_, dir) = cg.child("w");
+    let d = Daemon::start(&config(&cg, ""));
+    let generation = d.status()["generation"].as_u64().unwrap();
+    std::fs::write(&d.config, "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("the config file is empty")),
+        "{}",
+        d.stderr.lock().unwrap()
+    );
+    d.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.status()["generation"].as_u64().unwrap(),
+        generation,
+        "the policy was not switched"
+    );
+    let mut p = Probe::new(PROBE, &dir, &ns);
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+    assert_eq!(
+        p.op("tcp 10.0.12.5 5433"),
+        "EPERM",
+        "deny-internal still applies"
     );
 }
