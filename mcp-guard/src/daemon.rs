@@ -216,12 +216,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 .programs_attached
                 .with_label_values(&[loader::LSM_HOOK])
                 .set(1);
+            metrics.lsm_available.set(1);
         }
         Err(e) => {
-            metrics
-                .programs_attached
-                .with_label_values(&[loader::LSM_HOOK])
-                .set(0);
+            // Not a detached program: the kernel never ran it. Reported on its own gauge.
+            metrics.lsm_available.set(0);
             error!(
                 "AF_PACKET sockets stay open: the kernel refused the BPF LSM program ({e}). Needs CONFIG_BPF_LSM, \"bpf\" in the lsm= boot list, and a kernel that permits BPF LSM programs (some locked-down kernels refuse them). Meanwhile drop CAP_NET_RAW from MCP servers"
             );

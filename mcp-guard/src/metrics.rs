@@ -42,6 +42,7 @@ pub struct Metrics {
     pub last_reload_success: Gauge,
     pub policy_generation: IntGauge,
     pub ready: IntGauge,
+    pub lsm_available: IntGauge,
     unstable: IntCounter,
     pub reattached: IntCounter,
     last_denied: prometheus::GaugeVec,
@@ -80,6 +81,7 @@ impl Metrics {
             reattached: reg(&r, IntCounter::new("mcp_guard_programs_reattached_total", "Times the daemon found a program detached by someone else and attached it again.").expect("valid")),
             last_denied: reg(&r, prometheus::GaugeVec::new(Opts::new("mcp_guard_last_denied_timestamp_seconds", "Unix time the daemon last saw the flow counters grow, by workload, destination class and verdict. Alert on its age: a counter series born at its first denial has no increase() yet."), &["workload", "dest_class", "verdict"]).expect("valid")),
             previous: Mutex::new(HashMap::new()),
+            lsm_available: reg(&r, IntGauge::new("mcp_guard_lsm_available", "Whether the kernel runs the BPF LSM program that refuses AF_PACKET sockets (1) or refuses BPF LSM programs, leaving packet sockets open (0).").expect("valid")),
             unstable: reg(&r, IntCounter::new("mcp_guard_decisions_unstable_total", "Decisions that failed closed (denied) because the policy changed three times while they were made.").expect("valid")),
             registry: r,
         };

@@ -43,10 +43,17 @@ fn raw_and_packet_sockets_are_refused_where_configured() {
     let lsm = d
         .get("/metrics")
         .contains("mcp_guard_programs_attached{hook=\"socket_create\"} 1");
+    assert_eq!(
+        d.get("/metrics").contains("\nmcp_guard_lsm_available 1\n"),
+        lsm
+    );
     if !lsm {
-        assert!(d
-            .get("/metrics")
-            .contains("mcp_guard_programs_attached{hook=\"socket_create\"} 0"));
+        assert!(d.get("/metrics").contains("\nmcp_guard_lsm_available 0\n"));
+        assert!(
+            !d.get("/metrics")
+                .contains("mcp_guard_programs_attached{hook=\"socket_create\"}"),
+            "a program the kernel never ran is not reported as detached"
+        );
         assert!(
             d.stderr
                 .lock()
