@@ -257,6 +257,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         status: RwLock::new(String::from("{}")),
         events: tx.clone(),
         history: history.clone(),
+        names: names.clone(),
         metrics: {
             let (maps, metrics, names, delivered) = (
                 maps.clone(),

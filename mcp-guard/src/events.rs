@@ -189,22 +189,45 @@ fn proc_text(pid: u32, what: &str) -> Option<String> {
 /// Turns a kernel event into its JSON form, enriched from /proc while the process lives.
 #[must_use]
 pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
-    let now_mono = monotonic_ns();
-    let now_wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    enrich_cached(e, names, &mut Cache::default())
+}
+
+/// What enrichment looked up, kept for one batch of events: a flood from one process
+/// costs one /proc read, not one per event.
+#[derive(Default)]
+pub struct Cache {
+    clock: Option<(u64, u128)>,
+    procs: HashMap<u32, (Option<String>, Option<String>)>,
+    cgroups: HashMap<(u32, u64), (Option<String>, cgroup::Owner)>,
+}
+
+/// [`enrich`] with lookups shared across a batch.
+#[must_use]
+pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
+    let (now_mono, now_wall) = *cache.clock.get_or_insert_with(|| {
+        (monotonic_ns(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()))
+    });
     let wall = now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns)));
     let dst = display_addr(e.daddr_be);
     let src = (e.saddr_be != [0; 16]).then(|| display_addr(e.saddr_be).to_string());
     let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
     let workload_cgroup = names.cgroups.get(&e.workload_id);
-    let cgroup_path = workload_cgroup
-        .and_then(|w| cgroup::find_by_id(&names.mount, w, e.cgroup_id))
-        .or_else(|| workload_cgroup.cloned());
-    let owner = cgroup_path
-        .as_deref()
-        .map(cgroup::owner)
-        .unwrap_or_default();
+    let (cgroup_path, owner) = cache
+        .cgroups
+        .entry((e.workload_id, e.cgroup_id))
+        .or_insert_with(|| {
+            let path = workload_cgroup
+                .and_then(|w| cgroup::find_by_id(&names.mount, w, e.cgroup_id))
+                .or_else(|| workload_cgroup.cloned());
+            let owner = path.as_deref().map(cgroup::owner).unwrap_or_default();
+            (path, owner)
+        })
+        .clone();
+    let (exe, cmdline) = cache
+        .procs
+        .entry(e.tgid)
+        .or_insert_with(|| (proc_text(e.tgid, "exe"), proc_text(e.tgid, "cmdline")))
+        .clone();
     JsonEvent {
         schema: SCHEMA.into(),
         time: rfc3339(wall),
@@ -229,8 +252,8 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
         uid: e.uid,
         gid: e.gid,
         comm: String::from_utf8_lossy(&e.comm[..comm_len]).into_owned(),
-        exe: proc_text(e.tgid, "exe"),
-        cmdline: proc_text(e.tgid, "cmdline"),
+        exe,
+        cmdline,
         family: match (e.dest_class, dst.is_ipv4()) {
             (mcp_guard_common::CLASS_NONE, _) => "none",
             (_, true) => "ipv4",
@@ -277,7 +300,8 @@ pub struct Delivered {
 pub const HISTORY: usize = 10_000;
 
 /// Recent events with their wall-clock time (Unix ns), oldest first.
-pub type History = std::sync::Mutex<std::collections::VecDeque<(u128, Arc<JsonEvent>)>>;
+/// Kept raw: they are enriched only when someone replays them.
+pub type History = std::sync::Mutex<std::collections::VecDeque<(u128, Event)>>;
 
 /// Reads the ring buffer until the task is dropped. `names` is refreshed on reloads.
 pub async fn read_loop(
@@ -307,26 +331,34 @@ pub async fn read_loop(
         delivered
             .events
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        let names = names.read().expect("names lock").clone();
+        // Events are counted and kept raw always; turned into JSON only for a sink or a
+        // live follower, so a flood nobody reads costs almost nothing.
+        let to_sink = !matches!(sink, SinkWriter::None);
+        let followed = stream.receiver_count() > 0;
         let mut out = Vec::new();
-        let mut recent = Vec::with_capacity(batch.len());
-        for e in &batch {
-            let j = Arc::new(enrich(e, &names));
-            recent.push((wall_ns(e.ts_ns), j.clone()));
-            if !matches!(sink, SinkWriter::None) {
-                serde_json::to_writer(&mut out, &*j).expect("serialisable");
-                out.push(b'\n');
+        if to_sink || followed {
+            let names = names.read().expect("names lock").clone();
+            let mut cache = Cache::default();
+            for e in &batch {
+                let j = Arc::new(enrich_cached(e, &names, &mut cache));
+                if to_sink {
+                    serde_json::to_writer(&mut out, &*j).expect("serialisable");
+                    out.push(b'\n');
+                }
+                if followed {
+                    let _ = stream.send(j);
+                }
             }
-            // No receivers is fine: nobody is following the stream.
-            let _ = stream.send(j);
         }
         {
+            let now_mono = monotonic_ns();
+            let now_wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
             let mut h = history.lock().expect("history lock");
-            for r in recent {
+            for e in batch.iter().skip(batch.len().saturating_sub(HISTORY)) {
                 if h.len() == HISTORY {
                     h.pop_front();
                 }
-                h.push_back(r);
+                h.push_back((now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns))), *e));
             }
         }
         match &mut sink {

@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::events::{History, JsonEvent};
+use crate::events::{enrich_cached, Cache, History, JsonEvent, Names};
 
 pub struct Shared {
     pub ready: AtomicBool,
@@ -28,6 +28,8 @@ pub struct Shared {
     pub events: broadcast::Sender<Arc<JsonEvent>>,
     /// Recent events, replayed to `/events?since=UNIX_SECONDS`.
     pub history: Arc<History>,
+    /// For enriching replayed events.
+    pub names: Arc<RwLock<Names>>,
     pub metrics: Box<dyn Fn() -> String + Send + Sync>,
 }
 
@@ -153,17 +155,13 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             let mut last_replayed = 0u64;
             if let Some(since) = since {
                 let cutoff = (since.max(0.0) * 1e9) as u128;
-                let replay: Vec<Arc<JsonEvent>> = shared
-                    .history
-                    .lock()
-                    .expect("history lock")
-                    .iter()
-                    .filter(|(t, e)| *t >= cutoff && keep(e))
-                    .map(|(_, e)| e.clone())
-                    .collect();
+                let raw: Vec<_> = shared.history.lock().expect("history lock").iter().filter(|(t, _)| *t >= cutoff).map(|(_, e)| *e).collect();
+                let names = shared.names.read().expect("names lock").clone();
+                let mut cache = Cache::default();
+                let replay: Vec<JsonEvent> = raw.iter().map(|e| enrich_cached(e, &names, &mut cache)).filter(|e| keep(e)).collect();
                 for e in replay {
                     last_replayed = last_replayed.max(e.monotonic_ns);
-                    let mut line = serde_json::to_vec(&*e).expect("serialisable");
+                    let mut line = serde_json::to_vec(&e).expect("serialisable");
                     line.push(b'\n');
                     stream.write_all(&line).await?;
                 }

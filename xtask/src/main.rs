@@ -26,6 +26,12 @@ enum Cmd {
     },
     /// Run every test: unit, property, kernel integration, differential.
     Test,
+    /// Benchmarks (release build, inside a throw-away namespace): target/bench/results.md.
+    Bench {
+        /// Small samples: keeps the benchmark working in CI, proves nothing.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Release tarball and container image definition under target/dist.
     Dist,
     /// A simulated compromised MCP server tries SSRF to the metadata service and an internal database.
@@ -91,6 +97,18 @@ fn main() -> Result<()> {
         Cmd::Build { release } => build(release),
         Cmd::Test => test(),
         Cmd::Dist => dist::run().map(|_| ()),
+        Cmd::Bench { quick } => {
+            setup::require_root("cargo xtask bench")?;
+            setup::packages(TEST_PACKAGES)?;
+            build(true)?;
+            let bin = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+            let mut c = Command::new(bin.join("mcpg-bench"));
+            c.env("MCP_GUARD_BIN", bin.join("mcp-guard"));
+            if quick {
+                c.arg("--quick");
+            }
+            setup::status(&mut c)
+        }
         Cmd::Demo => {
             setup::require_root("cargo xtask demo")?;
             setup::packages(TEST_PACKAGES)?;
