@@ -6,11 +6,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mcp_guard_common::{
-    scope, CgroupKey, ExactKey, LpmData, PolicyEntry, WorkloadInfo, CLASS_INTERNAL, CLASS_METADATA,
-    CLASS_PUBLIC, DEFAULT_ALLOW, DEFAULT_DENY, ENTRY_BASELINE_METADATA, MAX_CGROUP_LEVEL,
-    MAX_RANGES, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP, REASON_BASELINE_DENY,
-    REASON_BASELINE_METADATA, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL, REASON_NOT_ALLOWED,
-    SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, VERDICT_AUDITED, VERDICT_DENIED,
+    scope, CgroupKey, Config, ExactKey, LpmData, PolicyEntry, WorkloadInfo, CLASS_INTERNAL,
+    CLASS_METADATA, CLASS_PUBLIC, DEFAULT_ALLOW, DEFAULT_DENY, ENTRY_BASELINE_METADATA,
+    MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+    REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL,
+    REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, VERDICT_AUDITED,
+    VERDICT_DENIED,
 };
 
 use crate::{
@@ -52,7 +53,31 @@ macro_rules! ctx_field {
 
 /// Decisions made while the policy changed under them are made again, at most this
 /// many times in all; a decision still unstable then fails closed.
-pub(crate) const ATTEMPTS: u32 = 3;
+const ATTEMPTS: u32 = 3;
+
+/// Runs `decide` on the live policy slot and checks that the policy did not move under
+/// it. User space bumps the generation before it starts rewriting a slot and again when
+/// it switches slots; a program preempted mid-decision may have read a slot that was
+/// rewritten meanwhile (and a missing workload entry would mean "untouched"), so if the
+/// generation moved, the decision is made again on the live slot. Returns the generation
+/// decided under with the outcome, or `None` when the policy kept changing: the caller
+/// fails closed.
+#[inline(always)]
+pub(crate) fn stable<T>(cfg: &Config, mut decide: impl FnMut(u32) -> T) -> Option<(u32, T)> {
+    let mut attempt = 0;
+    while attempt < ATTEMPTS {
+        // SAFETY: the array element lives as long as the map; user space rewrites it in place.
+        let generation = unsafe { core::ptr::read_volatile(&raw const cfg.generation) };
+        let slot = unsafe { core::ptr::read_volatile(&raw const cfg.slot) } & 1;
+        let out = decide(slot);
+        // SAFETY: as above.
+        if unsafe { core::ptr::read_volatile(&raw const cfg.generation) } == generation {
+            return Some((generation, out));
+        }
+        attempt += 1;
+    }
+    None
+}
 
 #[inline(always)]
 pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
@@ -96,17 +121,9 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
         // The config array always has its one element; unreachable in practice.
         return ALLOW;
     };
-    let mut attempt = 0;
-    while attempt < ATTEMPTS {
-        // User space bumps the generation before it starts clearing a slot and again when
-        // it switches slots. A program preempted mid-decision may have read a slot that
-        // was cleared meanwhile (a missing workload entry would mean "untouched"!): if the
-        // generation moved while deciding, the decision is made again on the live slot.
-        // SAFETY: the array element lives as long as the map; user space rewrites it in place.
-        let generation = unsafe { core::ptr::read_volatile(&raw const cfg.generation) };
-        let slot = unsafe { core::ptr::read_volatile(&raw const cfg.slot) } & 1;
-        // A cgroup that belongs to no workload is untouched.
-        let outcome = find_workload(slot).map(|wl| {
+    // A cgroup that belongs to no workload is untouched.
+    let Some((generation, outcome)) = stable(cfg, |slot| {
+        find_workload(slot).map(|wl| {
             let result = decide(slot, wl, &addr, port, proto_bit);
             let class = if result & REFUSED != 0 {
                 classify(slot, &addr)
@@ -114,48 +131,44 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
                 CLASS_PUBLIC
             };
             (wl, result, class)
-        });
-        // SAFETY: as above.
-        if unsafe { core::ptr::read_volatile(&raw const cfg.generation) } != generation {
-            attempt += 1;
-            continue;
-        }
-        let Some((wl, result, dest_class)) = outcome else {
-            return ALLOW;
-        };
-        if result & REFUSED == 0 {
-            return ALLOW;
-        }
-        let refusal = Refusal {
+        })
+    }) else {
+        report::unstable();
+        return DENY;
+    };
+    let Some((wl, result, dest_class)) = outcome else {
+        return ALLOW;
+    };
+    if result & REFUSED == 0 {
+        return ALLOW;
+    }
+    let audit = wl.mode == MODE_AUDIT;
+    report::refused::<IPV6>(
+        ctx,
+        &Flow {
+            hook,
+            verdict: if audit {
+                VERDICT_AUDITED
+            } else {
+                VERDICT_DENIED
+            },
+            workload_id: wl.workload_id,
             reason: (result >> 32) as u8,
             rule_id: result as u32,
-        };
-        let audit = wl.mode == MODE_AUDIT;
-        report::refused::<IPV6>(
-            ctx,
-            &Flow {
-                hook,
-                verdict: if audit {
-                    VERDICT_AUDITED
-                } else {
-                    VERDICT_DENIED
-                },
-                workload_id: wl.workload_id,
-                reason: refusal.reason,
-                rule_id: refusal.rule_id,
-                dest_class,
-                addr,
-                port,
-                proto: protocol as u8,
-                sock_family: if IPV6 { 10 } else { 2 },
-                generation,
-                rate_limit: cfg.rate_limit_per_sec,
-            },
-        );
-        return if audit { ALLOW } else { DENY };
+            dest_class,
+            addr,
+            port,
+            proto: protocol as u8,
+            sock_family: if IPV6 { 10 } else { 2 },
+            generation,
+            rate_limit: cfg.rate_limit_per_sec,
+        },
+    );
+    if audit {
+        ALLOW
+    } else {
+        DENY
     }
-    report::unstable();
-    DENY
 }
 
 /// The workload of the calling task: its own cgroup or the nearest ancestor that has a

@@ -21,7 +21,7 @@ use mcp_guard_common::{
 };
 
 use crate::{
-    decide::{classify, decide, ATTEMPTS, REFUSED},
+    decide::{classify, decide, stable, REFUSED},
     maps::{CGROUPS_1, CONFIG_1, SOURCES_1},
     report::{self, Flow, Origin},
 };
@@ -235,11 +235,7 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
     }
     // SAFETY: helper on our own skb.
     let socket_cgroup = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
-    let mut attempt = 0;
-    while attempt < ATTEMPTS {
-        // SAFETY: the array element lives as long as the map.
-        let generation = unsafe { core::ptr::read_volatile(&raw const cfg.generation) };
-        let slot = unsafe { core::ptr::read_volatile(&raw const cfg.slot) } & 1;
+    let Some((generation, (owner, verdict))) = stable(cfg, |slot| {
         let by_socket = if socket_cgroup != 0 {
             workload_of_socket(&ctx, slot).map(|w| (w, socket_cgroup))
         } else {
@@ -267,55 +263,57 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
                 (result & REFUSED != 0).then(|| (wl, result, Some(classify(slot, &p.daddr))))
             }
         };
-        // SAFETY: as above; the same re-check as the socket hooks (see decide.rs).
-        if unsafe { core::ptr::read_volatile(&raw const cfg.generation) } != generation {
-            attempt += 1;
-            continue;
-        }
-        let Some((wl, result, class)) = verdict else {
-            return PASS;
-        };
-        let cgroup_id = owner.map_or(0, |(_, id)| id);
-        let (daddr, saddr, proto, dport, sport, family) = match &parsed {
-            Ok(p) => (p.daddr, p.saddr, p.proto, p.dport, p.sport, p.family),
-            Err(_) => ([0; 16], [0; 16], 0, 0, 0, 0),
-        };
-        let audit = wl.mode == MODE_AUDIT;
-        report::emit(
-            &Flow {
-                hook: HOOK_TC,
-                verdict: if audit {
-                    VERDICT_AUDITED
-                } else {
-                    VERDICT_DENIED
-                },
-                workload_id: wl.workload_id,
-                reason: if result & REFUSED != 0 {
-                    (result >> 32) as u8
-                } else {
-                    mcp_guard_common::REASON_MALFORMED
-                },
-                rule_id: result as u32,
-                dest_class: class.unwrap_or(mcp_guard_common::CLASS_NONE),
-                addr: daddr,
-                port: dport,
-                proto,
-                sock_family: family,
-                generation,
-                rate_limit: cfg.rate_limit_per_sec,
+        (owner, verdict)
+    }) else {
+        report::unstable();
+        return DROP;
+    };
+    let Some((wl, result, class)) = verdict else {
+        return PASS;
+    };
+    let cgroup_id = owner.map_or(0, |(_, id)| id);
+    let (daddr, saddr, proto, dport, sport, family) = match &parsed {
+        Ok(p) => (p.daddr, p.saddr, p.proto, p.dport, p.sport, p.family),
+        Err(_) => ([0; 16], [0; 16], 0, 0, 0, 0),
+    };
+    let audit = wl.mode == MODE_AUDIT;
+    report::emit(
+        &Flow {
+            hook: HOOK_TC,
+            verdict: if audit {
+                VERDICT_AUDITED
+            } else {
+                VERDICT_DENIED
             },
-            &Origin {
-                cgroup_id,
-                // SAFETY: helper on our own skb; 0 without a socket.
-                socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-                pid_tgid: 0,
-                uid_gid: 0,
-                comm: [0; 16],
-                saddr,
-                sport,
+            workload_id: wl.workload_id,
+            reason: if result & REFUSED != 0 {
+                (result >> 32) as u8
+            } else {
+                mcp_guard_common::REASON_MALFORMED
             },
-        );
-        return if audit { PASS } else { DROP };
+            rule_id: result as u32,
+            dest_class: class.unwrap_or(mcp_guard_common::CLASS_NONE),
+            addr: daddr,
+            port: dport,
+            proto,
+            sock_family: family,
+            generation,
+            rate_limit: cfg.rate_limit_per_sec,
+        },
+        &Origin {
+            cgroup_id,
+            // SAFETY: helper on our own skb; 0 without a socket.
+            socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            pid_tgid: 0,
+            uid_gid: 0,
+            comm: [0; 16],
+            saddr,
+            sport,
+        },
+    );
+    if audit {
+        PASS
+    } else {
+        DROP
     }
-    DROP
 }

@@ -14,7 +14,7 @@ use mcp_guard_common::{
 };
 
 use crate::{
-    decide::{find_workload, ATTEMPTS},
+    decide::{find_workload, stable},
     maps::CONFIG_1,
     report::{self, Flow, Origin},
 };
@@ -41,46 +41,37 @@ fn refuse_creation(kind: u8, family: u8, proto: u8, cookie: u64) -> bool {
     let Some(cfg) = CONFIG_1.get(0) else {
         return false;
     };
-    let mut attempt = 0;
-    while attempt < ATTEMPTS {
-        // SAFETY: the array element lives as long as the map.
-        let generation = unsafe { core::ptr::read_volatile(&raw const cfg.generation) };
-        let slot = unsafe { core::ptr::read_volatile(&raw const cfg.slot) } & 1;
-        let wl = find_workload(slot);
-        // SAFETY: as above. Same re-check as the socket hooks (see decide.rs).
-        if unsafe { core::ptr::read_volatile(&raw const cfg.generation) } != generation {
-            attempt += 1;
-            continue;
-        }
-        let Some(wl) = wl else { return false };
-        if wl.flags & flag == 0 {
-            return false;
-        }
-        let audit = wl.mode == MODE_AUDIT;
-        report::emit(
-            &Flow {
-                hook,
-                verdict: if audit {
-                    VERDICT_AUDITED
-                } else {
-                    VERDICT_DENIED
-                },
-                workload_id: wl.workload_id,
-                reason,
-                rule_id: 0,
-                dest_class: CLASS_NONE,
-                addr: [0; 16],
-                port: 0,
-                proto,
-                sock_family: family,
-                generation,
-                rate_limit: cfg.rate_limit_per_sec,
-            },
-            &Origin::task(cookie, [0; 16], 0),
-        );
-        return !audit;
+    let Some((generation, wl)) = stable(cfg, find_workload) else {
+        report::unstable();
+        return true;
+    };
+    let Some(wl) = wl else { return false };
+    if wl.flags & flag == 0 {
+        return false;
     }
-    true
+    let audit = wl.mode == MODE_AUDIT;
+    report::emit(
+        &Flow {
+            hook,
+            verdict: if audit {
+                VERDICT_AUDITED
+            } else {
+                VERDICT_DENIED
+            },
+            workload_id: wl.workload_id,
+            reason,
+            rule_id: 0,
+            dest_class: CLASS_NONE,
+            addr: [0; 16],
+            port: 0,
+            proto,
+            sock_family: family,
+            generation,
+            rate_limit: cfg.rate_limit_per_sec,
+        },
+        &Origin::task(cookie, [0; 16], 0),
+    );
+    !audit
 }
 
 /// Raw inet sockets (SOCK_RAW on AF_INET/AF_INET6) send packets the connect and sendmsg

@@ -205,7 +205,12 @@ pub struct Cache {
 #[must_use]
 pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
     let (now_mono, now_wall) = *cache.clock.get_or_insert_with(|| {
-        (monotonic_ns(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()))
+        (
+            monotonic_ns(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        )
     });
     let wall = now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns)));
     let dst = display_addr(e.daddr_be);
@@ -352,13 +357,18 @@ pub async fn read_loop(
         }
         {
             let now_mono = monotonic_ns();
-            let now_wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+            let now_wall = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
             let mut h = history.lock().expect("history lock");
             for e in batch.iter().skip(batch.len().saturating_sub(HISTORY)) {
                 if h.len() == HISTORY {
                     h.pop_front();
                 }
-                h.push_back((now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns))), *e));
+                h.push_back((
+                    now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns))),
+                    *e,
+                ));
             }
         }
         match &mut sink {

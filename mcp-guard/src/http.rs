@@ -155,10 +155,21 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             let mut last_replayed = 0u64;
             if let Some(since) = since {
                 let cutoff = (since.max(0.0) * 1e9) as u128;
-                let raw: Vec<_> = shared.history.lock().expect("history lock").iter().filter(|(t, _)| *t >= cutoff).map(|(_, e)| *e).collect();
+                let raw: Vec<_> = shared
+                    .history
+                    .lock()
+                    .expect("history lock")
+                    .iter()
+                    .filter(|(t, _)| *t >= cutoff)
+                    .map(|(_, e)| *e)
+                    .collect();
                 let names = shared.names.read().expect("names lock").clone();
                 let mut cache = Cache::default();
-                let replay: Vec<JsonEvent> = raw.iter().map(|e| enrich_cached(e, &names, &mut cache)).filter(|e| keep(e)).collect();
+                let replay: Vec<JsonEvent> = raw
+                    .iter()
+                    .map(|e| enrich_cached(e, &names, &mut cache))
+                    .filter(|e| keep(e))
+                    .collect();
                 for e in replay {
                     last_replayed = last_replayed.max(e.monotonic_ns);
                     let mut line = serde_json::to_vec(&e).expect("serialisable");

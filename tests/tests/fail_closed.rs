@@ -112,25 +112,42 @@ fn kill_9_never_opens_a_window_and_restart_adopts() {
     );
 }
 
+/// The ids of the programs and maps a daemon reports in /status.
+fn kernel_objects(d: &Daemon) -> (Vec<u64>, Vec<u64>) {
+    let status = d.status();
+    let progs = status["programs"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let maps = status["maps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    (progs, maps)
+}
+
+/// Whether the kernel no longer knows any of these programs and maps (bpftool by id).
+fn all_gone(progs: &[u64], maps: &[u64]) -> bool {
+    let exists = |kind: &str, id: &u64| {
+        Command::new("bpftool")
+            .args([kind, "show", "id", &id.to_string()])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    !progs.iter().any(|id| exists("prog", id)) && !maps.iter().any(|id| exists("map", id))
+}
+
 #[test]
 fn keep_on_exit_then_uninstall_leaves_nothing() {
     let ns = lab();
     let cg = TestCgroup::new();
     let (_, dir) = cg.child("w");
     let mut d = Daemon::start(&config(&cg, "on_exit = \"keep\"\n"));
-    let status = d.status();
-    let progs: Vec<u64> = status["programs"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    let maps: Vec<u64> = status["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let (progs, maps) = kernel_objects(&d);
     assert_eq!(progs.len(), 5);
     assert!(maps.len() >= 8, "{maps:?}");
     assert!(d.terminate());
@@ -163,23 +180,7 @@ fn keep_on_exit_then_uninstall_leaves_nothing() {
     );
     assert!(!d.pin_dir.exists());
     // No program or map of ours is left in the kernel.
-    let gone = wait_until(Duration::from_secs(5), || {
-        progs.iter().all(|id| {
-            !Command::new("bpftool")
-                .args(["prog", "show", "id", &id.to_string()])
-                .output()
-                .unwrap()
-                .status
-                .success()
-        }) && maps.iter().all(|id| {
-            !Command::new("bpftool")
-                .args(["map", "show", "id", &id.to_string()])
-                .output()
-                .unwrap()
-                .status
-                .success()
-        })
-    });
+    let gone = wait_until(Duration::from_secs(5), || all_gone(&progs, &maps));
     assert!(
         gone,
         "programs {progs:?} or maps {maps:?} still loaded after uninstall"
@@ -191,38 +192,10 @@ fn detach_on_exit_leaves_nothing() {
     let cg = TestCgroup::new();
     cg.child("w");
     let mut d = Daemon::start(&config(&cg, "on_exit = \"detach\"\n"));
-    let status = d.status();
-    let progs: Vec<u64> = status["programs"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    let maps: Vec<u64> = status["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
+    let (progs, maps) = kernel_objects(&d);
     assert!(d.terminate());
     assert!(!d.pin_dir.exists(), "pins removed");
-    let gone = wait_until(Duration::from_secs(5), || {
-        progs.iter().all(|id| {
-            !Command::new("bpftool")
-                .args(["prog", "show", "id", &id.to_string()])
-                .output()
-                .unwrap()
-                .status
-                .success()
-        }) && maps.iter().all(|id| {
-            !Command::new("bpftool")
-                .args(["map", "show", "id", &id.to_string()])
-                .output()
-                .unwrap()
-                .status
-                .success()
-        })
-    });
+    let gone = wait_until(Duration::from_secs(5), || all_gone(&progs, &maps));
     assert!(gone, "programs {progs:?} or maps {maps:?} still loaded");
 }
 

@@ -100,8 +100,10 @@ fn main() -> Result<()> {
         Cmd::Bench { quick } => {
             setup::require_root("cargo xtask bench")?;
             setup::packages(TEST_PACKAGES)?;
+            setup::packages(&[("iptables-restore", "iptables"), ("nft", "nftables")])?;
             build(true)?;
-            let bin = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release");
+            let bin =
+                std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release");
             let mut c = Command::new(bin.join("mcpg-bench"));
             c.env("MCP_GUARD_BIN", bin.join("mcp-guard"));
             if quick {
