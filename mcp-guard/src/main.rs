@@ -369,7 +369,10 @@ fn events(
             e.cgroup.as_deref().unwrap_or(""),
             e.tgid,
             e.comm,
-            SocketAddr::new(e.dst.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])), e.dport),
+            e.dst.parse::<IpAddr>().map_or_else(
+                |_| "(socket creation)".to_string(),
+                |ip| SocketAddr::new(ip, e.dport).to_string()
+            ),
             e.proto,
             e.reason,
             e.hook,

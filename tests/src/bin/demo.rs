@@ -51,7 +51,9 @@ fn bin(name: &str) -> PathBuf {
 }
 
 fn host_port(ip: &str, port: &serde_json::Value) -> String {
-    if ip.contains(':') {
+    if ip.is_empty() {
+        "(socket creation)".into()
+    } else if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {
         format!("{ip}:{port}")
@@ -162,7 +164,7 @@ fn main() {
     let denied = events.iter().filter(|e| e["verdict"] == "denied").count();
     let stopped = d.stop();
     banner(&format!(
-        "Result: {denied} flows blocked (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache); the allowed API was reached. Daemon stopped cleanly: {stopped}."
+        "Result: {denied} attempts blocked (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache, a raw socket); the allowed API was reached. Daemon stopped cleanly: {stopped}."
     ));
-    assert!(denied >= 5, "expected the 5 attacks to be blocked");
+    assert!(denied >= 6, "expected the 6 attacks to be blocked");
 }

@@ -60,6 +60,20 @@ fn main() {
         "192.168.7.3:6379",
         "KEYS *\r\n",
     );
+    // Below the socket hooks: a raw socket would let it hand-craft packets.
+    print!(
+        "  tool call {:<58} -> ",
+        "run_shell(ping 169.254.169.254) = raw ICMP socket"
+    );
+    // SAFETY: plain socket(2), closed right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        println!("BLOCKED: {}", std::io::Error::last_os_error());
+    } else {
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+        println!("REACHED: raw socket created");
+    }
     fetch(
         "fetch_url(https://api.github.com/...) = 93.184.216.34 (allowed)",
         "93.184.216.34:443",
