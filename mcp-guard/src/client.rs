@@ -20,7 +20,7 @@ pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<BufReader<TcpStream>
     let mut r = BufReader::new(s);
     let mut status = String::new();
     r.read_line(&mut status)?;
-    if !status.split_whitespace().nth(1).is_some_and(|c| c == "200") {
+    if status.split_whitespace().nth(1) != Some("200") {
         return Err(std::io::Error::other(format!(
             "daemon answered {}",
             status.trim()

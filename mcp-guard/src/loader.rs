@@ -267,11 +267,8 @@ pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32,
         }
     }
     let id = p.attach().map_err(err)?;
-    let link = FdLink::try_from(p.take_link(id).map_err(err)?).map_err(|e| LoadError::Pin {
-        hook: LSM_HOOK,
-        path: String::new(),
-        detail: chain(&e),
-    })?;
+    // An LSM link is always an fd link: the conversion cannot fail.
+    let link = FdLink::from(p.take_link(id).map_err(err)?);
     pin_over(link, LSM_HOOK, pins)?;
     Ok(ours)
 }

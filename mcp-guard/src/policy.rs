@@ -113,7 +113,10 @@ fn mask(addr: &[u8; 16], plen: u8) -> [u8; 16] {
     (bits & m).to_be_bytes()
 }
 
-fn contains(outer: &([u8; 16], u8), inner: &([u8; 16], u8)) -> bool {
+/// An address (IPv6 or IPv4-mapped) and a prefix length in bits (0 to 128).
+type Prefix = ([u8; 16], u8);
+
+fn contains(outer: &Prefix, inner: &Prefix) -> bool {
     outer.1 <= inner.1 && mask(&inner.0, outer.1) == outer.0
 }
 
@@ -295,7 +298,7 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
         // Sorted by (address, length), each prefix follows all prefixes that contain it.
         let mut keys: Vec<([u8; 16], u8)> = own.keys().copied().collect();
         keys.sort_unstable();
-        let mut stack: Vec<(([u8; 16], u8), Vec<PortRange>)> = Vec::new();
+        let mut stack: Vec<(Prefix, Vec<PortRange>)> = Vec::new();
         for k in keys {
             while stack.last().is_some_and(|(top, _)| !contains(top, &k)) {
                 stack.pop();
