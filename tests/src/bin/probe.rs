@@ -254,18 +254,6 @@ fn tcp_loop(f: &[&str]) -> String {
     format!("ALLOWED {ok} DENIED {denied} OTHER {other}")
 }
 
-fn errno_result(rc: i64) -> String {
-    if rc >= 0 {
-        return "OK".into();
-    }
-    let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
-    if e == libc::EPERM {
-        "EPERM".into()
-    } else {
-        format!("ERR {e}")
-    }
-}
-
 fn checksum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for c in data.chunks(2) {
@@ -297,7 +285,7 @@ fn below_sockets(f: &[&str]) -> Option<String> {
                 _ => return Some("ERR bad-kind".into()),
             };
             let fd = unsafe { libc::socket(family, ty, proto) };
-            let r = errno_result(i64::from(fd));
+            let r = result(fd as isize);
             if fd >= 0 {
                 unsafe { libc::close(fd) };
             }
@@ -307,7 +295,7 @@ fn below_sockets(f: &[&str]) -> Option<String> {
             let dst: std::net::Ipv4Addr = f.get(1)?.parse().ok()?;
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
             if fd < 0 {
-                return Some(errno_result(-1));
+                return Some(result(-1));
             }
             let mut pkt = [8u8, 0, 0, 0, 0x12, 0x34, 0, 1, b'm', b'c', b'p', b'g'];
             let c = checksum(&pkt);
@@ -324,7 +312,7 @@ fn below_sockets(f: &[&str]) -> Option<String> {
                 )
             };
             if sent < 0 {
-                let r = errno_result(-1);
+                let r = result(-1);
                 unsafe { libc::close(fd) };
                 return Some(r);
             }
@@ -373,7 +361,7 @@ fn below_sockets(f: &[&str]) -> Option<String> {
             let port: u16 = f.get(3)?.parse().ok()?;
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
             if fd < 0 {
-                return Some(errno_result(-1));
+                return Some(result(-1));
             }
             let payload = b"hand-built";
             let total = 20 + 8 + payload.len();
@@ -402,11 +390,7 @@ fn below_sockets(f: &[&str]) -> Option<String> {
                 )
             };
             unsafe { libc::close(fd) };
-            Some(if sent < 0 {
-                errno_result(-1)
-            } else {
-                "SENT".into()
-            })
+            Some(if sent < 0 { result(-1) } else { "SENT".into() })
         }
         _ => None,
     }
