@@ -89,7 +89,10 @@ fn status_json(
 /// # Errors
 /// The config is invalid or cannot be compiled.
 pub fn prepare(path: &Path) -> Result<(config::Config, Compiled)> {
-    let cfg = config::load(path)?;
+    compile_config(config::load(path)?)
+}
+
+fn compile_config(cfg: config::Config) -> Result<(config::Config, Compiled)> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
@@ -127,13 +130,7 @@ fn read_settled(path: &Path) -> Result<String> {
 
 /// Like [`prepare`], for a reload: from settled content only.
 fn prepare_reload(path: &Path) -> Result<(config::Config, Compiled)> {
-    let text = read_settled(path)?;
-    let cfg = config::parse(path, &text)?;
-    for w in &cfg.warnings {
-        warn!("{w}");
-    }
-    let compiled = policy::compile(&cfg)?;
-    Ok((cfg, compiled))
+    compile_config(config::parse(path, &read_settled(path)?)?)
 }
 
 struct Live {

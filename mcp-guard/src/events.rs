@@ -125,16 +125,6 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Wall-clock Unix nanoseconds of a CLOCK_MONOTONIC timestamp.
-#[must_use]
-pub fn wall_ns(mono: u64) -> u128 {
-    let now_mono = monotonic_ns();
-    let now_wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    now_wall.saturating_sub(u128::from(now_mono.saturating_sub(mono)))
-}
-
 /// RFC 3339 UTC from Unix nanoseconds (civil-from-days, Howard Hinnant's algorithm).
 #[must_use]
 pub fn rfc3339(unix_ns: u128) -> String {

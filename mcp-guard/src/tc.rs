@@ -5,7 +5,7 @@
 //! These links are owned by the daemon, not pinned: the packet backstop runs while the
 //! daemon runs; socket-level enforcement is what survives a daemon restart.
 
-use std::{collections::HashSet, ffi::CStr, os::fd::AsRawFd as _, path::PathBuf};
+use std::{collections::HashSet, ffi::CStr, os::fd::AsRawFd as _};
 
 use aya::{
     programs::{SchedClassifier, TcAttachType},
@@ -109,10 +109,5 @@ impl Tc {
             });
         });
         self.attached.len()
-    }
-
-    #[must_use]
-    pub fn netns(&self) -> Option<&PathBuf> {
-        self.config.netns.as_ref()
     }
 }

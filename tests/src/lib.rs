@@ -567,6 +567,16 @@ impl Drop for Probe {
     }
 }
 
+/// A finished command's stdout and stderr, together, for assertion messages.
+#[must_use]
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Polls until `f` returns true or the timeout passes.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

@@ -167,6 +167,18 @@ fn vm_mode_tc_drops_raw_packets_to_denied_destinations() {
         0,
         "the hand-built UDP packet to metadata never arrived"
     );
+    // Interfaces that appear later are covered too (the daemon looks every second).
+    vm.ip("link add vm1 type veth peer name xpeer");
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("tc classifier attached") && l.contains("vm1"))),
+        "the new interface was not followed:\n{}",
+        d.stderr.lock().unwrap()
+    );
 
     let mut events = Vec::new();
     assert!(wait_until(Duration::from_secs(5), || {

@@ -33,11 +33,7 @@ fn validate(file: &Path, version: &str) -> (bool, String) {
         .arg(file)
         .output()
         .expect("kubernetes-validate (PyPI) must be installed: cargo xtask test installs it");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = mcp_guard_tests::output_text(&out);
     (
         out.status.success() && text.contains("passed") && !text.contains("ERROR"),
         text,
@@ -225,11 +221,7 @@ fn systemd_units_verify_clean() {
         .current_dir(&tmp.0)
         .output()
         .expect("systemd-analyze");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = mcp_guard_tests::output_text(&out);
     assert!(
         out.status.success() && text.trim().is_empty(),
         "systemd-analyze verify:\n{text}"

@@ -115,11 +115,7 @@ fn promtool_finds_no_problem_in_metrics() {
         .write_all(metrics.as_bytes())
         .unwrap();
     let out = lint.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = mcp_guard_tests::output_text(&out);
     assert!(
         out.status.success() && report.trim().is_empty(),
         "promtool check metrics:\n{report}"
@@ -140,9 +136,8 @@ fn shipped_rules_pass_promtool() {
             .expect("promtool");
         assert!(
             out.status.success(),
-            "promtool {args:?}:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            "promtool {args:?}:\n{}",
+            mcp_guard_tests::output_text(&out)
         );
     }
 }
