@@ -103,7 +103,48 @@ struct RawConfig {
     daemon: RawDaemon,
     #[serde(default)]
     tc: RawTc,
+    #[serde(default)]
+    dns: RawDns,
 }
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    nameservers: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    netns: Option<PathBuf>,
+    #[serde(default)]
+    proxy: Option<Spanned<String>>,
+    #[serde(default)]
+    min_ttl: Option<Spanned<i64>>,
+    #[serde(default)]
+    max_ttl: Option<Spanned<i64>>,
+    #[serde(default)]
+    grace: Option<Spanned<i64>>,
+}
+
+/// How hostname rules are resolved and learned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Upstream servers; empty means those of /etc/resolv.conf at start.
+    pub nameservers: Vec<SocketAddr>,
+    /// Network namespace (a /run/netns path) the resolver and the proxy live in: names
+    /// are resolved as the workloads see them. Default: the daemon's own.
+    pub netns: Option<PathBuf>,
+    /// Where the DNS proxy listens (UDP). Workloads that resolve through it teach the
+    /// daemon the addresses of their names, which wildcard rules need.
+    pub proxy: Option<SocketAddr>,
+    /// Record TTLs are clamped to `min_ttl..=max_ttl` seconds.
+    pub min_ttl: u32,
+    pub max_ttl: u32,
+    /// Seconds a learned address stays allowed after its (clamped) TTL ran out.
+    pub grace: u32,
+}
+
+pub const DEFAULT_MIN_TTL: u32 = 5;
+pub const DEFAULT_MAX_TTL: u32 = 3600;
+pub const DEFAULT_GRACE: u32 = 30;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -148,7 +189,7 @@ struct RawWorkload {
     #[serde(default)]
     mode: Option<Mode>,
     #[serde(default)]
-    allow: Vec<RawAllow>,
+    allow: Vec<Spanned<RawAllow>>,
     #[serde(default)]
     deny_raw_sockets: Option<bool>,
     #[serde(default)]
@@ -158,7 +199,12 @@ struct RawWorkload {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAllow {
-    cidr: Spanned<String>,
+    #[serde(default)]
+    cidr: Option<Spanned<String>>,
+    #[serde(default)]
+    host: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_internal: Option<Spanned<bool>>,
     #[serde(default)]
     ports: Vec<Spanned<toml::Value>>,
     #[serde(default)]
@@ -245,6 +291,59 @@ pub struct AllowRule {
     pub loc: Loc,
 }
 
+/// A DNS name as a rule names it: one name, or every name below a suffix.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HostPattern {
+    /// `api.github.com`
+    Exact(String),
+    /// `*.githubusercontent.com`, holding `githubusercontent.com`: any name with at
+    /// least one more label, never the suffix itself.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Whether a (normalised: lower case, no trailing dot) name matches.
+    #[must_use]
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(n) => n == name,
+            Self::Wildcard(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .and_then(|head| head.strip_suffix('.'))
+                .is_some_and(|head| !head.is_empty()),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(n) => f.write_str(n),
+            Self::Wildcard(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+/// Normalises a DNS name for comparison: lower case, without the root's trailing dot.
+#[must_use]
+pub fn normalise_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// An allow rule by name: the addresses its names resolve to are allowed while their
+/// records live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostRule {
+    pub pattern: HostPattern,
+    /// Empty means every port.
+    pub ports: Vec<PortSpan>,
+    pub proto: Proto,
+    /// Answers in the internal ranges are refused unless this is set (rebinding guard).
+    pub allow_internal: bool,
+    pub comment: Option<String>,
+    pub loc: Loc,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub name: String,
@@ -253,6 +352,8 @@ pub struct Workload {
     pub default: DefaultAction,
     pub mode: Mode,
     pub allow: Vec<AllowRule>,
+    /// Rules by DNS name, resolved or learned at run time.
+    pub hosts: Vec<HostRule>,
     /// Refuse raw inet sockets (default true): crafted packets bypass connect/sendmsg.
     pub deny_raw_sockets: bool,
     /// Refuse AF_PACKET sockets (default true; needs BPF LSM).
@@ -286,6 +387,7 @@ pub struct Config {
     pub pin_dir: PathBuf,
     pub on_exit: OnExit,
     pub tc: TcConfig,
+    pub dns: DnsConfig,
     /// Problems that do not stop the config from loading.
     pub warnings: Vec<String>,
 }
@@ -393,6 +495,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         }
     };
 
+    let dns = dns_config(&mut cx, &raw.dns);
     let mut workloads = Vec::new();
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut cgroups: HashMap<String, usize> = HashMap::new();
@@ -419,11 +522,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 format!("duplicate workload cgroup {cgroup:?} (first used on line {first}): each cgroup belongs to one workload"),
             );
         }
-        let allow = w
-            .allow
-            .iter()
-            .filter_map(|a| allow_rule(&mut cx, a))
-            .collect();
+        let mut allow = Vec::new();
+        let mut hosts = Vec::new();
+        for a in &w.allow {
+            match allow_rule(&mut cx, a, dns.proxy.is_some()) {
+                Some(Rule::Cidr(r)) => allow.push(r),
+                Some(Rule::Host(r)) => hosts.push(r),
+                None => {}
+            }
+        }
         workloads.push(Workload {
             name,
             cgroup,
@@ -432,6 +539,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 .mode
                 .unwrap_or_else(|| raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref())),
             allow,
+            hosts,
             deny_raw_sockets: w.deny_raw_sockets.unwrap_or(true),
             deny_packet_sockets: w.deny_packet_sockets.unwrap_or(true),
             loc,
@@ -558,8 +666,126 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             netns: raw.tc.netns,
         },
         on_exit,
+        dns,
         warnings,
     })
+}
+
+fn dns_config(cx: &mut Ctx<'_>, raw: &RawDns) -> DnsConfig {
+    let mut nameservers = Vec::new();
+    for s in raw.nameservers.iter().flatten() {
+        let text = s.get_ref().trim();
+        let parsed = text.parse::<SocketAddr>().or_else(|_| {
+            text.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match parsed {
+            Ok(a) => nameservers.push(a),
+            Err(_) => cx.err(
+                &s.span(),
+                format!("dns.nameservers: {text:?} is not an address or ADDR:PORT, e.g. \"10.96.0.10\" or \"127.0.0.1:5300\""),
+            ),
+        }
+    }
+    let proxy = raw
+        .proxy
+        .as_ref()
+        .and_then(|s| match s.get_ref().trim().parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => Some(a),
+            _ => {
+                cx.err(
+                    &s.span(),
+                    format!(
+                        "dns.proxy {:?} is not ADDR:PORT, e.g. \"127.0.0.1:5353\"",
+                        s.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+    let mut secs = |v: &Option<Spanned<i64>>, key: &str, default: u32| -> u32 {
+        match v {
+            None => default,
+            Some(v) => match u32::try_from(*v.get_ref()) {
+                Ok(n) if n <= 86_400 => n,
+                _ => {
+                    cx.err(
+                        &v.span(),
+                        format!("dns.{key} must be a number of seconds from 0 to 86400"),
+                    );
+                    default
+                }
+            },
+        }
+    };
+    let min_ttl = secs(&raw.min_ttl, "min_ttl", DEFAULT_MIN_TTL);
+    let max_ttl = secs(&raw.max_ttl, "max_ttl", DEFAULT_MAX_TTL);
+    let grace = secs(&raw.grace, "grace", DEFAULT_GRACE);
+    if min_ttl == 0 {
+        if let Some(v) = &raw.min_ttl {
+            cx.err(
+                &v.span(),
+                "dns.min_ttl must be at least 1 second: a zero TTL would re-resolve without pause",
+            );
+        }
+    }
+    if max_ttl < min_ttl {
+        if let Some(v) = raw.max_ttl.as_ref().or(raw.min_ttl.as_ref()) {
+            cx.err(&v.span(), format!("dns.max_ttl ({max_ttl}) is below dns.min_ttl ({min_ttl}): raise max_ttl or lower min_ttl"));
+        }
+    }
+    DnsConfig {
+        nameservers,
+        netns: raw.netns.clone(),
+        proxy,
+        min_ttl: min_ttl.max(1),
+        max_ttl: max_ttl.max(min_ttl.max(1)),
+        grace,
+    }
+}
+
+/// Checks a hostname written in a rule and returns its pattern.
+fn host_pattern(text: &str) -> Result<HostPattern, String> {
+    let name = normalise_name(text.trim());
+    if name.parse::<std::net::IpAddr>().is_ok() || parse_cidr(&name).is_ok() {
+        return Err(format!(
+            "{text:?} is an address: write it as cidr = {text:?}"
+        ));
+    }
+    let (wild, rest) = match name.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, name.as_str()),
+    };
+    if rest.is_empty() || rest.len() > 253 {
+        return Err(format!("{text:?} is not a DNS name"));
+    }
+    for label in rest.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            let hint = if label.contains('*') {
+                "a wildcard is only allowed as the whole first label, as in \"*.githubusercontent.com\""
+            } else {
+                "labels are 1 to 63 letters, digits, '-' or '_', not starting or ending with '-'"
+            };
+            return Err(format!("{text:?} is not a DNS name: {hint}"));
+        }
+    }
+    if wild {
+        if !rest.contains('.') {
+            return Err(format!(
+                "{text:?} would match every name in a top-level domain: name at least two labels after \"*.\", as in \"*.githubusercontent.com\""
+            ));
+        }
+        Ok(HostPattern::Wildcard(rest.to_string()))
+    } else {
+        Ok(HostPattern::Exact(rest.to_string()))
+    }
 }
 
 /// Adds the fix to toml's own messages where it does not say it.
@@ -674,15 +900,60 @@ fn normalise_cgroup(cx: &mut Ctx<'_>, s: &Spanned<String>) -> Option<String> {
     Some(out)
 }
 
-fn allow_rule(cx: &mut Ctx<'_>, a: &RawAllow) -> Option<AllowRule> {
-    let loc = cx.loc(&a.cidr.span());
-    let net = match parse_cidr(a.cidr.get_ref().trim()) {
-        Ok(n) => n,
-        Err(e) => {
-            cx.err(&a.cidr.span(), format!("allow.cidr: {e}"));
+enum Rule {
+    Cidr(AllowRule),
+    Host(HostRule),
+}
+
+fn allow_rule(cx: &mut Ctx<'_>, spanned: &Spanned<RawAllow>, proxy: bool) -> Option<Rule> {
+    let a = spanned.get_ref();
+    let target = match (&a.cidr, &a.host) {
+        (Some(c), None) => {
+            if let Some(ai) = &a.allow_internal {
+                cx.err(&ai.span(), "allow.allow_internal only applies to host rules: a cidr rule allows exactly its addresses; remove the key");
+                return None;
+            }
+            match parse_cidr(c.get_ref().trim()) {
+                Ok(n) => Ok(n),
+                Err(e) => {
+                    cx.err(&c.span(), format!("allow.cidr: {e}"));
+                    return None;
+                }
+            }
+        }
+        (None, Some(h)) => match host_pattern(h.get_ref()) {
+            Ok(p @ HostPattern::Wildcard(_)) if !proxy => {
+                cx.err(&h.span(), format!("allow.host {:?}: wildcard names are learned from the DNS answers the workload receives through the daemon's DNS proxy: set [dns] proxy = \"127.0.0.1:5353\" (and point the workload's resolver at it), or name the hosts exactly", p.to_string()));
+                return None;
+            }
+            Ok(p) => Err(p),
+            Err(e) => {
+                cx.err(&h.span(), format!("allow.host: {e}"));
+                return None;
+            }
+        },
+        (Some(c), Some(_)) => {
+            cx.err(
+                &c.span(),
+                "an allow rule has both cidr and host: write two [[workload.allow]] rules",
+            );
+            return None;
+        }
+        (None, None) => {
+            cx.err(
+                &spanned.span(),
+                "an allow rule needs cidr = \"10.0.12.0/24\" or host = \"api.github.com\"",
+            );
             return None;
         }
     };
+    let loc = cx.loc(
+        &a.cidr
+            .as_ref()
+            .or(a.host.as_ref())
+            .expect("one of them")
+            .span(),
+    );
     let mut ports = Vec::new();
     let mut ok = true;
     for p in &a.ports {
@@ -694,12 +965,25 @@ fn allow_rule(cx: &mut Ctx<'_>, a: &RawAllow) -> Option<AllowRule> {
             }
         }
     }
-    ok.then(|| AllowRule {
-        net,
-        ports,
-        proto: a.proto,
-        comment: a.comment.clone(),
-        loc,
+    if !ok {
+        return None;
+    }
+    Some(match target {
+        Ok(net) => Rule::Cidr(AllowRule {
+            net,
+            ports,
+            proto: a.proto,
+            comment: a.comment.clone(),
+            loc,
+        }),
+        Err(pattern) => Rule::Host(HostRule {
+            pattern,
+            ports,
+            proto: a.proto,
+            allow_internal: a.allow_internal.as_ref().is_some_and(|b| *b.get_ref()),
+            comment: a.comment.clone(),
+            loc,
+        }),
     })
 }
 
@@ -857,6 +1141,44 @@ proto = "tcp"
         let e = err("[baseline]\ndeny=['metdata']\n");
         assert_eq!(e.line, 2);
         assert!(e.message.contains("metadata"), "{e}");
+    }
+
+    #[test]
+    fn host_rules_parse_and_match() {
+        let c = p("[dns]\nproxy='127.0.0.1:5353'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='API.GitHub.com.'\nports=[443]\n[[workload.allow]]\nhost='*.githubusercontent.com'\nallow_internal=true\n").unwrap();
+        let h = &c.workloads[0].hosts;
+        assert_eq!(h[0].pattern, HostPattern::Exact("api.github.com".into()));
+        assert_eq!(h[0].loc.line, 7);
+        assert!(h[1].allow_internal);
+        assert!(h[1].pattern.matches("raw.githubusercontent.com"));
+        assert!(h[1].pattern.matches("a.b.githubusercontent.com"));
+        assert!(!h[1].pattern.matches("githubusercontent.com"));
+        assert!(!h[1].pattern.matches("evilgithubusercontent.com"));
+        assert_eq!(h[1].pattern.to_string(), "*.githubusercontent.com");
+    }
+
+    #[test]
+    fn bad_host_rules_name_line_and_fix() {
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.githubusercontent.com'\n");
+        assert_eq!(e.line, 5);
+        assert!(e.message.contains("[dns] proxy"), "{e}");
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='10.0.0.1'\n");
+        assert!(e.message.contains("cidr"), "{e}");
+        let e = err("[dns]\nproxy='127.0.0.1:53'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.com'\n");
+        assert!(e.message.contains("two labels"), "{e}");
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='a.*.com'\n");
+        assert!(e.message.contains("first label"), "{e}");
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='a.com'\ncidr='10.0.0.0/8'\n");
+        assert!(e.message.contains("both cidr and host"), "{e}");
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nports=[443]\n");
+        assert_eq!(e.line, 4, "the [[workload.allow]] header");
+        assert!(e.message.contains("needs cidr"), "{e}");
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nallow_internal=true\n");
+        assert!(e.message.contains("only applies to host"), "{e}");
+        let e = err("[dns]\nmin_ttl=60\nmax_ttl=10\n");
+        assert!(e.message.contains("below dns.min_ttl"), "{e}");
+        let e = err("[dns]\nnameservers=['dns.local']\n");
+        assert_eq!(e.line, 2);
     }
 
     #[test]

@@ -13,11 +13,12 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     sync::broadcast,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     cgroup,
     config::{self, OnExit},
+    dns,
     events::{self, Delivered, Names, SinkWriter},
     http::{self, Shared},
     loader::{self, Attachments},
@@ -134,9 +135,12 @@ fn prepare_reload(path: &Path) -> Result<(config::Config, Compiled)> {
 }
 
 struct Live {
+    cfg: Arc<config::Config>,
     compiled: Compiled,
     /// TC pod mode is on: keep the source-address map filled.
     pod_mode: bool,
+    /// Addresses learned for host rules, compiled into `compiled`.
+    learned: Vec<policy::Learned>,
 }
 
 /// Everything the periodic tasks and the reload path share.
@@ -149,6 +153,9 @@ struct State {
     mount: PathBuf,
     attachments: Mutex<Attachments>,
     map_ids: Vec<u32>,
+    engine: Arc<Mutex<dns::Engine>>,
+    /// The DNS side, while the config has host rules or a proxy.
+    dns: Mutex<Option<dns::Dns>>,
 }
 
 impl State {
@@ -246,6 +253,16 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
 
     let names = Arc::new(RwLock::new(names_of(&compiled, &mount)));
     let (tx, _) = broadcast::channel(4096);
+    let (daemon_events, daemon_events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (dns_updates, mut dns_updates_rx) = tokio::sync::mpsc::unbounded_channel();
+    let cfg = Arc::new(cfg);
+    let engine = Arc::new(Mutex::new(dns::Engine::new(
+        cfg.clone(),
+        mount.clone(),
+        dns_updates,
+        daemon_events,
+        metrics.clone(),
+    )));
     let delivered = Arc::new(Delivered::default());
     let history = Arc::new(events::History::default());
     let maps = Arc::new(Mutex::new(maps));
@@ -255,6 +272,13 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         events: tx.clone(),
         history: history.clone(),
         names: names.clone(),
+        dns: {
+            let engine = engine.clone();
+            Box::new(move || {
+                let learned = engine.lock().expect("engine").snapshot();
+                serde_json::json!({ "learned": learned }).to_string()
+            })
+        },
         metrics: {
             let (maps, metrics, names, delivered) = (
                 maps.clone(),
@@ -296,7 +320,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
     let on_exit = cfg.on_exit;
     let state = Arc::new(State {
-        live: Mutex::new(Live { compiled, pod_mode }),
+        live: Mutex::new(Live {
+            cfg: cfg.clone(),
+            compiled,
+            pod_mode,
+            learned: Vec::new(),
+        }),
         maps,
         names: names.clone(),
         metrics: metrics.clone(),
@@ -304,7 +333,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         mount,
         attachments: Mutex::new(attachments),
         map_ids,
+        engine: engine.clone(),
+        dns: Mutex::new(None),
     });
+    state.engine.lock().expect("engine").generation = state.maps.lock().expect("maps").generation();
+    sync_dns(&state, &cfg);
     set_policy_gauges(&metrics, &state.live.lock().expect("live").compiled);
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.last_reload_success.set(unix_now());
@@ -312,7 +345,15 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         .policy_generation
         .set(i64::from(state.maps.lock().expect("maps").generation()));
 
-    let reader = tokio::spawn(events::read_loop(ring, names, sink, tx, delivered, history));
+    let reader = tokio::spawn(events::read_loop(
+        ring,
+        names,
+        sink,
+        tx,
+        delivered,
+        history,
+        daemon_events_rx,
+    ));
     let server = tokio::spawn(http::serve(listener, shared.clone()));
 
     let attached = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
@@ -368,6 +409,20 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     (Some(_), true) => reported_missing = false,
                 }
             }
+            Some(first) = dns_updates_rx.recv() => {
+                // Only the newest learned set matters; everyone waiting is answered.
+                let mut update = first;
+                let mut done = Vec::new();
+                while let Ok(next) = dns_updates_rx.try_recv() {
+                    done.extend(update.done.take());
+                    update = next;
+                }
+                done.extend(update.done.take());
+                apply_learned(&state, update.learned);
+                for d in done {
+                    let _ = d.send(());
+                }
+            }
             _ = attach_check.tick() => {
                 if let Some(tc) = tc.as_mut() {
                     let n = tc.sync(&mut ebpf);
@@ -400,6 +455,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     shared.ready.store(false, Ordering::SeqCst);
     metrics.ready.set(0);
+    drop(state.dns.lock().expect("dns").take());
     reader.abort();
     server.abort();
     drop(ebpf);
@@ -491,7 +547,11 @@ fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
 /// Validates first; an invalid config leaves the running policy untouched.
 fn reload(path: &Path, state: &State) {
     let metrics = &state.metrics;
-    let (cfg, compiled) = match prepare_reload(path) {
+    let learned = state.live.lock().expect("live").learned.clone();
+    let (cfg, compiled) = match prepare_reload(path).and_then(|(cfg, _)| {
+        let compiled = policy::compile_with(&cfg, &learned)?;
+        Ok((cfg, compiled))
+    }) {
         Ok(v) => v,
         Err(e) => {
             error!("reload refused, the running policy stays in force: {e:#}");
@@ -514,6 +574,75 @@ fn reload(path: &Path, state: &State) {
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.last_reload_success.set(unix_now());
     let pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
-    *state.live.lock().expect("live") = Live { compiled, pod_mode };
+    let cfg = Arc::new(cfg);
+    {
+        let mut live = state.live.lock().expect("live");
+        live.cfg = cfg.clone();
+        live.compiled = compiled;
+        live.pod_mode = pod_mode;
+    }
+    sync_dns(state, &cfg);
+    state.refresh_status();
+}
+
+/// Starts, reconfigures, restarts or stops the DNS side to match a (new) config.
+fn sync_dns(state: &State, cfg: &Arc<config::Config>) {
+    let mut slot = state.dns.lock().expect("dns");
+    if !dns::wanted(cfg) {
+        if slot.take().is_some() {
+            info!("DNS: no host rules and no proxy any more: stopped");
+        }
+        return;
+    }
+    if let Some(d) = slot.as_ref() {
+        if d.accepts(cfg) {
+            d.set_config(cfg.clone());
+            return;
+        }
+        info!("DNS: [dns] changed: restarting the resolver and the proxy");
+    }
+    drop(slot.take());
+    let changed = state.engine.lock().expect("engine").set_config(cfg.clone());
+    match dns::Dns::start(cfg.clone(), state.engine.clone()) {
+        Ok(d) => *slot = Some(d),
+        Err(e) => error!(
+            "DNS could not start, so host rules allow nothing until it can (fix and reload): {e:#}"
+        ),
+    }
+    if changed {
+        state.engine.lock().expect("engine").publish(None);
+    }
+}
+
+/// Compiles the config with a new set of learned addresses and switches to it whole.
+fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
+    let mut live = state.live.lock().expect("live");
+    let compiled = match policy::compile_with(&live.cfg, &learned) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(
+                "learned DNS answers do not fit the policy, keeping the previous addresses: {e}"
+            );
+            return;
+        }
+    };
+    let mut m = state.maps.lock().expect("maps");
+    if let Err(e) = m.install(&compiled, &state.mount, live.cfg.rate_limit_per_sec) {
+        error!("writing learned DNS answers failed, the previous policy stays in force: {e}");
+        return;
+    }
+    let generation = m.generation();
+    drop(m);
+    state.metrics.policy_generation.set(i64::from(generation));
+    state.engine.lock().expect("engine").generation = generation;
+    *state.names.write().expect("names") = names_of(&compiled, &state.mount);
+    debug!(
+        generation,
+        learned = learned.len(),
+        "policy updated from DNS answers"
+    );
+    live.compiled = compiled;
+    live.learned = learned;
+    drop(live);
     state.refresh_status();
 }

@@ -65,6 +65,78 @@ pub struct JsonEvent {
     pub dest_class: String,
     pub suppressed: u32,
     pub policy_generation: u32,
+    /// Hook "dns": the name whose answer held `dst`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Hook "dns": "resolver" or "proxy".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_source: Option<String>,
+}
+
+/// What the rebinding guard refused, for [`dns_refusal`].
+pub struct Refusal<'a> {
+    pub workload: &'a str,
+    pub workload_id: u32,
+    pub cgroup_id: u64,
+    pub name: &'a str,
+    pub addr: std::net::IpAddr,
+    pub reason: &'static str,
+    pub rule: String,
+    pub source: &'static str,
+    pub generation: u32,
+}
+
+/// The event for an address a DNS answer gave for an allowed name, refused by the
+/// rebinding guard: the connection it would have allowed stays denied.
+#[must_use]
+pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let addr = r.addr.to_canonical();
+    let class = |nets: &[ipnet::IpNet]| nets.iter().any(|n| n.contains(&addr));
+    JsonEvent {
+        schema: SCHEMA.into(),
+        time: rfc3339(wall),
+        monotonic_ns: monotonic_ns(),
+        hook: "dns".into(),
+        verdict: "refused".into(),
+        reason: r.reason.into(),
+        rule_id: 0,
+        rule: Some(r.rule.clone()),
+        workload: Some(r.workload.to_string()),
+        workload_id: r.workload_id,
+        cgroup_id: r.cgroup_id,
+        cgroup: None,
+        owner: cgroup::Owner::default(),
+        pid: 0,
+        tgid: 0,
+        uid: 0,
+        gid: 0,
+        comm: String::new(),
+        exe: None,
+        cmdline: None,
+        family: if addr.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
+        socket_family: "unknown".into(),
+        proto: "any".into(),
+        dst: addr.to_string(),
+        dport: 0,
+        src: None,
+        sport: 0,
+        socket_cookie: 0,
+        dest_class: if class(crate::sets::metadata()) {
+            "metadata"
+        } else if class(crate::sets::internal()) {
+            "internal"
+        } else {
+            "public"
+        }
+        .into(),
+        suppressed: 0,
+        policy_generation: r.generation,
+        name: Some(r.name.to_string()),
+        dns_source: Some(r.source.into()),
+    }
 }
 
 /// Names the daemon knows for ids in events.
@@ -275,6 +347,8 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         dest_class: class_name(e.dest_class).into(),
         suppressed: e.suppressed,
         policy_generation: e.generation,
+        name: None,
+        dns_source: None,
     }
 }
 
@@ -294,9 +368,24 @@ pub struct Delivered {
 /// How many recent events the daemon keeps for `mcp-guard events --since`.
 pub const HISTORY: usize = 10_000;
 
+/// One remembered event: kernel events are kept raw and enriched only when someone
+/// replays them; the daemon's own (DNS refusals) are born enriched.
+#[derive(Clone)]
+pub enum Recorded {
+    Kernel(Event),
+    Daemon(Arc<JsonEvent>),
+}
+
 /// Recent events with their wall-clock time (Unix ns), oldest first.
-/// Kept raw: they are enriched only when someone replays them.
-pub type History = std::sync::Mutex<std::collections::VecDeque<(u128, Event)>>;
+pub type History = std::sync::Mutex<std::collections::VecDeque<(u128, Recorded)>>;
+
+fn remember(history: &History, wall: u128, r: Recorded) {
+    let mut h = history.lock().expect("history lock");
+    if h.len() == HISTORY {
+        h.pop_front();
+    }
+    h.push_back((wall, r));
+}
 
 /// Reads the ring buffer until the task is dropped. `names` is refreshed on reloads.
 pub async fn read_loop(
@@ -306,12 +395,27 @@ pub async fn read_loop(
     stream: broadcast::Sender<Arc<JsonEvent>>,
     delivered: Arc<Delivered>,
     history: Arc<History>,
+    mut daemon_events: tokio::sync::mpsc::UnboundedReceiver<JsonEvent>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, so the fd stays open
     // exactly as long as it is registered.
     let mut fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
     loop {
-        let mut guard = fd.readable_mut().await?;
+        let mut guard = tokio::select! {
+            g = fd.readable_mut() => g?,
+            Some(j) = daemon_events.recv() => {
+                let j = Arc::new(j);
+                let mut line = serde_json::to_vec(&*j).expect("serialisable");
+                line.push(b'\n');
+                write_sink(&mut sink, &line);
+                let _ = stream.send(j.clone());
+                let wall = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                remember(&history, wall, Recorded::Daemon(j));
+                continue;
+            }
+        };
         let ring = guard.get_inner_mut();
         let mut batch = Vec::new();
         while let Some(item) = ring.next() {
@@ -350,28 +454,29 @@ pub async fn read_loop(
             let now_wall = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos());
-            let mut h = history.lock().expect("history lock");
             for e in batch.iter().skip(batch.len().saturating_sub(HISTORY)) {
-                if h.len() == HISTORY {
-                    h.pop_front();
-                }
-                h.push_back((
+                remember(
+                    &history,
                     now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns))),
-                    *e,
-                ));
+                    Recorded::Kernel(*e),
+                );
             }
         }
-        match &mut sink {
-            SinkWriter::Stdout => {
-                let mut so = std::io::stdout().lock();
-                let _ = so.write_all(&out);
-                let _ = so.flush();
-            }
-            SinkWriter::File(f) => {
-                let _ = f.write_all(&out);
-            }
-            SinkWriter::None => {}
+        write_sink(&mut sink, &out);
+    }
+}
+
+fn write_sink(sink: &mut SinkWriter, out: &[u8]) {
+    match sink {
+        SinkWriter::Stdout => {
+            let mut so = std::io::stdout().lock();
+            let _ = so.write_all(out);
+            let _ = so.flush();
         }
+        SinkWriter::File(f) => {
+            let _ = f.write_all(out);
+        }
+        SinkWriter::None => {}
     }
 }
 

@@ -19,7 +19,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::events::{enrich_cached, Cache, History, JsonEvent, Names};
+use crate::events::{enrich_cached, Cache, History, JsonEvent, Names, Recorded};
 
 pub struct Shared {
     pub ready: AtomicBool,
@@ -31,6 +31,8 @@ pub struct Shared {
     /// For enriching replayed events.
     pub names: Arc<RwLock<Names>>,
     pub metrics: Box<dyn Fn() -> String + Send + Sync>,
+    /// JSON of the addresses host rules allow now (served on /dns).
+    pub dns: Box<dyn Fn() -> String + Send + Sync>,
 }
 
 /// Binds the listener; a taken port is an error the caller reports.
@@ -127,6 +129,10 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             let body = shared.status.read().expect("status lock").clone();
             respond(&mut stream, "200 OK", "application/json", &body).await
         }
+        "/dns" => {
+            let body = (shared.dns)();
+            respond(&mut stream, "200 OK", "application/json", &body).await
+        }
         "/metrics" => {
             let body = (shared.metrics)();
             respond(
@@ -161,13 +167,16 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                     .expect("history lock")
                     .iter()
                     .filter(|(t, _)| *t >= cutoff)
-                    .map(|(_, e)| *e)
+                    .map(|(_, e)| e.clone())
                     .collect();
                 let names = shared.names.read().expect("names lock").clone();
                 let mut cache = Cache::default();
                 let replay: Vec<JsonEvent> = raw
                     .iter()
-                    .map(|e| enrich_cached(e, &names, &mut cache))
+                    .map(|r| match r {
+                        Recorded::Kernel(e) => enrich_cached(e, &names, &mut cache),
+                        Recorded::Daemon(j) => (**j).clone(),
+                    })
                     .filter(|e| keep(e))
                     .collect();
                 for e in replay {
@@ -202,7 +211,7 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 &mut stream,
                 "404 Not Found",
                 "text/plain",
-                "not found: try /metrics, /healthz, /readyz, /status, /events\n",
+                "not found: try /metrics, /healthz, /readyz, /status, /events, /dns\n",
             )
             .await
         }

@@ -5,6 +5,8 @@
 //! - [`policy`] compiles a config into map entries and evaluates them like the kernel.
 //! - [`loader`] loads and attaches the eBPF programs; [`maps`] writes policy and reads counters.
 //! - [`events`] reads and enriches denied-flow events; [`metrics`] and [`http`] serve them.
+//! - [`dns`] resolves host rules and runs the DNS proxy that learns answers, behind
+//!   the rebinding guard; [`sockdiag`] tells it which cgroup asked.
 //! - [`daemon`] ties it together for `mcp-guard run`; [`client`] talks to a running daemon.
 
 pub mod cgroup;
@@ -14,6 +16,7 @@ pub const MAX_DEPTH: usize = 16;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod events;
 pub mod features;
 pub mod http;
@@ -23,5 +26,6 @@ pub mod metrics;
 pub mod pins;
 pub mod policy;
 pub mod sets;
+pub mod sockdiag;
 pub mod sources;
 pub mod tc;

@@ -210,8 +210,36 @@ fn parse_dest(s: &str) -> Result<(IpAddr, u16, FlowProto)> {
     Ok((sa.ip(), sa.port(), proto))
 }
 
+/// The addresses a running daemon learned for host rules, from its /dns endpoint.
+fn learned_from_daemon(cfg: &mcp_guard::config::Config) -> Result<Vec<mcp_guard::policy::Learned>> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        learned: Vec<mcp_guard::policy::Learned>,
+    }
+    let body = mcp_guard::client::get_body(cfg.metrics_listen, "/dns").with_context(|| {
+        format!(
+            "asking the daemon at {} (metrics.listen) what DNS answered",
+            cfg.metrics_listen
+        )
+    })?;
+    Ok(serde_json::from_str::<Body>(&body)?.learned)
+}
+
 fn explain(path: &Path, workload: &str, dest: &str) -> Result<()> {
-    let (_, compiled) = daemon::prepare(path)?;
+    let (cfg, mut compiled) = daemon::prepare(path)?;
+    let has_hosts = cfg.workloads.iter().any(|w| !w.hosts.is_empty());
+    let mut learned = Vec::new();
+    if has_hosts {
+        match learned_from_daemon(&cfg) {
+            Ok(l) => {
+                compiled = mcp_guard::policy::compile_with(&cfg, &l)?;
+                learned = l;
+            }
+            Err(e) => println!(
+                "note: host rules are judged without DNS answers: {e:#}; run this next to the daemon"
+            ),
+        }
+    }
     let ev = Evaluator::new(&compiled);
     let Some(wl) = ev.workload(workload) else {
         let names: Vec<&str> = compiled.workloads.iter().map(|w| w.name.as_str()).collect();
@@ -241,7 +269,26 @@ fn explain(path: &Path, workload: &str, dest: &str) -> Result<()> {
         }
     );
     match ev.rule_text(d.rule_id) {
-        Some(t) => println!("decided by rule #{}: {t}", d.rule_id),
+        Some(t) => {
+            println!("decided by rule #{}: {t}", d.rule_id);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            for l in learned
+                .iter()
+                .filter(|l| l.workload == workload && l.addr.to_canonical() == judged)
+                .filter(|l| t.contains(&format!(": {} = {} ", l.name, judged)))
+            {
+                println!(
+                    "answer: {} -> {} (record TTL {} s, from the {}), allowed for {} s more",
+                    l.name,
+                    l.addr,
+                    l.ttl,
+                    l.source,
+                    l.expires_unix.saturating_sub(now)
+                );
+            }
+        }
         None => println!(
             "decided by the workload default ({})",
             match wl.default {

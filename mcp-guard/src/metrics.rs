@@ -46,6 +46,14 @@ pub struct Metrics {
     unstable: IntCounter,
     pub reattached: IntCounter,
     last_denied: prometheus::GaugeVec,
+    /// DNS answers the rebinding guard refused, by workload and reason.
+    pub dns_refused: IntCounterVec,
+    /// Addresses host rules allow right now, by workload.
+    pub dns_learned: IntGaugeVec,
+    /// DNS lookups the daemon made, by result (answer, empty, error).
+    pub dns_lookups: IntCounterVec,
+    /// Queries the DNS proxy answered, by result (forwarded, learned, upstream-error).
+    pub dns_proxied: IntCounterVec,
     /// Flow counter values at the previous render, to see which grew.
     previous: Mutex<HashMap<FlowCounterKey, u64>>,
 }
@@ -81,6 +89,10 @@ impl Metrics {
             reattached: reg(&r, IntCounter::new("mcp_guard_programs_reattached_total", "Times the daemon found a program detached by someone else and attached it again.").expect("valid")),
             last_denied: reg(&r, prometheus::GaugeVec::new(Opts::new("mcp_guard_last_denied_timestamp_seconds", "Unix time the daemon last saw the flow counters grow, by workload, destination class and verdict. Alert on its age: a counter series born at its first denial has no increase() yet."), &["workload", "dest_class", "verdict"]).expect("valid")),
             previous: Mutex::new(HashMap::new()),
+            dns_refused: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_refused_total", "Addresses in DNS answers for allowed names that the rebinding guard refused (metadata, baseline or internal), by workload and reason."), &["workload", "reason"]).expect("valid")),
+            dns_learned: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_dns_learned_addresses", "Addresses that host rules allow right now (learned from DNS answers, until TTL plus grace), by workload."), &["workload"]).expect("valid")),
+            dns_lookups: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_lookups_total", "DNS lookups the daemon made for exact host rules, by result (answer, empty, error)."), &["result"]).expect("valid")),
+            dns_proxied: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_proxy_queries_total", "Queries the DNS proxy handled, by result (forwarded, learned, unattributed, upstream-error, malformed)."), &["result"]).expect("valid")),
             lsm_available: reg(&r, IntGauge::new("mcp_guard_lsm_available", "Whether the kernel runs the BPF LSM program that refuses AF_PACKET sockets (1) or refuses BPF LSM programs, leaving packet sockets open (0).").expect("valid")),
             unstable: reg(&r, IntCounter::new("mcp_guard_decisions_unstable_total", "Decisions that failed closed (denied) because the policy changed three times while they were made.").expect("valid")),
             registry: r,

@@ -18,7 +18,7 @@ use mcp_guard_common::{
 };
 
 use crate::{
-    config::{BaselineItem, Config, DefaultAction, Mode, Proto},
+    config::{BaselineItem, Config, DefaultAction, HostRule, Mode, PortSpan, Proto},
     sets,
 };
 
@@ -179,12 +179,101 @@ fn coalesce(ranges: &mut Vec<PortRange>) {
     *ranges = by_proto;
 }
 
+/// An address that a DNS answer gave for a name a workload's host rule matches. The DNS
+/// side keeps these while their records live; the compiler turns them into allows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Learned {
+    pub workload: String,
+    /// The name that was answered (normalised).
+    pub name: String,
+    pub addr: IpAddr,
+    /// The record's TTL, as the server gave it (seconds).
+    pub ttl: u32,
+    /// Unix seconds after which the address is no longer allowed (TTL, clamped, plus
+    /// the grace period).
+    pub expires_unix: u64,
+    /// "resolver" (the daemon asked) or "proxy" (the workload asked through the proxy).
+    pub source: String,
+}
+
+/// Why a DNS answer may never become an allow (the rebinding guard), or `None` if the
+/// rule may have it. Baseline and metadata are refused always; internal ranges unless
+/// the rule says `allow_internal = true`.
+#[must_use]
+pub fn refusal(cfg: &Config, rule: &HostRule, addr: IpAddr) -> Option<&'static str> {
+    let addr = addr.to_canonical();
+    let (a16, _) = net16(&IpNet::from(addr));
+    let hit = |nets: &[IpNet]| nets.iter().any(|n| contains(&net16(n), &(a16, 128)));
+    if hit(sets::metadata()) {
+        return Some("rebound-metadata");
+    }
+    let in_baseline = cfg.baseline.iter().any(|b| match &b.item {
+        BaselineItem::Set { nets, .. } => hit(nets),
+        BaselineItem::Cidr(n) => hit(std::slice::from_ref(n)),
+    });
+    if in_baseline {
+        return Some("rebound-baseline");
+    }
+    if !rule.allow_internal && hit(sets::internal()) {
+        return Some("rebound-internal");
+    }
+    None
+}
+
+fn ports_text(ports: &[PortSpan]) -> String {
+    if ports.is_empty() {
+        return "all ports".to_string();
+    }
+    let p: Vec<String> = ports
+        .iter()
+        .map(|p| {
+            if p.lo == p.hi {
+                p.lo.to_string()
+            } else {
+                format!("{}-{}", p.lo, p.hi)
+            }
+        })
+        .collect();
+    format!("ports {}", p.join(","))
+}
+
+fn push_ranges(ranges: &mut Vec<PortRange>, ports: &[PortSpan], proto: Proto, rule_id: u32) {
+    let protos = proto_bits(proto);
+    if ports.is_empty() {
+        ranges.push(PortRange {
+            lo: 0,
+            hi: u16::MAX,
+            protos,
+            _pad: [0; 3],
+            rule_id,
+        });
+    }
+    for p in ports {
+        ranges.push(PortRange {
+            lo: p.lo,
+            hi: p.hi,
+            protos,
+            _pad: [0; 3],
+            rule_id,
+        });
+    }
+}
+
 /// Compiles a validated config into map entries.
 ///
 /// # Errors
 /// A prefix whose rules (its own and those of every shorter prefix covering it) need more
 /// than [`MAX_RANGES`] distinct port ranges.
 pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
+    compile_with(cfg, &[])
+}
+
+/// [`compile`], with the addresses DNS answers gave for host rules. An answer the
+/// rebinding guard refuses is left out.
+///
+/// # Errors
+/// As [`compile`].
+pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, CompileError> {
     let mut out = Compiled::default();
     let file = cfg.path.display().to_string();
     let add_rule = |rules: &mut Vec<RuleInfo>, text: String| -> u32 {
@@ -245,53 +334,56 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
         // Own ranges per prefix, in rule order.
         let mut own: HashMap<([u8; 16], u8), Vec<PortRange>> = HashMap::new();
         for a in &w.allow {
-            let ports = if a.ports.is_empty() {
-                "all ports".to_string()
-            } else {
-                let p: Vec<String> = a
-                    .ports
-                    .iter()
-                    .map(|p| {
-                        if p.lo == p.hi {
-                            p.lo.to_string()
-                        } else {
-                            format!("{}-{}", p.lo, p.hi)
-                        }
-                    })
-                    .collect();
-                format!("ports {}", p.join(","))
-            };
             let id = add_rule(
                 &mut out.rules,
                 format!(
                     "workload {} allow {} {} {} ({file}:{})",
                     w.name,
                     a.net,
-                    ports,
+                    ports_text(&a.ports),
                     proto_text(a.proto),
                     a.loc.line
                 ),
             );
-            let protos = proto_bits(a.proto);
-            let ranges = own.entry(net16(&a.net)).or_default();
-            if a.ports.is_empty() {
-                ranges.push(PortRange {
-                    lo: 0,
-                    hi: u16::MAX,
-                    protos,
-                    _pad: [0; 3],
-                    rule_id: id,
-                });
-            } else {
-                for p in &a.ports {
-                    ranges.push(PortRange {
-                        lo: p.lo,
-                        hi: p.hi,
-                        protos,
-                        _pad: [0; 3],
-                        rule_id: id,
-                    });
+            push_ranges(own.entry(net16(&a.net)).or_default(), &a.ports, a.proto, id);
+        }
+        if let Some(proxy) = cfg.dns.proxy {
+            let id = add_rule(
+                &mut out.rules,
+                format!(
+                    "workload {} allow the DNS proxy {proxy} ([dns] proxy)",
+                    w.name
+                ),
+            );
+            let span = [PortSpan {
+                lo: proxy.port(),
+                hi: proxy.port(),
+            }];
+            let net = IpNet::from(proxy.ip().to_canonical());
+            push_ranges(own.entry(net16(&net)).or_default(), &span, Proto::Any, id);
+        }
+        for l in learned.iter().filter(|l| l.workload == w.name) {
+            for h in w.hosts.iter().filter(|h| h.pattern.matches(&l.name)) {
+                if refusal(cfg, h, l.addr).is_some() {
+                    continue;
                 }
+                let net = IpNet::from(l.addr.to_canonical());
+                let id = add_rule(
+                    &mut out.rules,
+                    format!(
+                        "workload {} allow host {}: {} = {} (DNS answer via the {}, TTL {} s) {} {} ({file}:{})",
+                        w.name,
+                        h.pattern,
+                        l.name,
+                        net.addr(),
+                        l.source,
+                        l.ttl,
+                        ports_text(&h.ports),
+                        proto_text(h.proto),
+                        h.loc.line
+                    ),
+                );
+                push_ranges(own.entry(net16(&net)).or_default(), &h.ports, h.proto, id);
             }
         }
         // Flatten: a longest-prefix match must carry every covering prefix's ranges.
@@ -360,7 +452,7 @@ pub fn compile(cfg: &Config) -> Result<Compiled, CompileError> {
                 Mode::Enforce => MODE_ENFORCE,
                 Mode::Audit => MODE_AUDIT,
             },
-            rules: w.allow.len(),
+            rules: w.allow.len() + w.hosts.len(),
             flags: (if w.deny_raw_sockets {
                 mcp_guard_common::WL_DENY_RAW
             } else {
@@ -558,6 +650,85 @@ mod tests {
     use std::path::Path;
 
     use proptest::prelude::*;
+
+    #[test]
+    fn rebinding_guard_and_learned_allows() {
+        use crate::config::parse;
+        let cfg = parse(
+            Path::new("t.toml"),
+            "[baseline]\ndeny=['metadata','192.0.2.0/24']\n[[workload]]\nname='w'\ncgroup='/w'\ndefault='deny'\n[[workload.allow]]\nhost='api.example.com'\nports=[443]\nproto='tcp'\n[[workload.allow]]\nhost='db.example.com'\nallow_internal=true\n",
+        )
+        .unwrap();
+        let (api, db) = (&cfg.workloads[0].hosts[0], &cfg.workloads[0].hosts[1]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(refusal(&cfg, api, ip("93.184.216.34")), None);
+        assert_eq!(
+            refusal(&cfg, api, ip("169.254.169.254")),
+            Some("rebound-metadata")
+        );
+        assert_eq!(
+            refusal(&cfg, db, ip("::ffff:169.254.169.254")),
+            Some("rebound-metadata")
+        );
+        assert_eq!(
+            refusal(&cfg, db, ip("64:ff9b::a9fe:a9fe")),
+            Some("rebound-metadata")
+        );
+        assert_eq!(refusal(&cfg, db, ip("192.0.2.9")), Some("rebound-baseline"));
+        assert_eq!(refusal(&cfg, api, ip("10.1.2.3")), Some("rebound-internal"));
+        assert_eq!(refusal(&cfg, api, ip("::1")), Some("rebound-internal"));
+        assert_eq!(refusal(&cfg, db, ip("10.1.2.3")), None);
+        let learned = |name: &str, addr: &str| Learned {
+            workload: "w".into(),
+            name: name.into(),
+            addr: ip(addr),
+            ttl: 60,
+            expires_unix: u64::MAX,
+            source: "resolver".into(),
+        };
+        let c = compile_with(
+            &cfg,
+            &[
+                learned("api.example.com", "93.184.216.34"),
+                learned("api.example.com", "10.9.9.9"),
+                learned("api.example.com", "169.254.169.254"),
+                learned("db.example.com", "10.0.12.5"),
+                learned("other.example.com", "93.184.216.35"),
+            ],
+        )
+        .unwrap();
+        let ev = Evaluator::new(&c);
+        let w = ev.workload("w").unwrap();
+        let d = ev.decide(w, ip("93.184.216.34"), 443, FlowProto::Tcp);
+        assert_eq!(d.verdict, Verdict::Allow);
+        assert!(ev
+            .rule_text(d.rule_id)
+            .unwrap()
+            .contains("api.example.com = 93.184.216.34"));
+        assert_eq!(
+            ev.decide(w, ip("93.184.216.34"), 80, FlowProto::Tcp)
+                .verdict,
+            Verdict::Deny
+        );
+        assert_eq!(
+            ev.decide(w, ip("10.9.9.9"), 443, FlowProto::Tcp).verdict,
+            Verdict::Deny
+        );
+        assert_eq!(
+            ev.decide(w, ip("169.254.169.254"), 443, FlowProto::Tcp)
+                .verdict,
+            Verdict::Deny
+        );
+        assert_eq!(
+            ev.decide(w, ip("10.0.12.5"), 5432, FlowProto::Tcp).verdict,
+            Verdict::Allow
+        );
+        assert_eq!(
+            ev.decide(w, ip("93.184.216.35"), 443, FlowProto::Tcp)
+                .verdict,
+            Verdict::Deny
+        );
+    }
 
     use super::*;
     use crate::config::parse;
