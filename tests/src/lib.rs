@@ -588,3 +588,100 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// A real DNS server (dnsmasq, from Debian's packages) on 127.0.0.1:53 inside a test
+/// namespace, answering from a hosts file it re-reads on [`Dnsmasq::set_hosts`], with one
+/// TTL for everything it answers. Killed on drop.
+pub struct Dnsmasq {
+    child: Child,
+    netns: String,
+    hosts: PathBuf,
+    extra: Vec<String>,
+    _dir: TempDir,
+}
+
+impl Dnsmasq {
+    /// Starts dnsmasq in `ns` with `hosts` (lines "ADDR NAME") and `--address` rules
+    /// such as "/cdn.example.test/151.101.1.10" (a name and everything below it).
+    #[must_use]
+    pub fn start(ns: &NetNs, hosts: &str, addresses: &[&str], ttl: u32) -> Self {
+        let dir = TempDir::new();
+        let path = dir.0.join("hosts");
+        std::fs::write(&path, hosts).expect("write hosts");
+        let extra = addresses.iter().map(|a| format!("--address={a}")).collect();
+        let mut d = Self {
+            child: Command::new("true").spawn().expect("placeholder"),
+            netns: ns.name.clone(),
+            hosts: path,
+            extra,
+            _dir: dir,
+        };
+        d.spawn(ttl);
+        d
+    }
+
+    fn spawn(&mut self, ttl: u32) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.netns,
+            "dnsmasq",
+            "--keep-in-foreground",
+        ])
+        .args([
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+        ])
+        .args([
+            "--listen-address=127.0.0.1",
+            "--port=53",
+            "--user=root",
+            "--pid-file=",
+        ])
+        .arg(format!("--addn-hosts={}", self.hosts.display()))
+        .arg(format!("--local-ttl={ttl}"))
+        .args(&self.extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        self.child = cmd
+            .spawn()
+            .expect("spawn dnsmasq (apt-get install dnsmasq-base)");
+        let ns = self.netns.clone();
+        let up = wait_until(Duration::from_secs(10), || {
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "ss", "-Hlun", "sport", "= :53"])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty())
+        });
+        assert!(up, "dnsmasq did not start listening on 127.0.0.1:53");
+    }
+
+    /// Replaces the hosts file and makes dnsmasq re-read it (SIGHUP).
+    pub fn set_hosts(&self, hosts: &str) {
+        std::fs::write(&self.hosts, hosts).expect("write hosts");
+        // SAFETY: plain syscall on our child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGHUP) };
+    }
+
+    /// dnsmasq's own pid (the child is `ip netns exec`, which execs it).
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Restarts dnsmasq answering with another TTL.
+    pub fn set_ttl(&mut self, ttl: u32) {
+        self.spawn(ttl);
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

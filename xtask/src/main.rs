@@ -45,6 +45,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("promtool", "prometheus"),
     ("bpftool", "bpftool"),
+    // A real DNS server for the host-rule tests (only the binary; no system service).
+    ("dnsmasq", "dnsmasq-base"),
 ];
 
 pub fn cargo() -> Command {

@@ -5,7 +5,10 @@
 //! Operations: `tcp ADDR PORT`, `udp-connect ADDR PORT`, `udp-sendto ADDR PORT`,
 //! `tcp-fastopen ADDR PORT`, `fork-tcp ADDR PORT` (a forked child connects),
 //! `tcp6-mapped A.B.C.D PORT` (AF_INET6 socket to ::ffff:A.B.C.D), `udp-flood ADDR PORT N`,
-//! `tcp-from ADDR PORT SRC` (bound to SRC first).
+//! `tcp-from ADDR PORT SRC` (bound to SRC first),
+//! `resolve-tcp NAME SERVER SERVER_PORT PORT`: asks SERVER for NAME's A record over UDP and
+//! connects at once to the first address answered; prints `OK ADDR`, `EPERM ADDR`,
+//! `ERR <errno> ADDR`, `QUERY <result>` (the query itself failed) or `NOANSWER`.
 //! ADDR may be IPv4 or IPv6.
 
 use std::{
@@ -436,6 +439,11 @@ fn main() {
             out.flush().expect("stdout");
             continue;
         }
+        if f.first() == Some(&"resolve-tcp") {
+            writeln!(out, "{}", resolve_tcp(&f)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
         if f.first() == Some(&"tcp-loop") {
             writeln!(out, "{}", tcp_loop(&f)).expect("stdout");
             out.flush().expect("stdout");
@@ -453,4 +461,87 @@ fn main() {
         writeln!(out, "{}", op(f[0], SocketAddr::new(ip, port), count, from)).expect("stdout");
         out.flush().expect("stdout");
     }
+}
+
+/// An A query for `name` with id `id`.
+fn dns_query(name: &str, id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    q
+}
+
+/// Skips a (possibly compressed) name starting at `at`.
+fn skip_name(m: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *m.get(at)?;
+        if len == 0 {
+            return Some(at + 1);
+        }
+        if len & 0xc0 == 0xc0 {
+            return Some(at + 2);
+        }
+        at += usize::from(len) + 1;
+    }
+}
+
+/// The first A record in an answer.
+fn first_a(m: &[u8]) -> Option<std::net::Ipv4Addr> {
+    let answers = u16::from_be_bytes([*m.get(6)?, *m.get(7)?]);
+    let mut at = skip_name(m, 12)? + 4;
+    for _ in 0..answers {
+        at = skip_name(m, at)?;
+        let ty = u16::from_be_bytes([*m.get(at)?, *m.get(at + 1)?]);
+        let len = usize::from(u16::from_be_bytes([*m.get(at + 8)?, *m.get(at + 9)?]));
+        at += 10;
+        if ty == 1 && len == 4 {
+            return Some(std::net::Ipv4Addr::new(
+                m[at],
+                m[at + 1],
+                m[at + 2],
+                m[at + 3],
+            ));
+        }
+        at += len;
+    }
+    None
+}
+
+fn resolve_tcp(f: &[&str]) -> String {
+    let (Some(name), Some(server), Some(sport), Some(port)) =
+        (f.get(1), f.get(2), f.get(3), f.get(4))
+    else {
+        return "ERR usage: resolve-tcp NAME SERVER SERVER_PORT PORT".into();
+    };
+    let server: SocketAddr = SocketAddr::new(
+        server.parse().expect("server"),
+        sport.parse().expect("port"),
+    );
+    let port: u16 = port.parse().expect("port");
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .expect("timeout");
+    let id = (std::process::id() as u16) ^ 0x5a5a;
+    if let Err(e) = sock.send_to(&dns_query(name, id), server) {
+        return if e.raw_os_error() == Some(libc::EPERM) {
+            "QUERY EPERM".into()
+        } else {
+            format!("QUERY {e}")
+        };
+    }
+    let mut buf = [0u8; 1500];
+    let n = match sock.recv(&mut buf) {
+        Ok(n) => n,
+        Err(e) => return format!("QUERY {e}"),
+    };
+    let Some(addr) = first_a(&buf[..n]) else {
+        return "NOANSWER".into();
+    };
+    // At once: the answer must already be enforceable when the workload receives it.
+    let r = op("tcp", SocketAddr::new(IpAddr::V4(addr), port), 1, None);
+    format!("{r} {addr}")
 }
