@@ -86,7 +86,7 @@ impl Engine {
         events: mpsc::UnboundedSender<JsonEvent>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self {
+        let e = Self {
             cfg,
             mount,
             learned: BTreeMap::new(),
@@ -95,6 +95,20 @@ impl Engine {
             events,
             metrics,
             generation: 0,
+        };
+        e.init_series();
+        e
+    }
+
+    /// Refusal counters exist at 0 for every workload with host rules, so an alert on
+    /// their increase() sees the first refusal.
+    fn init_series(&self) {
+        for w in self.cfg.workloads.iter().filter(|w| !w.hosts.is_empty()) {
+            for reason in ["rebound-metadata", "rebound-baseline", "rebound-internal"] {
+                self.metrics
+                    .dns_refused
+                    .with_label_values(&[&w.name, reason]);
+            }
         }
     }
 
@@ -109,6 +123,7 @@ impl Engine {
     pub fn set_config(&mut self, cfg: Arc<Config>) -> bool {
         self.cfg = cfg;
         self.owners.clear();
+        self.init_series();
         let before = self.learned.len();
         let cfg = self.cfg.clone();
         self.learned.retain(|(wl, name, addr), _| {

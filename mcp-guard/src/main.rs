@@ -189,6 +189,53 @@ fn check(path: &Path) -> Result<()> {
     for r in &compiled.rules {
         println!("  #{} {}", r.id, r.text);
     }
+    let hosts: Vec<String> = cfg
+        .workloads
+        .iter()
+        .flat_map(|w| {
+            w.hosts.iter().map(move |h| {
+                format!(
+                    "  workload {} allow host {} {} {}{} ({}:{})",
+                    w.name,
+                    h.pattern,
+                    if h.ports.is_empty() {
+                        "all ports".to_string()
+                    } else {
+                        let p: Vec<String> = h
+                            .ports
+                            .iter()
+                            .map(|p| {
+                                if p.lo == p.hi {
+                                    p.lo.to_string()
+                                } else {
+                                    format!("{}-{}", p.lo, p.hi)
+                                }
+                            })
+                            .collect();
+                        format!("ports {}", p.join(","))
+                    },
+                    format!("{:?}", h.proto).to_lowercase(),
+                    if h.allow_internal {
+                        " allow_internal"
+                    } else {
+                        ""
+                    },
+                    path.display(),
+                    h.loc.line
+                )
+            })
+        })
+        .collect();
+    if !hosts.is_empty() {
+        println!("host rules (their addresses come from DNS answers at run time, behind the rebinding guard):");
+        for h in hosts {
+            println!("{h}");
+        }
+        match cfg.dns.proxy {
+            Some(p) => println!("dns proxy: {p} (point the workloads' resolver at it)"),
+            None => println!("dns proxy: off (exact names only; the daemon resolves them)"),
+        }
+    }
     println!(
         "map entries: {} prefix, {} exact host",
         compiled.lpm.len(),
