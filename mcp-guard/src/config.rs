@@ -122,6 +122,8 @@ struct RawDns {
     max_ttl: Option<Spanned<i64>>,
     #[serde(default)]
     grace: Option<Spanned<i64>>,
+    #[serde(default)]
+    max_addresses: Option<Spanned<i64>>,
 }
 
 /// How hostname rules are resolved and learned.
@@ -140,11 +142,15 @@ pub struct DnsConfig {
     pub max_ttl: u32,
     /// Seconds a learned address stays allowed after its (clamped) TTL ran out.
     pub grace: u32,
+    /// Learned addresses per workload at most: a workload asking for endless names under
+    /// a wildcard cannot grow the policy without bound.
+    pub max_addresses: u32,
 }
 
 pub const DEFAULT_MIN_TTL: u32 = 5;
 pub const DEFAULT_MAX_TTL: u32 = 3600;
 pub const DEFAULT_GRACE: u32 = 30;
+pub const DEFAULT_MAX_ADDRESSES: u32 = 1024;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -721,6 +727,19 @@ fn dns_config(cx: &mut Ctx<'_>, raw: &RawDns) -> DnsConfig {
     let min_ttl = secs(&raw.min_ttl, "min_ttl", DEFAULT_MIN_TTL);
     let max_ttl = secs(&raw.max_ttl, "max_ttl", DEFAULT_MAX_TTL);
     let grace = secs(&raw.grace, "grace", DEFAULT_GRACE);
+    let max_addresses = match &raw.max_addresses {
+        None => DEFAULT_MAX_ADDRESSES,
+        Some(v) => match u32::try_from(*v.get_ref()) {
+            Ok(n) if (1..=65_536).contains(&n) => n,
+            _ => {
+                cx.err(
+                    &v.span(),
+                    "dns.max_addresses must be between 1 and 65536 (learned addresses per workload)",
+                );
+                DEFAULT_MAX_ADDRESSES
+            }
+        },
+    };
     if min_ttl == 0 {
         if let Some(v) = &raw.min_ttl {
             cx.err(
@@ -741,6 +760,7 @@ fn dns_config(cx: &mut Ctx<'_>, raw: &RawDns) -> DnsConfig {
         min_ttl: min_ttl.max(1),
         max_ttl: max_ttl.max(min_ttl.max(1)),
         grace,
+        max_addresses,
     }
 }
 

@@ -55,6 +55,10 @@ const INSTALL_WAIT: Duration = Duration::from_secs(2);
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a cgroup's workload is remembered by the proxy.
 const OWNER_TTL: Duration = Duration::from_secs(5);
+/// Queries the proxy works on at once; more are dropped.
+const MAX_IN_FLIGHT: usize = 256;
+/// How often, at most, the proxy reads which source address is whose.
+const SOURCES_RESCAN: Duration = Duration::from_secs(1);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -70,6 +74,9 @@ pub struct Engine {
     /// (workload, name, address) -> what was learned.
     learned: BTreeMap<(String, String, IpAddr), Learned>,
     owners: HashMap<u64, (Instant, Option<String>)>,
+    /// Source address -> cgroup id of the workload whose own network namespace has it
+    /// (clients in another namespace than the proxy, such as pods), and when it was read.
+    sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
     updates: mpsc::UnboundedSender<Update>,
     events: mpsc::UnboundedSender<JsonEvent>,
     metrics: Arc<Metrics>,
@@ -91,6 +98,7 @@ impl Engine {
             mount,
             learned: BTreeMap::new(),
             owners: HashMap::new(),
+            sources: (None, BTreeMap::new()),
             updates,
             events,
             metrics,
@@ -123,6 +131,7 @@ impl Engine {
     pub fn set_config(&mut self, cfg: Arc<Config>) -> bool {
         self.cfg = cfg;
         self.owners.clear();
+        self.sources = (None, BTreeMap::new());
         self.init_series();
         let before = self.learned.len();
         let cfg = self.cfg.clone();
@@ -217,10 +226,18 @@ impl Engine {
             }
             let expires_unix = now + u64::from(self.ttl_bounds(ttl)) + u64::from(cfg.dns.grace);
             let key = (workload.to_string(), name.to_string(), addr);
+            let full = self.learned_by(workload) >= cfg.dns.max_addresses as usize;
             match self.learned.get_mut(&key) {
                 Some(l) => {
                     l.expires_unix = l.expires_unix.max(expires_unix);
                     l.ttl = ttl;
+                }
+                None if full => {
+                    self.metrics
+                        .dns_limited
+                        .with_label_values(&[workload])
+                        .inc();
+                    warn!(workload, name, %addr, limit = cfg.dns.max_addresses, "not learned: the workload has [dns] max_addresses learned addresses already (connections to it stay denied)");
                 }
                 None => {
                     debug!(workload, name, %addr, ttl, source, "learned");
@@ -240,6 +257,13 @@ impl Engine {
             }
         }
         grew
+    }
+
+    fn learned_by(&self, workload: &str) -> usize {
+        self.learned
+            .range((workload.to_string(), String::new(), IpAddr::from([0u8; 4]))..)
+            .take_while(|((w, _, _), _)| w == workload)
+            .count()
     }
 
     /// Drops addresses whose TTL and grace ran out. Returns whether any did.
@@ -271,6 +295,33 @@ impl Engine {
             learned: self.snapshot(),
             done,
         });
+    }
+
+    /// The cgroup of a client in another network namespace than the proxy, by its source
+    /// address (a pod's address belongs to the pod's namespace). The address map is read
+    /// again on a miss, at most every [`SOURCES_RESCAN`].
+    fn cgroup_by_source(&mut self, ip: IpAddr) -> Option<u64> {
+        let key = policy::addr16(ip.to_canonical());
+        let stale = self.sources.0.is_none_or(|t| t.elapsed() >= SOURCES_RESCAN);
+        if !self.sources.1.contains_key(&key) && stale {
+            let patterns: Vec<String> = self
+                .cfg
+                .workloads
+                .iter()
+                .filter(|w| !w.hosts.is_empty())
+                .map(|w| w.cgroup.clone())
+                .collect();
+            // The DNS thread's own namespace: /proc/thread-self is this thread.
+            self.sources = (
+                Some(Instant::now()),
+                crate::sources::scan_cgroups(
+                    patterns.iter().map(String::as_str),
+                    &self.mount,
+                    "/proc/thread-self/ns/net",
+                ),
+            );
+        }
+        self.sources.1.get(&key).copied()
     }
 
     /// The workload a cgroup belongs to (the nearest workload cgroup above it with host
@@ -598,21 +649,25 @@ async fn proxy_loop(
     diag: Arc<Mutex<SockDiag>>,
 ) {
     let mut buf = vec![0u8; 4096];
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     loop {
         let Ok((n, client)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            // A flood: drop the query (the client asks again), never queue without bound.
+            let metrics = engine.lock().expect("engine").metrics.clone();
+            metrics.dns_proxied.with_label_values(&["overloaded"]).inc();
             continue;
         };
         let query = buf[..n].to_vec();
         // Who asked, while their socket certainly exists.
         let cgroup_id = diag.lock().expect("diag").udp_cgroup(addr, client);
-        tokio::spawn(answer(
-            sock.clone(),
-            client,
-            query,
-            cgroup_id,
-            engine.clone(),
-            servers.clone(),
-        ));
+        let (sock, engine, servers) = (sock.clone(), engine.clone(), servers.clone());
+        tokio::spawn(async move {
+            answer(sock, client, query, cgroup_id, engine, servers).await;
+            drop(permit);
+        });
     }
 }
 
@@ -694,7 +749,9 @@ async fn answer(
     };
     let mut result = "forwarded";
     let cgroup_id = match cgroup_id {
-        Ok(c) => c,
+        Ok(Some(c)) => Some(c),
+        // No such socket here: the client lives in another network namespace (a pod).
+        Ok(None) => engine.lock().expect("engine").cgroup_by_source(client.ip()),
         Err(e) => {
             warn!(%client, "DNS proxy: cannot tell which cgroup asked: {e}");
             None
@@ -747,6 +804,72 @@ async fn answer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn engine(
+        text: &str,
+    ) -> (
+        Engine,
+        mpsc::UnboundedReceiver<Update>,
+        mpsc::UnboundedReceiver<JsonEvent>,
+    ) {
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let (utx, urx) = mpsc::unbounded_channel();
+        let (etx, erx) = mpsc::unbounded_channel();
+        let e = Engine::new(
+            Arc::new(cfg),
+            PathBuf::from("/nonexistent"),
+            utx,
+            etx,
+            Arc::new(Metrics::new("test")),
+        );
+        (e, urx, erx)
+    }
+
+    const CFG: &str = "[dns]\nproxy='127.0.0.1:5353'\nmax_addresses=2\nmin_ttl=10\nmax_ttl=100\ngrace=5\n[[workload]]\nname='w'\ncgroup='/w'\n[[workload.allow]]\nhost='*.cdn.test'\n[[workload.allow]]\nhost='api.test'\n";
+
+    #[test]
+    fn learns_within_guard_bounds_and_limit() {
+        let (mut e, _u, mut ev) = engine(CFG);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let now = unix_now();
+        // Not a name any rule of the workload matches, or an unknown workload.
+        assert!(!e.learn("w", "cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7));
+        assert!(!e.learn("x", "a.cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7));
+        // Metadata and internal answers are refused, reported, and not learned.
+        assert!(!e.learn(
+            "w",
+            "a.cdn.test",
+            &[(ip("169.254.169.254"), 60), (ip("10.1.1.1"), 60)],
+            "proxy",
+            7
+        ));
+        let r1 = ev.try_recv().unwrap();
+        let r2 = ev.try_recv().unwrap();
+        assert_eq!(
+            (r1.reason.as_str(), r2.reason.as_str()),
+            ("rebound-metadata", "rebound-internal")
+        );
+        assert_eq!(r1.name.as_deref(), Some("a.cdn.test"));
+        assert_eq!(r1.cgroup_id, 7);
+        // TTLs clamped to 10..=100, plus 5 s grace.
+        assert!(e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 0)], "proxy", 7));
+        assert!(e.learn("w", "api.test", &[(ip("2.2.2.2"), 1000)], "resolver", 0));
+        let s = e.snapshot();
+        let exp = |a: &str| s.iter().find(|l| l.addr == ip(a)).unwrap().expires_unix - now;
+        assert!((15..=16).contains(&exp("1.1.1.1")), "{}", exp("1.1.1.1"));
+        assert!((105..=106).contains(&exp("2.2.2.2")), "{}", exp("2.2.2.2"));
+        // Seen again: not new; a third address is over max_addresses = 2.
+        assert!(!e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 50)], "proxy", 7));
+        assert!(!e.learn("w", "b.cdn.test", &[(ip("3.3.3.3"), 50)], "proxy", 7));
+        assert_eq!(e.snapshot().len(), 2);
+        // Nothing expired yet; a config without the wildcard forgets its answers.
+        assert!(!e.expire());
+        let narrower = CFG.replace("host='*.cdn.test'", "host='other.test'");
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &narrower).unwrap();
+        assert!(e.set_config(Arc::new(cfg)));
+        let left: Vec<String> = e.snapshot().iter().map(|l| l.name.clone()).collect();
+        assert_eq!(left, ["api.test"]);
+    }
 
     #[test]
     fn question_bytes_end_after_type_and_class() {

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub dns_learned: IntGaugeVec,
     /// DNS lookups the daemon made, by result (answer, empty, error).
     pub dns_lookups: IntCounterVec,
+    /// Addresses not learned because the workload had `[dns] max_addresses` already.
+    pub dns_limited: IntCounterVec,
     /// Queries the DNS proxy answered, by result (forwarded, learned, upstream-error).
     pub dns_proxied: IntCounterVec,
     /// Flow counter values at the previous render, to see which grew.
@@ -92,6 +94,7 @@ impl Metrics {
             dns_refused: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_refused_total", "Addresses in DNS answers for allowed names that the rebinding guard refused (metadata, baseline or internal), by workload and reason."), &["workload", "reason"]).expect("valid")),
             dns_learned: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_dns_learned_addresses", "Addresses that host rules allow right now (learned from DNS answers, until TTL plus grace), by workload."), &["workload"]).expect("valid")),
             dns_lookups: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_lookups_total", "DNS lookups the daemon made for exact host rules, by result (answer, empty, error)."), &["result"]).expect("valid")),
+            dns_limited: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_learn_limited_total", "Answered addresses not learned (so not allowed) because the workload already had [dns] max_addresses learned addresses, by workload."), &["workload"]).expect("valid")),
             dns_proxied: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_proxy_queries_total", "Queries the DNS proxy handled, by result (forwarded, learned, unattributed, upstream-error, malformed)."), &["result"]).expect("valid")),
             lsm_available: reg(&r, IntGauge::new("mcp_guard_lsm_available", "Whether the kernel runs the BPF LSM program that refuses AF_PACKET sockets (1) or refuses BPF LSM programs, leaving packet sockets open (0).").expect("valid")),
             unstable: reg(&r, IntCounter::new("mcp_guard_decisions_unstable_total", "Decisions that failed closed (denied) because the policy changed three times while they were made.").expect("valid")),

@@ -70,13 +70,26 @@ fn pids_under(dir: &Path, out: &mut Vec<u32>, depth: u32) {
 /// namespace owns it. The first workload in the config wins.
 #[must_use]
 pub fn scan(compiled: &Compiled, mount: &Path) -> BTreeMap<[u8; 16], u64> {
-    let own_netns = fs::metadata("/proc/self/ns/net")
-        .map(|m| m.ino())
-        .unwrap_or(0);
+    scan_cgroups(
+        compiled.workloads.iter().map(|w| w.cgroup.as_str()),
+        mount,
+        "/proc/self/ns/net",
+    )
+}
+
+/// [`scan`] over workload cgroup patterns, skipping the network namespace of
+/// `own_netns` (a /proc/.../ns/net path): addresses there are nobody's in particular.
+#[must_use]
+pub fn scan_cgroups<'a>(
+    cgroups: impl IntoIterator<Item = &'a str>,
+    mount: &Path,
+    own_netns: &str,
+) -> BTreeMap<[u8; 16], u64> {
+    let own_netns = fs::metadata(own_netns).map(|m| m.ino()).unwrap_or(0);
     let mut seen_netns = HashSet::new();
     let mut out = BTreeMap::new();
-    for w in &compiled.workloads {
-        for (id, dir) in cgroup::resolve_dirs(mount, &w.cgroup) {
+    for cgroup in cgroups {
+        for (id, dir) in cgroup::resolve_dirs(mount, cgroup) {
             let mut pids = Vec::new();
             pids_under(&dir, &mut pids, 8);
             for pid in pids {

@@ -387,5 +387,79 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         "still allowed under TTL 30"
     );
 
+    // A reload that drops the rule drops its addresses at once, TTL or not; a wildcard
+    // answer learned (now with TTL 30) survives the reload.
+    assert_eq!(
+        web.op(&format!("resolve-tcp x2.cdn.example.test {PROXY} 443")),
+        "OK 151.101.1.10"
+    );
+    d.write_config(&config(&cg.rel, &ns).replace(
+        "host = \"api.example.test\"",
+        "host = \"gone.example.test\"",
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || web.op("tcp 93.184.216.35 443")
+            == "EPERM"),
+        "the removed rule's address stayed allowed"
+    );
+    assert_eq!(
+        web.op("tcp 151.101.1.10 443"),
+        "OK",
+        "learned answers survive a reload"
+    );
+
     assert!(d.stop(), "daemon exits cleanly");
+}
+
+/// Kubernetes-like: the workload lives in a network namespace of its own (a pod) and
+/// reaches the proxy over a veth; the proxy cannot see the pod's socket, so it knows the
+/// workload by the pod's source address.
+#[test]
+fn proxy_learns_for_a_workload_in_another_namespace() {
+    let node = NetNs::new();
+    let pod = NetNs::new();
+    node.veth("vnode", &pod, "vpod");
+    node.ip("addr add 10.200.0.1/30 dev vnode");
+    pod.ip("addr add 10.200.0.2/30 dev vpod");
+    pod.add_addr("151.101.1.10");
+    pod.listen_tcp("151.101.1.10:443");
+    let _dnsmasq = Dnsmasq::start(&node, "", &["/cdn.example.test/151.101.1.10"], 60);
+    let cg = TestCgroup::new();
+    let (_, pod_dir) = cg.child("pod-mcp");
+    let d = Daemon::start(&format!(
+        r#"
+[[workload]]
+name = "pod-mcp"
+cgroup = "{root}/pod-mcp"
+default = "deny"
+[[workload.allow]]
+host = "*.cdn.example.test"
+ports = [443]
+[dns]
+nameservers = ["127.0.0.1:53"]
+netns = "{netns}"
+proxy = "10.200.0.1:5353"
+[daemon]
+attach_cgroup = "{root}"
+"#,
+        root = cg.rel,
+        netns = node.path().display()
+    ));
+    let mut probe = Probe::new(PROBE, &pod_dir, &pod);
+    assert_eq!(
+        probe.op("tcp 151.101.1.10 443"),
+        "EPERM",
+        "nothing learned yet"
+    );
+    assert_eq!(
+        probe.op("resolve-tcp img.cdn.example.test 10.200.0.1 5353 443"),
+        "OK 151.101.1.10"
+    );
+    assert!(
+        has(&d, "pod-mcp", "img.cdn.example.test", "151.101.1.10"),
+        "{}",
+        d.get("/dns")
+    );
+    assert!(metric(&d, "mcp_guard_dns_proxy_queries_total{result=\"learned\"}") >= 1.0);
+    assert!(d.stop());
 }
