@@ -57,6 +57,9 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
 const OWNER_TTL: Duration = Duration::from_secs(5);
 /// Queries the proxy works on at once; more are dropped.
 const MAX_IN_FLIGHT: usize = 256;
+/// A TCP client's connection: at most this many queries, closed after this long idle.
+const TCP_QUERIES_PER_CONNECTION: usize = 64;
+const TCP_IDLE: Duration = Duration::from_secs(10);
 /// How often, at most, the proxy reads which source address is whose.
 const SOURCES_RESCAN: Duration = Duration::from_secs(1);
 
@@ -427,7 +430,7 @@ impl Dns {
             .name("mcpg-dns".into())
             .spawn(move || {
                 let setup =
-                    || -> Result<(tokio::runtime::Runtime, Option<(UdpSocket, SockDiag)>)> {
+                    || -> Result<(tokio::runtime::Runtime, Option<(UdpSocket, tokio::net::TcpListener, SockDiag)>)> {
                         if let Some(ns) = &dns.netns {
                             let f = std::fs::File::open(ns).with_context(|| {
                                 format!("[dns] netns {} cannot be opened", ns.display())
@@ -451,11 +454,22 @@ impl Dns {
                                 format!("[dns] proxy {addr} cannot be bound (in the DNS namespace)")
                             })?;
                                 std_sock.set_nonblocking(true)?;
-                                let sock = {
+                                let std_tcp = std::net::TcpListener::bind(addr).with_context(|| {
+                                    format!("[dns] proxy {addr} cannot be bound for TCP (in the DNS namespace)")
+                                })?;
+                                std_tcp.set_nonblocking(true)?;
+                                let (sock, tcp) = {
                                     let _g = rt.enter();
-                                    UdpSocket::from_std(std_sock)?
+                                    (
+                                        UdpSocket::from_std(std_sock)?,
+                                        tokio::net::TcpListener::from_std(std_tcp)?,
+                                    )
                                 };
-                                Some((sock, SockDiag::open().context("opening NETLINK_SOCK_DIAG")?))
+                                Some((
+                                    sock,
+                                    tcp,
+                                    SockDiag::open().context("opening NETLINK_SOCK_DIAG")?,
+                                ))
                             }
                         };
                         Ok((rt, proxy))
@@ -479,9 +493,10 @@ impl Dns {
                         }
                     };
                     let resolving = tokio::spawn(resolve_loop(engine.clone(), resolver, config_rx));
-                    let proxying = proxy.map(|(sock, diag)| {
+                    let proxying = proxy.map(|(sock, tcp, diag)| {
                         tokio::spawn(proxy_loop(
                             Arc::new(sock),
+                            tcp,
                             dns.proxy.expect("bound"),
                             engine.clone(),
                             servers.clone(),
@@ -643,6 +658,7 @@ async fn resolve_loop(
 
 async fn proxy_loop(
     sock: Arc<UdpSocket>,
+    tcp: tokio::net::TcpListener,
     addr: SocketAddr,
     engine: Arc<Mutex<Engine>>,
     servers: Vec<SocketAddr>,
@@ -650,6 +666,14 @@ async fn proxy_loop(
 ) {
     let mut buf = vec![0u8; 4096];
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let _tcp = AbortOnDrop(tokio::spawn(tcp_loop(
+        tcp,
+        addr,
+        engine.clone(),
+        servers.clone(),
+        diag.clone(),
+        in_flight.clone(),
+    )));
     loop {
         let Ok((n, client)) = sock.recv_from(&mut buf).await else {
             continue;
@@ -668,6 +692,15 @@ async fn proxy_loop(
             answer(sock, client, query, cgroup_id, engine, servers).await;
             drop(permit);
         });
+    }
+}
+
+/// Stops a task when its owner goes.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -724,11 +757,74 @@ fn question(msg: &[u8]) -> &[u8] {
     &msg[12.min(msg.len())..]
 }
 
+/// Which cgroup asked: the asking socket's own (found in the proxy's namespace), else
+/// the workload whose namespace holds the client's source address (a pod).
+fn attribute(
+    engine: &Mutex<Engine>,
+    found: std::io::Result<Option<u64>>,
+    client: SocketAddr,
+) -> Option<u64> {
+    match found {
+        Ok(Some(c)) => Some(c),
+        Ok(None) => engine.lock().expect("engine").cgroup_by_source(client.ip()),
+        Err(e) => {
+            warn!(%client, "DNS proxy: cannot tell which cgroup asked: {e}");
+            None
+        }
+    }
+}
+
+/// Learns an upstream answer for the workload that asked and, if that taught the
+/// policy anything new, waits until the kernel has it. Returns the metric's result.
+async fn learn_response(
+    engine: &Mutex<Engine>,
+    cgroup_id: Option<u64>,
+    response: &[u8],
+    client: SocketAddr,
+) -> &'static str {
+    let Some(cg) = cgroup_id else {
+        return "unattributed";
+    };
+    let Ok(msg) = Message::from_vec(response) else {
+        return "forwarded";
+    };
+    let done = {
+        let mut e = engine.lock().expect("engine");
+        let Some(workload) = e.owner(cg) else {
+            return "unattributed";
+        };
+        let records: Vec<(IpAddr, u32)> = msg
+            .answers
+            .iter()
+            .filter_map(|rec| match &rec.data {
+                RData::A(a) => Some((IpAddr::V4(a.0), rec.ttl)),
+                RData::AAAA(a) => Some((IpAddr::V6(a.0), rec.ttl)),
+                _ => None,
+            })
+            .collect();
+        let mut grew = false;
+        for q in &msg.queries {
+            let name = normalise_name(&q.name().to_ascii());
+            grew |= e.learn(&workload, &name, &records, "proxy", cg);
+        }
+        if !grew {
+            return "forwarded";
+        }
+        let (tx, rx) = oneshot::channel();
+        e.publish(Some(tx));
+        rx
+    };
+    if tokio::time::timeout(INSTALL_WAIT, done).await.is_err() {
+        warn!(%client, "DNS proxy: the policy with the new answer was not in place within {INSTALL_WAIT:?}; answering anyway (connections fail closed until it is)");
+    }
+    "learned"
+}
+
 async fn answer(
     sock: Arc<UdpSocket>,
     client: SocketAddr,
     query: Vec<u8>,
-    cgroup_id: std::io::Result<Option<u64>>,
+    found: std::io::Result<Option<u64>>,
     engine: Arc<Mutex<Engine>>,
     servers: Vec<SocketAddr>,
 ) {
@@ -747,58 +843,105 @@ async fn answer(
         }
         return;
     };
-    let mut result = "forwarded";
-    let cgroup_id = match cgroup_id {
-        Ok(Some(c)) => Some(c),
-        // No such socket here: the client lives in another network namespace (a pod).
-        Ok(None) => engine.lock().expect("engine").cgroup_by_source(client.ip()),
-        Err(e) => {
-            warn!(%client, "DNS proxy: cannot tell which cgroup asked: {e}");
-            None
-        }
-    };
-    if let (Some(cg), Ok(msg)) = (cgroup_id, Message::from_vec(&response)) {
-        let done = {
-            let mut e = engine.lock().expect("engine");
-            match e.owner(cg) {
-                None => {
-                    result = "unattributed";
-                    None
-                }
-                Some(workload) => {
-                    let records: Vec<(IpAddr, u32)> = msg
-                        .answers
-                        .iter()
-                        .filter_map(|rec| match &rec.data {
-                            RData::A(a) => Some((IpAddr::V4(a.0), rec.ttl)),
-                            RData::AAAA(a) => Some((IpAddr::V6(a.0), rec.ttl)),
-                            _ => None,
-                        })
-                        .collect();
-                    let mut grew = false;
-                    for q in &msg.queries {
-                        let name = normalise_name(&q.name().to_ascii());
-                        grew |= e.learn(&workload, &name, &records, "proxy", cg);
-                    }
-                    grew.then(|| {
-                        result = "learned";
-                        let (tx, rx) = oneshot::channel();
-                        e.publish(Some(tx));
-                        rx
-                    })
-                }
-            }
-        };
-        if let Some(rx) = done {
-            if tokio::time::timeout(INSTALL_WAIT, rx).await.is_err() {
-                warn!(%client, "DNS proxy: the policy with the new answer was not in place within {INSTALL_WAIT:?}; answering anyway (connections fail closed until it is)");
-            }
-        }
-    } else if cgroup_id.is_none() {
-        result = "unattributed";
-    }
+    let cgroup_id = attribute(&engine, found, client);
+    let result = learn_response(&engine, cgroup_id, &response, client).await;
     metrics.dns_proxied.with_label_values(&[result]).inc();
     let _ = sock.send_to(&response, client).await;
+}
+
+/// DNS over TCP (RFC 1035 4.2.2: each message after a two-byte length), which clients
+/// use when a UDP answer was truncated.
+async fn tcp_loop(
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    engine: Arc<Mutex<Engine>>,
+    servers: Vec<SocketAddr>,
+    diag: Arc<Mutex<SockDiag>>,
+    in_flight: Arc<tokio::sync::Semaphore>,
+) {
+    loop {
+        let Ok((stream, client)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+            let metrics = engine.lock().expect("engine").metrics.clone();
+            metrics.dns_proxied.with_label_values(&["overloaded"]).inc();
+            continue;
+        };
+        let found = diag.lock().expect("diag").tcp_cgroup(addr, client);
+        let (engine, servers) = (engine.clone(), servers.clone());
+        tokio::spawn(async move {
+            let cgroup_id = attribute(&engine, found, client);
+            let _ = tcp_session(stream, client, cgroup_id, &engine, &servers).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn read_message(stream: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt as _;
+    let len = usize::from(stream.read_u16().await?);
+    let mut msg = vec![0u8; len];
+    stream.read_exact(&mut msg).await?;
+    Ok(msg)
+}
+
+async fn write_message(stream: &mut tokio::net::TcpStream, msg: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("message too long"))?;
+    let mut out = len.to_be_bytes().to_vec();
+    out.extend_from_slice(msg);
+    stream.write_all(&out).await
+}
+
+async fn tcp_session(
+    mut stream: tokio::net::TcpStream,
+    client: SocketAddr,
+    cgroup_id: Option<u64>,
+    engine: &Mutex<Engine>,
+    servers: &[SocketAddr],
+) -> std::io::Result<()> {
+    let metrics = engine.lock().expect("engine").metrics.clone();
+    for _ in 0..TCP_QUERIES_PER_CONNECTION {
+        let Ok(query) = tokio::time::timeout(TCP_IDLE, read_message(&mut stream)).await else {
+            return Ok(());
+        };
+        let query = query?;
+        if query.len() < 12 {
+            metrics.dns_proxied.with_label_values(&["malformed"]).inc();
+            return Ok(());
+        }
+        let Some(response) = forward_tcp(&query, servers).await else {
+            metrics
+                .dns_proxied
+                .with_label_values(&["upstream-error"])
+                .inc();
+            if let Some(r) = servfail(&query) {
+                write_message(&mut stream, &r).await?;
+            }
+            continue;
+        };
+        let result = learn_response(engine, cgroup_id, &response, client).await;
+        metrics.dns_proxied.with_label_values(&[result]).inc();
+        write_message(&mut stream, &response).await?;
+    }
+    Ok(())
+}
+
+async fn forward_tcp(query: &[u8], servers: &[SocketAddr]) -> Option<Vec<u8>> {
+    for s in servers {
+        let attempt = async {
+            let mut up = tokio::net::TcpStream::connect(s).await?;
+            write_message(&mut up, query).await?;
+            read_message(&mut up).await
+        };
+        if let Ok(Ok(r)) = tokio::time::timeout(UPSTREAM_TIMEOUT, attempt).await {
+            if r.len() >= 12 && r[..2] == query[..2] && r[12..].starts_with(question(query)) {
+                return Some(r);
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

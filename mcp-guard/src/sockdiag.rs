@@ -70,8 +70,32 @@ impl SockDiag {
     ) -> io::Result<Option<u64>> {
         // udp_dump_one looks up the socket a packet from idiag_src:sport to
         // idiag_dst:dport would reach: the client's socket, as seen from the server.
+        self.query(libc::IPPROTO_UDP, server, client)
+    }
+
+    /// The cgroup id of the TCP socket at `client` connected to `server`.
+    ///
+    /// # Errors
+    /// The netlink exchange failed.
+    pub fn tcp_cgroup(
+        &mut self,
+        server: SocketAddr,
+        client: SocketAddr,
+    ) -> io::Result<Option<u64>> {
+        // inet_diag_find_one_icsk: idiag_src:sport is the socket's own end.
+        self.query(libc::IPPROTO_TCP, client, server)
+    }
+
+    /// One SOCK_DIAG_BY_FAMILY request for the socket `src` <-> `dst` as the protocol's
+    /// lookup reads those fields.
+    fn query(
+        &mut self,
+        protocol: i32,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> io::Result<Option<u64>> {
         self.seq = self.seq.wrapping_add(1);
-        let family = if client.is_ipv4() {
+        let family = if src.is_ipv4() {
             libc::AF_INET
         } else {
             libc::AF_INET6
@@ -84,13 +108,13 @@ impl SockDiag {
         msg[8..12].copy_from_slice(&self.seq.to_ne_bytes());
         let req = &mut msg[NLMSG_HDR..];
         req[0] = family;
-        req[1] = libc::IPPROTO_UDP as u8;
+        req[1] = protocol as u8;
         req[4..8].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
         let id = &mut req[8..];
-        id[0..2].copy_from_slice(&server.port().to_be_bytes());
-        id[2..4].copy_from_slice(&client.port().to_be_bytes());
-        put_addr(&mut id[4..20], server.ip());
-        put_addr(&mut id[20..36], client.ip());
+        id[0..2].copy_from_slice(&src.port().to_be_bytes());
+        id[2..4].copy_from_slice(&dst.port().to_be_bytes());
+        put_addr(&mut id[4..20], src.ip());
+        put_addr(&mut id[20..36], dst.ip());
         // idiag_if = 0 (any), cookie = INET_DIAG_NOCOOKIE.
         id[40..48].copy_from_slice(&[0xff; 8]);
         // SAFETY: valid fd; msg is a readable buffer of its length.

@@ -322,7 +322,7 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         "learned for web-mcp only"
     );
     assert_eq!(
-        other.op(&format!("resolve-tcp img.cdn.example.test {PROXY} 443")),
+        other.op(&format!("tcp-resolve-tcp img.cdn.example.test {PROXY} 443")),
         "OK 151.101.1.10"
     );
     assert_eq!(

@@ -8,7 +8,8 @@
 //! `tcp-from ADDR PORT SRC` (bound to SRC first),
 //! `resolve-tcp NAME SERVER SERVER_PORT PORT`: asks SERVER for NAME's A record over UDP and
 //! connects at once to the first address answered; prints `OK ADDR`, `EPERM ADDR`,
-//! `ERR <errno> ADDR`, `QUERY <result>` (the query itself failed) or `NOANSWER`.
+//! `ERR <errno> ADDR`, `QUERY <result>` (the query itself failed) or `NOANSWER`;
+//! `tcp-resolve-tcp ...` does the same with the query over TCP (RFC 1035 framing).
 //! ADDR may be IPv4 or IPv6.
 
 use std::{
@@ -439,7 +440,7 @@ fn main() {
             out.flush().expect("stdout");
             continue;
         }
-        if f.first() == Some(&"resolve-tcp") {
+        if f.first() == Some(&"resolve-tcp") || f.first() == Some(&"tcp-resolve-tcp") {
             writeln!(out, "{}", resolve_tcp(&f)).expect("stdout");
             out.flush().expect("stdout");
             continue;
@@ -522,26 +523,45 @@ fn resolve_tcp(f: &[&str]) -> String {
         sport.parse().expect("port"),
     );
     let port: u16 = port.parse().expect("port");
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
-    sock.set_read_timeout(Some(std::time::Duration::from_secs(3)))
-        .expect("timeout");
     let id = (std::process::id() as u16) ^ 0x5a5a;
-    if let Err(e) = sock.send_to(&dns_query(name, id), server) {
-        return if e.raw_os_error() == Some(libc::EPERM) {
-            "QUERY EPERM".into()
-        } else {
-            format!("QUERY {e}")
-        };
-    }
-    let mut buf = [0u8; 1500];
-    let n = match sock.recv(&mut buf) {
-        Ok(n) => n,
+    let query = dns_query(name, id);
+    let answer = if f[0] == "tcp-resolve-tcp" {
+        ask_tcp(&query, server)
+    } else {
+        ask_udp(&query, server)
+    };
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => return "QUERY EPERM".into(),
         Err(e) => return format!("QUERY {e}"),
     };
-    let Some(addr) = first_a(&buf[..n]) else {
+    let Some(addr) = first_a(&answer) else {
         return "NOANSWER".into();
     };
     // At once: the answer must already be enforceable when the workload receives it.
     let r = op("tcp", SocketAddr::new(IpAddr::V4(addr), port), 1, None);
     format!("{r} {addr}")
+}
+
+fn ask_udp(query: &[u8], server: SocketAddr) -> std::io::Result<Vec<u8>> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    sock.send_to(query, server)?;
+    let mut buf = [0u8; 1500];
+    let n = sock.recv(&mut buf)?;
+    Ok(buf[..n].to_vec())
+}
+
+fn ask_tcp(query: &[u8], server: SocketAddr) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect_timeout(&server, std::time::Duration::from_secs(3))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    let mut out = (query.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(query);
+    s.write_all(&out)?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len)?;
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut buf)?;
+    Ok(buf)
 }
