@@ -156,6 +156,8 @@ struct State {
     engine: Arc<Mutex<dns::Engine>>,
     /// The DNS side, while the config has host rules or a proxy.
     dns: Mutex<Option<dns::Dns>>,
+    /// The learned addresses in the installed policy (minus those a reload dropped).
+    installed: Arc<Mutex<Vec<policy::Learned>>>,
 }
 
 impl State {
@@ -264,6 +266,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         metrics.clone(),
     )));
     let delivered = Arc::new(Delivered::default());
+    // The learned addresses the kernel enforces now (what /dns and `explain` show).
+    let installed: Arc<Mutex<Vec<policy::Learned>>> = Arc::default();
     let history = Arc::new(events::History::default());
     let maps = Arc::new(Mutex::new(maps));
     let shared = Arc::new(Shared {
@@ -273,9 +277,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         history: history.clone(),
         names: names.clone(),
         dns: {
-            let engine = engine.clone();
+            let (installed, engine) = (installed.clone(), engine.clone());
             Box::new(move || {
-                let learned = engine.lock().expect("engine").snapshot();
+                // What the kernel enforces, with the TTL and expiry of the latest answer.
+                let mut learned = installed.lock().expect("installed").clone();
+                engine.lock().expect("engine").refresh(&mut learned);
                 serde_json::json!({ "learned": learned }).to_string()
             })
         },
@@ -335,6 +341,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         map_ids,
         engine: engine.clone(),
         dns: Mutex::new(None),
+        installed,
     });
     state.engine.lock().expect("engine").generation = state.maps.lock().expect("maps").generation();
     sync_dns(&state, &cfg);
@@ -642,6 +649,7 @@ fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
         "policy updated from DNS answers"
     );
     live.compiled = compiled;
+    *state.installed.lock().expect("installed") = learned.clone();
     live.learned = learned;
     drop(live);
     state.refresh_status();

@@ -129,6 +129,18 @@ impl Engine {
         self.learned.values().cloned().collect()
     }
 
+    /// Updates entries to the TTL and expiry of the latest answer for the same workload,
+    /// name and address.
+    pub fn refresh(&self, entries: &mut [Learned]) {
+        for l in entries {
+            let key = (l.workload.clone(), l.name.clone(), l.addr);
+            if let Some(now) = self.learned.get(&key) {
+                l.ttl = now.ttl;
+                l.expires_unix = now.expires_unix;
+            }
+        }
+    }
+
     /// A new config: forget what no host rule matches any more, and what the new
     /// baseline or rules refuse.
     pub fn set_config(&mut self, cfg: Arc<Config>) -> bool {
@@ -399,6 +411,51 @@ fn resolver(servers: &[SocketAddr]) -> Result<TokioResolver> {
     Ok(b.build()?)
 }
 
+/// The proxy's sockets: UDP, TCP, and the sock_diag socket, all in the DNS namespace.
+type ProxySockets = (UdpSocket, tokio::net::TcpListener, SockDiag);
+
+/// Runs on the DNS thread: enters `[dns] netns`, builds the thread's runtime and binds
+/// the proxy, so every socket it and the resolver open lives in that namespace.
+fn enter_and_bind(
+    dns: &crate::config::DnsConfig,
+) -> Result<(tokio::runtime::Runtime, Option<ProxySockets>)> {
+    if let Some(ns) = &dns.netns {
+        let f = std::fs::File::open(ns)
+            .with_context(|| format!("[dns] netns {} cannot be opened", ns.display()))?;
+        // SAFETY: valid netns fd; only this thread changes namespace.
+        if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            anyhow::bail!(
+                "[dns] netns {}: cannot enter it: {}",
+                ns.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let Some(addr) = dns.proxy else {
+        return Ok((rt, None));
+    };
+    let udp = std::net::UdpSocket::bind(addr).with_context(|| {
+        format!("[dns] proxy {addr} cannot be bound (UDP, in the DNS namespace)")
+    })?;
+    udp.set_nonblocking(true)?;
+    let tcp = std::net::TcpListener::bind(addr).with_context(|| {
+        format!("[dns] proxy {addr} cannot be bound (TCP, in the DNS namespace)")
+    })?;
+    tcp.set_nonblocking(true)?;
+    let sockets = {
+        let _g = rt.enter();
+        (
+            UdpSocket::from_std(udp)?,
+            tokio::net::TcpListener::from_std(tcp)?,
+            SockDiag::open().context("opening NETLINK_SOCK_DIAG")?,
+        )
+    };
+    Ok((rt, Some(sockets)))
+}
+
 /// A running DNS side: its thread, and how to hand it a new config or stop it.
 pub struct Dns {
     config: watch::Sender<Arc<Config>>,
@@ -429,52 +486,7 @@ impl Dns {
         let thread = std::thread::Builder::new()
             .name("mcpg-dns".into())
             .spawn(move || {
-                let setup =
-                    || -> Result<(tokio::runtime::Runtime, Option<(UdpSocket, tokio::net::TcpListener, SockDiag)>)> {
-                        if let Some(ns) = &dns.netns {
-                            let f = std::fs::File::open(ns).with_context(|| {
-                                format!("[dns] netns {} cannot be opened", ns.display())
-                            })?;
-                            // SAFETY: valid netns fd; only this thread changes namespace.
-                            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                                anyhow::bail!(
-                                    "[dns] netns {}: cannot enter it: {}",
-                                    ns.display(),
-                                    std::io::Error::last_os_error()
-                                );
-                            }
-                        }
-                        let rt = tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()?;
-                        let proxy = match dns.proxy {
-                            None => None,
-                            Some(addr) => {
-                                let std_sock = std::net::UdpSocket::bind(addr).with_context(|| {
-                                format!("[dns] proxy {addr} cannot be bound (in the DNS namespace)")
-                            })?;
-                                std_sock.set_nonblocking(true)?;
-                                let std_tcp = std::net::TcpListener::bind(addr).with_context(|| {
-                                    format!("[dns] proxy {addr} cannot be bound for TCP (in the DNS namespace)")
-                                })?;
-                                std_tcp.set_nonblocking(true)?;
-                                let (sock, tcp) = {
-                                    let _g = rt.enter();
-                                    (
-                                        UdpSocket::from_std(std_sock)?,
-                                        tokio::net::TcpListener::from_std(std_tcp)?,
-                                    )
-                                };
-                                Some((
-                                    sock,
-                                    tcp,
-                                    SockDiag::open().context("opening NETLINK_SOCK_DIAG")?,
-                                ))
-                            }
-                        };
-                        Ok((rt, proxy))
-                    };
-                let (rt, proxy) = match setup() {
+                let (rt, proxy) = match enter_and_bind(&dns) {
                     Ok(v) => {
                         let _ = ready_tx.send(Ok(()));
                         v

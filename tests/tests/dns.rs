@@ -190,6 +190,13 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         "EPERM",
         "another workload"
     );
+    // Each name is its own lookup: wait for this one's answer too.
+    assert!(wait_until(Duration::from_secs(10), || has(
+        &d,
+        "web-mcp",
+        "rebind.example.test",
+        "93.184.216.36"
+    )));
     assert_eq!(
         web.op("tcp 93.184.216.36 443"),
         "OK",
@@ -250,7 +257,13 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         "the old address stayed allowed: {}",
         d.get("/dns")
     );
-    assert!(!has(&d, "web-mcp", "api.example.test", "93.184.216.34"));
+    // /dns follows the kernel (it is updated right after each install).
+    assert!(wait_until(Duration::from_secs(2), || !has(
+        &d,
+        "web-mcp",
+        "api.example.test",
+        "93.184.216.34"
+    )));
 
     // Rebinding: the name moves to the metadata service, then to an internal database.
     dnsmasq.set_hosts(
