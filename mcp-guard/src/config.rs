@@ -702,7 +702,7 @@ fn dns_config(cx: &mut Ctx<'_>, raw: &RawDns) -> DnsConfig {
                 cx.err(
                     &s.span(),
                     format!(
-                        "dns.proxy {:?} is not ADDR:PORT, e.g. \"127.0.0.1:5353\"",
+                        "dns.proxy {:?} is not ADDR:PORT, e.g. \"127.0.0.153:53\"",
                         s.get_ref()
                     ),
                 );
@@ -943,7 +943,7 @@ fn allow_rule(cx: &mut Ctx<'_>, spanned: &Spanned<RawAllow>, proxy: bool) -> Opt
         }
         (None, Some(h)) => match host_pattern(h.get_ref()) {
             Ok(p @ HostPattern::Wildcard(_)) if !proxy => {
-                cx.err(&h.span(), format!("allow.host {:?}: wildcard names are learned from the DNS answers the workload receives through the daemon's DNS proxy: set [dns] proxy = \"127.0.0.1:5353\" (and point the workload's resolver at it), or name the hosts exactly", p.to_string()));
+                cx.err(&h.span(), format!("allow.host {:?}: wildcard names are learned from the DNS answers the workload receives through the daemon's DNS proxy: set [dns] proxy = \"127.0.0.153:53\" (and point the workload's resolver at it), or name the hosts exactly", p.to_string()));
                 return None;
             }
             Ok(p) => Err(p),

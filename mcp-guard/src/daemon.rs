@@ -158,6 +158,8 @@ struct State {
     dns: Mutex<Option<dns::Dns>>,
     /// The learned addresses in the installed policy (minus those a reload dropped).
     installed: Arc<Mutex<Vec<policy::Learned>>>,
+    /// Where the installed learned addresses are kept for the next daemon.
+    learned_file: PathBuf,
 }
 
 impl State {
@@ -210,6 +212,22 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     if was_pinned {
         metrics.prime(&maps.counters()?);
     }
+    // Addresses learned for host rules before a restart stay allowed until they expire,
+    // so an upgrade does not cut workloads off names they resolved a moment ago.
+    let learned = if was_pinned {
+        read_learned(&pins.learned_file())
+    } else {
+        Vec::new()
+    };
+    let compiled = if learned.is_empty() {
+        compiled
+    } else {
+        info!(
+            addresses = learned.len(),
+            "kept the addresses learned for host rules before the restart (until they expire)"
+        );
+        policy::compile_with(&cfg, &learned)?
+    };
     // Policy first, then attach: the programs never run without a policy. With adopted
     // maps the old policy stays live until the new one is switched in whole.
     maps.install(&compiled, &mount, cfg.rate_limit_per_sec)?;
@@ -265,9 +283,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         daemon_events,
         metrics.clone(),
     )));
+    engine.lock().expect("engine").seed(&learned);
     let delivered = Arc::new(Delivered::default());
     // The learned addresses the kernel enforces now (what /dns and `explain` show).
-    let installed: Arc<Mutex<Vec<policy::Learned>>> = Arc::default();
+    let installed: Arc<Mutex<Vec<policy::Learned>>> = Arc::new(Mutex::new(learned.clone()));
     let history = Arc::new(events::History::default());
     let maps = Arc::new(Mutex::new(maps));
     let shared = Arc::new(Shared {
@@ -330,7 +349,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             cfg: cfg.clone(),
             compiled,
             pod_mode,
-            learned: Vec::new(),
+            learned,
         }),
         maps,
         names: names.clone(),
@@ -342,6 +361,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         engine: engine.clone(),
         dns: Mutex::new(None),
         installed,
+        learned_file: pins.learned_file(),
     });
     state.engine.lock().expect("engine").generation = state.maps.lock().expect("maps").generation();
     sync_dns(&state, &cfg);
@@ -592,6 +612,41 @@ fn reload(path: &Path, state: &State) {
     state.refresh_status();
 }
 
+/// The learned addresses a previous daemon left, minus those that expired since.
+fn read_learned(path: &Path) -> Vec<policy::Learned> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match serde_json::from_str::<Vec<policy::Learned>>(&text) {
+        Ok(v) => v.into_iter().filter(|l| l.expires_unix > now).collect(),
+        Err(e) => {
+            warn!(file = %path.display(), "ignoring unreadable learned-address state: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Keeps the installed learned addresses for the next daemon (write, then rename).
+fn write_learned(path: &Path, learned: &[policy::Learned]) {
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(learned).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        warn!(file = %path.display(), "cannot keep learned addresses for a restart: {e}");
+    }
+}
+
 /// Starts, reconfigures, restarts or stops the DNS side to match a (new) config.
 fn sync_dns(state: &State, cfg: &Arc<config::Config>) {
     let mut slot = state.dns.lock().expect("dns");
@@ -650,6 +705,7 @@ fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
     );
     live.compiled = compiled;
     *state.installed.lock().expect("installed") = learned.clone();
+    write_learned(&state.learned_file, &learned);
     live.learned = learned;
     drop(live);
     state.refresh_status();

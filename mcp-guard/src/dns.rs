@@ -129,6 +129,17 @@ impl Engine {
         self.learned.values().cloned().collect()
     }
 
+    /// Takes over what a previous daemon learned (as installed), keeping only what the
+    /// rules still match and the guard admits.
+    pub fn seed(&mut self, learned: &[Learned]) {
+        for l in learned {
+            self.learned
+                .insert((l.workload.clone(), l.name.clone(), l.addr), l.clone());
+        }
+        let cfg = self.cfg.clone();
+        self.set_config(cfg);
+    }
+
     /// Updates entries to the TTL and expiry of the latest answer for the same workload,
     /// name and address.
     pub fn refresh(&self, entries: &mut [Learned]) {

@@ -29,6 +29,8 @@ pub const MAP_NAMES: [&str; 9] = [
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Directory of [`Pins::learned_file`].
+pub const LEARNED_DIR: &str = "/run/mcp-guard";
 
 #[derive(Debug, Clone)]
 pub struct Pins {
@@ -50,6 +52,19 @@ impl Pins {
         Self {
             dir: dir.to_path_buf(),
         }
+    }
+
+    /// Where the addresses learned for host rules are kept across daemon restarts, beside
+    /// the pins in lifetime: /run (tmpfs) is emptied at boot, as bpffs is.
+    #[must_use]
+    pub fn learned_file(&self) -> PathBuf {
+        let tag: String = self
+            .dir
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        PathBuf::from(LEARNED_DIR).join(format!("learned{tag}.json"))
     }
 
     #[must_use]
@@ -135,6 +150,11 @@ impl Pins {
                 fs::remove_file(e.path())?;
                 removed.push(format!("map {}", e.path().display()));
             }
+        }
+        match fs::remove_file(self.learned_file()) {
+            Ok(()) => removed.push(format!("state {}", self.learned_file().display())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         for sub in ["links", "maps", ""] {
             let p = if sub.is_empty() {

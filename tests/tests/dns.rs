@@ -474,5 +474,25 @@ attach_cgroup = "{root}"
         d.get("/dns")
     );
     assert!(metric(&d, "mcp_guard_dns_proxy_queries_total{result=\"learned\"}") >= 1.0);
+
+    // kill -9 and a new daemon: what was learned stays allowed (until it expires), with
+    // no new lookup, and is still listed.
+    let mut d = d;
+    d.kill9();
+    d.restart();
+    assert_eq!(
+        probe.op("tcp 151.101.1.10 443"),
+        "OK",
+        "learned before the restart"
+    );
+    assert!(
+        has(&d, "pod-mcp", "img.cdn.example.test", "151.101.1.10"),
+        "{}",
+        d.get("/dns")
+    );
+    assert_eq!(
+        metric(&d, "mcp_guard_dns_proxy_queries_total{result=\"learned\"}"),
+        0.0
+    );
     assert!(d.stop());
 }
