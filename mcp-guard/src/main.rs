@@ -296,7 +296,40 @@ fn explain(path: &Path, workload: &str, dest: &str) -> Result<()> {
             names.join(", ")
         );
     };
-    let (ip, port, proto) = parse_dest(dest)?;
+    let targets = match parse_dest(dest) {
+        Ok(t) => vec![t],
+        Err(e) => {
+            // A name: explain every address the daemon learned for it.
+            let (name, rest) = dest.split_once(':').ok_or(e)?;
+            let name = mcp_guard::config::normalise_name(name);
+            let addrs: Vec<IpAddr> = learned
+                .iter()
+                .filter(|l| l.workload == workload && l.name == name)
+                .map(|l| l.addr)
+                .collect();
+            if addrs.is_empty() {
+                println!("{workload} -> {name}: no address learned for this name (yet): DNS has not answered it for this workload, or no host rule of it matches the name");
+                return Ok(());
+            }
+            let (_, port, proto) = parse_dest(&format!("0.0.0.0:{rest}"))?;
+            addrs.into_iter().map(|a| (a, port, proto)).collect()
+        }
+    };
+    for (ip, port, proto) in targets {
+        explain_one(&ev, wl, workload, &learned, ip, port, proto);
+    }
+    Ok(())
+}
+
+fn explain_one(
+    ev: &Evaluator<'_>,
+    wl: &mcp_guard::policy::CompiledWorkload,
+    workload: &str,
+    learned: &[mcp_guard::policy::Learned],
+    ip: IpAddr,
+    port: u16,
+    proto: FlowProto,
+) {
     let d = ev.decide(wl, ip, port, proto);
     let judged = display_addr(mcp_guard::policy::addr16(ip));
     let what = match (d.verdict, wl.mode == MODE_AUDIT) {
@@ -345,7 +378,6 @@ fn explain(path: &Path, workload: &str, dest: &str) -> Result<()> {
             }
         ),
     }
-    Ok(())
 }
 
 fn exec(path: &Path, workload: &str, unguarded: bool, cmd: &[String]) -> Result<()> {

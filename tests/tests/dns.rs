@@ -236,6 +236,30 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         ),
         "{text}"
     );
+    // By name: every address learned for it, each with its verdict.
+    let out = std::process::Command::new(guard_bin())
+        .args(["explain", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "web-mcp", "API.example.test:80/tcp"])
+        .output()
+        .expect("explain");
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("web-mcp -> 93.184.216.34 port 80/tcp: DENY (not-allowed)"),
+        "{text}"
+    );
+    let out = std::process::Command::new(guard_bin())
+        .args(["explain", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "web-mcp", "never.example.test:443"])
+        .output()
+        .expect("explain");
+    assert!(
+        output_text(&out).contains("no address learned for this name"),
+        "{}",
+        output_text(&out)
+    );
 
     // The address changes: the new one is allowed as soon as DNS says so, the old one
     // once its TTL (2 s) and grace (1 s) have run out.
