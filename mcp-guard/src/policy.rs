@@ -371,13 +371,12 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                 let id = add_rule(
                     &mut out.rules,
                     format!(
-                        "workload {} allow host {}: {} = {} (DNS answer via the {}, TTL {} s) {} {} ({file}:{})",
+                        "workload {} allow host {}: {} = {} (DNS answer via the {}) {} {} ({file}:{})",
                         w.name,
                         h.pattern,
                         l.name,
                         net.addr(),
                         l.source,
-                        l.ttl,
                         ports_text(&h.ports),
                         proto_text(h.proto),
                         h.loc.line

@@ -6,7 +6,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use mcp_guard_tests::{Daemon, NetNs, TestCgroup};
+use mcp_guard_tests::{wait_until, Daemon, Dnsmasq, NetNs, TestCgroup};
 
 /// The built-in example policy: the node baseline blocks every cloud metadata endpoint,
 /// and the GitHub MCP server may reach nothing internal but its own database.
@@ -26,6 +26,16 @@ cidr = "10.0.12.0/24"
 ports = [5432]
 proto = "tcp"
 comment = "its own database"
+
+[[workload.allow]]
+host = "api.github.test"
+ports = [443]
+proto = "tcp"
+comment = "its API, by name: addresses come from DNS, never metadata or internal ones"
+
+[dns]
+nameservers = ["127.0.0.1:53"]
+netns = "NETNS"
 
 [daemon]
 attach_cgroup = "ROOT"
@@ -80,6 +90,9 @@ fn main() {
     ns.serve_tcp("10.0.20.7:5432", DB);
     ns.serve_tcp("192.168.7.3:6379", CACHE);
     ns.serve_tcp("93.184.216.34:443", API);
+    // A real DNS server in the namespace: the API's name, which the attacker will
+    // later point at the metadata service (DNS rebinding).
+    let dnsmasq = Dnsmasq::start(&ns, "93.184.216.34 api.github.test\n", &[], 5);
     let cg = TestCgroup::new();
     let nsenter = |extra: &mut Command| {
         extra
@@ -100,7 +113,9 @@ fn main() {
     assert!(c.status().expect("run fake server").success());
 
     banner("2. mcp-guard run with the built-in example policy");
-    let config = DEMO_CONFIG.replace("ROOT", &cg.rel);
+    let config = DEMO_CONFIG
+        .replace("ROOT", &cg.rel)
+        .replace("NETNS", &ns.path().display().to_string());
     println!("{}", config.trim());
     let d = Daemon::start(&config);
     println!("(daemon ready; metrics on http://{}/metrics)", d.listen);
@@ -161,10 +176,60 @@ fn main() {
         }
     }
 
+    banner("7. DNS rebinding: the attacker points the allowed API name at the metadata service");
+    let explain_name = || {
+        let out = Command::new(
+            std::env::var_os("MCP_GUARD_BIN").map_or_else(|| bin("mcp-guard"), PathBuf::from),
+        )
+        .args(["explain", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "github-mcp", "api.github.test:443"])
+        .output()
+        .expect("explain");
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("  {l}");
+        }
+    };
+    explain_name();
+    dnsmasq.set_hosts("169.254.169.254 api.github.test\n");
+    println!("  (dnsmasq now answers api.github.test = 169.254.169.254)");
+    let mut refused = Vec::new();
+    wait_until(Duration::from_secs(15), || {
+        refused.extend(
+            d.events(Duration::from_millis(200))
+                .into_iter()
+                .filter(|e| e["hook"] == "dns"),
+        );
+        !refused.is_empty()
+    });
+    for e in &refused {
+        println!(
+            "  REFUSED {} -> {} = {} reason={} (the answer never becomes an allow)",
+            e["workload"].as_str().unwrap_or("?"),
+            e["name"].as_str().unwrap_or(""),
+            e["dst"].as_str().unwrap_or(""),
+            e["reason"].as_str().unwrap_or(""),
+        );
+    }
+    for l in d
+        .get("/metrics")
+        .lines()
+        .filter(|l| l.starts_with("mcp_guard_dns_refused_total") && !l.ends_with(" 0"))
+    {
+        println!("  {l}");
+    }
+    println!("  the old address ages out after its TTL (5 s) plus grace; the metadata address is never allowed:");
+    explain_name();
+
     let denied = events.iter().filter(|e| e["verdict"] == "denied").count();
     let stopped = d.stop();
     banner(&format!(
-        "Result: {denied} attempts blocked (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache, a raw socket); the allowed API was reached. Daemon stopped cleanly: {stopped}."
+        "Result: {denied} attempts blocked (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache, a raw socket); the allowed API was reached; {} rebound DNS answer(s) refused. Daemon stopped cleanly: {stopped}.",
+        refused.len()
     ));
     assert!(denied >= 6, "expected the 6 attacks to be blocked");
+    assert!(
+        !refused.is_empty(),
+        "expected the rebound answer to be refused"
+    );
 }
