@@ -215,7 +215,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     // Addresses learned for host rules before a restart stay allowed until they expire,
     // so an upgrade does not cut workloads off names they resolved a moment ago.
     let learned = if was_pinned {
-        read_learned(&pins.learned_file())
+        read_learned(&pins.learned_file(), &cfg.dns)
     } else {
         Vec::new()
     };
@@ -613,7 +613,7 @@ fn reload(path: &Path, state: &State) {
 }
 
 /// The learned addresses a previous daemon left, minus those that expired since.
-fn read_learned(path: &Path) -> Vec<policy::Learned> {
+fn read_learned(path: &Path, dns: &config::DnsConfig) -> Vec<policy::Learned> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
@@ -621,7 +621,17 @@ fn read_learned(path: &Path) -> Vec<policy::Learned> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     match serde_json::from_str::<Vec<policy::Learned>>(&text) {
-        Ok(v) => v.into_iter().filter(|l| l.expires_unix > now).collect(),
+        // No entry outlives what the current bounds would give a fresh answer.
+        Ok(v) => v
+            .into_iter()
+            .filter(|l| l.expires_unix > now)
+            .map(|mut l| {
+                l.expires_unix = l
+                    .expires_unix
+                    .min(now + u64::from(dns.max_ttl) + u64::from(dns.grace));
+                l
+            })
+            .collect(),
         Err(e) => {
             warn!(file = %path.display(), "ignoring unreadable learned-address state: {e}");
             Vec::new()

@@ -80,6 +80,8 @@ pub struct Engine {
     /// Source address -> cgroup id of the workload whose own network namespace has it
     /// (clients in another namespace than the proxy, such as pods), and when it was read.
     sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
+    /// When a refusal was last reported, and how many since were not.
+    reported: HashMap<(String, String, IpAddr, &'static str), (Instant, u32)>,
     updates: mpsc::UnboundedSender<Update>,
     events: mpsc::UnboundedSender<JsonEvent>,
     metrics: Arc<Metrics>,
@@ -102,6 +104,7 @@ impl Engine {
             learned: BTreeMap::new(),
             owners: HashMap::new(),
             sources: (None, BTreeMap::new()),
+            reported: HashMap::new(),
             updates,
             events,
             metrics,
@@ -226,6 +229,9 @@ impl Engine {
                             .dns_refused
                             .with_label_values(&[workload, reason])
                             .inc();
+                        let Some(suppressed) = self.report_now(workload, name, addr, reason) else {
+                            continue;
+                        };
                         warn!(workload, name, %addr, reason, rule = %h.pattern, "DNS answer refused by the rebinding guard");
                         let _ = self.events.send(events::dns_refusal(&events::Refusal {
                             workload,
@@ -243,6 +249,7 @@ impl Engine {
                             ),
                             source,
                             generation: self.generation,
+                            suppressed,
                         }));
                     }
                 }
@@ -283,6 +290,35 @@ impl Engine {
             }
         }
         grew
+    }
+
+    /// Rate limit for refusal events: one per (workload, name, address, reason) per
+    /// second; the next one carries how many were left out. The counter is always exact.
+    fn report_now(
+        &mut self,
+        workload: &str,
+        name: &str,
+        addr: IpAddr,
+        reason: &'static str,
+    ) -> Option<u32> {
+        if self.reported.len() > 10_000 {
+            self.reported.clear();
+        }
+        let key = (workload.to_string(), name.to_string(), addr, reason);
+        match self.reported.get_mut(&key) {
+            Some((at, skipped)) if at.elapsed() < Duration::from_secs(1) => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                *at = Instant::now();
+                Some(std::mem::take(skipped))
+            }
+            None => {
+                self.reported.insert(key, (Instant::now(), 0));
+                Some(0)
+            }
+        }
     }
 
     fn learned_by(&self, workload: &str) -> usize {
@@ -1017,6 +1053,15 @@ mod tests {
         );
         assert_eq!(r1.name.as_deref(), Some("a.cdn.test"));
         assert_eq!(r1.cgroup_id, 7);
+        // The same refusal again within a second: counted, not reported again.
+        assert!(!e.learn(
+            "w",
+            "a.cdn.test",
+            &[(ip("169.254.169.254"), 60)],
+            "proxy",
+            7
+        ));
+        assert!(ev.try_recv().is_err());
         // TTLs clamped to 10..=100, plus 5 s grace.
         assert!(e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 0)], "proxy", 7));
         assert!(e.learn("w", "api.test", &[(ip("2.2.2.2"), 1000)], "resolver", 0));

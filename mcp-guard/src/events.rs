@@ -84,6 +84,8 @@ pub struct Refusal<'a> {
     pub rule: String,
     pub source: &'static str,
     pub generation: u32,
+    /// Refusals of the same answer left out by the rate limit since the last event.
+    pub suppressed: u32,
 }
 
 /// The event for an address a DNS answer gave for an allowed name, refused by the
@@ -132,7 +134,7 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
             "public"
         }
         .into(),
-        suppressed: 0,
+        suppressed: r.suppressed,
         policy_generation: r.generation,
         name: Some(r.name.to_string()),
         dns_source: Some(r.source.into()),
