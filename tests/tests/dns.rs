@@ -15,6 +15,7 @@ const PROXY: &str = "127.0.0.1 5353";
 
 const HOSTS: &str = "\
 93.184.216.34 api.example.test
+2606:4700::10 api.example.test
 93.184.216.36 rebind.example.test
 10.0.12.5 db.example.test
 ";
@@ -28,6 +29,8 @@ fn lab() -> NetNs {
         "151.101.1.10",
         "169.254.169.254",
         "10.0.12.5",
+        "2606:4700::10",
+        "fd00:ec2::254",
     ] {
         ns.add_addr(a);
     }
@@ -39,6 +42,8 @@ fn lab() -> NetNs {
         "169.254.169.254:80",
         "10.0.12.5:443",
         "10.0.12.5:5432",
+        "[2606:4700::10]:443",
+        "[fd00:ec2::254]:80",
     ] {
         ns.listen_tcp(l);
     }
@@ -184,6 +189,15 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         "the allowed name's address"
     );
     assert_eq!(web.op("tcp 93.184.216.35 443"), "EPERM", "another address");
+    // AAAA answers too; and the IPv4 answer through a dual-stack socket.
+    assert!(wait_until(Duration::from_secs(10), || has(
+        &d,
+        "web-mcp",
+        "api.example.test",
+        "2606:4700::10"
+    )));
+    assert_eq!(web.op("tcp 2606:4700::10 443"), "OK", "the AAAA answer");
+    assert_eq!(web.op("tcp6-mapped 93.184.216.34 443"), "OK", "IPv4-mapped");
     assert_eq!(web.op("tcp 93.184.216.34 80"), "EPERM", "another port");
     assert_eq!(
         other.op("tcp 93.184.216.34 443"),
@@ -293,7 +307,10 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
     dnsmasq.set_hosts(
         &HOSTS
             .replace("93.184.216.34 api", "93.184.216.35 api")
-            .replace("93.184.216.36 rebind", "169.254.169.254 rebind"),
+            .replace(
+                "93.184.216.36 rebind",
+                "169.254.169.254 rebind.example.test\nfd00:ec2::254 rebind",
+            ),
     );
     refusal(
         &d,
@@ -302,7 +319,15 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         "169.254.169.254",
         "rebound-metadata",
     );
+    refusal(
+        &d,
+        &mut seen,
+        "rebind.example.test",
+        "fd00:ec2::254",
+        "rebound-metadata",
+    );
     assert_eq!(web.op("tcp 169.254.169.254 80"), "EPERM");
+    assert_eq!(web.op("tcp fd00:ec2::254 80"), "EPERM");
     dnsmasq.set_hosts(
         &HOSTS
             .replace("93.184.216.34 api", "93.184.216.35 api")
