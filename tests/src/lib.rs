@@ -685,3 +685,16 @@ impl Drop for Dnsmasq {
         let _ = self.child.wait();
     }
 }
+
+/// A DNS query for `name`'s A record with id `id` (recursion desired).
+#[must_use]
+pub fn dns_query(name: &str, id: u16) -> Vec<u8> {
+    let mut q = id.to_be_bytes().to_vec();
+    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    q
+}

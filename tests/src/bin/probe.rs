@@ -464,18 +464,6 @@ fn main() {
     }
 }
 
-/// An A query for `name` with id `id`.
-fn dns_query(name: &str, id: u16) -> Vec<u8> {
-    let mut q = id.to_be_bytes().to_vec();
-    q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
-    for label in name.trim_end_matches('.').split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
-    q
-}
-
 /// Skips a (possibly compressed) name starting at `at`.
 fn skip_name(m: &[u8], mut at: usize) -> Option<usize> {
     loop {
@@ -524,7 +512,7 @@ fn resolve_tcp(f: &[&str]) -> String {
     );
     let port: u16 = port.parse().expect("port");
     let id = (std::process::id() as u16) ^ 0x5a5a;
-    let query = dns_query(name, id);
+    let query = mcp_guard_tests::dns_query(name, id);
     let answer = if f[0] == "tcp-resolve-tcp" {
         ask_tcp(&query, server)
     } else {
