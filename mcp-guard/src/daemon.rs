@@ -251,8 +251,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         }
     }
     let mut tc = if cfg.tc.enabled {
-        let mut tc =
-            crate::tc::Tc::load(&mut ebpf, &cfg.tc).context("loading the TC classifier")?;
+        let mut tc = crate::tc::Tc::load(&mut ebpf, &cfg.tc, &pins, pinned_hash)
+            .context("loading the TC classifier")?;
         let n = tc.sync(&mut ebpf);
         metrics
             .programs_attached
@@ -260,6 +260,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             .set(i64::from(n > 0));
         Some(tc)
     } else {
+        // Pinned TC links of an earlier config with the classifier on: detach them.
+        crate::tc::unpin_all(&pins);
         None
     };
     if was_pinned {

@@ -2,18 +2,30 @@
 //! ingress of pods' node-side veths (pod mode), in the configured network namespace,
 //! following interfaces as they come and go.
 //!
-//! These links are owned by the daemon, not pinned: the packet backstop runs while the
-//! daemon runs; socket-level enforcement is what survives a daemon restart.
+//! On kernels with TCX (6.6+) every link is pinned under `links/tc-<netns>-<ifindex>-
+//! <direction>`, like the socket hooks' links: the packet backstop keeps running while the
+//! daemon is down, and a restarted daemon of the same build adopts the links instead of
+//! attaching a second copy. A link whose interface went is unpinned. Older kernels attach
+//! through netlink (clsact), which has no links to pin: there the backstop runs while the
+//! daemon runs.
 
-use std::{collections::HashSet, ffi::CStr, os::fd::AsRawFd as _};
+use std::{
+    collections::HashSet,
+    ffi::CStr,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+};
 
 use aya::{
-    programs::{SchedClassifier, TcAttachType},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        SchedClassifier, TcAttachType,
+    },
     Ebpf,
 };
 use tracing::{info, warn};
 
-use crate::{cgroup::glob_match, config::TcConfig};
+use crate::{cgroup::glob_match, config::TcConfig, pins::Pins};
 
 const PROGRAM: &str = "mcpg_tc";
 
@@ -21,6 +33,34 @@ pub struct Tc {
     config: TcConfig,
     /// (ifindex, ingress) already attached.
     attached: HashSet<(u32, bool)>,
+    pins: Pins,
+    /// The pinned links run this build's code (same object hash): adopt them.
+    adopt: bool,
+    /// Netlink attachments (kernels without TCX): owned here, detached on exit.
+    unpinned: Vec<SchedClassifierLink>,
+    /// Links adopted from a previous daemon, for the log.
+    pub adopted: usize,
+}
+
+fn pin_name(netns: u64, ifindex: u32, ingress: bool) -> String {
+    format!(
+        "tc-{netns}-{ifindex}-{}",
+        if ingress { "ingress" } else { "egress" }
+    )
+}
+
+/// Whether the pinned link at `name` is attached to this interface now: its program is
+/// among those the kernel lists for the interface and direction.
+fn pinned_live(pins: &Pins, name: &str, interface: &str, kind: TcAttachType) -> bool {
+    let Ok(pinned) = PinnedLink::from_pin(pins.link(name)) else {
+        return false;
+    };
+    let link = FdLink::from(pinned);
+    let Ok(info) = link.info() else {
+        return false;
+    };
+    SchedClassifier::query_tcx(interface, kind)
+        .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
 }
 
 /// Interfaces of the calling thread's network namespace.
@@ -50,7 +90,12 @@ impl Tc {
     ///
     /// # Errors
     /// The program is missing or the verifier refused it.
-    pub fn load(ebpf: &mut Ebpf, config: &TcConfig) -> anyhow::Result<Self> {
+    pub fn load(
+        ebpf: &mut Ebpf,
+        config: &TcConfig,
+        pins: &Pins,
+        pinned_hash: u32,
+    ) -> anyhow::Result<Self> {
         let p: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow::anyhow!("{PROGRAM} missing"))?
@@ -59,11 +104,15 @@ impl Tc {
         Ok(Self {
             config: config.clone(),
             attached: HashSet::new(),
+            pins: pins.clone(),
+            adopt: pinned_hash == crate::loader::object_hash(),
+            unpinned: Vec::new(),
+            adopted: 0,
         })
     }
 
-    /// Attaches to interfaces that appeared; forgets those that went (the kernel drops
-    /// their links). Returns how many interfaces are covered.
+    /// Attaches to interfaces that appeared (adopting pinned links of this build);
+    /// forgets, and unpins, those that went. Returns how many interfaces are covered.
     pub fn sync(&mut self, ebpf: &mut Ebpf) -> usize {
         let Some(program) = ebpf.program_mut(PROGRAM) else {
             return 0;
@@ -71,8 +120,9 @@ impl Tc {
         let Ok(p): Result<&mut SchedClassifier, _> = program.try_into() else {
             return 0;
         };
-        let config = &self.config;
-        let attached = &mut self.attached;
+        let (config, pins, adopt) = (&self.config, &self.pins, self.adopt);
+        let (attached, unpinned, adopted) =
+            (&mut self.attached, &mut self.unpinned, &mut self.adopted);
         // Interface names and TCX links resolve in the calling thread's network namespace:
         // do the work on a thread that entered the configured one.
         std::thread::scope(|s| {
@@ -88,17 +138,47 @@ impl Tc {
                         return;
                     }
                 }
+                let netns = std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino());
                 let present = interfaces();
                 attached.retain(|(idx, _)| present.iter().any(|(i, _)| i == idx));
-                for (idx, name) in &present {
-                    let egress = name != "lo" && config.interfaces.iter().any(|g| glob_match(g, name));
-                    let ingress = config.pod_interfaces.iter().any(|g| glob_match(g, name));
+                let wanted: Vec<(u32, &String, bool, bool)> = present
+                    .iter()
+                    .map(|(idx, name)| {
+                        let egress = name != "lo" && config.interfaces.iter().any(|g| glob_match(g, name));
+                        let ingress = config.pod_interfaces.iter().any(|g| glob_match(g, name));
+                        (*idx, name, egress, ingress)
+                    })
+                    .collect();
+                unpin_unwanted(pins, Some(netns), |idx, ingress| {
+                    wanted.iter().any(|&(i, _, e, g)| i == idx && if ingress { g } else { e })
+                });
+                for &(idx, name, egress, ingress) in &wanted {
+                    let idx = &idx;
                     for (want, is_ingress, kind) in [(egress, false, TcAttachType::Egress), (ingress, true, TcAttachType::Ingress)] {
                         if !want || attached.contains(&(*idx, is_ingress)) {
                             continue;
                         }
-                        match p.attach(name, kind) {
-                            Ok(_) => {
+                        let pin = pin_name(netns, *idx, is_ingress);
+                        if adopt && pinned_live(pins, &pin, name, kind) {
+                            info!(interface = %name, direction = if is_ingress { "ingress (pod mode)" } else { "egress" }, "tc classifier: adopted the pinned link");
+                            attached.insert((*idx, is_ingress));
+                            *adopted += 1;
+                            continue;
+                        }
+                        let link = p.attach(name, kind).and_then(|id| p.take_link(id));
+                        match link {
+                            Ok(link) => {
+                                if <&FdLink>::try_from(&link).is_ok() {
+                                    // TCX: pin over any older link (which then detaches),
+                                    // after this one is attached: no gap.
+                                    let fd = FdLink::try_from(link).expect("a TCX link");
+                                    if let Err(e) = pin_over(pins, &pin, fd) {
+                                        warn!(interface = %name, "tc classifier attached but not pinned ({e}): it stops with the daemon");
+                                    }
+                                } else {
+                                    warn!(interface = %name, "tc classifier attached through netlink (no TCX): it stops with the daemon");
+                                    unpinned.push(link);
+                                }
                                 info!(interface = %name, direction = if is_ingress { "ingress (pod mode)" } else { "egress" }, "tc classifier attached");
                                 attached.insert((*idx, is_ingress));
                             }
@@ -110,4 +190,45 @@ impl Tc {
         });
         self.attached.len()
     }
+}
+
+/// Pins a TCX link at `links/<name>`, replacing an older pin atomically (rename).
+fn pin_over(pins: &Pins, name: &str, link: FdLink) -> std::io::Result<()> {
+    let path = pins.link(name);
+    let tmp = pins.link(&format!("{name}-new"));
+    let _ = std::fs::remove_file(&tmp);
+    let pinned = link.pin(&tmp).map_err(std::io::Error::other)?;
+    std::fs::rename(&tmp, &path)?;
+    drop(pinned);
+    Ok(())
+}
+
+/// Removes the pins of TC links (in `netns`, or in every namespace) that `keep` does not
+/// want: their interface went (the kernel already detached them) or the config no longer
+/// names it (removing the pin detaches the link).
+fn unpin_unwanted(pins: &Pins, netns: Option<u64>, keep: impl Fn(u32, bool) -> bool) {
+    let Ok(entries) = std::fs::read_dir(pins.dir.join("links")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let parts: Vec<&str> = file.split('-').collect();
+        let [tc, ns, idx, dir] = parts[..] else {
+            continue;
+        };
+        if tc != "tc" || netns.is_some_and(|n| ns != n.to_string()) {
+            continue;
+        }
+        let Ok(idx) = idx.parse::<u32>() else {
+            continue;
+        };
+        if !keep(idx, dir == "ingress") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Detaches every pinned TC link (the config turned the classifier off).
+pub fn unpin_all(pins: &Pins) {
+    unpin_unwanted(pins, None, |_, _| false);
 }

@@ -261,3 +261,88 @@ fn pod_mode_tc_attributes_by_source_address() {
         "{events:#?}"
     );
 }
+
+/// mcp-guard classifiers attached to an interface of a namespace, as the kernel lists them.
+fn tc_programs(ns: &NetNs, interface: &'static str) -> usize {
+    ns.in_ns(move || {
+        aya::programs::SchedClassifier::query_tcx(interface, aya::programs::TcAttachType::Egress)
+            .map(|(_, progs)| {
+                progs
+                    .iter()
+                    .filter(|p| p.name_as_str() == Some("mcpg_tc"))
+                    .count()
+            })
+            .unwrap_or(0)
+    })
+}
+
+/// The packet backstop outlives the daemon: TC links are pinned (TCX), a killed daemon
+/// leaves them dropping, a restarted one adopts them instead of adding a second
+/// classifier, and detaching removes them.
+#[test]
+fn tc_links_are_pinned_and_adopted_after_kill_9() {
+    let vm = NetNs::new();
+    let net = NetNs::new();
+    vm.veth("vm0", &net, "net0");
+    vm.ip("addr add 198.18.0.1/24 dev vm0");
+    net.ip("addr add 198.18.0.2/24 dev net0");
+    net.add_addr("169.254.169.254");
+    vm.ip("route add 169.254.169.254/32 via 198.18.0.2");
+    let metadata_udp = net.udp_counter("169.254.169.254:53");
+    let cg = TestCgroup::new();
+    let (_, guarded) = cg.child("w");
+    let mut d = Daemon::start(&format!(
+        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndeny_raw_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\n[tc]\nnetns = \"{ns}\"\ninterfaces = [\"vm*\"]\n",
+        r = cg.rel,
+        ns = vm.path().display()
+    ));
+    assert!(wait_until(Duration::from_secs(3), || tc_programs(
+        &vm, "vm0"
+    ) == 1));
+    let pinned = std::fs::read_dir(d.pin_dir.join("links"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("tc-"))
+        .count();
+    assert_eq!(pinned, 1, "one pinned TC link");
+
+    d.kill9();
+    assert_eq!(
+        tc_programs(&vm, "vm0"),
+        1,
+        "still attached with the daemon dead"
+    );
+    let mut p = Probe::new(PROBE, &guarded, &vm);
+    assert_eq!(p.op("raw-udp 198.18.0.1 169.254.169.254 53"), "SENT");
+    assert_eq!(
+        p.op("raw-icmp 169.254.169.254"),
+        "NOREPLY",
+        "dropped with the daemon dead"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metadata_udp.load(Ordering::SeqCst),
+        0,
+        "nothing reached metadata"
+    );
+
+    d.restart();
+    assert!(
+        wait_until(Duration::from_secs(3), || d
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("adopted the pinned link")),
+        "{}",
+        d.stderr.lock().unwrap()
+    );
+    assert_eq!(tc_programs(&vm, "vm0"), 1, "adopted, not attached twice");
+    assert_eq!(p.op("raw-icmp 169.254.169.254"), "NOREPLY");
+
+    assert!(d.stop(), "daemon exits cleanly");
+    assert_eq!(
+        tc_programs(&vm, "vm0"),
+        0,
+        "on_exit = detach removes the TC link too"
+    );
+}
