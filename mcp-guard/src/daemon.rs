@@ -602,6 +602,12 @@ fn reload(path: &Path, state: &State) {
     set_policy_gauges(metrics, &compiled);
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.last_reload_success.set(unix_now());
+    {
+        let old = state.live.lock().expect("live").cfg.clone();
+        for what in start_only_changes(&old, &cfg) {
+            warn!("{}: {what} changed, which is read at start only: restart mcp-guard to apply it (the new policy is in force)", path.display());
+        }
+    }
     let pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
     let cfg = Arc::new(cfg);
     {
@@ -657,6 +663,27 @@ fn write_learned(path: &Path, learned: &[policy::Learned]) {
     if let Err(e) = write() {
         warn!(file = %path.display(), "cannot keep learned addresses for a restart: {e}");
     }
+}
+
+/// Settings a reload does not apply (they shape the process, not the policy).
+fn start_only_changes(old: &config::Config, new: &config::Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.metrics_listen != new.metrics_listen {
+        out.push("[metrics] listen");
+    }
+    if old.sink != new.sink || old.events_file != new.events_file {
+        out.push("[events] sink / file");
+    }
+    if old.attach_cgroup != new.attach_cgroup || old.cgroup_root != new.cgroup_root {
+        out.push("[daemon] attach_cgroup / cgroup_root");
+    }
+    if old.pin_dir != new.pin_dir || old.on_exit != new.on_exit {
+        out.push("[daemon] pin_dir / on_exit");
+    }
+    if old.tc != new.tc {
+        out.push("[tc]");
+    }
+    out
 }
 
 /// Starts, reconfigures, restarts or stops the DNS side to match a (new) config.

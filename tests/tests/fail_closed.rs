@@ -331,6 +331,22 @@ fn an_invalid_config_at_reload_changes_nothing() {
         "the old allow rule still applies"
     );
     assert_eq!(d.get("/readyz"), "ready\n");
+
+    // A valid reload that also changes a start-only setting applies the policy and says
+    // which setting waits for a restart.
+    d.write_config(&format!(
+        "{}\n[tc]\nenabled = false\ninterfaces = [\"eth*\"]\n",
+        config(&cg, "")
+    ));
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("[tc] changed, which is read at start only")),
+        "{}",
+        d.stderr.lock().unwrap()
+    );
 }
 
 #[test]
