@@ -1,0 +1,462 @@
+//! The learned addresses of host rules: what DNS answered for which workload, behind
+//! the rebinding guard, for how long, and which workload a DNS client belongs to.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::Update;
+use crate::{
+    cgroup,
+    config::{Config, HostPattern},
+    events::{self, JsonEvent},
+    metrics::Metrics,
+    policy::{self, Learned},
+};
+
+/// How long a cgroup's workload is remembered by the proxy.
+const OWNER_TTL: Duration = Duration::from_secs(5);
+/// How often, at most, the proxy reads which source address is whose.
+const SOURCES_RESCAN: Duration = Duration::from_secs(1);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The learned addresses and what they are for. Shared by the resolver, the proxy and
+/// the daemon (which shows it on /dns and hands it to `explain`).
+pub struct Engine {
+    pub(super) cfg: Arc<Config>,
+    mount: PathBuf,
+    /// (workload, name, address) -> what was learned.
+    learned: BTreeMap<(String, String, IpAddr), Learned>,
+    owners: HashMap<u64, (Instant, Option<String>)>,
+    /// Source address -> cgroup id of the workload whose own network namespace has it
+    /// (clients in another namespace than the proxy, such as pods), and when it was read.
+    sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
+    /// When a refusal was last reported, and how many since were not.
+    reported: HashMap<(String, String, IpAddr, &'static str), (Instant, u32)>,
+    updates: mpsc::UnboundedSender<Update>,
+    events: mpsc::UnboundedSender<JsonEvent>,
+    pub(super) metrics: Arc<Metrics>,
+    /// Policy generation, for events.
+    pub generation: u32,
+}
+
+impl Engine {
+    #[must_use]
+    pub fn new(
+        cfg: Arc<Config>,
+        mount: PathBuf,
+        updates: mpsc::UnboundedSender<Update>,
+        events: mpsc::UnboundedSender<JsonEvent>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let e = Self {
+            cfg,
+            mount,
+            learned: BTreeMap::new(),
+            owners: HashMap::new(),
+            sources: (None, BTreeMap::new()),
+            reported: HashMap::new(),
+            updates,
+            events,
+            metrics,
+            generation: 0,
+        };
+        e.init_series();
+        e
+    }
+
+    /// Refusal counters exist at 0 for every workload with host rules, so an alert on
+    /// their increase() sees the first refusal.
+    fn init_series(&self) {
+        for w in self.cfg.workloads.iter().filter(|w| !w.hosts.is_empty()) {
+            for reason in ["rebound-metadata", "rebound-baseline", "rebound-internal"] {
+                self.metrics
+                    .dns_refused
+                    .with_label_values(&[&w.name, reason]);
+            }
+        }
+    }
+
+    /// Everything learned and still alive, for the compiler.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<Learned> {
+        self.learned.values().cloned().collect()
+    }
+
+    /// Takes over what a previous daemon learned (as installed), keeping only what the
+    /// rules still match and the guard admits.
+    pub fn seed(&mut self, learned: &[Learned]) {
+        for l in learned {
+            self.learned
+                .insert((l.workload.clone(), l.name.clone(), l.addr), l.clone());
+        }
+        let cfg = self.cfg.clone();
+        self.set_config(cfg);
+    }
+
+    /// Updates entries to the TTL and expiry of the latest answer for the same workload,
+    /// name and address.
+    pub fn refresh(&self, entries: &mut [Learned]) {
+        for l in entries {
+            let key = (l.workload.clone(), l.name.clone(), l.addr);
+            if let Some(now) = self.learned.get(&key) {
+                l.ttl = now.ttl;
+                l.expires_unix = now.expires_unix;
+            }
+        }
+    }
+
+    /// A new config: forget what no host rule matches any more, and what the new
+    /// baseline or rules refuse.
+    pub fn set_config(&mut self, cfg: Arc<Config>) -> bool {
+        self.cfg = cfg;
+        self.owners.clear();
+        self.sources = (None, BTreeMap::new());
+        self.init_series();
+        let before = self.learned.len();
+        let cfg = self.cfg.clone();
+        self.learned.retain(|(wl, name, addr), _| {
+            cfg.workloads.iter().any(|w| {
+                &w.name == wl
+                    && w.hosts.iter().any(|h| {
+                        h.pattern.matches(name) && policy::refusal(&cfg, h, *addr).is_none()
+                    })
+            })
+        });
+        before != self.learned.len()
+    }
+
+    /// Exact names to resolve, with the workloads that have rules for them.
+    pub(super) fn exact_names(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for w in &self.cfg.workloads {
+            for h in &w.hosts {
+                if let HostPattern::Exact(n) = &h.pattern {
+                    out.entry(n.clone()).or_default().insert(w.name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn ttl_bounds(&self, ttl: u32) -> u32 {
+        ttl.clamp(self.cfg.dns.min_ttl, self.cfg.dns.max_ttl)
+    }
+
+    /// Takes one answer for `name` as received by `workload`: admitted addresses are
+    /// learned (or kept longer), refused ones reported. Returns whether the set of
+    /// learned addresses grew (the policy must change before anyone uses them).
+    pub fn learn(
+        &mut self,
+        workload: &str,
+        name: &str,
+        records: &[(IpAddr, u32)],
+        source: &'static str,
+        cgroup_id: u64,
+    ) -> bool {
+        let cfg = self.cfg.clone();
+        let Some((wid, w)) = cfg
+            .workloads
+            .iter()
+            .enumerate()
+            .find(|(_, w)| w.name == workload)
+        else {
+            return false;
+        };
+        let rules: Vec<_> = w.hosts.iter().filter(|h| h.pattern.matches(name)).collect();
+        if rules.is_empty() {
+            return false;
+        }
+        let now = unix_now();
+        let mut grew = false;
+        for &(addr, ttl) in records {
+            let addr = addr.to_canonical();
+            let mut admitted = false;
+            for h in &rules {
+                match policy::refusal(&cfg, h, addr) {
+                    None => admitted = true,
+                    Some(reason) => {
+                        self.metrics
+                            .dns_refused
+                            .with_label_values(&[workload, reason])
+                            .inc();
+                        let Some(suppressed) = self.report_now(workload, name, addr, reason) else {
+                            continue;
+                        };
+                        warn!(workload, name, %addr, reason, rule = %h.pattern, "DNS answer refused by the rebinding guard");
+                        let _ = self.events.send(events::dns_refusal(&events::Refusal {
+                            workload,
+                            workload_id: mcp_guard_common::FIRST_WORKLOAD_ID + wid as u32,
+                            cgroup_id,
+                            name,
+                            addr,
+                            reason,
+                            rule: format!(
+                                "workload {} allow host {} ({}:{})",
+                                w.name,
+                                h.pattern,
+                                cfg.path.display(),
+                                h.loc.line
+                            ),
+                            source,
+                            generation: self.generation,
+                            suppressed,
+                        }));
+                    }
+                }
+            }
+            if !admitted {
+                continue;
+            }
+            let expires_unix = now + u64::from(self.ttl_bounds(ttl)) + u64::from(cfg.dns.grace);
+            let key = (workload.to_string(), name.to_string(), addr);
+            let full = self.learned_by(workload) >= cfg.dns.max_addresses as usize;
+            match self.learned.get_mut(&key) {
+                Some(l) => {
+                    l.expires_unix = l.expires_unix.max(expires_unix);
+                    l.ttl = ttl;
+                }
+                None if full => {
+                    self.metrics
+                        .dns_limited
+                        .with_label_values(&[workload])
+                        .inc();
+                    warn!(workload, name, %addr, limit = cfg.dns.max_addresses, "not learned: the workload has [dns] max_addresses learned addresses already (connections to it stay denied)");
+                }
+                None => {
+                    debug!(workload, name, %addr, ttl, source, "learned");
+                    self.learned.insert(
+                        key,
+                        Learned {
+                            workload: workload.to_string(),
+                            name: name.to_string(),
+                            addr,
+                            ttl,
+                            expires_unix,
+                            source: source.to_string(),
+                        },
+                    );
+                    grew = true;
+                }
+            }
+        }
+        grew
+    }
+
+    /// Rate limit for refusal events: one per (workload, name, address, reason) per
+    /// second; the next one carries how many were left out. The counter is always exact.
+    fn report_now(
+        &mut self,
+        workload: &str,
+        name: &str,
+        addr: IpAddr,
+        reason: &'static str,
+    ) -> Option<u32> {
+        if self.reported.len() > 10_000 {
+            self.reported.clear();
+        }
+        let key = (workload.to_string(), name.to_string(), addr, reason);
+        match self.reported.get_mut(&key) {
+            Some((at, skipped)) if at.elapsed() < Duration::from_secs(1) => {
+                *skipped += 1;
+                None
+            }
+            Some((at, skipped)) => {
+                *at = Instant::now();
+                Some(std::mem::take(skipped))
+            }
+            None => {
+                self.reported.insert(key, (Instant::now(), 0));
+                Some(0)
+            }
+        }
+    }
+
+    fn learned_by(&self, workload: &str) -> usize {
+        self.learned
+            .range((workload.to_string(), String::new(), IpAddr::from([0u8; 4]))..)
+            .take_while(|((w, _, _), _)| w == workload)
+            .count()
+    }
+
+    /// Drops addresses whose TTL and grace ran out. Returns whether any did.
+    pub fn expire(&mut self) -> bool {
+        let now = unix_now();
+        let before = self.learned.len();
+        self.learned.retain(|_, l| l.expires_unix > now);
+        before != self.learned.len()
+    }
+
+    /// Sends the learned set to the daemon.
+    pub fn publish(&self, done: Option<oneshot::Sender<()>>) {
+        self.metrics.dns_learned.reset();
+        for w in &self.cfg.workloads {
+            if !w.hosts.is_empty() {
+                self.metrics
+                    .dns_learned
+                    .with_label_values(&[&w.name])
+                    .set(0);
+            }
+        }
+        for l in self.learned.values() {
+            self.metrics
+                .dns_learned
+                .with_label_values(&[&l.workload])
+                .inc();
+        }
+        let _ = self.updates.send(Update {
+            learned: self.snapshot(),
+            done,
+        });
+    }
+
+    /// The cgroup of a client in another network namespace than the proxy, by its source
+    /// address (a pod's address belongs to the pod's namespace). The address map is read
+    /// again on a miss, at most every [`SOURCES_RESCAN`].
+    pub(super) fn cgroup_by_source(&mut self, ip: IpAddr) -> Option<u64> {
+        let key = policy::addr16(ip.to_canonical());
+        let stale = self.sources.0.is_none_or(|t| t.elapsed() >= SOURCES_RESCAN);
+        if !self.sources.1.contains_key(&key) && stale {
+            let patterns: Vec<String> = self
+                .cfg
+                .workloads
+                .iter()
+                .filter(|w| !w.hosts.is_empty())
+                .map(|w| w.cgroup.clone())
+                .collect();
+            // The DNS thread's own namespace: /proc/thread-self is this thread.
+            self.sources = (
+                Some(Instant::now()),
+                crate::sources::scan_cgroups(
+                    patterns.iter().map(String::as_str),
+                    &self.mount,
+                    "/proc/thread-self/ns/net",
+                ),
+            );
+        }
+        self.sources.1.get(&key).copied()
+    }
+
+    /// The workload a cgroup belongs to (the nearest workload cgroup above it with host
+    /// rules), looked up in the cgroup tree and remembered for a few seconds.
+    pub(super) fn owner(&mut self, cgroup_id: u64) -> Option<String> {
+        if let Some((at, w)) = self.owners.get(&cgroup_id) {
+            if at.elapsed() < OWNER_TTL {
+                return w.clone();
+            }
+        }
+        if self.owners.len() > 4096 {
+            self.owners.clear();
+        }
+        let mut best: Option<(usize, String)> = None;
+        for w in self.cfg.workloads.iter().filter(|w| !w.hosts.is_empty()) {
+            for (_, dir) in cgroup::resolve_dirs(&self.mount, &w.cgroup) {
+                let Ok(rel) = dir.strip_prefix(&self.mount) else {
+                    continue;
+                };
+                let under = format!("/{}", rel.display());
+                if let Some(found) = cgroup::find_by_id(&self.mount, &under, cgroup_id) {
+                    let depth = under.len();
+                    if best.as_ref().is_none_or(|(d, _)| depth > *d) && found.starts_with(&under) {
+                        best = Some((depth, w.name.clone()));
+                    }
+                }
+            }
+        }
+        let w = best.map(|(_, n)| n);
+        self.owners.insert(cgroup_id, (Instant::now(), w.clone()));
+        w
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine(
+        text: &str,
+    ) -> (
+        Engine,
+        mpsc::UnboundedReceiver<Update>,
+        mpsc::UnboundedReceiver<JsonEvent>,
+    ) {
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let (utx, urx) = mpsc::unbounded_channel();
+        let (etx, erx) = mpsc::unbounded_channel();
+        let e = Engine::new(
+            Arc::new(cfg),
+            PathBuf::from("/nonexistent"),
+            utx,
+            etx,
+            Arc::new(Metrics::new("test")),
+        );
+        (e, urx, erx)
+    }
+
+    const CFG: &str = "[dns]\nproxy='127.0.0.1:5353'\nmax_addresses=2\nmin_ttl=10\nmax_ttl=100\ngrace=5\n[[workload]]\nname='w'\ncgroup='/w'\n[[workload.allow]]\nhost='*.cdn.test'\n[[workload.allow]]\nhost='api.test'\n";
+
+    #[test]
+    fn learns_within_guard_bounds_and_limit() {
+        let (mut e, _u, mut ev) = engine(CFG);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let now = unix_now();
+        // Not a name any rule of the workload matches, or an unknown workload.
+        assert!(!e.learn("w", "cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7));
+        assert!(!e.learn("x", "a.cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7));
+        // Metadata and internal answers are refused, reported, and not learned.
+        assert!(!e.learn(
+            "w",
+            "a.cdn.test",
+            &[(ip("169.254.169.254"), 60), (ip("10.1.1.1"), 60)],
+            "proxy",
+            7
+        ));
+        let r1 = ev.try_recv().unwrap();
+        let r2 = ev.try_recv().unwrap();
+        assert_eq!(
+            (r1.reason.as_str(), r2.reason.as_str()),
+            ("rebound-metadata", "rebound-internal")
+        );
+        assert_eq!(r1.name.as_deref(), Some("a.cdn.test"));
+        assert_eq!(r1.cgroup_id, 7);
+        // The same refusal again within a second: counted, not reported again.
+        assert!(!e.learn(
+            "w",
+            "a.cdn.test",
+            &[(ip("169.254.169.254"), 60)],
+            "proxy",
+            7
+        ));
+        assert!(ev.try_recv().is_err());
+        // TTLs clamped to 10..=100, plus 5 s grace.
+        assert!(e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 0)], "proxy", 7));
+        assert!(e.learn("w", "api.test", &[(ip("2.2.2.2"), 1000)], "resolver", 0));
+        let s = e.snapshot();
+        let exp = |a: &str| s.iter().find(|l| l.addr == ip(a)).unwrap().expires_unix - now;
+        assert!((15..=16).contains(&exp("1.1.1.1")), "{}", exp("1.1.1.1"));
+        assert!((105..=106).contains(&exp("2.2.2.2")), "{}", exp("2.2.2.2"));
+        // Seen again: not new; a third address is over max_addresses = 2.
+        assert!(!e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 50)], "proxy", 7));
+        assert!(!e.learn("w", "b.cdn.test", &[(ip("3.3.3.3"), 50)], "proxy", 7));
+        assert_eq!(e.snapshot().len(), 2);
+        // Nothing expired yet; a config without the wildcard forgets its answers.
+        assert!(!e.expire());
+        let narrower = CFG.replace("host='*.cdn.test'", "host='other.test'");
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &narrower).unwrap();
+        assert!(e.set_config(Arc::new(cfg)));
+        let left: Vec<String> = e.snapshot().iter().map(|l| l.name.clone()).collect();
+        assert_eq!(left, ["api.test"]);
+    }
+}
