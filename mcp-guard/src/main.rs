@@ -1,5 +1,5 @@
 use std::{
-    io::BufRead,
+    io::{BufRead, Write as _},
     net::{IpAddr, SocketAddr},
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
@@ -478,36 +478,59 @@ fn events(
     };
     let stream = client::get(addr, &path)
         .with_context(|| format!("no mcp-guard daemon answers on {addr}"))?;
+    let mut out = std::io::stdout().lock();
     for line in stream.lines() {
         let line = line?;
-        if json {
-            println!("{line}");
-            continue;
-        }
-        let Ok(e) = serde_json::from_str::<JsonEvent>(&line) else {
-            continue;
+        let text = if json {
+            line
+        } else {
+            let Ok(e) = serde_json::from_str::<JsonEvent>(&line) else {
+                continue;
+            };
+            human_event(&e)
         };
-        println!(
-            "{} {} {} {} pid={} comm={} -> {}/{} reason={} hook={}{}",
-            e.time,
-            e.verdict.to_uppercase(),
-            e.workload.as_deref().unwrap_or("?"),
-            e.cgroup.as_deref().unwrap_or(""),
-            e.tgid,
-            e.comm,
-            e.dst.parse::<IpAddr>().map_or_else(
-                |_| "(socket creation)".to_string(),
-                |ip| SocketAddr::new(ip, e.dport).to_string()
-            ),
-            e.proto,
-            e.reason,
-            e.hook,
-            if e.suppressed > 0 {
-                format!(" (+{} suppressed)", e.suppressed)
-            } else {
-                String::new()
-            }
-        );
+        // A reader that went away (`| head`) ends the stream quietly.
+        match writeln!(out, "{text}").and_then(|()| out.flush()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
+}
+
+/// One event as a line for people.
+fn human_event(e: &JsonEvent) -> String {
+    let suppressed = if e.suppressed > 0 {
+        format!(" (+{} suppressed)", e.suppressed)
+    } else {
+        String::new()
+    };
+    if e.hook == "dns" {
+        return format!(
+            "{} REFUSED {} DNS answer {} = {} via the {} reason={}{suppressed}",
+            e.time,
+            e.workload.as_deref().unwrap_or("?"),
+            e.name.as_deref().unwrap_or("?"),
+            e.dst,
+            e.dns_source.as_deref().unwrap_or("?"),
+            e.reason,
+        );
+    }
+    format!(
+        "{} {} {} {} pid={} comm={} -> {}/{} reason={} hook={}{suppressed}",
+        e.time,
+        e.verdict.to_uppercase(),
+        e.workload.as_deref().unwrap_or("?"),
+        e.cgroup.as_deref().unwrap_or(""),
+        e.tgid,
+        e.comm,
+        e.dst.parse::<IpAddr>().map_or_else(
+            |_| "(socket creation)".to_string(),
+            |ip| SocketAddr::new(ip, e.dport).to_string()
+        ),
+        e.proto,
+        e.reason,
+        e.hook,
+    )
 }

@@ -116,6 +116,28 @@ fn assert_schema_valid(e: &Value) {
     );
 }
 
+/// The first line `mcp-guard events ARGS` prints (it follows forever: killed after).
+fn first_event_line(d: &Daemon, args: &[&str]) -> String {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(guard_bin())
+        .args(["events", "--listen", &d.listen.to_string()])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mcp-guard events");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    let _ = child.kill();
+    let _ = child.wait();
+    line
+}
+
 fn learned(d: &Daemon) -> Vec<Value> {
     let v: Value = serde_json::from_str(&d.get("/dns")).expect("/dns is JSON");
     v["learned"].as_array().cloned().unwrap_or_default()
@@ -328,6 +350,12 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
     );
     assert_eq!(web.op("tcp 169.254.169.254 80"), "EPERM");
     assert_eq!(web.op("tcp fd00:ec2::254 80"), "EPERM");
+    // `mcp-guard events` replays the refusal from the daemon's history, readable.
+    let line = first_event_line(&d, &["--since", "5m", "--reason", "rebound-metadata"]);
+    assert!(
+        line.contains("REFUSED web-mcp DNS answer rebind.example.test = 169.254.169.254 via the resolver reason=rebound-metadata"),
+        "{line}"
+    );
     dnsmasq.set_hosts(
         &HOSTS
             .replace("93.184.216.34 api", "93.184.216.35 api")
