@@ -1,6 +1,7 @@
 //! cgroup v2: where it is mounted, a workload's cgroup id, creating and joining cgroups.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -371,6 +372,121 @@ pub fn resolve_dirs(mount: &Path, cgroup: &str) -> Vec<(u64, PathBuf)> {
         }
     }
     out
+}
+
+/// How often the [`Scanner`] looks up every workload cgroup, whatever the parents say.
+const FULL_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Finds workload cgroups again and again (every 100 ms) without a `stat` per workload:
+/// a cgroup directory's link count changes whenever a child cgroup is created or removed,
+/// so a plain path is looked up again only when its parent's (inode, link count) moved.
+/// Every [`FULL_RESCAN`] everything is looked up (a cgroup removed and a sibling created
+/// between two looks leave the count as it was). Patterns are walked every time.
+#[derive(Default)]
+pub struct Scanner {
+    /// The workloads the plan is for: (workload id, cgroup path or pattern).
+    workloads: Vec<(u32, String)>,
+    plan: Vec<Entry>,
+    /// Parent directories and their (inode, link count) at the last look.
+    parents: Vec<(PathBuf, Option<(u64, u64)>)>,
+    last_full: Option<std::time::Instant>,
+}
+
+enum Entry {
+    Plain {
+        wid: u32,
+        path: PathBuf,
+        parent: usize,
+        found: Option<u64>,
+    },
+    Pattern {
+        wid: u32,
+        cgroup: String,
+    },
+}
+
+impl Scanner {
+    fn plan(&mut self, workloads: &[(u32, &str)], mount: &Path) {
+        let mut parents: Vec<(PathBuf, Option<(u64, u64)>)> = Vec::new();
+        let mut index: std::collections::HashMap<PathBuf, usize> = std::collections::HashMap::new();
+        self.plan = workloads
+            .iter()
+            .map(|&(wid, cgroup)| {
+                if is_pattern(cgroup) {
+                    return Entry::Pattern {
+                        wid,
+                        cgroup: cgroup.to_string(),
+                    };
+                }
+                let path = fs_path(mount, cgroup);
+                let parent_dir = path.parent().unwrap_or(mount).to_path_buf();
+                let parent = *index.entry(parent_dir.clone()).or_insert_with(|| {
+                    parents.push((parent_dir, None));
+                    parents.len() - 1
+                });
+                Entry::Plain {
+                    wid,
+                    path,
+                    parent,
+                    found: None,
+                }
+            })
+            .collect();
+        self.parents = parents;
+        self.workloads = workloads.iter().map(|&(w, c)| (w, c.to_string())).collect();
+        self.last_full = None;
+    }
+
+    /// Every existing cgroup the workloads name, mapped to the first workload naming it.
+    pub fn resolve(&mut self, workloads: &[(u32, &str)], mount: &Path) -> BTreeMap<u64, u32> {
+        let same = self.workloads.len() == workloads.len()
+            && self
+                .workloads
+                .iter()
+                .zip(workloads)
+                .all(|((w, c), (w2, c2))| w == w2 && c == c2);
+        if !same {
+            self.plan(workloads, mount);
+        }
+        let full = self.last_full.is_none_or(|t| t.elapsed() >= FULL_RESCAN);
+        if full {
+            self.last_full = Some(std::time::Instant::now());
+        }
+        let moved: Vec<bool> = self
+            .parents
+            .iter_mut()
+            .map(|(dir, seen)| {
+                let now = fs::metadata(&*dir).ok().map(|m| (m.ino(), m.nlink()));
+                let moved = now != *seen;
+                *seen = now;
+                moved
+            })
+            .collect();
+        let mut out = BTreeMap::new();
+        for e in &mut self.plan {
+            match e {
+                Entry::Plain {
+                    wid,
+                    path,
+                    parent,
+                    found,
+                } => {
+                    if full || moved[*parent] {
+                        *found = fs::metadata(&*path).ok().map(|m| m.ino());
+                    }
+                    if let Some(id) = found {
+                        out.entry(*id).or_insert(*wid);
+                    }
+                }
+                Entry::Pattern { wid, cgroup } => {
+                    for id in resolve(mount, cgroup) {
+                        out.entry(id).or_insert(*wid);
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

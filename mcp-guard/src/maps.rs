@@ -85,6 +85,8 @@ pub struct PolicyMaps {
     rate_limit: u32,
     /// cgroup id -> workload id, as registered in the active slot.
     registered: BTreeMap<u64, u32>,
+    /// Finds workload cgroups for the 100 ms rescan.
+    scanner: cgroup::Scanner,
 }
 
 /// Counters summed over CPUs.
@@ -118,6 +120,7 @@ impl PolicyMaps {
             generation: 0,
             rate_limit: 0,
             registered: BTreeMap::new(),
+            scanner: cgroup::Scanner::default(),
         })
     }
 
@@ -276,7 +279,12 @@ impl PolicyMaps {
     /// Returns how many registrations changed.
     pub fn refresh_cgroups(&mut self, compiled: &Compiled, mount: &Path) -> usize {
         let slot = self.active;
-        let desired = resolve(compiled, mount);
+        let workloads: Vec<(u32, &str)> = compiled
+            .workloads
+            .iter()
+            .map(|w| (w.id, w.cgroup.as_str()))
+            .collect();
+        let desired = self.scanner.resolve(&workloads, mount);
         let mut changed = 0;
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
