@@ -374,6 +374,24 @@ pub fn resolve_dirs(mount: &Path, cgroup: &str) -> Vec<(u64, PathBuf)> {
     out
 }
 
+/// The inode (cgroup id) of `name` in the directory `dir`, if it is there.
+fn ino_at(dir: &fs::File, name: &std::ffi::OsStr) -> Option<u64> {
+    use std::os::{fd::AsRawFd as _, unix::ffi::OsStrExt as _};
+    let name = std::ffi::CString::new(name.as_bytes()).ok()?;
+    // SAFETY: an all-zero stat is a valid out buffer for fstatat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid directory fd, NUL-terminated name, a stat to write into.
+    let rc = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &raw mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    (rc == 0).then_some(st.st_ino)
+}
+
 /// How often the [`Scanner`] looks up every workload cgroup, whatever the parents say.
 const FULL_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -384,8 +402,8 @@ const FULL_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
 /// between two looks leave the count as it was). Patterns are walked every time.
 #[derive(Default)]
 pub struct Scanner {
-    /// The workloads the plan is for: (workload id, cgroup path or pattern).
-    workloads: Vec<(u32, String)>,
+    /// What the plan was made for (the policy generation): a new key, a new plan.
+    key: Option<u32>,
     plan: Vec<Entry>,
     /// Parent directories and their (inode, link count) at the last look.
     parents: Vec<(PathBuf, Option<(u64, u64)>)>,
@@ -433,20 +451,21 @@ impl Scanner {
             })
             .collect();
         self.parents = parents;
-        self.workloads = workloads.iter().map(|&(w, c)| (w, c.to_string())).collect();
         self.last_full = None;
     }
 
     /// Every existing cgroup the workloads name, mapped to the first workload naming it.
-    pub fn resolve(&mut self, workloads: &[(u32, &str)], mount: &Path) -> BTreeMap<u64, u32> {
-        let same = self.workloads.len() == workloads.len()
-            && self
-                .workloads
-                .iter()
-                .zip(workloads)
-                .all(|((w, c), (w2, c2))| w == w2 && c == c2);
-        if !same {
-            self.plan(workloads, mount);
+    /// `key` identifies the workload list (the policy generation); `workloads` gives it
+    /// (workload id, cgroup path or pattern) and is called only when the key changed.
+    pub fn resolve<'a>(
+        &mut self,
+        key: u32,
+        workloads: impl FnOnce() -> Vec<(u32, &'a str)>,
+        mount: &Path,
+    ) -> BTreeMap<u64, u32> {
+        if self.key != Some(key) {
+            self.plan(&workloads(), mount);
+            self.key = Some(key);
         }
         let full = self.last_full.is_none_or(|t| t.elapsed() >= FULL_RESCAN);
         if full {
@@ -462,6 +481,9 @@ impl Scanner {
                 moved
             })
             .collect();
+        // Children are looked up relative to their opened parent: one path component
+        // each, not the whole path from the root.
+        let mut dirs: Vec<Option<fs::File>> = (0..self.parents.len()).map(|_| None).collect();
         let mut out = BTreeMap::new();
         for e in &mut self.plan {
             match e {
@@ -472,7 +494,14 @@ impl Scanner {
                     found,
                 } => {
                     if full || moved[*parent] {
-                        *found = fs::metadata(&*path).ok().map(|m| m.ino());
+                        let dir = &mut dirs[*parent];
+                        if dir.is_none() {
+                            *dir = fs::File::open(&self.parents[*parent].0).ok();
+                        }
+                        *found = match (dir.as_ref(), path.file_name()) {
+                            (Some(d), Some(name)) => ino_at(d, name),
+                            _ => fs::metadata(&*path).ok().map(|m| m.ino()),
+                        };
                     }
                     if let Some(id) = found {
                         out.entry(*id).or_insert(*wid);

@@ -279,12 +279,17 @@ impl PolicyMaps {
     /// Returns how many registrations changed.
     pub fn refresh_cgroups(&mut self, compiled: &Compiled, mount: &Path) -> usize {
         let slot = self.active;
-        let workloads: Vec<(u32, &str)> = compiled
-            .workloads
-            .iter()
-            .map(|w| (w.id, w.cgroup.as_str()))
-            .collect();
-        let desired = self.scanner.resolve(&workloads, mount);
+        let desired = self.scanner.resolve(
+            self.generation,
+            || {
+                compiled
+                    .workloads
+                    .iter()
+                    .map(|w| (w.id, w.cgroup.as_str()))
+                    .collect()
+            },
+            mount,
+        );
         let mut changed = 0;
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
