@@ -523,6 +523,32 @@ mod pattern_tests {
     use super::*;
 
     #[test]
+    fn scanner_follows_children_through_parent_link_counts() {
+        let root = std::env::temp_dir().join(format!("mcpg-scan-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(root.join("p/a")).unwrap();
+        let ino = |p: &str| fs::metadata(root.join(p)).unwrap().ino();
+        let list = || vec![(1, "/p/a"), (2, "/p/b"), (3, "/p/*")];
+        let mut s = Scanner::default();
+        let first = s.resolve(7, list, &root);
+        assert_eq!(
+            first.get(&ino("p/a")),
+            Some(&1),
+            "the first workload naming it wins"
+        );
+        assert_eq!(first.len(), 1);
+        // A new child changes the parent's link count: found at the next look.
+        fs::create_dir(root.join("p/b")).unwrap();
+        let second = s.resolve(7, list, &root);
+        assert_eq!(second.get(&ino("p/b")), Some(&2));
+        // A new key (policy generation) makes a new plan.
+        let third = s.resolve(8, || vec![(5, "/p/b")], &root);
+        assert_eq!(third.len(), 1);
+        assert_eq!(third.get(&ino("p/b")), Some(&5));
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn globs() {
         assert!(path_matches("/kubepods*", "/kubepods.slice"));
         assert!(path_matches("/kubepods*", "/kubepods"));
