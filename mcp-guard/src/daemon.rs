@@ -749,3 +749,44 @@ fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
     drop(live);
     state.refresh_status();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_learned_addresses_are_read_back_within_the_current_bounds() {
+        let file = std::env::temp_dir().join(format!("mcpg-learned-{}.json", std::process::id()));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let entry = |addr: &str, expires_unix| policy::Learned {
+            workload: "w".into(),
+            name: "a.example".into(),
+            addr: addr.parse().unwrap(),
+            ttl: 60,
+            expires_unix,
+            source: "proxy".into(),
+        };
+        write_learned(
+            &file,
+            &[
+                entry("93.184.216.34", now + 100_000),
+                entry("93.184.216.35", now - 1),
+            ],
+        );
+        let cfg = config::parse(Path::new("t.toml"), "[dns]\nmax_ttl = 10\ngrace = 5\n").unwrap();
+        let back = read_learned(&file, &cfg.dns);
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(back.len(), 1, "the expired entry is dropped");
+        assert!(
+            back[0].expires_unix <= now + 16,
+            "cut back to max_ttl + grace"
+        );
+        assert!(
+            read_learned(&file, &cfg.dns).is_empty(),
+            "no file, nothing kept"
+        );
+    }
+}
