@@ -192,3 +192,57 @@ fn catch_up(counter: &IntCounter, kernel: u64) {
         counter.inc_by(kernel - cur);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// Every series the shipped alert rules and dashboard query is one the daemon exports:
+    /// a typo there would be an alert that never fires, a panel that stays empty.
+    #[test]
+    fn rules_and_dashboard_query_only_exported_metrics() {
+        let m = Metrics::new("test");
+        // Vectors export nothing until a label set exists: touch each once.
+        let flow = ["w", "r", "c", "f", "p", "h"];
+        m.denied.with_label_values(&flow).inc();
+        m.audited.with_label_values(&flow).inc();
+        m.programs_attached.with_label_values(&["h"]).set(1);
+        m.policy_rules.with_label_values(&["w"]).set(1);
+        m.last_denied.with_label_values(&["w", "c", "v"]).set(1.0);
+        m.dns_refused.with_label_values(&["w", "r"]).inc();
+        m.dns_learned.with_label_values(&["w"]).set(1);
+        m.dns_lookups.with_label_values(&["r"]).inc();
+        m.dns_proxied.with_label_values(&["r"]).inc();
+        m.dns_limited.with_label_values(&["w"]).inc();
+        let exported: BTreeSet<String> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        let shipped = [
+            include_str!("../../deploy/prometheus/mcp-guard-rules.yml"),
+            include_str!("../../deploy/grafana/mcp-guard-dashboard.json"),
+        ];
+        let mut queried = BTreeSet::new();
+        for text in shipped {
+            let mut rest = text;
+            while let Some(i) = rest.find("mcp_guard_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                rest = &rest[i + name.len()..];
+                queried.insert(name);
+            }
+        }
+        assert!(queried.len() > 10, "{queried:?}");
+        let missing: Vec<&String> = queried.difference(&exported).collect();
+        assert!(
+            missing.is_empty(),
+            "queried but never exported: {missing:?}"
+        );
+    }
+}
