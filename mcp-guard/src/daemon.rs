@@ -90,14 +90,18 @@ fn status_json(
 /// # Errors
 /// The config is invalid or cannot be compiled.
 pub fn prepare(path: &Path) -> Result<(config::Config, Compiled)> {
-    compile_config(config::load(path)?)
+    compile_config(config::load(path)?, &[])
 }
 
-fn compile_config(cfg: config::Config) -> Result<(config::Config, Compiled)> {
+/// Compiles a validated config with the addresses learned for its host rules.
+fn compile_config(
+    cfg: config::Config,
+    learned: &[policy::Learned],
+) -> Result<(config::Config, Compiled)> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
-    let compiled = policy::compile(&cfg)?;
+    let compiled = policy::compile_with(&cfg, learned)?;
     Ok((cfg, compiled))
 }
 
@@ -130,8 +134,8 @@ fn read_settled(path: &Path) -> Result<String> {
 }
 
 /// Like [`prepare`], for a reload: from settled content only.
-fn prepare_reload(path: &Path) -> Result<(config::Config, Compiled)> {
-    compile_config(config::parse(path, &read_settled(path)?)?)
+fn prepare_reload(path: &Path, learned: &[policy::Learned]) -> Result<(config::Config, Compiled)> {
+    compile_config(config::parse(path, &read_settled(path)?)?, learned)
 }
 
 struct Live {
@@ -179,7 +183,23 @@ fn config_fingerprint(path: &Path) -> Option<Vec<u8>> {
 }
 
 pub async fn run(config_path: PathBuf) -> Result<()> {
-    let (cfg, compiled) = prepare(&config_path)?;
+    let cfg = config::load(&config_path)?;
+    // Addresses learned for host rules before a restart stay allowed until they expire,
+    // so an upgrade does not cut workloads off names they resolved a moment ago. They
+    // count only while the pinned state they were enforced with is still there.
+    let learned = if Pins::new(&cfg.pin_dir).has_links() {
+        read_learned(&Pins::new(&cfg.pin_dir).learned_file(), &cfg.dns)
+    } else {
+        Vec::new()
+    };
+    if !learned.is_empty() {
+        info!(
+            addresses = learned.len(),
+            "kept the addresses learned for host rules before the restart (until they expire)"
+        );
+    }
+    // The policy is compiled once, before anything touches the kernel.
+    let (cfg, compiled) = compile_config(cfg, &learned)?;
     let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
     for w in &compiled.workloads {
         if cgroup::id(&mount, &w.cgroup).is_err() {
@@ -212,22 +232,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     if was_pinned {
         metrics.prime(&maps.counters()?);
     }
-    // Addresses learned for host rules before a restart stay allowed until they expire,
-    // so an upgrade does not cut workloads off names they resolved a moment ago.
-    let learned = if was_pinned {
-        read_learned(&pins.learned_file(), &cfg.dns)
-    } else {
-        Vec::new()
-    };
-    let compiled = if learned.is_empty() {
-        compiled
-    } else {
-        info!(
-            addresses = learned.len(),
-            "kept the addresses learned for host rules before the restart (until they expire)"
-        );
-        policy::compile_with(&cfg, &learned)?
-    };
     // Policy first, then attach: the programs never run without a policy. With adopted
     // maps the old policy stays live until the new one is switched in whole.
     maps.install(&compiled, &mount, cfg.rate_limit_per_sec)?;
@@ -577,10 +581,7 @@ fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
 fn reload(path: &Path, state: &State) {
     let metrics = &state.metrics;
     let learned = state.live.lock().expect("live").learned.clone();
-    let (cfg, compiled) = match prepare_reload(path).and_then(|(cfg, _)| {
-        let compiled = policy::compile_with(&cfg, &learned)?;
-        Ok((cfg, compiled))
-    }) {
+    let (cfg, compiled) = match prepare_reload(path, &learned) {
         Ok(v) => v,
         Err(e) => {
             error!("reload refused, the running policy stays in force: {e:#}");

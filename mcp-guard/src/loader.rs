@@ -48,7 +48,7 @@ pub enum LoadError {
     },
     #[error("pinning the {hook} link at {path}: {detail}")]
     Pin {
-        hook: &'static str,
+        hook: String,
         path: String,
         detail: String,
     },
@@ -209,7 +209,7 @@ fn attach_cgroup_prog(ebpf: &mut Ebpf, name: &'static str, cg: &File) -> Result<
         FdLink::try_from(p.take_link(id).map_err(err)?)
     };
     fd_link.map_err(|e| LoadError::Pin {
-        hook: name,
+        hook: name.to_string(),
         path: String::new(),
         detail: chain(&e),
     })
@@ -218,18 +218,21 @@ fn attach_cgroup_prog(ebpf: &mut Ebpf, name: &'static str, cg: &File) -> Result<
 /// Pins `link` as the hook's link: pinned under a temporary name, then renamed over the
 /// old pin (rename(2) on bpffs is atomic), which releases the old link only after the
 /// new one is attached.
-fn pin_over(link: FdLink, hook: &'static str, pins: &Pins) -> Result<(), LoadError> {
+/// Pins a link at `links/<hook>`, replacing an older pin in one rename: the new link is
+/// attached before the old one's last reference goes, so there is no gap. The socket
+/// hooks and the TC classifier's links all go through here.
+pub(crate) fn pin_over(link: FdLink, hook: &str, pins: &Pins) -> Result<(), LoadError> {
     let final_path = pins.link(hook);
     // bpffs refuses names with a dot.
     let tmp = final_path.with_file_name(format!("{hook}-new"));
     let _ = std::fs::remove_file(&tmp);
     let pinned = link.pin(&tmp).map_err(|e| LoadError::Pin {
-        hook,
+        hook: hook.to_string(),
         path: tmp.display().to_string(),
         detail: chain(&e),
     })?;
     std::fs::rename(&tmp, &final_path).map_err(|e| LoadError::Pin {
-        hook,
+        hook: hook.to_string(),
         path: final_path.display().to_string(),
         detail: e.to_string(),
     })?;
@@ -248,7 +251,7 @@ pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32,
     let name = LSM_PROGRAM;
     let err = |source| LoadError::Program { name, source };
     let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Pin {
-        hook: LSM_HOOK,
+        hook: LSM_HOOK.to_string(),
         path: "/sys/kernel/btf/vmlinux".into(),
         detail: chain(&e),
     })?;

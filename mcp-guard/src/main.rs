@@ -198,23 +198,8 @@ fn check(path: &Path) -> Result<()> {
                     "  workload {} allow host {} {} {}{} ({}:{})",
                     w.name,
                     h.pattern,
-                    if h.ports.is_empty() {
-                        "all ports".to_string()
-                    } else {
-                        let p: Vec<String> = h
-                            .ports
-                            .iter()
-                            .map(|p| {
-                                if p.lo == p.hi {
-                                    p.lo.to_string()
-                                } else {
-                                    format!("{}-{}", p.lo, p.hi)
-                                }
-                            })
-                            .collect();
-                        format!("ports {}", p.join(","))
-                    },
-                    format!("{:?}", h.proto).to_lowercase(),
+                    mcp_guard::policy::ports_text(&h.ports),
+                    mcp_guard::policy::proto_text(h.proto),
                     if h.allow_internal {
                         " allow_internal"
                     } else {

@@ -138,7 +138,8 @@ fn proto_bits(p: Proto) -> u8 {
     }
 }
 
-fn proto_text(p: Proto) -> &'static str {
+#[must_use]
+pub fn proto_text(p: Proto) -> &'static str {
     match p {
         Proto::Tcp => "tcp",
         Proto::Udp => "udp",
@@ -220,7 +221,9 @@ pub fn refusal(cfg: &Config, rule: &HostRule, addr: IpAddr) -> Option<&'static s
     None
 }
 
-fn ports_text(ports: &[PortSpan]) -> String {
+/// Ports as rules and `check` print them: "all ports" or "ports 443,8000-8100".
+#[must_use]
+pub fn ports_text(ports: &[PortSpan]) -> String {
     if ports.is_empty() {
         return "all ports".to_string();
     }

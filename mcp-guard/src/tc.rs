@@ -172,7 +172,7 @@ impl Tc {
                                     // TCX: pin over any older link (which then detaches),
                                     // after this one is attached: no gap.
                                     let fd = FdLink::try_from(link).expect("a TCX link");
-                                    if let Err(e) = pin_over(pins, &pin, fd) {
+                                    if let Err(e) = crate::loader::pin_over(fd, &pin, pins) {
                                         warn!(interface = %name, "tc classifier attached but not pinned ({e}): it stops with the daemon");
                                     }
                                 } else {
@@ -190,17 +190,6 @@ impl Tc {
         });
         self.attached.len()
     }
-}
-
-/// Pins a TCX link at `links/<name>`, replacing an older pin atomically (rename).
-fn pin_over(pins: &Pins, name: &str, link: FdLink) -> std::io::Result<()> {
-    let path = pins.link(name);
-    let tmp = pins.link(&format!("{name}-new"));
-    let _ = std::fs::remove_file(&tmp);
-    let pinned = link.pin(&tmp).map_err(std::io::Error::other)?;
-    std::fs::rename(&tmp, &path)?;
-    drop(pinned);
-    Ok(())
 }
 
 /// Removes the pins of TC links (in `netns`, or in every namespace) that `keep` does not
