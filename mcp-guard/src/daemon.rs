@@ -143,8 +143,6 @@ struct Live {
     compiled: Compiled,
     /// TC pod mode is on: keep the source-address map filled.
     pod_mode: bool,
-    /// Addresses learned for host rules, compiled into `compiled`.
-    learned: Vec<policy::Learned>,
 }
 
 /// Everything the periodic tasks and the reload path share.
@@ -160,7 +158,8 @@ struct State {
     engine: Arc<Mutex<dns::Engine>>,
     /// The DNS side, while the config has host rules or a proxy.
     dns: Mutex<Option<dns::Dns>>,
-    /// The learned addresses in the installed policy (minus those a reload dropped).
+    /// The learned addresses compiled into the installed policy (`Live::compiled`); a
+    /// reload compiles them again with the new rules.
     installed: Arc<Mutex<Vec<policy::Learned>>>,
     /// Where the installed learned addresses are kept for the next daemon.
     learned_file: PathBuf,
@@ -355,7 +354,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             cfg: cfg.clone(),
             compiled,
             pod_mode,
-            learned,
         }),
         maps,
         names: names.clone(),
@@ -580,7 +578,7 @@ fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
 /// Validates first; an invalid config leaves the running policy untouched.
 fn reload(path: &Path, state: &State) {
     let metrics = &state.metrics;
-    let learned = state.live.lock().expect("live").learned.clone();
+    let learned = state.installed.lock().expect("installed").clone();
     let (cfg, compiled) = match prepare_reload(path, &learned) {
         Ok(v) => v,
         Err(e) => {
@@ -744,9 +742,8 @@ fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
         "policy updated from DNS answers"
     );
     live.compiled = compiled;
-    *state.installed.lock().expect("installed") = learned.clone();
     write_learned(&state.learned_file, &learned);
-    live.learned = learned;
+    *state.installed.lock().expect("installed") = learned;
     drop(live);
     state.refresh_status();
 }
