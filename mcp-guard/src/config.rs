@@ -124,6 +124,10 @@ struct RawDns {
     grace: Option<Spanned<i64>>,
     #[serde(default)]
     max_addresses: Option<Spanned<i64>>,
+    #[serde(default)]
+    workload_queries_per_sec: Option<Spanned<i64>>,
+    #[serde(default)]
+    workload_in_flight: Option<Spanned<i64>>,
 }
 
 /// How hostname rules are resolved and learned.
@@ -145,12 +149,19 @@ pub struct DnsConfig {
     /// Learned addresses per workload at most: a workload asking for endless names under
     /// a wildcard cannot grow the policy without bound.
     pub max_addresses: u32,
+    /// Queries per second one workload may send the proxy (a token bucket holding one
+    /// second's worth): one workload cannot starve the others' DNS.
+    pub workload_queries_per_sec: u32,
+    /// Queries of one workload the proxy works on at once.
+    pub workload_in_flight: u32,
 }
 
 pub const DEFAULT_MIN_TTL: u32 = 5;
 pub const DEFAULT_MAX_TTL: u32 = 3600;
 pub const DEFAULT_GRACE: u32 = 30;
 pub const DEFAULT_MAX_ADDRESSES: u32 = 1024;
+pub const DEFAULT_WORKLOAD_QPS: u32 = 100;
+pub const DEFAULT_WORKLOAD_IN_FLIGHT: u32 = 32;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -200,6 +211,8 @@ struct RawWorkload {
     deny_raw_sockets: Option<bool>,
     #[serde(default)]
     deny_packet_sockets: Option<bool>,
+    #[serde(default)]
+    resolve_any: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -302,7 +315,7 @@ pub struct AllowRule {
 pub enum HostPattern {
     /// `api.github.com`
     Exact(String),
-    /// `*.githubusercontent.com`, holding `githubusercontent.com`: any name with at
+    /// `*.slack.com`, holding `slack.com`: any name with at
     /// least one more label, never the suffix itself.
     Wildcard(String),
 }
@@ -364,6 +377,9 @@ pub struct Workload {
     pub deny_raw_sockets: bool,
     /// Refuse AF_PACKET sockets (default true; needs BPF LSM).
     pub deny_packet_sockets: bool,
+    /// The DNS proxy forwards any name this workload asks for (default false: only names
+    /// its host rules cover, so DNS cannot carry data out).
+    pub resolve_any: bool,
     pub loc: Loc,
 }
 
@@ -548,6 +564,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             hosts,
             deny_raw_sockets: w.deny_raw_sockets.unwrap_or(true),
             deny_packet_sockets: w.deny_packet_sockets.unwrap_or(true),
+            resolve_any: w.resolve_any.unwrap_or(false),
             loc,
         });
     }
@@ -740,6 +757,33 @@ fn dns_config(cx: &mut Ctx<'_>, raw: &RawDns) -> DnsConfig {
             }
         },
     };
+    let mut count = |v: &Option<Spanned<i64>>, key: &str, default: u32, what: &str| -> u32 {
+        match v {
+            None => default,
+            Some(v) => match u32::try_from(*v.get_ref()) {
+                Ok(n) if (1..=100_000).contains(&n) => n,
+                _ => {
+                    cx.err(
+                        &v.span(),
+                        format!("dns.{key} must be between 1 and 100000 ({what})"),
+                    );
+                    default
+                }
+            },
+        }
+    };
+    let workload_queries_per_sec = count(
+        &raw.workload_queries_per_sec,
+        "workload_queries_per_sec",
+        DEFAULT_WORKLOAD_QPS,
+        "queries per second one workload may send the proxy",
+    );
+    let workload_in_flight = count(
+        &raw.workload_in_flight,
+        "workload_in_flight",
+        DEFAULT_WORKLOAD_IN_FLIGHT,
+        "queries of one workload the proxy works on at once",
+    );
     if min_ttl == 0 {
         if let Some(v) = &raw.min_ttl {
             cx.err(
@@ -761,6 +805,8 @@ fn dns_config(cx: &mut Ctx<'_>, raw: &RawDns) -> DnsConfig {
         max_ttl: max_ttl.max(min_ttl.max(1)),
         grace,
         max_addresses,
+        workload_queries_per_sec,
+        workload_in_flight,
     }
 }
 
@@ -789,7 +835,7 @@ fn host_pattern(text: &str) -> Result<HostPattern, String> {
             && !label.ends_with('-');
         if !ok {
             let hint = if label.contains('*') {
-                "a wildcard is only allowed as the whole first label, as in \"*.githubusercontent.com\""
+                "a wildcard is only allowed as the whole first label, as in \"*.slack.com\""
             } else {
                 "labels are 1 to 63 letters, digits, '-' or '_', not starting or ending with '-'"
             };
@@ -799,7 +845,15 @@ fn host_pattern(text: &str) -> Result<HostPattern, String> {
     if wild {
         if !rest.contains('.') {
             return Err(format!(
-                "{text:?} would match every name in a top-level domain: name at least two labels after \"*.\", as in \"*.githubusercontent.com\""
+                "{text:?} would match every name in a top-level domain: name at least two labels after \"*.\", as in \"*.api.example.com\""
+            ));
+        }
+        // A public suffix (the Public Suffix List, ICANN and private sections: co.uk,
+        // github.io, s3.amazonaws.com) is shared by unrelated owners: a wildcard below
+        // it would let an attacker register a name that the rule allows.
+        if psl::suffix(rest.as_bytes()).is_some_and(|s| s.is_known() && s.as_bytes() == rest.as_bytes()) {
+            return Err(format!(
+                "{text:?} covers names of unrelated owners: {rest:?} is a public suffix (Public Suffix List), where anyone can register a name; name the hosts exactly, or a wildcard below a name one owner holds, as in \"*.myorg.{rest}\""
             ));
         }
         Ok(HostPattern::Wildcard(rest.to_string()))
@@ -1165,21 +1219,21 @@ proto = "tcp"
 
     #[test]
     fn host_rules_parse_and_match() {
-        let c = p("[dns]\nproxy='127.0.0.1:5353'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='API.GitHub.com.'\nports=[443]\n[[workload.allow]]\nhost='*.githubusercontent.com'\nallow_internal=true\n").unwrap();
+        let c = p("[dns]\nproxy='127.0.0.1:5353'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='API.GitHub.com.'\nports=[443]\n[[workload.allow]]\nhost='*.slack.com'\nallow_internal=true\n").unwrap();
         let h = &c.workloads[0].hosts;
         assert_eq!(h[0].pattern, HostPattern::Exact("api.github.com".into()));
         assert_eq!(h[0].loc.line, 7);
         assert!(h[1].allow_internal);
-        assert!(h[1].pattern.matches("raw.githubusercontent.com"));
-        assert!(h[1].pattern.matches("a.b.githubusercontent.com"));
-        assert!(!h[1].pattern.matches("githubusercontent.com"));
-        assert!(!h[1].pattern.matches("evilgithubusercontent.com"));
-        assert_eq!(h[1].pattern.to_string(), "*.githubusercontent.com");
+        assert!(h[1].pattern.matches("files.slack.com"));
+        assert!(h[1].pattern.matches("a.b.slack.com"));
+        assert!(!h[1].pattern.matches("slack.com"));
+        assert!(!h[1].pattern.matches("evilslack.com"));
+        assert_eq!(h[1].pattern.to_string(), "*.slack.com");
     }
 
     #[test]
     fn bad_host_rules_name_line_and_fix() {
-        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.githubusercontent.com'\n");
+        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.slack.com'\n");
         assert_eq!(e.line, 5);
         assert!(e.message.contains("[dns] proxy"), "{e}");
         let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='10.0.0.1'\n");
@@ -1199,6 +1253,35 @@ proto = "tcp"
         assert!(e.message.contains("below dns.min_ttl"), "{e}");
         let e = err("[dns]\nnameservers=['dns.local']\n");
         assert_eq!(e.line, 2);
+        let e = err("[dns]\nworkload_queries_per_sec=0\n");
+        assert!(e.message.contains("between 1 and 100000"), "{e}");
+    }
+
+    /// Wildcards right below a public suffix (Public Suffix List, both sections) cover
+    /// names anyone can register; one label deeper is one owner's.
+    #[test]
+    fn wildcards_on_public_suffixes_are_refused() {
+        for (suffix, line) in [("co.uk", 6), ("s3.amazonaws.com", 6), ("github.io", 6), ("githubusercontent.com", 6)] {
+            let e = err(&format!("[dns]\nproxy='127.0.0.1:53'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.{suffix}'\n"));
+            assert_eq!(e.line, line + 1, "{e}");
+            assert!(e.message.contains("public suffix"), "{suffix}: {e}");
+            assert!(e.message.contains(&format!("*.myorg.{suffix}")), "{e}");
+        }
+        for ok in ["*.myorg.github.io", "*.bbc.co.uk", "*.slack.com", "*.cdn.example.test"] {
+            p(&format!("[dns]\nproxy='127.0.0.1:53'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='{ok}'\n")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // Exact names on a suffix are one host: allowed.
+        p("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='github.io'\n").unwrap();
+    }
+
+    #[test]
+    fn resolve_any_and_dns_budgets() {
+        let c = p("[dns]\nproxy='127.0.0.1:53'\nworkload_queries_per_sec=7\nworkload_in_flight=3\n[[workload]]\nname='a'\ncgroup='/a'\nresolve_any=true\n[[workload]]\nname='b'\ncgroup='/b'\n").unwrap();
+        assert!(c.workloads[0].resolve_any);
+        assert!(!c.workloads[1].resolve_any, "off by default");
+        assert_eq!((c.dns.workload_queries_per_sec, c.dns.workload_in_flight), (7, 3));
+        let d = p("").unwrap();
+        assert_eq!((d.dns.workload_queries_per_sec, d.dns.workload_in_flight), (DEFAULT_WORKLOAD_QPS, DEFAULT_WORKLOAD_IN_FLIGHT));
     }
 
     #[test]

@@ -71,6 +71,77 @@ pub struct JsonEvent {
     /// Hook "dns": "resolver" or "proxy".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_source: Option<String>,
+    /// Hook "dns", a query the proxy refused: the type asked for ("A", "TXT", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_type: Option<String>,
+}
+
+/// A query the DNS proxy refused to forward, for [`dns_query_refusal`].
+pub struct QueryRefusal<'a> {
+    /// `None`: the client belongs to no workload.
+    pub workload: Option<&'a str>,
+    pub workload_id: u32,
+    pub cgroup_id: u64,
+    /// The name asked for, if the query could be read (at most 253 bytes).
+    pub name: Option<&'a str>,
+    pub qtype: Option<String>,
+    pub reason: &'static str,
+    pub client: std::net::SocketAddr,
+    pub proto: &'static str,
+    pub generation: u32,
+    pub suppressed: u32,
+}
+
+/// The event for a query the DNS proxy answered REFUSED without asking upstream.
+#[must_use]
+pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let rule = match r.reason {
+        "name-not-allowed" => "DNS proxy: no host rule of the workload covers this name (resolve_any is off)",
+        "type-not-allowed" => "DNS proxy: only A, AAAA and CNAME questions of class IN are forwarded",
+        "rate-limited" => "DNS proxy: [dns] workload_queries_per_sec",
+        "in-flight-limited" => "DNS proxy: [dns] workload_in_flight",
+        "unattributed" => "DNS proxy: the asking socket belongs to no workload",
+        _ => "DNS proxy: one well-formed question per query",
+    };
+    JsonEvent {
+        schema: SCHEMA.into(),
+        time: rfc3339(wall),
+        monotonic_ns: monotonic_ns(),
+        hook: "dns".into(),
+        verdict: "refused".into(),
+        reason: r.reason.into(),
+        rule_id: 0,
+        rule: Some(rule.into()),
+        workload: r.workload.map(str::to_string),
+        workload_id: r.workload_id,
+        cgroup_id: r.cgroup_id,
+        cgroup: None,
+        owner: cgroup::Owner::default(),
+        pid: 0,
+        tgid: 0,
+        uid: 0,
+        gid: 0,
+        comm: String::new(),
+        exe: None,
+        cmdline: None,
+        family: "none".into(),
+        socket_family: "unknown".into(),
+        proto: r.proto.into(),
+        dst: String::new(),
+        dport: 0,
+        src: Some(r.client.ip().to_canonical().to_string()),
+        sport: r.client.port(),
+        socket_cookie: 0,
+        dest_class: "none".into(),
+        suppressed: r.suppressed,
+        policy_generation: r.generation,
+        name: r.name.map(|n| n.chars().take(253).collect()),
+        dns_source: Some("proxy".into()),
+        dns_type: r.qtype.clone(),
+    }
 }
 
 /// What the rebinding guard refused, for [`dns_refusal`].
@@ -138,6 +209,7 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
         policy_generation: r.generation,
         name: Some(r.name.to_string()),
         dns_source: Some(r.source.into()),
+        dns_type: None,
     }
 }
 
@@ -351,6 +423,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         policy_generation: e.generation,
         name: None,
         dns_source: None,
+        dns_type: None,
     }
 }
 

@@ -213,13 +213,31 @@ fn check(path: &Path) -> Result<()> {
         .collect();
     if !hosts.is_empty() {
         println!("host rules (their addresses come from DNS answers at run time, behind the rebinding guard):");
-        for h in hosts {
+        for h in &hosts {
             println!("{h}");
         }
-        match cfg.dns.proxy {
-            Some(p) => println!("dns proxy: {p} (point the workloads' resolver at it)"),
-            None => println!("dns proxy: off (exact names only; the daemon resolves them)"),
+    }
+    match cfg.dns.proxy {
+        Some(p) => {
+            println!(
+                "dns proxy: {p} (point the workloads' resolver at it); per workload at most {} queries/s and {} in flight",
+                cfg.dns.workload_queries_per_sec, cfg.dns.workload_in_flight
+            );
+            for w in &cfg.workloads {
+                let names: Vec<String> = w.hosts.iter().map(|h| h.pattern.to_string()).collect();
+                if w.resolve_any {
+                    println!("  workload {}: resolves ANY name through the proxy (resolve_any = true: DNS can carry data out of it)", w.name);
+                } else if names.is_empty() {
+                    println!("  workload {}: resolves no name through the proxy (no host rules; every query REFUSED)", w.name);
+                } else {
+                    println!("  workload {}: resolves only {} (and names their CNAMEs lead to); A, AAAA, CNAME", w.name, names.join(", "));
+                }
+            }
         }
+        None if !hosts.is_empty() => {
+            println!("dns proxy: off (exact names only; the daemon resolves them)");
+        }
+        None => {}
     }
     println!(
         "map entries: {} prefix, {} exact host",
@@ -491,6 +509,19 @@ fn human_event(e: &JsonEvent) -> String {
     } else {
         String::new()
     };
+    if e.hook == "dns" && e.dns_type.is_some() {
+        return format!(
+            "{} REFUSED {} DNS query {} {} from {}:{} over {} reason={}{suppressed}",
+            e.time,
+            e.workload.as_deref().unwrap_or("(no workload)"),
+            e.name.as_deref().unwrap_or("?"),
+            e.dns_type.as_deref().unwrap_or("?"),
+            e.src.as_deref().unwrap_or("?"),
+            e.sport,
+            e.proto,
+            e.reason,
+        );
+    }
     if e.hook == "dns" {
         return format!(
             "{} REFUSED {} DNS answer {} = {} via the {} reason={}{suppressed}",

@@ -12,7 +12,7 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::Update;
+use super::{filter::Refusal, Update};
 use crate::{
     cgroup,
     config::{Config, HostPattern},
@@ -45,6 +45,12 @@ pub struct Engine {
     sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
     /// When a refusal was last reported, and how many since were not.
     reported: HashMap<(String, String, IpAddr, &'static str), (Instant, u32)>,
+    /// Query refusals: (workload, reason) -> the current second, events in it, and events
+    /// left out since the last one reported.
+    query_reported: HashMap<(String, &'static str), (Instant, u32, u32)>,
+    /// (workload, name) -> (the allowed name whose answer's CNAME chain reached it, unix
+    /// second it stops being allowed): a resolver following the chain may ask for it.
+    aliases: HashMap<(String, String), (String, u64)>,
     updates: mpsc::UnboundedSender<Update>,
     events: mpsc::UnboundedSender<JsonEvent>,
     pub(super) metrics: Arc<Metrics>,
@@ -68,6 +74,8 @@ impl Engine {
             owners: HashMap::new(),
             sources: (None, BTreeMap::new()),
             reported: HashMap::new(),
+            query_reported: HashMap::new(),
+            aliases: HashMap::new(),
             updates,
             events,
             metrics,
@@ -87,6 +95,120 @@ impl Engine {
                     .with_label_values(&[&w.name, reason]);
             }
         }
+        if self.cfg.dns.proxy.is_some() {
+            for w in &self.cfg.workloads {
+                for r in Refusal::ALL.iter().filter(|r| **r != Refusal::Unattributed) {
+                    self.metrics
+                        .dns_query_refused
+                        .with_label_values(&[&w.name, r.reason()]);
+                }
+            }
+            self.metrics
+                .dns_query_refused
+                .with_label_values(&["", Refusal::Unattributed.reason()]);
+        }
+    }
+
+    /// The id and config of a workload by name.
+    pub(super) fn workload(&self, name: &str) -> Option<(u32, &crate::config::Workload)> {
+        self.cfg
+            .workloads
+            .iter()
+            .enumerate()
+            .find(|(_, w)| w.name == name)
+            .map(|(i, w)| (mcp_guard_common::FIRST_WORKLOAD_ID + i as u32, w))
+    }
+
+    /// The name under which the proxy may forward (and learn) a question of `workload`
+    /// for `name`: the name itself if a host rule covers it, the allowed name whose
+    /// answer's CNAME chain led to it (while that answer lives), else `None`.
+    pub(super) fn allowed_name(&mut self, workload: &str, name: &str) -> Option<String> {
+        let (_, w) = self.workload(workload)?;
+        if w.hosts.iter().any(|h| h.pattern.matches(name)) {
+            return Some(name.to_string());
+        }
+        let key = (workload.to_string(), name.to_string());
+        match self.aliases.get(&key) {
+            Some((origin, until)) if *until > unix_now() => Some(origin.clone()),
+            Some(_) => {
+                self.aliases.remove(&key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers the names an answer for the allowed `origin` reached through CNAME
+    /// records, for as long as the policy would keep the answer's addresses.
+    pub(super) fn note_cnames(&mut self, workload: &str, origin: &str, asked: &str, msg: &hickory_resolver::proto::op::Message) {
+        use hickory_resolver::proto::rr::RData;
+        let mut chain = vec![asked.to_string()];
+        // Records may come in any order: follow the chain until it stops growing.
+        for _ in 0..msg.answers.len() {
+            let mut grew = false;
+            for rec in &msg.answers {
+                let RData::CNAME(target) = &rec.data else { continue };
+                let owner = crate::config::normalise_name(&rec.name.to_ascii());
+                let target = crate::config::normalise_name(&target.0.to_ascii());
+                if chain.contains(&owner) && !chain.contains(&target) && chain.len() < 16 {
+                    let until = unix_now()
+                        + u64::from(self.ttl_bounds(rec.ttl))
+                        + u64::from(self.cfg.dns.grace);
+                    if self.aliases.len() >= 65_536 {
+                        let now = unix_now();
+                        self.aliases.retain(|_, (_, u)| *u > now);
+                    }
+                    if self.aliases.len() < 65_536 {
+                        let e = self
+                            .aliases
+                            .entry((workload.to_string(), target.clone()))
+                            .or_insert((origin.to_string(), until));
+                        e.1 = e.1.max(until);
+                    }
+                    chain.push(target);
+                    grew = true;
+                }
+            }
+            if !grew {
+                break;
+            }
+        }
+    }
+
+    /// Counts a query the proxy refused and reports it, at most `[events]
+    /// rate_limit_per_sec` events per workload and reason a second (0: every one); the
+    /// next event carries how many were left out. The counter is always exact.
+    pub(super) fn refuse_query(&mut self, r: &crate::events::QueryRefusal<'_>) {
+        let workload = r.workload.unwrap_or("");
+        self.metrics
+            .dns_query_refused
+            .with_label_values(&[workload, r.reason])
+            .inc();
+        let limit = self.cfg.rate_limit_per_sec;
+        if self.query_reported.len() > 10_000 {
+            self.query_reported.clear();
+        }
+        let slot = self
+            .query_reported
+            .entry((workload.to_string(), r.reason))
+            .or_insert((Instant::now(), 0, 0));
+        if slot.0.elapsed() >= Duration::from_secs(1) {
+            slot.0 = Instant::now();
+            slot.1 = 0;
+        }
+        if limit != 0 && slot.1 >= limit {
+            slot.2 += 1;
+            return;
+        }
+        slot.1 += 1;
+        let suppressed = std::mem::take(&mut slot.2);
+        debug!(workload, name = ?r.name, reason = r.reason, "DNS query refused");
+        let _ = self.events.send(events::dns_query_refusal(&events::QueryRefusal {
+            suppressed,
+            generation: self.generation,
+            qtype: r.qtype.clone(),
+            ..*r
+        }));
     }
 
     /// Everything learned and still alive, for the compiler.
@@ -124,6 +246,7 @@ impl Engine {
         self.cfg = cfg;
         self.owners.clear();
         self.sources = (None, BTreeMap::new());
+        self.aliases.clear();
         self.init_series();
         let before = self.learned.len();
         let cfg = self.cfg.clone();
@@ -333,7 +456,6 @@ impl Engine {
                 .cfg
                 .workloads
                 .iter()
-                .filter(|w| !w.hosts.is_empty())
                 .map(|w| w.cgroup.clone())
                 .collect();
             // The DNS thread's own namespace: /proc/thread-self is this thread.
@@ -349,8 +471,8 @@ impl Engine {
         self.sources.1.get(&key).copied()
     }
 
-    /// The workload a cgroup belongs to (the nearest workload cgroup above it with host
-    /// rules), looked up in the cgroup tree and remembered for a few seconds.
+    /// The workload a cgroup belongs to (the nearest workload cgroup above it, as the
+    /// kernel decides), looked up in the cgroup tree and remembered for a few seconds.
     pub(super) fn owner(&mut self, cgroup_id: u64) -> Option<String> {
         if let Some((at, w)) = self.owners.get(&cgroup_id) {
             if at.elapsed() < OWNER_TTL {
@@ -361,7 +483,7 @@ impl Engine {
             self.owners.clear();
         }
         let mut best: Option<(usize, String)> = None;
-        for w in self.cfg.workloads.iter().filter(|w| !w.hosts.is_empty()) {
+        for w in &self.cfg.workloads {
             for (_, dir) in cgroup::resolve_dirs(&self.mount, &w.cgroup) {
                 let Ok(rel) = dir.strip_prefix(&self.mount) else {
                     continue;

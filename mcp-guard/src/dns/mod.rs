@@ -10,6 +10,7 @@
 //! resolved, and the proxy listens, where the workloads live.
 
 mod engine;
+pub mod filter;
 mod proxy;
 
 use std::{

@@ -1,5 +1,7 @@
-//! The DNS proxy (UDP and TCP): forwards each query upstream, learns the answer for the
-//! workload that asked, and hands the answer back only once the kernel enforces it.
+//! The DNS proxy (UDP and TCP): finds out which workload asks, refuses what its policy
+//! does not allow ([`filter`]) without asking upstream, forwards the rest, learns the
+//! answer for that workload, and hands it back (TTLs capped at what the policy allows)
+//! only once the kernel enforces it.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -11,8 +13,11 @@ use hickory_resolver::proto::{op::Message, rr::RData};
 use tokio::{net::UdpSocket, sync::oneshot};
 use tracing::warn;
 
-use super::engine::Engine;
-use crate::{config::normalise_name, sockdiag::SockDiag};
+use super::{
+    engine::Engine,
+    filter::{self, Budgets, Refusal},
+};
+use crate::{events::QueryRefusal, sockdiag::SockDiag};
 
 /// How long the proxy waits for the policy with a new answer before answering anyway
 /// (the workload's connections then fail closed until the policy is in).
@@ -34,11 +39,15 @@ pub(super) async fn proxy_loop(
 ) {
     let mut buf = vec![0u8; 4096];
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let shared = Arc::new(Shared {
+        engine: engine.clone(),
+        servers,
+        budgets: Arc::new(Mutex::new(Budgets::default())),
+    });
     let _tcp = AbortOnDrop(tokio::spawn(tcp_loop(
         tcp,
         addr,
-        engine.clone(),
-        servers.clone(),
+        shared.clone(),
         diag.clone(),
         in_flight.clone(),
     )));
@@ -55,9 +64,9 @@ pub(super) async fn proxy_loop(
         let query = buf[..n].to_vec();
         // Who asked, while their socket certainly exists.
         let cgroup_id = diag.lock().expect("diag").udp_cgroup(addr, client);
-        let (sock, engine, servers) = (sock.clone(), engine.clone(), servers.clone());
+        let (sock, shared) = (sock.clone(), shared.clone());
         tokio::spawn(async move {
-            answer(sock, client, query, cgroup_id, engine, servers).await;
+            answer(sock, client, query, cgroup_id, shared).await;
             drop(permit);
         });
     }
@@ -110,7 +119,7 @@ async fn forward(query: &[u8], servers: &[SocketAddr]) -> Option<Vec<u8>> {
 }
 
 /// The question section's bytes (from offset 12 up to the end of the first question).
-fn question(msg: &[u8]) -> &[u8] {
+pub(super) fn question(msg: &[u8]) -> &[u8] {
     let mut at = 12;
     while at < msg.len() {
         let len = usize::from(msg[at]);
@@ -142,25 +151,135 @@ fn attribute(
     }
 }
 
-/// Learns an upstream answer for the workload that asked and, if that taught the
-/// policy anything new, waits until the kernel has it. Returns the metric's result.
+/// What the proxy shares between its UDP and TCP sides.
+pub(super) struct Shared {
+    pub engine: Arc<Mutex<Engine>>,
+    pub servers: Vec<SocketAddr>,
+    pub budgets: Arc<Mutex<Budgets>>,
+}
+
+/// Whether an upstream answer goes back over UDP or TCP (and how the query came).
+#[derive(Clone, Copy)]
+enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    const fn name(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// One query, start to end: who asked, whether it may go upstream at all, the upstream
+/// answer learned for the workload and held until the kernel enforces it, its TTLs
+/// capped. Returns what to answer the client (`None`: nothing).
+async fn handle(
+    shared: &Shared,
+    client: SocketAddr,
+    cgroup_id: Option<u64>,
+    query: &[u8],
+    transport: Transport,
+) -> Option<Vec<u8>> {
+    let engine = &shared.engine;
+    let metrics = engine.lock().expect("engine").metrics.clone();
+    if query.len() < 12 {
+        metrics.dns_proxied.with_label_values(&["malformed"]).inc();
+        return None;
+    }
+    let parsed = filter::question(query);
+    let refuse = |why: Refusal, who: Option<(&str, u32)>, q: Option<&filter::Question>| {
+        let mut e = engine.lock().expect("engine");
+        e.refuse_query(&QueryRefusal {
+            workload: who.map(|(w, _)| w),
+            workload_id: who.map_or(0, |(_, id)| id),
+            cgroup_id: cgroup_id.unwrap_or(0),
+            name: q.map(|q| q.name.as_str()),
+            qtype: q.map(|q| q.qtype.to_string()),
+            reason: why.reason(),
+            client,
+            proto: transport.name(),
+            generation: 0,
+            suppressed: 0,
+        });
+        metrics.dns_proxied.with_label_values(&["refused"]).inc();
+        filter::refused(query)
+    };
+    // 1. Who asked, before anything else: an unknown client gets nothing upstream.
+    let owner = {
+        let mut e = engine.lock().expect("engine");
+        cgroup_id.and_then(|cg| e.owner(cg)).and_then(|name| {
+            e.workload(&name).map(|(id, w)| (name.clone(), id, w.resolve_any))
+        })
+    };
+    let Some((workload, wid, resolve_any)) = owner else {
+        return refuse(Refusal::Unattributed, None, parsed.as_ref().ok());
+    };
+    let who = Some((workload.as_str(), wid));
+    let q = match parsed {
+        Ok(q) => q,
+        Err((why, q)) => return refuse(why, who, q.as_ref()),
+    };
+    // 2. The workload's budgets: one workload cannot starve the others.
+    let (qps, in_flight) = {
+        let e = engine.lock().expect("engine");
+        (e.cfg.dns.workload_queries_per_sec, e.cfg.dns.workload_in_flight)
+    };
+    let _in_flight = match Budgets::take(&shared.budgets, &workload, qps, in_flight) {
+        Ok(g) => g,
+        Err(why) => return refuse(why, who, Some(&q)),
+    };
+    // 3. The name, then the type.
+    let allowed = engine.lock().expect("engine").allowed_name(&workload, &q.name);
+    let origin = match allowed {
+        Some(origin) => origin,
+        None if resolve_any => q.name.clone(),
+        None => return refuse(Refusal::NameNotAllowed, who, Some(&q)),
+    };
+    if !filter::type_allowed(q.qtype) {
+        return refuse(Refusal::TypeNotAllowed, who, Some(&q));
+    }
+    // 4. Upstream.
+    let response = match transport {
+        Transport::Udp => forward(query, &shared.servers).await,
+        Transport::Tcp => forward_tcp(query, &shared.servers).await,
+    };
+    let Some(response) = response else {
+        metrics
+            .dns_proxied
+            .with_label_values(&["upstream-error"])
+            .inc();
+        return servfail(query);
+    };
+    let Ok(mut msg) = Message::from_vec(&response) else {
+        metrics.dns_proxied.with_label_values(&["forwarded"]).inc();
+        return Some(response);
+    };
+    let result = learn_response(engine, cgroup_id.unwrap_or(0), &workload, &origin, &q.name, &msg, client).await;
+    metrics.dns_proxied.with_label_values(&[result]).inc();
+    let max_ttl = engine.lock().expect("engine").cfg.dns.max_ttl;
+    Some(filter::cap_ttls(&mut msg, max_ttl).unwrap_or(response))
+}
+
+/// Learns an upstream answer for the workload that asked, under the allowed name it was
+/// asked through (`origin`: the name itself, or the allowed name whose CNAME chain led
+/// to it), and, if that taught the policy anything new, waits until the kernel has it.
+/// Returns the metric's result.
 async fn learn_response(
     engine: &Mutex<Engine>,
-    cgroup_id: Option<u64>,
-    response: &[u8],
+    cgroup_id: u64,
+    workload: &str,
+    origin: &str,
+    asked: &str,
+    msg: &Message,
     client: SocketAddr,
 ) -> &'static str {
-    let Some(cg) = cgroup_id else {
-        return "unattributed";
-    };
-    let Ok(msg) = Message::from_vec(response) else {
-        return "forwarded";
-    };
     let done = {
         let mut e = engine.lock().expect("engine");
-        let Some(workload) = e.owner(cg) else {
-            return "unattributed";
-        };
+        e.note_cnames(workload, origin, asked, msg);
         let records: Vec<(IpAddr, u32)> = msg
             .answers
             .iter()
@@ -170,12 +289,7 @@ async fn learn_response(
                 _ => None,
             })
             .collect();
-        let mut grew = false;
-        for q in &msg.queries {
-            let name = normalise_name(&q.name().to_ascii());
-            grew |= e.learn(&workload, &name, &records, "proxy", cg);
-        }
-        if !grew {
+        if !e.learn(workload, origin, &records, "proxy", cgroup_id) {
             return "forwarded";
         }
         let (tx, rx) = oneshot::channel();
@@ -193,28 +307,12 @@ async fn answer(
     client: SocketAddr,
     query: Vec<u8>,
     found: std::io::Result<Option<u64>>,
-    engine: Arc<Mutex<Engine>>,
-    servers: Vec<SocketAddr>,
+    shared: Arc<Shared>,
 ) {
-    let metrics = engine.lock().expect("engine").metrics.clone();
-    if query.len() < 12 {
-        metrics.dns_proxied.with_label_values(&["malformed"]).inc();
-        return;
+    let cgroup_id = attribute(&shared.engine, found, client);
+    if let Some(r) = handle(&shared, client, cgroup_id, &query, Transport::Udp).await {
+        let _ = sock.send_to(&r, client).await;
     }
-    let Some(response) = forward(&query, &servers).await else {
-        metrics
-            .dns_proxied
-            .with_label_values(&["upstream-error"])
-            .inc();
-        if let Some(r) = servfail(&query) {
-            let _ = sock.send_to(&r, client).await;
-        }
-        return;
-    };
-    let cgroup_id = attribute(&engine, found, client);
-    let result = learn_response(&engine, cgroup_id, &response, client).await;
-    metrics.dns_proxied.with_label_values(&[result]).inc();
-    let _ = sock.send_to(&response, client).await;
 }
 
 /// DNS over TCP (RFC 1035 4.2.2: each message after a two-byte length), which clients
@@ -222,8 +320,7 @@ async fn answer(
 async fn tcp_loop(
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
-    engine: Arc<Mutex<Engine>>,
-    servers: Vec<SocketAddr>,
+    shared: Arc<Shared>,
     diag: Arc<Mutex<SockDiag>>,
     in_flight: Arc<tokio::sync::Semaphore>,
 ) {
@@ -232,15 +329,15 @@ async fn tcp_loop(
             continue;
         };
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            let metrics = engine.lock().expect("engine").metrics.clone();
+            let metrics = shared.engine.lock().expect("engine").metrics.clone();
             metrics.dns_proxied.with_label_values(&["overloaded"]).inc();
             continue;
         };
         let found = diag.lock().expect("diag").tcp_cgroup(addr, client);
-        let (engine, servers) = (engine.clone(), servers.clone());
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let cgroup_id = attribute(&engine, found, client);
-            let _ = tcp_session(stream, client, cgroup_id, &engine, &servers).await;
+            let cgroup_id = attribute(&shared.engine, found, client);
+            let _ = tcp_session(stream, client, cgroup_id, &shared).await;
             drop(permit);
         });
     }
@@ -266,32 +363,17 @@ async fn tcp_session(
     mut stream: tokio::net::TcpStream,
     client: SocketAddr,
     cgroup_id: Option<u64>,
-    engine: &Mutex<Engine>,
-    servers: &[SocketAddr],
+    shared: &Shared,
 ) -> std::io::Result<()> {
-    let metrics = engine.lock().expect("engine").metrics.clone();
     for _ in 0..TCP_QUERIES_PER_CONNECTION {
         let Ok(query) = tokio::time::timeout(TCP_IDLE, read_message(&mut stream)).await else {
             return Ok(());
         };
         let query = query?;
-        if query.len() < 12 {
-            metrics.dns_proxied.with_label_values(&["malformed"]).inc();
+        let Some(r) = handle(shared, client, cgroup_id, &query, Transport::Tcp).await else {
             return Ok(());
-        }
-        let Some(response) = forward_tcp(&query, servers).await else {
-            metrics
-                .dns_proxied
-                .with_label_values(&["upstream-error"])
-                .inc();
-            if let Some(r) = servfail(&query) {
-                write_message(&mut stream, &r).await?;
-            }
-            continue;
         };
-        let result = learn_response(engine, cgroup_id, &response, client).await;
-        metrics.dns_proxied.with_label_values(&[result]).inc();
-        write_message(&mut stream, &response).await?;
+        write_message(&mut stream, &r).await?;
     }
     Ok(())
 }
