@@ -597,6 +597,7 @@ pub struct Dnsmasq {
     netns: String,
     hosts: PathBuf,
     extra: Vec<String>,
+    log: PathBuf,
     _dir: TempDir,
 }
 
@@ -605,15 +606,24 @@ impl Dnsmasq {
     /// such as "/cdn.example.test/151.101.1.10" (a name and everything below it).
     #[must_use]
     pub fn start(ns: &NetNs, hosts: &str, addresses: &[&str], ttl: u32) -> Self {
+        let extra: Vec<String> = addresses.iter().map(|a| format!("--address={a}")).collect();
+        Self::start_args(ns, hosts, &extra, ttl)
+    }
+
+    /// Like [`Dnsmasq::start`] with raw dnsmasq options (`--cname=...`, `--address=...`).
+    /// Every query dnsmasq receives is logged ([`Dnsmasq::queries`]).
+    #[must_use]
+    pub fn start_args(ns: &NetNs, hosts: &str, extra: &[String], ttl: u32) -> Self {
         let dir = TempDir::new();
         let path = dir.0.join("hosts");
         std::fs::write(&path, hosts).expect("write hosts");
-        let extra = addresses.iter().map(|a| format!("--address={a}")).collect();
+        let log = dir.0.join("queries.log");
         let mut d = Self {
             child: Command::new("true").spawn().expect("placeholder"),
             netns: ns.name.clone(),
             hosts: path,
-            extra,
+            extra: extra.to_vec(),
+            log,
             _dir: dir,
         };
         d.spawn(ttl);
@@ -645,6 +655,8 @@ impl Dnsmasq {
         ])
         .arg(format!("--addn-hosts={}", self.hosts.display()))
         .arg(format!("--local-ttl={ttl}"))
+        .arg("--log-queries")
+        .arg(format!("--log-facility={}", self.log.display()))
         .args(&self.extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
@@ -673,6 +685,16 @@ impl Dnsmasq {
         self.child.id() as i32
     }
 
+    /// The queries dnsmasq received so far: one `query[TYPE] NAME from ADDR` per line.
+    #[must_use]
+    pub fn queries(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_once("query[").map(|(_, q)| format!("query[{q}")))
+            .collect()
+    }
+
     /// Restarts dnsmasq answering with another TTL.
     pub fn set_ttl(&mut self, ttl: u32) {
         self.spawn(ttl);
@@ -689,12 +711,20 @@ impl Drop for Dnsmasq {
 /// A DNS query for `name`'s A record with id `id` (recursion desired).
 #[must_use]
 pub fn dns_query(name: &str, id: u16) -> Vec<u8> {
+    dns_query_type(name, id, 1)
+}
+
+/// A DNS query for `name` of type `qtype` (1 A, 28 AAAA, 16 TXT, 5 CNAME, ...).
+#[must_use]
+pub fn dns_query_type(name: &str, id: u16, qtype: u16) -> Vec<u8> {
     let mut q = id.to_be_bytes().to_vec();
     q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, one question
     for label in name.trim_end_matches('.').split('.') {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    q.push(0); // root
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]); // class IN
     q
 }

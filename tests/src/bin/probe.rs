@@ -445,6 +445,11 @@ fn main() {
             out.flush().expect("stdout");
             continue;
         }
+        if f.first() == Some(&"dns") || f.first() == Some(&"dns-flood") {
+            writeln!(out, "{}", dns_op(&f)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
         if f.first() == Some(&"tcp-loop") {
             writeln!(out, "{}", tcp_loop(&f)).expect("stdout");
             out.flush().expect("stdout");
@@ -552,4 +557,107 @@ fn ask_tcp(query: &[u8], server: SocketAddr) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
     s.read_exact(&mut buf)?;
     Ok(buf)
+}
+
+fn qtype(name: &str) -> u16 {
+    match name {
+        "A" => 1,
+        "CNAME" => 5,
+        "MX" => 15,
+        "TXT" => 16,
+        "AAAA" => 28,
+        "ANY" => 255,
+        other => other.parse().expect("record type"),
+    }
+}
+
+/// An answer in short: rcode, its first A or AAAA address, the lowest answer TTL, the
+/// number of answers.
+fn summary(m: &[u8]) -> String {
+    if m.len() < 12 {
+        return "SHORT".into();
+    }
+    let rcode = m[3] & 0x0f;
+    let answers = u16::from_be_bytes([m[6], m[7]]);
+    let mut addr = "-".to_string();
+    let mut ttl: Option<u32> = None;
+    let mut at = match skip_name(m, 12) {
+        Some(a) => a + 4,
+        None => return format!("RCODE={rcode} BAD"),
+    };
+    for _ in 0..answers {
+        let Some(a) = skip_name(m, at) else { break };
+        at = a;
+        if at + 10 > m.len() {
+            break;
+        }
+        let ty = u16::from_be_bytes([m[at], m[at + 1]]);
+        let t = u32::from_be_bytes([m[at + 4], m[at + 5], m[at + 6], m[at + 7]]);
+        let len = usize::from(u16::from_be_bytes([m[at + 8], m[at + 9]]));
+        at += 10;
+        ttl = Some(ttl.map_or(t, |x| x.min(t)));
+        if addr == "-" && ty == 1 && len == 4 && at + 4 <= m.len() {
+            addr = std::net::Ipv4Addr::new(m[at], m[at + 1], m[at + 2], m[at + 3]).to_string();
+        } else if addr == "-" && ty == 28 && len == 16 && at + 16 <= m.len() {
+            let b: [u8; 16] = m[at..at + 16].try_into().expect("16");
+            addr = std::net::Ipv6Addr::from(b).to_string();
+        }
+        at += len;
+    }
+    let ttl = ttl.map_or_else(|| "-".to_string(), |t| t.to_string());
+    format!("RCODE={rcode} ADDR={addr} TTL={ttl} ANSWERS={answers}")
+}
+
+/// `dns NAME TYPE SERVER PORT udp|tcp`: one query, the answer in short.
+/// `dns-flood COUNT PREFIX SUFFIX SERVER PORT`: COUNT UDP queries for PREFIX<i>.SUFFIX
+/// sent at once from one socket, then the answers counted by rcode for 3 seconds.
+fn dns_op(f: &[&str]) -> String {
+    if f[0] == "dns" {
+        let (Some(name), Some(ty), Some(server), Some(port), Some(proto)) =
+            (f.get(1), f.get(2), f.get(3), f.get(4), f.get(5))
+        else {
+            return "ERR usage: dns NAME TYPE SERVER PORT udp|tcp".into();
+        };
+        let server = SocketAddr::new(server.parse().expect("server"), port.parse().expect("port"));
+        let id = (std::process::id() as u16) ^ 0x1234;
+        let q = mcp_guard_tests::dns_query_type(name, id, qtype(ty));
+        let answer = if *proto == "tcp" { ask_tcp(&q, server) } else { ask_udp(&q, server) };
+        return match answer {
+            Ok(a) if a.len() >= 2 && a[..2] == q[..2] => summary(&a),
+            Ok(_) => "WRONG-ID".into(),
+            Err(e) => format!("QUERY {e}"),
+        };
+    }
+    let (Some(count), Some(prefix), Some(suffix), Some(server), Some(port)) =
+        (f.get(1), f.get(2), f.get(3), f.get(4), f.get(5))
+    else {
+        return "ERR usage: dns-flood COUNT PREFIX SUFFIX SERVER PORT".into();
+    };
+    let count: u16 = count.parse().expect("count");
+    let server = SocketAddr::new(server.parse().expect("server"), port.parse().expect("port"));
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    for i in 0..count {
+        let q = mcp_guard_tests::dns_query(&format!("{prefix}{i}.{suffix}"), i);
+        if let Err(e) = sock.send_to(&q, server) {
+            return format!("SEND {e}");
+        }
+    }
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .expect("timeout");
+    let mut by_rcode = std::collections::BTreeMap::<u8, u32>::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut buf = [0u8; 1500];
+    while std::time::Instant::now() < deadline {
+        match sock.recv(&mut buf) {
+            Ok(n) if n >= 12 => *by_rcode.entry(buf[3] & 0x0f).or_default() += 1,
+            Ok(_) => {}
+            Err(_) => {
+                if by_rcode.values().sum::<u32>() >= u32::from(count) {
+                    break;
+                }
+            }
+        }
+    }
+    let parts: Vec<String> = by_rcode.iter().map(|(r, n)| format!("{r}:{n}")).collect();
+    format!("SENT {count} ANSWERED {}", parts.join(","))
 }
