@@ -122,6 +122,16 @@ const _: () = assert!(size_of::<CgroupKey>() == 16);
 pub const WL_DENY_RAW: u8 = 1;
 /// [`WorkloadInfo::flags`]: refuse AF_PACKET sockets (BPF LSM `socket_create`).
 pub const WL_DENY_PACKET: u8 = 2;
+/// [`WorkloadInfo::flags`]: DNS (port 53) and DNS over TLS/QUIC (port 853), TCP and
+/// UDP, only where an allow rule allows it (the DNS proxy always is), whatever the
+/// workload's default: DNS cannot go around the proxy's filter to a public resolver.
+pub const WL_DENY_DIRECT_DNS: u8 = 4;
+/// Whether a destination port is DNS or DNS over TLS/QUIC, for [`WL_DENY_DIRECT_DNS`].
+#[must_use]
+#[inline(always)]
+pub const fn is_dns_port(port: u16) -> bool {
+    port == 53 || port == 853
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

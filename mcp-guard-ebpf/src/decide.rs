@@ -11,7 +11,7 @@ use mcp_guard_common::{
     MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
     REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL,
     REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, VERDICT_AUDITED,
-    VERDICT_DENIED,
+    VERDICT_DENIED, WL_DENY_DIRECT_DNS, is_dns_port,
 };
 
 use crate::{
@@ -259,6 +259,13 @@ pub(crate) fn decide(
         }
     }
 
+    // Direct DNS: only to what an allow rule allows (checked above), whatever the default.
+    if wl.flags & WL_DENY_DIRECT_DNS != 0 && proto_bit != PROTO_OTHER && is_dns_port(port) {
+        return refused(Refusal {
+            reason: REASON_NOT_ALLOWED,
+            rule_id: 0,
+        });
+    }
     let refused_reason = match wl.default {
         DEFAULT_ALLOW => return 0,
         DEFAULT_DENY => REASON_DEFAULT_DENY,

@@ -213,6 +213,8 @@ struct RawWorkload {
     deny_packet_sockets: Option<bool>,
     #[serde(default)]
     resolve_any: Option<bool>,
+    #[serde(default)]
+    deny_direct_dns: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -380,6 +382,10 @@ pub struct Workload {
     /// The DNS proxy forwards any name this workload asks for (default false: only names
     /// its host rules cover, so DNS cannot carry data out).
     pub resolve_any: bool,
+    /// DNS (ports 53 and 853) only where an allow rule allows it, whatever the default
+    /// (the DNS proxy is always allowed): closes the way around the proxy's filter for
+    /// `deny-internal` and `allow` workloads.
+    pub deny_direct_dns: bool,
     pub loc: Loc,
 }
 
@@ -565,6 +571,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             deny_raw_sockets: w.deny_raw_sockets.unwrap_or(true),
             deny_packet_sockets: w.deny_packet_sockets.unwrap_or(true),
             resolve_any: w.resolve_any.unwrap_or(false),
+            deny_direct_dns: w.deny_direct_dns.unwrap_or(false),
             loc,
         });
     }

@@ -175,11 +175,16 @@ fn check(path: &Path) -> Result<()> {
             .as_deref()
             .is_some_and(|m| cgroup::id(m, &w.cgroup).is_ok());
         println!(
-            "workload {} (id {}): cgroup {}{} default={default} mode={mode}",
+            "workload {} (id {}): cgroup {}{} default={default} mode={mode}{}",
             w.name,
             w.id,
             w.cgroup,
-            if exists { "" } else { " [does not exist yet]" }
+            if exists { "" } else { " [does not exist yet]" },
+            if w.flags & mcp_guard_common::WL_DENY_DIRECT_DNS != 0 {
+                " deny_direct_dns (ports 53, 853 only where allowed)"
+            } else {
+                ""
+            }
         );
         if !exists {
             eprintln!("warning: workload {:?}: cgroup {} does not exist yet; it will be enforced when it appears", w.name, w.cgroup);

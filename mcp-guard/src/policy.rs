@@ -37,7 +37,7 @@ pub struct CompiledWorkload {
     pub default: u8,
     pub mode: u8,
     pub rules: usize,
-    /// `WL_DENY_RAW` | `WL_DENY_PACKET`.
+    /// `WL_DENY_RAW` | `WL_DENY_PACKET` | `WL_DENY_DIRECT_DNS`.
     pub flags: u8,
 }
 
@@ -463,6 +463,10 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                 mcp_guard_common::WL_DENY_PACKET
             } else {
                 0
+            }) | (if w.deny_direct_dns {
+                mcp_guard_common::WL_DENY_DIRECT_DNS
+            } else {
+                0
             }),
         });
     }
@@ -591,6 +595,16 @@ impl<'a> Evaluator<'a> {
                     rule_id: r.rule_id,
                 };
             }
+        }
+        if wl.flags & mcp_guard_common::WL_DENY_DIRECT_DNS != 0
+            && proto != FlowProto::Other
+            && mcp_guard_common::is_dns_port(port)
+        {
+            return Decision {
+                verdict: Verdict::Deny,
+                reason: Some(REASON_NOT_ALLOWED),
+                rule_id: 0,
+            };
         }
         let refused = match wl.default {
             DEFAULT_ALLOW => {

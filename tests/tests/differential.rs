@@ -122,6 +122,9 @@ fn random_config(r: &mut Rng, root: &str) -> String {
     t.push_str(&format!(
         "[[workload]]\nname = \"w\"\ncgroup = \"{root}/w\"\ndefault = \"{default}\"\n"
     ));
+    if r.below(3) == 0 {
+        t.push_str("deny_direct_dns = true\n");
+    }
     for _ in 0..r.below(10) {
         t.push_str(&format!(
             "[[workload.allow]]\ncidr = \"{}\"\nproto = \"{}\"\n",
@@ -182,7 +185,12 @@ fn kernel_verdicts_equal_explain() {
         let mut expected = Vec::new();
         for _ in 0..PROBES_PER_ROUND {
             let ip = random_addr(&mut r);
-            let port = 1 + r.below(120) as u16;
+            // DNS ports often, for deny_direct_dns.
+            let port = match r.below(10) {
+                0 => 53,
+                1 => 853,
+                _ => 1 + r.below(120) as u16,
+            };
             let (op, proto) = match (r.below(3), ip) {
                 (0, _) => ("udp-connect", FlowProto::Udp),
                 (1, IpAddr::V4(_)) => ("tcp6-mapped", FlowProto::Tcp),

@@ -584,10 +584,15 @@ attach_cgroup = "{root}"
 #[test]
 fn proxy_refuses_what_no_host_rule_allows() {
     let ns = NetNs::new();
-    for a in ["93.184.216.34", "151.101.1.10", "151.101.1.20"] {
+    for a in ["93.184.216.34", "151.101.1.10", "151.101.1.20", "9.9.9.9", "9.9.9.10"] {
         ns.add_addr(a);
         ns.listen_tcp(&format!("{a}:443"));
     }
+    // "Public" resolvers, for direct DNS around the proxy.
+    ns.listen_tcp("9.9.9.9:853");
+    ns.listen_tcp("9.9.9.9:53");
+    let public_dns = ns.udp_counter("9.9.9.9:53");
+    let listed_dns = ns.udp_counter("9.9.9.10:53");
     let dnsmasq = Dnsmasq::start_args(
         &ns,
         "93.184.216.34 api.example.test\n151.101.1.20 edge.othercdn.test\n",
@@ -602,6 +607,8 @@ fn proxy_refuses_what_no_host_rule_allows() {
     let (_, flood_dir) = cg.child("flood-mcp");
     let (_, any_dir) = cg.child("any-mcp");
     let (_, stranger_dir) = cg.child("stranger");
+    let (_, closed_dir) = cg.child("closed-mcp");
+    let (_, open_dir) = cg.child("open-mcp");
     let d = Daemon::start(&format!(
         r#"
 [[workload]]
@@ -631,6 +638,20 @@ name = "any-mcp"
 cgroup = "{root}/any-mcp"
 default = "deny"
 resolve_any = true
+
+[[workload]]
+name = "closed-mcp"
+cgroup = "{root}/closed-mcp"
+default = "deny-internal"
+deny_direct_dns = true
+[[workload.allow]]
+cidr = "9.9.9.10"
+ports = [53]
+
+[[workload]]
+name = "open-mcp"
+cgroup = "{root}/open-mcp"
+default = "deny-internal"
 
 [dns]
 nameservers = ["127.0.0.1:53"]
@@ -768,6 +789,24 @@ rate_limit_per_sec = 0
         line.contains("REFUSED web-mcp DNS query c2vjcmv0ltqy-udp-a.attacker.test A from 127.0.0.1:"),
         "{line}"
     );
+
+    // Direct DNS: a deny-internal workload reaches a public resolver around the proxy
+    // (documented), unless deny_direct_dns: then DNS and DNS over TLS go only where an
+    // allow rule says (the proxy always), while the rest of its public traffic flows.
+    let mut open = Probe::new(PROBE, &open_dir, &ns);
+    assert_eq!(open.op("udp-sendto 9.9.9.9 53"), "OK", "deny-internal allows public DNS");
+    assert!(wait_until(Duration::from_secs(2), || public_dns.load(std::sync::atomic::Ordering::SeqCst) == 1));
+    let mut closed = Probe::new(PROBE, &closed_dir, &ns);
+    for op in ["udp-sendto 9.9.9.9 53", "udp-connect 9.9.9.9 53", "tcp 9.9.9.9 53", "tcp 9.9.9.9 853", "tcp6-mapped 9.9.9.9 53"] {
+        assert_eq!(closed.op(op), "EPERM", "deny_direct_dns: {op}");
+    }
+    assert_eq!(closed.op("tcp 9.9.9.9 443"), "OK", "other public traffic");
+    assert_eq!(closed.op("udp-sendto 9.9.9.10 53"), "OK", "a resolver an allow rule names");
+    let r = ask(&mut closed, "api.example.test", "A", "udp");
+    assert_eq!(r, refused, "the proxy still filters: no host rule");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(public_dns.load(std::sync::atomic::Ordering::SeqCst), 1, "only the open workload's datagram arrived");
+    assert_eq!(listed_dns.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     // Fairness: one workload floods (600 allowed names at once, 20 per second allowed);
     // another resolves meanwhile.
