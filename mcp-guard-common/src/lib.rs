@@ -85,6 +85,39 @@ pub const ENTRY_BASELINE_METADATA: u8 = 1;
 pub const ENTRY_BASELINE_DENY: u8 = 2;
 pub const ENTRY_INTERNAL: u8 = 3;
 pub const ENTRY_METADATA_CLASS: u8 = 4;
+/// A hole at `::ffff:0:0/96` below a wider IPv6 prefix of the same scope: IPv6 prefixes
+/// never cover IPv4 (mapped) destinations, so the longest match for an IPv4 address
+/// stops here and finds nothing (no ranges, not a match).
+pub const ENTRY_HOLE: u8 = 5;
+
+/// The NAT64 well-known prefix 64:ff9b::/96 (RFC 6052): destinations in it are judged
+/// by the IPv4 address they carry, as `::ffff:a.b.c.d`. Returns whether it rewrote.
+#[inline(always)]
+pub fn nat64_to_mapped(addr: &mut [u8; 16]) -> bool {
+    if addr[0] == 0x00
+        && addr[1] == 0x64
+        && addr[2] == 0xff
+        && addr[3] == 0x9b
+        && addr[4] == 0
+        && addr[5] == 0
+        && addr[6] == 0
+        && addr[7] == 0
+        && addr[8] == 0
+        && addr[9] == 0
+        && addr[10] == 0
+        && addr[11] == 0
+    {
+        addr[0] = 0;
+        addr[1] = 0;
+        addr[2] = 0;
+        addr[3] = 0;
+        addr[10] = 0xff;
+        addr[11] = 0xff;
+        true
+    } else {
+        false
+    }
+}
 
 /// Value of both policy maps. For allow entries the compiler has already merged the
 /// ranges of every shorter covering prefix into it, so the longest match alone decides.

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mcp_guard_common::{
     scope, CgroupKey, Config, ExactKey, LpmData, PolicyEntry, WorkloadInfo, CLASS_INTERNAL,
-    CLASS_METADATA, CLASS_PUBLIC, DEFAULT_ALLOW, DEFAULT_DENY, ENTRY_BASELINE_METADATA,
+    CLASS_METADATA, CLASS_PUBLIC, DEFAULT_ALLOW, ENTRY_HOLE, DEFAULT_DENY, ENTRY_BASELINE_METADATA,
     MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
     REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL,
     REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, VERDICT_AUDITED,
@@ -109,6 +109,11 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
         addr[15] = b[3];
     }
     // user_port holds the port in network order in its low 16 bits.
+    // NAT64 (64:ff9b::/96): judged as the IPv4 address it carries, so 64:ff9b::a00:d05
+    // is 10.0.13.5 to every rule, internal range and the baseline.
+    if IPV6 {
+        mcp_guard_common::nat64_to_mapped(&mut addr);
+    }
     let port = u16::from_be(ctx_field!(sa, user_port) as u16);
     let protocol = ctx_field!(sa, protocol);
     let proto_bit = match protocol {
@@ -223,7 +228,7 @@ pub(crate) fn decide(
     port: u16,
     proto_bit: u8,
 ) -> u64 {
-    if let Some(e) = lpm(SCOPE_BASELINE, slot, addr) {
+    if let Some(e) = lpm(SCOPE_BASELINE, slot, addr).filter(|e| e.kind != ENTRY_HOLE) {
         let reason = if e.kind == ENTRY_BASELINE_METADATA {
             REASON_BASELINE_METADATA
         } else {
@@ -240,10 +245,12 @@ pub(crate) fn decide(
         addr_be: *addr,
     };
     // SAFETY: entries are replaced whole by user space; PolicyEntry is plain data.
+    // A hole (an IPv4 destination below an IPv6-only prefix) is no match.
     let entry = match unsafe { POLICY_EXACT_1.get(&exact) } {
         Some(e) => Some(e),
         None => lpm(wl.workload_id, slot, addr),
-    };
+    }
+    .filter(|e| e.kind != ENTRY_HOLE);
     let address_matched = entry.is_some();
     if let Some(e) = entry {
         let mut i = 0;

@@ -259,8 +259,11 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
                     17 | 136 => PROTO_UDP,
                     _ => PROTO_OTHER,
                 };
-                let result = decide(slot, wl, &p.daddr, p.dport, proto_bit);
-                (result & REFUSED != 0).then(|| (wl, result, Some(classify(slot, &p.daddr))))
+                // NAT64 destinations are judged by the IPv4 address they carry.
+                let mut judged = p.daddr;
+                mcp_guard_common::nat64_to_mapped(&mut judged);
+                let result = decide(slot, wl, &judged, p.dport, proto_bit);
+                (result & REFUSED != 0).then(|| (wl, result, Some(classify(slot, &judged))))
             }
         };
         (owner, verdict)

@@ -10,7 +10,7 @@ use std::{
 
 use ipnet::IpNet;
 use mcp_guard_common::{
-    PolicyEntry, PortRange, DEFAULT_ALLOW, DEFAULT_DENY, DEFAULT_DENY_INTERNAL, ENTRY_ALLOW,
+    PolicyEntry, PortRange, DEFAULT_ALLOW, DEFAULT_DENY, DEFAULT_DENY_INTERNAL, ENTRY_ALLOW, ENTRY_HOLE,
     ENTRY_BASELINE_DENY, ENTRY_BASELINE_METADATA, ENTRY_INTERNAL, ENTRY_METADATA_CLASS,
     FIRST_WORKLOAD_ID, MAX_RANGES, MODE_AUDIT, MODE_ENFORCE, PROTO_ANY, PROTO_OTHER, PROTO_TCP,
     PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY,
@@ -96,11 +96,41 @@ pub fn display_addr(a: [u8; 16]) -> IpAddr {
     }
 }
 
+/// An address as the kernel judges it: [`addr16`], with NAT64 (64:ff9b::/96)
+/// destinations judged as the IPv4 address they carry.
+#[must_use]
+pub fn judged16(ip: IpAddr) -> [u8; 16] {
+    let mut a = addr16(ip.to_canonical());
+    mcp_guard_common::nat64_to_mapped(&mut a);
+    a
+}
+
+/// A prefix as the maps store it: IPv4 mapped; an IPv6 prefix inside 64:ff9b::/96
+/// (NAT64) as the IPv4-mapped prefix it carries, since the kernel judges such
+/// destinations by their IPv4 address; any other IPv6 prefix as written.
 fn net16(net: &IpNet) -> ([u8; 16], u8) {
     match net {
         IpNet::V4(n) => (addr16(IpAddr::V4(n.network())), n.prefix_len() + 96),
-        IpNet::V6(n) => (n.network().octets(), n.prefix_len()),
+        IpNet::V6(n) => {
+            let mut a = n.network().octets();
+            if n.prefix_len() >= 96 && mcp_guard_common::nat64_to_mapped(&mut a) {
+                return (a, n.prefix_len());
+            }
+            (a, n.prefix_len())
+        }
     }
+}
+
+/// `::ffff:0:0/96`, where IPv4 destinations live in the maps.
+const MAPPED: Prefix = (
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0],
+    96,
+);
+
+/// Whether an IPv6 prefix would cover IPv4 destinations if nothing stopped it: it
+/// strictly contains `::ffff:0:0/96`. Such a prefix gets a hole there.
+fn covers_mapped(p: &Prefix) -> bool {
+    p.1 < MAPPED.1 && contains(p, &MAPPED)
 }
 
 fn mask(addr: &[u8; 16], plen: u8) -> [u8; 16] {
@@ -202,9 +232,13 @@ pub struct Learned {
 /// the rule says `allow_internal = true`.
 #[must_use]
 pub fn refusal(cfg: &Config, rule: &HostRule, addr: IpAddr) -> Option<&'static str> {
-    let addr = addr.to_canonical();
-    let (a16, _) = net16(&IpNet::from(addr));
-    let hit = |nets: &[IpNet]| nets.iter().any(|n| contains(&net16(n), &(a16, 128)));
+    let a16 = judged16(addr);
+    let hit = |nets: &[IpNet]| {
+        nets.iter().any(|n| {
+            let p = net16(n);
+            contains(&p, &(a16, 128)) && !(covers_mapped(&p) && contains(&MAPPED, &(a16, 128)))
+        })
+    };
     if hit(sets::metadata()) {
         return Some("rebound-metadata");
     }
@@ -316,12 +350,26 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
             }
         }
     }
+    // An IPv6 baseline prefix such as ::/0 denies IPv6, not IPv4: a hole at the mapped
+    // range (unless the baseline names that range itself).
+    if seen.keys().any(covers_mapped) && seen.insert(MAPPED, ()).is_none() {
+        out.lpm.push(LpmEntry {
+            scope: SCOPE_BASELINE,
+            addr: MAPPED.0,
+            plen: MAPPED.1,
+            entry: deny_entry(ENTRY_HOLE, 0),
+        });
+    }
     for (scope, kind, nets) in [
         (SCOPE_INTERNAL, ENTRY_INTERNAL, sets::internal()),
         (SCOPE_METADATA, ENTRY_METADATA_CLASS, sets::metadata()),
     ] {
+        let mut seen: HashMap<Prefix, ()> = HashMap::new();
         for n in nets {
             let (addr, plen) = net16(n);
+            if seen.insert((addr, plen), ()).is_some() {
+                continue;
+            }
             out.lpm.push(LpmEntry {
                 scope,
                 addr,
@@ -388,7 +436,12 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                 push_ranges(own.entry(net16(&net)).or_default(), &h.ports, h.proto, id);
             }
         }
-        // Flatten: a longest-prefix match must carry every covering prefix's ranges.
+        // IPv6 prefixes never cover IPv4 destinations: below one that would, a hole.
+        if own.keys().any(covers_mapped) {
+            own.entry(MAPPED).or_default();
+        }
+        // Flatten: a longest-prefix match must carry every covering prefix's ranges
+        // (inside the mapped range, only those of prefixes inside it too).
         // Sorted by (address, length), each prefix follows all prefixes that contain it.
         let mut keys: Vec<([u8; 16], u8)> = own.keys().copied().collect();
         keys.sort_unstable();
@@ -398,8 +451,10 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                 stack.pop();
             }
             let mut ranges = own[&k].clone();
-            if let Some((_, inherited)) = stack.last() {
-                ranges.extend_from_slice(inherited);
+            if let Some((top, inherited)) = stack.last() {
+                if !(contains(&MAPPED, &k) && covers_mapped(top)) {
+                    ranges.extend_from_slice(inherited);
+                }
             }
             dedupe(&mut ranges);
             if ranges.len() > MAX_RANGES {
@@ -422,7 +477,14 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                     ranges.len()
                 )));
             }
-            let mut entry = deny_entry(ENTRY_ALLOW, 0);
+            let mut entry = deny_entry(
+                if ranges.is_empty() {
+                    ENTRY_HOLE
+                } else {
+                    ENTRY_ALLOW
+                },
+                0,
+            );
             entry.n_ranges = ranges.len() as u8;
             entry.ranges[..ranges.len()].copy_from_slice(&ranges);
             if k.1 == 128 {
@@ -566,8 +628,11 @@ impl<'a> Evaluator<'a> {
         port: u16,
         proto: FlowProto,
     ) -> Decision {
-        let addr = addr16(ip);
-        if let Some(e) = self.lookup_lpm(SCOPE_BASELINE, &addr) {
+        let addr = judged16(ip);
+        if let Some(e) = self
+            .lookup_lpm(SCOPE_BASELINE, &addr)
+            .filter(|e| e.kind != ENTRY_HOLE)
+        {
             let reason = if e.kind == ENTRY_BASELINE_METADATA {
                 REASON_BASELINE_METADATA
             } else {
@@ -583,7 +648,8 @@ impl<'a> Evaluator<'a> {
             .exact
             .get(&(wl.id, addr))
             .map(|&i| &self.compiled.exact[i].entry)
-            .or_else(|| self.lookup_lpm(wl.id, &addr));
+            .or_else(|| self.lookup_lpm(wl.id, &addr))
+            .filter(|e| e.kind != ENTRY_HOLE);
         if let Some(e) = entry {
             if let Some(r) = e.ranges[..usize::from(e.n_ranges)]
                 .iter()
@@ -666,6 +732,68 @@ mod tests {
     use std::path::Path;
 
     use proptest::prelude::*;
+
+    /// IPv6 prefixes never cover IPv4 destinations (stored mapped) unless they lie in
+    /// ::ffff:0:0/96; NAT64 destinations are judged by the IPv4 address they carry,
+    /// everywhere: workload rules, internal ranges, baseline, rebinding guard.
+    #[test]
+    fn ipv6_prefixes_and_nat64_are_judged_by_family() {
+        use crate::config::parse;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let cfg = parse(
+            Path::new("t.toml"),
+            "[baseline]\ndeny=['metadata','::/8']\n\
+             [[workload]]\nname='v6'\ncgroup='/v6'\ndefault='deny'\n[[workload.allow]]\ncidr='::/0'\n[[workload.allow]]\ncidr='10.0.12.0/24'\nports=[5432]\n\
+             [[workload]]\nname='v4all'\ncgroup='/v4all'\ndefault='deny'\n[[workload.allow]]\ncidr='::ffff:0:0/96'\nports=[443]\n\
+             [[workload]]\nname='di'\ncgroup='/di'\ndefault='deny-internal'\n[[workload.allow]]\ncidr='64:ff9b::a00:d00/120'\nports=[5432]\n\
+             [[workload]]\nname='open'\ncgroup='/open'\ndefault='allow'\n[[workload.allow]]\nhost='db.example.com'\n",
+        )
+        .unwrap();
+        let c = compile(&cfg).unwrap();
+        let ev = Evaluator::new(&c);
+        let v = |w: &str, a: &str, port: u16| {
+            ev.decide(ev.workload(w).unwrap(), ip(a), port, FlowProto::Tcp)
+        };
+        // allow ::/0 allows IPv6 only; the IPv4 rule keeps working below the hole.
+        assert_eq!(v("v6", "2606:4700::1", 443).verdict, Verdict::Allow);
+        let d = v("v6", "10.1.2.3", 443);
+        assert_eq!((d.verdict, d.reason), (Verdict::Deny, Some(REASON_DEFAULT_DENY)));
+        assert_eq!(v("v6", "93.184.216.34", 443).verdict, Verdict::Deny);
+        assert_eq!(v("v6", "::ffff:10.1.2.3", 443).verdict, Verdict::Deny, "mapped is IPv4");
+        assert_eq!(v("v6", "10.0.12.7", 5432).verdict, Verdict::Allow);
+        assert_eq!(v("v6", "10.0.12.7", 80).verdict, Verdict::Deny);
+        // The baseline's ::/8 denies IPv6 in it, never IPv4.
+        assert_eq!(v("open", "93.184.216.34", 443).verdict, Verdict::Allow);
+        assert_eq!(v("open", "::1", 443).reason, Some(REASON_BASELINE_DENY));
+        assert_eq!(v("open", "169.254.169.254", 80).reason, Some(REASON_BASELINE_METADATA));
+        // The mapped range itself is every IPv4 address.
+        assert_eq!(v("v4all", "93.184.216.34", 443).verdict, Verdict::Allow);
+        assert_eq!(v("v4all", "2606:4700::1", 443).verdict, Verdict::Deny);
+        // NAT64: internal, metadata and allowed exactly as the IPv4 address inside.
+        assert_eq!(v("di", "64:ff9b::a00:e05", 443).reason, Some(REASON_DENY_INTERNAL));
+        assert_eq!(v("di", "64:ff9b::a00:d05", 443).reason, Some(REASON_NOT_ALLOWED));
+        assert_eq!(v("di", "64:ff9b::a00:d05", 5432).verdict, Verdict::Allow);
+        assert_eq!(v("di", "10.0.13.5", 5432).verdict, Verdict::Allow, "the NAT64 rule is the IPv4 rule");
+        assert_eq!(v("di", "64:ff9b::5db8:d822", 443).verdict, Verdict::Allow, "public inside");
+        assert_eq!(v("open", "64:ff9b::a9fe:a9fe", 80).reason, Some(REASON_BASELINE_METADATA));
+        let db = &cfg.workloads[3].hosts[0];
+        assert_eq!(refusal(&cfg, db, ip("64:ff9b::a00:d05")), Some("rebound-internal"));
+        assert_eq!(refusal(&cfg, db, ip("64:ff9b::5db8:d822")), None);
+        // A baseline ::/8 does not make IPv4 answers "baseline".
+        assert_eq!(refusal(&cfg, db, ip("93.184.216.34")), None);
+        assert_eq!(refusal(&cfg, db, ip("::2")), Some("rebound-baseline"));
+        // A learned NAT64 answer allows the IPv4 address it carries, and its NAT64 form.
+        let learned = Learned {
+            workload: "open".into(),
+            name: "db.example.com".into(),
+            addr: ip("64:ff9b::5db8:d822"),
+            ttl: 60,
+            expires_unix: u64::MAX,
+            source: "proxy".into(),
+        };
+        let c = compile_with(&cfg, &[learned]).unwrap();
+        assert!(c.exact.iter().any(|e| display_addr(e.addr) == ip("93.184.216.34")));
+    }
 
     #[test]
     fn rebinding_guard_and_learned_allows() {

@@ -36,28 +36,11 @@ impl Rng {
 }
 
 /// Addresses come from a few small regions so rules and probes overlap often:
-/// internal v4, metadata neighbourhood, public v4, ULA v6, public v6.
+/// internal v4, metadata neighbourhood, public v4, ULA v6, public v6, and IPv4 addresses
+/// in their NAT64 (64:ff9b::/96) and IPv4-mapped IPv6 forms.
 fn random_addr(r: &mut Rng) -> IpAddr {
-    match r.below(6) {
-        0 => IpAddr::V4(Ipv4Addr::new(
-            10,
-            r.below(3) as u8,
-            r.below(4) as u8,
-            r.below(256) as u8,
-        )),
-        1 => IpAddr::V4(Ipv4Addr::new(
-            169,
-            254,
-            169 + r.below(2) as u8,
-            r.below(256) as u8,
-        )),
-        2 => IpAddr::V4(Ipv4Addr::new(93, 184, r.below(4) as u8, r.below(256) as u8)),
-        3 => IpAddr::V4(Ipv4Addr::new(
-            192,
-            168,
-            r.below(2) as u8,
-            r.below(256) as u8,
-        )),
+    match r.below(8) {
+        0..=3 => IpAddr::V4(random_v4(r)),
         4 => IpAddr::V6(Ipv6Addr::new(
             0xfd00,
             0xec2,
@@ -68,7 +51,7 @@ fn random_addr(r: &mut Rng) -> IpAddr {
             0,
             r.below(512) as u16,
         )),
-        _ => IpAddr::V6(Ipv6Addr::new(
+        5 => IpAddr::V6(Ipv6Addr::new(
             0x2606,
             0x4700,
             r.below(2) as u16,
@@ -78,15 +61,36 @@ fn random_addr(r: &mut Rng) -> IpAddr {
             0,
             r.below(512) as u16,
         )),
+        6 => {
+            let o = random_v4(r).octets();
+            IpAddr::V6(Ipv6Addr::from([
+                0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0, o[0], o[1], o[2], o[3],
+            ]))
+        }
+        _ => IpAddr::V6(random_v4(r).to_ipv6_mapped()),
     }
 }
 
+fn random_v4(r: &mut Rng) -> Ipv4Addr {
+    match r.below(4) {
+        0 => Ipv4Addr::new(10, r.below(3) as u8, r.below(4) as u8, r.below(256) as u8),
+        1 => Ipv4Addr::new(169, 254, 169 + r.below(2) as u8, r.below(256) as u8),
+        2 => Ipv4Addr::new(93, 184, r.below(4) as u8, r.below(256) as u8),
+        _ => Ipv4Addr::new(192, 168, r.below(2) as u8, r.below(256) as u8),
+    }
+}
+
+/// Prefixes of those addresses; IPv6 ones also short enough to contain the whole
+/// IPv4-mapped range (::/0, ::/8, ...) or the NAT64 prefix, which must never make an
+/// IPv6 rule match IPv4 destinations.
 fn random_cidr(r: &mut Rng) -> String {
     let a = random_addr(r);
-    let plen = if a.is_ipv4() {
-        *r.pick(&[8u8, 16, 20, 24, 26, 30, 32])
-    } else {
-        *r.pick(&[32u8, 64, 100, 120, 124, 128])
+    let plen = match a {
+        IpAddr::V4(_) => *r.pick(&[8u8, 16, 20, 24, 26, 30, 32]),
+        IpAddr::V6(v) if v.segments()[0] == 0x64 || v.to_ipv4_mapped().is_some() => {
+            *r.pick(&[0u8, 8, 64, 95, 96, 104, 112, 120, 128])
+        }
+        IpAddr::V6(_) => *r.pick(&[0u8, 32, 64, 100, 120, 124, 128]),
     };
     ipnet_trunc(a, plen)
 }
