@@ -159,6 +159,10 @@ pub const WL_DENY_PACKET: u8 = 2;
 /// UDP, only where an allow rule allows it (the DNS proxy always is), whatever the
 /// workload's default: DNS cannot go around the proxy's filter to a public resolver.
 pub const WL_DENY_DIRECT_DNS: u8 = 4;
+/// [`WorkloadInfo::flags`]: refuse ICMP datagram ("ping") sockets (`cgroup/sock_create`).
+pub const WL_DENY_PING: u8 = 8;
+/// [`WorkloadInfo::flags`]: refuse inet sockets other than TCP, MPTCP and UDP.
+pub const WL_DENY_OTHER_PROTO: u8 = 16;
 /// Whether a destination port is DNS or DNS over TLS/QUIC, for [`WL_DENY_DIRECT_DNS`].
 #[must_use]
 #[inline(always)]
@@ -224,7 +228,13 @@ pub const REASON_RAW_SOCKET: u8 = 5;
 pub const REASON_PACKET_SOCKET: u8 = 6;
 /// An IP packet from a guarded workload that could not be parsed (TC): dropped.
 pub const REASON_MALFORMED: u8 = 7;
-pub const REASON_COUNT: usize = 8;
+/// An ICMP datagram ("ping") socket: it sends ICMP echo with `sendto`, which no
+/// connect/sendmsg hook judges.
+pub const REASON_PING_SOCKET: u8 = 8;
+/// An inet socket of a protocol other than TCP, MPTCP or UDP (UDP-Lite, SCTP, ...):
+/// their send paths are not all judged by the socket hooks.
+pub const REASON_SOCKET_PROTOCOL: u8 = 9;
+pub const REASON_COUNT: usize = 10;
 
 pub const CLASS_METADATA: u8 = 0;
 pub const CLASS_INTERNAL: u8 = 1;

@@ -215,6 +215,10 @@ struct RawWorkload {
     resolve_any: Option<bool>,
     #[serde(default)]
     deny_direct_dns: Option<bool>,
+    #[serde(default)]
+    allow_ping: Option<bool>,
+    #[serde(default)]
+    allow_other_protocols: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -386,6 +390,11 @@ pub struct Workload {
     /// (the DNS proxy is always allowed): closes the way around the proxy's filter for
     /// `deny-internal` and `allow` workloads.
     pub deny_direct_dns: bool,
+    /// May create ICMP datagram ("ping") sockets (default false).
+    pub allow_ping: bool,
+    /// May create inet sockets other than TCP, MPTCP, UDP and ping (UDP-Lite, SCTP, ...;
+    /// default false).
+    pub allow_other_protocols: bool,
     pub loc: Loc,
 }
 
@@ -572,6 +581,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             deny_packet_sockets: w.deny_packet_sockets.unwrap_or(true),
             resolve_any: w.resolve_any.unwrap_or(false),
             deny_direct_dns: w.deny_direct_dns.unwrap_or(false),
+            allow_ping: w.allow_ping.unwrap_or(false),
+            allow_other_protocols: w.allow_other_protocols.unwrap_or(false),
             loc,
         });
     }

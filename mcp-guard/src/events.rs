@@ -405,6 +405,8 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
             2 => "inet",
             10 => "inet6",
             17 => "packet",
+            40 => "vsock",
+            44 => "xdp",
             _ => "unknown",
         }
         .into(),

@@ -529,6 +529,14 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                 mcp_guard_common::WL_DENY_DIRECT_DNS
             } else {
                 0
+            }) | (if w.allow_ping {
+                0
+            } else {
+                mcp_guard_common::WL_DENY_PING
+            }) | (if w.allow_other_protocols {
+                0
+            } else {
+                mcp_guard_common::WL_DENY_OTHER_PROTO
             }),
         });
     }
@@ -723,6 +731,8 @@ pub fn reason_name(r: u8) -> &'static str {
         mcp_guard_common::REASON_RAW_SOCKET => "raw-socket",
         mcp_guard_common::REASON_PACKET_SOCKET => "packet-socket",
         mcp_guard_common::REASON_MALFORMED => "malformed-packet",
+        mcp_guard_common::REASON_PING_SOCKET => "ping-socket",
+        mcp_guard_common::REASON_SOCKET_PROTOCOL => "socket-protocol",
         _ => "unknown",
     }
 }

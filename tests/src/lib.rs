@@ -95,6 +95,15 @@ impl NetNs {
     }
 
     /// Runs `ip -n NS ARGS...`.
+    /// Sets a per-namespace sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        self.in_ns(move || {
+            std::fs::write(&path, &value).unwrap_or_else(|e| panic!("{path} = {value}: {e}"));
+        });
+    }
+
     pub fn ip(&self, args: &str) {
         let mut v = vec!["-n", &self.name];
         v.extend(args.split_whitespace());

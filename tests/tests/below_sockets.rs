@@ -29,12 +29,14 @@ fn schema_check(events: &[serde_json::Value]) {
 #[test]
 fn raw_and_packet_sockets_are_refused_where_configured() {
     let ns = NetNs::new();
+    // As container runtimes do for pods: ICMP datagram sockets open to every group.
+    ns.sysctl("net.ipv4.ping_group_range", "0 2147483647");
     let cg = TestCgroup::new();
     let (_, guarded) = cg.child("w");
     let (_, lenient) = cg.child("lenient");
     let (_, outside) = cg.child("outside");
     let d = Daemon::start(&format!(
-        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[[workload]]\nname = \"lenient\"\ncgroup = \"{r}/lenient\"\ndeny_raw_sockets = false\ndeny_packet_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\n",
+        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[[workload]]\nname = \"lenient\"\ncgroup = \"{r}/lenient\"\ndeny_raw_sockets = false\ndeny_packet_sockets = false\nallow_ping = true\n[daemon]\nattach_cgroup = \"{r}\"\n",
         r = cg.rel
     ));
     // Some kernels refuse every BPF LSM program (this machine's returns EPERM before the
@@ -70,19 +72,43 @@ fn raw_and_packet_sockets_are_refused_where_configured() {
         if lsm { "EPERM" } else { "OK" },
         "AF_PACKET socket (BPF LSM)"
     );
+    // The socket-creation defaults: TCP, MPTCP and UDP only. Each other kind is refused
+    // where the kernel would create it (the unguarded process shows what it offers).
+    let mut o = Probe::new(PROBE, &outside, &ns);
+    let mut refused_other = 0;
+    let mut table = Vec::new();
+    for kind in ["ping4", "ping6", "udplite4", "sctp4", "tcp4", "udp6", "mptcp4", "xdp", "vsock"] {
+        let offered = o.op(&format!("socket {kind}"));
+        let guarded_result = p.op(&format!("socket {kind}"));
+        // AF_XDP and AF_VSOCK need BPF LSM; without it they stay open (README).
+        let want = match kind {
+            "tcp4" | "udp6" | "mptcp4" => offered.clone(),
+            "xdp" | "vsock" if !lsm => offered.clone(),
+            _ if offered == "OK" => "EPERM".to_string(),
+            _ => offered.clone(),
+        };
+        table.push(format!("{kind}: kernel offers {offered}, guarded gets {guarded_result}"));
+        assert_eq!(guarded_result, want, "{kind} (unguarded: {offered}; BPF LSM: {lsm})");
+        if want == "EPERM" {
+            refused_other += 1;
+        }
+    }
+    eprintln!("socket creation from a guarded workload:\n  {}", table.join("\n  "));
+    assert!(refused_other >= 2, "ping sockets at least must be offered and refused: {table:#?}");
     let mut l = Probe::new(PROBE, &lenient, &ns);
     assert_eq!(l.op("socket raw4"), "OK");
     assert_eq!(l.op("socket packet"), "OK");
-    let mut o = Probe::new(PROBE, &outside, &ns);
+    assert_eq!(l.op("socket ping4"), "OK", "allow_ping");
     assert_eq!(o.op("socket raw4"), "OK", "unguarded process untouched");
     assert_eq!(o.op("socket packet"), "OK", "unguarded process untouched");
 
     let mut events = Vec::new();
+    let want_events = 2 + usize::from(lsm) + refused_other;
     assert!(wait_until(Duration::from_secs(5), || {
         events.extend(d.events(Duration::from_millis(100)));
-        events.len() >= 2 + usize::from(lsm)
+        events.len() >= want_events
     }));
-    assert_eq!(events.len(), 2 + usize::from(lsm), "{events:#?}");
+    assert_eq!(events.len(), want_events, "{events:#?}");
     let reasons: Vec<(&str, &str)> = events
         .iter()
         .map(|e| (e["hook"].as_str().unwrap(), e["reason"].as_str().unwrap()))

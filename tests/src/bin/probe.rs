@@ -286,7 +286,20 @@ fn below_sockets(f: &[&str]) -> Option<String> {
                     libc::SOCK_RAW,
                     i32::from((libc::ETH_P_ALL as u16).to_be()),
                 ),
-                _ => return Some("ERR bad-kind".into()),
+                "ping4" => (libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP),
+                "ping6" => (libc::AF_INET6, libc::SOCK_DGRAM, libc::IPPROTO_ICMPV6),
+                "udplite4" => (libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_UDPLITE),
+                "sctp4" => (libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_SCTP),
+                "tcp4" => (libc::AF_INET, libc::SOCK_STREAM, 0),
+                "udp6" => (libc::AF_INET6, libc::SOCK_DGRAM, 0),
+                "mptcp4" => (libc::AF_INET, libc::SOCK_STREAM, libc::IPPROTO_MPTCP),
+                "xdp" => (libc::AF_XDP, libc::SOCK_RAW, 0),
+                "vsock" => (libc::AF_VSOCK, libc::SOCK_STREAM, 0),
+                // socket FAMILY TYPE PROTO, numbers.
+                other => match (other.parse(), f.get(2).and_then(|t| t.parse().ok()), f.get(3).and_then(|p| p.parse().ok())) {
+                    (Ok(fam), Some(ty), Some(proto)) => (fam, ty, proto),
+                    _ => return Some("ERR bad-kind".into()),
+                },
             };
             let fd = unsafe { libc::socket(family, ty, proto) };
             let r = result(fd as isize);
