@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod dns;
 pub mod events;
 pub mod features;
+pub mod harden;
 pub mod http;
 pub mod loader;
 pub mod maps;

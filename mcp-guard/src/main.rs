@@ -54,6 +54,11 @@ enum Cmd {
         /// Run even if no daemon is enforcing the workload (the command is NOT guarded).
         #[arg(long)]
         unguarded: bool,
+        /// Do not harden the command (by default it loses CAP_NET_RAW, CAP_NET_ADMIN,
+        /// CAP_SYS_ADMIN and CAP_BPF, and a seccomp filter refuses AF_PACKET, AF_XDP and
+        /// AF_VSOCK sockets and io_uring).
+        #[arg(long)]
+        no_hardening: bool,
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
@@ -111,8 +116,9 @@ fn main() -> ExitCode {
             config,
             workload,
             unguarded,
+            no_hardening,
             cmd,
-        } => exec(&config, &workload, unguarded, &cmd),
+        } => exec(&config, &workload, unguarded, !no_hardening, &cmd),
         Cmd::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Cmd::Events {
             config,
@@ -388,7 +394,7 @@ fn explain_one(
     }
 }
 
-fn exec(path: &Path, workload: &str, unguarded: bool, cmd: &[String]) -> Result<()> {
+fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[String]) -> Result<()> {
     let cfg = config::load(path)?;
     let wl = cfg
         .workloads
@@ -434,6 +440,10 @@ fn exec(path: &Path, workload: &str, unguarded: bool, cmd: &[String]) -> Result<
     }
     cgroup::join(&dir, std::process::id())
         .with_context(|| format!("joining cgroup {}", dir.display()))?;
+    if harden {
+        mcp_guard::harden::apply()
+            .context("hardening the command failed, so it was not run (pass --no-hardening to run it without)")?;
+    }
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
     bail!("cannot run {:?}: {err}", cmd[0])
 }

@@ -521,6 +521,33 @@ impl Probe {
         }
     }
 
+    /// A probe started by `mcp-guard exec --config CONFIG --workload WORKLOAD [EXTRA...]`
+    /// (which joins the cgroup and hardens the process). It stays in the host's network
+    /// namespace (exec asks the daemon over its loopback listener, and a hardened
+    /// process cannot enter a namespace): use it for socket creation only, never to send.
+    #[must_use]
+    pub fn exec(probe_bin: &str, config: &Path, workload: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(guard_bin())
+            .arg("exec")
+            .arg("--config")
+            .arg(config)
+            .args(["--workload", workload])
+            .args(extra)
+            .arg("--")
+            .arg(probe_bin)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn mcp-guard exec");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
     /// Performs one operation, e.g. `probe.op("tcp 169.254.169.254 80")`.
     pub fn op(&mut self, line: &str) -> String {
         writeln!(self.stdin, "{line}").expect("probe stdin");

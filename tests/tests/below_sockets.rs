@@ -372,3 +372,38 @@ fn tc_links_are_pinned_and_adopted_after_kill_9() {
         "on_exit = detach removes the TC link too"
     );
 }
+
+/// Where BPF LSM is refused, `mcp-guard exec` hardens what it starts: no capability that
+/// goes around the cgroup hooks, and a seccomp filter refusing AF_PACKET, AF_XDP and
+/// AF_VSOCK sockets and io_uring. `--no-hardening` opts out.
+#[test]
+fn exec_hardens_the_command() {
+    let cg = TestCgroup::new();
+    // The lenient workload allows raw and packet sockets: only the hardening refuses them.
+    let d = Daemon::start(&format!(
+        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndeny_raw_sockets = false\ndeny_packet_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\n",
+        r = cg.rel
+    ));
+    let mut hardened = Probe::exec(PROBE, &d.config, "w", &[]);
+    let caps = hardened.op("caps");
+    let field = |name: &str| -> u64 {
+        let v = caps.split_whitespace().find_map(|f| f.strip_prefix(name)).unwrap();
+        u64::from_str_radix(v, 16).unwrap()
+    };
+    for (cap, name) in [(13, "CAP_NET_RAW"), (12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN"), (39, "CAP_BPF")] {
+        assert_eq!(field("bnd=") & (1 << cap), 0, "{name} in the bounding set: {caps}");
+        assert_eq!(field("eff=") & (1 << cap), 0, "{name} effective: {caps}");
+        assert_eq!(field("inh=") & (1 << cap), 0, "{name} inheritable: {caps}");
+    }
+    assert!(caps.ends_with("nnp=1"), "{caps}");
+    for kind in ["packet", "xdp", "vsock", "raw4"] {
+        assert_eq!(hardened.op(&format!("socket {kind}")), "EPERM", "{kind} from the hardened command");
+    }
+    assert_eq!(hardened.op("io_uring"), "EPERM");
+    assert_eq!(hardened.op("socket tcp4"), "OK");
+
+    let mut plain = Probe::exec(PROBE, &d.config, "w", &["--no-hardening"]);
+    assert_eq!(plain.op("socket raw4"), "OK", "--no-hardening keeps CAP_NET_RAW");
+    assert_eq!(plain.op("io_uring"), "OK");
+    assert!(d.stop());
+}

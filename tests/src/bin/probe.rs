@@ -308,6 +308,28 @@ fn below_sockets(f: &[&str]) -> Option<String> {
             }
             Some(r)
         }
+        "caps" => {
+            // The capability sets of this process, as /proc shows them.
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let pick = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map_or("?", str::trim)
+                    .to_string()
+            };
+            Some(format!("bnd={} eff={} inh={} nnp={}", pick("CapBnd:"), pick("CapEff:"), pick("CapInh:"), pick("NoNewPrivs:")))
+        }
+        "io_uring" => {
+            // io_uring_setup(1, params): a ring can create sockets where seccomp never looks.
+            let mut params = [0u8; 120];
+            let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+            let r = result(fd as isize);
+            if fd >= 0 {
+                unsafe { libc::close(fd as i32) };
+            }
+            Some(r)
+        }
         "raw-icmp" => {
             let dst: std::net::Ipv4Addr = f.get(1)?.parse().ok()?;
             let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
