@@ -35,6 +35,8 @@ const CGROUP_RESCAN: Duration = Duration::from_millis(100);
 const ATTACH_CHECK: Duration = Duration::from_secs(1);
 /// How often the config file is checked for changes (edits, ConfigMap symlink swaps).
 const CONFIG_CHECK: Duration = Duration::from_secs(1);
+/// How often the capabilities of guarded processes are read from /proc.
+const POSTURE_CHECK: Duration = Duration::from_secs(2);
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -410,6 +412,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut tick = tokio::time::interval(CGROUP_RESCAN);
     let mut attach_check = tokio::time::interval(ATTACH_CHECK);
     let mut config_check = tokio::time::interval(CONFIG_CHECK);
+    // Capability posture of the guarded processes, read from /proc off the runtime.
+    let mut posture_check = tokio::time::interval(POSTURE_CHECK);
+    let mut posture_seen = std::collections::BTreeMap::new();
+    let mut posture_task: Option<tokio::task::JoinHandle<_>> = None;
     let mut fingerprint = config_fingerprint(&config_path);
     let mut reported_missing = false;
     loop {
@@ -472,6 +478,20 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 let ok = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
                 shared.ready.store(ok, Ordering::SeqCst);
                 metrics.ready.set(i64::from(ok));
+            }
+            _ = posture_check.tick() => {
+                if let Some(t) = posture_task.take_if(|t| t.is_finished()) {
+                    if let Ok(found) = t.await {
+                        crate::posture::publish(&metrics, &found, &mut posture_seen);
+                    }
+                }
+                if posture_task.is_none() {
+                    let compiled = state.live.lock().expect("live").compiled.clone();
+                    let mount = state.mount.clone();
+                    posture_task = Some(tokio::task::spawn_blocking(move || {
+                        crate::posture::scan(&compiled, &mount)
+                    }));
+                }
             }
             _ = tick.tick() => {
                 let changed = {

@@ -26,6 +26,7 @@ pub mod maps;
 pub mod metrics;
 pub mod pins;
 pub mod policy;
+pub mod posture;
 pub mod sets;
 pub mod sockdiag;
 pub mod sources;

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub dns_proxied: IntCounterVec,
     /// Queries the DNS proxy answered REFUSED itself, by workload ("" if none) and reason.
     pub dns_query_refused: IntCounterVec,
+    /// Processes in a workload's cgroups holding a capability that goes around the
+    /// cgroup hooks (CAP_NET_RAW, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF).
+    pub privileged_processes: IntGaugeVec,
     /// Flow counter values at the previous render, to see which grew.
     previous: Mutex<HashMap<FlowCounterKey, u64>>,
 }
@@ -98,6 +101,7 @@ impl Metrics {
             dns_lookups: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_lookups_total", "DNS lookups the daemon made for exact host rules, by result (answer, empty, error)."), &["result"]).expect("valid")),
             dns_limited: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_learn_limited_total", "Answered addresses not learned (so not allowed) because the workload already had [dns] max_addresses learned addresses, by workload."), &["workload"]).expect("valid")),
             dns_proxied: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_proxy_queries_total", "Queries the DNS proxy handled, by result (forwarded, learned, refused, upstream-error, malformed, overloaded)."), &["result"]).expect("valid")),
+            privileged_processes: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_workload_privileged_processes", "Processes of a workload holding CAP_NET_RAW, CAP_NET_ADMIN, CAP_SYS_ADMIN or CAP_BPF (effective or permitted), which can go around the cgroup hooks; read every few seconds from /proc."), &["workload"]).expect("valid")),
             dns_query_refused: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_query_refused_total", "Queries the DNS proxy answered REFUSED without asking upstream, by workload (empty: the client is no workload) and reason (name-not-allowed, type-not-allowed, rate-limited, in-flight-limited, unattributed, malformed-query)."), &["workload", "reason"]).expect("valid")),
             lsm_available: reg(&r, IntGauge::new("mcp_guard_lsm_available", "Whether the kernel runs the BPF LSM program that refuses AF_PACKET sockets (1) or refuses BPF LSM programs, leaving packet sockets open (0).").expect("valid")),
             unstable: reg(&r, IntCounter::new("mcp_guard_decisions_unstable_total", "Decisions that failed closed (denied) because the policy changed three times while they were made.").expect("valid")),
@@ -219,6 +223,7 @@ mod tests {
         m.dns_lookups.with_label_values(&["r"]).inc();
         m.dns_proxied.with_label_values(&["r"]).inc();
         m.dns_query_refused.with_label_values(&["w", "r"]).inc();
+        m.privileged_processes.with_label_values(&["w"]).set(1);
         m.dns_limited.with_label_values(&["w"]).inc();
         let exported: BTreeSet<String> = m
             .registry

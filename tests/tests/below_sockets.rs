@@ -401,9 +401,27 @@ fn exec_hardens_the_command() {
     }
     assert_eq!(hardened.op("io_uring"), "EPERM");
     assert_eq!(hardened.op("socket tcp4"), "OK");
+    let privileged = |d: &Daemon| {
+        d.get("/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("mcp_guard_workload_privileged_processes{workload=\"w\"} "))
+            .map(|v| v.trim().parse::<u32>().unwrap())
+    };
+    assert!(
+        wait_until(Duration::from_secs(6), || privileged(&d) == Some(0)),
+        "the hardened command holds no dropped capability: {:?}",
+        privileged(&d)
+    );
 
     let mut plain = Probe::exec(PROBE, &d.config, "w", &["--no-hardening"]);
     assert_eq!(plain.op("socket raw4"), "OK", "--no-hardening keeps CAP_NET_RAW");
     assert_eq!(plain.op("io_uring"), "OK");
+    // The daemon reports the unhardened one: it could go around the hooks.
+    assert!(
+        wait_until(Duration::from_secs(6), || privileged(&d) == Some(1)),
+        "privileged process not reported: {:?}",
+        privileged(&d)
+    );
+    assert!(d.stderr.lock().unwrap().contains("hold capabilities that go around the cgroup hooks"));
     assert!(d.stop());
 }

@@ -1,0 +1,106 @@
+//! Capability posture: which guarded processes hold a capability that goes around the
+//! cgroup hooks (see [`crate::harden::DROPPED`]). Such a process can open raw or packet
+//! sockets, change qdiscs, move itself out of its cgroup or detach programs; the daemon
+//! cannot stop that, so it says so, per workload (a metric, an alert, a log line).
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+};
+
+use tracing::warn;
+
+use crate::{cgroup, harden, policy::Compiled};
+
+/// Processes looked at per scan, at most (the scan runs every few seconds).
+const MAX_PROCESSES: usize = 100_000;
+
+/// One privileged process found, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub pid: u32,
+    pub comm: String,
+    pub caps: Vec<&'static str>,
+}
+
+/// Per workload: how many of its processes hold a dropped capability, and one of them.
+#[must_use]
+pub fn scan(compiled: &Compiled, mount: &Path) -> BTreeMap<String, (usize, Option<Finding>)> {
+    let mut dirs: HashMap<PathBuf, String> = HashMap::new();
+    for w in &compiled.workloads {
+        for (_, dir) in cgroup::resolve_dirs(mount, &w.cgroup) {
+            dirs.entry(dir).or_insert_with(|| w.name.clone());
+        }
+    }
+    let mut out: BTreeMap<String, (usize, Option<Finding>)> = compiled
+        .workloads
+        .iter()
+        .map(|w| (w.name.clone(), (0, None)))
+        .collect();
+    let mut budget = MAX_PROCESSES;
+    for (dir, name) in &dirs {
+        let mut stack = vec![dir.clone()];
+        while let Some(d) = stack.pop() {
+            if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                    if budget == 0 {
+                        return out;
+                    }
+                    budget -= 1;
+                    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                        continue;
+                    };
+                    let caps = harden::held(&status);
+                    if caps.is_empty() {
+                        continue;
+                    }
+                    let e = out.entry(name.clone()).or_default();
+                    e.0 += 1;
+                    if e.1.is_none() {
+                        let comm = status
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Name:"))
+                            .unwrap_or("")
+                            .trim()
+                            .chars()
+                            .take(16)
+                            .collect();
+                        e.1 = Some(Finding { pid, comm, caps });
+                    }
+                }
+            }
+            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            for ent in rd.flatten() {
+                let p = ent.path();
+                // A child cgroup that is another workload's is counted there.
+                if ent.file_type().is_ok_and(|t| t.is_dir()) && !dirs.contains_key(&p) {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Publishes a scan: the gauge per workload, a warning when a workload starts holding
+/// privileged processes. `before` is what the previous scan found.
+pub fn publish(
+    metrics: &crate::metrics::Metrics,
+    found: &BTreeMap<String, (usize, Option<Finding>)>,
+    before: &mut BTreeMap<String, usize>,
+) {
+    metrics.privileged_processes.reset();
+    for (w, (n, first)) in found {
+        metrics
+            .privileged_processes
+            .with_label_values(&[w])
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        let was = before.get(w).copied().unwrap_or(0);
+        if *n > 0 && was == 0 {
+            if let Some(f) = first {
+                warn!(workload = %w, processes = n, pid = f.pid, comm = %f.comm, caps = ?f.caps, "guarded processes hold capabilities that go around the cgroup hooks (raw/packet sockets, qdiscs, cgroup moves, BPF): drop them (mcp-guard exec does; see README, hardening)");
+            }
+        }
+    }
+    *before = found.iter().map(|(w, (n, _))| (w.clone(), *n)).collect();
+}
