@@ -208,7 +208,35 @@ pub const HOOK_SENDMSG6: u8 = 3;
 pub const HOOK_TC: u8 = 4;
 pub const HOOK_SOCK_CREATE: u8 = 5;
 pub const HOOK_LSM_SOCKET: u8 = 6;
-pub const HOOK_COUNT: usize = 7;
+/// cgroup_skb/egress: the per-packet backstop on the workload's own sockets.
+pub const HOOK_CGROUP_SKB: u8 = 7;
+pub const HOOK_COUNT: usize = 8;
+
+/// What the cgroup_skb backstop remembers of a socket (`SKB_CACHE_1`, keyed by socket
+/// cookie): the decision for its last destination, valid while the policy generation
+/// and the registration epoch are those it was made under. An allowed flow then costs
+/// one lookup per packet instead of an ancestor walk and a policy decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbVerdict {
+    pub generation: u32,
+    pub epoch: u32,
+    pub daddr: [u8; 16],
+    pub dport: u16,
+    pub proto: u8,
+    /// One of the `SKB_*` states.
+    pub state: u8,
+}
+const _: () = assert!(size_of::<SkbVerdict>() == 28);
+
+/// [`SkbVerdict::state`]: the socket belongs to no workload (any destination).
+pub const SKB_UNTOUCHED: u8 = 0;
+/// [`SkbVerdict::state`]: the destination is allowed.
+pub const SKB_ALLOWED: u8 = 1;
+/// [`SkbVerdict::state`]: refused and dropped (reported once).
+pub const SKB_DROPPED: u8 = 2;
+/// [`SkbVerdict::state`]: refused in audit mode, let through (reported once).
+pub const SKB_AUDITED: u8 = 3;
 
 pub const VERDICT_DENIED: u8 = 0;
 pub const VERDICT_AUDITED: u8 = 1;
@@ -341,12 +369,13 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 mod pod {
     use super::{
         CgroupKey, Config, Event, ExactKey, FlowCounterKey, LpmData, PolicyEntry, RateKey,
-        RateState, WorkloadInfo,
+        RateState, SkbVerdict, WorkloadInfo,
     };
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
     unsafe impl aya::Pod for LpmData {}
     unsafe impl aya::Pod for ExactKey {}
     unsafe impl aya::Pod for PolicyEntry {}
+    unsafe impl aya::Pod for SkbVerdict {}
     unsafe impl aya::Pod for CgroupKey {}
     unsafe impl aya::Pod for WorkloadInfo {}
     unsafe impl aya::Pod for Config {}

@@ -9,6 +9,7 @@ mod decide;
 mod maps;
 mod packet;
 mod report;
+mod skb;
 mod socket;
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mcp_guard_common::{
     CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, PolicyEntry, RateKey, RateState,
-    SourceKey, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
+    SkbVerdict, SourceKey, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
 };
 
 /// Hash maps are not preallocated: memory follows the policy actually loaded.
@@ -45,3 +45,13 @@ pub static RATE_1: LruHashMap<RateKey, RateState> = LruHashMap::with_max_entries
 
 #[map]
 pub static EVENTS_1: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+/// The cgroup_skb backstop's per-socket cache, by socket cookie (an LRU: a socket pushed
+/// out is decided again, never let through undecided).
+#[map]
+pub static SKB_CACHE_1: LruHashMap<u64, SkbVerdict> = LruHashMap::with_max_entries(65_536, 0);
+
+/// Bumped by the daemon whenever a cgroup registration changes: cached decisions made
+/// under another epoch are made again (a socket's cgroup may have become a workload's).
+#[map]
+pub static EPOCH_1: Array<u32> = Array::with_max_entries(1, 0);

@@ -30,23 +30,43 @@ use crate::{
 const PASS: i32 = -1;
 const DROP: i32 = 2;
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
 /// What the classifier needs from a packet.
-struct Packet {
-    daddr: [u8; 16],
-    saddr: [u8; 16],
-    proto: u8,
-    dport: u16,
-    sport: u16,
-    family: u8,
+pub(crate) struct Packet {
+    pub daddr: [u8; 16],
+    pub saddr: [u8; 16],
+    pub proto: u8,
+    pub dport: u16,
+    pub sport: u16,
+    pub family: u8,
+}
+
+/// Bytes of a packet at an offset: the TC classifier (from the Ethernet header) and the
+/// cgroup_skb program (from the IP header) parse with the same code.
+pub(crate) trait Bytes {
+    fn get<T>(&self, off: usize) -> Result<T, ()>;
+}
+
+impl Bytes for TcContext {
+    #[inline(always)]
+    fn get<T>(&self, off: usize) -> Result<T, ()> {
+        self.load::<T>(off).map_err(|_| ())
+    }
+}
+
+impl Bytes for aya_ebpf::programs::SkBuffContext {
+    #[inline(always)]
+    fn get<T>(&self, off: usize) -> Result<T, ()> {
+        self.load::<T>(off).map_err(|_| ())
+    }
 }
 
 #[derive(Clone, Copy)]
-enum Parsed {
+pub(crate) enum Parsed {
     /// Not IP (ARP, LLDP...): not ours to judge.
     NotIp,
     /// IP, but cut short or malformed; carries the source address when it was read
@@ -55,8 +75,8 @@ enum Parsed {
 }
 
 #[inline(always)]
-fn load<T>(ctx: &TcContext, off: usize) -> Result<T, Parsed> {
-    ctx.load::<T>(off).map_err(|_| Parsed::Broken([0; 16]))
+fn load<T, B: Bytes>(ctx: &B, off: usize) -> Result<T, Parsed> {
+    ctx.get::<T>(off).map_err(|()| Parsed::Broken([0; 16]))
 }
 
 fn mapped(v4: [u8; 4]) -> [u8; 16] {
@@ -71,8 +91,8 @@ fn mapped(v4: [u8; 4]) -> [u8; 16] {
 }
 
 #[inline(always)]
-fn ports(
-    ctx: &TcContext,
+fn ports<B: Bytes>(
+    ctx: &B,
     l4: usize,
     proto: u8,
     first_fragment: bool,
@@ -96,6 +116,12 @@ fn parse(ctx: &TcContext) -> Result<Packet, Parsed> {
         eth_proto = u16::from_be(load(ctx, 16)?);
         off = 18;
     }
+    parse_ip(ctx, off, eth_proto)
+}
+
+/// The IP packet at `off` (IPv4 or IPv6 by `eth_proto`, an ethertype).
+#[inline(always)]
+pub(crate) fn parse_ip<B: Bytes>(ctx: &B, off: usize, eth_proto: u16) -> Result<Packet, Parsed> {
     match eth_proto {
         ETH_P_IP => {
             let vihl: u8 = load(ctx, off)?;
@@ -174,7 +200,7 @@ fn parse(ctx: &TcContext) -> Result<Packet, Parsed> {
 /// Dropping it would cut a pod's IPv6 off in pod mode, where every packet from its
 /// address is the workload's.
 #[inline(always)]
-fn link_scoped_icmpv6(p: &Packet) -> bool {
+pub(crate) fn link_scoped_icmpv6(p: &Packet) -> bool {
     let d = &p.daddr;
     p.family == 10
         && p.proto == 58
@@ -183,8 +209,10 @@ fn link_scoped_icmpv6(p: &Packet) -> bool {
 
 /// The workload of the packet's socket (nearest ancestor cgroup with a policy).
 #[inline(never)]
-fn workload_of_socket(ctx: &TcContext, slot: u32) -> Option<&'static WorkloadInfo> {
-    let skb = ctx.as_ptr().cast();
+pub(crate) fn workload_of_socket(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    slot: u32,
+) -> Option<&'static WorkloadInfo> {
     let mut found = None;
     let mut level = 0;
     while level < MAX_CGROUP_LEVEL {
@@ -237,7 +265,7 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
     let socket_cgroup = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
     let Some((generation, (owner, verdict))) = stable(cfg, |slot| {
         let by_socket = if socket_cgroup != 0 {
-            workload_of_socket(&ctx, slot).map(|w| (w, socket_cgroup))
+            workload_of_socket(ctx.as_ptr().cast(), slot).map(|w| (w, socket_cgroup))
         } else {
             None
         };

@@ -267,6 +267,8 @@ struct RawDaemon {
     cgroup_root: Option<PathBuf>,
     #[serde(default)]
     on_exit: Option<OnExit>,
+    #[serde(default)]
+    cgroup_skb: Option<bool>,
 }
 
 /// What `run` does with the kernel programs when it exits.
@@ -423,6 +425,8 @@ pub struct Config {
     /// bpffs directory holding the pinned maps and links.
     pub pin_dir: PathBuf,
     pub on_exit: OnExit,
+    /// The per-packet backstop on the cgroup (`cgroup_skb/egress`); default on.
+    pub cgroup_skb: bool,
     pub tc: TcConfig,
     pub dns: DnsConfig,
     /// Problems that do not stop the config from loading.
@@ -685,6 +689,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         }
     }
 
+    let cgroup_skb = raw.daemon.cgroup_skb.unwrap_or(true);
+    if !cgroup_skb {
+        warnings.push(format!(
+            "{}: [daemon] cgroup_skb = false: the per-packet backstop on the cgroup is off, so packets the socket hooks never judge (ping and raw sockets a workload is allowed, flows after a policy change) are judged only by TC where it runs; meant for testing the TC layer alone",
+            path.display()
+        ));
+    }
     if !cx.errors.is_empty() {
         return Err(ConfigErrors(cx.errors));
     }
@@ -707,6 +718,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             netns: raw.tc.netns,
         },
         on_exit,
+        cgroup_skb,
         dns,
         warnings,
     })

@@ -238,7 +238,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     maps.install(&compiled, &mount, cfg.rate_limit_per_sec)?;
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS_1").context("map EVENTS_1 missing")?)?;
     let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
-    let attachments = loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins, pinned_hash)?;
+    let skip: &[&str] = if cfg.cgroup_skb { &[] } else { &["cgroup_skb"] };
+    let attachments = loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins, pinned_hash, skip)?;
     match loader::attach_lsm(&mut ebpf, &pins, pinned_hash) {
         Ok(_) => {
             metrics
@@ -701,6 +702,9 @@ fn start_only_changes(old: &config::Config, new: &config::Config) -> Vec<&'stati
     }
     if old.tc != new.tc {
         out.push("[tc]");
+    }
+    if old.cgroup_skb != new.cgroup_skb {
+        out.push("[daemon] cgroup_skb");
     }
     out
 }

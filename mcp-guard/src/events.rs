@@ -234,6 +234,7 @@ pub fn hook_name(h: u8) -> &'static str {
         HOOK_TC => "tc",
         mcp_guard_common::HOOK_SOCK_CREATE => "sock_create",
         mcp_guard_common::HOOK_LSM_SOCKET => "socket_create",
+        mcp_guard_common::HOOK_CGROUP_SKB => "cgroup_skb",
         _ => "unknown",
     }
 }

@@ -6,7 +6,7 @@ use std::{collections::HashMap, fs::File, path::Path};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -16,13 +16,15 @@ use crate::pins::{Pins, MAP_NAMES};
 
 /// The socket-level programs, by kernel program name, with their hook names and kernel
 /// attach types (BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG).
-pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 5] = [
+pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 6] = [
     ("mcpg_connect4", "connect4", 10),
     ("mcpg_connect6", "connect6", 11),
     ("mcpg_sendmsg4", "sendmsg4", 14),
     ("mcpg_sendmsg6", "sendmsg6", 15),
     // cgroup/sock_create (BPF_CGROUP_INET_SOCK_CREATE): raw inet sockets.
     ("mcpg_sock_create", "sock_create", 2),
+    // cgroup_skb/egress (BPF_CGROUP_INET_EGRESS): every packet of the workloads' sockets.
+    ("mcpg_cgroup_skb", "cgroup_skb", 1),
 ];
 
 /// The BPF LSM program refusing AF_PACKET sockets, and its link's pin name.
@@ -142,6 +144,7 @@ pub fn attach_sock_addr(
     cgroup_dir: &Path,
     pins: &Pins,
     pinned_hash: u32,
+    skip: &[&str],
 ) -> Result<Attachments, LoadError> {
     let cg = File::open(cgroup_dir).map_err(|source| LoadError::Cgroup {
         path: cgroup_dir.display().to_string(),
@@ -149,6 +152,13 @@ pub fn attach_sock_addr(
     })?;
     let mut out = Attachments::default();
     for (name, hook, attach_type) in SOCK_ADDR_PROGRAMS {
+        if skip.contains(&hook) {
+            // Turned off: a link an earlier daemon pinned goes with its pin.
+            if std::fs::remove_file(pins.link(hook)).is_ok() {
+                warn!(hook, "turned off: removed the pinned link an earlier daemon left");
+            }
+            continue;
+        }
         let ours_id = load_cgroup_prog(ebpf, name)?;
         if let Ok(pinned) = PinnedLink::from_pin(pins.link(hook)) {
             let link = FdLink::from(pinned);
@@ -185,6 +195,10 @@ fn load_cgroup_prog(ebpf: &mut Ebpf, name: &'static str) -> Result<u32, LoadErro
         let p: &mut CgroupSock = program.try_into().map_err(err)?;
         p.load().map_err(err)?;
         Ok(p.info().map_err(err)?.id())
+    } else if name == "mcpg_cgroup_skb" {
+        let p: &mut CgroupSkb = program.try_into().map_err(err)?;
+        p.load().map_err(err)?;
+        Ok(p.info().map_err(err)?.id())
     } else {
         let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
         p.load().map_err(err)?;
@@ -202,6 +216,12 @@ fn attach_cgroup_prog(ebpf: &mut Ebpf, name: &'static str, cg: &File) -> Result<
     let fd_link = if name == "mcpg_sock_create" {
         let p: &mut CgroupSock = program.try_into().map_err(err)?;
         let id = p.attach(cg, CgroupAttachMode::Single).map_err(err)?;
+        FdLink::try_from(p.take_link(id).map_err(err)?)
+    } else if name == "mcpg_cgroup_skb" {
+        let p: &mut CgroupSkb = program.try_into().map_err(err)?;
+        let id = p
+            .attach(cg, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+            .map_err(err)?;
         FdLink::try_from(p.take_link(id).map_err(err)?)
     } else {
         let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
@@ -344,6 +364,7 @@ pub fn attachment_state(expected: &Attachments, cgroup_dir: &Path) -> Vec<(&'sta
     let cg = File::open(cgroup_dir).ok();
     SOCK_ADDR_PROGRAMS
         .iter()
+        .filter(|(_, hook, _)| expected.expected.contains_key(hook))
         .map(|(_, hook, at)| {
             let attached = match (&cg, expected.expected.get(hook)) {
                 (Some(cg), Some(id)) => attached_ids(cg, *at).is_ok_and(|ids| ids.contains(id)),

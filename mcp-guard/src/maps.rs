@@ -77,6 +77,9 @@ pub struct PolicyMaps {
     stats: PerCpuArray<MapData, u64>,
     flows: PerCpuHashMap<MapData, FlowCounterKey, u64>,
     sources: HashMap<MapData, [u8; 16], u64>,
+    /// Registration epoch: bumped after every change of a cgroup registration, so the
+    /// cgroup_skb backstop decides again what it cached for a socket.
+    epoch: Array<MapData, u32>,
     /// What `sources` holds now.
     source_entries: BTreeMap<[u8; 16], u64>,
     slots: [SlotContents; 2],
@@ -114,6 +117,7 @@ impl PolicyMaps {
             stats: PerCpuArray::try_from(take(ebpf, "STATS_1")?).map_err(map_err("STATS_1"))?,
             flows: PerCpuHashMap::try_from(take(ebpf, "FLOWS_1")?).map_err(map_err("FLOWS_1"))?,
             sources: HashMap::try_from(take(ebpf, "SOURCES_1")?).map_err(map_err("SOURCES_1"))?,
+            epoch: Array::try_from(take(ebpf, "EPOCH_1")?).map_err(map_err("EPOCH_1"))?,
             source_entries: BTreeMap::new(),
             slots: [SlotContents::default(), SlotContents::default()],
             active: 0,
@@ -338,6 +342,12 @@ impl PolicyMaps {
                     changed += 1;
                 }
                 Err(e) => warn!(workload_id = wid, error = %e, "cannot register workload cgroup"),
+            }
+        }
+        if changed > 0 {
+            let next = self.epoch.get(&0, 0).unwrap_or(0).wrapping_add(1);
+            if let Err(e) = self.epoch.set(0, next, 0) {
+                warn!(error = %e, "cannot bump the registration epoch: the packet backstop keeps decisions cached before this change until the next policy change");
             }
         }
         changed

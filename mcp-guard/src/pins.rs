@@ -16,7 +16,7 @@ use aya::programs::{links::PinnedLink, Link as _};
 use tracing::info;
 
 /// Every map of the object, by kernel name.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 11] = [
     "CONFIG_1",
     "CGROUPS_1",
     "POLICY_LPM_1",
@@ -26,6 +26,8 @@ pub const MAP_NAMES: [&str; 9] = [
     "RATE_1",
     "EVENTS_1",
     "SOURCES_1",
+    "SKB_CACHE_1",
+    "EPOCH_1",
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

@@ -149,7 +149,7 @@ fn vm_mode_tc_drops_raw_packets_to_denied_destinations() {
     let (_, guarded) = cg.child("w");
     let (_, outside) = cg.child("outside");
     let d = Daemon::start(&format!(
-        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndeny_raw_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\n[tc]\nnetns = \"{ns}\"\ninterfaces = [\"vm*\"]\n",
+        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndeny_raw_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\ncgroup_skb = false\n[tc]\nnetns = \"{ns}\"\ninterfaces = [\"vm*\"]\n",
         r = cg.rel,
         ns = vm.path().display()
     ));
@@ -248,7 +248,7 @@ fn pod_mode_tc_attributes_by_source_address() {
     let cg = TestCgroup::new();
     let (_, guarded) = cg.child("pod");
     let d = Daemon::start(&format!(
-        "[[workload]]\nname = \"pod\"\ncgroup = \"{r}/pod\"\ndeny_raw_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\n[tc]\nnetns = \"{ns}\"\ninterfaces = []\npod_interfaces = [\"vh*\"]\n",
+        "[[workload]]\nname = \"pod\"\ncgroup = \"{r}/pod\"\ndeny_raw_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\ncgroup_skb = false\n[tc]\nnetns = \"{ns}\"\ninterfaces = []\npod_interfaces = [\"vh*\"]\n",
         r = cg.rel,
         ns = node.path().display()
     ));
@@ -318,7 +318,7 @@ fn tc_links_are_pinned_and_adopted_after_kill_9() {
     let cg = TestCgroup::new();
     let (_, guarded) = cg.child("w");
     let mut d = Daemon::start(&format!(
-        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndeny_raw_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\n[tc]\nnetns = \"{ns}\"\ninterfaces = [\"vm*\"]\n",
+        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndeny_raw_sockets = false\n[daemon]\nattach_cgroup = \"{r}\"\ncgroup_skb = false\n[tc]\nnetns = \"{ns}\"\ninterfaces = [\"vm*\"]\n",
         r = cg.rel,
         ns = vm.path().display()
     ));
@@ -423,5 +423,118 @@ fn exec_hardens_the_command() {
         privileged(&d)
     );
     assert!(d.stderr.lock().unwrap().contains("hold capabilities that go around the cgroup hooks"));
+    assert!(d.stop());
+}
+
+/// Counts TCP bytes received on `addr` inside the namespace, over every connection.
+fn tcp_byte_counter(ns: &NetNs, addr: &str) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use std::io::Read as _;
+    let sa: std::net::SocketAddr = addr.parse().unwrap();
+    let listener = ns.in_ns(move || std::net::TcpListener::bind(sa).unwrap());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = count.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    c.fetch_add(n as u64, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    count
+}
+
+/// The per-packet backstop on the cgroup (cgroup_skb/egress), with no TC anywhere: the
+/// ping and raw sockets a workload is allowed still cannot reach the metadata service
+/// or an internal address, and an established flow is cut when the policy stops
+/// allowing its destination. Each refusal is one event (hook cgroup_skb) and counted.
+#[test]
+fn cgroup_skb_backstop_judges_every_packet() {
+    let ns = NetNs::new();
+    ns.sysctl("net.ipv4.ping_group_range", "0 2147483647");
+    for a in ["169.254.169.254", "10.0.12.5", "93.184.216.34", "93.184.216.35"] {
+        ns.add_addr(a);
+    }
+    let received = tcp_byte_counter(&ns, "93.184.216.35:443");
+    let cg = TestCgroup::new();
+    let (_, dir) = cg.child("w");
+    let config = |allow_flow: bool| {
+        format!(
+            "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndefault = \"deny-internal\"\nallow_ping = true\ndeny_raw_sockets = false\n{extra}[daemon]\nattach_cgroup = \"{r}\"\n[tc]\nenabled = false\n[events]\nrate_limit_per_sec = 0\n",
+            r = cg.rel,
+            extra = if allow_flow {
+                ""
+            } else {
+                "[[workload.allow]]\ncidr = \"10.0.0.0/8\"\n[[workload.allow]]\ncidr = \"192.0.2.0/24\"\n"
+            }
+        )
+    };
+    // First: default deny-internal, so public 93.184.216.35 is allowed.
+    let d = Daemon::start(&config(true));
+    assert!(d.get("/metrics").contains("mcp_guard_programs_attached{hook=\"cgroup_skb\"} 1"));
+    let mut p = Probe::new(PROBE, &dir, &ns);
+    // Ping sockets (allowed to this workload): judged per packet.
+    assert_eq!(p.op("ping 93.184.216.34"), "REPLY", "public");
+    let r = p.op("ping 169.254.169.254");
+    assert!(r == "EPERM" || r == "NOREPLY", "metadata: {r}");
+    let r = p.op("ping 10.0.12.5");
+    assert!(r == "EPERM" || r == "NOREPLY", "internal: {r}");
+    // A raw socket (allowed to this workload): the same.
+    assert_eq!(p.op("raw-icmp 93.184.216.34"), "REPLY");
+    let r = p.op("raw-icmp 169.254.169.254");
+    assert!(r == "EPERM" || r == "NOREPLY", "raw to metadata: {r}");
+    // A hand-built UDP datagram on a raw socket to the metadata service.
+    let udp = ns.udp_counter("169.254.169.254:53");
+    let r = p.op("raw-udp 10.0.12.5 169.254.169.254 53");
+    assert!(r == "EPERM" || r == "SENT", "{r}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(udp.load(Ordering::SeqCst), 0, "a raw datagram reached the metadata address");
+
+    // An established flow, allowed now...
+    assert_eq!(p.op("hold 93.184.216.35 443"), "OK 0");
+    assert_eq!(p.op("hold-send 0 1000"), "OK");
+    assert!(wait_until(Duration::from_secs(3), || received.load(Ordering::SeqCst) == 1000));
+    // ...is cut once a reload stops allowing its destination (default deny now).
+    let generation = d.status()["generation"].as_u64();
+    d.write_config(&config(false).replace("default = \"deny-internal\"", "default = \"deny\""));
+    assert!(
+        wait_until(Duration::from_secs(10), || d.status()["generation"].as_u64() > generation),
+        "reload not applied: {}",
+        d.status()
+    );
+    let before = received.load(Ordering::SeqCst);
+    let _ = p.op("hold-send 0 1000");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(received.load(Ordering::SeqCst), before, "the established flow still delivers after the policy stopped allowing it");
+
+    let mut events = Vec::new();
+    assert!(wait_until(Duration::from_secs(5), || {
+        events.extend(d.events(Duration::from_millis(100)));
+        events.iter().filter(|e| e["hook"] == "cgroup_skb").count() >= 5
+    }), "{events:#?}");
+    let skb: Vec<&serde_json::Value> = events.iter().filter(|e| e["hook"] == "cgroup_skb").collect();
+    let reasons: Vec<(&str, &str, &str)> = skb
+        .iter()
+        .map(|e| (e["reason"].as_str().unwrap(), e["dst"].as_str().unwrap(), e["proto"].as_str().unwrap()))
+        .collect();
+    for want in [
+        ("baseline-metadata", "169.254.169.254", "icmp"),
+        ("deny-internal", "10.0.12.5", "icmp"),
+        ("baseline-metadata", "169.254.169.254", "udp"),
+        ("default-deny", "93.184.216.35", "tcp"),
+    ] {
+        assert!(reasons.contains(&want), "no cgroup_skb event {want:?}: {reasons:#?}");
+    }
+    // Once per socket and destination, not per packet: the retransmissions of the cut
+    // flow are dropped without new events.
+    assert_eq!(reasons.iter().filter(|r| r.0 == "default-deny").count(), 1, "{reasons:#?}");
+    schema_check(&events);
     assert!(d.stop());
 }

@@ -462,9 +462,21 @@ fn main() {
     }
     let stdin = std::io::stdin();
     let mut out = std::io::stdout().lock();
+    // Connections kept open across lines (`hold`, `hold-send`).
+    let mut held: Vec<std::net::TcpStream> = Vec::new();
     for line in stdin.lock().lines() {
         let line = line.expect("stdin");
         let f: Vec<&str> = line.split_whitespace().collect();
+        if f.first() == Some(&"hold") || f.first() == Some(&"hold-send") {
+            writeln!(out, "{}", hold_op(&f, &mut held)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
+        if f.first() == Some(&"ping") {
+            writeln!(out, "{}", ping(&f)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
         if f.first() == Some(&"sendto-cycle") {
             writeln!(out, "{}", sendto_cycle(&f)).expect("stdout");
             out.flush().expect("stdout");
@@ -695,4 +707,65 @@ fn dns_op(f: &[&str]) -> String {
     }
     let parts: Vec<String> = by_rcode.iter().map(|(r, n)| format!("{r}:{n}")).collect();
     format!("SENT {count} ANSWERED {}", parts.join(","))
+}
+
+/// `hold ADDR PORT`: connects and keeps the connection, prints `OK N` (its index).
+/// `hold-send N BYTES`: writes BYTES bytes on held connection N, prints `OK` or the error.
+fn hold_op(f: &[&str], held: &mut Vec<std::net::TcpStream>) -> String {
+    use std::io::Write as _;
+    if f[0] == "hold" {
+        let sa = SocketAddr::new(f[1].parse().expect("address"), f[2].parse().expect("port"));
+        return match std::net::TcpStream::connect_timeout(&sa, std::time::Duration::from_secs(2)) {
+            Ok(s) => {
+                held.push(s);
+                format!("OK {}", held.len() - 1)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => "EPERM".into(),
+            Err(e) => format!("ERR {}", e.raw_os_error().unwrap_or(0)),
+        };
+    }
+    let n: usize = f[1].parse().expect("index");
+    let bytes: usize = f[2].parse().expect("bytes");
+    let Some(s) = held.get_mut(n) else {
+        return "ERR no-such-connection".into();
+    };
+    match s.write_all(&vec![b'x'; bytes]) {
+        Ok(()) => "OK".into(),
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => "EPERM".into(),
+        Err(e) => format!("ERR {}", e.raw_os_error().unwrap_or(0)),
+    }
+}
+
+/// `ping ADDR`: one ICMP echo over an ICMP datagram ("ping") socket, IPv4 or IPv6;
+/// prints `REPLY`, `NOREPLY`, or the socket or sendto error.
+fn ping(f: &[&str]) -> String {
+    let Some(Ok(ip)) = f.get(1).map(|a| a.parse::<IpAddr>()) else {
+        return "ERR usage: ping ADDR".into();
+    };
+    let (family, proto, ty) = match ip {
+        IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8u8),
+        IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8),
+    };
+    // SAFETY (all blocks): syscalls with valid fds and buffers.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM, proto) };
+    if fd < 0 {
+        return result(-1);
+    }
+    let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), size_of::<libc::timeval>() as u32)
+    };
+    // The kernel fills in the identifier and (for ICMPv4) the checksum.
+    let pkt = [ty, 0, 0, 0, 0, 0, 0, 1, b'm', b'c', b'p', b'g'];
+    let (st, len) = sockaddr(SocketAddr::new(ip, 0));
+    let sent = unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (&raw const st).cast(), len) };
+    if sent < 0 {
+        let r = result(-1);
+        unsafe { libc::close(fd) };
+        return r;
+    }
+    let mut buf = [0u8; 256];
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    unsafe { libc::close(fd) };
+    if n > 0 { "REPLY".into() } else { "NOREPLY".into() }
 }
