@@ -40,6 +40,8 @@ pub struct Tc {
     unpinned: Vec<SchedClassifierLink>,
     /// Links adopted from a previous daemon, for the log.
     pub adopted: usize,
+    /// Interfaces not attached because they are not Ethernet (reported once each).
+    skipped: HashSet<u32>,
 }
 
 fn pin_name(netns: u64, ifindex: u32, ingress: bool) -> String {
@@ -62,6 +64,30 @@ fn pinned_live(pins: &Pins, name: &str, interface: &str, kind: TcAttachType) -> 
     SchedClassifier::query_tcx(interface, kind)
         .is_ok_and(|(_, progs)| progs.iter().any(|p| p.id() == info.program_id()))
 }
+
+/// The link type (ARPHRD_*) of an interface of the calling thread's network namespace,
+/// from SIOCGIFHWADDR on a socket made there (sysfs would show the daemon's namespace).
+fn link_type(name: &str) -> Option<u16> {
+    // SAFETY: a plain socket, closed below; ifreq is zeroed and the name bounded.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return None;
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+            ifr.ifr_name[i] = b as libc::c_char;
+        }
+        let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut ifr);
+        libc::close(fd);
+        (rc == 0).then(|| ifr.ifr_ifru.ifru_hwaddr.sa_family)
+    }
+}
+
+/// The classifier parses frames from an Ethernet header: it attaches only to Ethernet
+/// interfaces (veths included). L3 devices (tun, WireGuard, GRE, IPIP) carry no such
+/// header; guarded sockets' packets on them are judged by the cgroup_skb backstop.
+const ARPHRD_ETHER: u16 = 1;
 
 /// Interfaces of the calling thread's network namespace.
 fn interfaces() -> Vec<(u32, String)> {
@@ -108,6 +134,7 @@ impl Tc {
             adopt: pinned_hash == crate::loader::object_hash(),
             unpinned: Vec::new(),
             adopted: 0,
+            skipped: HashSet::new(),
         })
     }
 
@@ -121,8 +148,12 @@ impl Tc {
             return 0;
         };
         let (config, pins, adopt) = (&self.config, &self.pins, self.adopt);
-        let (attached, unpinned, adopted) =
-            (&mut self.attached, &mut self.unpinned, &mut self.adopted);
+        let (attached, unpinned, adopted, skipped) = (
+            &mut self.attached,
+            &mut self.unpinned,
+            &mut self.adopted,
+            &mut self.skipped,
+        );
         // Interface names and TCX links resolve in the calling thread's network namespace:
         // do the work on a thread that entered the configured one.
         std::thread::scope(|s| {
@@ -144,8 +175,18 @@ impl Tc {
                 let wanted: Vec<(u32, &String, bool, bool)> = present
                     .iter()
                     .map(|(idx, name)| {
-                        let egress = name != "lo" && config.interfaces.iter().any(|g| glob_match(g, name));
-                        let ingress = config.pod_interfaces.iter().any(|g| glob_match(g, name));
+                        let mut egress = name != "lo" && config.interfaces.iter().any(|g| glob_match(g, name));
+                        let mut ingress = config.pod_interfaces.iter().any(|g| glob_match(g, name));
+                        if egress || ingress {
+                            let ty = link_type(name);
+                            if ty != Some(ARPHRD_ETHER) {
+                                if skipped.insert(*idx) {
+                                    warn!(interface = %name, link_type = ?ty, "tc classifier not attached: not an Ethernet interface (its parser reads Ethernet frames); the cgroup_skb backstop judges guarded sockets' packets on it");
+                                }
+                                egress = false;
+                                ingress = false;
+                            }
+                        }
                         (*idx, name, egress, ingress)
                     })
                     .collect();

@@ -144,6 +144,9 @@ fn vm_mode_tc_drops_raw_packets_to_denied_destinations() {
     vm.ip("route add 93.184.216.34/32 via 198.18.0.2");
     let metadata_udp = net.udp_counter("169.254.169.254:53");
     let public_udp = net.udp_counter("93.184.216.34:53");
+    // An L3 device the "vm*" glob also matches: the classifier reads Ethernet frames, so
+    // it must not attach there.
+    vm.ip("tuntap add dev vmtun0 mode tun");
 
     let cg = TestCgroup::new();
     let (_, guarded) = cg.child("w");
@@ -161,6 +164,18 @@ fn vm_mode_tc_drops_raw_packets_to_denied_destinations() {
             .contains("tc classifier attached")),
         "{}",
         d.stderr.lock().unwrap()
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            let log = d.stderr.lock().unwrap();
+            log.lines().any(|l| l.contains("not an Ethernet interface") && l.contains("vmtun0"))
+        }),
+        "the tun device was not skipped: {}",
+        d.stderr.lock().unwrap()
+    );
+    assert!(
+        !d.stderr.lock().unwrap().lines().any(|l| l.contains("tc classifier attached") && l.contains("vmtun0")),
+        "attached to a tun device"
     );
 
     let mut p = Probe::new(PROBE, &guarded, &vm);
