@@ -16,6 +16,7 @@ pub const MAX_DEPTH: usize = 16;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod enforced;
 pub mod dns;
 pub mod events;
 pub mod features;

@@ -330,7 +330,7 @@ struct ProgQueryAttr {
 const BPF_PROG_QUERY: libc::c_long = 16;
 
 /// Ids of the programs directly attached to a cgroup for one attach type.
-fn attached_ids(cgroup: &File, attach_type: u32) -> std::io::Result<Vec<u32>> {
+pub(crate) fn attached_ids(cgroup: &File, attach_type: u32) -> std::io::Result<Vec<u32>> {
     use std::os::fd::AsRawFd as _;
     let mut ids = vec![0u32; 64];
     let mut attr = ProgQueryAttr {

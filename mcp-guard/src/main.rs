@@ -412,30 +412,28 @@ fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[Strin
         .with_context(|| format!("creating cgroup {}", wl.cgroup))?;
     let id = cgroup::id(&mount, &wl.cgroup)?;
     if !unguarded {
-        // Wait until the daemon has registered this exact cgroup: only then is the command guarded.
+        // Wait until the kernel itself enforces this exact cgroup (read from the pinned
+        // maps and the attached programs, not from a listener anyone could answer on):
+        // only then is the command guarded.
+        let compiled = mcp_guard::policy::compile(&cfg)?;
+        let wid = compiled
+            .workloads
+            .iter()
+            .find(|w| w.name == workload)
+            .map(|w| w.id)
+            .context("workload missing from the compiled policy")?;
+        let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let body = client::get_body(cfg.metrics_listen, "/status");
-            let registered = body
-                .as_ref()
-                .ok()
-                .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
-                .is_some_and(|v| {
-                    v["workloads"].as_array().is_some_and(|ws| {
-                        ws.iter()
-                            .any(|w| w["name"] == workload && w["cgroup_id"] == id)
-                    })
-                });
-            if registered {
-                break;
+            match mcp_guard::enforced::check(&cfg, wid, id, &attach_dir) {
+                Ok(()) => break,
+                Err(why) if Instant::now() > deadline => bail!(
+                    "workload {workload:?} (cgroup {}) is not enforced: {why}; start `mcp-guard run --config {}` first, or pass --unguarded to run without protection",
+                    wl.cgroup,
+                    path.display()
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
-            if Instant::now() > deadline {
-                match body {
-                    Err(e) => bail!("no mcp-guard daemon answers on {} ({e}): start `mcp-guard run --config {}` first, or pass --unguarded to run without protection", cfg.metrics_listen, path.display()),
-                    Ok(_) => bail!("the daemon on {} does not enforce workload {workload:?} (cgroup {}): is it running with this config?", cfg.metrics_listen, wl.cgroup),
-                }
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
     }
     cgroup::join(&dir, std::process::id())
