@@ -113,6 +113,12 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
         Ok(p) => (p.saddr, p.proto, p.dport, p.sport, p.family),
         Err(_) => ([0; 16], 0, 0, 0, 0),
     };
+    // Audit mode: the socket hooks already reported (and let through) TCP and UDP flows;
+    // report only what they never judge, so nothing is counted twice.
+    if audit && (proto == 6 || proto == 17) {
+        remember(cookie, generation, epoch, parsed.as_ref().ok(), SKB_AUDITED);
+        return PASS;
+    }
     report::emit(
         &Flow {
             hook: HOOK_CGROUP_SKB,

@@ -527,7 +527,23 @@ impl Probe {
     /// process cannot enter a namespace): use it for socket creation only, never to send.
     #[must_use]
     pub fn exec(probe_bin: &str, config: &Path, workload: &str, extra: &[&str]) -> Self {
-        let mut child = Command::new(guard_bin())
+        Self::exec_in(probe_bin, config, workload, extra, None)
+    }
+
+    /// Like [`Probe::exec`], with `mcp-guard exec` itself started inside `ns` (through
+    /// `nsenter --net`, which leaves the mounts, and so the cgroup tree, alone): exec
+    /// decides from the kernel's pinned state, so it needs no network to the daemon.
+    #[must_use]
+    pub fn exec_in(probe_bin: &str, config: &Path, workload: &str, extra: &[&str], ns: Option<&NetNs>) -> Self {
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", ns.path().display())).arg(guard_bin());
+                c
+            }
+            None => Command::new(guard_bin()),
+        };
+        let mut child = cmd
             .arg("exec")
             .arg("--config")
             .arg(config)

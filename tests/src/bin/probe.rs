@@ -12,6 +12,9 @@
 //! `tcp-resolve-tcp ...` does the same with the query over TCP (RFC 1035 framing).
 //! ADDR may be IPv4 or IPv6.
 
+#[path = "probe_parts/matrix.rs"]
+mod matrix;
+
 use std::{
     io::{BufRead, Write},
     net::{IpAddr, SocketAddr},
@@ -469,6 +472,16 @@ fn main() {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.first() == Some(&"hold") || f.first() == Some(&"hold-send") {
             writeln!(out, "{}", hold_op(&f, &mut held)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
+        if f.first() == Some(&"packet-send") {
+            writeln!(out, "{}", matrix::packet_send(&f)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
+        if f.first() == Some(&"matrix") {
+            writeln!(out, "{}", matrix::run(&f)).expect("stdout");
             out.flush().expect("stdout");
             continue;
         }
