@@ -125,14 +125,14 @@ fn explain_names_the_deciding_rule() {
 #[test]
 fn exec_refuses_to_run_unguarded() {
     let cg = TestCgroup::new();
-    let port = mcp_guard_tests::free_port();
+    // A stranger answers on the metrics port with a plausible /status naming this very
+    // cgroup: exec decides from the kernel's pinned state, not from whoever answers.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
     let cfg = format!(
         "[[workload]]\nname='a'\ncgroup='{}/a'\n[metrics]\nlisten='127.0.0.1:{port}'\n",
         cg.rel
     );
-    // A stranger answers on the metrics port with a plausible /status naming this very
-    // cgroup: exec decides from the kernel's pinned state, not from whoever answers.
-    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
     let id = std::fs::metadata(cg.child("a").1).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
     std::thread::spawn(move || {
         use std::io::{Read as _, Write as _};

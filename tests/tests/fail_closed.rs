@@ -37,7 +37,9 @@ fn attached_count(cgroup: &std::path::Path, attach_type: &str) -> usize {
         .arg(cgroup)
         .output()
         .expect("bpftool");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    // A bpftool that fails must fail the test, not read as "nothing attached".
+    assert!(out.status.success(), "bpftool cgroup show: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     v.as_array().map_or(0, |a| {
         a.iter().filter(|p| p["attach_type"] == attach_type).count()
     })
@@ -85,14 +87,16 @@ fn kill_9_never_opens_a_window_and_restart_adopts() {
     let status = d.status();
     assert_eq!(
         status["adopted"].as_array().unwrap().len(),
-        5,
-        "all five cgroup links adopted: {status}"
+        6,
+        "all six cgroup links adopted (connect4/6, sendmsg4/6, sock_create, cgroup_skb): {status}"
     );
     for t in [
         "cgroup_inet4_connect",
         "cgroup_inet6_connect",
         "cgroup_udp4_sendmsg",
         "cgroup_udp6_sendmsg",
+        "cgroup_inet_sock_create",
+        "cgroup_inet_egress",
     ] {
         assert_eq!(
             attached_count(&cg.dir, t),
@@ -148,7 +152,7 @@ fn keep_on_exit_then_uninstall_leaves_nothing() {
     let (_, dir) = cg.child("w");
     let mut d = Daemon::start(&config(&cg, "on_exit = \"keep\"\n"));
     let (progs, maps) = kernel_objects(&d);
-    assert_eq!(progs.len(), 5);
+    assert_eq!(progs.len(), 6, "connect4/6, sendmsg4/6, sock_create, cgroup_skb");
     assert!(maps.len() >= 8, "{maps:?}");
     assert!(d.terminate());
     assert!(d
