@@ -2,8 +2,10 @@
 //! workload's default, in that order.
 
 use aya_ebpf::{
-    helpers::generated::bpf_get_current_ancestor_cgroup_id, maps::lpm_trie::Key,
+    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+    maps::lpm_trie::Key,
     programs::SockAddrContext,
+    EbpfContext,
 };
 use mcp_guard_common::{
     scope, CgroupKey, Config, ExactKey, LpmData, PolicyEntry, WorkloadInfo, CLASS_INTERNAL,
@@ -141,10 +143,22 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
         report::unstable();
         return DENY;
     };
+    // Let through here: the backstop's first packet to this destination is a cache hit
+    // (MPTCP sends on subflows, other sockets: nothing to prime).
+    let prime = |state: u8| {
+        if protocol != IPPROTO_MPTCP {
+            // SAFETY: helper on our own context.
+            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+            let packed = (u32::from(port) << 16) | ((protocol & 0xff) << 8) | u32::from(state);
+            crate::skb::prime(cookie, generation, &addr, packed);
+        }
+    };
     let Some((wl, result, dest_class)) = outcome else {
+        prime(mcp_guard_common::SKB_UNTOUCHED);
         return ALLOW;
     };
     if result & REFUSED == 0 {
+        prime(mcp_guard_common::SKB_ALLOWED);
         return ALLOW;
     }
     let audit = wl.mode == MODE_AUDIT;

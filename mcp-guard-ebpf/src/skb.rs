@@ -189,3 +189,21 @@ fn remember(cookie: u64, generation: u32, epoch: u32, p: Option<&Packet>, state:
     };
     let _ = SKB_CACHE_1.insert(&cookie, &v, 0);
 }
+
+/// Called by the connect and sendmsg hooks on a decision that lets the call through:
+/// caches it for the socket, so the packets that follow cost the backstop one lookup
+/// instead of a second ancestor walk and decision. `addr` is the judged destination;
+/// `port_proto_state` packs the port (high 16 bits), the IP protocol and the state.
+#[inline(never)]
+pub(crate) fn prime(cookie: u64, generation: u32, addr: &[u8; 16], port_proto_state: u32) {
+    let epoch = EPOCH_1.get(0).map_or(0, |e| unsafe { core::ptr::read_volatile(e) });
+    let v = SkbVerdict {
+        generation,
+        epoch,
+        daddr: *addr,
+        dport: (port_proto_state >> 16) as u16,
+        proto: (port_proto_state >> 8) as u8,
+        state: port_proto_state as u8,
+    };
+    let _ = SKB_CACHE_1.insert(&cookie, &v, 0);
+}
