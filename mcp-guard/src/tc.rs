@@ -206,7 +206,13 @@ impl Tc {
                             *adopted += 1;
                             continue;
                         }
-                        let link = p.attach(name, kind).and_then(|id| p.take_link(id));
+                        let mut link = p.attach(name, kind).and_then(|id| p.take_link(id));
+                        if link.is_err() {
+                            // Before TCX (kernels older than 6.6) the classifier goes into
+                            // a clsact qdisc through netlink: add it (if missing), retry.
+                            let _ = aya::programs::tc::qdisc_add_clsact(name);
+                            link = p.attach(name, kind).and_then(|id| p.take_link(id));
+                        }
                         match link {
                             Ok(link) => {
                                 if <&FdLink>::try_from(&link).is_ok() {

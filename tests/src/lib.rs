@@ -251,6 +251,14 @@ pub fn guard_bin() -> PathBuf {
     bin
 }
 
+/// Whether the running kernel is at least MAJOR.MINOR.
+#[must_use]
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
+}
+
 /// A free loopback port for a daemon's listener.
 #[must_use]
 pub fn free_port() -> u16 {

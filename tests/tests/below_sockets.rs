@@ -119,6 +119,15 @@ fn raw_and_packet_sockets_are_refused_where_configured() {
     );
     if lsm {
         assert_eq!(reasons[2], ("socket_create", "packet-socket"));
+        // Counted exactly, like every refusal.
+        let metrics = d.get("/metrics");
+        assert!(
+            metrics.lines().any(|l| l.starts_with("mcp_guard_denied_flows_total{")
+                && l.contains("hook=\"socket_create\"")
+                && l.contains("reason=\"packet-socket\"")
+                && l.ends_with(" 1")),
+            "{metrics}"
+        );
     }
     assert!(events
         .iter()
@@ -322,6 +331,11 @@ fn tc_programs(ns: &NetNs, interface: &'static str) -> usize {
 /// classifier, and detaching removes them.
 #[test]
 fn tc_links_are_pinned_and_adopted_after_kill_9() {
+    if !mcp_guard_tests::kernel_at_least(6, 6) {
+        // Said, not skipped silently: the VM runner prints it in the result line.
+        println!("NEEDS TCX (kernel 6.6+): TC links cannot be pinned before it; the netlink (clsact) attachment is exercised by vm_mode_tc_drops_raw_packets_to_denied_destinations");
+        return;
+    }
     let vm = NetNs::new();
     let net = NetNs::new();
     vm.veth("vm0", &net, "net0");

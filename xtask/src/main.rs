@@ -3,6 +3,7 @@
 mod demo;
 mod dist;
 mod setup;
+mod vm;
 
 use std::process::Command;
 
@@ -36,6 +37,8 @@ enum Cmd {
     Dist,
     /// A simulated compromised MCP server tries SSRF to the metadata service and an internal database.
     Demo,
+    /// The kernel tests on Debian's 6.1 and 6.12 kernels in qemu (BPF LSM on).
+    VmTest,
 }
 
 /// Debian packages the test suite needs: (command, package).
@@ -113,6 +116,7 @@ fn main() -> Result<()> {
             }
             setup::status(&mut c)
         }
+        Cmd::VmTest => vm::run(),
         Cmd::Demo => {
             setup::require_root("cargo xtask demo")?;
             setup::packages(TEST_PACKAGES)?;
