@@ -12,12 +12,13 @@
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_socket_cookie, bpf_skb_cgroup_id},
-    macros::cgroup_skb,
+    macros::{cgroup_skb, map},
+    maps::PerCpuArray,
     programs::SkBuffContext,
     EbpfContext,
 };
 use mcp_guard_common::{
-    SkbVerdict, CLASS_NONE, HOOK_CGROUP_SKB, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+    SkbVerdict, WorkloadInfo, CLASS_NONE, HOOK_CGROUP_SKB, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
     REASON_MALFORMED, SKB_ALLOWED, SKB_AUDITED, SKB_DROPPED, SKB_UNTOUCHED, VERDICT_AUDITED,
     VERDICT_DENIED,
 };
@@ -25,13 +26,42 @@ use mcp_guard_common::{
 use crate::{
     decide::{classify, decide, stable, REFUSED},
     maps::{CONFIG_1, EPOCH_1, SKB_CACHE_1},
-    packet::{link_scoped_icmpv6, parse_ip, workload_of_socket, Packet, ETH_P_IP, ETH_P_IPV6},
+    packet::{link_scoped_icmpv6, parse_ip, workload_of_socket, Packet, Parsed, ETH_P_IP, ETH_P_IPV6},
     report::{self, Flow, Origin},
 };
 
 /// cgroup_skb: 1 lets the packet go, 0 drops it.
 const PASS: i32 = 1;
 const DROP: i32 = 0;
+
+/// The packet being judged lives here, not on the program's stack: the verifier bounds
+/// the stack of the whole call chain (512 bytes; older kernels count it more strictly).
+#[map]
+static SKB_SCRATCH_1: PerCpuArray<Packet> = PerCpuArray::with_max_entries(1, 0);
+
+/// Parses the packet into `out` (out of line, so its temporaries stay off the chain that
+/// reports). Returns 0 for an IP packet, 1 for anything else that is not IP, 2 for an IP
+/// packet cut short or malformed.
+#[inline(never)]
+fn parse_skb(ctx: &SkBuffContext, out: &mut Packet) -> u8 {
+    // Data starts at the IP header; its version says which.
+    let eth_proto = match ctx.load::<u8>(0).map_or(0, |b| b >> 4) {
+        4 => ETH_P_IP,
+        6 => ETH_P_IPV6,
+        _ => return 1,
+    };
+    match parse_ip(ctx, 0, eth_proto) {
+        Ok(p) => {
+            *out = p;
+            // NAT64 destinations are judged by the IPv4 address they carry; from here
+            // on the packet's destination is the judged one.
+            mcp_guard_common::nat64_to_mapped(&mut out.daddr);
+            0
+        }
+        Err(Parsed::NotIp) => 1,
+        Err(Parsed::Broken(_)) => 2,
+    }
+}
 
 #[cgroup_skb(egress)]
 pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
@@ -49,25 +79,22 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     if cached.is_some_and(|c| c.state == SKB_UNTOUCHED) {
         return PASS;
     }
-    // Data starts at the IP header; its version says which.
-    let version = ctx.load::<u8>(0).map_or(0, |b| b >> 4);
-    let eth_proto = match version {
-        4 => ETH_P_IP,
-        6 => ETH_P_IPV6,
-        _ => 0,
+    let Some(p) = SKB_SCRATCH_1.get_ptr_mut(0) else {
+        return DROP;
     };
-    let mut parsed = parse_ip(&ctx, 0, eth_proto);
-    let mut judged = [0u8; 16];
-    if let Ok(p) = &mut parsed {
+    // SAFETY: this CPU's scratch slot; programs do not migrate while running.
+    let p = unsafe { &mut *p };
+    let status = parse_skb(&ctx, p);
+    if status == 1 {
+        return PASS;
+    }
+    let parsed = status == 0;
+    if parsed {
         if link_scoped_icmpv6(p) {
             return PASS;
         }
-        // NAT64 destinations are judged by the IPv4 address they carry; from here on
-        // the packet's destination is the judged one.
-        mcp_guard_common::nat64_to_mapped(&mut p.daddr);
-        judged = p.daddr;
         if let Some(c) = cached {
-            if c.daddr == judged && c.dport == p.dport && c.proto == p.proto {
+            if c.daddr == p.daddr && c.dport == p.dport && c.proto == p.proto {
                 return match c.state {
                     SKB_DROPPED => DROP,
                     _ => PASS,
@@ -77,84 +104,50 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     }
     let skb = ctx.as_ptr().cast();
     let outcome = stable(cfg, |slot| {
-        workload_of_socket(skb, slot).map(|wl| match &parsed {
-            Ok(p) => {
-                let proto_bit = match p.proto {
-                    6 => PROTO_TCP,
-                    17 | 136 => PROTO_UDP,
-                    _ => PROTO_OTHER,
-                };
-                let result = decide(slot, wl, &judged, p.dport, proto_bit);
-                let class = if result & REFUSED != 0 {
-                    classify(slot, &judged)
-                } else {
-                    CLASS_NONE
-                };
-                (wl, result, class)
+        workload_of_socket(skb, slot).map(|wl| {
+            if !parsed {
+                // A guarded socket's packet that cannot be parsed: fail closed.
+                return (wl, REFUSED | (u64::from(REASON_MALFORMED) << 32), CLASS_NONE);
             }
-            // A guarded socket's packet that cannot be parsed: fail closed.
-            Err(_) => (wl, REFUSED | (u64::from(REASON_MALFORMED) << 32), CLASS_NONE),
+            let proto_bit = match p.proto {
+                6 => PROTO_TCP,
+                17 | 136 => PROTO_UDP,
+                _ => PROTO_OTHER,
+            };
+            let result = decide(slot, wl, &p.daddr, p.dport, proto_bit);
+            let class = if result & REFUSED != 0 {
+                classify(slot, &p.daddr)
+            } else {
+                CLASS_NONE
+            };
+            (wl, result, class)
         })
     });
     let Some((generation, outcome)) = outcome else {
         report::unstable();
         return DROP;
     };
+    let known = parsed.then_some(&*p);
     let Some((wl, result, class)) = outcome else {
-        remember(cookie, generation, epoch, parsed.as_ref().ok(), SKB_UNTOUCHED);
+        remember(cookie, generation, epoch, known, SKB_UNTOUCHED);
         return PASS;
     };
     if result & REFUSED == 0 {
-        remember(cookie, generation, epoch, parsed.as_ref().ok(), SKB_ALLOWED);
+        remember(cookie, generation, epoch, known, SKB_ALLOWED);
         return PASS;
     }
     let audit = wl.mode == MODE_AUDIT;
-    let (saddr, proto, dport, sport, family) = match &parsed {
-        Ok(p) => (p.saddr, p.proto, p.dport, p.sport, p.family),
-        Err(_) => ([0; 16], 0, 0, 0, 0),
-    };
     // Audit mode: the socket hooks already reported (and let through) TCP and UDP flows;
     // report only what they never judge, so nothing is counted twice.
-    if audit && (proto == 6 || proto == 17) {
-        remember(cookie, generation, epoch, parsed.as_ref().ok(), SKB_AUDITED);
-        return PASS;
+    if !(audit && parsed && (p.proto == 6 || p.proto == 17)) {
+        refusal(skb, wl, result, (u64::from(generation) << 32) | u64::from(class), known);
     }
-    report::emit(
-        &Flow {
-            hook: HOOK_CGROUP_SKB,
-            verdict: if audit {
-                VERDICT_AUDITED
-            } else {
-                VERDICT_DENIED
-            },
-            workload_id: wl.workload_id,
-            reason: (result >> 32) as u8,
-            rule_id: result as u32,
-            dest_class: class,
-            addr: judged,
-            port: dport,
-            proto,
-            sock_family: family,
-            generation,
-            rate_limit: cfg.rate_limit_per_sec,
-        },
-        &Origin {
-            // SAFETY: helper on our own skb (the socket's cgroup).
-            cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
-            socket_cookie: cookie,
-            pid_tgid: 0,
-            uid_gid: 0,
-            comm: [0; 16],
-            saddr,
-            sport,
-        },
-    );
-    if let Ok(p) = &parsed {
+    if parsed {
         remember(
             cookie,
             generation,
             epoch,
-            Some(p),
+            known,
             if audit { SKB_AUDITED } else { SKB_DROPPED },
         );
     }
@@ -163,6 +156,53 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     } else {
         DROP
     }
+}
+
+/// Counts and reports one refusal (out of line: the event's fields stay off the main
+/// program's stack). `gen_class` packs the generation (high 32 bits) and the class.
+#[inline(never)]
+fn refusal(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    wl: &WorkloadInfo,
+    result: u64,
+    gen_class: u64,
+    p: Option<&Packet>,
+) {
+    let rate_limit = CONFIG_1.get(0).map_or(0, |c| c.rate_limit_per_sec);
+    let (addr, saddr, proto, dport, sport, family) = match p {
+        Some(p) => (p.daddr, p.saddr, p.proto, p.dport, p.sport, p.family),
+        None => ([0; 16], [0; 16], 0, 0, 0, 0),
+    };
+    report::emit(
+        &Flow {
+            hook: HOOK_CGROUP_SKB,
+            verdict: if wl.mode == MODE_AUDIT {
+                VERDICT_AUDITED
+            } else {
+                VERDICT_DENIED
+            },
+            workload_id: wl.workload_id,
+            reason: (result >> 32) as u8,
+            rule_id: result as u32,
+            dest_class: gen_class as u8,
+            addr,
+            port: dport,
+            proto,
+            sock_family: family,
+            generation: (gen_class >> 32) as u32,
+            rate_limit,
+        },
+        &Origin {
+            // SAFETY: helpers on our own skb (the socket's cgroup and cookie).
+            cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+            socket_cookie: unsafe { bpf_get_socket_cookie(skb.cast()) },
+            pid_tgid: 0,
+            uid_gid: 0,
+            comm: [0; 16],
+            saddr,
+            sport,
+        },
+    );
 }
 
 /// Caches the decision for a socket (out of line: its value stays off the program's
