@@ -123,26 +123,31 @@ pub fn mcpg_sock_create(ctx: SockContext) -> i32 {
 #[lsm(hook = "socket_create")]
 pub fn mcpg_lsm_socket(ctx: LsmContext) -> i32 {
     // socket_create(int family, int type, int protocol, int kern), then the verdict of
-    // the LSM programs before us: keep a refusal already made.
+    // the LSM programs before us.
     let family: i32 = ctx.arg(0);
     let protocol: i32 = ctx.arg(2);
     let kern: i32 = ctx.arg(3);
     let previous: i32 = ctx.arg(4);
-    if previous != 0 {
-        return previous;
+    // An earlier refusal stays one (returned as EPERM: the verifier bounds an LSM
+    // program's return to -4095..0 over the whole register, which a value passed
+    // through cannot show).
+    let mut refuse = previous != 0;
+    if !refuse && (family == AF_PACKET || family == AF_XDP || family == AF_VSOCK) && kern == 0 {
+        // The protocol of a packet socket is an ethertype in network order.
+        let proto = if family == AF_PACKET {
+            u16::from_be(protocol as u16) as u8
+        } else {
+            protocol as u8
+        };
+        refuse = refuse_creation(PACKET, family as u8, proto, 0);
     }
-    if !(family == AF_PACKET || family == AF_XDP || family == AF_VSOCK) || kern != 0 {
-        return 0;
+    // Through the stack as a 64-bit constant on each path: computed as -(bool), the
+    // verifier could not bound it (kernels that check LSM return ranges refuse that).
+    let mut verdict = 0i64;
+    if refuse {
+        // SAFETY: a local.
+        unsafe { core::ptr::write_volatile(&raw mut verdict, -i64::from(EPERM)) };
     }
-    // The protocol of a packet socket is an ethertype in network order.
-    let proto = if family == AF_PACKET {
-        u16::from_be(protocol as u16) as u8
-    } else {
-        protocol as u8
-    };
-    if refuse_creation(PACKET, family as u8, proto, 0) {
-        -EPERM
-    } else {
-        0
-    }
+    // SAFETY: a local.
+    unsafe { core::ptr::read_volatile(&raw const verdict) as i32 }
 }

@@ -383,7 +383,12 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Slow machines (software-emulated VMs: `cargo xtask vm-test`) say how long.
+        let secs = std::env::var("MCPG_READY_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(30);
+        let deadline = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < deadline {
             if self
                 .stderr

@@ -201,14 +201,19 @@ fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, Pa
     // The event schema the tests validate against (a path compiled into them).
     let schema = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../mcp-guard/schema/event-v1.schema.json");
     install(&root, &schema, false)?;
-    // Kernel modules, dependencies first, decompressed for busybox insmod.
+    // Paths the tests resolve at run time: `tests/../mcp-guard/...` needs `tests`.
+    let tests_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests").canonicalize()?;
+    fs::create_dir_all(root.join(tests_dir.strip_prefix("/").unwrap_or(&tests_dir)))?;
+    // Kernel modules, dependencies first, decompressed for busybox insmod. The package
+    // carries no modules.dep (its postinst makes one): make it.
+    setup::status(Command::new("depmod").arg("-b").arg(kernel_root).arg(release))?;
     let mut insmods = Vec::new();
     for m in MODULES {
         let deps = out(Command::new("modprobe")
             .arg("-d")
             .arg(kernel_root)
             .args(["-S", release, "--show-depends", m]))
-        .unwrap_or_default();
+        .with_context(|| format!("module {m} of kernel {release}"))?;
         for line in deps.lines().filter_map(|l| l.strip_prefix("insmod ")) {
             let src = PathBuf::from(line.trim());
             let rel = src.strip_prefix(kernel_root).unwrap_or(&src).to_path_buf();
@@ -229,7 +234,7 @@ fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, Pa
     }
     // /init: mount what the tests expect, load the modules, run each test, power off.
     let mut init = String::from(
-        "#!/bin/sh\nexport PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport RUST_BACKTRACE=0 HOME=/root\n\
+        "#!/bin/sh\nexport PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport RUST_BACKTRACE=0 HOME=/root MCPG_READY_TIMEOUT=180\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
          mount -t tmpfs run /run\nmount -t tmpfs tmp /tmp\n\
          mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
@@ -252,8 +257,8 @@ fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, Pa
         let _ = writeln!(
             init,
             "out=$({exe} --exact {test} --test-threads=1 --nocapture 2>&1); rc=$?\n\
-             echo \"$out\" | grep -E '^(NEEDS|attack matrix|  )' | sed 's/^/VMLOG {test}: /'\n\
-             need=$(echo \"$out\" | grep -m1 '^NEEDS ' | cut -c7-)\n\
+             echo \"$out\" | grep -E 'NEEDS|attack matrix|^  ' | sed 's/^/VMLOG {test}: /'\n\
+             need=$(echo \"$out\" | grep -o 'NEEDS .*' | head -1 | cut -c7-)\n\
              if [ $rc -ne 0 ]; then echo \"$out\" | tail -40 | sed 's/^/VMFAIL {test}: /'; echo \"VMTEST {bin}::{test} FAIL\";\n\
              elif [ -n \"$need\" ]; then echo \"VMTEST {bin}::{test} NOT RUN: needs $need\";\n\
              else echo \"VMTEST {bin}::{test} PASS\"; fi",
@@ -385,7 +390,10 @@ pub fn run() -> Result<()> {
         .iter()
         .filter(|(_, t)| t.contains(std::env::var("MCPG_VM_TEST").unwrap_or_default().as_str()))
         .count();
-    for (pattern, what) in KERNELS.iter().filter(|(_, w)| w.starts_with(only.as_str())) {
+    for (pattern, what) in KERNELS
+        .iter()
+        .filter(|(_, w)| only.is_empty() || w.split(' ').next() == Some(only.as_str()))
+    {
         let root = fetch_kernel(pattern, &work)?;
         let vmlinuz = fs::read_dir(root.join("boot"))?
             .flatten()
