@@ -39,6 +39,10 @@ fn attached_count(cgroup: &std::path::Path, attach_type: &str) -> usize {
         .expect("bpftool");
     // A bpftool that fails must fail the test, not read as "nothing attached".
     assert!(out.status.success(), "bpftool cgroup show: {}", String::from_utf8_lossy(&out.stderr));
+    // Nothing attached: bpftool prints nothing at all.
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return 0;
+    }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     v.as_array().map_or(0, |a| {
         a.iter().filter(|p| p["attach_type"] == attach_type).count()
