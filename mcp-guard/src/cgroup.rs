@@ -105,6 +105,23 @@ pub fn id(mount: &Path, cgroup: &str) -> io::Result<u64> {
     Ok(fs::metadata(fs_path(mount, cgroup))?.ino())
 }
 
+/// Filesystem errors other than "not there" met while looking for cgroups (out of file
+/// descriptors, memory, permission): a scan that met one is incomplete, and what it did
+/// not find may still exist. Registrations are never removed on such a scan.
+static SCAN_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn note(e: &io::Error) {
+    if e.kind() != io::ErrorKind::NotFound {
+        SCAN_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many incomplete lookups there were so far (compare before and after a scan).
+#[must_use]
+pub fn scan_errors() -> u64 {
+    SCAN_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Creates the cgroup (and its parents) if needed.
 ///
 /// # Errors
@@ -333,6 +350,7 @@ pub fn resolve(mount: &Path, cgroup: &str) -> Vec<u64> {
 pub fn resolve_dirs(mount: &Path, cgroup: &str) -> Vec<(u64, PathBuf)> {
     if !is_pattern(cgroup) {
         return id(mount, cgroup)
+            .map_err(|e| note(&e))
             .ok()
             .map(|i| (i, fs_path(mount, cgroup)))
             .into_iter()
@@ -355,14 +373,15 @@ pub fn resolve_dirs(mount: &Path, cgroup: &str) -> Vec<(u64, PathBuf)> {
         };
         let rel = format!("/{}", rel.display());
         if path_matches(cgroup, &rel) {
-            if let Ok(m) = fs::metadata(&dir) {
-                out.push((m.ino(), dir.clone()));
+            match fs::metadata(&dir) {
+                Ok(m) => out.push((m.ino(), dir.clone())),
+                Err(e) => note(&e),
             }
         }
         if depth >= max_depth {
             continue;
         }
-        if let Ok(entries) = fs::read_dir(&dir) {
+        if let Ok(entries) = fs::read_dir(&dir).map_err(|e| note(&e)) {
             for e in entries
                 .flatten()
                 .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -389,6 +408,9 @@ fn ino_at(dir: &fs::File, name: &std::ffi::OsStr) -> Option<u64> {
             libc::AT_SYMLINK_NOFOLLOW,
         )
     };
+    if rc != 0 {
+        note(&io::Error::last_os_error());
+    }
     (rc == 0).then_some(st.st_ino)
 }
 
@@ -408,6 +430,9 @@ pub struct Scanner {
     /// Parent directories and their (inode, link count) at the last look.
     parents: Vec<(PathBuf, Option<(u64, u64)>)>,
     last_full: Option<std::time::Instant>,
+    /// The last scan met a filesystem error other than "not there": what it did not
+    /// find may still exist.
+    pub incomplete: bool,
 }
 
 enum Entry {
@@ -463,6 +488,7 @@ impl Scanner {
         workloads: impl FnOnce() -> Vec<(u32, &'a str)>,
         mount: &Path,
     ) -> BTreeMap<u64, u32> {
+        let errors_before = scan_errors();
         if self.key != Some(key) {
             self.plan(&workloads(), mount);
             self.key = Some(key);
@@ -496,7 +522,9 @@ impl Scanner {
                     if full || moved[*parent] {
                         let dir = &mut dirs[*parent];
                         if dir.is_none() {
-                            *dir = fs::File::open(&self.parents[*parent].0).ok();
+                            *dir = fs::File::open(&self.parents[*parent].0)
+                                .map_err(|e| note(&e))
+                                .ok();
                         }
                         *found = match (dir.as_ref(), path.file_name()) {
                             (Some(d), Some(name)) => ino_at(d, name),
@@ -514,6 +542,7 @@ impl Scanner {
                 }
             }
         }
+        self.incomplete = scan_errors() != errors_before;
         out
     }
 }

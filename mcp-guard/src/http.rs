@@ -43,8 +43,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
+/// Connections served at once; more wait in the kernel's accept queue (and beyond it are
+/// refused by the kernel), so a flood of idle clients cannot take the daemon's file
+/// descriptors, which its cgroup scans need.
+const MAX_CONNECTIONS: usize = 64;
+/// A client must send its whole request within this.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        // Wait for a free slot before accepting: a flood stays in the accept queue.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
@@ -53,6 +65,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             if let Err(e) = handle(stream, &shared).await {
                 debug!(error = %e, "http connection");
             }
+            drop(permit);
         });
     }
 }
@@ -91,7 +104,11 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             )
             .await;
         }
-        let r = stream.read(&mut buf[n..]).await?;
+        let Ok(r) = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf[n..])).await else {
+            // Idle or slow: the slot goes to someone else.
+            return Ok(());
+        };
+        let r = r?;
         if r == 0 {
             return Ok(());
         }

@@ -90,6 +90,8 @@ pub struct PolicyMaps {
     registered: BTreeMap<u64, u32>,
     /// Finds workload cgroups for the 100 ms rescan.
     scanner: cgroup::Scanner,
+    /// An incomplete scan was reported (once until a scan completes again).
+    warned_incomplete: bool,
 }
 
 /// Counters summed over CPUs.
@@ -125,6 +127,7 @@ impl PolicyMaps {
             rate_limit: 0,
             registered: BTreeMap::new(),
             scanner: cgroup::Scanner::default(),
+            warned_incomplete: false,
         })
     }
 
@@ -297,12 +300,22 @@ impl PolicyMaps {
         let mut changed = 0;
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
-        let gone: Vec<u64> = self
-            .registered
-            .keys()
-            .filter(|id| !desired.contains_key(id))
-            .copied()
-            .collect();
+        // A scan that met an error (out of file descriptors, say) removes nothing: what
+        // it could not see may still run a workload (fail closed).
+        let gone: Vec<u64> = if self.scanner.incomplete {
+            if !self.warned_incomplete {
+                warn!("cgroup scan incomplete (a filesystem error other than \"not there\"): registrations are kept until a scan completes");
+                self.warned_incomplete = true;
+            }
+            Vec::new()
+        } else {
+            self.warned_incomplete = false;
+            self.registered
+                .keys()
+                .filter(|id| !desired.contains_key(id))
+                .copied()
+                .collect()
+        };
         for id in gone {
             let key = CgroupKey {
                 cgroup_id: id,

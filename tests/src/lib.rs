@@ -149,6 +149,10 @@ impl NetNs {
         let sa: SocketAddr = addr.parse().expect("socket address");
         let listener =
             self.in_ns(move || TcpListener::bind(sa).unwrap_or_else(|e| panic!("bind {sa}: {e}")));
+        // A deep accept queue: benchmarks connect thousands of times in a row, and a
+        // queue that overflows turns into seconds of SYN retransmission.
+        // SAFETY: listen(2) again on our own listening socket only resizes its queue.
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
         std::thread::spawn(move || {
             for mut s in listener.incoming().map_while(Result::ok) {
                 if !reply.is_empty() {

@@ -555,3 +555,93 @@ fn an_empty_or_half_written_config_never_weakens_enforcement() {
         "deny-internal still applies"
     );
 }
+
+/// Pressure never turns into fail-open: a flood of idle connections on the daemon's
+/// listener does not stop it from registering a pattern workload's re-created cgroup, and
+/// a cgroup scan that fails (here: out of file descriptors) removes no registration.
+#[test]
+fn pressure_never_unregisters_a_workload() {
+    let ns = lab();
+    let cg = TestCgroup::new();
+    let (_, pods) = cg.child("pods");
+    let pod = pods.join("p1");
+    std::fs::create_dir_all(&pod).unwrap();
+    let d = Daemon::start(&format!(
+        "[[workload]]\nname = \"pods\"\ncgroup = \"{r}/pods/*\"\ndefault = \"deny-internal\"\n[daemon]\nattach_cgroup = \"{r}\"\n[tc]\nenabled = false\n",
+        r = cg.rel
+    ));
+    let registered = |d: &Daemon, dir: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt as _;
+        let id = std::fs::metadata(dir).map(|m| m.ino()).unwrap_or(0);
+        d.status()["workloads"][0]["cgroup_ids"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v.as_u64() == Some(id)))
+    };
+    assert!(wait_until(Duration::from_secs(3), || registered(&d, &pod)));
+
+    // 1,000 idle connections that never send a request (those past the kernel's accept
+    // queue time out at once: the flood stays as deep as the kernel lets it).
+    let flood: Vec<std::net::TcpStream> = (0..1_000)
+        .filter_map(|_| std::net::TcpStream::connect_timeout(&d.listen, Duration::from_millis(50)).ok())
+        .collect();
+    assert!(flood.len() > 100, "the flood did not connect");
+    std::fs::remove_dir(&pod).unwrap();
+    std::fs::create_dir(&pod).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            let mut p = Probe::new(PROBE, &pod, &ns);
+            p.op("tcp 169.254.169.254 80") == "EPERM"
+        }),
+        "the re-created pod cgroup was not enforced under the flood"
+    );
+    drop(flood);
+    assert!(wait_until(Duration::from_secs(10), || d.get("/healthz").contains("ok")));
+
+    // Out of file descriptors: every scan fails; the registration stays.
+    let pid = d.pid().to_string();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let hard = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .unwrap();
+    // The soft limit only (raising a hard limit back is not allowed).
+    let limit = |n: &str| {
+        let st = Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={n}:{hard}")])
+            .status()
+            .expect("prlimit (util-linux)");
+        assert!(st.success(), "prlimit failed");
+    };
+    // Below every descriptor number in use: each new one fails with EMFILE.
+    let _ = open;
+    limit("1");
+    std::thread::sleep(Duration::from_millis(1_500));
+    let mut p = Probe::new(PROBE, &pod, &ns);
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM", "unregistered by a failed scan");
+    assert!(registered_raw(&d.pin_dir, &pod), "registration removed by a failed scan");
+    limit(&hard);
+    assert!(d.stderr.lock().unwrap().contains("cgroup scan incomplete"), "{}", d.stderr.lock().unwrap());
+    assert!(d.stop());
+}
+
+/// Whether the pinned live policy registers `dir` (read from the kernel's map: the
+/// daemon's HTTP side may be starved in this test).
+fn registered_raw(pin_dir: &std::path::Path, dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let id = std::fs::metadata(dir).map(|m| m.ino()).unwrap_or(0);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin_dir.join("maps/CGROUPS_1"))
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "bpftool map dump: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    v.as_array().is_some_and(|a| {
+        a.iter().any(|e| {
+            let key: Vec<u64> = e["key"].as_array().map(|k| k.iter().filter_map(|b| u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()).collect()).unwrap_or_default();
+            key.len() >= 8 && key[..8].iter().enumerate().fold(0u64, |acc, (i, b)| acc | (b << (8 * i))) == id
+        })
+    })
+}
