@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use mcp_guard_common::{
     CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, PolicyEntry, RateKey, RateState,
-    SkbVerdict, SourceKey, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
+    SkbVerdict, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
 };
 
 /// Hash maps are not preallocated: memory follows the policy actually loaded.
@@ -29,9 +29,10 @@ pub static POLICY_LPM_1: LpmTrie<LpmData, PolicyEntry> = LpmTrie::with_max_entri
 pub static POLICY_EXACT_1: HashMap<ExactKey, PolicyEntry> =
     HashMap::with_max_entries(524_288, NO_PREALLOC);
 
-/// Pod mode of the TC classifier: source address -> registered workload cgroup id.
+/// Pod mode of the TC classifier: node-side interface index -> registered workload
+/// cgroup id of the pod on its other end.
 #[map]
-pub static SOURCES_1: HashMap<SourceKey, u64> = HashMap::with_max_entries(65_536, NO_PREALLOC);
+pub static IFACES_1: HashMap<u32, u64> = HashMap::with_max_entries(65_536, NO_PREALLOC);
 
 #[map]
 pub static STATS_1: PerCpuArray<u64> = PerCpuArray::with_max_entries(STAT_COUNT, 0);

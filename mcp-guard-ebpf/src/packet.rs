@@ -6,7 +6,7 @@
 //! - VM mode (egress of the host's interfaces): the packet's socket cgroup and its
 //!   ancestors, exactly like the socket hooks.
 //! - Pod mode (ingress of a pod's node-side veth, where the socket is gone): the source
-//!   address, through `SOURCES_1`, which the daemon fills from the workload's network
+//!   interface the packet came in on, through `IFACES_1`, which the daemon fills from the workload's network
 //!   namespaces.
 
 use aya_ebpf::{
@@ -22,7 +22,7 @@ use mcp_guard_common::{
 
 use crate::{
     decide::{classify, decide, stable, REFUSED},
-    maps::{CGROUPS_1, CONFIG_1, SOURCES_1},
+    maps::{CGROUPS_1, CONFIG_1, IFACES_1},
     report::{self, Flow, Origin},
 };
 
@@ -71,6 +71,7 @@ pub(crate) enum Parsed {
     NotIp,
     /// IP, but cut short or malformed; carries the source address when it was read
     /// before the cut (pod mode attributes by it), zero otherwise.
+    #[allow(dead_code)] // the source address read before the cut, for a debugger
     Broken([u8; 16]),
 }
 
@@ -236,11 +237,13 @@ pub(crate) fn workload_of_socket(
     found
 }
 
-/// Pod mode: the workload whose network namespace owns the source address.
+/// Pod mode: the workload whose network namespace is on the other end of the interface
+/// the packet came in on (a node-side veth belongs to one pod). Never the source
+/// address: a pod can write any source address into a packet.
 #[inline(always)]
-fn workload_of_source(saddr: &[u8; 16], slot: u32) -> Option<(&'static WorkloadInfo, u64)> {
+fn workload_of_interface(ifindex: u32, slot: u32) -> Option<(&'static WorkloadInfo, u64)> {
     // SAFETY: plain data written whole by user space.
-    let cgroup_id = *unsafe { SOURCES_1.get(saddr) }?;
+    let cgroup_id = *unsafe { IFACES_1.get(&ifindex) }?;
     // SAFETY: as above.
     unsafe {
         CGROUPS_1.get(&CgroupKey {
@@ -271,11 +274,9 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
         };
         let owner = match (&by_socket, &parsed) {
             (Some(_), _) => by_socket,
-            (None, Ok(p)) => workload_of_source(&p.saddr, slot),
-            (None, Err(Parsed::Broken(saddr))) if *saddr != [0; 16] => {
-                workload_of_source(saddr, slot)
-            }
-            (None, Err(_)) => None,
+            (None, Err(Parsed::NotIp)) => None,
+            // SAFETY: a plain field of our own skb.
+            (None, _) => workload_of_interface(unsafe { (*ctx.skb.skb).ifindex }, slot),
         };
         let verdict = match (owner, &parsed) {
             (None, _) | (Some(_), Err(Parsed::NotIp)) => None,

@@ -467,7 +467,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     metrics.programs_attached.with_label_values(&["tc"]).set(i64::from(n > 0));
                     let wanted = {
                         let l = state.live.lock().expect("live");
-                        l.pod_mode.then(|| crate::sources::scan(&l.compiled, &state.mount))
+                        if l.pod_mode {
+                            pod_interfaces(&l.compiled, &state.mount, l.cfg.tc.netns.as_deref())
+                        } else {
+                            None
+                        }
                     };
                     if let Some(wanted) = wanted {
                         let changed = state.maps.lock().expect("maps").set_sources(&wanted);
@@ -527,6 +531,32 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Pod mode: node-side interface -> pod workload cgroup, read in the TC namespace (a
+/// thread enters `[tc] netns` if set). `None` when it cannot be read: the map stays.
+fn pod_interfaces(
+    compiled: &Compiled,
+    mount: &Path,
+    netns: Option<&Path>,
+) -> Option<std::collections::BTreeMap<u32, u64>> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some(ns) = netns {
+                let f = std::fs::File::open(ns).ok()?;
+                // SAFETY: valid netns fd; only this thread changes namespace.
+                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+                    return None;
+                }
+            }
+            crate::podlinks::scan(compiled, mount)
+                .map_err(|e| warn!("pod mode: cannot read which interface leads to which pod: {e}"))
+                .ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
 }
 
 fn map_id(m: &aya::maps::Map) -> Option<u32> {

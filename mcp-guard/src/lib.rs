@@ -26,6 +26,7 @@ pub mod loader;
 pub mod maps;
 pub mod metrics;
 pub mod pins;
+pub mod podlinks;
 pub mod policy;
 pub mod posture;
 pub mod sets;

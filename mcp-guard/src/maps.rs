@@ -76,12 +76,12 @@ pub struct PolicyMaps {
     exact: HashMap<MapData, ExactKey, PolicyEntry>,
     stats: PerCpuArray<MapData, u64>,
     flows: PerCpuHashMap<MapData, FlowCounterKey, u64>,
-    sources: HashMap<MapData, [u8; 16], u64>,
+    sources: HashMap<MapData, u32, u64>,
     /// Registration epoch: bumped after every change of a cgroup registration, so the
     /// cgroup_skb backstop decides again what it cached for a socket.
     epoch: Array<MapData, u32>,
     /// What `sources` holds now.
-    source_entries: BTreeMap<[u8; 16], u64>,
+    source_entries: BTreeMap<u32, u64>,
     slots: [SlotContents; 2],
     active: u32,
     generation: u32,
@@ -118,7 +118,7 @@ impl PolicyMaps {
                 .map_err(map_err("POLICY_EXACT_1"))?,
             stats: PerCpuArray::try_from(take(ebpf, "STATS_1")?).map_err(map_err("STATS_1"))?,
             flows: PerCpuHashMap::try_from(take(ebpf, "FLOWS_1")?).map_err(map_err("FLOWS_1"))?,
-            sources: HashMap::try_from(take(ebpf, "SOURCES_1")?).map_err(map_err("SOURCES_1"))?,
+            sources: HashMap::try_from(take(ebpf, "IFACES_1")?).map_err(map_err("IFACES_1"))?,
             epoch: Array::try_from(take(ebpf, "EPOCH_1")?).map_err(map_err("EPOCH_1"))?,
             source_entries: BTreeMap::new(),
             slots: [SlotContents::default(), SlotContents::default()],
@@ -376,9 +376,10 @@ impl PolicyMaps {
             .collect()
     }
 
-    /// Makes `SOURCES_1` (pod mode) equal `wanted`: new addresses first, then stale ones
-    /// removed. Returns how many entries changed.
-    pub fn set_sources(&mut self, wanted: &BTreeMap<[u8; 16], u64>) -> usize {
+    /// Makes `IFACES_1` (pod mode: node-side interface index -> pod workload cgroup)
+    /// equal `wanted`: new entries first, then stale ones removed. Returns how many
+    /// entries changed.
+    pub fn set_sources(&mut self, wanted: &BTreeMap<u32, u64>) -> usize {
         let mut changed = 0;
         for (a, id) in wanted {
             if self.source_entries.get(a) != Some(id) && self.sources.insert(a, id, 0).is_ok() {
@@ -386,7 +387,7 @@ impl PolicyMaps {
                 changed += 1;
             }
         }
-        let stale: Vec<[u8; 16]> = self
+        let stale: Vec<u32> = self
             .source_entries
             .keys()
             .filter(|a| !wanted.contains_key(*a))

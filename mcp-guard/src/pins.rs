@@ -25,7 +25,7 @@ pub const MAP_NAMES: [&str; 11] = [
     "FLOWS_1",
     "RATE_1",
     "EVENTS_1",
-    "SOURCES_1",
+    "IFACES_1",
     "SKB_CACHE_1",
     "EPOCH_1",
 ];

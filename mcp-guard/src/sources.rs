@@ -66,6 +66,35 @@ fn pids_under(dir: &Path, out: &mut Vec<u32>, depth: u32) {
     }
 }
 
+/// One process (pid) of each network namespace that holds a workload's processes, with
+/// the workload cgroup it was found under, skipping `own_netns` (a /proc/.../ns/net
+/// path). The first workload in the config wins a namespace.
+#[must_use]
+pub fn pod_namespaces<'a>(
+    cgroups: impl IntoIterator<Item = &'a str>,
+    mount: &Path,
+    own_netns: &str,
+) -> Vec<(u32, u64)> {
+    let own_netns = fs::metadata(own_netns).map(|m| m.ino()).unwrap_or(0);
+    let mut seen_netns = HashSet::new();
+    let mut out = Vec::new();
+    for cgroup in cgroups {
+        for (id, dir) in cgroup::resolve_dirs(mount, cgroup) {
+            let mut pids = Vec::new();
+            pids_under(&dir, &mut pids, 8);
+            for pid in pids {
+                let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()) else {
+                    continue;
+                };
+                if ns != own_netns && seen_netns.insert(ns) {
+                    out.push((pid, id));
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Source address -> the registered cgroup id of the workload whose (non-host) network
 /// namespace owns it. The first workload in the config wins.
 #[must_use]
