@@ -237,6 +237,9 @@ pub const SKB_ALLOWED: u8 = 1;
 pub const SKB_DROPPED: u8 = 2;
 /// [`SkbVerdict::state`]: refused in audit mode, let through (reported once).
 pub const SKB_AUDITED: u8 = 3;
+/// [`SkbVerdict::state`] flag: a TCP stream socket, whose every packet goes to the peer
+/// it connected to: a valid entry decides without reading the packet.
+pub const SKB_STREAM: u8 = 0x80;
 
 pub const VERDICT_DENIED: u8 = 0;
 pub const VERDICT_AUDITED: u8 = 1;

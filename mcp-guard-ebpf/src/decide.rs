@@ -145,7 +145,14 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
     };
     // Let through here: the backstop's first packet to this destination is a cache hit
     // (MPTCP sends on subflows, other sockets: nothing to prime).
+    // SAFETY: a single load of the context's socket type.
+    let stream = ctx_field!(sa, type_) == 1 && protocol == IPPROTO_TCP;
     let prime = |state: u8| {
+        let state = if stream {
+            state | mcp_guard_common::SKB_STREAM
+        } else {
+            state
+        };
         if protocol != IPPROTO_MPTCP {
             // SAFETY: helper on our own context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

@@ -19,7 +19,7 @@ use aya_ebpf::{
 };
 use mcp_guard_common::{
     SkbVerdict, WorkloadInfo, CLASS_NONE, HOOK_CGROUP_SKB, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
-    REASON_MALFORMED, SKB_ALLOWED, SKB_AUDITED, SKB_DROPPED, SKB_UNTOUCHED, VERDICT_AUDITED,
+    REASON_MALFORMED, SKB_ALLOWED, SKB_AUDITED, SKB_DROPPED, SKB_STREAM, SKB_UNTOUCHED, VERDICT_AUDITED,
     VERDICT_DENIED,
 };
 
@@ -74,10 +74,19 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     // SAFETY: helper on our own skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: LRU values are replaced whole by this program.
-    let cached = unsafe { SKB_CACHE_1.get(&cookie) }
-        .filter(|c| c.generation == generation && c.epoch == epoch);
-    if cached.is_some_and(|c| c.state == SKB_UNTOUCHED) {
-        return PASS;
+    let entry = unsafe { SKB_CACHE_1.get(&cookie) };
+    // A TCP stream socket stays one, whatever the policy did since.
+    let stream = entry.map_or(0, |c| c.state & SKB_STREAM);
+    let cached = entry.filter(|c| c.generation == generation && c.epoch == epoch);
+    if let Some(c) = cached {
+        let kind = c.state & !SKB_STREAM;
+        if kind == SKB_UNTOUCHED {
+            return PASS;
+        }
+        // A stream socket's packets all go to its peer: no need to read them.
+        if c.state & SKB_STREAM != 0 {
+            return if kind == SKB_DROPPED { DROP } else { PASS };
+        }
     }
     let Some(p) = SKB_SCRATCH_1.get_ptr_mut(0) else {
         return DROP;
@@ -95,7 +104,7 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
         }
         if let Some(c) = cached {
             if c.daddr == p.daddr && c.dport == p.dport && c.proto == p.proto {
-                return match c.state {
+                return match c.state & !SKB_STREAM {
                     SKB_DROPPED => DROP,
                     _ => PASS,
                 };
@@ -129,11 +138,11 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     };
     let known = parsed.then_some(&*p);
     let Some((wl, result, class)) = outcome else {
-        remember(cookie, generation, epoch, known, SKB_UNTOUCHED);
+        remember(cookie, generation, epoch, known, SKB_UNTOUCHED | stream);
         return PASS;
     };
     if result & REFUSED == 0 {
-        remember(cookie, generation, epoch, known, SKB_ALLOWED);
+        remember(cookie, generation, epoch, known, SKB_ALLOWED | stream);
         return PASS;
     }
     let audit = wl.mode == MODE_AUDIT;
@@ -148,7 +157,7 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
             generation,
             epoch,
             known,
-            if audit { SKB_AUDITED } else { SKB_DROPPED },
+            stream | if audit { SKB_AUDITED } else { SKB_DROPPED },
         );
     }
     if audit {
