@@ -304,15 +304,45 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
         .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
 }
 
+/// At most this many bytes of a command line or executable path go into an event: a
+/// process can make its command line as long as the kernel allows (megabytes), and every
+/// event, the history and each follower would copy it.
+pub const MAX_PROC_TEXT: usize = 4096;
+
+fn bounded(mut s: String) -> String {
+    if s.len() > MAX_PROC_TEXT {
+        let mut cut = MAX_PROC_TEXT;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
+
 fn proc_text(pid: u32, what: &str) -> Option<String> {
+    proc_text_unbounded(pid, what).map(bounded)
+}
+
+/// A process's command line, no more of it than an event keeps.
+fn read_cmdline(pid: u32) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let mut b = Vec::new();
+    std::fs::File::open(format!("/proc/{pid}/cmdline"))
+        .and_then(|f| f.take(MAX_PROC_TEXT as u64 + 1).read_to_end(&mut b))
+        .ok()?;
+    Some(b)
+}
+
+fn proc_text_unbounded(pid: u32, what: &str) -> Option<String> {
     match what {
         "exe" => std::fs::read_link(format!("/proc/{pid}/exe"))
             .ok()
             .map(|p| p.display().to_string()),
-        _ => std::fs::read(format!("/proc/{pid}/cmdline"))
-            .ok()
-            .filter(|b| !b.is_empty())
-            .map(|b| {
+        _ => read_cmdline(pid)
+        .filter(|b| !b.is_empty())
+        .map(|b| {
                 let s: Vec<String> = b
                     .split(|c| *c == 0)
                     .filter(|a| !a.is_empty())
@@ -320,6 +350,18 @@ fn proc_text(pid: u32, what: &str) -> Option<String> {
                     .collect();
                 s.join(" ")
             }),
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    #[test]
+    fn long_process_text_is_cut_on_a_char_boundary() {
+        let long = "é".repeat(5000);
+        let b = super::bounded(long);
+        assert!(b.len() <= super::MAX_PROC_TEXT + 3, "{}", b.len());
+        assert!(b.ends_with("..."));
+        assert_eq!(super::bounded("short".into()), "short");
     }
 }
 

@@ -126,11 +126,10 @@ fn classifier_verdicts_on_crafted_packets() {
         let mut ebpf = mcp_guard::loader::open(&pins).unwrap();
         let mut maps = PolicyMaps::take(&mut ebpf).unwrap();
         maps.install(&compiled, &cgroup_mount(), 0).unwrap();
-        let sources: BTreeMap<[u8; 16], u64> =
-            [(mapped(GUARDED_V4), cgroup_id), (GUARDED_V6, cgroup_id)]
-                .into_iter()
-                .collect();
-        assert_eq!(maps.set_sources(&sources), 2);
+        // Pod mode attributes by the interface a packet came in on: BPF_PROG_TEST_RUN
+        // hands the program packets from `lo` (ifindex 1), here the pod's interface.
+        let interfaces: BTreeMap<u32, u64> = [(1, cgroup_id)].into_iter().collect();
+        assert_eq!(maps.set_sources(&interfaces), 1);
         let prog: &mut SchedClassifier = ebpf.program_mut("mcpg_tc").unwrap().try_into().unwrap();
         prog.load().unwrap();
         let fd = prog.fd().unwrap().as_fd().as_raw_fd();
@@ -173,9 +172,9 @@ fn classifier_verdicts_on_crafted_packets() {
                 DROP,
             ),
             (
-                "an unguarded source to metadata",
+                "a spoofed source address to metadata (the interface decides)",
                 v4(STRANGER_V4, METADATA, 6, 0, 80),
-                PASS,
+                DROP,
             ),
             (
                 "non-first v4 fragment to metadata",
