@@ -233,10 +233,12 @@ fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, Pa
         }
     }
     // /init: mount what the tests expect, load the modules, run each test, power off.
+    // /tmp stays the image's own (a writable initramfs): the checkout, and so the test
+    // binaries, may live under /tmp.
     let mut init = String::from(
         "#!/bin/sh\nexport PATH=/bin:/sbin:/usr/bin:/usr/sbin\nexport RUST_BACKTRACE=0 HOME=/root MCPG_READY_TIMEOUT=180\n\
          mount -t proc proc /proc\nmount -t sysfs sys /sys\nmount -t devtmpfs dev /dev\n\
-         mount -t tmpfs run /run\nmount -t tmpfs tmp /tmp\n\
+         mount -t tmpfs run /run\nchmod 1777 /tmp\n\
          mkdir -p /sys/fs/cgroup && mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
          mount -t bpf bpf /sys/fs/bpf\nmount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null\n\
          mount -t securityfs securityfs /sys/kernel/security 2>/dev/null\n\
