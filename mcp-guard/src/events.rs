@@ -92,32 +92,23 @@ pub struct QueryRefusal<'a> {
     pub suppressed: u32,
 }
 
-/// The event for a query the DNS proxy answered REFUSED without asking upstream.
-#[must_use]
-pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
+/// The fields every DNS event (hook dns, verdict refused) shares; no task, no socket.
+fn dns_event(reason: &str, rule: String, generation: u32, suppressed: u32) -> JsonEvent {
     let wall = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    let rule = match r.reason {
-        "name-not-allowed" => "DNS proxy: no host rule of the workload covers this name (resolve_any is off)",
-        "type-not-allowed" => "DNS proxy: only A, AAAA and CNAME questions of class IN are forwarded",
-        "rate-limited" => "DNS proxy: [dns] workload_queries_per_sec",
-        "in-flight-limited" => "DNS proxy: [dns] workload_in_flight",
-        "unattributed" => "DNS proxy: the asking socket belongs to no workload",
-        _ => "DNS proxy: one well-formed question per query",
-    };
     JsonEvent {
         schema: SCHEMA.into(),
         time: rfc3339(wall),
         monotonic_ns: monotonic_ns(),
         hook: "dns".into(),
         verdict: "refused".into(),
-        reason: r.reason.into(),
+        reason: reason.into(),
         rule_id: 0,
-        rule: Some(rule.into()),
-        workload: r.workload.map(str::to_string),
-        workload_id: r.workload_id,
-        cgroup_id: r.cgroup_id,
+        rule: Some(rule),
+        workload: None,
+        workload_id: 0,
+        cgroup_id: 0,
         cgroup: None,
         owner: cgroup::Owner::default(),
         pid: 0,
@@ -129,18 +120,43 @@ pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
         cmdline: None,
         family: "none".into(),
         socket_family: "unknown".into(),
-        proto: r.proto.into(),
+        proto: "any".into(),
         dst: String::new(),
         dport: 0,
-        src: Some(r.client.ip().to_canonical().to_string()),
-        sport: r.client.port(),
+        src: None,
+        sport: 0,
         socket_cookie: 0,
         dest_class: "none".into(),
-        suppressed: r.suppressed,
-        policy_generation: r.generation,
+        suppressed,
+        policy_generation: generation,
+        name: None,
+        dns_source: None,
+        dns_type: None,
+    }
+}
+
+/// The event for a query the DNS proxy answered REFUSED without asking upstream.
+#[must_use]
+pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
+    let rule = match r.reason {
+        "name-not-allowed" => "DNS proxy: no host rule of the workload covers this name (resolve_any is off)",
+        "type-not-allowed" => "DNS proxy: only A, AAAA and CNAME questions of class IN are forwarded",
+        "rate-limited" => "DNS proxy: [dns] workload_queries_per_sec",
+        "in-flight-limited" => "DNS proxy: [dns] workload_in_flight",
+        "unattributed" => "DNS proxy: the asking socket belongs to no workload",
+        _ => "DNS proxy: one well-formed question per query",
+    };
+    JsonEvent {
+        workload: r.workload.map(str::to_string),
+        workload_id: r.workload_id,
+        cgroup_id: r.cgroup_id,
+        proto: r.proto.into(),
+        src: Some(r.client.ip().to_canonical().to_string()),
+        sport: r.client.port(),
         name: r.name.map(|n| n.chars().take(253).collect()),
         dns_source: Some("proxy".into()),
         dns_type: r.qtype.clone(),
+        ..dns_event(r.reason, rule.into(), r.generation, r.suppressed)
     }
 }
 
@@ -163,40 +179,14 @@ pub struct Refusal<'a> {
 /// rebinding guard: the connection it would have allowed stays denied.
 #[must_use]
 pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
     let addr = r.addr.to_canonical();
     let class = |nets: &[ipnet::IpNet]| nets.iter().any(|n| n.contains(&addr));
     JsonEvent {
-        schema: SCHEMA.into(),
-        time: rfc3339(wall),
-        monotonic_ns: monotonic_ns(),
-        hook: "dns".into(),
-        verdict: "refused".into(),
-        reason: r.reason.into(),
-        rule_id: 0,
-        rule: Some(r.rule.clone()),
         workload: Some(r.workload.to_string()),
         workload_id: r.workload_id,
         cgroup_id: r.cgroup_id,
-        cgroup: None,
-        owner: cgroup::Owner::default(),
-        pid: 0,
-        tgid: 0,
-        uid: 0,
-        gid: 0,
-        comm: String::new(),
-        exe: None,
-        cmdline: None,
         family: if addr.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
-        socket_family: "unknown".into(),
-        proto: "any".into(),
         dst: addr.to_string(),
-        dport: 0,
-        src: None,
-        sport: 0,
-        socket_cookie: 0,
         dest_class: if class(crate::sets::metadata()) {
             "metadata"
         } else if class(crate::sets::internal()) {
@@ -205,11 +195,9 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
             "public"
         }
         .into(),
-        suppressed: r.suppressed,
-        policy_generation: r.generation,
         name: Some(r.name.to_string()),
         dns_source: Some(r.source.into()),
-        dns_type: None,
+        ..dns_event(r.reason, r.rule.clone(), r.generation, r.suppressed)
     }
 }
 

@@ -114,24 +114,10 @@ pub fn scan_cgroups<'a>(
     mount: &Path,
     own_netns: &str,
 ) -> BTreeMap<[u8; 16], u64> {
-    let own_netns = fs::metadata(own_netns).map(|m| m.ino()).unwrap_or(0);
-    let mut seen_netns = HashSet::new();
     let mut out = BTreeMap::new();
-    for cgroup in cgroups {
-        for (id, dir) in cgroup::resolve_dirs(mount, cgroup) {
-            let mut pids = Vec::new();
-            pids_under(&dir, &mut pids, 8);
-            for pid in pids {
-                let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()) else {
-                    continue;
-                };
-                if ns == own_netns || !seen_netns.insert(ns) {
-                    continue;
-                }
-                for a in addresses(pid) {
-                    out.entry(a).or_insert(id);
-                }
-            }
+    for (pid, id) in pod_namespaces(cgroups, mount, own_netns) {
+        for a in addresses(pid) {
+            out.entry(a).or_insert(id);
         }
     }
     out
