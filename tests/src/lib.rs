@@ -30,6 +30,27 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Namespaces `mcpg-PID-N` of test processes that are gone: a process killed outright
+/// (SIGKILL, a CI timeout) never runs its guards' `Drop`. The next test run removes them.
+fn reap_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("mcpg-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
 fn run(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd)
         .args(args)
@@ -50,6 +71,7 @@ pub struct NetNs {
 impl NetNs {
     #[must_use]
     pub fn new() -> Self {
+        reap_stale_namespaces();
         let name = unique("mcpg");
         run("ip", &["netns", "add", &name]);
         let ns = Self { name };
