@@ -30,24 +30,25 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Namespaces `mcpg-PID-N` of test processes that are gone: a process killed outright
+/// Entries `PREFIX-PID-N` of `dir` whose test process is gone: a process killed outright
 /// (SIGKILL, a CI timeout) never runs its guards' `Drop`. The next test run removes them.
-fn reap_stale_namespaces() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
+fn stale(dir: &Path, prefix: &str) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
     };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("mcpg-")
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid: u32 = name.strip_prefix(prefix)?.split('-').next()?.parse().ok()?;
+            (!Path::new(&format!("/proc/{pid}")).exists()).then(|| (name, e.path()))
+        })
+        .collect()
+}
+
+fn reap_stale_namespaces() {
+    for (name, _) in stale(Path::new("/run/netns"), "mcpg-") {
+        let _ = Command::new("ip").args(["netns", "del", &name]).status();
     }
 }
 
@@ -218,6 +219,9 @@ pub struct TestCgroup {
 impl TestCgroup {
     #[must_use]
     pub fn new() -> Self {
+        for (_, dir) in stale(&cgroup_mount(), "mcpg-test-") {
+            remove_tree(&dir);
+        }
         let rel = format!("/{}", unique("mcpg-test"));
         let dir = cgroup_mount().join(rel.trim_start_matches('/'));
         std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
