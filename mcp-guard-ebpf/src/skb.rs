@@ -18,15 +18,17 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mcp_guard_common::{
-    SkbVerdict, WorkloadInfo, CLASS_NONE, HOOK_CGROUP_SKB, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
-    REASON_MALFORMED, SKB_ALLOWED, SKB_AUDITED, SKB_DROPPED, SKB_STREAM, SKB_UNTOUCHED, VERDICT_AUDITED,
-    VERDICT_DENIED,
+    SkbVerdict, WorkloadInfo, CLASS_NONE, HOOK_CGROUP_SKB, MODE_AUDIT, PROTO_OTHER, PROTO_TCP,
+    PROTO_UDP, REASON_MALFORMED, SKB_ALLOWED, SKB_AUDITED, SKB_DROPPED, SKB_STREAM, SKB_UNTOUCHED,
+    VERDICT_AUDITED, VERDICT_DENIED,
 };
 
 use crate::{
     decide::{classify, decide, stable, REFUSED},
     maps::{CONFIG_1, EPOCH_1, SKB_CACHE_1},
-    packet::{link_scoped_icmpv6, parse_ip, workload_of_socket, Packet, Parsed, ETH_P_IP, ETH_P_IPV6},
+    packet::{
+        link_scoped_icmpv6, parse_ip, workload_of_socket, Packet, Parsed, ETH_P_IP, ETH_P_IPV6,
+    },
     report::{self, Flow, Origin},
 };
 
@@ -70,7 +72,9 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     };
     // SAFETY: plain loads of map values the daemon replaces whole.
     let generation = unsafe { core::ptr::read_volatile(&raw const cfg.generation) };
-    let epoch = EPOCH_1.get(0).map_or(0, |e| unsafe { core::ptr::read_volatile(e) });
+    let epoch = EPOCH_1
+        .get(0)
+        .map_or(0, |e| unsafe { core::ptr::read_volatile(e) });
     // SAFETY: helper on our own skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: LRU values are replaced whole by this program.
@@ -116,7 +120,11 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
         workload_of_socket(skb, slot).map(|wl| {
             if !parsed {
                 // A guarded socket's packet that cannot be parsed: fail closed.
-                return (wl, REFUSED | (u64::from(REASON_MALFORMED) << 32), CLASS_NONE);
+                return (
+                    wl,
+                    REFUSED | (u64::from(REASON_MALFORMED) << 32),
+                    CLASS_NONE,
+                );
             }
             let proto_bit = match p.proto {
                 6 => PROTO_TCP,
@@ -149,7 +157,13 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     // Audit mode: the socket hooks already reported (and let through) TCP and UDP flows;
     // report only what they never judge, so nothing is counted twice.
     if !(audit && parsed && (p.proto == 6 || p.proto == 17)) {
-        refusal(skb, wl, result, (u64::from(generation) << 32) | u64::from(class), known);
+        refusal(
+            skb,
+            wl,
+            result,
+            (u64::from(generation) << 32) | u64::from(class),
+            known,
+        );
     }
     if parsed {
         remember(
@@ -245,7 +259,9 @@ fn remember(cookie: u64, generation: u32, epoch: u32, p: Option<&Packet>, state:
 /// `port_proto_state` packs the port (high 16 bits), the IP protocol and the state.
 #[inline(never)]
 pub(crate) fn prime(cookie: u64, generation: u32, addr: &[u8; 16], port_proto_state: u32) {
-    let epoch = EPOCH_1.get(0).map_or(0, |e| unsafe { core::ptr::read_volatile(e) });
+    let epoch = EPOCH_1
+        .get(0)
+        .map_or(0, |e| unsafe { core::ptr::read_volatile(e) });
     let v = SkbVerdict {
         generation,
         epoch,

@@ -881,7 +881,9 @@ fn host_pattern(text: &str) -> Result<HostPattern, String> {
         // A public suffix (the Public Suffix List, ICANN and private sections: co.uk,
         // github.io, s3.amazonaws.com) is shared by unrelated owners: a wildcard below
         // it would let an attacker register a name that the rule allows.
-        if psl::suffix(rest.as_bytes()).is_some_and(|s| s.is_known() && s.as_bytes() == rest.as_bytes()) {
+        if psl::suffix(rest.as_bytes())
+            .is_some_and(|s| s.is_known() && s.as_bytes() == rest.as_bytes())
+        {
             return Err(format!(
                 "{text:?} covers names of unrelated owners: {rest:?} is a public suffix (Public Suffix List), where anyone can register a name; name the hosts exactly, or a wildcard below a name one owner holds, as in \"*.myorg.{rest}\""
             ));
@@ -1263,7 +1265,8 @@ proto = "tcp"
 
     #[test]
     fn bad_host_rules_name_line_and_fix() {
-        let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.slack.com'\n");
+        let e =
+            err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.slack.com'\n");
         assert_eq!(e.line, 5);
         assert!(e.message.contains("[dns] proxy"), "{e}");
         let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='10.0.0.1'\n");
@@ -1291,13 +1294,23 @@ proto = "tcp"
     /// names anyone can register; one label deeper is one owner's.
     #[test]
     fn wildcards_on_public_suffixes_are_refused() {
-        for (suffix, line) in [("co.uk", 6), ("s3.amazonaws.com", 6), ("github.io", 6), ("githubusercontent.com", 6)] {
+        for (suffix, line) in [
+            ("co.uk", 6),
+            ("s3.amazonaws.com", 6),
+            ("github.io", 6),
+            ("githubusercontent.com", 6),
+        ] {
             let e = err(&format!("[dns]\nproxy='127.0.0.1:53'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.{suffix}'\n"));
             assert_eq!(e.line, line + 1, "{e}");
             assert!(e.message.contains("public suffix"), "{suffix}: {e}");
             assert!(e.message.contains(&format!("*.myorg.{suffix}")), "{e}");
         }
-        for ok in ["*.myorg.github.io", "*.bbc.co.uk", "*.slack.com", "*.cdn.example.test"] {
+        for ok in [
+            "*.myorg.github.io",
+            "*.bbc.co.uk",
+            "*.slack.com",
+            "*.cdn.example.test",
+        ] {
             p(&format!("[dns]\nproxy='127.0.0.1:53'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='{ok}'\n")).unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         // Exact names on a suffix are one host: allowed.
@@ -1309,9 +1322,15 @@ proto = "tcp"
         let c = p("[dns]\nproxy='127.0.0.1:53'\nworkload_queries_per_sec=7\nworkload_in_flight=3\n[[workload]]\nname='a'\ncgroup='/a'\nresolve_any=true\n[[workload]]\nname='b'\ncgroup='/b'\n").unwrap();
         assert!(c.workloads[0].resolve_any);
         assert!(!c.workloads[1].resolve_any, "off by default");
-        assert_eq!((c.dns.workload_queries_per_sec, c.dns.workload_in_flight), (7, 3));
+        assert_eq!(
+            (c.dns.workload_queries_per_sec, c.dns.workload_in_flight),
+            (7, 3)
+        );
         let d = p("").unwrap();
-        assert_eq!((d.dns.workload_queries_per_sec, d.dns.workload_in_flight), (DEFAULT_WORKLOAD_QPS, DEFAULT_WORKLOAD_IN_FLIGHT));
+        assert_eq!(
+            (d.dns.workload_queries_per_sec, d.dns.workload_in_flight),
+            (DEFAULT_WORKLOAD_QPS, DEFAULT_WORKLOAD_IN_FLIGHT)
+        );
     }
 
     #[test]

@@ -545,7 +545,9 @@ fn pod_interfaces(
             if let Some(ns) = netns {
                 let f = std::fs::File::open(ns).ok()?;
                 // SAFETY: valid netns fd; only this thread changes namespace.
-                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }
+                    != 0
+                {
                     return None;
                 }
             }

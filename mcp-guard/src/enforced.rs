@@ -14,7 +14,12 @@ use mcp_guard_common::{CgroupKey, Config as KConfig, WorkloadInfo};
 use crate::{config::Config, loader, pins::Pins};
 
 /// Why a cgroup is not (yet) enforced, in words for the user.
-pub fn check(cfg: &Config, workload_id: u32, cgroup_id: u64, attach_dir: &Path) -> Result<(), String> {
+pub fn check(
+    cfg: &Config,
+    workload_id: u32,
+    cgroup_id: u64,
+    attach_dir: &Path,
+) -> Result<(), String> {
     let pins = Pins::new(&cfg.pin_dir);
     let open = |name: &str| {
         MapData::from_pin(pins.map(name)).map_err(|e| {
@@ -25,11 +30,12 @@ pub fn check(cfg: &Config, workload_id: u32, cgroup_id: u64, attach_dir: &Path) 
             )
         })
     };
-    let config: Array<MapData, KConfig> = Array::try_from(Map::Array(open("CONFIG_1")?))
-        .map_err(|e| format!("CONFIG_1: {e}"))?;
+    let config: Array<MapData, KConfig> =
+        Array::try_from(Map::Array(open("CONFIG_1")?)).map_err(|e| format!("CONFIG_1: {e}"))?;
     let live = config.get(&0, 0).map_err(|e| format!("CONFIG_1: {e}"))?;
     let cgroups: HashMap<MapData, CgroupKey, WorkloadInfo> =
-        HashMap::try_from(Map::HashMap(open("CGROUPS_1")?)).map_err(|e| format!("CGROUPS_1: {e}"))?;
+        HashMap::try_from(Map::HashMap(open("CGROUPS_1")?))
+            .map_err(|e| format!("CGROUPS_1: {e}"))?;
     let key = CgroupKey {
         cgroup_id,
         slot: live.slot & 1,
@@ -57,7 +63,10 @@ pub fn check(cfg: &Config, workload_id: u32, cgroup_id: u64, attach_dir: &Path) 
             .map_err(|e| format!("{hook} link: {e}"))?
             .program_id();
         if !loader::attached_ids(&cg, attach_type).is_ok_and(|ids| ids.contains(&prog)) {
-            return Err(format!("the {hook} program is not attached to {}", attach_dir.display()));
+            return Err(format!(
+                "the {hook} program is not attached to {}",
+                attach_dir.display()
+            ));
         }
     }
     Ok(())

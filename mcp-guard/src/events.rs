@@ -139,8 +139,12 @@ fn dns_event(reason: &str, rule: String, generation: u32, suppressed: u32) -> Js
 #[must_use]
 pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
     let rule = match r.reason {
-        "name-not-allowed" => "DNS proxy: no host rule of the workload covers this name (resolve_any is off)",
-        "type-not-allowed" => "DNS proxy: only A, AAAA and CNAME questions of class IN are forwarded",
+        "name-not-allowed" => {
+            "DNS proxy: no host rule of the workload covers this name (resolve_any is off)"
+        }
+        "type-not-allowed" => {
+            "DNS proxy: only A, AAAA and CNAME questions of class IN are forwarded"
+        }
         "rate-limited" => "DNS proxy: [dns] workload_queries_per_sec",
         "in-flight-limited" => "DNS proxy: [dns] workload_in_flight",
         "unattributed" => "DNS proxy: the asking socket belongs to no workload",
@@ -328,16 +332,14 @@ fn proc_text_unbounded(pid: u32, what: &str) -> Option<String> {
         "exe" => std::fs::read_link(format!("/proc/{pid}/exe"))
             .ok()
             .map(|p| p.display().to_string()),
-        _ => read_cmdline(pid)
-        .filter(|b| !b.is_empty())
-        .map(|b| {
-                let s: Vec<String> = b
-                    .split(|c| *c == 0)
-                    .filter(|a| !a.is_empty())
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-                    .collect();
-                s.join(" ")
-            }),
+        _ => read_cmdline(pid).filter(|b| !b.is_empty()).map(|b| {
+            let s: Vec<String> = b
+                .split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            s.join(" ")
+        }),
     }
 }
 

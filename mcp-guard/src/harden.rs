@@ -64,7 +64,16 @@ fn drop_capabilities() -> Result<(), HardenError> {
     // Ambient capabilities survive exec; inheritable ones come back for root at exec
     // (P'(permitted) includes P(inheritable) & F(inheritable)).
     // SAFETY: plain prctl.
-    if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) } != 0 {
+    if unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    } != 0
+    {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::EINVAL) {
             return Err(HardenError::Inheritable(e));
@@ -109,20 +118,16 @@ fn install_filter() -> Result<(), HardenError> {
     use std::collections::BTreeMap;
 
     use seccompiler::{
-        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
-        SeccompFilter, SeccompRule,
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule,
     };
     let filter_err = |e: &dyn std::fmt::Display| HardenError::Filter(e.to_string());
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut socket_rules = Vec::new();
     for (family, _) in REFUSED_FAMILIES {
-        let cond = SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Dword,
-            SeccompCmpOp::Eq,
-            family as u64,
-        )
-        .map_err(|e| filter_err(&e))?;
+        let cond =
+            SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, family as u64)
+                .map_err(|e| filter_err(&e))?;
         socket_rules.push(SeccompRule::new(vec![cond]).map_err(|e| filter_err(&e))?);
     }
     rules.insert(libc::SYS_socket, socket_rules.clone());
@@ -139,7 +144,9 @@ fn install_filter() -> Result<(), HardenError> {
         arch,
     )
     .map_err(|e| filter_err(&e))?;
-    let prog: BpfProgram = filter.try_into().map_err(|e: seccompiler::BackendError| filter_err(&e))?;
+    let prog: BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| filter_err(&e))?;
     seccompiler::apply_filter(&prog).map_err(|e| HardenError::Install(e.to_string()))
 }
 

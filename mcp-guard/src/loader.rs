@@ -155,7 +155,10 @@ pub fn attach_sock_addr(
         if skip.contains(&hook) {
             // Turned off: a link an earlier daemon pinned goes with its pin.
             if std::fs::remove_file(pins.link(hook)).is_ok() {
-                warn!(hook, "turned off: removed the pinned link an earlier daemon left");
+                warn!(
+                    hook,
+                    "turned off: removed the pinned link an earlier daemon left"
+                );
             }
             continue;
         }

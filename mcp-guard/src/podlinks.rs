@@ -42,12 +42,19 @@ impl Netlink {
     fn open() -> io::Result<Self> {
         // SAFETY: plain socket call; the fd is owned below.
         let fd = unsafe {
-            libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE)
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
         };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let tv = libc::timeval { tv_sec: 2, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
         // SAFETY: valid fd and option struct.
         unsafe {
             libc::setsockopt(
@@ -59,7 +66,10 @@ impl Netlink {
             );
         }
         // SAFETY: fd is ours and open.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) }, seq: 0 })
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            seq: 0,
+        })
     }
 
     /// Sends one request (header + `body`), returns every message of the answer (their
@@ -83,7 +93,8 @@ impl Netlink {
         let mut buf = vec![0u8; 1 << 16];
         loop {
             // SAFETY: valid fd and buffer.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -100,7 +111,12 @@ impl Netlink {
                 match mty {
                     NLMSG_DONE => return Ok(out),
                     NLMSG_ERROR => {
-                        let code = i32::from_ne_bytes(payload.get(..4).and_then(|b| b.try_into().ok()).unwrap_or([0; 4]));
+                        let code = i32::from_ne_bytes(
+                            payload
+                                .get(..4)
+                                .and_then(|b| b.try_into().ok())
+                                .unwrap_or([0; 4]),
+                        );
                         if code != 0 {
                             return Err(io::Error::from_raw_os_error(-code));
                         }
@@ -157,10 +173,16 @@ fn link_netnsids(nl: &mut Netlink) -> io::Result<BTreeMap<u32, i32>> {
     // struct ifinfomsg: 16 bytes of zeros asks for every link.
     let reply = nl.request(RTM_GETLINK, NLM_F_DUMP, &[0u8; 16])?;
     let mut out = BTreeMap::new();
-    for (t, p) in reply.iter().filter(|(t, p)| *t == RTM_NEWLINK && p.len() >= 16) {
+    for (t, p) in reply
+        .iter()
+        .filter(|(t, p)| *t == RTM_NEWLINK && p.len() >= 16)
+    {
         let _ = t;
         let index = i32::from_ne_bytes(p[4..8].try_into().expect("4"));
-        if let Some((_, d)) = attributes(p, 16).into_iter().find(|(ty, _)| *ty == IFLA_LINK_NETNSID) {
+        if let Some((_, d)) = attributes(p, 16)
+            .into_iter()
+            .find(|(ty, _)| *ty == IFLA_LINK_NETNSID)
+        {
             if let Some(b) = d.get(..4) {
                 out.insert(index as u32, i32::from_ne_bytes(b.try_into().expect("4")));
             }

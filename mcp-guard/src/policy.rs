@@ -10,8 +10,8 @@ use std::{
 
 use ipnet::IpNet;
 use mcp_guard_common::{
-    PolicyEntry, PortRange, DEFAULT_ALLOW, DEFAULT_DENY, DEFAULT_DENY_INTERNAL, ENTRY_ALLOW, ENTRY_HOLE,
-    ENTRY_BASELINE_DENY, ENTRY_BASELINE_METADATA, ENTRY_INTERNAL, ENTRY_METADATA_CLASS,
+    PolicyEntry, PortRange, DEFAULT_ALLOW, DEFAULT_DENY, DEFAULT_DENY_INTERNAL, ENTRY_ALLOW,
+    ENTRY_BASELINE_DENY, ENTRY_BASELINE_METADATA, ENTRY_HOLE, ENTRY_INTERNAL, ENTRY_METADATA_CLASS,
     FIRST_WORKLOAD_ID, MAX_RANGES, MODE_AUDIT, MODE_ENFORCE, PROTO_ANY, PROTO_OTHER, PROTO_TCP,
     PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY,
     REASON_DENY_INTERNAL, REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA,
@@ -122,10 +122,7 @@ fn net16(net: &IpNet) -> ([u8; 16], u8) {
 }
 
 /// `::ffff:0:0/96`, where IPv4 destinations live in the maps.
-const MAPPED: Prefix = (
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0],
-    96,
-);
+const MAPPED: Prefix = ([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0, 0, 0, 0], 96);
 
 /// Whether an IPv6 prefix would cover IPv4 destinations if nothing stopped it: it
 /// strictly contains `::ffff:0:0/96`. Such a prefix gets a hole there.
@@ -767,27 +764,57 @@ mod tests {
         // allow ::/0 allows IPv6 only; the IPv4 rule keeps working below the hole.
         assert_eq!(v("v6", "2606:4700::1", 443).verdict, Verdict::Allow);
         let d = v("v6", "10.1.2.3", 443);
-        assert_eq!((d.verdict, d.reason), (Verdict::Deny, Some(REASON_DEFAULT_DENY)));
+        assert_eq!(
+            (d.verdict, d.reason),
+            (Verdict::Deny, Some(REASON_DEFAULT_DENY))
+        );
         assert_eq!(v("v6", "93.184.216.34", 443).verdict, Verdict::Deny);
-        assert_eq!(v("v6", "::ffff:10.1.2.3", 443).verdict, Verdict::Deny, "mapped is IPv4");
+        assert_eq!(
+            v("v6", "::ffff:10.1.2.3", 443).verdict,
+            Verdict::Deny,
+            "mapped is IPv4"
+        );
         assert_eq!(v("v6", "10.0.12.7", 5432).verdict, Verdict::Allow);
         assert_eq!(v("v6", "10.0.12.7", 80).verdict, Verdict::Deny);
         // The baseline's ::/8 denies IPv6 in it, never IPv4.
         assert_eq!(v("open", "93.184.216.34", 443).verdict, Verdict::Allow);
         assert_eq!(v("open", "::1", 443).reason, Some(REASON_BASELINE_DENY));
-        assert_eq!(v("open", "169.254.169.254", 80).reason, Some(REASON_BASELINE_METADATA));
+        assert_eq!(
+            v("open", "169.254.169.254", 80).reason,
+            Some(REASON_BASELINE_METADATA)
+        );
         // The mapped range itself is every IPv4 address.
         assert_eq!(v("v4all", "93.184.216.34", 443).verdict, Verdict::Allow);
         assert_eq!(v("v4all", "2606:4700::1", 443).verdict, Verdict::Deny);
         // NAT64: internal, metadata and allowed exactly as the IPv4 address inside.
-        assert_eq!(v("di", "64:ff9b::a00:e05", 443).reason, Some(REASON_DENY_INTERNAL));
-        assert_eq!(v("di", "64:ff9b::a00:d05", 443).reason, Some(REASON_NOT_ALLOWED));
+        assert_eq!(
+            v("di", "64:ff9b::a00:e05", 443).reason,
+            Some(REASON_DENY_INTERNAL)
+        );
+        assert_eq!(
+            v("di", "64:ff9b::a00:d05", 443).reason,
+            Some(REASON_NOT_ALLOWED)
+        );
         assert_eq!(v("di", "64:ff9b::a00:d05", 5432).verdict, Verdict::Allow);
-        assert_eq!(v("di", "10.0.13.5", 5432).verdict, Verdict::Allow, "the NAT64 rule is the IPv4 rule");
-        assert_eq!(v("di", "64:ff9b::5db8:d822", 443).verdict, Verdict::Allow, "public inside");
-        assert_eq!(v("open", "64:ff9b::a9fe:a9fe", 80).reason, Some(REASON_BASELINE_METADATA));
+        assert_eq!(
+            v("di", "10.0.13.5", 5432).verdict,
+            Verdict::Allow,
+            "the NAT64 rule is the IPv4 rule"
+        );
+        assert_eq!(
+            v("di", "64:ff9b::5db8:d822", 443).verdict,
+            Verdict::Allow,
+            "public inside"
+        );
+        assert_eq!(
+            v("open", "64:ff9b::a9fe:a9fe", 80).reason,
+            Some(REASON_BASELINE_METADATA)
+        );
         let db = &cfg.workloads[3].hosts[0];
-        assert_eq!(refusal(&cfg, db, ip("64:ff9b::a00:d05")), Some("rebound-internal"));
+        assert_eq!(
+            refusal(&cfg, db, ip("64:ff9b::a00:d05")),
+            Some("rebound-internal")
+        );
         assert_eq!(refusal(&cfg, db, ip("64:ff9b::5db8:d822")), None);
         // A baseline ::/8 does not make IPv4 answers "baseline".
         assert_eq!(refusal(&cfg, db, ip("93.184.216.34")), None);
@@ -802,7 +829,10 @@ mod tests {
             source: "proxy".into(),
         };
         let c = compile_with(&cfg, &[learned]).unwrap();
-        assert!(c.exact.iter().any(|e| display_addr(e.addr) == ip("93.184.216.34")));
+        assert!(c
+            .exact
+            .iter()
+            .any(|e| display_addr(e.addr) == ip("93.184.216.34")));
     }
 
     #[test]

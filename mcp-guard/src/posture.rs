@@ -69,7 +69,9 @@ pub fn scan(compiled: &Compiled, mount: &Path) -> BTreeMap<String, (usize, Optio
                     }
                 }
             }
-            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
             for ent in rd.flatten() {
                 let p = ent.path();
                 // A child cgroup that is another workload's is counted there.

@@ -285,7 +285,10 @@ pub fn guard_bin() -> PathBuf {
 #[must_use]
 pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     let rel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut it = rel.trim().split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse::<u32>().ok());
+    let mut it = rel
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
     (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
 }
 
@@ -577,11 +580,18 @@ impl Probe {
     /// `nsenter --net`, which leaves the mounts, and so the cgroup tree, alone): exec
     /// decides from the kernel's pinned state, so it needs no network to the daemon.
     #[must_use]
-    pub fn exec_in(probe_bin: &str, config: &Path, workload: &str, extra: &[&str], ns: Option<&NetNs>) -> Self {
+    pub fn exec_in(
+        probe_bin: &str,
+        config: &Path,
+        workload: &str,
+        extra: &[&str],
+        ns: Option<&NetNs>,
+    ) -> Self {
         let mut cmd = match ns {
             Some(ns) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", ns.path().display())).arg(guard_bin());
+                c.arg(format!("--net={}", ns.path().display()))
+                    .arg(guard_bin());
                 c
             }
             None => Command::new(guard_bin()),

@@ -44,13 +44,21 @@ fn sniffer(ns: &NetNs) -> Arc<Mutex<Vec<String>>> {
                 libc::SOCK_RAW,
                 i32::from((libc::ETH_P_ALL as u16).to_be()),
             );
-            assert!(fd >= 0, "sniffer socket: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "sniffer socket: {}",
+                std::io::Error::last_os_error()
+            );
             let mut ll: libc::sockaddr_ll = std::mem::zeroed();
             ll.sll_family = libc::AF_PACKET as u16;
             ll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
             ll.sll_ifindex = libc::if_nametoindex(c"lo".as_ptr()) as i32;
             assert_eq!(
-                libc::bind(fd, (&raw const ll).cast(), size_of::<libc::sockaddr_ll>() as u32),
+                libc::bind(
+                    fd,
+                    (&raw const ll).cast(),
+                    size_of::<libc::sockaddr_ll>() as u32
+                ),
                 0
             );
             fd
@@ -94,7 +102,12 @@ fn sniffer(ns: &NetNs) -> Arc<Mutex<Vec<String>>> {
 fn kinds() -> Vec<(i32, i32, i32)> {
     let mut out = Vec::new();
     for family in [libc::AF_INET, libc::AF_INET6] {
-        for ty in [libc::SOCK_STREAM, libc::SOCK_DGRAM, libc::SOCK_RAW, libc::SOCK_SEQPACKET] {
+        for ty in [
+            libc::SOCK_STREAM,
+            libc::SOCK_DGRAM,
+            libc::SOCK_RAW,
+            libc::SOCK_SEQPACKET,
+        ] {
             for proto in (0..=255).chain([libc::IPPROTO_MPTCP]) {
                 out.push((family, ty, proto));
             }
@@ -104,7 +117,11 @@ fn kinds() -> Vec<(i32, i32, i32)> {
 }
 
 fn kind_name((family, ty, proto): (i32, i32, i32)) -> String {
-    let f = if family == libc::AF_INET { "inet" } else { "inet6" };
+    let f = if family == libc::AF_INET {
+        "inet"
+    } else {
+        "inet6"
+    };
     let t = match ty {
         libc::SOCK_STREAM => "stream",
         libc::SOCK_DGRAM => "dgram",
@@ -123,7 +140,11 @@ fn ranges(v: &[i32]) -> String {
         while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
             j += 1;
         }
-        out.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
+        out.push(if i == j {
+            v[i].to_string()
+        } else {
+            format!("{}-{}", v[i], v[j])
+        });
         i = j + 1;
     }
     out.join(",")
@@ -135,7 +156,11 @@ fn every_socket_and_send_path_is_stopped() {
     ns.sysctl("net.ipv4.ping_group_range", "0 2147483647");
     for (addr, port, _) in TARGETS {
         ns.add_addr(addr);
-        let sa = if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") };
+        let sa = if addr.contains(':') {
+            format!("[{addr}]:{port}")
+        } else {
+            format!("{addr}:{port}")
+        };
         ns.listen_tcp(&sa);
         let _ = ns.udp_counter(&sa);
     }
@@ -159,12 +184,28 @@ fn every_socket_and_send_path_is_stopped() {
         .filter(|&(f, t, p)| outside.op(&format!("socket {f} {t} {p}")) == "OK")
         .collect();
     drop(outside);
-    assert!(offered.len() > 100, "the kernel offers only {} inet socket kinds?", offered.len());
+    assert!(
+        offered.len() > 100,
+        "the kernel offers only {} inet socket kinds?",
+        offered.len()
+    );
 
     let mut probes: Vec<(&str, &str, Probe)> = vec![
-        ("w (exec)", "w", Probe::exec_in(PROBE, &d.config, "w", &[], Some(&ns))),
-        ("lenient (exec)", "lenient", Probe::exec_in(PROBE, &d.config, "lenient", &[], Some(&ns))),
-        ("w (root, no hardening)", "w", Probe::new(PROBE, &w_dir, &ns)),
+        (
+            "w (exec)",
+            "w",
+            Probe::exec_in(PROBE, &d.config, "w", &[], Some(&ns)),
+        ),
+        (
+            "lenient (exec)",
+            "lenient",
+            Probe::exec_in(PROBE, &d.config, "lenient", &[], Some(&ns)),
+        ),
+        (
+            "w (root, no hardening)",
+            "w",
+            Probe::new(PROBE, &w_dir, &ns),
+        ),
     ];
     // (probe, outcome) -> kinds, and every send result with its socket cookie.
     let mut table: BTreeMap<(String, String), Vec<(i32, i32, i32)>> = BTreeMap::new();
@@ -186,11 +227,20 @@ fn every_socket_and_send_path_is_stopped() {
                 let cookies: Vec<u64> = cookies.split(',').map(|c| c.parse().unwrap()).collect();
                 for (m, c) in results.split(' ').zip(cookies) {
                     let (method, res) = m.split_once('=').unwrap();
-                    sends.push((label.to_string(), format!("{} {class}", kind_name(kind)), method.into(), c, res.into()));
+                    sends.push((
+                        label.to_string(),
+                        format!("{} {class}", kind_name(kind)),
+                        method.into(),
+                        c,
+                        res.into(),
+                    ));
                 }
                 outcome = "created".into();
             }
-            table.entry((label.to_string(), outcome)).or_default().push(kind);
+            table
+                .entry((label.to_string(), outcome))
+                .or_default()
+                .push(kind);
         }
     }
     // Nothing arrived over any inet path.
@@ -214,7 +264,9 @@ fn every_socket_and_send_path_is_stopped() {
     }
     let mut layers: BTreeMap<(String, String, String), BTreeSet<String>> = BTreeMap::new();
     for (label, kind, method, cookie, res) in &sends {
-        let hooks = by_cookie.get(cookie).map(|h| h.iter().cloned().collect::<Vec<_>>().join("+"));
+        let hooks = by_cookie
+            .get(cookie)
+            .map(|h| h.iter().cloned().collect::<Vec<_>>().join("+"));
         let layer = match (res.as_str(), hooks) {
             (_, Some(h)) => h,
             ("OK", None) => panic!("{label} {kind} {method}: sent, and no layer reported it"),
@@ -230,7 +282,11 @@ fn every_socket_and_send_path_is_stopped() {
         };
         let family_kind = kind.rsplit_once(' ').map_or(kind.as_str(), |(k, _)| k);
         layers
-            .entry((label.clone(), family_kind.split('/').take(2).collect::<Vec<_>>().join("/"), method.clone()))
+            .entry((
+                label.clone(),
+                family_kind.split('/').take(2).collect::<Vec<_>>().join("/"),
+                method.clone(),
+            ))
             .or_default()
             .insert(layer);
     }
@@ -241,30 +297,55 @@ fn every_socket_and_send_path_is_stopped() {
     let mut family_rows = Vec::new();
     for (label, _, probe) in &mut probes {
         for kind in ["xdp", "vsock"] {
-            family_rows.push(format!("{label}: AF_{} -> {}", kind.to_uppercase(), probe.op(&format!("socket {kind}"))));
+            family_rows.push(format!(
+                "{label}: AF_{} -> {}",
+                kind.to_uppercase(),
+                probe.op(&format!("socket {kind}"))
+            ));
         }
         let r = probe.op("packet-send 169.254.169.254 80");
-        family_rows.push(format!("{label}: AF_PACKET frame to 169.254.169.254 -> {r}"));
+        family_rows.push(format!(
+            "{label}: AF_PACKET frame to 169.254.169.254 -> {r}"
+        ));
         if label.contains("exec") || lsm {
-            assert!(r.starts_with("SOCKET"), "{label}: AF_PACKET socket created ({r}); BPF LSM {lsm}");
+            assert!(
+                r.starts_with("SOCKET"),
+                "{label}: AF_PACKET socket created ({r}); BPF LSM {lsm}"
+            );
         }
     }
     std::thread::sleep(Duration::from_millis(300));
     let arrived_after = seen.lock().unwrap().clone();
 
-    eprintln!("\nattack matrix (BPF LSM {}):", if lsm { "available" } else { "refused by this kernel" });
+    eprintln!(
+        "\nattack matrix (BPF LSM {}):",
+        if lsm {
+            "available"
+        } else {
+            "refused by this kernel"
+        }
+    );
     for ((label, outcome), kinds) in &table {
         let mut by_ft: BTreeMap<String, Vec<i32>> = BTreeMap::new();
         for &(f, t, p) in kinds {
             let name = kind_name((f, t, 0));
-            by_ft.entry(name.trim_end_matches("/0").to_string()).or_default().push(p);
+            by_ft
+                .entry(name.trim_end_matches("/0").to_string())
+                .or_default()
+                .push(p);
         }
         for (ft, protos) in by_ft {
-            eprintln!("  {label:24} {ft:16} protocols {:<24} {outcome}", ranges(&protos));
+            eprintln!(
+                "  {label:24} {ft:16} protocols {:<24} {outcome}",
+                ranges(&protos)
+            );
         }
     }
     for ((label, fam, method), l) in &layers {
-        eprintln!("  {label:24} {fam:16} {method:20} stopped by {}", l.iter().cloned().collect::<Vec<_>>().join(", "));
+        eprintln!(
+            "  {label:24} {fam:16} {method:20} stopped by {}",
+            l.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     for r in &family_rows {
         eprintln!("  {r}");
@@ -278,7 +359,10 @@ fn every_socket_and_send_path_is_stopped() {
         if label.starts_with("w ") && outcome == "created" {
             for &(_, t, p) in kinds {
                 assert!(
-                    matches!((t, p), (libc::SOCK_STREAM, 0 | 6 | 262) | (libc::SOCK_DGRAM, 0 | 17)),
+                    matches!(
+                        (t, p),
+                        (libc::SOCK_STREAM, 0 | 6 | 262) | (libc::SOCK_DGRAM, 0 | 17)
+                    ),
                     "{label}: {} created",
                     kind_name((0, t, p))
                 );

@@ -77,7 +77,9 @@ fn raw_and_packet_sockets_are_refused_where_configured() {
     let mut o = Probe::new(PROBE, &outside, &ns);
     let mut refused_other = 0;
     let mut table = Vec::new();
-    for kind in ["ping4", "ping6", "udplite4", "sctp4", "tcp4", "udp6", "mptcp4", "xdp", "vsock"] {
+    for kind in [
+        "ping4", "ping6", "udplite4", "sctp4", "tcp4", "udp6", "mptcp4", "xdp", "vsock",
+    ] {
         let offered = o.op(&format!("socket {kind}"));
         let guarded_result = p.op(&format!("socket {kind}"));
         // AF_XDP and AF_VSOCK need BPF LSM; without it they stay open (README).
@@ -87,14 +89,25 @@ fn raw_and_packet_sockets_are_refused_where_configured() {
             _ if offered == "OK" => "EPERM".to_string(),
             _ => offered.clone(),
         };
-        table.push(format!("{kind}: kernel offers {offered}, guarded gets {guarded_result}"));
-        assert_eq!(guarded_result, want, "{kind} (unguarded: {offered}; BPF LSM: {lsm})");
+        table.push(format!(
+            "{kind}: kernel offers {offered}, guarded gets {guarded_result}"
+        ));
+        assert_eq!(
+            guarded_result, want,
+            "{kind} (unguarded: {offered}; BPF LSM: {lsm})"
+        );
         if want == "EPERM" {
             refused_other += 1;
         }
     }
-    eprintln!("socket creation from a guarded workload:\n  {}", table.join("\n  "));
-    assert!(refused_other >= 2, "ping sockets at least must be offered and refused: {table:#?}");
+    eprintln!(
+        "socket creation from a guarded workload:\n  {}",
+        table.join("\n  ")
+    );
+    assert!(
+        refused_other >= 2,
+        "ping sockets at least must be offered and refused: {table:#?}"
+    );
     let mut l = Probe::new(PROBE, &lenient, &ns);
     assert_eq!(l.op("socket raw4"), "OK");
     assert_eq!(l.op("socket packet"), "OK");
@@ -122,10 +135,12 @@ fn raw_and_packet_sockets_are_refused_where_configured() {
         // Counted exactly, like every refusal.
         let metrics = d.get("/metrics");
         assert!(
-            metrics.lines().any(|l| l.starts_with("mcp_guard_denied_flows_total{")
-                && l.contains("hook=\"socket_create\"")
-                && l.contains("reason=\"packet-socket\"")
-                && l.ends_with(" 1")),
+            metrics
+                .lines()
+                .any(|l| l.starts_with("mcp_guard_denied_flows_total{")
+                    && l.contains("hook=\"socket_create\"")
+                    && l.contains("reason=\"packet-socket\"")
+                    && l.ends_with(" 1")),
             "{metrics}"
         );
     }
@@ -177,13 +192,18 @@ fn vm_mode_tc_drops_raw_packets_to_denied_destinations() {
     assert!(
         wait_until(Duration::from_secs(3), || {
             let log = d.stderr.lock().unwrap();
-            log.lines().any(|l| l.contains("not an Ethernet interface") && l.contains("vmtun0"))
+            log.lines()
+                .any(|l| l.contains("not an Ethernet interface") && l.contains("vmtun0"))
         }),
         "the tun device was not skipped: {}",
         d.stderr.lock().unwrap()
     );
     assert!(
-        !d.stderr.lock().unwrap().lines().any(|l| l.contains("tc classifier attached") && l.contains("vmtun0")),
+        !d.stderr
+            .lock()
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("tc classifier attached") && l.contains("vmtun0")),
         "attached to a tun device"
     );
 
@@ -314,7 +334,9 @@ fn pod_mode_tc_attributes_by_interface() {
         "{events:#?}"
     );
     assert!(
-        events.iter().any(|e| e["hook"] == "tc" && e["src"] == "10.9.9.9"),
+        events
+            .iter()
+            .any(|e| e["hook"] == "tc" && e["src"] == "10.9.9.9"),
         "the spoofed datagram was not attributed to the pod: {events:#?}"
     );
 }
@@ -423,24 +445,42 @@ fn exec_hardens_the_command() {
     let mut hardened = Probe::exec(PROBE, &d.config, "w", &[]);
     let caps = hardened.op("caps");
     let field = |name: &str| -> u64 {
-        let v = caps.split_whitespace().find_map(|f| f.strip_prefix(name)).unwrap();
+        let v = caps
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap();
         u64::from_str_radix(v, 16).unwrap()
     };
-    for (cap, name) in [(13, "CAP_NET_RAW"), (12, "CAP_NET_ADMIN"), (21, "CAP_SYS_ADMIN"), (39, "CAP_BPF")] {
-        assert_eq!(field("bnd=") & (1 << cap), 0, "{name} in the bounding set: {caps}");
+    for (cap, name) in [
+        (13, "CAP_NET_RAW"),
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+        (39, "CAP_BPF"),
+    ] {
+        assert_eq!(
+            field("bnd=") & (1 << cap),
+            0,
+            "{name} in the bounding set: {caps}"
+        );
         assert_eq!(field("eff=") & (1 << cap), 0, "{name} effective: {caps}");
         assert_eq!(field("inh=") & (1 << cap), 0, "{name} inheritable: {caps}");
     }
     assert!(caps.ends_with("nnp=1"), "{caps}");
     for kind in ["packet", "xdp", "vsock", "raw4"] {
-        assert_eq!(hardened.op(&format!("socket {kind}")), "EPERM", "{kind} from the hardened command");
+        assert_eq!(
+            hardened.op(&format!("socket {kind}")),
+            "EPERM",
+            "{kind} from the hardened command"
+        );
     }
     assert_eq!(hardened.op("io_uring"), "EPERM");
     assert_eq!(hardened.op("socket tcp4"), "OK");
     let privileged = |d: &Daemon| {
         d.get("/metrics")
             .lines()
-            .find_map(|l| l.strip_prefix("mcp_guard_workload_privileged_processes{workload=\"w\"} "))
+            .find_map(|l| {
+                l.strip_prefix("mcp_guard_workload_privileged_processes{workload=\"w\"} ")
+            })
             .map(|v| v.trim().parse::<u32>().unwrap())
     };
     assert!(
@@ -450,7 +490,11 @@ fn exec_hardens_the_command() {
     );
 
     let mut plain = Probe::exec(PROBE, &d.config, "w", &["--no-hardening"]);
-    assert_eq!(plain.op("socket raw4"), "OK", "--no-hardening keeps CAP_NET_RAW");
+    assert_eq!(
+        plain.op("socket raw4"),
+        "OK",
+        "--no-hardening keeps CAP_NET_RAW"
+    );
     assert_eq!(plain.op("io_uring"), "OK");
     // The daemon reports the unhardened one: it could go around the hooks.
     assert!(
@@ -458,7 +502,11 @@ fn exec_hardens_the_command() {
         "privileged process not reported: {:?}",
         privileged(&d)
     );
-    assert!(d.stderr.lock().unwrap().contains("hold capabilities that go around the cgroup hooks"));
+    assert!(d
+        .stderr
+        .lock()
+        .unwrap()
+        .contains("hold capabilities that go around the cgroup hooks"));
     assert!(d.stop());
 }
 
@@ -495,7 +543,12 @@ fn tcp_byte_counter(ns: &NetNs, addr: &str) -> std::sync::Arc<std::sync::atomic:
 fn cgroup_skb_backstop_judges_every_packet() {
     let ns = NetNs::new();
     ns.sysctl("net.ipv4.ping_group_range", "0 2147483647");
-    for a in ["169.254.169.254", "10.0.12.5", "93.184.216.34", "93.184.216.35"] {
+    for a in [
+        "169.254.169.254",
+        "10.0.12.5",
+        "93.184.216.34",
+        "93.184.216.35",
+    ] {
         ns.add_addr(a);
     }
     let received = tcp_byte_counter(&ns, "93.184.216.35:443");
@@ -514,7 +567,9 @@ fn cgroup_skb_backstop_judges_every_packet() {
     };
     // First: default deny-internal, so public 93.184.216.35 is allowed.
     let d = Daemon::start(&config(true));
-    assert!(d.get("/metrics").contains("mcp_guard_programs_attached{hook=\"cgroup_skb\"} 1"));
+    assert!(d
+        .get("/metrics")
+        .contains("mcp_guard_programs_attached{hook=\"cgroup_skb\"} 1"));
     let mut p = Probe::new(PROBE, &dir, &ns);
     // Ping sockets (allowed to this workload): judged per packet.
     assert_eq!(p.op("ping 93.184.216.34"), "REPLY", "public");
@@ -531,34 +586,58 @@ fn cgroup_skb_backstop_judges_every_packet() {
     let r = p.op("raw-udp 10.0.12.5 169.254.169.254 53");
     assert!(r == "EPERM" || r == "SENT", "{r}");
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(udp.load(Ordering::SeqCst), 0, "a raw datagram reached the metadata address");
+    assert_eq!(
+        udp.load(Ordering::SeqCst),
+        0,
+        "a raw datagram reached the metadata address"
+    );
 
     // An established flow, allowed now...
     assert_eq!(p.op("hold 93.184.216.35 443"), "OK 0");
     assert_eq!(p.op("hold-send 0 1000"), "OK");
-    assert!(wait_until(Duration::from_secs(3), || received.load(Ordering::SeqCst) == 1000));
+    assert!(wait_until(Duration::from_secs(3), || received
+        .load(Ordering::SeqCst)
+        == 1000));
     // ...is cut once a reload stops allowing its destination (default deny now).
     let generation = d.status()["generation"].as_u64();
     d.write_config(&config(false).replace("default = \"deny-internal\"", "default = \"deny\""));
     assert!(
-        wait_until(Duration::from_secs(10), || d.status()["generation"].as_u64() > generation),
+        wait_until(Duration::from_secs(10), || d.status()["generation"]
+            .as_u64()
+            > generation),
         "reload not applied: {}",
         d.status()
     );
     let before = received.load(Ordering::SeqCst);
     let _ = p.op("hold-send 0 1000");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(received.load(Ordering::SeqCst), before, "the established flow still delivers after the policy stopped allowing it");
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        before,
+        "the established flow still delivers after the policy stopped allowing it"
+    );
 
     let mut events = Vec::new();
-    assert!(wait_until(Duration::from_secs(5), || {
-        events.extend(d.events(Duration::from_millis(100)));
-        events.iter().filter(|e| e["hook"] == "cgroup_skb").count() >= 5
-    }), "{events:#?}");
-    let skb: Vec<&serde_json::Value> = events.iter().filter(|e| e["hook"] == "cgroup_skb").collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            events.extend(d.events(Duration::from_millis(100)));
+            events.iter().filter(|e| e["hook"] == "cgroup_skb").count() >= 5
+        }),
+        "{events:#?}"
+    );
+    let skb: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["hook"] == "cgroup_skb")
+        .collect();
     let reasons: Vec<(&str, &str, &str)> = skb
         .iter()
-        .map(|e| (e["reason"].as_str().unwrap(), e["dst"].as_str().unwrap(), e["proto"].as_str().unwrap()))
+        .map(|e| {
+            (
+                e["reason"].as_str().unwrap(),
+                e["dst"].as_str().unwrap(),
+                e["proto"].as_str().unwrap(),
+            )
+        })
         .collect();
     for want in [
         ("baseline-metadata", "169.254.169.254", "icmp"),
@@ -566,11 +645,18 @@ fn cgroup_skb_backstop_judges_every_packet() {
         ("baseline-metadata", "169.254.169.254", "udp"),
         ("default-deny", "93.184.216.35", "tcp"),
     ] {
-        assert!(reasons.contains(&want), "no cgroup_skb event {want:?}: {reasons:#?}");
+        assert!(
+            reasons.contains(&want),
+            "no cgroup_skb event {want:?}: {reasons:#?}"
+        );
     }
     // Once per socket and destination, not per packet: the retransmissions of the cut
     // flow are dropped without new events.
-    assert_eq!(reasons.iter().filter(|r| r.0 == "default-deny").count(), 1, "{reasons:#?}");
+    assert_eq!(
+        reasons.iter().filter(|r| r.0 == "default-deny").count(),
+        1,
+        "{reasons:#?}"
+    );
     schema_check(&events);
     assert!(d.stop());
 }

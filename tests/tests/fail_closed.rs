@@ -38,7 +38,11 @@ fn attached_count(cgroup: &std::path::Path, attach_type: &str) -> usize {
         .output()
         .expect("bpftool");
     // A bpftool that fails must fail the test, not read as "nothing attached".
-    assert!(out.status.success(), "bpftool cgroup show: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool cgroup show: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Nothing attached: bpftool prints nothing at all.
     if out.stdout.iter().all(u8::is_ascii_whitespace) {
         return 0;
@@ -156,7 +160,11 @@ fn keep_on_exit_then_uninstall_leaves_nothing() {
     let (_, dir) = cg.child("w");
     let mut d = Daemon::start(&config(&cg, "on_exit = \"keep\"\n"));
     let (progs, maps) = kernel_objects(&d);
-    assert_eq!(progs.len(), 6, "connect4/6, sendmsg4/6, sock_create, cgroup_skb");
+    assert_eq!(
+        progs.len(),
+        6,
+        "connect4/6, sendmsg4/6, sock_create, cgroup_skb"
+    );
     assert!(maps.len() >= 8, "{maps:?}");
     assert!(d.terminate());
     assert!(d
@@ -582,7 +590,9 @@ fn pressure_never_unregisters_a_workload() {
     // 1,000 idle connections that never send a request (those past the kernel's accept
     // queue time out at once: the flood stays as deep as the kernel lets it).
     let flood: Vec<std::net::TcpStream> = (0..1_000)
-        .filter_map(|_| std::net::TcpStream::connect_timeout(&d.listen, Duration::from_millis(50)).ok())
+        .filter_map(|_| {
+            std::net::TcpStream::connect_timeout(&d.listen, Duration::from_millis(50)).ok()
+        })
         .collect();
     assert!(flood.len() > 100, "the flood did not connect");
     std::fs::remove_dir(&pod).unwrap();
@@ -595,11 +605,15 @@ fn pressure_never_unregisters_a_workload() {
         "the re-created pod cgroup was not enforced under the flood"
     );
     drop(flood);
-    assert!(wait_until(Duration::from_secs(10), || d.get("/healthz").contains("ok")));
+    assert!(wait_until(Duration::from_secs(10), || d
+        .get("/healthz")
+        .contains("ok")));
 
     // Out of file descriptors: every scan fails; the registration stays.
     let pid = d.pid().to_string();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
     let hard = std::fs::read_to_string(format!("/proc/{pid}/limits"))
         .unwrap()
         .lines()
@@ -619,10 +633,21 @@ fn pressure_never_unregisters_a_workload() {
     limit("1");
     std::thread::sleep(Duration::from_millis(1_500));
     let mut p = Probe::new(PROBE, &pod, &ns);
-    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM", "unregistered by a failed scan");
-    assert!(registered_raw(&d.pin_dir, &pod), "registration removed by a failed scan");
+    assert_eq!(
+        p.op("tcp 169.254.169.254 80"),
+        "EPERM",
+        "unregistered by a failed scan"
+    );
+    assert!(
+        registered_raw(&d.pin_dir, &pod),
+        "registration removed by a failed scan"
+    );
     limit(&hard);
-    assert!(d.stderr.lock().unwrap().contains("cgroup scan incomplete"), "{}", d.stderr.lock().unwrap());
+    assert!(
+        d.stderr.lock().unwrap().contains("cgroup scan incomplete"),
+        "{}",
+        d.stderr.lock().unwrap()
+    );
     assert!(d.stop());
 }
 
@@ -636,12 +661,30 @@ fn registered_raw(pin_dir: &std::path::Path, dir: &std::path::Path) -> bool {
         .arg(pin_dir.join("maps/CGROUPS_1"))
         .output()
         .expect("bpftool");
-    assert!(out.status.success(), "bpftool map dump: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "bpftool map dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
     v.as_array().is_some_and(|a| {
         a.iter().any(|e| {
-            let key: Vec<u64> = e["key"].as_array().map(|k| k.iter().filter_map(|b| u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()).collect()).unwrap_or_default();
-            key.len() >= 8 && key[..8].iter().enumerate().fold(0u64, |acc, (i, b)| acc | (b << (8 * i))) == id
+            let key: Vec<u64> = e["key"]
+                .as_array()
+                .map(|k| {
+                    k.iter()
+                        .filter_map(|b| {
+                            u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            key.len() >= 8
+                && key[..8]
+                    .iter()
+                    .enumerate()
+                    .fold(0u64, |acc, (i, b)| acc | (b << (8 * i)))
+                    == id
         })
     })
 }

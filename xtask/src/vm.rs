@@ -37,18 +37,38 @@ const KERNELS: [(&str, &str); 2] = [
 const TESTS: [(&str, &str); 9] = [
     ("enforcement", "socket_hooks_enforce_the_policy"),
     ("enforcement", "audit_mode_allows_but_reports"),
-    ("below_sockets", "raw_and_packet_sockets_are_refused_where_configured"),
+    (
+        "below_sockets",
+        "raw_and_packet_sockets_are_refused_where_configured",
+    ),
     ("below_sockets", "cgroup_skb_backstop_judges_every_packet"),
-    ("below_sockets", "vm_mode_tc_drops_raw_packets_to_denied_destinations"),
-    ("below_sockets", "tc_links_are_pinned_and_adopted_after_kill_9"),
+    (
+        "below_sockets",
+        "vm_mode_tc_drops_raw_packets_to_denied_destinations",
+    ),
+    (
+        "below_sockets",
+        "tc_links_are_pinned_and_adopted_after_kill_9",
+    ),
     ("below_sockets", "exec_hardens_the_command"),
-    ("fail_closed", "kill_9_never_opens_a_window_and_restart_adopts"),
+    (
+        "fail_closed",
+        "kill_9_never_opens_a_window_and_restart_adopts",
+    ),
     ("attack_matrix", "every_socket_and_send_path_is_stopped"),
 ];
 
 /// Modules the tests need that Debian builds as modules.
 const MODULES: [&str; 9] = [
-    "veth", "sch_ingress", "cls_bpf", "tun", "sctp", "vsock", "inet_diag", "tcp_diag", "udp_diag",
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
+    "tun",
+    "sctp",
+    "vsock",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
 ];
 
 const PACKAGES: &[(&str, &str)] = &[
@@ -90,13 +110,25 @@ fn fetch_kernel(pattern: &str, dir: &Path) -> Result<PathBuf> {
     }
     let debs = dir.join("debs");
     fs::create_dir_all(&debs)?;
-    if !fs::read_dir(&debs)?.flatten().any(|e| e.file_name().to_string_lossy().starts_with(&format!("{pkg}_"))) {
+    if !fs::read_dir(&debs)?.flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{pkg}_"))
+    }) {
         eprintln!("xtask: downloading {pkg}");
-        setup::status(Command::new("apt-get").args(["download", "-q", &pkg]).current_dir(&debs))?;
+        setup::status(
+            Command::new("apt-get")
+                .args(["download", "-q", &pkg])
+                .current_dir(&debs),
+        )?;
     }
     let deb = fs::read_dir(&debs)?
         .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with(&format!("{pkg}_")))
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{pkg}_"))
+        })
         .context("downloaded package")?
         .path();
     fs::create_dir_all(&root)?;
@@ -106,7 +138,9 @@ fn fetch_kernel(pattern: &str, dir: &Path) -> Result<PathBuf> {
 
 /// Numbers in a package name, for "newest".
 fn version_key(s: &str) -> Vec<u64> {
-    s.split(|c: char| !c.is_ascii_digit()).filter_map(|p| p.parse().ok()).collect()
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// Every shared library an ELF needs (ldd), with the loader.
@@ -117,7 +151,12 @@ fn libraries(elf: &Path) -> Vec<PathBuf> {
     text.lines()
         .filter_map(|l| {
             let l = l.trim();
-            let path = l.split("=>").nth(1).unwrap_or(l).split_whitespace().next()?;
+            let path = l
+                .split("=>")
+                .nth(1)
+                .unwrap_or(l)
+                .split_whitespace()
+                .next()?;
             path.starts_with('/').then(|| PathBuf::from(path))
         })
         .collect()
@@ -131,7 +170,12 @@ fn install(root: &Path, src: &Path, strip: bool) -> Result<()> {
     let dst = root.join(src.strip_prefix("/").unwrap_or(src));
     fs::create_dir_all(dst.parent().context("parent")?)?;
     if strip {
-        setup::status(Command::new("objcopy").arg("--strip-debug").arg(&src).arg(&dst))?;
+        setup::status(
+            Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(&src)
+                .arg(&dst),
+        )?;
     } else {
         fs::copy(&src, &dst)?;
     }
@@ -141,7 +185,13 @@ fn install(root: &Path, src: &Path, strip: bool) -> Result<()> {
 /// The test binaries (built now), by test target name.
 fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
     let o = crate::cargo()
-        .args(["test", "-p", "mcp-guard-tests", "--no-run", "--message-format=json"])
+        .args([
+            "test",
+            "-p",
+            "mcp-guard-tests",
+            "--no-run",
+            "--message-format=json",
+        ])
         .stderr(Stdio::inherit())
         .output()?;
     if !o.status.success() {
@@ -150,11 +200,16 @@ fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&o.stdout).lines() {
         // Without a JSON dependency: the fields we need are plain strings.
-        if !line.contains("\"reason\":\"compiler-artifact\"") || !line.contains("\"kind\":[\"test\"]") {
+        if !line.contains("\"reason\":\"compiler-artifact\"")
+            || !line.contains("\"kind\":[\"test\"]")
+        {
             continue;
         }
         let field = |key: &str| {
-            line.split(&format!("\"{key}\":\"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_string)
+            line.split(&format!("\"{key}\":\""))
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+                .map(str::to_string)
         };
         if let (Some(name), Some(exe)) = (field("name"), field("executable")) {
             found.push((name, PathBuf::from(exe)));
@@ -164,17 +219,27 @@ fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// Builds the initramfs for one kernel; returns its path.
-fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, PathBuf)]) -> Result<PathBuf> {
+fn initramfs(
+    kernel_root: &Path,
+    release: &str,
+    work: &Path,
+    bins: &[(String, PathBuf)],
+) -> Result<PathBuf> {
     let root = work.join(format!("root-{release}"));
     let _ = fs::remove_dir_all(&root);
-    for d in ["bin", "sbin", "proc", "sys", "dev", "run", "tmp", "etc", "var", "root"] {
+    for d in [
+        "bin", "sbin", "proc", "sys", "dev", "run", "tmp", "etc", "var", "root",
+    ] {
         fs::create_dir_all(root.join(d))?;
     }
     std::os::unix::fs::symlink("/run", root.join("var/run"))?;
     // busybox and its applets.
     let busybox = which("busybox")?;
     fs::copy(&busybox, root.join("bin/busybox"))?;
-    for applet in ["sh", "mount", "mkdir", "insmod", "poweroff", "cat", "echo", "sleep", "grep", "uname", "ln", "rm", "true", "hostname", "sync", "dmesg", "sed", "cut", "tail", "head"] {
+    for applet in [
+        "sh", "mount", "mkdir", "insmod", "poweroff", "cat", "echo", "sleep", "grep", "uname",
+        "ln", "rm", "true", "hostname", "sync", "dmesg", "sed", "cut", "tail", "head",
+    ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
     // Tools and their libraries, at their own paths (PATH covers them).
@@ -182,7 +247,9 @@ fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, Pa
     for tool in ["ip", "nsenter", "bpftool"] {
         elves.insert(which(tool)?);
     }
-    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug").canonicalize()?;
+    let target = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .canonicalize()?;
     let mut ours: Vec<PathBuf> = vec![target.join("mcp-guard"), target.join("mcpg-probe")];
     let wanted: BTreeSet<&str> = TESTS.iter().map(|(b, _)| *b).collect();
     for (name, exe) in bins {
@@ -190,7 +257,11 @@ fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, Pa
             ours.push(exe.clone());
         }
     }
-    let needed: Vec<PathBuf> = ours.iter().chain(elves.iter()).flat_map(|e| libraries(e)).collect();
+    let needed: Vec<PathBuf> = ours
+        .iter()
+        .chain(elves.iter())
+        .flat_map(|e| libraries(e))
+        .collect();
     elves.extend(needed);
     for e in &elves {
         install(&root, e, false)?;
@@ -199,20 +270,30 @@ fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, Pa
         install(&root, e, true)?;
     }
     // The event schema the tests validate against (a path compiled into them).
-    let schema = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../mcp-guard/schema/event-v1.schema.json");
+    let schema =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../mcp-guard/schema/event-v1.schema.json");
     install(&root, &schema, false)?;
     // Paths the tests resolve at run time: `tests/../mcp-guard/...` needs `tests`.
-    let tests_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests").canonicalize()?;
+    let tests_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests")
+        .canonicalize()?;
     fs::create_dir_all(root.join(tests_dir.strip_prefix("/").unwrap_or(&tests_dir)))?;
     // Kernel modules, dependencies first, decompressed for busybox insmod. The package
     // carries no modules.dep (its postinst makes one): make it.
-    setup::status(Command::new("depmod").arg("-b").arg(kernel_root).arg(release))?;
+    setup::status(
+        Command::new("depmod")
+            .arg("-b")
+            .arg(kernel_root)
+            .arg(release),
+    )?;
     let mut insmods = Vec::new();
     for m in MODULES {
-        let deps = out(Command::new("modprobe")
-            .arg("-d")
-            .arg(kernel_root)
-            .args(["-S", release, "--show-depends", m]))
+        let deps = out(Command::new("modprobe").arg("-d").arg(kernel_root).args([
+            "-S",
+            release,
+            "--show-depends",
+            m,
+        ]))
         .with_context(|| format!("module {m} of kernel {release}"))?;
         for line in deps.lines().filter_map(|l| l.strip_prefix("insmod ")) {
             let src = PathBuf::from(line.trim());
@@ -270,7 +351,10 @@ fn initramfs(kernel_root: &Path, release: &str, work: &Path, bins: &[(String, Pa
     init.push_str("echo VMDONE\nsync\npoweroff -f\n");
     let init_path = root.join("init");
     fs::write(&init_path, init)?;
-    fs::set_permissions(&init_path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    fs::set_permissions(
+        &init_path,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     let image = work.join(format!("initrd-{release}.gz"));
     setup::status(Command::new("sh").arg("-c").arg(format!(
         "cd {} && find . | cpio -o -H newc --quiet | gzip -1 > {}",
@@ -288,7 +372,20 @@ fn which(cmd: &str) -> Result<PathBuf> {
 /// Whether KVM works here (the device exists and a VM can be created); else TCG.
 fn kvm_usable() -> bool {
     Command::new("qemu-system-x86_64")
-        .args(["-accel", "kvm", "-machine", "none", "-nographic", "-S", "-display", "none", "-monitor", "none", "-serial", "none"])
+        .args([
+            "-accel",
+            "kvm",
+            "-machine",
+            "none",
+            "-nographic",
+            "-S",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "none",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -306,12 +403,26 @@ fn kvm_usable() -> bool {
 /// Boots one kernel; returns (test, result) lines.
 fn boot(kernel: &Path, initrd: &Path, accel: &str, log: &Path) -> Result<Vec<String>> {
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", accel, "-cpu", "max", "-smp", "2", "-m", "3072", "-nographic", "-no-reboot"])
+        .args([
+            "-accel",
+            accel,
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "3072",
+            "-nographic",
+            "-no-reboot",
+        ])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 lsm=lockdown,capability,landlock,yama,bpf panic=-1 quiet"])
+        .args([
+            "-append",
+            "console=ttyS0 lsm=lockdown,capability,landlock,yama,bpf panic=-1 quiet",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -364,7 +475,10 @@ fn boot(kernel: &Path, initrd: &Path, accel: &str, log: &Path) -> Result<Vec<Str
     let _ = child.wait();
     fs::write(log, &all)?;
     if !done {
-        results.push(format!("(boot) FAIL: the VM did not finish; serial log in {}", log.display()));
+        results.push(format!(
+            "(boot) FAIL: the VM did not finish; serial log in {}",
+            log.display()
+        ));
     }
     Ok(results)
 }
@@ -376,14 +490,21 @@ pub fn run() -> Result<()> {
     setup::packages(PACKAGES)?;
     crate::build(false)?;
     let bins = test_binaries()?;
-    let work = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/vm").canonicalize().or_else(|_| {
-        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/vm");
-        fs::create_dir_all(&p)?;
-        p.canonicalize()
-    })?;
+    let work = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/vm")
+        .canonicalize()
+        .or_else(|_| {
+            let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/vm");
+            fs::create_dir_all(&p)?;
+            p.canonicalize()
+        })?;
     // KVM when it works (here it hangs before the kernel prints anything, so a boot
     // that says nothing within a minute is retried under TCG).
-    let mut accel = if kvm_usable() { "kvm" } else { "tcg,thread=multi" };
+    let mut accel = if kvm_usable() {
+        "kvm"
+    } else {
+        "tcg,thread=multi"
+    };
     eprintln!("xtask: vm-test with qemu accel {accel}");
     let mut summary = Vec::new();
     let mut failed = false;
@@ -400,9 +521,17 @@ pub fn run() -> Result<()> {
         let vmlinuz = fs::read_dir(root.join("boot"))?
             .flatten()
             .map(|e| e.path())
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+            })
             .context("vmlinuz in the kernel package")?;
-        let release = vmlinuz.file_name().unwrap().to_string_lossy().trim_start_matches("vmlinuz-").to_string();
+        let release = vmlinuz
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("vmlinuz-")
+            .to_string();
         eprintln!("xtask: kernel {release}: {what}");
         let initrd = initramfs(&root, &release, &work, &bins)?;
         let log = work.join(format!("serial-{release}.log"));
@@ -416,7 +545,11 @@ pub fn run() -> Result<()> {
         };
         if results.len() < wanted_tests {
             failed = true;
-            summary.push(format!("{release}: only {} of {wanted_tests} tests reported (serial log: {})", results.len(), log.display()));
+            summary.push(format!(
+                "{release}: only {} of {wanted_tests} tests reported (serial log: {})",
+                results.len(),
+                log.display()
+            ));
         }
         for r in results {
             failed |= r.contains("FAIL");

@@ -140,14 +140,22 @@ impl Engine {
 
     /// Remembers the names an answer for the allowed `origin` reached through CNAME
     /// records, for as long as the policy would keep the answer's addresses.
-    pub(super) fn note_cnames(&mut self, workload: &str, origin: &str, asked: &str, msg: &hickory_resolver::proto::op::Message) {
+    pub(super) fn note_cnames(
+        &mut self,
+        workload: &str,
+        origin: &str,
+        asked: &str,
+        msg: &hickory_resolver::proto::op::Message,
+    ) {
         use hickory_resolver::proto::rr::RData;
         let mut chain = vec![asked.to_string()];
         // Records may come in any order: follow the chain until it stops growing.
         for _ in 0..msg.answers.len() {
             let mut grew = false;
             for rec in &msg.answers {
-                let RData::CNAME(target) = &rec.data else { continue };
+                let RData::CNAME(target) = &rec.data else {
+                    continue;
+                };
                 let owner = crate::config::normalise_name(&rec.name.to_ascii());
                 let target = crate::config::normalise_name(&target.0.to_ascii());
                 if chain.contains(&owner) && !chain.contains(&target) && chain.len() < 16 {
@@ -203,12 +211,14 @@ impl Engine {
         slot.1 += 1;
         let suppressed = std::mem::take(&mut slot.2);
         debug!(workload, name = ?r.name, reason = r.reason, "DNS query refused");
-        let _ = self.events.send(events::dns_query_refusal(&events::QueryRefusal {
-            suppressed,
-            generation: self.generation,
-            qtype: r.qtype.clone(),
-            ..*r
-        }));
+        let _ = self
+            .events
+            .send(events::dns_query_refusal(&events::QueryRefusal {
+                suppressed,
+                generation: self.generation,
+                qtype: r.qtype.clone(),
+                ..*r
+            }));
     }
 
     /// Everything learned and still alive, for the compiler.

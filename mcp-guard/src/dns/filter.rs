@@ -104,7 +104,7 @@ pub fn refused(query: &[u8]) -> Option<Vec<u8>> {
     let mut r = query[..12].to_vec();
     r[2] = (r[2] | 0x80) & !0x06; // QR; clear AA and TC, keep opcode and RD
     r[3] = (r[3] & 0x70) | 5; // RA off, Z/AD/CD kept, RCODE REFUSED
-    // One question if it could be delimited, else none; no other records.
+                              // One question if it could be delimited, else none; no other records.
     r[4..12].copy_from_slice(&[0, u8::from(whole), 0, 0, 0, 0, 0, 0]);
     if whole {
         r.extend_from_slice(q);
@@ -166,14 +166,11 @@ impl Budgets {
             b.by_workload.retain(|_, w| w.in_flight > 0);
         }
         let rate = f64::from(per_sec);
-        let w = b
-            .by_workload
-            .entry(workload.to_string())
-            .or_insert(Budget {
-                tokens: rate,
-                at: now,
-                in_flight: 0,
-            });
+        let w = b.by_workload.entry(workload.to_string()).or_insert(Budget {
+            tokens: rate,
+            at: now,
+            in_flight: 0,
+        });
         let elapsed = now.saturating_duration_since(w.at).as_secs_f64();
         w.tokens = (w.tokens + elapsed * rate).min(rate);
         w.at = now;

@@ -212,7 +212,8 @@ async fn handle(
     let owner = {
         let mut e = engine.lock().expect("engine");
         cgroup_id.and_then(|cg| e.owner(cg)).and_then(|name| {
-            e.workload(&name).map(|(id, w)| (name.clone(), id, w.resolve_any))
+            e.workload(&name)
+                .map(|(id, w)| (name.clone(), id, w.resolve_any))
         })
     };
     let Some((workload, wid, resolve_any)) = owner else {
@@ -226,14 +227,20 @@ async fn handle(
     // 2. The workload's budgets: one workload cannot starve the others.
     let (qps, in_flight) = {
         let e = engine.lock().expect("engine");
-        (e.cfg.dns.workload_queries_per_sec, e.cfg.dns.workload_in_flight)
+        (
+            e.cfg.dns.workload_queries_per_sec,
+            e.cfg.dns.workload_in_flight,
+        )
     };
     let _in_flight = match Budgets::take(&shared.budgets, &workload, qps, in_flight) {
         Ok(g) => g,
         Err(why) => return refuse(why, who, Some(&q)),
     };
     // 3. The name, then the type.
-    let allowed = engine.lock().expect("engine").allowed_name(&workload, &q.name);
+    let allowed = engine
+        .lock()
+        .expect("engine")
+        .allowed_name(&workload, &q.name);
     let origin = match allowed {
         Some(origin) => origin,
         None if resolve_any => q.name.clone(),
@@ -258,7 +265,16 @@ async fn handle(
         metrics.dns_proxied.with_label_values(&["forwarded"]).inc();
         return Some(response);
     };
-    let result = learn_response(engine, cgroup_id.unwrap_or(0), &workload, &origin, &q.name, &msg, client).await;
+    let result = learn_response(
+        engine,
+        cgroup_id.unwrap_or(0),
+        &workload,
+        &origin,
+        &q.name,
+        &msg,
+        client,
+    )
+    .await;
     metrics.dns_proxied.with_label_values(&[result]).inc();
     let max_ttl = engine.lock().expect("engine").cfg.dns.max_ttl;
     Some(filter::cap_ttls(&mut msg, max_ttl).unwrap_or(response))

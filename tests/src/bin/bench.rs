@@ -559,7 +559,9 @@ fn main() {
         let (mut on, mut off, mut per_packet) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..scale(4, 1) {
             let d = Daemon::start(&config(true));
-            let id = d.status()["programs"]["cgroup_skb"].as_u64().expect("cgroup_skb attached");
+            let id = d.status()["programs"]["cgroup_skb"]
+                .as_u64()
+                .expect("cgroup_skb attached");
             let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
             let (t0, c0) = prog_stats(id);
             on.push(bulk(&dir));
@@ -574,8 +576,14 @@ fn main() {
         let med = |v: &mut Vec<f64>| pct(v, 0.5);
         let (m_on, m_off, m_pp) = (med(&mut on), med(&mut off), med(&mut per_packet));
         rows.push(Row {
-            name: "bulk TCP over a veth from a guarded cgroup, backstop on / off (median of runs)".into(),
-            value: format!("{:.2} / {:.2} Gbit/s = {:.3}", m_on * 8e-9, m_off * 8e-9, m_on / m_off),
+            name: "bulk TCP over a veth from a guarded cgroup, backstop on / off (median of runs)"
+                .into(),
+            value: format!(
+                "{:.2} / {:.2} Gbit/s = {:.3}",
+                m_on * 8e-9,
+                m_off * 8e-9,
+                m_on / m_off
+            ),
             target: "ratio ≥ 0.97".into(),
             met: Some(m_on / m_off >= 0.97),
         });
@@ -637,12 +645,17 @@ fn main() {
                     let mut run = |suffix: &str, want_rcode: u8| {
                         let mut out = Vec::new();
                         for i in 0..n {
-                            let q = mcp_guard_tests::dns_query(&format!("n{i}-{k}.{suffix}"), i as u16);
+                            let q =
+                                mcp_guard_tests::dns_query(&format!("n{i}-{k}.{suffix}"), i as u16);
                             let t = Instant::now();
                             sock.send_to(&q, "127.0.0.1:5353").unwrap();
                             let got = sock.recv(&mut buf).unwrap();
                             out.push(t.elapsed().as_secs_f64() * 1e3);
-                            assert!(got >= 12 && buf[3] & 0x0f == want_rcode, "{suffix}: rcode {}", buf[3] & 0x0f);
+                            assert!(
+                                got >= 12 && buf[3] & 0x0f == want_rcode,
+                                "{suffix}: rcode {}",
+                                buf[3] & 0x0f
+                            );
                         }
                         out
                     };

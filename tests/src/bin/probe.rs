@@ -299,7 +299,11 @@ fn below_sockets(f: &[&str]) -> Option<String> {
                 "xdp" => (libc::AF_XDP, libc::SOCK_RAW, 0),
                 "vsock" => (libc::AF_VSOCK, libc::SOCK_STREAM, 0),
                 // socket FAMILY TYPE PROTO, numbers.
-                other => match (other.parse(), f.get(2).and_then(|t| t.parse().ok()), f.get(3).and_then(|p| p.parse().ok())) {
+                other => match (
+                    other.parse(),
+                    f.get(2).and_then(|t| t.parse().ok()),
+                    f.get(3).and_then(|p| p.parse().ok()),
+                ) {
                     (Ok(fam), Some(ty), Some(proto)) => (fam, ty, proto),
                     _ => return Some("ERR bad-kind".into()),
                 },
@@ -321,7 +325,13 @@ fn below_sockets(f: &[&str]) -> Option<String> {
                     .map_or("?", str::trim)
                     .to_string()
             };
-            Some(format!("bnd={} eff={} inh={} nnp={}", pick("CapBnd:"), pick("CapEff:"), pick("CapInh:"), pick("NoNewPrivs:")))
+            Some(format!(
+                "bnd={} eff={} inh={} nnp={}",
+                pick("CapBnd:"),
+                pick("CapEff:"),
+                pick("CapInh:"),
+                pick("NoNewPrivs:")
+            ))
         }
         "io_uring" => {
             // io_uring_setup(1, params): a ring can create sockets where seccomp never looks.
@@ -681,7 +691,11 @@ fn dns_op(f: &[&str]) -> String {
         let server = SocketAddr::new(server.parse().expect("server"), port.parse().expect("port"));
         let id = (std::process::id() as u16) ^ 0x1234;
         let q = mcp_guard_tests::dns_query_type(name, id, qtype(ty));
-        let answer = if *proto == "tcp" { ask_tcp(&q, server) } else { ask_udp(&q, server) };
+        let answer = if *proto == "tcp" {
+            ask_tcp(&q, server)
+        } else {
+            ask_udp(&q, server)
+        };
         return match answer {
             Ok(a) if a.len() >= 2 && a[..2] == q[..2] => summary(&a),
             Ok(_) => "WRONG-ID".into(),
@@ -764,14 +778,32 @@ fn ping(f: &[&str]) -> String {
     if fd < 0 {
         return result(-1);
     }
-    let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
+    let tv = libc::timeval {
+        tv_sec: 1,
+        tv_usec: 0,
+    };
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), size_of::<libc::timeval>() as u32)
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            size_of::<libc::timeval>() as u32,
+        )
     };
     // The kernel fills in the identifier and (for ICMPv4) the checksum.
     let pkt = [ty, 0, 0, 0, 0, 0, 0, 1, b'm', b'c', b'p', b'g'];
     let (st, len) = sockaddr(SocketAddr::new(ip, 0));
-    let sent = unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, (&raw const st).cast(), len) };
+    let sent = unsafe {
+        libc::sendto(
+            fd,
+            pkt.as_ptr().cast(),
+            pkt.len(),
+            0,
+            (&raw const st).cast(),
+            len,
+        )
+    };
     if sent < 0 {
         let r = result(-1);
         unsafe { libc::close(fd) };
@@ -780,5 +812,9 @@ fn ping(f: &[&str]) -> String {
     let mut buf = [0u8; 256];
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
     unsafe { libc::close(fd) };
-    if n > 0 { "REPLY".into() } else { "NOREPLY".into() }
+    if n > 0 {
+        "REPLY".into()
+    } else {
+        "NOREPLY".into()
+    }
 }

@@ -45,7 +45,15 @@ fn cookie(fd: i32) -> u64 {
     let mut c = 0u64;
     let mut len = size_of::<u64>() as libc::socklen_t;
     // SAFETY: valid fd and buffer.
-    unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut c).cast(), &raw mut len) };
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut c).cast(),
+            &raw mut len,
+        )
+    };
     c
 }
 
@@ -58,12 +66,20 @@ fn on_socket(family: i32, ty: i32, proto: i32, f: impl FnOnce(i32) -> isize) -> 
     }
     let c = cookie(fd);
     let rc = f(fd);
-    let r = if rc == -2 { "N/A".to_string() } else { result(rc) };
+    let r = if rc == -2 {
+        "N/A".to_string()
+    } else {
+        result(rc)
+    };
     unsafe { libc::close(fd) };
     (r, c)
 }
 
-fn msghdr(name: &mut libc::sockaddr_storage, len: libc::socklen_t, iov: &mut libc::iovec) -> libc::msghdr {
+fn msghdr(
+    name: &mut libc::sockaddr_storage,
+    len: libc::socklen_t,
+    iov: &mut libc::iovec,
+) -> libc::msghdr {
     // SAFETY: zeroed msghdr is valid; fields set below.
     let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
     m.msg_name = (name as *mut libc::sockaddr_storage).cast();
@@ -98,9 +114,16 @@ fn uring(f: impl FnOnce(&mut IoUring) -> std::io::Result<i32>) -> isize {
 
 fn submit(ring: &mut IoUring, e: io_uring::squeue::Entry) -> std::io::Result<i32> {
     // SAFETY: the buffers the entry points to outlive the wait below.
-    unsafe { ring.submission().push(&e).map_err(|_| std::io::Error::other("sq full"))? };
+    unsafe {
+        ring.submission()
+            .push(&e)
+            .map_err(|_| std::io::Error::other("sq full"))?
+    };
     ring.submit_and_wait(1)?;
-    let cqe = ring.completion().next().ok_or_else(|| std::io::Error::other("no cqe"))?;
+    let cqe = ring
+        .completion()
+        .next()
+        .ok_or_else(|| std::io::Error::other("no cqe"))?;
     Ok(cqe.result())
 }
 
@@ -114,21 +137,38 @@ pub fn packet_send(f: &[&str]) -> String {
     ) else {
         return "ERR usage: packet-send IPV4 PORT".into();
     };
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be())) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            i32::from((libc::ETH_P_ALL as u16).to_be()),
+        )
+    };
     if fd < 0 {
         return format!("SOCKET {}", result(-1));
     }
     let ifindex = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
     let mut frame = vec![0u8; 14];
     frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    frame.extend_from_slice(&payload(libc::AF_INET, libc::IPPROTO_RAW, SocketAddr::new(IpAddr::V4(dst), port)));
+    frame.extend_from_slice(&payload(
+        libc::AF_INET,
+        libc::IPPROTO_RAW,
+        SocketAddr::new(IpAddr::V4(dst), port),
+    ));
     // SAFETY: zeroed sockaddr_ll is valid; the fields set are those sendto reads.
     let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     ll.sll_family = libc::AF_PACKET as u16;
     ll.sll_ifindex = ifindex as i32;
     ll.sll_halen = 6;
     let rc = unsafe {
-        libc::sendto(fd, frame.as_ptr().cast(), frame.len(), 0, (&raw const ll).cast(), size_of::<libc::sockaddr_ll>() as u32)
+        libc::sendto(
+            fd,
+            frame.as_ptr().cast(),
+            frame.len(),
+            0,
+            (&raw const ll).cast(),
+            size_of::<libc::sockaddr_ll>() as u32,
+        )
     };
     let r = result(rc);
     unsafe { libc::close(fd) };
@@ -161,76 +201,148 @@ pub fn run(f: &[&str]) -> String {
         out.push(format!("{name}={}", r.replace(' ', "_")));
         cookies.push(c);
     };
-    record("connect-send", on_socket(family, ty, proto, |fd| {
-        let rc = unsafe { libc::connect(fd, (&raw const st).cast(), len) };
-        let e = std::io::Error::last_os_error().raw_os_error();
-        if rc < 0 && e != Some(libc::EINPROGRESS) {
-            return -1;
-        }
-        if stream {
-            // Give a non-blocking connect a moment; a refused one fails the send.
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) }
-    }));
-    record("sendto", on_socket(family, ty, proto, |fd| {
-        let flags = if stream { libc::MSG_FASTOPEN | libc::MSG_NOSIGNAL } else { libc::MSG_NOSIGNAL };
-        unsafe { libc::sendto(fd, data.as_ptr().cast(), data.len(), flags, (&raw const st).cast(), len) }
-    }));
-    record("sendmsg", on_socket(family, ty, proto, |fd| {
-        let mut name = st;
-        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
-        let m = msghdr(&mut name, len, &mut iov);
-        unsafe { libc::sendmsg(fd, &m, libc::MSG_NOSIGNAL) }
-    }));
-    record("sendmsg-cmsg", on_socket(family, ty, proto, |fd| {
-        if stream {
-            return -2;
-        }
-        let mut name = st;
-        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
-        let mut m = msghdr(&mut name, len, &mut iov);
-        let mut control = [0u8; 64];
-        let (level, kind, size) = if family == libc::AF_INET6 {
-            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO, size_of::<libc::in6_pktinfo>())
-        } else {
-            (libc::IPPROTO_IP, libc::IP_PKTINFO, size_of::<libc::in_pktinfo>())
-        };
-        m.msg_control = control.as_mut_ptr().cast();
-        m.msg_controllen = unsafe { libc::CMSG_SPACE(size as u32) } as usize;
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&m);
-            (*c).cmsg_level = level;
-            (*c).cmsg_type = kind;
-            (*c).cmsg_len = libc::CMSG_LEN(size as u32) as usize;
-        }
-        unsafe { libc::sendmsg(fd, &m, libc::MSG_NOSIGNAL) }
-    }));
-    record("sendmmsg", on_socket(family, ty, proto, |fd| {
-        let mut name = st;
-        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
-        let mut mm = libc::mmsghdr { msg_hdr: msghdr(&mut name, len, &mut iov), msg_len: 0 };
-        let n = unsafe { libc::sendmmsg(fd, &mut mm, 1, libc::MSG_NOSIGNAL) };
-        n as isize
-    }));
-    record("uring-sendmsg", on_socket(family, ty, proto, |fd| {
-        let mut name = st;
-        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
-        let m = msghdr(&mut name, len, &mut iov);
-        uring(|ring| submit(ring, opcode::SendMsg::new(types::Fd(fd), &m).flags(libc::MSG_NOSIGNAL as u32).build()))
-    }));
-    record("uring-connect-send", on_socket(family, ty, proto, |fd| {
-        uring(|ring| {
-            let rc = submit(ring, opcode::Connect::new(types::Fd(fd), (&raw const st).cast(), len).build())?;
-            if rc < 0 && rc != -libc::EINPROGRESS {
-                return Ok(rc);
+    record(
+        "connect-send",
+        on_socket(family, ty, proto, |fd| {
+            let rc = unsafe { libc::connect(fd, (&raw const st).cast(), len) };
+            let e = std::io::Error::last_os_error().raw_os_error();
+            if rc < 0 && e != Some(libc::EINPROGRESS) {
+                return -1;
             }
             if stream {
+                // Give a non-blocking connect a moment; a refused one fails the send.
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            submit(ring, opcode::Send::new(types::Fd(fd), data.as_ptr(), data.len() as u32).flags(libc::MSG_NOSIGNAL).build())
-        })
-    }));
+            unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) }
+        }),
+    );
+    record(
+        "sendto",
+        on_socket(family, ty, proto, |fd| {
+            let flags = if stream {
+                libc::MSG_FASTOPEN | libc::MSG_NOSIGNAL
+            } else {
+                libc::MSG_NOSIGNAL
+            };
+            unsafe {
+                libc::sendto(
+                    fd,
+                    data.as_ptr().cast(),
+                    data.len(),
+                    flags,
+                    (&raw const st).cast(),
+                    len,
+                )
+            }
+        }),
+    );
+    record(
+        "sendmsg",
+        on_socket(family, ty, proto, |fd| {
+            let mut name = st;
+            let mut iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut _,
+                iov_len: data.len(),
+            };
+            let m = msghdr(&mut name, len, &mut iov);
+            unsafe { libc::sendmsg(fd, &m, libc::MSG_NOSIGNAL) }
+        }),
+    );
+    record(
+        "sendmsg-cmsg",
+        on_socket(family, ty, proto, |fd| {
+            if stream {
+                return -2;
+            }
+            let mut name = st;
+            let mut iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut _,
+                iov_len: data.len(),
+            };
+            let mut m = msghdr(&mut name, len, &mut iov);
+            let mut control = [0u8; 64];
+            let (level, kind, size) = if family == libc::AF_INET6 {
+                (
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_PKTINFO,
+                    size_of::<libc::in6_pktinfo>(),
+                )
+            } else {
+                (
+                    libc::IPPROTO_IP,
+                    libc::IP_PKTINFO,
+                    size_of::<libc::in_pktinfo>(),
+                )
+            };
+            m.msg_control = control.as_mut_ptr().cast();
+            m.msg_controllen = unsafe { libc::CMSG_SPACE(size as u32) } as usize;
+            unsafe {
+                let c = libc::CMSG_FIRSTHDR(&m);
+                (*c).cmsg_level = level;
+                (*c).cmsg_type = kind;
+                (*c).cmsg_len = libc::CMSG_LEN(size as u32) as usize;
+            }
+            unsafe { libc::sendmsg(fd, &m, libc::MSG_NOSIGNAL) }
+        }),
+    );
+    record(
+        "sendmmsg",
+        on_socket(family, ty, proto, |fd| {
+            let mut name = st;
+            let mut iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut _,
+                iov_len: data.len(),
+            };
+            let mut mm = libc::mmsghdr {
+                msg_hdr: msghdr(&mut name, len, &mut iov),
+                msg_len: 0,
+            };
+            let n = unsafe { libc::sendmmsg(fd, &mut mm, 1, libc::MSG_NOSIGNAL) };
+            n as isize
+        }),
+    );
+    record(
+        "uring-sendmsg",
+        on_socket(family, ty, proto, |fd| {
+            let mut name = st;
+            let mut iov = libc::iovec {
+                iov_base: data.as_ptr() as *mut _,
+                iov_len: data.len(),
+            };
+            let m = msghdr(&mut name, len, &mut iov);
+            uring(|ring| {
+                submit(
+                    ring,
+                    opcode::SendMsg::new(types::Fd(fd), &m)
+                        .flags(libc::MSG_NOSIGNAL as u32)
+                        .build(),
+                )
+            })
+        }),
+    );
+    record(
+        "uring-connect-send",
+        on_socket(family, ty, proto, |fd| {
+            uring(|ring| {
+                let rc = submit(
+                    ring,
+                    opcode::Connect::new(types::Fd(fd), (&raw const st).cast(), len).build(),
+                )?;
+                if rc < 0 && rc != -libc::EINPROGRESS {
+                    return Ok(rc);
+                }
+                if stream {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                submit(
+                    ring,
+                    opcode::Send::new(types::Fd(fd), data.as_ptr(), data.len() as u32)
+                        .flags(libc::MSG_NOSIGNAL)
+                        .build(),
+                )
+            })
+        }),
+    );
     let cookies: Vec<String> = cookies.iter().map(u64::to_string).collect();
     format!("{} cookies={}", out.join(" "), cookies.join(","))
 }
