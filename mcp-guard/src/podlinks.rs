@@ -173,11 +173,10 @@ fn link_netnsids(nl: &mut Netlink) -> io::Result<BTreeMap<u32, i32>> {
     // struct ifinfomsg: 16 bytes of zeros asks for every link.
     let reply = nl.request(RTM_GETLINK, NLM_F_DUMP, &[0u8; 16])?;
     let mut out = BTreeMap::new();
-    for (t, p) in reply
+    for (_, p) in reply
         .iter()
         .filter(|(t, p)| *t == RTM_NEWLINK && p.len() >= 16)
     {
-        let _ = t;
         let index = i32::from_ne_bytes(p[4..8].try_into().expect("4"));
         if let Some((_, d)) = attributes(p, 16)
             .into_iter()

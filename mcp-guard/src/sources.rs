@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use crate::{cgroup, policy::Compiled};
+use crate::cgroup;
 
 /// Addresses of a network namespace, seen through one of its processes.
 fn addresses(pid: u32) -> Vec<[u8; 16]> {
@@ -95,18 +95,8 @@ pub fn pod_namespaces<'a>(
     out
 }
 
-/// Source address -> the registered cgroup id of the workload whose (non-host) network
-/// namespace owns it. The first workload in the config wins.
-#[must_use]
-pub fn scan(compiled: &Compiled, mount: &Path) -> BTreeMap<[u8; 16], u64> {
-    scan_cgroups(
-        compiled.workloads.iter().map(|w| w.cgroup.as_str()),
-        mount,
-        "/proc/self/ns/net",
-    )
-}
-
-/// [`scan`] over workload cgroup patterns, skipping the network namespace of
+/// Source address -> the registered cgroup id of the workload whose network namespace
+/// owns it (the DNS proxy's clients in pods), over workload cgroup patterns, skipping
 /// `own_netns` (a /proc/.../ns/net path): addresses there are nobody's in particular.
 #[must_use]
 pub fn scan_cgroups<'a>(
