@@ -90,6 +90,12 @@ pub const ENTRY_METADATA_CLASS: u8 = 4;
 /// stops here and finds nothing (no ranges, not a match).
 pub const ENTRY_HOLE: u8 = 5;
 
+/// [`PolicyEntry::flags`]: an exact entry that exists only because of learned DNS
+/// answers. It holds until the expiry stored for the same key in `EXPIRY_1`
+/// (`CLOCK_BOOTTIME` nanoseconds, the clock `bpf_ktime_get_boot_ns` reads): past it, or
+/// with no expiry stored, the programs ignore the entry, whether or not the daemon runs.
+pub const ENTRY_F_EXPIRES: u8 = 1;
+
 /// The NAT64 well-known prefix 64:ff9b::/96 (RFC 6052): destinations in it are judged
 /// by the IPv4 address they carry, as `::ffff:a.b.c.d`. Returns whether it rewrote.
 #[inline(always)]
@@ -126,7 +132,9 @@ pub fn nat64_to_mapped(addr: &mut [u8; 16]) -> bool {
 pub struct PolicyEntry {
     pub kind: u8,
     pub n_ranges: u8,
-    pub _pad: [u8; 2],
+    /// `ENTRY_F_*` bits.
+    pub flags: u8,
+    pub _pad: u8,
     /// For deny entries: the rule (baseline CIDR or named set) that decided.
     pub rule_id: u32,
     pub ranges: [PortRange; MAX_RANGES],
@@ -212,7 +220,7 @@ pub const HOOK_LSM_SOCKET: u8 = 6;
 pub const HOOK_CGROUP_SKB: u8 = 7;
 pub const HOOK_COUNT: usize = 8;
 
-/// What the cgroup_skb backstop remembers of a socket (`SKB_CACHE_1`, keyed by socket
+/// What the cgroup_skb backstop remembers of a socket (`SKB_CACHE_2`, keyed by socket
 /// cookie): the decision for its last destination, valid while the policy generation
 /// and the registration epoch are those it was made under. An allowed flow then costs
 /// one lookup per packet instead of an ancestor walk and a policy decision.
@@ -226,8 +234,11 @@ pub struct SkbVerdict {
     pub proto: u8,
     /// One of the `SKB_*` states.
     pub state: u8,
+    /// For an allowed destination learned from DNS: `CLOCK_BOOTTIME` second from which
+    /// the entry is no longer valid (decided again); 0 for no expiry.
+    pub expires_s: u32,
 }
-const _: () = assert!(size_of::<SkbVerdict>() == 28);
+const _: () = assert!(size_of::<SkbVerdict>() == 32);
 
 /// [`SkbVerdict::state`]: the socket belongs to no workload (any destination).
 pub const SKB_UNTOUCHED: u8 = 0;

@@ -2,7 +2,9 @@
 //! workload's default, in that order.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+    },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
     EbpfContext,
@@ -10,14 +12,14 @@ use aya_ebpf::{
 use mcp_guard_common::{
     is_dns_port, scope, CgroupKey, Config, ExactKey, LpmData, PolicyEntry, WorkloadInfo,
     CLASS_INTERNAL, CLASS_METADATA, CLASS_PUBLIC, DEFAULT_ALLOW, DEFAULT_DENY,
-    ENTRY_BASELINE_METADATA, ENTRY_HOLE, MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT, PROTO_OTHER,
-    PROTO_TCP, PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY,
-    REASON_DENY_INTERNAL, REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA,
-    VERDICT_AUDITED, VERDICT_DENIED, WL_DENY_DIRECT_DNS,
+    ENTRY_BASELINE_METADATA, ENTRY_F_EXPIRES, ENTRY_HOLE, MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT,
+    PROTO_OTHER, PROTO_TCP, PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA,
+    REASON_DEFAULT_DENY, REASON_DENY_INTERNAL, REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL,
+    SCOPE_METADATA, VERDICT_AUDITED, VERDICT_DENIED, WL_DENY_DIRECT_DNS,
 };
 
 use crate::{
-    maps::{CGROUPS_1, CONFIG_1, POLICY_EXACT_1, POLICY_LPM_1},
+    maps::{CGROUPS_1, CONFIG_1, EXPIRY_1, POLICY_EXACT_1, POLICY_LPM_1},
     report::{self, Flow},
     ALLOW, DENY,
 };
@@ -29,8 +31,22 @@ pub(crate) const IPPROTO_MPTCP: u32 = 262;
 
 /// `decide` returns one u64 (BPF calls return a single register): bit 63 set means
 /// refused, with the reason in bits 32..40 and the rule id in the low 32 bits; otherwise
-/// the low 32 bits are the allowing rule id.
+/// the low 32 bits are the allowing rule id and bits 32..63 the `CLOCK_BOOTTIME` second
+/// at which the allow ends (an address learned from DNS; 0: no end).
 pub(crate) const REFUSED: u64 = 1 << 63;
+
+/// The second an allowed result stops being valid (see [`REFUSED`]); 0 for never.
+#[inline(always)]
+pub(crate) fn allowed_until(result: u64) -> u32 {
+    ((result >> 32) as u32) & 0x7fff_ffff
+}
+
+/// `CLOCK_BOOTTIME` now, in seconds (the clock learned expiries are kept in).
+#[inline(always)]
+pub(crate) fn boot_seconds() -> u32 {
+    // SAFETY: a plain helper call.
+    (unsafe { bpf_ktime_get_boot_ns() } / 1_000_000_000) as u32
+}
 
 #[inline(always)]
 fn refused(r: Refusal) -> u64 {
@@ -147,7 +163,7 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
     // (MPTCP sends on subflows, other sockets: nothing to prime).
     // SAFETY: a single load of the context's socket type.
     let stream = ctx_field!(sa, type_) == 1 && protocol == IPPROTO_TCP;
-    let prime = |state: u8| {
+    let prime = |state: u8, until: u32| {
         let state = if stream {
             state | mcp_guard_common::SKB_STREAM
         } else {
@@ -157,15 +173,15 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
             // SAFETY: helper on our own context.
             let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
             let packed = (u32::from(port) << 16) | ((protocol & 0xff) << 8) | u32::from(state);
-            crate::skb::prime(cookie, generation, &addr, packed);
+            crate::skb::prime(cookie, generation, &addr, packed, until);
         }
     };
     let Some((wl, result, dest_class)) = outcome else {
-        prime(mcp_guard_common::SKB_UNTOUCHED);
+        prime(mcp_guard_common::SKB_UNTOUCHED, 0);
         return ALLOW;
     };
     if result & REFUSED == 0 {
-        prime(mcp_guard_common::SKB_ALLOWED);
+        prime(mcp_guard_common::SKB_ALLOWED, allowed_until(result));
         return ALLOW;
     }
     let audit = wl.mode == MODE_AUDIT;
@@ -266,8 +282,24 @@ pub(crate) fn decide(
         addr_be: *addr,
     };
     // SAFETY: entries are replaced whole by user space; PolicyEntry is plain data.
+    // An entry learned from DNS counts only until its expiry (kernel clock), so an
+    // expired answer is refused even while the daemon is down: then the prefixes decide.
+    let mut until = 0u32;
+    let exact_entry = match unsafe { POLICY_EXACT_1.get(&exact) } {
+        Some(e) if e.flags & ENTRY_F_EXPIRES != 0 => {
+            // SAFETY: a plain u64 value.
+            match unsafe { EXPIRY_1.get(&exact) } {
+                Some(&exp) if unsafe { bpf_ktime_get_boot_ns() } < exp => {
+                    until = (exp / 1_000_000_000) as u32 & 0x7fff_ffff;
+                    Some(e)
+                }
+                _ => None,
+            }
+        }
+        other => other,
+    };
     // A hole (an IPv4 destination below an IPv6-only prefix) is no match.
-    let entry = match unsafe { POLICY_EXACT_1.get(&exact) } {
+    let entry = match exact_entry {
         Some(e) => Some(e),
         None => lpm(wl.workload_id, slot, addr),
     }
@@ -281,7 +313,7 @@ pub(crate) fn decide(
             }
             let r = &e.ranges[i];
             if r.protos & proto_bit != 0 && port >= r.lo && port <= r.hi {
-                return u64::from(r.rule_id);
+                return (u64::from(until) << 32) | u64::from(r.rule_id);
             }
             i += 1;
         }

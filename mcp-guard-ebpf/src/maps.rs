@@ -50,9 +50,15 @@ pub static EVENTS_1: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 /// The cgroup_skb backstop's per-socket cache, by socket cookie (an LRU: a socket pushed
 /// out is decided again, never let through undecided).
 #[map]
-pub static SKB_CACHE_1: LruHashMap<u64, SkbVerdict> = LruHashMap::with_max_entries(65_536, 0);
+pub static SKB_CACHE_2: LruHashMap<u64, SkbVerdict> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Bumped by the daemon whenever a cgroup registration changes: cached decisions made
 /// under another epoch are made again (a socket's cgroup may have become a workload's).
 #[map]
 pub static EPOCH_1: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Expiry of exact entries that exist only because of learned DNS answers (flag
+/// `ENTRY_F_EXPIRES`): `CLOCK_BOOTTIME` nanoseconds, per policy key. Checked at every
+/// decision, so an expired answer is refused whether or not the daemon runs.
+#[map]
+pub static EXPIRY_1: HashMap<ExactKey, u64> = HashMap::with_max_entries(524_288, NO_PREALLOC);

@@ -6,7 +6,7 @@
 //! changed (a flow to an address no longer allowed, a learned address expired, is cut).
 //!
 //! Cheap for what the socket hooks already decided: the decision for a socket's last
-//! destination is cached by socket cookie (`SKB_CACHE_1`) with the policy generation
+//! destination is cached by socket cookie (`SKB_CACHE_2`) with the policy generation
 //! and registration epoch it was made under, so an allowed bulk flow pays one lookup a
 //! packet, and a socket of no workload skips parsing.
 
@@ -24,8 +24,8 @@ use mcp_guard_common::{
 };
 
 use crate::{
-    decide::{classify, decide, stable, REFUSED},
-    maps::{CONFIG_1, EPOCH_1, SKB_CACHE_1},
+    decide::{allowed_until, boot_seconds, classify, decide, stable, REFUSED},
+    maps::{CONFIG_1, EPOCH_1, SKB_CACHE_2},
     packet::{
         link_scoped_icmpv6, parse_ip, workload_of_socket, Packet, Parsed, ETH_P_IP, ETH_P_IPV6,
     },
@@ -78,10 +78,15 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     // SAFETY: helper on our own skb.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: LRU values are replaced whole by this program.
-    let entry = unsafe { SKB_CACHE_1.get(&cookie) };
+    let entry = unsafe { SKB_CACHE_2.get(&cookie) };
     // A TCP stream socket stays one, whatever the policy did since.
     let stream = entry.map_or(0, |c| c.state & SKB_STREAM);
-    let cached = entry.filter(|c| c.generation == generation && c.epoch == epoch);
+    // An allow learned from DNS holds until its expiry, also while the daemon is down.
+    let cached = entry.filter(|c| {
+        c.generation == generation
+            && c.epoch == epoch
+            && (c.expires_s == 0 || boot_seconds() < c.expires_s)
+    });
     if let Some(c) = cached {
         let kind = c.state & !SKB_STREAM;
         if kind == SKB_UNTOUCHED {
@@ -146,11 +151,23 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
     };
     let known = parsed.then_some(&*p);
     let Some((wl, result, class)) = outcome else {
-        remember(cookie, generation, epoch, known, SKB_UNTOUCHED | stream);
+        remember(
+            cookie,
+            generation,
+            epoch,
+            known,
+            u64::from(SKB_UNTOUCHED | stream),
+        );
         return PASS;
     };
     if result & REFUSED == 0 {
-        remember(cookie, generation, epoch, known, SKB_ALLOWED | stream);
+        remember(
+            cookie,
+            generation,
+            epoch,
+            known,
+            u64::from(SKB_ALLOWED | stream) | (u64::from(allowed_until(result)) << 32),
+        );
         return PASS;
     }
     let audit = wl.mode == MODE_AUDIT;
@@ -171,7 +188,7 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
             generation,
             epoch,
             known,
-            stream | if audit { SKB_AUDITED } else { SKB_DROPPED },
+            u64::from(stream | if audit { SKB_AUDITED } else { SKB_DROPPED }),
         );
     }
     if audit {
@@ -231,7 +248,11 @@ fn refusal(
 /// Caches the decision for a socket (out of line: its value stays off the program's
 /// stack, which the verifier bounds).
 #[inline(never)]
-fn remember(cookie: u64, generation: u32, epoch: u32, p: Option<&Packet>, state: u8) {
+/// `state_until` packs the state (low 8 bits) and the expiry second (high 32 bits): a
+/// BPF call takes at most five arguments.
+fn remember(cookie: u64, generation: u32, epoch: u32, p: Option<&Packet>, state_until: u64) {
+    let state = state_until as u8;
+    let expires_s = (state_until >> 32) as u32;
     let v = match p {
         Some(p) => SkbVerdict {
             generation,
@@ -240,6 +261,7 @@ fn remember(cookie: u64, generation: u32, epoch: u32, p: Option<&Packet>, state:
             dport: p.dport,
             proto: p.proto,
             state,
+            expires_s,
         },
         None => SkbVerdict {
             generation,
@@ -248,9 +270,10 @@ fn remember(cookie: u64, generation: u32, epoch: u32, p: Option<&Packet>, state:
             dport: 0,
             proto: 0,
             state,
+            expires_s,
         },
     };
-    let _ = SKB_CACHE_1.insert(&cookie, &v, 0);
+    let _ = SKB_CACHE_2.insert(&cookie, &v, 0);
 }
 
 /// Called by the connect and sendmsg hooks on a decision that lets the call through:
@@ -258,7 +281,13 @@ fn remember(cookie: u64, generation: u32, epoch: u32, p: Option<&Packet>, state:
 /// instead of a second ancestor walk and decision. `addr` is the judged destination;
 /// `port_proto_state` packs the port (high 16 bits), the IP protocol and the state.
 #[inline(never)]
-pub(crate) fn prime(cookie: u64, generation: u32, addr: &[u8; 16], port_proto_state: u32) {
+pub(crate) fn prime(
+    cookie: u64,
+    generation: u32,
+    addr: &[u8; 16],
+    port_proto_state: u32,
+    expires_s: u32,
+) {
     let epoch = EPOCH_1
         .get(0)
         .map_or(0, |e| unsafe { core::ptr::read_volatile(e) });
@@ -269,6 +298,7 @@ pub(crate) fn prime(cookie: u64, generation: u32, addr: &[u8; 16], port_proto_st
         dport: (port_proto_state >> 16) as u16,
         proto: (port_proto_state >> 8) as u8,
         state: port_proto_state as u8,
+        expires_s,
     };
-    let _ = SKB_CACHE_1.insert(&cookie, &v, 0);
+    let _ = SKB_CACHE_2.insert(&cookie, &v, 0);
 }

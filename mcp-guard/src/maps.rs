@@ -61,11 +61,45 @@ fn info_of(compiled: &Compiled, workload_id: u32) -> WorkloadInfo {
     }
 }
 
+/// The two clocks learned expiries are converted between: Unix time (DNS answers, the
+/// learned file) and `CLOCK_BOOTTIME` (`bpf_ktime_get_boot_ns`, what the programs compare).
+pub struct Clock {
+    unix_ns: u128,
+    boot_ns: u64,
+}
+
+impl Clock {
+    #[must_use]
+    pub fn now() -> Self {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime with a valid out struct.
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+        let boot_ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        let unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Self { unix_ns, boot_ns }
+    }
+
+    /// The `CLOCK_BOOTTIME` nanosecond of Unix second `unix` (now, if it is past).
+    #[must_use]
+    pub fn boot_ns_at(&self, unix: u64) -> u64 {
+        let ahead = (u128::from(unix) * 1_000_000_000).saturating_sub(self.unix_ns);
+        self.boot_ns
+            .saturating_add(u64::try_from(ahead).unwrap_or(u64::MAX))
+    }
+}
+
 /// What one slot currently holds, so it can be cleared exactly.
 #[derive(Default)]
 struct SlotContents {
     lpm: Vec<Key<LpmData>>,
     exact: Vec<ExactKey>,
+    /// Exact keys that carry an expiry in `EXPIRY_1`.
+    expiry: Vec<ExactKey>,
     cgroups: Vec<CgroupKey>,
 }
 
@@ -74,6 +108,8 @@ pub struct PolicyMaps {
     cgroups: HashMap<MapData, CgroupKey, WorkloadInfo>,
     lpm: LpmTrie<MapData, LpmData, PolicyEntry>,
     exact: HashMap<MapData, ExactKey, PolicyEntry>,
+    /// Expiry (`CLOCK_BOOTTIME` ns) of exact entries learned from DNS.
+    expiry: HashMap<MapData, ExactKey, u64>,
     stats: PerCpuArray<MapData, u64>,
     flows: PerCpuHashMap<MapData, FlowCounterKey, u64>,
     sources: HashMap<MapData, u32, u64>,
@@ -116,6 +152,7 @@ impl PolicyMaps {
             lpm: LpmTrie::try_from(take(ebpf, "POLICY_LPM_1")?).map_err(map_err("POLICY_LPM_1"))?,
             exact: HashMap::try_from(take(ebpf, "POLICY_EXACT_1")?)
                 .map_err(map_err("POLICY_EXACT_1"))?,
+            expiry: HashMap::try_from(take(ebpf, "EXPIRY_1")?).map_err(map_err("EXPIRY_1"))?,
             stats: PerCpuArray::try_from(take(ebpf, "STATS_1")?).map_err(map_err("STATS_1"))?,
             flows: PerCpuHashMap::try_from(take(ebpf, "FLOWS_1")?).map_err(map_err("FLOWS_1"))?,
             sources: HashMap::try_from(take(ebpf, "IFACES_1")?).map_err(map_err("IFACES_1"))?,
@@ -155,6 +192,10 @@ impl PolicyMaps {
         for k in self.exact.keys() {
             let k = k.map_err(map_err("POLICY_EXACT_1"))?;
             slots[(k.scope & 1) as usize].exact.push(k);
+        }
+        for k in self.expiry.keys() {
+            let k = k.map_err(map_err("EXPIRY_1"))?;
+            slots[(k.scope & 1) as usize].expiry.push(k);
         }
         let mut registered = BTreeMap::new();
         for item in self.cgroups.iter() {
@@ -213,11 +254,20 @@ impl PolicyMaps {
                     .map_err(map_err("POLICY_LPM_1"))?;
                 contents.lpm.push(key);
             }
+            let clock = Clock::now();
             for e in &compiled.exact {
                 let key = ExactKey {
                     scope: scope(e.scope, slot),
                     addr_be: e.addr,
                 };
+                // The expiry first: an entry flagged to expire with no expiry stored is
+                // ignored by the programs (fail closed), never allowed for good.
+                if let Some(unix) = e.expires_unix {
+                    self.expiry
+                        .insert(key, clock.boot_ns_at(unix), 0)
+                        .map_err(map_err("EXPIRY_1"))?;
+                    contents.expiry.push(key);
+                }
                 self.exact
                     .insert(key, e.entry, 0)
                     .map_err(map_err("POLICY_EXACT_1"))?;
@@ -274,6 +324,10 @@ impl PolicyMaps {
         let keep_exact: std::collections::HashSet<&ExactKey> = new.exact.iter().collect();
         for k in old.exact.iter().filter(|k| !keep_exact.contains(k)) {
             let _ = self.exact.remove(k);
+        }
+        let keep_expiry: std::collections::HashSet<&ExactKey> = new.expiry.iter().collect();
+        for k in old.expiry.iter().filter(|k| !keep_expiry.contains(k)) {
+            let _ = self.expiry.remove(k);
         }
         let keep_cgroups: std::collections::HashSet<&CgroupKey> = new.cgroups.iter().collect();
         for k in old.cgroups.iter().filter(|k| !keep_cgroups.contains(k)) {

@@ -55,6 +55,10 @@ pub struct ExactEntry {
     pub scope: u32,
     pub addr: [u8; 16],
     pub entry: PolicyEntry,
+    /// An entry that exists only because of learned DNS answers (flag
+    /// `ENTRY_F_EXPIRES`): Unix second its last answer expires. The kernel ignores the
+    /// entry from then on, whether or not the daemon runs.
+    pub expires_unix: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -151,7 +155,8 @@ fn deny_entry(kind: u8, rule_id: u32) -> PolicyEntry {
     PolicyEntry {
         kind,
         n_ranges: 0,
-        _pad: [0; 2],
+        flags: 0,
+        _pad: 0,
         rule_id,
         ranges: [PortRange::default(); MAX_RANGES],
     }
@@ -410,12 +415,18 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
             let net = IpNet::from(proxy.ip().to_canonical());
             push_ranges(own.entry(net16(&net)).or_default(), &span, Proto::Any, id);
         }
+        // Exact keys a static rule makes: a learned answer for one of them never expires it.
+        let static_exact: std::collections::HashSet<([u8; 16], u8)> =
+            own.keys().filter(|k| k.1 == 128).copied().collect();
+        let mut learned_until: HashMap<([u8; 16], u8), u64> = HashMap::new();
         for l in learned.iter().filter(|l| l.workload == w.name) {
             for h in w.hosts.iter().filter(|h| h.pattern.matches(&l.name)) {
                 if refusal(cfg, h, l.addr).is_some() {
                     continue;
                 }
                 let net = IpNet::from(l.addr.to_canonical());
+                let until = learned_until.entry(net16(&net)).or_default();
+                *until = (*until).max(l.expires_unix);
                 let id = add_rule(
                     &mut out.rules,
                     format!(
@@ -485,10 +496,17 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
             entry.n_ranges = ranges.len() as u8;
             entry.ranges[..ranges.len()].copy_from_slice(&ranges);
             if k.1 == 128 {
+                let expires_unix = (!static_exact.contains(&k))
+                    .then(|| learned_until.get(&k).copied())
+                    .flatten();
+                if expires_unix.is_some() {
+                    entry.flags |= mcp_guard_common::ENTRY_F_EXPIRES;
+                }
                 out.exact.push(ExactEntry {
                     scope: wid,
                     addr: k.0,
                     entry,
+                    expires_unix,
                 });
             } else {
                 out.lpm.push(LpmEntry {
@@ -881,6 +899,18 @@ mod tests {
             ],
         )
         .unwrap();
+        // Learned-only exact entries carry their expiry, for the kernel to compare.
+        let exact_of = |a: &str| {
+            c.exact
+                .iter()
+                .find(|e| e.addr == addr16(ip(a)))
+                .expect("exact entry")
+        };
+        assert_eq!(exact_of("93.184.216.34").expires_unix, Some(u64::MAX));
+        assert_ne!(
+            exact_of("93.184.216.34").entry.flags & mcp_guard_common::ENTRY_F_EXPIRES,
+            0
+        );
         let ev = Evaluator::new(&c);
         let w = ev.workload("w").unwrap();
         let d = ev.decide(w, ip("93.184.216.34"), 443, FlowProto::Tcp);
@@ -1133,5 +1163,31 @@ default = "allow"
                 prop_assert_eq!(got, reference(&cfg, 0, ip, port, p), "{} {}:{} {:?}\n{}", t, ip, port, p, "");
             }
         }
+    }
+
+    #[test]
+    fn a_static_exact_rule_never_expires_with_a_learned_answer() {
+        let cfg = crate::config::parse(
+            Path::new("t.toml"),
+            "[[workload]]\nname='w'\ncgroup='/w'\ndefault='deny'\n[[workload.allow]]\nhost='api.example.com'\nports=[443]\n[[workload.allow]]\ncidr='93.184.216.34/32'\nports=[80]\n",
+        )
+        .unwrap();
+        let learned = Learned {
+            workload: "w".into(),
+            name: "api.example.com".into(),
+            addr: "93.184.216.34".parse().unwrap(),
+            ttl: 60,
+            expires_unix: 1000,
+            source: "resolver".into(),
+        };
+        let c = compile_with(&cfg, &[learned]).unwrap();
+        let e = c
+            .exact
+            .iter()
+            .find(|e| e.addr == addr16("93.184.216.34".parse().unwrap()))
+            .expect("exact entry");
+        assert_eq!(e.expires_unix, None);
+        assert_eq!(e.entry.flags & mcp_guard_common::ENTRY_F_EXPIRES, 0);
+        assert_eq!(e.entry.n_ranges, 2, "both rules' ports");
     }
 }

@@ -927,3 +927,70 @@ rate_limit_per_sec = 0
     );
     assert!(d.stop(), "daemon exits cleanly");
 }
+
+/// Learned answers expire in the kernel: the expiry is stored with the entry and compared
+/// against the kernel clock by the programs, so an address whose TTL and grace ran out
+/// is refused while the daemon is dead (kill -9); a restarted daemon adopts the pinned
+/// state and learns the name again.
+#[test]
+fn learned_answers_expire_while_the_daemon_is_down() {
+    let ns = lab();
+    let _dnsmasq = Dnsmasq::start(&ns, HOSTS, &[], 1);
+    let cg = TestCgroup::new();
+    let (_, web_dir) = cg.child("web-mcp");
+    cg.child("other-mcp");
+    let config = config(&cg.rel, &ns).replace("[daemon]\n", "[daemon]\non_exit = \"keep\"\n");
+    let mut d = Daemon::start(&config);
+    let mut web = Probe::new(PROBE, &web_dir, &ns);
+    assert!(
+        wait_until(Duration::from_secs(10), || has(
+            &d,
+            "web-mcp",
+            "api.example.test",
+            "93.184.216.34"
+        )),
+        "api.example.test never learned: {}",
+        d.get("/dns")
+    );
+    assert_eq!(web.op("tcp 93.184.216.34 443"), "OK", "learned, allowed");
+    let expires = learned(&d)
+        .into_iter()
+        .filter(|l| l["name"] == "api.example.test")
+        .filter_map(|l| l["expires_unix"].as_u64())
+        .max()
+        .expect("expiry listed");
+
+    d.kill9();
+    // Past TTL (1 s) plus grace (1 s) of the last answer the daemon saw, plus a margin.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::thread::sleep(Duration::from_secs(expires.saturating_sub(now) + 2));
+    assert_eq!(
+        web.op("tcp 93.184.216.34 443"),
+        "EPERM",
+        "an expired answer must be refused with no daemon running"
+    );
+    assert_eq!(
+        web.op("tcp 169.254.169.254 80"),
+        "EPERM",
+        "the rest of the pinned policy still holds"
+    );
+
+    d.restart();
+    assert!(
+        d.stderr
+            .lock()
+            .unwrap()
+            .contains("adopted pinned state from a previous daemon"),
+        "restart adopts the pins"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || web.op("tcp 93.184.216.34 443")
+            == "OK"),
+        "the name is learned again after the restart: {}",
+        d.get("/dns")
+    );
+    assert!(d.stop(), "daemon exits cleanly");
+}
