@@ -189,6 +189,42 @@ pub struct WorkloadInfo {
 }
 const _: () = assert!(size_of::<WorkloadInfo>() == 8);
 
+/// Longest cgroup path (below the hierarchy's root, NUL included) the kernel-side
+/// registration compares; longer paths are left to the daemon's scan.
+pub const CGROUP_PATH_LEN: usize = 256;
+/// Longest literal prefix of a `prefix*` pattern the kernel-side registration checks.
+pub const MKDIR_PREFIX_MAX: usize = 64;
+/// [`MkdirKey::kind`]: the new cgroup's whole path is a workload's cgroup.
+pub const MKDIR_EXACT: u32 = 0;
+/// [`MkdirKey::kind`]: any child of this path is a workload's cgroup (`parent/*`).
+pub const MKDIR_CHILD: u32 = 1;
+/// [`MkdirKey::kind`]: a child of the parent whose name starts with the literal after the
+/// last `/` (`parent/prefix*`).
+pub const MKDIR_PREFIX: u32 = 2;
+
+/// Key of `REGISTER_1`: what the `cgroup:cgroup_mkdir` tracepoint program looks up for a
+/// new cgroup, so it registers the workload's cgroup before `mkdir` returns and no
+/// process can ever run in it unregistered. `path` is NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MkdirKey {
+    pub slot: u32,
+    pub kind: u32,
+    pub path: [u8; CGROUP_PATH_LEN],
+}
+const _: () = assert!(size_of::<MkdirKey>() == 8 + CGROUP_PATH_LEN);
+
+/// Value of `REGISTER_1`: the registration to make, and the workload's position in the
+/// config (a cgroup several workloads name belongs to the first, as in the scan).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MkdirMatch {
+    pub info: WorkloadInfo,
+    pub order: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<MkdirMatch>() == 16);
+
 /// Single element of the `CONFIG_1` array: read once per decision.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -382,9 +418,11 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        CgroupKey, Config, Event, ExactKey, FlowCounterKey, LpmData, PolicyEntry, RateKey,
-        RateState, SkbVerdict, WorkloadInfo,
+        CgroupKey, Config, Event, ExactKey, FlowCounterKey, LpmData, MkdirKey, MkdirMatch,
+        PolicyEntry, RateKey, RateState, SkbVerdict, WorkloadInfo,
     };
+    unsafe impl aya::Pod for MkdirKey {}
+    unsafe impl aya::Pod for MkdirMatch {}
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
     unsafe impl aya::Pod for LpmData {}
     unsafe impl aya::Pod for ExactKey {}

@@ -8,6 +8,7 @@
 mod decide;
 mod maps;
 mod packet;
+mod register;
 mod report;
 mod skb;
 mod socket;

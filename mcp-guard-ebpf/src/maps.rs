@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use mcp_guard_common::{
-    CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, PolicyEntry, RateKey, RateState,
-    SkbVerdict, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
+    CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, MkdirKey, MkdirMatch, PolicyEntry,
+    RateKey, RateState, SkbVerdict, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
 };
 
 /// Hash maps are not preallocated: memory follows the policy actually loaded.
@@ -62,3 +62,9 @@ pub static EPOCH_1: Array<u32> = Array::with_max_entries(1, 0);
 /// decision, so an expired answer is refused whether or not the daemon runs.
 #[map]
 pub static EXPIRY_1: HashMap<ExactKey, u64> = HashMap::with_max_entries(524_288, NO_PREALLOC);
+
+/// What the `cgroup:cgroup_mkdir` program registers a new cgroup as: exact workload
+/// paths, `parent/*` and `parent/prefix*` patterns, per policy slot (see `register.rs`).
+#[map]
+pub static REGISTER_1: HashMap<MkdirKey, MkdirMatch> =
+    HashMap::with_max_entries(16_384, NO_PREALLOC);

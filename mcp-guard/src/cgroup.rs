@@ -278,6 +278,27 @@ mod tests {
     }
 
     #[test]
+    fn mkdir_keys_for_paths_and_patterns() {
+        use mcp_guard_common::{MKDIR_CHILD, MKDIR_EXACT, MKDIR_PREFIX};
+        assert_eq!(
+            mkdir_key("", "/mcp.slice/github-mcp.service"),
+            Ok((MKDIR_EXACT, "/mcp.slice/github-mcp.service".into()))
+        );
+        assert_eq!(
+            mkdir_key("/sub", "/a/*"),
+            Ok((MKDIR_CHILD, "/sub/a".into()))
+        );
+        assert_eq!(
+            mkdir_key("", "/kubepods.slice/mcp-*"),
+            Ok((MKDIR_PREFIX, "/kubepods.slice/mcp-".into()))
+        );
+        assert!(mkdir_key("", "/a/*/b").is_err());
+        assert!(mkdir_key("", "/a/**").is_err());
+        assert!(mkdir_key("", "/a/*.scope").is_err());
+        assert!(mkdir_key("", "/").is_err());
+    }
+
+    #[test]
     fn docker() {
         let o = owner(&format!("/system.slice/docker-{ID}.scope"));
         assert_eq!(
@@ -334,6 +355,75 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
     let p: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
     let c: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     go(&p, &c)
+}
+
+/// How the kernel registers a workload's cgroup at creation (the `cgroup:cgroup_mkdir`
+/// program): the `REGISTER_1` key kind and path, with `root` (the kernel's path of the
+/// mount's root, see [`kernel_root`]) in front. `Err` says why only the scan can
+/// register it.
+///
+/// # Errors
+/// The pattern has another shape than `parent/*` or `parent/prefix*`, or the path is
+/// too long.
+pub fn mkdir_key(root: &str, cgroup: &str) -> Result<(u32, String), String> {
+    use mcp_guard_common::{
+        CGROUP_PATH_LEN, MKDIR_CHILD, MKDIR_EXACT, MKDIR_PREFIX, MKDIR_PREFIX_MAX,
+    };
+    let parts: Vec<&str> = cgroup.split('/').filter(|p| !p.is_empty()).collect();
+    let Some((last, parent)) = parts.split_last() else {
+        return Err("the root cgroup".into());
+    };
+    let parent = format!("{root}/{}", parent.join("/"));
+    let parent = parent.trim_end_matches('/');
+    if parent.contains(['*', '?']) {
+        return Err("a pattern before the last path component".into());
+    }
+    let (kind, path) = if !is_pattern(last) {
+        (MKDIR_EXACT, format!("{parent}/{last}"))
+    } else if *last == "*" {
+        (MKDIR_CHILD, parent.to_string())
+    } else if let Some(prefix) = last
+        .strip_suffix('*')
+        .filter(|p| !p.is_empty() && !p.contains(['*', '?']))
+    {
+        if prefix.len() > MKDIR_PREFIX_MAX {
+            return Err(format!(
+                "a name prefix longer than {MKDIR_PREFIX_MAX} bytes"
+            ));
+        }
+        (MKDIR_PREFIX, format!("{parent}/{prefix}"))
+    } else {
+        return Err(format!(
+            "the last component {last:?} is neither \"*\" nor \"prefix*\""
+        ));
+    };
+    if path.len() >= CGROUP_PATH_LEN {
+        return Err(format!("a path of {CGROUP_PATH_LEN} bytes or more"));
+    }
+    Ok((kind, path))
+}
+
+/// The kernel's path (from the cgroup v2 hierarchy's root, as the cgroup tracepoints
+/// report it) of the mount's root: "" when the mount is the whole hierarchy, as on a
+/// host, or the host's tree mounted into the daemon's pod (shown as "/.." from inside a
+/// cgroup namespace); the mount's root otherwise (a subtree bind-mounted).
+#[must_use]
+pub fn kernel_root(mount: &Path) -> String {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return String::new();
+    };
+    text.lines()
+        .find_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let f: Vec<&str> = left.split_whitespace().collect();
+            let root = unescape(f.get(3)?);
+            (right.split_whitespace().next()? == "cgroup2"
+                && Path::new(&unescape(f.get(4)?)) == mount)
+                .then_some(root)
+        })
+        .filter(|r| !r.contains(".."))
+        .map(|r| r.trim_end_matches('/').to_string())
+        .unwrap_or_default()
 }
 
 /// The ids of the cgroups a workload's cgroup (a path or a pattern) names now.

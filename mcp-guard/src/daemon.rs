@@ -256,6 +256,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             );
         }
     }
+    // Registration at cgroup creation: no window between a workload cgroup's mkdir and
+    // its policy. Workloads whose pattern the kernel cannot decide wait for the scan.
+    let (_, scan_only) = crate::maps::register_entries(&compiled, &cgroup::kernel_root(&mount), 0);
+    for (workload, why) in &scan_only {
+        warn!(workload = %workload, "its cgroup is registered by the scan (up to 100 ms after it is created), not by the kernel at creation: {why}; use an exact path, \"parent/*\" or \"parent/prefix*\"");
+    }
+    // Repaired only if it ran: a kernel that refuses it is reported once, not every second.
+    let registration_on = attach_registration(&mut ebpf, &pins, pinned_hash, &metrics);
     let mut tc = if cfg.tc.enabled {
         let mut tc = crate::tc::Tc::load(&mut ebpf, &cfg.tc, &pins, pinned_hash)
             .context("loading the TC classifier")?;
@@ -419,6 +427,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut posture_task: Option<tokio::task::JoinHandle<_>> = None;
     let mut fingerprint = config_fingerprint(&config_path);
     let mut reported_missing = false;
+    let mut tc_repaired = tc.as_ref().map_or(0, |t| t.repaired);
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); break; }
@@ -481,6 +490,25 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     }
                 }
                 let ok = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
+                if let Some(tc) = tc.as_ref() {
+                    let before = tc_repaired;
+                    tc_repaired = tc.repaired;
+                    if tc_repaired > before {
+                        repaired(&metrics, "tc_link", tc_repaired - before);
+                    }
+                }
+                let missing = if registration_on { loader::tracepoints_missing(&pins) } else { Vec::new() };
+                if !missing.is_empty() {
+                    error!(hooks = ?missing, "a registration link pin was removed behind the daemon's back: attaching again");
+                    if attach_registration(&mut ebpf, &pins, loader::object_hash(), &metrics) {
+                        repaired(&metrics, "link", missing.len() as u64);
+                    }
+                }
+                let fixed = state.maps.lock().expect("maps").repair(&state.mount);
+                for (what, n) in fixed {
+                    error!(what, count = n, "the kernel's state differed from what the daemon installed (tampering?): repaired");
+                    repaired(&metrics, what, n);
+                }
                 shared.ready.store(ok, Ordering::SeqCst);
                 metrics.ready.set(i64::from(ok));
             }
@@ -615,6 +643,39 @@ fn check_attachment(ebpf: &mut aya::Ebpf, attach_dir: &Path, pins: &Pins, state:
         state.refresh_status();
     }
     all
+}
+
+fn repaired(metrics: &Metrics, what: &str, n: u64) {
+    metrics.state_repaired.with_label_values(&[what]).inc_by(n);
+}
+
+/// Attaches (or adopts) the cgroup tracepoint programs; says so where the kernel refuses
+/// them. Returns whether they run.
+fn attach_registration(
+    ebpf: &mut aya::Ebpf,
+    pins: &Pins,
+    pinned_hash: u32,
+    metrics: &Metrics,
+) -> bool {
+    let ok = match loader::attach_tracepoints(ebpf, pins, pinned_hash) {
+        Ok(adopted) => {
+            if !adopted.is_empty() {
+                info!(hooks = ?adopted, "adopted the pinned registration links");
+            }
+            true
+        }
+        Err(e) => {
+            error!("new workload cgroups are registered by the scan only, up to 100 ms after they are created (a process that joins one at once is unguarded until then): the kernel refused the cgroup_mkdir tracepoint program ({e})");
+            false
+        }
+    };
+    for (_, hook) in loader::TRACEPOINTS {
+        metrics
+            .programs_attached
+            .with_label_values(&[hook])
+            .set(i64::from(ok));
+    }
+    ok
 }
 
 fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {

@@ -7,6 +7,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm,
+        TracePoint,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -297,6 +298,94 @@ pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32,
     let link = FdLink::from(p.take_link(id).map_err(err)?);
     pin_over(link, LSM_HOOK, pins)?;
     Ok(ours)
+}
+
+/// The tracepoint programs that register workload cgroups at creation and drop the
+/// registrations of removed ones: (program, `cgroup` event, link pin name).
+pub const TRACEPOINTS: [(&str, &str); 2] = [
+    ("mcpg_cgroup_mkdir", "cgroup_mkdir"),
+    ("mcpg_cgroup_rmdir", "cgroup_rmdir"),
+];
+
+/// Makes sure tracefs is mounted where aya looks for tracepoint ids (a container may not
+/// have it): mounts it at /sys/kernel/tracing if nothing is there.
+fn ensure_tracefs() {
+    let p = Path::new("/sys/kernel/tracing");
+    if p.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return;
+    }
+    let (src, target, fstype) = (c"tracefs", c"/sys/kernel/tracing", c"tracefs");
+    // SAFETY: mount(2) with valid C strings.
+    if unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } == 0
+    {
+        info!("mounted tracefs on /sys/kernel/tracing");
+    }
+}
+
+/// Loads the cgroup tracepoint programs and makes sure each runs through a pinned link:
+/// a pinned link of the same object is adopted as is (the kernel refuses the same
+/// program twice on one tracepoint), otherwise ours is attached and pinned over it (no
+/// gap). Returns the hooks adopted.
+///
+/// # Errors
+/// Loading, attaching (no tracefs, tracepoints refused) or pinning failed: the daemon
+/// reports that new workload cgroups wait for the scan.
+pub fn attach_tracepoints(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    pinned_hash: u32,
+) -> Result<Vec<&'static str>, LoadError> {
+    ensure_tracefs();
+    let mut adopted = Vec::new();
+    for (name, event) in TRACEPOINTS {
+        let err = |source| LoadError::Program { name, source };
+        let p: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing(name))?
+            .try_into()
+            .map_err(err)?;
+        if p.fd().is_err() {
+            p.load().map_err(err)?;
+        }
+        if pinned_hash == object_hash() {
+            if let Ok(pinned) = PinnedLink::from_pin(pins.link(event)) {
+                if FdLink::from(pinned).info().is_ok() {
+                    adopted.push(event);
+                    continue;
+                }
+            }
+        }
+        let id = p.attach("cgroup", event).map_err(err)?;
+        let link = FdLink::try_from(p.take_link(id).map_err(err)?).map_err(|e| LoadError::Pin {
+            hook: event.to_string(),
+            path: String::new(),
+            detail: format!(
+                "{} (the kernel has no BPF perf links: 5.15 or newer needed)",
+                chain(&e)
+            ),
+        })?;
+        pin_over(link, event, pins)?;
+        info!(program = name, hook = event, "attached and pinned");
+    }
+    Ok(adopted)
+}
+
+/// The tracepoint hooks whose link pin is missing (removed behind the daemon's back).
+#[must_use]
+pub fn tracepoints_missing(pins: &Pins) -> Vec<&'static str> {
+    TRACEPOINTS
+        .iter()
+        .filter(|(_, event)| PinnedLink::from_pin(pins.link(event)).is_err())
+        .map(|(_, event)| *event)
+        .collect()
 }
 
 fn attach_and_pin(

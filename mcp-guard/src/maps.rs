@@ -11,8 +11,8 @@ use aya::maps::{
     lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
 use mcp_guard_common::{
-    scope, CgroupKey, Config as KConfig, ExactKey, FlowCounterKey, LpmData, PolicyEntry,
-    WorkloadInfo, STAT_COUNT,
+    scope, CgroupKey, Config as KConfig, ExactKey, FlowCounterKey, LpmData, MkdirKey, MkdirMatch,
+    PolicyEntry, WorkloadInfo, CGROUP_PATH_LEN, STAT_COUNT,
 };
 use tracing::{info, warn};
 
@@ -93,6 +93,45 @@ impl Clock {
     }
 }
 
+/// What the `cgroup:cgroup_mkdir` program registers new cgroups as, for one slot: one
+/// `REGISTER_1` entry per workload whose cgroup it can decide. Also returns the
+/// workloads it cannot (name, why), which only the scan registers.
+#[must_use]
+pub fn register_entries(
+    compiled: &Compiled,
+    root: &str,
+    slot: u32,
+) -> (Vec<(MkdirKey, MkdirMatch)>, Vec<(String, String)>) {
+    let mut entries = Vec::new();
+    let mut scan_only = Vec::new();
+    for (order, w) in compiled.workloads.iter().enumerate() {
+        match cgroup::mkdir_key(root, &w.cgroup) {
+            Ok((kind, path)) => {
+                let mut key = MkdirKey {
+                    slot,
+                    kind,
+                    path: [0; CGROUP_PATH_LEN],
+                };
+                key.path[..path.len()].copy_from_slice(path.as_bytes());
+                // The first workload to name a cgroup keeps it (as in the scan).
+                if entries.iter().any(|(k, _)| *k == key) {
+                    continue;
+                }
+                entries.push((
+                    key,
+                    MkdirMatch {
+                        info: info_of(compiled, w.id),
+                        order: order as u32,
+                        _pad: 0,
+                    },
+                ));
+            }
+            Err(why) => scan_only.push((w.name.clone(), why)),
+        }
+    }
+    (entries, scan_only)
+}
+
 /// What one slot currently holds, so it can be cleared exactly.
 #[derive(Default)]
 struct SlotContents {
@@ -101,6 +140,7 @@ struct SlotContents {
     /// Exact keys that carry an expiry in `EXPIRY_1`.
     expiry: Vec<ExactKey>,
     cgroups: Vec<CgroupKey>,
+    register: Vec<MkdirKey>,
 }
 
 pub struct PolicyMaps {
@@ -110,6 +150,8 @@ pub struct PolicyMaps {
     exact: HashMap<MapData, ExactKey, PolicyEntry>,
     /// Expiry (`CLOCK_BOOTTIME` ns) of exact entries learned from DNS.
     expiry: HashMap<MapData, ExactKey, u64>,
+    /// Registration at cgroup creation (`cgroup:cgroup_mkdir`).
+    register: HashMap<MapData, MkdirKey, MkdirMatch>,
     stats: PerCpuArray<MapData, u64>,
     flows: PerCpuHashMap<MapData, FlowCounterKey, u64>,
     sources: HashMap<MapData, u32, u64>,
@@ -124,6 +166,8 @@ pub struct PolicyMaps {
     rate_limit: u32,
     /// cgroup id -> workload id, as registered in the active slot.
     registered: BTreeMap<u64, u32>,
+    /// The policy the live slot holds (what [`Self::repair`] restores).
+    live: Option<Compiled>,
     /// Finds workload cgroups for the 100 ms rescan.
     scanner: cgroup::Scanner,
     /// An incomplete scan was reported (once until a scan completes again).
@@ -153,6 +197,8 @@ impl PolicyMaps {
             exact: HashMap::try_from(take(ebpf, "POLICY_EXACT_1")?)
                 .map_err(map_err("POLICY_EXACT_1"))?,
             expiry: HashMap::try_from(take(ebpf, "EXPIRY_1")?).map_err(map_err("EXPIRY_1"))?,
+            register: HashMap::try_from(take(ebpf, "REGISTER_1")?)
+                .map_err(map_err("REGISTER_1"))?,
             stats: PerCpuArray::try_from(take(ebpf, "STATS_1")?).map_err(map_err("STATS_1"))?,
             flows: PerCpuHashMap::try_from(take(ebpf, "FLOWS_1")?).map_err(map_err("FLOWS_1"))?,
             sources: HashMap::try_from(take(ebpf, "IFACES_1")?).map_err(map_err("IFACES_1"))?,
@@ -163,6 +209,7 @@ impl PolicyMaps {
             generation: 0,
             rate_limit: 0,
             registered: BTreeMap::new(),
+            live: None,
             scanner: cgroup::Scanner::default(),
             warned_incomplete: false,
         })
@@ -196,6 +243,10 @@ impl PolicyMaps {
         for k in self.expiry.keys() {
             let k = k.map_err(map_err("EXPIRY_1"))?;
             slots[(k.scope & 1) as usize].expiry.push(k);
+        }
+        for k in self.register.keys() {
+            let k = k.map_err(map_err("REGISTER_1"))?;
+            slots[(k.slot & 1) as usize].register.push(k);
         }
         let mut registered = BTreeMap::new();
         for item in self.cgroups.iter() {
@@ -239,8 +290,21 @@ impl PolicyMaps {
         // never finds an entry missing that both policies have.
         let old = std::mem::take(&mut self.slots[slot as usize]);
         let mut contents = SlotContents::default();
+        // Registration at creation for this slot first, then the scan: a cgroup created
+        // from here on is registered by the kernel, one created before is found below.
+        let (register, _) = register_entries(compiled, &cgroup::kernel_root(mount), slot);
+        let mut register_result = Ok(());
+        for (k, v) in &register {
+            match self.register.insert(k, v, 0) {
+                Ok(()) => contents.register.push(*k),
+                Err(e) => {
+                    register_result = Err(map_err("REGISTER_1")(e));
+                    break;
+                }
+            }
+        }
         let registered = resolve(compiled, mount);
-        let result = (|| {
+        let result = register_result.and_then(|()| {
             for e in &compiled.lpm {
                 let key = Key::new(
                     32 + u32::from(e.plen),
@@ -285,7 +349,7 @@ impl PolicyMaps {
                 contents.cgroups.push(key);
             }
             Ok(())
-        })();
+        });
         self.remove_stale(&old, &contents);
         self.slots[slot as usize] = contents;
         result?;
@@ -300,6 +364,7 @@ impl PolicyMaps {
         self.generation += 1;
         self.rate_limit = rate_limit;
         self.registered = registered;
+        self.live = Some(compiled.clone());
         info!(
             generation = self.generation,
             slot,
@@ -328,6 +393,10 @@ impl PolicyMaps {
         let keep_expiry: std::collections::HashSet<&ExactKey> = new.expiry.iter().collect();
         for k in old.expiry.iter().filter(|k| !keep_expiry.contains(k)) {
             let _ = self.expiry.remove(k);
+        }
+        let keep_register: std::collections::HashSet<&MkdirKey> = new.register.iter().collect();
+        for k in old.register.iter().filter(|k| !keep_register.contains(k)) {
+            let _ = self.register.remove(k);
         }
         let keep_cgroups: std::collections::HashSet<&CgroupKey> = new.cgroups.iter().collect();
         for k in old.cgroups.iter().filter(|k| !keep_cgroups.contains(k)) {
@@ -418,6 +487,184 @@ impl PolicyMaps {
             }
         }
         changed
+    }
+
+    /// Compares what the kernel holds for the live policy with what this daemon
+    /// installed, and repairs every difference: the config entry, workload
+    /// registrations, policy entries (present, equal, nothing extra in the live slot),
+    /// learned expiries and registration-at-creation entries. Anyone with access to the
+    /// pinned maps can change them; nothing they do lasts longer than a check.
+    /// Returns what was repaired, by kind, with counts.
+    pub fn repair(&mut self, mount: &Path) -> Vec<(&'static str, u64)> {
+        let Some(compiled) = self.live.take() else {
+            return Vec::new();
+        };
+        let out = self.repair_with(&compiled, mount);
+        self.live = Some(compiled);
+        out
+    }
+
+    fn repair_with(&mut self, compiled: &Compiled, mount: &Path) -> Vec<(&'static str, u64)> {
+        let slot = self.active;
+        let mut out = Vec::new();
+        let want = KConfig {
+            slot,
+            generation: self.generation,
+            rate_limit_per_sec: self.rate_limit,
+            object_hash: crate::loader::object_hash(),
+        };
+        if self.config.get(&0, 0).ok() != Some(want) && self.config.set(0, want, 0).is_ok() {
+            out.push(("config", 1));
+        }
+
+        // Registrations: one missing or changed is written again if the cgroup is still
+        // there (a fresh look: the rmdir tracepoint drops those of removed cgroups).
+        let missing: Vec<u64> = self
+            .registered
+            .iter()
+            .filter(|(id, wid)| {
+                let key = CgroupKey {
+                    cgroup_id: **id,
+                    slot,
+                    _pad: 0,
+                };
+                self.cgroups.get(&key, 0).ok() != Some(info_of(compiled, **wid))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if !missing.is_empty() {
+            let now = resolve(compiled, mount);
+            let mut n = 0;
+            for id in missing {
+                let key = CgroupKey {
+                    cgroup_id: id,
+                    slot,
+                    _pad: 0,
+                };
+                match now.get(&id) {
+                    Some(&wid) => {
+                        if self.cgroups.insert(key, info_of(compiled, wid), 0).is_ok() {
+                            self.registered.insert(id, wid);
+                            n += 1;
+                        }
+                    }
+                    None => {
+                        self.registered.remove(&id);
+                        self.slots[slot as usize].cgroups.retain(|k| *k != key);
+                    }
+                }
+            }
+            if n > 0 {
+                out.push(("cgroup", n));
+            }
+        }
+        // A registration of the live slot naming no workload of this policy is not ours.
+        let strangers: Vec<CgroupKey> = self
+            .cgroups
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| {
+                k.slot == slot && !compiled.workloads.iter().any(|w| w.id == v.workload_id)
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut n = 0;
+        for k in strangers {
+            if self.cgroups.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            out.push(("cgroup", n));
+        }
+
+        // Policy entries of the live slot.
+        let mut n = 0;
+        for e in &compiled.lpm {
+            let key = Key::new(
+                32 + u32::from(e.plen),
+                LpmData {
+                    scope: scope(e.scope, slot),
+                    addr_be: e.addr,
+                },
+            );
+            if self.lpm.get(&key, 0).ok() != Some(e.entry)
+                && self.lpm.insert(&key, e.entry, 0).is_ok()
+            {
+                n += 1;
+            }
+        }
+        let clock = Clock::now();
+        for e in &compiled.exact {
+            let key = ExactKey {
+                scope: scope(e.scope, slot),
+                addr_be: e.addr,
+            };
+            if let Some(unix) = e.expires_unix {
+                let want = clock.boot_ns_at(unix);
+                // Rewritten if missing or moved by more than a second (the two clocks
+                // are read a moment apart).
+                let off = self
+                    .expiry
+                    .get(&key, 0)
+                    .map_or(u64::MAX, |v| v.abs_diff(want));
+                if off > 1_000_000_000 && self.expiry.insert(key, want, 0).is_ok() {
+                    n += 1;
+                }
+            }
+            if self.exact.get(&key, 0).ok() != Some(e.entry)
+                && self.exact.insert(key, e.entry, 0).is_ok()
+            {
+                n += 1;
+            }
+        }
+        let live = &self.slots[slot as usize];
+        let keep_lpm: std::collections::HashSet<(u32, LpmData)> = live
+            .lpm
+            .iter()
+            .map(|k| (k.prefix_len(), k.data()))
+            .collect();
+        let extra_lpm: Vec<Key<LpmData>> = self
+            .lpm
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                k.data().scope & 1 == slot && !keep_lpm.contains(&(k.prefix_len(), k.data()))
+            })
+            .collect();
+        for k in extra_lpm {
+            if self.lpm.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        let keep_exact: std::collections::HashSet<&ExactKey> = live.exact.iter().collect();
+        let extra_exact: Vec<ExactKey> = self
+            .exact
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.scope & 1 == slot && !keep_exact.contains(k))
+            .collect();
+        for k in extra_exact {
+            if self.exact.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            out.push(("policy", n));
+        }
+
+        // Registration at creation, for the live slot.
+        let (register, _) = register_entries(compiled, &cgroup::kernel_root(mount), slot);
+        let mut n = 0;
+        for (k, v) in &register {
+            if self.register.get(k, 0).ok() != Some(*v) && self.register.insert(k, v, 0).is_ok() {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            out.push(("register", n));
+        }
+        out
     }
 
     /// The cgroup ids registered for a workload, in the active slot.

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub lsm_available: IntGauge,
     unstable: IntCounter,
     pub reattached: IntCounter,
+    /// Differences between the kernel's state and what the daemon installed, repaired.
+    pub state_repaired: IntCounterVec,
     last_denied: prometheus::GaugeVec,
     /// DNS answers the rebinding guard refused, by workload and reason.
     pub dns_refused: IntCounterVec,
@@ -94,6 +96,7 @@ impl Metrics {
             policy_generation: reg(&r, IntGauge::new("mcp_guard_policy_generation", "Generation of the policy the kernel is deciding with.").expect("valid")),
             ready: reg(&r, IntGauge::new("mcp_guard_ready", "1 while every program is attached and the policy is loaded (what /readyz reports).").expect("valid")),
             reattached: reg(&r, IntCounter::new("mcp_guard_programs_reattached_total", "Times the daemon found a program detached by someone else and attached it again.").expect("valid")),
+            state_repaired: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_state_repaired_total", "Differences between the kernel's state and what the daemon installed, found by the check every second and repaired, by what (config, cgroup, policy, register, link, tc_link): someone changed pinned maps or removed link pins."), &["what"]).expect("valid")),
             last_denied: reg(&r, prometheus::GaugeVec::new(Opts::new("mcp_guard_last_denied_timestamp_seconds", "Unix time the daemon last saw the flow counters grow, by workload, destination class and verdict. Alert on its age: a counter series born at its first denial has no increase() yet."), &["workload", "dest_class", "verdict"]).expect("valid")),
             previous: Mutex::new(HashMap::new()),
             dns_refused: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_refused_total", "Addresses in DNS answers for allowed names that the rebinding guard refused (metadata, baseline or internal), by workload and reason."), &["workload", "reason"]).expect("valid")),

@@ -16,7 +16,7 @@ use aya::programs::{links::PinnedLink, Link as _};
 use tracing::info;
 
 /// Every map of the object, by kernel name.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     "CONFIG_1",
     "CGROUPS_1",
     "POLICY_LPM_1",
@@ -29,6 +29,7 @@ pub const MAP_NAMES: [&str; 12] = [
     "SKB_CACHE_2",
     "EPOCH_1",
     "EXPIRY_1",
+    "REGISTER_1",
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

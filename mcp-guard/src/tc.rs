@@ -42,6 +42,10 @@ pub struct Tc {
     pub adopted: usize,
     /// Interfaces not attached because they are not Ethernet (reported once each).
     skipped: HashSet<u32>,
+    /// (ifindex, ingress) attached through a pinned link (TCX).
+    pinned: HashSet<(u32, bool)>,
+    /// Pinned links found removed behind the daemon's back and attached again.
+    pub repaired: u64,
 }
 
 fn pin_name(netns: u64, ifindex: u32, ingress: bool) -> String {
@@ -135,6 +139,8 @@ impl Tc {
             unpinned: Vec::new(),
             adopted: 0,
             skipped: HashSet::new(),
+            pinned: HashSet::new(),
+            repaired: 0,
         })
     }
 
@@ -148,11 +154,13 @@ impl Tc {
             return 0;
         };
         let (config, pins, adopt) = (&self.config, &self.pins, self.adopt);
-        let (attached, unpinned, adopted, skipped) = (
+        let (attached, unpinned, adopted, skipped, pinned, repaired) = (
             &mut self.attached,
             &mut self.unpinned,
             &mut self.adopted,
             &mut self.skipped,
+            &mut self.pinned,
+            &mut self.repaired,
         );
         // Interface names and TCX links resolve in the calling thread's network namespace:
         // do the work on a thread that entered the configured one.
@@ -172,6 +180,19 @@ impl Tc {
                 let netns = std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino());
                 let present = interfaces();
                 attached.retain(|(idx, _)| present.iter().any(|(i, _)| i == idx));
+                pinned.retain(|(idx, _)| present.iter().any(|(i, _)| i == idx));
+                // A pin removed behind our back released its link: attach it again below.
+                let removed: Vec<(u32, bool)> = pinned
+                    .iter()
+                    .filter(|(idx, ingress)| !pins.link(&pin_name(netns, *idx, *ingress)).exists())
+                    .copied()
+                    .collect();
+                for k in removed {
+                    warn!(ifindex = k.0, ingress = k.1, "tc classifier link pin was removed behind the daemon's back: attaching again");
+                    pinned.remove(&k);
+                    attached.remove(&k);
+                    *repaired += 1;
+                }
                 let wanted: Vec<(u32, &String, bool, bool)> = present
                     .iter()
                     .map(|(idx, name)| {
@@ -203,6 +224,7 @@ impl Tc {
                         if adopt && pinned_live(pins, &pin, name, kind) {
                             info!(interface = %name, direction = if is_ingress { "ingress (pod mode)" } else { "egress" }, "tc classifier: adopted the pinned link");
                             attached.insert((*idx, is_ingress));
+                            pinned.insert((*idx, is_ingress));
                             *adopted += 1;
                             continue;
                         }
@@ -219,8 +241,11 @@ impl Tc {
                                     // TCX: pin over any older link (which then detaches),
                                     // after this one is attached: no gap.
                                     let fd = FdLink::try_from(link).expect("a TCX link");
-                                    if let Err(e) = crate::loader::pin_over(fd, &pin, pins) {
-                                        warn!(interface = %name, "tc classifier attached but not pinned ({e}): it stops with the daemon");
+                                    match crate::loader::pin_over(fd, &pin, pins) {
+                                        Ok(()) => {
+                                            pinned.insert((*idx, is_ingress));
+                                        }
+                                        Err(e) => warn!(interface = %name, "tc classifier attached but not pinned ({e}): it stops with the daemon"),
                                     }
                                 } else {
                                     warn!(interface = %name, "tc classifier attached through netlink (no TCX): it stops with the daemon");

@@ -448,6 +448,69 @@ fn below_sockets(f: &[&str]) -> Option<String> {
     }
 }
 
+/// `recreate-race DIR N ADDR:PORT`: N times, removes the cgroup DIR, creates it again
+/// and at once forks a child that joins it and connects to ADDR:PORT (the window a
+/// workload's cgroup has between its mkdir and its registration). Prints how the
+/// connects ended: `reached=R refused=E other=O`.
+fn recreate_race(f: &[&str]) -> String {
+    let (Some(dir), Some(n), Some(sa)) = (
+        f.get(1),
+        f.get(2).and_then(|n| n.parse::<u32>().ok()),
+        f.get(3).and_then(|a| a.parse::<SocketAddr>().ok()),
+    ) else {
+        return "ERR usage: recreate-race DIR N ADDR:PORT".into();
+    };
+    let dir_c = std::ffi::CString::new(*dir).expect("path");
+    let procs = std::ffi::CString::new(format!("{dir}/cgroup.procs")).expect("path");
+    let (st, len) = sockaddr(sa);
+    let (mut reached, mut refused, mut other) = (0, 0, 0);
+    for _ in 0..n {
+        // SAFETY: plain syscalls on valid C strings.
+        unsafe {
+            if libc::rmdir(dir_c.as_ptr()) != 0
+                && std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT)
+            {
+                return format!("ERR rmdir {dir}: {}", std::io::Error::last_os_error());
+            }
+            if libc::mkdir(dir_c.as_ptr(), 0o755) != 0 {
+                return format!("ERR mkdir {dir}: {}", std::io::Error::last_os_error());
+            }
+        }
+        // SAFETY: the child only makes syscalls on data prepared before the fork.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            unsafe {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    libc::_exit(3);
+                }
+                libc::close(fd);
+                let s = libc::socket(family(&sa), libc::SOCK_STREAM, 0);
+                let rc = libc::connect(s, (&raw const st).cast(), len);
+                let code = if rc == 0 {
+                    0
+                } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+                    1
+                } else {
+                    2
+                };
+                libc::_exit(code);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        match libc::WEXITSTATUS(status) {
+            0 => reached += 1,
+            1 => refused += 1,
+            _ => other += 1,
+        }
+    }
+    // SAFETY: as above; the last child is gone, so the cgroup is empty.
+    unsafe { libc::rmdir(dir_c.as_ptr()) };
+    format!("reached={reached} refused={refused} other={other}")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -482,6 +545,11 @@ fn main() {
         let f: Vec<&str> = line.split_whitespace().collect();
         if f.first() == Some(&"hold") || f.first() == Some(&"hold-send") {
             writeln!(out, "{}", hold_op(&f, &mut held)).expect("stdout");
+            out.flush().expect("stdout");
+            continue;
+        }
+        if f.first() == Some(&"recreate-race") {
+            writeln!(out, "{}", recreate_race(&f)).expect("stdout");
             out.flush().expect("stdout");
             continue;
         }
