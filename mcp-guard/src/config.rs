@@ -269,6 +269,10 @@ struct RawDaemon {
     on_exit: Option<OnExit>,
     #[serde(default)]
     cgroup_skb: Option<bool>,
+    #[serde(default)]
+    control_socket: Option<Spanned<String>>,
+    #[serde(default)]
+    control_group: Option<Spanned<String>>,
 }
 
 /// What `run` does with the kernel programs when it exits.
@@ -427,6 +431,11 @@ pub struct Config {
     pub on_exit: OnExit,
     /// The per-packet backstop on the cgroup (`cgroup_skb/egress`); default on.
     pub cgroup_skb: bool,
+    /// The control plane's Unix socket (/status, /events, /dns): owner root, mode 0600,
+    /// or 0660 with `control_group`.
+    pub control_socket: PathBuf,
+    /// Group (id) allowed to use the control socket too.
+    pub control_group: Option<u32>,
     pub tc: TcConfig,
     pub dns: DnsConfig,
     /// Problems that do not stop the config from loading.
@@ -436,6 +445,19 @@ pub struct Config {
 pub const DEFAULT_RATE_LIMIT: u32 = 100;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mcp-guard";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/mcp-guard/control.sock";
+
+/// A group's id, from the group database (getgrnam), or a number.
+fn group_id(name: &str) -> Option<u32> {
+    if let Ok(n) = name.parse() {
+        return Some(n);
+    }
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: getgrnam with a valid C string; the result is read at once.
+    let g = unsafe { libc::getgrnam(c.as_ptr()) };
+    // SAFETY: a non-null result points to a valid group entry.
+    (!g.is_null()).then(|| unsafe { (*g).gr_gid })
+}
 
 struct Ctx<'a> {
     file: &'a Path,
@@ -668,6 +690,23 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             PathBuf::from(DEFAULT_PIN_DIR)
         }
     };
+    let control_socket = match &raw.daemon.control_socket {
+        None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        Some(s) if s.get_ref().starts_with('/') && !s.get_ref().split('/').any(|c| c == "..") => {
+            PathBuf::from(s.get_ref())
+        }
+        Some(s) => {
+            cx.err(&s.span(), "daemon.control_socket must be an absolute path, e.g. \"/run/mcp-guard/control.sock\"");
+            PathBuf::from(DEFAULT_CONTROL_SOCKET)
+        }
+    };
+    let control_group = raw.daemon.control_group.as_ref().and_then(|g| {
+        let id = group_id(g.get_ref());
+        if id.is_none() {
+            cx.err(&g.span(), format!("daemon.control_group {:?} is not a group on this machine (getent group): name an existing group or give its number", g.get_ref()));
+        }
+        id
+    });
     let global_mode = raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref());
     // Enforcement outlives the daemon by default; a dry run (audit) cleans up after itself.
     let on_exit = raw
@@ -711,6 +750,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         attach_cgroup,
         pin_dir,
         cgroup_root: raw.daemon.cgroup_root,
+        control_socket,
+        control_group,
         tc: TcConfig {
             enabled: raw.tc.enabled.unwrap_or(true),
             interfaces: raw.tc.interfaces.unwrap_or_else(|| vec!["*".into()]),

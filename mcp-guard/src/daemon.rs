@@ -215,6 +215,15 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         )
     })?;
 
+    let control =
+        http::bind_control(&cfg.control_socket, cfg.control_group).with_context(|| {
+            format!(
+                "{}: daemon.control_socket {} cannot be bound (is another mcp-guard running?)",
+                config_path.display(),
+                cfg.control_socket.display()
+            )
+        })?;
+    let control_path = cfg.control_socket.clone();
     crate::features::check_with(crate::features::present).map_err(anyhow::Error::msg)?;
     let pins = Pins::new(&cfg.pin_dir);
     pins.prepare().with_context(|| {
@@ -396,7 +405,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         history,
         daemon_events_rx,
     ));
-    let server = tokio::spawn(http::serve(listener, shared.clone()));
+    let server = tokio::spawn(http::serve(http::Listener::Tcp(listener), shared.clone()));
+    let control_server = tokio::spawn(http::serve(
+        http::Listener::Control(control),
+        shared.clone(),
+    ));
 
     let attached = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
     anyhow::ensure!(
@@ -542,6 +555,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     drop(state.dns.lock().expect("dns").take());
     reader.abort();
     server.abort();
+    control_server.abort();
+    let _ = std::fs::remove_file(&control_path);
     drop(ebpf);
     match on_exit {
         OnExit::Keep => info!(
@@ -781,6 +796,9 @@ fn write_learned(path: &Path, learned: &[policy::Learned]) {
 /// Settings a reload does not apply (they shape the process, not the policy).
 fn start_only_changes(old: &config::Config, new: &config::Config) -> Vec<&'static str> {
     let mut out = Vec::new();
+    if old.control_socket != new.control_socket || old.control_group != new.control_group {
+        out.push("[daemon] control_socket and control_group");
+    }
     if old.metrics_listen != new.metrics_listen {
         out.push("[metrics] listen");
     }

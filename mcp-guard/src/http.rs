@@ -1,5 +1,8 @@
-//! The daemon's local HTTP listener: /metrics, /healthz, /readyz, /status and the
-//! /events NDJSON stream that `mcp-guard events` follows.
+//! The daemon's two HTTP endpoints: the TCP listener serves /metrics, /healthz and
+//! /readyz to whoever scrapes them; the control socket (a Unix socket, owner root, mode
+//! 0600, or 0660 with a configured group) serves those and /status, /dns and the
+//! /events NDJSON stream that `mcp-guard events` follows: command lines and resolved
+//! names are for root only.
 //!
 //! A deliberately small HTTP/1.1 server (GET only, one request per connection): the
 //! agent's attack surface stays tiny and it has no web framework to keep patched.
@@ -13,8 +16,8 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, UnixListener},
     sync::broadcast,
 };
 use tracing::debug;
@@ -50,28 +53,102 @@ const MAX_CONNECTIONS: usize = 64;
 /// A client must send its whole request within this.
 const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+/// Binds the control socket: a stale socket file is replaced, the directory is created
+/// (mode 0755), and the socket is made root's with mode 0600, or 0660 for `group`,
+/// before anyone can connect (it is bound under a private name, then renamed).
+///
+/// # Errors
+/// The socket cannot be created or given its owner and mode.
+pub fn bind_control(path: &std::path::Path, group: Option<u32>) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another daemon answers on it",
+        ));
+    }
+    let tmp = path.with_extension(format!("{}.new", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    // Bound where no one looks yet, made private, then renamed into place: there is no
+    // moment at which the socket exists with looser permissions under its name.
+    let old_umask = unsafe { libc::umask(0o177) };
+    let bound = std::os::unix::net::UnixListener::bind(&tmp);
+    // SAFETY: restoring the process umask.
+    unsafe { libc::umask(old_umask) };
+    let listener = bound?;
+    let mode = if let Some(gid) = group {
+        let c = std::ffi::CString::new(tmp.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
+        // SAFETY: chown on a valid C string; -1 keeps the owner.
+        if unsafe { libc::chown(c.as_ptr(), u32::MAX, gid) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&tmp, path)?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
+/// What a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// /metrics, /healthz, /readyz (TCP, anyone on the host or the pod network).
+    Public,
+    /// Everything (the control socket).
+    Control,
+}
+
+/// The two listeners: TCP serves [`Scope::Public`], the control socket everything.
+pub enum Listener {
+    Tcp(TcpListener),
+    Control(UnixListener),
+}
+
+/// Accepts connections while a slot is free; more wait in the kernel's accept queue.
+pub async fn serve(listener: Listener, shared: Arc<Shared>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         // Wait for a free slot before accepting: a flood stays in the accept queue.
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
         let shared = shared.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, &shared).await {
-                debug!(error = %e, "http connection");
+        match &listener {
+            Listener::Tcp(l) => {
+                if let Ok((s, _)) = l.accept().await {
+                    tokio::spawn(connection(s, shared, Scope::Public, permit));
+                }
             }
-            drop(permit);
-        });
+            Listener::Control(l) => {
+                if let Ok((s, _)) = l.accept().await {
+                    tokio::spawn(connection(s, shared, Scope::Control, permit));
+                }
+            }
+        }
     }
 }
 
-async fn respond(
-    stream: &mut TcpStream,
+async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    shared: Arc<Shared>,
+    scope: Scope,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    if let Err(e) = handle(stream, &shared, scope).await {
+        debug!(error = %e, "http connection");
+    }
+    drop(permit);
+}
+
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     status: &str,
     ctype: &str,
     body: &str,
@@ -91,7 +168,11 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    shared: &Shared,
+    scope: Scope,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -127,6 +208,15 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         .await;
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if scope == Scope::Public && matches!(path, "/status" | "/dns" | "/events") {
+        return respond(
+            &mut stream,
+            "404 Not Found",
+            "text/plain",
+            "not here: /status, /events and /dns are served on the control socket (daemon.control_socket), for root only\n",
+        )
+        .await;
+    }
     match path {
         "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
         "/readyz" => {
@@ -228,7 +318,11 @@ async fn handle(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 &mut stream,
                 "404 Not Found",
                 "text/plain",
-                "not found: try /metrics, /healthz, /readyz, /status, /events, /dns\n",
+                if scope == Scope::Public {
+                    "not found: try /metrics, /healthz, /readyz\n"
+                } else {
+                    "not found: try /metrics, /healthz, /readyz, /status, /events, /dns\n"
+                },
             )
             .await
         }

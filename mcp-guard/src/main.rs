@@ -72,11 +72,12 @@ enum Cmd {
     },
     /// Follow denied-flow events of a running daemon.
     Events {
-        /// Config of the daemon (its metrics.listen is used); or give --listen.
+        /// Config of the daemon (its daemon.control_socket is used); or give --socket.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// The daemon's control socket (default /run/mcp-guard/control.sock).
         #[arg(long)]
-        listen: Option<SocketAddr>,
+        socket: Option<PathBuf>,
         #[arg(long)]
         workload: Option<String>,
         #[arg(long)]
@@ -122,12 +123,12 @@ fn main() -> ExitCode {
         Cmd::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Cmd::Events {
             config,
-            listen,
+            socket,
             workload,
             reason,
             since,
             json,
-        } => events(config, listen, workload, reason, since, json),
+        } => events(config, socket, workload, reason, since, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -277,10 +278,10 @@ fn learned_from_daemon(cfg: &mcp_guard::config::Config) -> Result<Vec<mcp_guard:
     struct Body {
         learned: Vec<mcp_guard::policy::Learned>,
     }
-    let body = mcp_guard::client::get_body(cfg.metrics_listen, "/dns").with_context(|| {
+    let body = mcp_guard::client::control_body(&cfg.control_socket, "/dns").with_context(|| {
         format!(
-            "asking the daemon at {} (metrics.listen) what DNS answered",
-            cfg.metrics_listen
+            "asking the daemon on {} (daemon.control_socket) what DNS answered",
+            cfg.control_socket.display()
         )
     })?;
     Ok(serde_json::from_str::<Body>(&body)?.learned)
@@ -463,17 +464,17 @@ fn parse_since(s: &str) -> Result<Duration, String> {
 
 fn events(
     config: Option<PathBuf>,
-    listen: Option<SocketAddr>,
+    socket: Option<PathBuf>,
     workload: Option<String>,
     reason: Option<String>,
     since: Option<Duration>,
     json: bool,
 ) -> Result<()> {
-    let addr = match (listen, config) {
+    let addr = client::Endpoint::Control(match (socket, config) {
         (Some(a), _) => a,
-        (None, Some(c)) => config::load(&c)?.metrics_listen,
-        (None, None) => config::DEFAULT_LISTEN.parse().expect("valid"),
-    };
+        (None, Some(c)) => config::load(&c)?.control_socket,
+        (None, None) => PathBuf::from(config::DEFAULT_CONTROL_SOCKET),
+    });
     let mut q = Vec::new();
     if let Some(w) = &workload {
         q.push(format!("workload={w}"));
@@ -492,7 +493,7 @@ fn events(
     } else {
         format!("/events?{}", q.join("&"))
     };
-    let stream = client::get(addr, &path)
+    let stream = client::get(&addr, &path)
         .with_context(|| format!("no mcp-guard daemon answers on {addr}"))?;
     let mut out = std::io::stdout().lock();
     for line in stream.lines() {

@@ -124,6 +124,10 @@ impl Metrics {
         for r in ["success", "failure"] {
             m.reloads.with_label_values(&[r]);
         }
+        // At 0 from the start, so `increase()` sees the first repair.
+        for what in REPAIRED {
+            m.state_repaired.with_label_values(&[what]);
+        }
         m
     }
 
@@ -202,6 +206,9 @@ fn catch_up(counter: &IntCounter, kernel: u64) {
         counter.inc_by(kernel - cur);
     }
 }
+
+/// What the self-repair check counts, as `mcp_guard_state_repaired_total{what}`.
+pub const REPAIRED: [&str; 6] = ["config", "cgroup", "policy", "register", "link", "tc_link"];
 
 #[cfg(test)]
 mod tests {

@@ -309,6 +309,8 @@ pub struct Daemon {
     child: Child,
     pub config: PathBuf,
     pub listen: SocketAddr,
+    /// The control socket (/status, /events, /dns), in the test's own directory.
+    pub control: PathBuf,
     pub pin_dir: PathBuf,
     events: mpsc::Receiver<String>,
     pub stderr: Arc<Mutex<String>>,
@@ -341,8 +343,12 @@ impl Drop for TempDir {
 
 /// Adds the test's own pin directory (and, unless the config says otherwise,
 /// `on_exit = "detach"`) to a config's [daemon] table.
-fn with_pin_dir(config: &str, pin_dir: &Path) -> String {
-    let mut extra = format!("pin_dir = \"{}\"\n", pin_dir.display());
+fn with_pin_dir(config: &str, pin_dir: &Path, control: &Path) -> String {
+    let mut extra = format!(
+        "pin_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+        pin_dir.display(),
+        control.display()
+    );
     if !config.contains("on_exit") {
         extra.push_str("on_exit = \"detach\"\n");
     }
@@ -371,8 +377,9 @@ impl Daemon {
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("mcpg-test"));
         let path = dir.0.join("config.toml");
+        let control = dir.0.join("control.sock");
         let (child, events, stderr) = {
-            let text = with_pin_dir(config, &pin_dir);
+            let text = with_pin_dir(config, &pin_dir, &control);
             std::fs::write(&path, format!("{text}\n[metrics]\nlisten = \"{listen}\"\n"))
                 .expect("write config");
             Self::spawn(&path)
@@ -381,6 +388,7 @@ impl Daemon {
             child,
             config: path,
             listen,
+            control,
             pin_dir,
             events,
             stderr,
@@ -392,7 +400,7 @@ impl Daemon {
 
     /// Rewrites the config file, keeping the test's listener and pin directory.
     pub fn write_config(&self, config: &str) {
-        let text = with_pin_dir(config, &self.pin_dir);
+        let text = with_pin_dir(config, &self.pin_dir, &self.control);
         std::fs::write(
             &self.config,
             format!("{text}\n[metrics]\nlisten = \"{}\"\n", self.listen),
@@ -491,10 +499,19 @@ impl Daemon {
         }
     }
 
-    /// GET a path on the daemon's listener.
+    /// GET a path on the daemon's control socket (which serves every path).
     #[must_use]
     pub fn get(&self, path: &str) -> String {
-        mcp_guard::client::get_body(self.listen, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        mcp_guard::client::control_body(&self.control, path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// GET a path on the daemon's TCP listener (/metrics, /healthz, /readyz only).
+    ///
+    /// # Errors
+    /// The listener refused or answered with an error status.
+    pub fn get_tcp(&self, path: &str) -> std::io::Result<String> {
+        mcp_guard::client::get_body(&mcp_guard::client::Endpoint::Tcp(self.listen), path)
     }
 
     /// The daemon's /status document.

@@ -118,9 +118,10 @@ fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
     std::fs::write(
         &config,
         format!(
-            "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[daemon]\nattach_cgroup = \"{r}\"\npin_dir = \"{p}\"\non_exit = \"detach\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[daemon]\nattach_cgroup = \"{r}\"\npin_dir = \"{p}\"\non_exit = \"detach\"\ncontrol_socket = \"{c}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
             r = cg.rel,
-            p = pin_dir.display()
+            p = pin_dir.display(),
+            c = tmp.0.join("control.sock").display()
         ),
     )
     .unwrap();
@@ -137,7 +138,7 @@ fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
         .unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let ready = wait_until(Duration::from_secs(20), || {
-        mcp_guard::client::get_body(addr, "/readyz").is_ok()
+        mcp_guard::client::get_body(&mcp_guard::client::Endpoint::Tcp(addr), "/readyz").is_ok()
     });
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
@@ -348,7 +349,8 @@ fn packaged_binary_with_shipped_config_blocks_metadata() {
     let addr = "127.0.0.1:9464".parse().unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || mcp_guard::client::get_body(
-            addr, "/readyz"
+            &mcp_guard::client::Endpoint::Tcp(addr),
+            "/readyz"
         )
         .is_ok()),
         "packaged daemon not ready"

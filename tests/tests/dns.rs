@@ -120,7 +120,7 @@ fn assert_schema_valid(e: &Value) {
 fn first_event_line(d: &Daemon, args: &[&str]) -> String {
     use std::io::BufRead as _;
     let mut child = std::process::Command::new(guard_bin())
-        .args(["events", "--listen", &d.listen.to_string()])
+        .args(["events", "--socket", d.control.to_str().unwrap()])
         .args(args)
         .stdout(std::process::Stdio::piped())
         .spawn()

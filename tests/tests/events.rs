@@ -221,7 +221,7 @@ fn events_command_follows_a_running_daemon() {
     let d = Daemon::start(&config);
     let follow = |args: &[&str]| {
         let mut child = Command::new(guard_bin())
-            .args(["events", "--listen", &d.listen.to_string()])
+            .args(["events", "--socket", d.control.to_str().unwrap()])
             .args(args)
             .stdout(Stdio::piped())
             .spawn()

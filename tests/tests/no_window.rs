@@ -77,8 +77,9 @@ fn recreated_workload_cgroups_are_guarded_before_anyone_joins() {
     assert!(d.stop());
 }
 
-/// The HTTP listener flooded with idle connections: a pattern workload's cgroup
-/// re-created meanwhile is still guarded (registration needs no daemon round trip).
+/// The TCP listener and the control socket flooded with idle connections: a pattern
+/// workload's cgroup re-created meanwhile is still guarded (registration needs no daemon
+/// round trip), and both serve again afterwards.
 #[test]
 fn an_idle_connection_flood_changes_nothing() {
     let ns = lab();
@@ -90,12 +91,22 @@ fn an_idle_connection_flood_changes_nothing() {
         .filter_map(|_| std::net::TcpStream::connect(d.listen).ok())
         .collect();
     assert!(idle.len() >= 64, "flood: {} connections", idle.len());
+    let idle_control: Vec<std::os::unix::net::UnixStream> = (0..300)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&d.control).ok())
+        .collect();
+    assert!(
+        idle_control.len() >= 64,
+        "control flood: {}",
+        idle_control.len()
+    );
     let mut driver = Probe::new(PROBE, &driver_dir, &ns);
     assert_eq!(
         race(&mut driver, &cg.dir.join("pods/mcp-flood"), 300),
         "reached=0 refused=300 other=0"
     );
-    drop(idle);
+    drop((idle, idle_control));
+    // Once the idle clients are gone (or timed out), both answer again.
+    assert!(d.get("/status").contains("\"workloads\""));
     assert!(d.stop());
 }
 
@@ -246,5 +257,80 @@ fn a_removed_tc_link_pin_is_reattached() {
         "mcp_guard_state_repaired_total{what=\"tc_link\"}"
     ) >= 1.0));
     let _ = std::io::stdout().flush();
+    assert!(d.stop());
+}
+
+fn as_nobody(args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(mcp_guard_tests::guard_bin())
+        .args(args)
+        .output()
+        .expect("setpriv")
+}
+
+/// The control plane (/status, /events, /dns) is a Unix socket only root can open; the
+/// TCP listener serves metrics and health only. A configured group opens it too.
+#[test]
+fn the_control_plane_is_root_only() {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let cg = TestCgroup::new();
+    cg.child("exact-mcp");
+    cg.child("pods");
+    let d = Daemon::start(&config(&cg, ""));
+    let meta = std::fs::metadata(&d.control).expect("control socket");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "mode");
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "owner");
+    assert!(
+        d.get("/status").contains("\"workloads\""),
+        "root reads /status"
+    );
+    for path in ["/status", "/events", "/dns"] {
+        let e = d.get_tcp(path).expect_err("served on TCP");
+        assert!(e.to_string().contains("404"), "{path} on TCP: {e}");
+    }
+    assert!(d
+        .get_tcp("/metrics")
+        .is_ok_and(|m| m.contains("mcp_guard_ready 1")));
+    let out = as_nobody(&["events", "--socket", d.control.to_str().unwrap()]);
+    assert!(!out.status.success(), "a non-root user followed /events");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.stop());
+
+    // With control_group, members of that group may use it (mode 0660).
+    let d = Daemon::start(&config(&cg, "control_group = \"65534\"\n"));
+    let meta = std::fs::metadata(&d.control).expect("control socket");
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o660,
+        "mode with a group"
+    );
+    assert_eq!(meta.gid(), 65534, "group");
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(mcp_guard_tests::guard_bin())
+        .args([
+            "events",
+            "--since",
+            "1h",
+            "--socket",
+            d.control.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    // It follows the stream (runs until killed) instead of failing at once.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "a member of control_group could not follow /events"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
     assert!(d.stop());
 }

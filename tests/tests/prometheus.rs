@@ -62,7 +62,11 @@ impl Prometheus {
     }
 
     fn get(&self, path: &str) -> Option<String> {
-        mcp_guard::client::get_body(self.addr.parse().unwrap(), path).ok()
+        mcp_guard::client::get_body(
+            &mcp_guard::client::Endpoint::Tcp(self.addr.parse().unwrap()),
+            path,
+        )
+        .ok()
     }
 
     fn alerts(&self) -> Vec<serde_json::Value> {
