@@ -34,7 +34,7 @@ const KERNELS: [(&str, &str); 2] = [
 ];
 
 /// The kernel tests that run inside the VMs: (test binary, test name).
-const TESTS: [(&str, &str); 9] = [
+const TESTS: [(&str, &str); 11] = [
     ("enforcement", "socket_hooks_enforce_the_policy"),
     ("enforcement", "audit_mode_allows_but_reports"),
     (
@@ -56,6 +56,11 @@ const TESTS: [(&str, &str); 9] = [
         "kill_9_never_opens_a_window_and_restart_adopts",
     ),
     ("attack_matrix", "every_socket_and_send_path_is_stopped"),
+    (
+        "no_window",
+        "recreated_workload_cgroups_are_guarded_before_anyone_joins",
+    ),
+    ("no_window", "tampering_is_repaired_within_two_seconds"),
 ];
 
 /// Modules the tests need that Debian builds as modules.
@@ -330,7 +335,7 @@ fn initramfs(
     }
     init.push_str("ip link set lo up\nhostname vm\necho \"VMINFO kernel $(uname -r) lsm $(cat /sys/kernel/security/lsm 2>/dev/null)\"\n");
     let only = std::env::var("MCPG_VM_TEST").unwrap_or_default();
-    for (bin, test) in TESTS.iter().filter(|(_, t)| t.contains(only.as_str())) {
+    for (bin, test) in TESTS.iter().filter(|t| selected(t, &only)) {
         let exe = bins
             .iter()
             .find(|(n, _)| n == bin)
@@ -485,6 +490,11 @@ fn boot(kernel: &Path, initrd: &Path, accel: &str, log: &Path) -> Result<Vec<Str
 
 const KVM_STALLED: &str = "the VM said nothing within a minute under KVM";
 
+/// Whether `MCPG_VM_TEST` selects a test: a part of "binary::test".
+fn selected((bin, test): &&(&str, &str), filter: &str) -> bool {
+    format!("{bin}::{test}").contains(filter)
+}
+
 pub fn run() -> Result<()> {
     setup::require_root("cargo xtask vm-test")?;
     setup::packages(PACKAGES)?;
@@ -509,10 +519,12 @@ pub fn run() -> Result<()> {
     let mut summary = Vec::new();
     let mut failed = false;
     let only = std::env::var("MCPG_VM_KERNEL").unwrap_or_default();
-    let wanted_tests = TESTS
-        .iter()
-        .filter(|(_, t)| t.contains(std::env::var("MCPG_VM_TEST").unwrap_or_default().as_str()))
-        .count();
+    let filter = std::env::var("MCPG_VM_TEST").unwrap_or_default();
+    let wanted_tests = TESTS.iter().filter(|t| selected(t, &filter)).count();
+    // A filter that selects nothing would "pass" without running anything.
+    if wanted_tests == 0 {
+        bail!("MCPG_VM_TEST={filter:?} selects none of the VM tests (it matches \"binary::test\")");
+    }
     for (pattern, what) in KERNELS
         .iter()
         .filter(|(_, w)| only.is_empty() || w.split(' ').next() == Some(only.as_str()))
