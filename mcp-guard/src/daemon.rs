@@ -517,7 +517,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         repaired(&metrics, "link", missing.len() as u64);
                     }
                 }
+                let t_repair = std::time::Instant::now();
                 let fixed = state.maps.lock().expect("maps").repair(&state.mount);
+                debug!(elapsed_us = t_repair.elapsed().as_micros() as u64, "state check");
                 for (what, n) in fixed {
                     error!(what, count = n, "the kernel's state differed from what the daemon installed (tampering?): repaired");
                     repaired(&metrics, what, n);
@@ -540,10 +542,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 }
             }
             _ = tick.tick() => {
+                let t_scan = std::time::Instant::now();
                 let changed = {
                     let l = state.live.lock().expect("live");
                     state.maps.lock().expect("maps").refresh_cgroups(&l.compiled, &state.mount)
                 };
+                debug!(elapsed_us = t_scan.elapsed().as_micros() as u64, "cgroup scan");
                 if changed > 0 {
                     state.refresh_status();
                 }

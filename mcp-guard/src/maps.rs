@@ -47,11 +47,16 @@ fn resolve(compiled: &Compiled, mount: &Path) -> BTreeMap<u64, u32> {
 }
 
 fn info_of(compiled: &Compiled, workload_id: u32) -> WorkloadInfo {
-    let w = compiled
-        .workloads
-        .iter()
-        .find(|w| w.id == workload_id)
-        .expect("registered workloads are compiled");
+    info(
+        compiled
+            .workloads
+            .iter()
+            .find(|w| w.id == workload_id)
+            .expect("registered workloads are compiled"),
+    )
+}
+
+fn info(w: &crate::policy::CompiledWorkload) -> WorkloadInfo {
     WorkloadInfo {
         workload_id: w.id,
         default: w.default,
@@ -103,6 +108,7 @@ pub fn register_entries(
     slot: u32,
 ) -> (Vec<(MkdirKey, MkdirMatch)>, Vec<(String, String)>) {
     let mut entries = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     let mut scan_only = Vec::new();
     for (order, w) in compiled.workloads.iter().enumerate() {
         match cgroup::mkdir_key(root, &w.cgroup) {
@@ -114,13 +120,13 @@ pub fn register_entries(
                 };
                 key.path[..path.len()].copy_from_slice(path.as_bytes());
                 // The first workload to name a cgroup keeps it (as in the scan).
-                if entries.iter().any(|(k, _)| *k == key) {
+                if !seen.insert(key) {
                     continue;
                 }
                 entries.push((
                     key,
                     MkdirMatch {
-                        info: info_of(compiled, w.id),
+                        info: info(w),
                         order: order as u32,
                         _pad: 0,
                     },
@@ -168,6 +174,10 @@ pub struct PolicyMaps {
     registered: BTreeMap<u64, u32>,
     /// The policy the live slot holds (what [`Self::repair`] restores).
     live: Option<Compiled>,
+    /// The registration-at-creation entries of the live slot.
+    live_register: Vec<(MkdirKey, MkdirMatch)>,
+    /// Self-repair checks made (some parts run every fifth).
+    checks: u64,
     /// Finds workload cgroups for the 100 ms rescan.
     scanner: cgroup::Scanner,
     /// An incomplete scan was reported (once until a scan completes again).
@@ -210,6 +220,8 @@ impl PolicyMaps {
             rate_limit: 0,
             registered: BTreeMap::new(),
             live: None,
+            live_register: Vec::new(),
+            checks: 0,
             scanner: cgroup::Scanner::default(),
             warned_incomplete: false,
         })
@@ -365,6 +377,7 @@ impl PolicyMaps {
         self.rate_limit = rate_limit;
         self.registered = registered;
         self.live = Some(compiled.clone());
+        self.live_register = register;
         info!(
             generation = self.generation,
             slot,
@@ -518,18 +531,21 @@ impl PolicyMaps {
         }
 
         // Registrations: one missing or changed is written again if the cgroup is still
-        // there (a fresh look: the rmdir tracepoint drops those of removed cgroups).
+        // there (a fresh look: the rmdir tracepoint drops those of removed cgroups). One
+        // pass over the kernel's map; one lookup table of the workloads.
+        let infos: std::collections::HashMap<u32, WorkloadInfo> =
+            compiled.workloads.iter().map(|w| (w.id, info(w))).collect();
+        let kernel: std::collections::HashMap<u64, WorkloadInfo> = self
+            .cgroups
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, _)| k.slot == slot)
+            .map(|(k, v)| (k.cgroup_id, v))
+            .collect();
         let missing: Vec<u64> = self
             .registered
             .iter()
-            .filter(|(id, wid)| {
-                let key = CgroupKey {
-                    cgroup_id: **id,
-                    slot,
-                    _pad: 0,
-                };
-                self.cgroups.get(&key, 0).ok() != Some(info_of(compiled, **wid))
-            })
+            .filter(|(id, wid)| kernel.get(id) != infos.get(wid))
             .map(|(id, _)| *id)
             .collect();
         if !missing.is_empty() {
@@ -541,9 +557,9 @@ impl PolicyMaps {
                     slot,
                     _pad: 0,
                 };
-                match now.get(&id) {
-                    Some(&wid) => {
-                        if self.cgroups.insert(key, info_of(compiled, wid), 0).is_ok() {
+                match now.get(&id).and_then(|wid| Some((*wid, *infos.get(wid)?))) {
+                    Some((wid, info)) => {
+                        if self.cgroups.insert(key, info, 0).is_ok() {
                             self.registered.insert(id, wid);
                             n += 1;
                         }
@@ -559,19 +575,17 @@ impl PolicyMaps {
             }
         }
         // A registration of the live slot naming no workload of this policy is not ours.
-        let strangers: Vec<CgroupKey> = self
-            .cgroups
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| {
-                k.slot == slot && !compiled.workloads.iter().any(|w| w.id == v.workload_id)
-            })
-            .map(|(k, _)| k)
-            .collect();
         let mut n = 0;
-        for k in strangers {
-            if self.cgroups.remove(&k).is_ok() {
-                n += 1;
+        for (id, v) in &kernel {
+            if !infos.contains_key(&v.workload_id) {
+                let key = CgroupKey {
+                    cgroup_id: *id,
+                    slot,
+                    _pad: 0,
+                };
+                if self.cgroups.remove(&key).is_ok() {
+                    n += 1;
+                }
             }
         }
         if n > 0 {
@@ -653,14 +667,20 @@ impl PolicyMaps {
             out.push(("policy", n));
         }
 
-        // Registration at creation, for the live slot.
-        let (register, _) = register_entries(compiled, &cgroup::kernel_root(mount), slot);
+        // Registration at creation, for the live slot (as installed): one entry per
+        // workload, so every fifth check (a 264-byte key per lookup adds up with 10,000).
+        self.checks = self.checks.wrapping_add(1);
+        if self.checks % 5 != 0 {
+            return out;
+        }
+        let register = std::mem::take(&mut self.live_register);
         let mut n = 0;
         for (k, v) in &register {
             if self.register.get(k, 0).ok() != Some(*v) && self.register.insert(k, v, 0).is_ok() {
                 n += 1;
             }
         }
+        self.live_register = register;
         if n > 0 {
             out.push(("register", n));
         }
