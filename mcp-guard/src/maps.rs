@@ -98,6 +98,9 @@ impl Clock {
     }
 }
 
+/// One `REGISTER_1` entry.
+pub type RegisterEntry = (MkdirKey, MkdirMatch);
+
 /// What the `cgroup:cgroup_mkdir` program registers new cgroups as, for one slot: one
 /// `REGISTER_1` entry per workload whose cgroup it can decide. Also returns the
 /// workloads it cannot (name, why), which only the scan registers.
@@ -106,7 +109,7 @@ pub fn register_entries(
     compiled: &Compiled,
     root: &str,
     slot: u32,
-) -> (Vec<(MkdirKey, MkdirMatch)>, Vec<(String, String)>) {
+) -> (Vec<RegisterEntry>, Vec<(String, String)>) {
     let mut entries = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut scan_only = Vec::new();
@@ -175,7 +178,7 @@ pub struct PolicyMaps {
     /// The policy the live slot holds (what [`Self::repair`] restores).
     live: Option<Compiled>,
     /// The registration-at-creation entries of the live slot.
-    live_register: Vec<(MkdirKey, MkdirMatch)>,
+    live_register: Vec<RegisterEntry>,
     /// Self-repair checks made (some parts run every fifth).
     checks: u64,
     /// Finds workload cgroups for the 100 ms rescan.
@@ -670,7 +673,7 @@ impl PolicyMaps {
         // Registration at creation, for the live slot (as installed): one entry per
         // workload, so every fifth check (a 264-byte key per lookup adds up with 10,000).
         self.checks = self.checks.wrapping_add(1);
-        if self.checks % 5 != 0 {
+        if !self.checks.is_multiple_of(5) {
             return out;
         }
         let register = std::mem::take(&mut self.live_register);

@@ -84,7 +84,7 @@ fn link_type(name: &str) -> Option<u16> {
         }
         let rc = libc::ioctl(fd, libc::SIOCGIFHWADDR, &raw mut ifr);
         libc::close(fd);
-        (rc == 0).then(|| ifr.ifr_ifru.ifru_hwaddr.sa_family)
+        (rc == 0).then_some(ifr.ifr_ifru.ifru_hwaddr.sa_family)
     }
 }
 

@@ -27,6 +27,9 @@ use mcp_guard_tests::{wait_until, Daemon, NetNs, Probe, TestCgroup};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
 
+/// A socket kind: (family, type, protocol).
+type SocketKind = (i32, i32, i32);
+
 const TARGETS: [(&str, u16, &str); 4] = [
     ("169.254.169.254", 80, "metadata"),
     ("fd00:ec2::254", 80, "metadata"),
@@ -208,14 +211,14 @@ fn every_socket_and_send_path_is_stopped() {
         ),
     ];
     // (probe, outcome) -> kinds, and every send result with its socket cookie.
-    let mut table: BTreeMap<(String, String), Vec<(i32, i32, i32)>> = BTreeMap::new();
+    let mut table: BTreeMap<(String, String), Vec<SocketKind>> = BTreeMap::new();
     let mut sends: Vec<(String, String, String, u64, String)> = Vec::new();
     for (label, _, probe) in &mut probes {
         for &kind in &offered {
             let (f, t, p) = kind;
             let mut outcome = String::new();
             for (addr, port, class) in TARGETS {
-                if (f == libc::AF_INET) != !addr.contains(':') {
+                if (f == libc::AF_INET) == addr.contains(':') {
                     continue;
                 }
                 let r = probe.op(&format!("matrix {f} {t} {p} {addr} {port}"));

@@ -20,6 +20,8 @@ struct Cli {
 enum Cmd {
     /// Install what is missing (nightly rust-src, bpf-linker, Debian packages).
     Setup,
+    /// Lint gates: `cargo fmt --check` and clippy with warnings as errors, every target.
+    Lint,
     /// Build everything (the eBPF object is built by mcp-guard's build.rs).
     Build {
         #[arg(long)]
@@ -93,8 +95,26 @@ fn test() -> Result<()> {
     Ok(())
 }
 
+fn lint() -> Result<()> {
+    setup::toolchain()?;
+    // Idempotent; a minimal toolchain profile lacks them.
+    setup::status(Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]))?;
+    setup::status(cargo().args(["fmt", "--all", "--check"]))?;
+    setup::status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    eprintln!("xtask: fmt and clippy clean");
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
+        Cmd::Lint => lint(),
         Cmd::Setup => {
             setup::toolchain()?;
             setup::packages(TEST_PACKAGES)

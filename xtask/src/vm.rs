@@ -105,7 +105,7 @@ fn fetch_kernel(pattern: &str, dir: &Path) -> Result<PathBuf> {
         .filter_map(|l| l.split_whitespace().next())
         .map(str::to_string)
         .collect();
-    pkgs.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    pkgs.sort_by_key(|a| version_key(a));
     let Some(pkg) = pkgs.pop() else {
         bail!("no kernel package matches {pattern} (apt-get update?)");
     };
@@ -178,11 +178,11 @@ fn install(root: &Path, src: &Path, strip: bool) -> Result<()> {
         setup::status(
             Command::new("objcopy")
                 .arg("--strip-debug")
-                .arg(&src)
+                .arg(src)
                 .arg(&dst),
         )?;
     } else {
-        fs::copy(&src, &dst)?;
+        fs::copy(src, &dst)?;
     }
     Ok(())
 }
