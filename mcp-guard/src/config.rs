@@ -378,6 +378,9 @@ pub struct HostRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub name: String,
+    /// Stable id, derived from the name (see [`workload_ids`]): kept across reloads,
+    /// reorderings and restarts, so pinned counters and events follow the name.
+    pub id: u32,
     /// Path below the cgroup v2 mount, normalised to start with '/' and have no trailing '/'.
     pub cgroup: String,
     pub default: DefaultAction,
@@ -446,6 +449,32 @@ pub const DEFAULT_RATE_LIMIT: u32 = 100;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/mcp-guard";
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/mcp-guard/control.sock";
+
+/// Workload ids from names: `FIRST_WORKLOAD_ID` plus a hash (FNV-1a) of the name in a
+/// space of 2^24, so an id depends on the name and not on the workload's place in the
+/// file. Names are taken in sorted order and a collision takes the next free id, so the
+/// ids depend only on the set of names (a rare collision can move one id when a
+/// colliding name is added).
+#[must_use]
+pub fn workload_ids<'a>(names: impl Iterator<Item = &'a str>) -> HashMap<String, u32> {
+    const SPACE: u32 = 1 << 24;
+    let mut sorted: Vec<&str> = names.collect();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut used = std::collections::HashSet::new();
+    let mut out = HashMap::new();
+    for name in sorted {
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let mut slot = (h % u64::from(SPACE)) as u32;
+        while !used.insert(slot) {
+            slot = (slot + 1) % SPACE;
+        }
+        out.insert(name.to_string(), mcp_guard_common::FIRST_WORKLOAD_ID + slot);
+    }
+    out
+}
 
 /// A group's id, from the group database (getgrnam), or a number.
 fn group_id(name: &str) -> Option<u32> {
@@ -596,6 +625,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         }
         workloads.push(Workload {
             name,
+            id: 0,
             cgroup,
             default: w.default,
             mode: w
@@ -651,6 +681,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             Sink::Stdout
         }
     };
+    let ids = workload_ids(workloads.iter().map(|w| w.name.as_str()));
+    for w in &mut workloads {
+        w.id = ids[&w.name];
+    }
     let metrics_listen = match &raw.metrics.listen {
         None => DEFAULT_LISTEN.parse().expect("valid default"),
         Some(s) => s.get_ref().parse().unwrap_or_else(|_| {
@@ -1172,6 +1206,34 @@ fn parse_port(v: &toml::Value) -> Result<PortSpan, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workload_ids_follow_names_not_positions() {
+        let w = |names: &[&str]| {
+            let text: String = names
+                .iter()
+                .map(|n| format!("[[workload]]\nname='{n}'\ncgroup='/{n}'\n"))
+                .collect();
+            let cfg = parse(Path::new("t.toml"), &text).unwrap();
+            cfg.workloads
+                .iter()
+                .map(|w| (w.name.clone(), w.id))
+                .collect::<HashMap<_, _>>()
+        };
+        let abc = w(&["a", "b", "c"]);
+        assert_eq!(abc, w(&["c", "a", "b"]), "reordered");
+        assert_eq!(abc["b"], w(&["b", "c"])["b"], "another removed");
+        assert!(abc
+            .values()
+            .all(|&id| id >= mcp_guard_common::FIRST_WORKLOAD_ID));
+        let ids: std::collections::HashSet<u32> = abc.values().copied().collect();
+        assert_eq!(ids.len(), 3, "distinct");
+        // Collisions take the next free id: 100,000 names, all distinct.
+        let many: Vec<String> = (0..100_000).map(|i| format!("w{i}")).collect();
+        let ids = workload_ids(many.iter().map(String::as_str));
+        let distinct: std::collections::HashSet<u32> = ids.values().copied().collect();
+        assert_eq!(distinct.len(), 100_000);
+    }
 
     fn p(text: &str) -> Result<Config, ConfigErrors> {
         parse(Path::new("test.toml"), text)

@@ -12,9 +12,9 @@ use ipnet::IpNet;
 use mcp_guard_common::{
     PolicyEntry, PortRange, DEFAULT_ALLOW, DEFAULT_DENY, DEFAULT_DENY_INTERNAL, ENTRY_ALLOW,
     ENTRY_BASELINE_DENY, ENTRY_BASELINE_METADATA, ENTRY_HOLE, ENTRY_INTERNAL, ENTRY_METADATA_CLASS,
-    FIRST_WORKLOAD_ID, MAX_RANGES, MODE_AUDIT, MODE_ENFORCE, PROTO_ANY, PROTO_OTHER, PROTO_TCP,
-    PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY,
-    REASON_DENY_INTERNAL, REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA,
+    MAX_RANGES, MODE_AUDIT, MODE_ENFORCE, PROTO_ANY, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
+    REASON_BASELINE_DENY, REASON_BASELINE_METADATA, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL,
+    REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA,
 };
 
 use crate::{
@@ -381,9 +381,8 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
         }
     }
 
-    for (i, w) in cfg.workloads.iter().enumerate() {
-        let wid = FIRST_WORKLOAD_ID
-            + u32::try_from(i).map_err(|_| CompileError("too many workloads".into()))?;
+    for w in &cfg.workloads {
+        let wid = w.id;
         // Own ranges per prefix, in rule order.
         let mut own: HashMap<([u8; 16], u8), Vec<PortRange>> = HashMap::new();
         for a in &w.allow {

@@ -114,9 +114,8 @@ impl Engine {
         self.cfg
             .workloads
             .iter()
-            .enumerate()
-            .find(|(_, w)| w.name == name)
-            .map(|(i, w)| (mcp_guard_common::FIRST_WORKLOAD_ID + i as u32, w))
+            .find(|w| w.name == name)
+            .map(|w| (w.id, w))
     }
 
     /// The name under which the proxy may forward (and learn) a question of `workload`
@@ -300,12 +299,7 @@ impl Engine {
         cgroup_id: u64,
     ) -> bool {
         let cfg = self.cfg.clone();
-        let Some((wid, w)) = cfg
-            .workloads
-            .iter()
-            .enumerate()
-            .find(|(_, w)| w.name == workload)
-        else {
+        let Some(w) = cfg.workloads.iter().find(|w| w.name == workload) else {
             return false;
         };
         let rules: Vec<_> = w.hosts.iter().filter(|h| h.pattern.matches(name)).collect();
@@ -331,7 +325,7 @@ impl Engine {
                         warn!(workload, name, %addr, reason, rule = %h.pattern, "DNS answer refused by the rebinding guard");
                         let _ = self.events.send(events::dns_refusal(&events::Refusal {
                             workload,
-                            workload_id: mcp_guard_common::FIRST_WORKLOAD_ID + wid as u32,
+                            workload_id: w.id,
                             cgroup_id,
                             name,
                             addr,
