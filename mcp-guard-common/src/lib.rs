@@ -244,17 +244,139 @@ pub struct Config {
 }
 const _: () = assert!(size_of::<Config>() == 16);
 
+/// Defines a `#[repr(u8)]` enum of wire values with its names: the one place where a
+/// hook, verdict, reason or class byte is given its meaning. The `u8` constants below
+/// are these values, for the kernel programs' matches.
+macro_rules! wire_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $n:literal => $s:literal,)+ }) => {
+        $(#[$m])*
+        #[repr(u8)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vm])* $v = $n,)+
+        }
+
+        impl $name {
+            /// Every value, in wire order.
+            pub const ALL: [Self; [$($n),+].len()] = [$(Self::$v),+];
+
+            /// The value a byte from the kernel stands for.
+            #[must_use]
+            pub const fn from_u8(b: u8) -> Option<Self> {
+                match b {
+                    $($n => Some(Self::$v),)+
+                    _ => None,
+                }
+            }
+
+            /// Its name in events, metrics and the CLI.
+            #[must_use]
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Self::$v => $s,)+
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// The hook that decided.
+    Hook {
+        Connect4 = 0 => "connect4",
+        Connect6 = 1 => "connect6",
+        Sendmsg4 = 2 => "sendmsg4",
+        Sendmsg6 = 3 => "sendmsg6",
+        Tc = 4 => "tc",
+        SockCreate = 5 => "sock_create",
+        LsmSocket = 6 => "socket_create",
+        /// cgroup_skb/egress: the per-packet backstop on the workload's own sockets.
+        CgroupSkb = 7 => "cgroup_skb",
+    }
+}
+
+wire_enum! {
+    /// What happened to a refused flow.
+    FlowVerdict {
+        Denied = 0 => "denied",
+        Audited = 1 => "audited",
+    }
+}
+
+wire_enum! {
+    /// Why a flow was refused.
+    Reason {
+        BaselineMetadata = 0 => "baseline-metadata",
+        BaselineDeny = 1 => "baseline-deny",
+        DenyInternal = 2 => "deny-internal",
+        DefaultDeny = 3 => "default-deny",
+        NotAllowed = 4 => "not-allowed",
+        RawSocket = 5 => "raw-socket",
+        PacketSocket = 6 => "packet-socket",
+        Malformed = 7 => "malformed-packet",
+        PingSocket = 8 => "ping-socket",
+        SocketProtocol = 9 => "socket-protocol",
+    }
+}
+
+wire_enum! {
+    /// The class of a refused destination.
+    DestClass {
+        Metadata = 0 => "metadata",
+        Internal = 1 => "internal",
+        Public = 2 => "public",
+        /// No destination (a refused socket creation).
+        None = 3 => "none",
+    }
+}
+
+/// The name of a hook byte ("unknown" for a value this build does not know).
+#[must_use]
+pub const fn hook_name(b: u8) -> &'static str {
+    match Hook::from_u8(b) {
+        Some(h) => h.name(),
+        None => "unknown",
+    }
+}
+
+/// The name of a reason byte ("unknown" for a value this build does not know).
+#[must_use]
+pub const fn reason_name(b: u8) -> &'static str {
+    match Reason::from_u8(b) {
+        Some(r) => r.name(),
+        None => "unknown",
+    }
+}
+
+/// The name of a verdict byte (anything but audited is a denial).
+#[must_use]
+pub const fn verdict_name(b: u8) -> &'static str {
+    match FlowVerdict::from_u8(b) {
+        Some(v) => v.name(),
+        None => "denied",
+    }
+}
+
+/// The name of a destination class byte (an unknown one counts as public).
+#[must_use]
+pub const fn class_name(b: u8) -> &'static str {
+    match DestClass::from_u8(b) {
+        Some(c) => c.name(),
+        None => "public",
+    }
+}
+
 /// Hooks, as reported in events and counters.
-pub const HOOK_CONNECT4: u8 = 0;
-pub const HOOK_CONNECT6: u8 = 1;
-pub const HOOK_SENDMSG4: u8 = 2;
-pub const HOOK_SENDMSG6: u8 = 3;
-pub const HOOK_TC: u8 = 4;
-pub const HOOK_SOCK_CREATE: u8 = 5;
-pub const HOOK_LSM_SOCKET: u8 = 6;
+pub const HOOK_CONNECT4: u8 = Hook::Connect4 as u8;
+pub const HOOK_CONNECT6: u8 = Hook::Connect6 as u8;
+pub const HOOK_SENDMSG4: u8 = Hook::Sendmsg4 as u8;
+pub const HOOK_SENDMSG6: u8 = Hook::Sendmsg6 as u8;
+pub const HOOK_TC: u8 = Hook::Tc as u8;
+pub const HOOK_SOCK_CREATE: u8 = Hook::SockCreate as u8;
+pub const HOOK_LSM_SOCKET: u8 = Hook::LsmSocket as u8;
 /// cgroup_skb/egress: the per-packet backstop on the workload's own sockets.
-pub const HOOK_CGROUP_SKB: u8 = 7;
-pub const HOOK_COUNT: usize = 8;
+pub const HOOK_CGROUP_SKB: u8 = Hook::CgroupSkb as u8;
+pub const HOOK_COUNT: usize = Hook::ALL.len();
 
 /// What the cgroup_skb backstop remembers of a socket (`SKB_CACHE_2`, keyed by socket
 /// cookie): the decision for its last destination, valid while the policy generation
@@ -288,37 +410,37 @@ pub const SKB_AUDITED: u8 = 3;
 /// it connected to: a valid entry decides without reading the packet.
 pub const SKB_STREAM: u8 = 0x80;
 
-pub const VERDICT_DENIED: u8 = 0;
-pub const VERDICT_AUDITED: u8 = 1;
+pub const VERDICT_DENIED: u8 = FlowVerdict::Denied as u8;
+pub const VERDICT_AUDITED: u8 = FlowVerdict::Audited as u8;
 
 /// Why a flow was refused.
-pub const REASON_BASELINE_METADATA: u8 = 0;
-pub const REASON_BASELINE_DENY: u8 = 1;
+pub const REASON_BASELINE_METADATA: u8 = Reason::BaselineMetadata as u8;
+pub const REASON_BASELINE_DENY: u8 = Reason::BaselineDeny as u8;
 /// `default = "deny-internal"` and the destination is internal.
-pub const REASON_DENY_INTERNAL: u8 = 2;
+pub const REASON_DENY_INTERNAL: u8 = Reason::DenyInternal as u8;
 /// `default = "deny"` and no allow rule matched the address.
-pub const REASON_DEFAULT_DENY: u8 = 3;
+pub const REASON_DEFAULT_DENY: u8 = Reason::DefaultDeny as u8;
 /// An allow rule matched the address, but not the port or protocol, and the default denies.
-pub const REASON_NOT_ALLOWED: u8 = 4;
+pub const REASON_NOT_ALLOWED: u8 = Reason::NotAllowed as u8;
 /// A raw inet socket (SOCK_RAW): crafted packets bypass the connect/sendmsg hooks.
-pub const REASON_RAW_SOCKET: u8 = 5;
+pub const REASON_RAW_SOCKET: u8 = Reason::RawSocket as u8;
 /// An AF_PACKET socket: whole frames below IP.
-pub const REASON_PACKET_SOCKET: u8 = 6;
+pub const REASON_PACKET_SOCKET: u8 = Reason::PacketSocket as u8;
 /// An IP packet from a guarded workload that could not be parsed (TC): dropped.
-pub const REASON_MALFORMED: u8 = 7;
+pub const REASON_MALFORMED: u8 = Reason::Malformed as u8;
 /// An ICMP datagram ("ping") socket: it sends ICMP echo with `sendto`, which no
 /// connect/sendmsg hook judges.
-pub const REASON_PING_SOCKET: u8 = 8;
+pub const REASON_PING_SOCKET: u8 = Reason::PingSocket as u8;
 /// An inet socket of a protocol other than TCP, MPTCP or UDP (UDP-Lite, SCTP, ...):
 /// their send paths are not all judged by the socket hooks.
-pub const REASON_SOCKET_PROTOCOL: u8 = 9;
-pub const REASON_COUNT: usize = 10;
+pub const REASON_SOCKET_PROTOCOL: u8 = Reason::SocketProtocol as u8;
+pub const REASON_COUNT: usize = Reason::ALL.len();
 
-pub const CLASS_METADATA: u8 = 0;
-pub const CLASS_INTERNAL: u8 = 1;
-pub const CLASS_PUBLIC: u8 = 2;
+pub const CLASS_METADATA: u8 = DestClass::Metadata as u8;
+pub const CLASS_INTERNAL: u8 = DestClass::Internal as u8;
+pub const CLASS_PUBLIC: u8 = DestClass::Public as u8;
 /// No destination (a refused socket creation).
-pub const CLASS_NONE: u8 = 3;
+pub const CLASS_NONE: u8 = DestClass::None as u8;
 
 /// Per-CPU counter key: one per label combination the metrics export.
 #[repr(C)]
@@ -435,4 +557,44 @@ mod pod {
     unsafe impl aya::Pod for RateKey {}
     unsafe impl aya::Pod for RateState {}
     unsafe impl aya::Pod for Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_values_round_trip_with_distinct_names() {
+        fn check<T: Copy + PartialEq + core::fmt::Debug>(
+            all: &[T],
+            byte: impl Fn(T) -> u8,
+            from: impl Fn(u8) -> Option<T>,
+            name: impl Fn(T) -> &'static str,
+        ) {
+            for (i, v) in all.iter().enumerate() {
+                assert_eq!(usize::from(byte(*v)), i, "{v:?}: values are dense from 0");
+                assert_eq!(from(byte(*v)), Some(*v));
+                for w in &all[..i] {
+                    assert_ne!(name(*v), name(*w));
+                }
+            }
+            assert_eq!(from(all.len() as u8), None);
+        }
+        check(&Hook::ALL, |v| v as u8, Hook::from_u8, Hook::name);
+        check(
+            &FlowVerdict::ALL,
+            |v| v as u8,
+            FlowVerdict::from_u8,
+            FlowVerdict::name,
+        );
+        check(&Reason::ALL, |v| v as u8, Reason::from_u8, Reason::name);
+        check(
+            &DestClass::ALL,
+            |v| v as u8,
+            DestClass::from_u8,
+            DestClass::name,
+        );
+        assert_eq!(hook_name(200), "unknown");
+        assert_eq!(reason_name(REASON_MALFORMED), "malformed-packet");
+    }
 }

@@ -13,10 +13,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use mcp_guard_common::{
-    Event, CLASS_INTERNAL, CLASS_METADATA, HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4,
-    HOOK_SENDMSG6, HOOK_TC, VERDICT_AUDITED,
-};
+use mcp_guard_common::Event;
 use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
@@ -216,30 +213,8 @@ pub struct Names {
     pub rules: HashMap<u32, String>,
 }
 
-#[must_use]
-pub fn hook_name(h: u8) -> &'static str {
-    match h {
-        HOOK_CONNECT4 => "connect4",
-        HOOK_CONNECT6 => "connect6",
-        HOOK_SENDMSG4 => "sendmsg4",
-        HOOK_SENDMSG6 => "sendmsg6",
-        HOOK_TC => "tc",
-        mcp_guard_common::HOOK_SOCK_CREATE => "sock_create",
-        mcp_guard_common::HOOK_LSM_SOCKET => "socket_create",
-        mcp_guard_common::HOOK_CGROUP_SKB => "cgroup_skb",
-        _ => "unknown",
-    }
-}
-
-#[must_use]
-pub fn class_name(c: u8) -> &'static str {
-    match c {
-        CLASS_METADATA => "metadata",
-        CLASS_INTERNAL => "internal",
-        mcp_guard_common::CLASS_NONE => "none",
-        _ => "public",
-    }
-}
+/// The one decoder of hook and class bytes lives with the layouts.
+pub use mcp_guard_common::{class_name, hook_name, verdict_name};
 
 #[must_use]
 pub fn proto_name(p: u8) -> String {
@@ -407,12 +382,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         time: rfc3339(wall),
         monotonic_ns: e.ts_ns,
         hook: hook_name(e.hook).into(),
-        verdict: if e.verdict == VERDICT_AUDITED {
-            "audited"
-        } else {
-            "denied"
-        }
-        .into(),
+        verdict: verdict_name(e.verdict).into(),
         reason: reason_name(e.reason).into(),
         rule_id: e.rule_id,
         rule: names.rules.get(&e.rule_id).cloned(),

@@ -166,11 +166,7 @@ impl Metrics {
             };
             catch_up(&vec.with_label_values(&labels), *v);
             if prev.insert(*k, *v).is_none_or(|before| *v > before) {
-                let verdict = if k.verdict == VERDICT_AUDITED {
-                    "audited"
-                } else {
-                    "denied"
-                };
+                let verdict = mcp_guard_common::verdict_name(k.verdict);
                 self.last_denied
                     .with_label_values(&[workload.as_str(), class_name(k.dest_class), verdict])
                     .set(now);

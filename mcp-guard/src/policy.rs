@@ -734,22 +734,8 @@ impl<'a> Evaluator<'a> {
     }
 }
 
-#[must_use]
-pub fn reason_name(r: u8) -> &'static str {
-    match r {
-        REASON_BASELINE_METADATA => "baseline-metadata",
-        REASON_BASELINE_DENY => "baseline-deny",
-        REASON_DENY_INTERNAL => "deny-internal",
-        REASON_DEFAULT_DENY => "default-deny",
-        REASON_NOT_ALLOWED => "not-allowed",
-        mcp_guard_common::REASON_RAW_SOCKET => "raw-socket",
-        mcp_guard_common::REASON_PACKET_SOCKET => "packet-socket",
-        mcp_guard_common::REASON_MALFORMED => "malformed-packet",
-        mcp_guard_common::REASON_PING_SOCKET => "ping-socket",
-        mcp_guard_common::REASON_SOCKET_PROTOCOL => "socket-protocol",
-        _ => "unknown",
-    }
-}
+/// The one decoder of reason bytes lives with the layouts.
+pub use mcp_guard_common::reason_name;
 
 #[cfg(test)]
 mod tests {
