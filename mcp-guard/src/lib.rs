@@ -1,35 +1,29 @@
 //! mcp-guard: per-workload egress policy for MCP servers, enforced in the kernel.
 //!
-//! - [`config`] parses and validates the TOML config.
-//! - [`sets`] holds the named address sets (metadata endpoints, internal ranges).
-//! - [`policy`] compiles a config into map entries and evaluates them like the kernel.
-//! - [`loader`] loads and attaches the eBPF programs; [`maps`] writes policy and reads counters.
-//! - [`events`] reads and enriches denied-flow events; [`metrics`] and [`http`] serve them.
-//! - [`dns`] resolves host rules and runs the DNS proxy that learns answers, behind
-//!   the rebinding guard; [`sockdiag`] tells it which cgroup asked.
-//! - [`daemon`] ties it together for `mcp-guard run`; [`client`] talks to a running daemon.
+//! The modules follow the data path:
+//! - [`config`] parses and validates the TOML config ([`config::sets`]: the named
+//!   address sets).
+//! - [`policy`] compiles a config into map entries and evaluates them like the kernel
+//!   (pure: no kernel, no filesystem).
+//! - [`kernel`] is every bpf call and pin: loading and attaching the programs, writing
+//!   policy into the maps and repairing it, TC, pins, the preflight, exec's enforcement
+//!   check.
+//! - [`host`] is the machine around the kernel: cgroupfs, socket diagnostics, pod
+//!   interfaces and addresses, the capability posture and exec's hardening.
+//! - [`dns`] resolves host rules and runs the DNS proxy that learns answers, behind the
+//!   rebinding guard.
+//! - [`telemetry`] reads and enriches events and renders metrics.
+//! - [`api`] serves the TCP listener and the control socket, and is the CLI's client.
+//! - [`daemon`] ties it together for `mcp-guard run`.
 
-pub mod cgroup;
-
-/// Deepest cgroup level a `**` pattern walks to.
-pub const MAX_DEPTH: usize = 16;
-pub mod client;
+pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod dns;
-pub mod enforced;
-pub mod events;
-pub mod features;
-pub mod harden;
-pub mod http;
-pub mod loader;
-pub mod maps;
-pub mod metrics;
-pub mod pins;
-pub mod podlinks;
+pub mod host;
+pub mod kernel;
 pub mod policy;
-pub mod posture;
-pub mod sets;
-pub mod sockdiag;
-pub mod sources;
-pub mod tc;
+pub mod telemetry;
+
+/// Deepest cgroup level a `**` pattern walks to.
+pub const MAX_DEPTH: usize = 16;

@@ -10,9 +10,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use mcp_guard::{
-    cgroup, client, config, daemon,
-    events::JsonEvent,
+    api::client,
+    config, daemon,
+    host::cgroup,
     policy::{display_addr, reason_name, Evaluator, FlowProto, Verdict},
+    telemetry::events::JsonEvent,
 };
 use mcp_guard_common::{DEFAULT_ALLOW, DEFAULT_DENY, MODE_AUDIT};
 
@@ -149,7 +151,7 @@ fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
         println!("nothing pinned under {}", dir.display());
         return Ok(());
     }
-    let removed = mcp_guard::pins::Pins::new(&dir)
+    let removed = mcp_guard::kernel::pins::Pins::new(&dir)
         .uninstall()
         .with_context(|| format!("removing {}", dir.display()))?;
     for r in &removed {
@@ -278,12 +280,13 @@ fn learned_from_daemon(cfg: &mcp_guard::config::Config) -> Result<Vec<mcp_guard:
     struct Body {
         learned: Vec<mcp_guard::policy::Learned>,
     }
-    let body = mcp_guard::client::control_body(&cfg.control_socket, "/dns").with_context(|| {
-        format!(
-            "asking the daemon on {} (daemon.control_socket) what DNS answered",
-            cfg.control_socket.display()
-        )
-    })?;
+    let body =
+        mcp_guard::api::client::control_body(&cfg.control_socket, "/dns").with_context(|| {
+            format!(
+                "asking the daemon on {} (daemon.control_socket) what DNS answered",
+                cfg.control_socket.display()
+            )
+        })?;
     Ok(serde_json::from_str::<Body>(&body)?.learned)
 }
 
@@ -426,7 +429,7 @@ fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[Strin
         let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match mcp_guard::enforced::check(&cfg, wid, id, &attach_dir) {
+            match mcp_guard::kernel::enforced::check(&cfg, wid, id, &attach_dir) {
                 Ok(()) => break,
                 Err(why) if Instant::now() > deadline => bail!(
                     "workload {workload:?} (cgroup {}) is not enforced: {why}; start `mcp-guard run --config {}` first, or pass --unguarded to run without protection",
@@ -440,7 +443,7 @@ fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[Strin
     cgroup::join(&dir, std::process::id())
         .with_context(|| format!("joining cgroup {}", dir.display()))?;
     if harden {
-        mcp_guard::harden::apply()
+        mcp_guard::host::harden::apply()
             .context("hardening the command failed, so it was not run (pass --no-hardening to run it without)")?;
     }
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();

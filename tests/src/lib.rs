@@ -206,7 +206,7 @@ impl Drop for NetNs {
 /// The cgroup v2 mount, from mountinfo.
 #[must_use]
 pub fn cgroup_mount() -> PathBuf {
-    mcp_guard::cgroup::mount_point().expect("cgroup v2 must be mounted on this machine")
+    mcp_guard::host::cgroup::mount_point().expect("cgroup v2 must be mounted on this machine")
 }
 
 /// A fresh cgroup subtree below the v2 mount; removed (processes killed) on drop.
@@ -502,7 +502,7 @@ impl Daemon {
     /// GET a path on the daemon's control socket (which serves every path).
     #[must_use]
     pub fn get(&self, path: &str) -> String {
-        mcp_guard::client::control_body(&self.control, path)
+        mcp_guard::api::client::control_body(&self.control, path)
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
@@ -511,7 +511,7 @@ impl Daemon {
     /// # Errors
     /// The listener refused or answered with an error status.
     pub fn get_tcp(&self, path: &str) -> std::io::Result<String> {
-        mcp_guard::client::get_body(&mcp_guard::client::Endpoint::Tcp(self.listen), path)
+        mcp_guard::api::client::get_body(&mcp_guard::api::client::Endpoint::Tcp(self.listen), path)
     }
 
     /// The daemon's /status document.
@@ -547,7 +547,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = mcp_guard::pins::Pins::new(&self.pin_dir).uninstall();
+        let _ = mcp_guard::kernel::pins::Pins::new(&self.pin_dir).uninstall();
     }
 }
 /// A probe process inside a cgroup and a namespace, answering one socket op per line.

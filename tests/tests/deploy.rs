@@ -138,7 +138,8 @@ fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
         .unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
     let ready = wait_until(Duration::from_secs(20), || {
-        mcp_guard::client::get_body(&mcp_guard::client::Endpoint::Tcp(addr), "/readyz").is_ok()
+        mcp_guard::api::client::get_body(&mcp_guard::api::client::Endpoint::Tcp(addr), "/readyz")
+            .is_ok()
     });
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
@@ -147,7 +148,7 @@ fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
     // SAFETY: signal to our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
-    let _ = mcp_guard::pins::Pins::new(&pin_dir).uninstall();
+    let _ = mcp_guard::kernel::pins::Pins::new(&pin_dir).uninstall();
     assert!(
         ready,
         "the daemon did not become ready with three capabilities"
@@ -348,11 +349,13 @@ fn packaged_binary_with_shipped_config_blocks_metadata() {
     guard.daemon = Some(daemon);
     let addr = "127.0.0.1:9464".parse().unwrap();
     assert!(
-        wait_until(Duration::from_secs(20), || mcp_guard::client::get_body(
-            &mcp_guard::client::Endpoint::Tcp(addr),
-            "/readyz"
-        )
-        .is_ok()),
+        wait_until(Duration::from_secs(20), || {
+            mcp_guard::api::client::get_body(
+                &mcp_guard::api::client::Endpoint::Tcp(addr),
+                "/readyz",
+            )
+            .is_ok()
+        }),
         "packaged daemon not ready"
     );
     let mut p = Probe::new(PROBE, &path, &ns);

@@ -159,7 +159,7 @@ fn tampering_is_repaired_within_two_seconds() {
     let cg = TestCgroup::new();
     let (_, dir) = cg.child("exact-mcp");
     cg.child("pods");
-    let id = mcp_guard::cgroup::id(
+    let id = mcp_guard::host::cgroup::id(
         &mcp_guard_tests::cgroup_mount(),
         &format!("{}/exact-mcp", cg.rel),
     )

@@ -62,8 +62,8 @@ impl Prometheus {
     }
 
     fn get(&self, path: &str) -> Option<String> {
-        mcp_guard::client::get_body(
-            &mcp_guard::client::Endpoint::Tcp(self.addr.parse().unwrap()),
+        mcp_guard::api::client::get_body(
+            &mcp_guard::api::client::Endpoint::Tcp(self.addr.parse().unwrap()),
             path,
         )
         .ok()

@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::programs::SchedClassifier;
-use mcp_guard::{config, maps::PolicyMaps, pins::Pins, policy};
+use mcp_guard::{config, kernel::maps::PolicyMaps, kernel::pins::Pins, policy};
 use mcp_guard_common::HOOK_TC;
 use mcp_guard_tests::{cgroup_mount, unique, TestCgroup};
 
@@ -123,7 +123,7 @@ fn classifier_verdicts_on_crafted_packets() {
         );
         let compiled =
             policy::compile(&config::parse(Path::new("t.toml"), &text).unwrap()).unwrap();
-        let mut ebpf = mcp_guard::loader::open(&pins).unwrap();
+        let mut ebpf = mcp_guard::kernel::loader::open(&pins).unwrap();
         let mut maps = PolicyMaps::take(&mut ebpf).unwrap();
         maps.install(&compiled, &cgroup_mount(), 0).unwrap();
         // Pod mode attributes by the interface a packet came in on: BPF_PROG_TEST_RUN

@@ -14,11 +14,11 @@ use tracing::{debug, warn};
 
 use super::{filter::Refusal, Update};
 use crate::{
-    cgroup,
     config::{Config, HostPattern},
-    events::{self, JsonEvent},
-    metrics::Metrics,
+    host::cgroup,
     policy::{self, Learned},
+    telemetry::events::{self, JsonEvent},
+    telemetry::metrics::Metrics,
 };
 
 /// How long a cgroup's workload is remembered by the proxy.
@@ -185,7 +185,7 @@ impl Engine {
     /// Counts a query the proxy refused and reports it, at most `[events]
     /// rate_limit_per_sec` events per workload and reason a second (0: every one); the
     /// next event carries how many were left out. The counter is always exact.
-    pub(super) fn refuse_query(&mut self, r: &crate::events::QueryRefusal<'_>) {
+    pub(super) fn refuse_query(&mut self, r: &crate::telemetry::events::QueryRefusal<'_>) {
         let workload = r.workload.unwrap_or("");
         self.metrics
             .dns_query_refused
@@ -465,7 +465,7 @@ impl Engine {
             // The DNS thread's own namespace: /proc/thread-self is this thread.
             self.sources = (
                 Some(Instant::now()),
-                crate::sources::scan_cgroups(
+                crate::host::sources::scan_cgroups(
                     patterns.iter().map(String::as_str),
                     &self.mount,
                     "/proc/thread-self/ns/net",

@@ -34,7 +34,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::{config::Config, policy::Learned, sockdiag::SockDiag};
+use crate::{config::Config, host::sockdiag::SockDiag, policy::Learned};
 
 /// Why the DNS side could not start. Host rules then allow nothing (fail closed) until a
 /// reload fixes it.

@@ -17,7 +17,7 @@ use super::{
     engine::Engine,
     filter::{self, Budgets, Refusal},
 };
-use crate::{events::QueryRefusal, sockdiag::SockDiag};
+use crate::{host::sockdiag::SockDiag, telemetry::events::QueryRefusal};
 
 /// How long the proxy waits for the policy with a new answer before answering anyway
 /// (the workload's connections then fail closed until the policy is in).

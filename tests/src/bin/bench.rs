@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mcp_guard::{config, maps::PolicyMaps, pins::Pins, policy};
+use mcp_guard::{config, kernel::maps::PolicyMaps, kernel::pins::Pins, policy};
 use mcp_guard_tests::{cgroup_mount, unique, wait_until, Daemon, NetNs, Probe, TestCgroup};
 
 struct Row {
@@ -363,7 +363,7 @@ fn main() {
     // 5. Reload: replacing a 10,000-rule policy in the maps (the daemon's own code path).
     let pins = Pins::new(&PathBuf::from("/sys/fs/bpf").join(unique("mcpg-bench")));
     pins.prepare().unwrap();
-    let mut ebpf = mcp_guard::loader::open(&pins).unwrap();
+    let mut ebpf = mcp_guard::kernel::loader::open(&pins).unwrap();
     let mut maps = PolicyMaps::take(&mut ebpf).unwrap();
     let a = policy::compile(
         &config::parse(

@@ -11,7 +11,7 @@ use aya::{
 };
 use mcp_guard_common::{CgroupKey, Config as KConfig, WorkloadInfo};
 
-use crate::{config::Config, loader, pins::Pins};
+use crate::{config::Config, kernel::loader, kernel::pins::Pins};
 
 /// Why a cgroup is not (yet) enforced, in words for the user.
 pub fn check(

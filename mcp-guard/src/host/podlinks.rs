@@ -15,7 +15,7 @@ use std::{
     path::Path,
 };
 
-use crate::{policy::Compiled, sources};
+use crate::{host::sources, policy::Compiled};
 
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;

@@ -41,6 +41,20 @@ pub struct Pins {
     pub dir: PathBuf,
 }
 
+/// mount(2) of a pseudo filesystem (`fstype` as its source too) at `target`.
+pub(crate) fn mount_fs(fstype: &std::ffi::CStr, target: &std::ffi::CStr) -> bool {
+    // SAFETY: mount(2) with valid C strings.
+    unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        ) == 0
+    }
+}
+
 fn is_bpffs(p: &Path) -> bool {
     let Ok(c) = CString::new(p.as_os_str().as_bytes()) else {
         return false;
@@ -90,18 +104,7 @@ impl Pins {
     pub fn prepare(&self) -> io::Result<()> {
         let root = Path::new("/sys/fs/bpf");
         if self.dir.starts_with(root) && !is_bpffs(root) {
-            let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
-            // SAFETY: mount(2) with valid C strings.
-            if unsafe {
-                libc::mount(
-                    src.as_ptr(),
-                    target.as_ptr(),
-                    fstype.as_ptr(),
-                    0,
-                    std::ptr::null(),
-                )
-            } != 0
-            {
+            if !mount_fs(c"bpf", c"/sys/fs/bpf") {
                 let e = io::Error::last_os_error();
                 return Err(io::Error::new(
                     e.kind(),

@@ -1,5 +1,5 @@
 //! Capability posture: which guarded processes hold a capability that goes around the
-//! cgroup hooks (see [`crate::harden::DROPPED`]). Such a process can open raw or packet
+//! cgroup hooks (see [`crate::host::harden::DROPPED`]). Such a process can open raw or packet
 //! sockets, change qdiscs, move itself out of its cgroup or detach programs; the daemon
 //! cannot stop that, so it says so, per workload (a metric, an alert, a log line).
 
@@ -10,7 +10,7 @@ use std::{
 
 use tracing::warn;
 
-use crate::{cgroup, harden, policy::Compiled};
+use crate::{host::cgroup, host::harden, policy::Compiled};
 
 /// Processes looked at per scan, at most (the scan runs every few seconds).
 const MAX_PROCESSES: usize = 100_000;
@@ -87,7 +87,7 @@ pub fn scan(compiled: &Compiled, mount: &Path) -> BTreeMap<String, (usize, Optio
 /// Publishes a scan: the gauge per workload, a warning when a workload starts holding
 /// privileged processes. `before` is what the previous scan found.
 pub fn publish(
-    metrics: &crate::metrics::Metrics,
+    metrics: &crate::telemetry::metrics::Metrics,
     found: &BTreeMap<String, (usize, Option<Finding>)>,
     before: &mut BTreeMap<String, usize>,
 ) {

@@ -12,9 +12,9 @@ use prometheus::{
 };
 
 use crate::{
-    events::{class_name, hook_name, proto_name},
-    maps::Counters,
+    kernel::maps::Counters,
     policy::reason_name,
+    telemetry::events::{class_name, hook_name, proto_name},
 };
 
 const FLOW_LABELS: [&str; 6] = [
@@ -238,8 +238,8 @@ mod tests {
             .map(|f| f.name().to_string())
             .collect();
         let shipped = [
-            include_str!("../../deploy/prometheus/mcp-guard-rules.yml"),
-            include_str!("../../deploy/grafana/mcp-guard-dashboard.json"),
+            include_str!("../../../deploy/prometheus/mcp-guard-rules.yml"),
+            include_str!("../../../deploy/grafana/mcp-guard-dashboard.json"),
         ];
         let mut queried = BTreeSet::new();
         for text in shipped {

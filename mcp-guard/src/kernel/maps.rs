@@ -16,7 +16,7 @@ use mcp_guard_common::{
 };
 use tracing::{info, warn};
 
-use crate::{cgroup, policy::Compiled};
+use crate::{host::cgroup, policy::Compiled};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -63,6 +63,35 @@ fn info(w: &crate::policy::CompiledWorkload) -> WorkloadInfo {
         mode: w.mode,
         flags: w.flags,
         _pad: 0,
+    }
+}
+
+/// The kernel's key of a compiled entry in one policy slot.
+trait SlotKey {
+    type Key;
+    fn key(&self, slot: u32) -> Self::Key;
+}
+
+impl SlotKey for crate::policy::LpmEntry {
+    type Key = Key<LpmData>;
+    fn key(&self, slot: u32) -> Key<LpmData> {
+        Key::new(
+            32 + u32::from(self.plen),
+            LpmData {
+                scope: scope(self.scope, slot),
+                addr_be: self.addr,
+            },
+        )
+    }
+}
+
+impl SlotKey for crate::policy::ExactEntry {
+    type Key = ExactKey;
+    fn key(&self, slot: u32) -> ExactKey {
+        ExactKey {
+            scope: scope(self.scope, slot),
+            addr_be: self.addr,
+        }
     }
 }
 
@@ -295,7 +324,7 @@ impl PolicyMaps {
             slot: self.active,
             generation: self.generation,
             rate_limit_per_sec: self.rate_limit,
-            object_hash: crate::loader::object_hash(),
+            object_hash: crate::kernel::loader::object_hash(),
         };
         self.config
             .set(0, announce, 0)
@@ -321,13 +350,7 @@ impl PolicyMaps {
         let registered = resolve(compiled, mount);
         let result = register_result.and_then(|()| {
             for e in &compiled.lpm {
-                let key = Key::new(
-                    32 + u32::from(e.plen),
-                    LpmData {
-                        scope: scope(e.scope, slot),
-                        addr_be: e.addr,
-                    },
-                );
+                let key = e.key(slot);
                 self.lpm
                     .insert(&key, e.entry, 0)
                     .map_err(map_err("POLICY_LPM_1"))?;
@@ -335,10 +358,7 @@ impl PolicyMaps {
             }
             let clock = Clock::now();
             for e in &compiled.exact {
-                let key = ExactKey {
-                    scope: scope(e.scope, slot),
-                    addr_be: e.addr,
-                };
+                let key = e.key(slot);
                 // The expiry first: an entry flagged to expire with no expiry stored is
                 // ignored by the programs (fail closed), never allowed for good.
                 if let Some(unix) = e.expires_unix {
@@ -372,7 +392,7 @@ impl PolicyMaps {
             slot,
             generation: self.generation + 1,
             rate_limit_per_sec: rate_limit,
-            object_hash: crate::loader::object_hash(),
+            object_hash: crate::kernel::loader::object_hash(),
         };
         self.config.set(0, cfg, 0).map_err(map_err("CONFIG_1"))?;
         self.active = slot;
@@ -527,7 +547,7 @@ impl PolicyMaps {
             slot,
             generation: self.generation,
             rate_limit_per_sec: self.rate_limit,
-            object_hash: crate::loader::object_hash(),
+            object_hash: crate::kernel::loader::object_hash(),
         };
         if self.config.get(&0, 0).ok() != Some(want) && self.config.set(0, want, 0).is_ok() {
             out.push(("config", 1));
@@ -598,13 +618,7 @@ impl PolicyMaps {
         // Policy entries of the live slot.
         let mut n = 0;
         for e in &compiled.lpm {
-            let key = Key::new(
-                32 + u32::from(e.plen),
-                LpmData {
-                    scope: scope(e.scope, slot),
-                    addr_be: e.addr,
-                },
-            );
+            let key = e.key(slot);
             if self.lpm.get(&key, 0).ok() != Some(e.entry)
                 && self.lpm.insert(&key, e.entry, 0).is_ok()
             {
@@ -613,10 +627,7 @@ impl PolicyMaps {
         }
         let clock = Clock::now();
         for e in &compiled.exact {
-            let key = ExactKey {
-                scope: scope(e.scope, slot),
-                addr_be: e.addr,
-            };
+            let key = e.key(slot);
             if let Some(unix) = e.expires_unix {
                 let want = clock.boot_ns_at(unix);
                 // Rewritten if missing or moved by more than a second (the two clocks

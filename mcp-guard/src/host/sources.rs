@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use crate::cgroup;
+use crate::host::cgroup;
 
 /// Addresses of a network namespace, seen through one of its processes.
 fn addresses(pid: u32) -> Vec<[u8; 16]> {

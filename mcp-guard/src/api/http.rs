@@ -22,7 +22,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use crate::events::{enrich_cached, Cache, History, JsonEvent, Names, Recorded};
+use crate::telemetry::events::{enrich_cached, Cache, History, JsonEvent, Names, Recorded};
 
 pub struct Shared {
     pub ready: AtomicBool,

@@ -1,5 +1,5 @@
 //! Loading the embedded eBPF object and attaching its programs to a cgroup, through pins
-//! on bpffs so that enforcement outlives the daemon (see [`crate::pins`]).
+//! on bpffs so that enforcement outlives the daemon (see [`crate::kernel::pins`]).
 
 use std::{collections::HashMap, fs::File, path::Path};
 
@@ -13,7 +13,7 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use crate::pins::{Pins, MAP_NAMES};
+use crate::kernel::pins::{Pins, MAP_NAMES};
 
 /// The socket-level programs, by kernel program name, with their hook names and kernel
 /// attach types (BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG).
@@ -314,18 +314,7 @@ fn ensure_tracefs() {
     if p.join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
         return;
     }
-    let (src, target, fstype) = (c"tracefs", c"/sys/kernel/tracing", c"tracefs");
-    // SAFETY: mount(2) with valid C strings.
-    if unsafe {
-        libc::mount(
-            src.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    } == 0
-    {
+    if crate::kernel::pins::mount_fs(c"tracefs", c"/sys/kernel/tracing") {
         info!("mounted tracefs on /sys/kernel/tracing");
     }
 }

@@ -25,7 +25,7 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use crate::{cgroup::glob_match, config::TcConfig, pins::Pins};
+use crate::{config::TcConfig, host::cgroup::glob_match, kernel::pins::Pins};
 
 const PROGRAM: &str = "mcpg_tc";
 
@@ -135,7 +135,7 @@ impl Tc {
             config: config.clone(),
             attached: HashSet::new(),
             pins: pins.clone(),
-            adopt: pinned_hash == crate::loader::object_hash(),
+            adopt: pinned_hash == crate::kernel::loader::object_hash(),
             unpinned: Vec::new(),
             adopted: 0,
             skipped: HashSet::new(),
@@ -241,7 +241,7 @@ impl Tc {
                                     // TCX: pin over any older link (which then detaches),
                                     // after this one is attached: no gap.
                                     let fd = FdLink::try_from(link).expect("a TCX link");
-                                    match crate::loader::pin_over(fd, &pin, pins) {
+                                    match crate::kernel::loader::pin_over(fd, &pin, pins) {
                                         Ok(()) => {
                                             pinned.insert((*idx, is_ingress));
                                         }

@@ -2,6 +2,8 @@
 //! what to fix. Validation is complete before anything touches the kernel, so a bad
 //! config never weakens running enforcement.
 
+pub mod sets;
+
 use std::{
     collections::HashMap,
     fmt,
@@ -13,8 +15,6 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
-
-use crate::sets;
 
 /// A config problem, located in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]

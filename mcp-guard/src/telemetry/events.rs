@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 use crate::{
-    cgroup,
+    host::cgroup,
     policy::{display_addr, reason_name},
 };
 
@@ -188,9 +188,9 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
         cgroup_id: r.cgroup_id,
         family: if addr.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
         dst: addr.to_string(),
-        dest_class: if class(crate::sets::metadata()) {
+        dest_class: if class(crate::config::sets::metadata()) {
             "metadata"
-        } else if class(crate::sets::internal()) {
+        } else if class(crate::config::sets::internal()) {
             "internal"
         } else {
             "public"

@@ -16,16 +16,16 @@ use tokio::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
-    cgroup,
+    api::http::{self, Shared},
     config::{self, OnExit},
     dns,
-    events::{self, Delivered, Names, SinkWriter},
-    http::{self, Shared},
-    loader::{self, Attachments},
-    maps::PolicyMaps,
-    metrics::Metrics,
-    pins::Pins,
+    host::cgroup,
+    kernel::loader::{self, Attachments},
+    kernel::maps::PolicyMaps,
+    kernel::pins::Pins,
     policy::{self, Compiled},
+    telemetry::events::{self, Delivered, Names, SinkWriter},
+    telemetry::metrics::Metrics,
 };
 
 /// How often workload cgroups are re-resolved, so a cgroup created after start (a
@@ -224,7 +224,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             )
         })?;
     let control_path = cfg.control_socket.clone();
-    crate::features::check_with(crate::features::present).map_err(anyhow::Error::msg)?;
+    crate::kernel::features::check_with(crate::kernel::features::present)
+        .map_err(anyhow::Error::msg)?;
     let pins = Pins::new(&cfg.pin_dir);
     pins.prepare().with_context(|| {
         format!(
@@ -267,14 +268,15 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     // Registration at cgroup creation: no window between a workload cgroup's mkdir and
     // its policy. Workloads whose pattern the kernel cannot decide wait for the scan.
-    let (_, scan_only) = crate::maps::register_entries(&compiled, &cgroup::kernel_root(&mount), 0);
+    let (_, scan_only) =
+        crate::kernel::maps::register_entries(&compiled, &cgroup::kernel_root(&mount), 0);
     for (workload, why) in &scan_only {
         warn!(workload = %workload, "its cgroup is registered by the scan (up to 100 ms after it is created), not by the kernel at creation: {why}; use an exact path, \"parent/*\" or \"parent/prefix*\"");
     }
     // Repaired only if it ran: a kernel that refuses it is reported once, not every second.
     let registration_on = attach_registration(&mut ebpf, &pins, pinned_hash, &metrics);
     let mut tc = if cfg.tc.enabled {
-        let mut tc = crate::tc::Tc::load(&mut ebpf, &cfg.tc, &pins, pinned_hash)
+        let mut tc = crate::kernel::tc::Tc::load(&mut ebpf, &cfg.tc, &pins, pinned_hash)
             .context("loading the TC classifier")?;
         let n = tc.sync(&mut ebpf);
         metrics
@@ -284,7 +286,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         Some(tc)
     } else {
         // Pinned TC links of an earlier config with the classifier on: detach them.
-        crate::tc::unpin_all(&pins);
+        crate::kernel::tc::unpin_all(&pins);
         None
     };
     if was_pinned {
@@ -530,14 +532,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             _ = posture_check.tick() => {
                 if let Some(t) = posture_task.take_if(|t| t.is_finished()) {
                     if let Ok(found) = t.await {
-                        crate::posture::publish(&metrics, &found, &mut posture_seen);
+                        crate::host::posture::publish(&metrics, &found, &mut posture_seen);
                     }
                 }
                 if posture_task.is_none() {
                     let compiled = state.live.lock().expect("live").compiled.clone();
                     let mount = state.mount.clone();
                     posture_task = Some(tokio::task::spawn_blocking(move || {
-                        crate::posture::scan(&compiled, &mount)
+                        crate::host::posture::scan(&compiled, &mount)
                     }));
                 }
             }
@@ -598,7 +600,7 @@ fn pod_interfaces(
                     return None;
                 }
             }
-            crate::podlinks::scan(compiled, mount)
+            crate::host::podlinks::scan(compiled, mount)
                 .map_err(|e| warn!("pod mode: cannot read which interface leads to which pod: {e}"))
                 .ok()
         })

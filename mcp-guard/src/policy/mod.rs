@@ -18,8 +18,8 @@ use mcp_guard_common::{
 };
 
 use crate::{
+    config::sets,
     config::{BaselineItem, Config, DefaultAction, HostRule, Mode, PortSpan, Proto},
-    sets,
 };
 
 /// One rule as the user wrote it, for `explain`, events and `check`.

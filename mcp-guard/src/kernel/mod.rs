@@ -1,0 +1,9 @@
+//! Every bpf call and pin: the programs, the maps, the pins, the TC classifier, the
+//! kernel preflight and exec's check that the kernel enforces its cgroup.
+
+pub mod enforced;
+pub mod features;
+pub mod loader;
+pub mod maps;
+pub mod pins;
+pub mod tc;

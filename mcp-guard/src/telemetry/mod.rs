@@ -1,0 +1,4 @@
+//! What the daemon reports: events (read from the ring buffer and enriched) and metrics.
+
+pub mod events;
+pub mod metrics;
