@@ -1,0 +1,234 @@
+use super::*;
+
+#[test]
+fn workload_ids_follow_names_not_positions() {
+    let w = |names: &[&str]| {
+        let text: String = names
+            .iter()
+            .map(|n| format!("[[workload]]\nname='{n}'\ncgroup='/{n}'\n"))
+            .collect();
+        let cfg = parse(Path::new("t.toml"), &text).unwrap();
+        cfg.workloads
+            .iter()
+            .map(|w| (w.name.clone(), w.id))
+            .collect::<HashMap<_, _>>()
+    };
+    let abc = w(&["a", "b", "c"]);
+    assert_eq!(abc, w(&["c", "a", "b"]), "reordered");
+    assert_eq!(abc["b"], w(&["b", "c"])["b"], "another removed");
+    assert!(abc
+        .values()
+        .all(|&id| id >= mcp_guard_common::FIRST_WORKLOAD_ID));
+    let ids: std::collections::HashSet<u32> = abc.values().copied().collect();
+    assert_eq!(ids.len(), 3, "distinct");
+    // Collisions take the next free id: 100,000 names, all distinct.
+    let many: Vec<String> = (0..100_000).map(|i| format!("w{i}")).collect();
+    let ids = workload_ids(many.iter().map(String::as_str));
+    let distinct: std::collections::HashSet<u32> = ids.values().copied().collect();
+    assert_eq!(distinct.len(), 100_000);
+}
+
+fn p(text: &str) -> Result<Config, ConfigErrors> {
+    parse(Path::new("test.toml"), text)
+}
+
+fn err(text: &str) -> ConfigError {
+    p(text).expect_err("config must be rejected").0.remove(0)
+}
+
+const GOOD: &str = r#"
+mode = "enforce"
+[baseline]
+deny = ["metadata", "192.0.2.0/24"]
+[[workload]]
+name = "github-mcp"
+cgroup = "/mcp.slice/github-mcp.service"
+default = "deny-internal"
+[[workload.allow]]
+cidr = "10.0.12.0/24"
+ports = [5432, "8000-8100"]
+proto = "tcp"
+"#;
+
+#[test]
+fn parses_the_contract_example() {
+    let c = p(GOOD).unwrap();
+    assert_eq!(c.mode, Mode::Enforce);
+    assert_eq!(c.baseline.len(), 2);
+    let w = &c.workloads[0];
+    assert_eq!(w.name, "github-mcp");
+    assert_eq!(w.cgroup, "/mcp.slice/github-mcp.service");
+    assert_eq!(w.default, DefaultAction::DenyInternal);
+    assert_eq!(
+        w.allow[0].ports,
+        vec![
+            PortSpan { lo: 5432, hi: 5432 },
+            PortSpan { lo: 8000, hi: 8100 }
+        ]
+    );
+    assert_eq!(w.allow[0].proto, Proto::Tcp);
+    assert_eq!(w.allow[0].loc.line, 10);
+}
+
+#[test]
+fn missing_baseline_still_denies_metadata() {
+    let c = p("[[workload]]\nname='a'\ncgroup='/a'\n").unwrap();
+    assert!(matches!(&c.baseline[0].item, BaselineItem::Set { name, .. } if name == "metadata"));
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\ndefualt='deny'\n");
+    assert_eq!(e.line, 4);
+    assert!(e.message.contains("defualt"), "{e}");
+}
+
+#[test]
+fn bad_cidr() {
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.300/8'\n");
+    assert_eq!(e.line, 5);
+    assert!(e.message.contains("not a valid CIDR"), "{e}");
+}
+
+#[test]
+fn host_bits_set() {
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.12.7/16'\n");
+    assert!(e.message.contains("10.0.0.0/16"), "{e}");
+}
+
+#[test]
+fn port_zero_and_too_big() {
+    let e = err(
+        "[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[0]\n",
+    );
+    assert_eq!(e.line, 6);
+    assert!(e.message.contains("1 to 65535"), "{e}");
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[\"1-65536\"]\n");
+    assert!(e.message.contains("65536"), "{e}");
+}
+
+#[test]
+fn inverted_range() {
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=[\"9000-8000\"]\n");
+    assert!(e.message.contains("inverted"), "{e}");
+}
+
+#[test]
+fn duplicate_name_and_cgroup() {
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='a'\ncgroup='/b'\n");
+    assert_eq!(e.line, 5);
+    assert!(e.message.contains("duplicate workload name"), "{e}");
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='b'\ncgroup='/a/'\n");
+    assert_eq!(e.line, 6);
+    assert!(e.message.contains("duplicate workload cgroup"), "{e}");
+}
+
+#[test]
+fn bad_enum_value() {
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\ndefault='deny-all'\n");
+    assert_eq!(e.line, 4);
+    assert!(e.message.contains("deny-internal"), "{e}");
+}
+
+#[test]
+fn root_cgroup_rejected() {
+    let e = err("[[workload]]\nname='a'\ncgroup='/'\n");
+    assert!(e.message.contains("whole machine"), "{e}");
+}
+
+#[test]
+fn unknown_named_set() {
+    let e = err("[baseline]\ndeny=['metdata']\n");
+    assert_eq!(e.line, 2);
+    assert!(e.message.contains("metadata"), "{e}");
+}
+
+#[test]
+fn host_rules_parse_and_match() {
+    let c = p("[dns]\nproxy='127.0.0.1:5353'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='API.GitHub.com.'\nports=[443]\n[[workload.allow]]\nhost='*.slack.com'\nallow_internal=true\n").unwrap();
+    let h = &c.workloads[0].hosts;
+    assert_eq!(h[0].pattern, HostPattern::Exact("api.github.com".into()));
+    assert_eq!(h[0].loc.line, 7);
+    assert!(h[1].allow_internal);
+    assert!(h[1].pattern.matches("files.slack.com"));
+    assert!(h[1].pattern.matches("a.b.slack.com"));
+    assert!(!h[1].pattern.matches("slack.com"));
+    assert!(!h[1].pattern.matches("evilslack.com"));
+    assert_eq!(h[1].pattern.to_string(), "*.slack.com");
+}
+
+#[test]
+fn bad_host_rules_name_line_and_fix() {
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.slack.com'\n");
+    assert_eq!(e.line, 5);
+    assert!(e.message.contains("[dns] proxy"), "{e}");
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='10.0.0.1'\n");
+    assert!(e.message.contains("cidr"), "{e}");
+    let e = err("[dns]\nproxy='127.0.0.1:53'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.com'\n");
+    assert!(e.message.contains("two labels"), "{e}");
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='a.*.com'\n");
+    assert!(e.message.contains("first label"), "{e}");
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='a.com'\ncidr='10.0.0.0/8'\n");
+    assert!(e.message.contains("both cidr and host"), "{e}");
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nports=[443]\n");
+    assert_eq!(e.line, 4, "the [[workload.allow]] header");
+    assert!(e.message.contains("needs cidr"), "{e}");
+    let e = err("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nallow_internal=true\n");
+    assert!(e.message.contains("only applies to host"), "{e}");
+    let e = err("[dns]\nmin_ttl=60\nmax_ttl=10\n");
+    assert!(e.message.contains("below dns.min_ttl"), "{e}");
+    let e = err("[dns]\nnameservers=['dns.local']\n");
+    assert_eq!(e.line, 2);
+    let e = err("[dns]\nworkload_queries_per_sec=0\n");
+    assert!(e.message.contains("between 1 and 100000"), "{e}");
+}
+
+/// Wildcards right below a public suffix (Public Suffix List, both sections) cover
+/// names anyone can register; one label deeper is one owner's.
+#[test]
+fn wildcards_on_public_suffixes_are_refused() {
+    for (suffix, line) in [
+        ("co.uk", 6),
+        ("s3.amazonaws.com", 6),
+        ("github.io", 6),
+        ("githubusercontent.com", 6),
+    ] {
+        let e = err(&format!("[dns]\nproxy='127.0.0.1:53'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='*.{suffix}'\n"));
+        assert_eq!(e.line, line + 1, "{e}");
+        assert!(e.message.contains("public suffix"), "{suffix}: {e}");
+        assert!(e.message.contains(&format!("*.myorg.{suffix}")), "{e}");
+    }
+    for ok in [
+        "*.myorg.github.io",
+        "*.bbc.co.uk",
+        "*.slack.com",
+        "*.cdn.example.test",
+    ] {
+        p(&format!("[dns]\nproxy='127.0.0.1:53'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='{ok}'\n")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    // Exact names on a suffix are one host: allowed.
+    p("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\nhost='github.io'\n").unwrap();
+}
+
+#[test]
+fn resolve_any_and_dns_budgets() {
+    let c = p("[dns]\nproxy='127.0.0.1:53'\nworkload_queries_per_sec=7\nworkload_in_flight=3\n[[workload]]\nname='a'\ncgroup='/a'\nresolve_any=true\n[[workload]]\nname='b'\ncgroup='/b'\n").unwrap();
+    assert!(c.workloads[0].resolve_any);
+    assert!(!c.workloads[1].resolve_any, "off by default");
+    assert_eq!(
+        (c.dns.workload_queries_per_sec, c.dns.workload_in_flight),
+        (7, 3)
+    );
+    let d = p("").unwrap();
+    assert_eq!(
+        (d.dns.workload_queries_per_sec, d.dns.workload_in_flight),
+        (DEFAULT_WORKLOAD_QPS, DEFAULT_WORKLOAD_IN_FLIGHT)
+    );
+}
+
+#[test]
+fn workload_mode_overrides_global() {
+    let c = p("mode='audit'\n[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='b'\ncgroup='/b'\nmode='enforce'\n").unwrap();
+    assert_eq!(c.workloads[0].mode, Mode::Audit);
+    assert_eq!(c.workloads[1].mode, Mode::Enforce);
+}

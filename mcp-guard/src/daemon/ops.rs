@@ -1,0 +1,357 @@
+//! What the daemon's loop does: reloads, learned answers, DNS settings, the attachment
+//! and registration checks, pod interfaces, gauges.
+
+use super::*;
+
+/// Pod mode: node-side interface -> pod workload cgroup, read in the TC namespace (a
+/// thread enters `[tc] netns` if set). `None` when it cannot be read: the map stays.
+pub(super) fn pod_interfaces(
+    compiled: &Compiled,
+    mount: &Path,
+    netns: Option<&Path>,
+) -> Option<std::collections::BTreeMap<u32, u64>> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if let Some(ns) = netns {
+                let f = std::fs::File::open(ns).ok()?;
+                // SAFETY: valid netns fd; only this thread changes namespace.
+                if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) }
+                    != 0
+                {
+                    return None;
+                }
+            }
+            crate::host::podlinks::scan(compiled, mount)
+                .map_err(|e| warn!("pod mode: cannot read which interface leads to which pod: {e}"))
+                .ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
+pub(super) fn map_id(m: &aya::maps::Map) -> Option<u32> {
+    use aya::maps::Map;
+    let data = match m {
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LpmTrie(d)
+        | Map::PerCpuArray(d)
+        | Map::PerCpuHashMap(d)
+        | Map::LruHashMap(d)
+        | Map::RingBuf(d) => d,
+        _ => return None,
+    };
+    data.info().ok().map(|i| i.id())
+}
+
+pub(super) fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Asks the kernel which programs are attached, re-attaches any that someone detached
+/// (fail closed), and sets `programs_attached`. Returns whether all are attached.
+pub(super) fn check_attachment(
+    ebpf: &mut aya::Ebpf,
+    attach_dir: &Path,
+    pins: &Pins,
+    state: &State,
+) -> bool {
+    let mut att = state.attachments.lock().expect("attachments");
+    let mut all = true;
+    let mut changed = false;
+    for (hook, attached) in loader::attachment_state(&att, attach_dir) {
+        let mut now_attached = attached;
+        if !attached {
+            error!(hook, cgroup = %attach_dir.display(), "program is no longer attached (detached by someone else?): attaching it again");
+            match loader::reattach(ebpf, hook, attach_dir, pins, &mut att) {
+                Ok(()) => {
+                    state.metrics.reattached.inc();
+                    changed = true;
+                    now_attached = loader::attachment_state(&att, attach_dir)
+                        .iter()
+                        .any(|(h, a)| *h == hook && *a);
+                }
+                Err(e) => error!(hook, "re-attaching failed: {e}"),
+            }
+        }
+        state
+            .metrics
+            .programs_attached
+            .with_label_values(&[hook])
+            .set(i64::from(now_attached));
+        all &= now_attached;
+    }
+    drop(att);
+    if changed {
+        state.refresh_status();
+    }
+    all
+}
+
+pub(super) fn repaired(metrics: &Metrics, what: &str, n: u64) {
+    metrics.state_repaired.with_label_values(&[what]).inc_by(n);
+}
+
+/// Attaches (or adopts) the cgroup tracepoint programs; says so where the kernel refuses
+/// them. Returns whether they run.
+pub(super) fn attach_registration(
+    ebpf: &mut aya::Ebpf,
+    pins: &Pins,
+    pinned_hash: u32,
+    metrics: &Metrics,
+) -> bool {
+    let ok = match loader::attach_tracepoints(ebpf, pins, pinned_hash) {
+        Ok(adopted) => {
+            if !adopted.is_empty() {
+                info!(hooks = ?adopted, "adopted the pinned registration links");
+            }
+            true
+        }
+        Err(e) => {
+            error!("new workload cgroups are registered by the scan only, up to 100 ms after they are created (a process that joins one at once is unguarded until then): the kernel refused the cgroup_mkdir tracepoint program ({e})");
+            false
+        }
+    };
+    for (_, hook) in loader::TRACEPOINTS {
+        metrics
+            .programs_attached
+            .with_label_values(&[hook])
+            .set(i64::from(ok));
+    }
+    ok
+}
+
+pub(super) fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
+    metrics.policy_rules.reset();
+    for w in &c.workloads {
+        metrics
+            .policy_rules
+            .with_label_values(&[&w.name])
+            .set(w.rules as i64);
+    }
+    metrics.workloads.set(c.workloads.len() as i64);
+}
+
+/// Validates first; an invalid config leaves the running policy untouched.
+pub(super) fn reload(path: &Path, state: &State) {
+    let metrics = &state.metrics;
+    let learned = state.installed.lock().expect("installed").clone();
+    let (cfg, compiled) = match prepare_reload(path, &learned) {
+        Ok(v) => v,
+        Err(e) => {
+            error!("reload refused, the running policy stays in force: {e:#}");
+            metrics.reloads.with_label_values(&["failure"]).inc();
+            return;
+        }
+    };
+    {
+        let mut m = state.maps.lock().expect("maps");
+        if let Err(e) = m.install(&compiled, &state.mount, cfg.rate_limit_per_sec) {
+            error!("reload failed writing maps, the running policy stays in force: {e}");
+            metrics.reloads.with_label_values(&["failure"]).inc();
+            return;
+        }
+        metrics.policy_generation.set(i64::from(m.generation()));
+        info!(generation = m.generation(), "policy reloaded");
+    }
+    *state.names.write().expect("names") = names_of(&compiled, &state.mount);
+    set_policy_gauges(metrics, &compiled);
+    metrics.reloads.with_label_values(&["success"]).inc();
+    metrics.last_reload_success.set(unix_now());
+    {
+        let old = state.live.lock().expect("live").cfg.clone();
+        for what in start_only_changes(&old, &cfg) {
+            warn!("{}: {what} changed, which is read at start only: restart mcp-guard to apply it (the new policy is in force)", path.display());
+        }
+    }
+    let pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
+    let cfg = Arc::new(cfg);
+    {
+        let mut live = state.live.lock().expect("live");
+        live.cfg = cfg.clone();
+        live.compiled = compiled;
+        live.pod_mode = pod_mode;
+    }
+    sync_dns(state, &cfg);
+    state.refresh_status();
+}
+
+/// The learned addresses a previous daemon left, minus those that expired since.
+pub(super) fn read_learned(path: &Path, dns: &config::DnsConfig) -> Vec<policy::Learned> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match serde_json::from_str::<Vec<policy::Learned>>(&text) {
+        // No entry outlives what the current bounds would give a fresh answer.
+        Ok(v) => v
+            .into_iter()
+            .filter(|l| l.expires_unix > now)
+            .map(|mut l| {
+                l.expires_unix = l
+                    .expires_unix
+                    .min(now + u64::from(dns.max_ttl) + u64::from(dns.grace));
+                l
+            })
+            .collect(),
+        Err(e) => {
+            warn!(file = %path.display(), "ignoring unreadable learned-address state: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// Keeps the installed learned addresses for the next daemon (write, then rename).
+pub(super) fn write_learned(path: &Path, learned: &[policy::Learned]) {
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(learned).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        warn!(file = %path.display(), "cannot keep learned addresses for a restart: {e}");
+    }
+}
+
+/// Settings a reload does not apply (they shape the process, not the policy).
+pub(super) fn start_only_changes(old: &config::Config, new: &config::Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if old.control_socket != new.control_socket || old.control_group != new.control_group {
+        out.push("[daemon] control_socket and control_group");
+    }
+    if old.metrics_listen != new.metrics_listen {
+        out.push("[metrics] listen");
+    }
+    if old.sink != new.sink || old.events_file != new.events_file {
+        out.push("[events] sink / file");
+    }
+    if old.attach_cgroup != new.attach_cgroup || old.cgroup_root != new.cgroup_root {
+        out.push("[daemon] attach_cgroup / cgroup_root");
+    }
+    if old.pin_dir != new.pin_dir || old.on_exit != new.on_exit {
+        out.push("[daemon] pin_dir / on_exit");
+    }
+    if old.tc != new.tc {
+        out.push("[tc]");
+    }
+    if old.cgroup_skb != new.cgroup_skb {
+        out.push("[daemon] cgroup_skb");
+    }
+    out
+}
+
+/// Starts, reconfigures, restarts or stops the DNS side to match a (new) config.
+pub(super) fn sync_dns(state: &State, cfg: &Arc<config::Config>) {
+    let mut slot = state.dns.lock().expect("dns");
+    if !dns::wanted(cfg) {
+        if slot.take().is_some() {
+            info!("DNS: no host rules and no proxy any more: stopped");
+        }
+        return;
+    }
+    if let Some(d) = slot.as_ref() {
+        if d.accepts(cfg) {
+            d.set_config(cfg.clone());
+            return;
+        }
+        info!("DNS: [dns] changed: restarting the resolver and the proxy");
+    }
+    drop(slot.take());
+    let changed = state.engine.lock().expect("engine").set_config(cfg.clone());
+    match dns::Dns::start(cfg.clone(), state.engine.clone()) {
+        Ok(d) => *slot = Some(d),
+        Err(e) => error!(
+            "DNS could not start, so host rules allow nothing until it can (fix and reload): {e:#}"
+        ),
+    }
+    if changed {
+        state.engine.lock().expect("engine").publish(None);
+    }
+}
+
+/// Compiles the config with a new set of learned addresses and switches to it whole.
+pub(super) fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
+    let mut live = state.live.lock().expect("live");
+    let compiled = match policy::compile_with(&live.cfg, &learned) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(
+                "learned DNS answers do not fit the policy, keeping the previous addresses: {e}"
+            );
+            return;
+        }
+    };
+    let mut m = state.maps.lock().expect("maps");
+    if let Err(e) = m.install(&compiled, &state.mount, live.cfg.rate_limit_per_sec) {
+        error!("writing learned DNS answers failed, the previous policy stays in force: {e}");
+        return;
+    }
+    let generation = m.generation();
+    drop(m);
+    state.metrics.policy_generation.set(i64::from(generation));
+    state.engine.lock().expect("engine").generation = generation;
+    *state.names.write().expect("names") = names_of(&compiled, &state.mount);
+    debug!(
+        generation,
+        learned = learned.len(),
+        "policy updated from DNS answers"
+    );
+    live.compiled = compiled;
+    write_learned(&state.learned_file, &learned);
+    *state.installed.lock().expect("installed") = learned;
+    drop(live);
+    state.refresh_status();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_learned_addresses_are_read_back_within_the_current_bounds() {
+        let file = std::env::temp_dir().join(format!("mcpg-learned-{}.json", std::process::id()));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let entry = |addr: &str, expires_unix| policy::Learned {
+            workload: "w".into(),
+            name: "a.example".into(),
+            addr: addr.parse().unwrap(),
+            ttl: 60,
+            expires_unix,
+            source: "proxy".into(),
+        };
+        write_learned(
+            &file,
+            &[
+                entry("93.184.216.34", now + 100_000),
+                entry("93.184.216.35", now - 1),
+            ],
+        );
+        let cfg = config::parse(Path::new("t.toml"), "[dns]\nmax_ttl = 10\ngrace = 5\n").unwrap();
+        let back = read_learned(&file, &cfg.dns);
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(back.len(), 1, "the expired entry is dropped");
+        assert!(
+            back[0].expires_unix <= now + 16,
+            "cut back to max_ttl + grace"
+        );
+        assert!(
+            read_learned(&file, &cfg.dns).is_empty(),
+            "no file, nothing kept"
+        );
+    }
+}
