@@ -96,6 +96,33 @@ pub const ENTRY_HOLE: u8 = 5;
 /// with no expiry stored, the programs ignore the entry, whether or not the daemon runs.
 pub const ENTRY_F_EXPIRES: u8 = 1;
 
+/// An IPv4 address (its four bytes in network order) in the IPv4-mapped form every
+/// map key uses: `::ffff:a.b.c.d`.
+#[inline(always)]
+#[must_use]
+pub const fn mapped_v4(b: [u8; 4]) -> [u8; 16] {
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+/// An IPv6 address as the kernel hands it to programs (four 32-bit words, each in
+/// network byte order as stored) as 16 bytes.
+#[inline(always)]
+#[must_use]
+pub const fn v6_from_words(w: [u32; 4]) -> [u8; 16] {
+    let (a, b, c, d) = (
+        w[0].to_ne_bytes(),
+        w[1].to_ne_bytes(),
+        w[2].to_ne_bytes(),
+        w[3].to_ne_bytes(),
+    );
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2],
+        d[3],
+    ]
+}
+
 /// The NAT64 well-known prefix 64:ff9b::/96 (RFC 6052): destinations in it are judged
 /// by the IPv4 address they carry, as `::ffff:a.b.c.d`. Returns whether it rewrote.
 #[inline(always)]

@@ -100,32 +100,16 @@ pub(crate) fn stable<T>(cfg: &Config, mut decide: impl FnMut(u32) -> T) -> Optio
 #[inline(always)]
 pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
     let sa = ctx.sock_addr;
-    let mut addr = [0u8; 16];
-    if IPV6 {
-        let words = [
+    let mut addr = if IPV6 {
+        mcp_guard_common::v6_from_words([
             ctx_field!(sa, user_ip6[0]),
             ctx_field!(sa, user_ip6[1]),
             ctx_field!(sa, user_ip6[2]),
             ctx_field!(sa, user_ip6[3]),
-        ];
-        let mut i = 0;
-        while i < 4 {
-            let b = words[i].to_ne_bytes();
-            addr[i * 4] = b[0];
-            addr[i * 4 + 1] = b[1];
-            addr[i * 4 + 2] = b[2];
-            addr[i * 4 + 3] = b[3];
-            i += 1;
-        }
+        ])
     } else {
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        let b = ctx_field!(sa, user_ip4).to_ne_bytes();
-        addr[12] = b[0];
-        addr[13] = b[1];
-        addr[14] = b[2];
-        addr[15] = b[3];
-    }
+        mcp_guard_common::mapped_v4(ctx_field!(sa, user_ip4).to_ne_bytes())
+    };
     // user_port holds the port in network order in its low 16 bits.
     // NAT64 (64:ff9b::/96): judged as the IPv4 address it carries, so 64:ff9b::a00:d05
     // is 10.0.13.5 to every rule, internal range and the baseline.

@@ -81,14 +81,7 @@ fn load<T, B: Bytes>(ctx: &B, off: usize) -> Result<T, Parsed> {
 }
 
 fn mapped(v4: [u8; 4]) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[10] = 0xff;
-    a[11] = 0xff;
-    a[12] = v4[0];
-    a[13] = v4[1];
-    a[14] = v4[2];
-    a[15] = v4[3];
-    a
+    mcp_guard_common::mapped_v4(v4)
 }
 
 #[inline(always)]

@@ -238,28 +238,15 @@ unsafe fn source<const IPV6: bool>(ctx: &SockAddrContext) -> ([u8; 16], u16) {
     // SAFETY: the verifier typed ctx->sk as a socket pointer, checked non-null above.
     let sport = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).src_port)) } as u16;
     if IPV6 {
-        let mut i = 0;
-        while i < 4 {
-            // SAFETY: as above.
-            let w = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).src_ip6[i])) };
-            let b = w.to_ne_bytes();
-            a[i * 4] = b[0];
-            a[i * 4 + 1] = b[1];
-            a[i * 4 + 2] = b[2];
-            a[i * 4 + 3] = b[3];
-            i += 1;
-        }
+        // SAFETY (these loads): as above.
+        let w =
+            |i: usize| unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).src_ip6[i])) };
+        a = mcp_guard_common::v6_from_words([w(0), w(1), w(2), w(3)]);
     } else {
         // SAFETY: as above.
         let src4 = unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sk).src_ip4)) };
         if src4 != 0 {
-            a[10] = 0xff;
-            a[11] = 0xff;
-            let b = src4.to_ne_bytes();
-            a[12] = b[0];
-            a[13] = b[1];
-            a[14] = b[2];
-            a[15] = b[3];
+            a = mcp_guard_common::mapped_v4(src4.to_ne_bytes());
         }
     }
     (a, sport)

@@ -1,16 +1,11 @@
-//! The TC classifier on crafted packets, run in the kernel with BPF_PROG_TEST_RUN:
+//! The TC classifier on crafted packets, run in the kernel with BPF_PROG_TEST_RUN (aya's `TestRun`):
 //! IPv4, IPv6, IPv4-mapped, VLAN, fragments, extension headers, truncated packets.
 //! A test-run skb has no socket, so attribution goes through the source-address map
 //! (pod mode), filled here as the daemon would.
 
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    os::fd::{AsFd, AsRawFd},
-    path::Path,
-};
+use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
-use aya::programs::SchedClassifier;
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
 use mcp_guard::{config, kernel::maps::PolicyMaps, kernel::pins::Pins, policy};
 use mcp_guard_common::HOOK_TC;
 use mcp_guard_tests::{cgroup_mount, unique, TestCgroup};
@@ -65,48 +60,16 @@ fn mapped(a: [u8; 4]) -> [u8; 16] {
     std::net::Ipv4Addr::from(a).to_ipv6_mapped().octets()
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
-}
-
-fn run(fd: i32, packet: &[u8]) -> u32 {
+/// Runs the classifier on one packet in the kernel (BPF_PROG_TEST_RUN, through aya).
+fn run(prog: &SchedClassifier, packet: &[u8]) -> u32 {
     let mut data = packet.to_vec();
     // The kernel wants at least an Ethernet header's worth of data.
     data.resize(data.len().max(14), 0);
-    let mut attr = TestRunAttr {
-        prog_fd: fd as u32,
-        data_size_in: data.len() as u32,
-        data_in: data.as_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
-    };
-    // SAFETY: a valid bpf_attr for BPF_PROG_TEST_RUN (10) with buffers that outlive the call.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, 10, &raw mut attr, size_of::<TestRunAttr>()) };
-    assert_eq!(
-        rc,
-        0,
-        "BPF_PROG_TEST_RUN on {} bytes: {}",
-        data.len(),
-        std::io::Error::last_os_error()
-    );
-    attr.retval
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(&data);
+    prog.test_run(opts)
+        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN on {} bytes: {e}", data.len()))
+        .return_value
 }
 
 #[test]
@@ -132,7 +95,7 @@ fn classifier_verdicts_on_crafted_packets() {
         assert_eq!(maps.set_sources(&interfaces), 1);
         let prog: &mut SchedClassifier = ebpf.program_mut("mcpg_tc").unwrap().try_into().unwrap();
         prog.load().unwrap();
-        let fd = prog.fd().unwrap().as_fd().as_raw_fd();
+        let prog = &*prog;
 
         let cases: Vec<(&str, Vec<u8>, u32)> = vec![
             (
@@ -311,7 +274,7 @@ fn classifier_verdicts_on_crafted_packets() {
         let mut drops = 0u64;
         let mut failures = Vec::new();
         for (name, packet, want) in &cases {
-            let got = run(fd, packet);
+            let got = run(prog, packet);
             if got != *want {
                 failures.push(format!("{name}: got {}, want {}", got as i32, *want as i32));
             }
