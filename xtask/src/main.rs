@@ -22,6 +22,8 @@ enum Cmd {
     Setup,
     /// Lint gates: `cargo fmt --check` and clippy with warnings as errors, every target.
     Lint,
+    /// The unit and property tests alone (no root needed; run as root, they run as nobody).
+    Unit,
     /// Build everything (the eBPF object is built by mcp-guard's build.rs).
     Build {
         #[arg(long)]
@@ -76,16 +78,9 @@ fn test() -> Result<()> {
     build(false)?;
     // The packaged-binary test runs the tarball's binary.
     let tarball = dist::run()?;
-    // Unit and property tests, then the kernel integration tests (their own crate).
-    setup::status(cargo().args([
-        "test",
-        "-p",
-        "mcp-guard-common",
-        "-p",
-        "mcp-guard",
-        "-p",
-        "xtask",
-    ]))?;
+    // Unit and property tests (as an unprivileged user: they need no root), then the
+    // kernel integration tests (their own crate).
+    unit()?;
     setup::status(
         cargo()
             .args(["test", "--package", "mcp-guard-tests"])
@@ -93,6 +88,44 @@ fn test() -> Result<()> {
     )?;
     eprintln!("xtask: all tests passed");
     Ok(())
+}
+
+/// The unit and property tiers: every test harness of the daemon, common and xtask
+/// crates. Run as root, they run as `nobody` (copied out of the tree), which proves they
+/// need no privilege.
+fn unit() -> Result<()> {
+    setup::toolchain()?;
+    let bins = vm::test_executables(&["mcp-guard-common", "mcp-guard", "xtask"], true)?;
+    anyhow::ensure!(!bins.is_empty(), "no unit test binaries were built");
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+    let dir = std::env::temp_dir().join(format!("mcpg-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| {
+        for (name, exe) in &bins {
+            let mut c = if root {
+                use std::os::unix::fs::PermissionsExt as _;
+                let copy = dir.join(exe.file_name().unwrap_or_default());
+                std::fs::copy(exe, &copy)?;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+                std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+                    .arg(copy);
+                c
+            } else {
+                Command::new(exe)
+            };
+            eprintln!(
+                "xtask: unit tests {name}{}",
+                if root { " (as nobody)" } else { "" }
+            );
+            setup::status(c.current_dir(&dir))?;
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 /// The lint gate's module size limit (the daemon crate).
@@ -140,6 +173,7 @@ fn lint() -> Result<()> {
 fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Lint => lint(),
+        Cmd::Unit => unit(),
         Cmd::Setup => {
             setup::toolchain()?;
             setup::packages(TEST_PACKAGES)

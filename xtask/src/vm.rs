@@ -187,27 +187,36 @@ fn install(root: &Path, src: &Path, strip: bool) -> Result<()> {
     Ok(())
 }
 
-/// The test binaries (built now), by test target name.
+/// The kernel test binaries (built now), by test target name.
 fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
-    let o = crate::cargo()
-        .args([
-            "test",
-            "-p",
-            "mcp-guard-tests",
-            "--no-run",
-            "--message-format=json",
-        ])
-        .stderr(Stdio::inherit())
-        .output()?;
+    test_executables(&["mcp-guard-tests"], false)
+}
+
+/// The test binaries of `packages` (built now), by target name: integration tests only,
+/// or (`units`) every test harness, unit tests of libraries and binaries included.
+pub fn test_executables(packages: &[&str], units: bool) -> Result<Vec<(String, PathBuf)>> {
+    let mut c = crate::cargo();
+    c.args(["test", "--no-run", "--message-format=json"]);
+    for p in packages {
+        c.args(["-p", p]);
+    }
+    let o = c.stderr(Stdio::inherit()).output()?;
     if !o.status.success() {
         bail!("building the test binaries failed");
     }
     let mut found = Vec::new();
     for line in String::from_utf8_lossy(&o.stdout).lines() {
         // Without a JSON dependency: the fields we need are plain strings.
-        if !line.contains("\"reason\":\"compiler-artifact\"")
-            || !line.contains("\"kind\":[\"test\"]")
-        {
+        let harness = if units {
+            // Built with the test profile (a harness), not a binary the tests run.
+            line.split("\"profile\":{")
+                .nth(1)
+                .and_then(|p| p.split('}').next())
+                .is_some_and(|p| p.contains("\"test\":true"))
+        } else {
+            line.contains("\"kind\":[\"test\"]")
+        };
+        if !line.contains("\"reason\":\"compiler-artifact\"") || !harness {
             continue;
         }
         let field = |key: &str| {
