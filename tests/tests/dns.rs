@@ -174,10 +174,20 @@ fn refusal(d: &Daemon, seen: &mut Vec<Value>, name: &str, dst: &str, reason: &st
     }
 }
 
-#[test]
-fn host_rules_follow_dns_and_refuse_rebinding() {
+/// The host-rule lab: dnsmasq with the test's names (TTL 2 s), two workloads, a daemon,
+/// a probe in each workload.
+struct Lab {
+    web: Probe,
+    other: Probe,
+    d: Daemon,
+    dnsmasq: Dnsmasq,
+    cg: TestCgroup,
+    ns: NetNs,
+}
+
+fn start() -> Lab {
     let ns = lab();
-    let mut dnsmasq = Dnsmasq::start(
+    let dnsmasq = Dnsmasq::start(
         &ns,
         HOSTS,
         &[
@@ -190,10 +200,38 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
     let (_, web_dir) = cg.child("web-mcp");
     let (_, other_dir) = cg.child("other-mcp");
     let d = Daemon::start(&config(&cg.rel, &ns));
-    let mut web = Probe::new(PROBE, &web_dir, &ns);
-    let mut other = Probe::new(PROBE, &other_dir, &ns);
-    let mut seen = Vec::new();
+    let web = Probe::new(PROBE, &web_dir, &ns);
+    let other = Probe::new(PROBE, &other_dir, &ns);
+    Lab {
+        web,
+        other,
+        d,
+        dnsmasq,
+        cg,
+        ns,
+    }
+}
 
+/// Waits until `workload` has learned `addr` for `name`.
+fn wait_learned(d: &Daemon, workload: &str, name: &str, addr: &str) {
+    assert!(
+        wait_until(Duration::from_secs(10), || has(d, workload, name, addr)),
+        "{name} = {addr} never learned for {workload}: {}",
+        d.get("/dns")
+    );
+}
+
+#[test]
+fn exact_names_are_learned_refused_and_explained() {
+    let Lab {
+        mut web,
+        mut other,
+        d,
+        dnsmasq: _dnsmasq,
+        cg: _cg,
+        ns: _ns,
+    } = start();
+    let mut seen = Vec::new();
     // An exact name, resolved by the daemon: its address on its port, nothing else.
     assert!(
         wait_until(Duration::from_secs(10), || has(
@@ -297,6 +335,25 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         output_text(&out)
     );
 
+    assert!(d.stop(), "daemon exits cleanly");
+}
+
+#[test]
+fn address_changes_and_rebinding_are_followed() {
+    let Lab {
+        mut web,
+        other: _other,
+        d,
+        dnsmasq,
+        cg: _cg,
+        ns: _ns,
+    } = start();
+    let mut seen = Vec::new();
+    wait_learned(&d, "web-mcp", "api.example.test", "93.184.216.34");
+    wait_learned(&d, "web-mcp", "rebind.example.test", "93.184.216.36");
+    assert_eq!(web.op("tcp 93.184.216.34 443"), "OK");
+    assert_eq!(web.op("tcp 93.184.216.36 443"), "OK");
+
     // The address changes: the new one is allowed as soon as DNS says so, the old one
     // once its TTL (2 s) and grace (1 s) have run out.
     dnsmasq.set_hosts(&HOSTS.replace("93.184.216.34 api", "93.184.216.35 api"));
@@ -394,6 +451,20 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         ) >= 2.0
     );
 
+    assert!(d.stop(), "daemon exits cleanly");
+}
+
+#[test]
+fn wildcards_are_learned_through_the_proxy_for_the_asking_workload() {
+    let Lab {
+        mut web,
+        mut other,
+        d,
+        dnsmasq: _dnsmasq,
+        cg: _cg,
+        ns: _ns,
+    } = start();
+    let mut seen = Vec::new();
     // A wildcard, learned from the workload's own answer through the proxy: usable the
     // moment the answer arrives, and only by the workload that asked.
     assert_eq!(
@@ -442,6 +513,22 @@ fn host_rules_follow_dns_and_refuse_rebinding() {
         .find(|l| l["name"] == "x1.cdn.example.test")
         .expect("wildcard answer listed");
     assert_eq!(l["source"], "proxy");
+
+    assert!(d.stop(), "daemon exits cleanly");
+}
+
+#[test]
+fn ttl_changes_and_reloads_are_followed() {
+    let Lab {
+        mut web,
+        other: _other,
+        d,
+        mut dnsmasq,
+        cg,
+        ns,
+    } = start();
+    dnsmasq.set_hosts(&HOSTS.replace("93.184.216.34 api", "93.184.216.35 api"));
+    wait_learned(&d, "web-mcp", "api.example.test", "93.184.216.35");
 
     // A TTL change is followed: with TTL 30 the daemon stops asking every second.
     dnsmasq.set_ttl(30);
@@ -953,6 +1040,16 @@ fn learned_answers_expire_while_the_daemon_is_down() {
         d.get("/dns")
     );
     assert_eq!(web.op("tcp 93.184.216.34 443"), "OK", "learned, allowed");
+    // While the daemon runs, each renewed answer reaches the kernel's expiry too: the
+    // address stays allowed well past its first TTL plus grace (2 s).
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(
+            web.op("tcp 93.184.216.34 443"),
+            "OK",
+            "a renewed answer expired in the kernel"
+        );
+    }
     let expires = learned(&d)
         .into_iter()
         .filter(|l| l["name"] == "api.example.test")

@@ -56,6 +56,10 @@ pub struct Engine {
     pub(super) metrics: Arc<Metrics>,
     /// Policy generation, for events.
     pub generation: u32,
+    /// A learned address's expiry moved later since the last [`Engine::take_renewed`]:
+    /// the kernel holds each expiry too (it refuses an expired answer with no daemon),
+    /// so a renewal must be installed like a new address.
+    renewed: bool,
 }
 
 impl Engine {
@@ -80,6 +84,7 @@ impl Engine {
             events,
             metrics,
             generation: 0,
+            renewed: false,
         };
         e.init_series();
         e
@@ -352,7 +357,10 @@ impl Engine {
             let full = self.learned_by(workload) >= cfg.dns.max_addresses as usize;
             match self.learned.get_mut(&key) {
                 Some(l) => {
-                    l.expires_unix = l.expires_unix.max(expires_unix);
+                    if expires_unix > l.expires_unix {
+                        l.expires_unix = expires_unix;
+                        self.renewed = true;
+                    }
                     l.ttl = ttl;
                 }
                 None if full => {
@@ -427,6 +435,11 @@ impl Engine {
     }
 
     /// Sends the learned set to the daemon.
+    /// Whether an expiry moved later since the last call (see `renewed`).
+    pub fn take_renewed(&mut self) -> bool {
+        std::mem::take(&mut self.renewed)
+    }
+
     pub fn publish(&self, done: Option<oneshot::Sender<()>>) {
         self.metrics.dns_learned.reset();
         for w in &self.cfg.workloads {

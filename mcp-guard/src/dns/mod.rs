@@ -365,7 +365,8 @@ async fn resolve_loop(
                 name.clone(),
                 Instant::now() + Duration::from_secs(u64::from(next)),
             );
-            if grew {
+            // A renewal is installed too: the kernel holds every expiry.
+            if e.take_renewed() || grew {
                 e.publish(None);
             }
         }

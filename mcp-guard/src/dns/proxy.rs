@@ -306,6 +306,11 @@ async fn learn_response(
             })
             .collect();
         if !e.learn(workload, origin, &records, "proxy", cgroup_id) {
+            // Nothing new: the answer goes out at once; a renewed expiry is installed
+            // meanwhile (the address stays allowed under its earlier expiry until then).
+            if e.take_renewed() {
+                e.publish(None);
+            }
             return "forwarded";
         }
         let (tx, rx) = oneshot::channel();
