@@ -31,6 +31,13 @@ use crate::{
 mod ops;
 use ops::*;
 
+/// Runs blocking work of the daemon's loop (filesystem scans, map syscalls, program
+/// attachment) on this worker thread, after the runtime moved its other tasks (the
+/// listeners, the event reader) to another: they never wait behind it.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
 /// How often workload cgroups are re-resolved, so a cgroup created after start (a
 /// systemd unit starting, a pod scheduled) is enforced without a reload.
 const CGROUP_RESCAN: Duration = Duration::from_millis(100);
@@ -453,7 +460,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", config_path.display());
                 fingerprint = config_fingerprint(&config_path);
-                reload(&config_path, &state);
+                blocking(|| reload(&config_path, &state));
             }
             _ = config_check.tick() => {
                 let now = config_fingerprint(&config_path);
@@ -469,7 +476,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         info!("config file {} changed: reloading", config_path.display());
                         reported_missing = false;
                         fingerprint = now;
-                        reload(&config_path, &state);
+                        blocking(|| reload(&config_path, &state));
                     }
                     (Some(_), true) => reported_missing = false,
                 }
@@ -483,12 +490,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     update = next;
                 }
                 done.extend(update.done.take());
-                apply_learned(&state, update.learned);
+                blocking(|| apply_learned(&state, update.learned));
                 for d in done {
                     let _ = d.send(());
                 }
             }
-            _ = attach_check.tick() => {
+            _ = attach_check.tick() => blocking(|| {
                 if let Some(tc) = tc.as_mut() {
                     let n = tc.sync(&mut ebpf);
                     metrics.programs_attached.with_label_values(&["tc"]).set(i64::from(n > 0));
@@ -531,7 +538,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 }
                 shared.ready.store(ok, Ordering::SeqCst);
                 metrics.ready.set(i64::from(ok));
-            }
+            }),
             _ = posture_check.tick() => {
                 if let Some(t) = posture_task.take_if(|t| t.is_finished()) {
                     if let Ok(found) = t.await {
@@ -546,7 +553,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     }));
                 }
             }
-            _ = tick.tick() => {
+            _ = tick.tick() => blocking(|| {
                 let t_scan = std::time::Instant::now();
                 let changed = {
                     let l = state.live.lock().expect("live");
@@ -556,7 +563,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 if changed > 0 {
                     state.refresh_status();
                 }
-            }
+            }),
         }
     }
     shared.ready.store(false, Ordering::SeqCst);
