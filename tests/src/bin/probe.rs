@@ -72,6 +72,23 @@ fn socket(family: i32, ty: i32) -> i32 {
     // SAFETY: plain syscall.
     let fd = unsafe { libc::socket(family, ty | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // A connect whose SYN a backstop drops (an address expiring between the connect
+    // hook and the first packet) gives up after 10 s ("ERR 115") instead of the kernel's
+    // two minutes of retransmissions; every peer here is local and answers at once.
+    let t = libc::timeval {
+        tv_sec: 10,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt with a valid timeval.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&raw const t).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
     fd
 }
 
