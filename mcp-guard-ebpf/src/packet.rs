@@ -80,10 +80,6 @@ fn load<T, B: Bytes>(ctx: &B, off: usize) -> Result<T, Parsed> {
     ctx.get::<T>(off).map_err(|()| Parsed::Broken([0; 16]))
 }
 
-fn mapped(v4: [u8; 4]) -> [u8; 16] {
-    mcp_guard_common::mapped_v4(v4)
-}
-
 #[inline(always)]
 fn ports<B: Bytes>(
     ctx: &B,
@@ -119,7 +115,7 @@ pub(crate) fn parse_ip<B: Bytes>(ctx: &B, off: usize, eth_proto: u16) -> Result<
     match eth_proto {
         ETH_P_IP => {
             let vihl: u8 = load(ctx, off)?;
-            let saddr = mapped(load(ctx, off + 12)?);
+            let saddr = mcp_guard_common::mapped_v4(load(ctx, off + 12)?);
             let cut = |_| Parsed::Broken(saddr);
             let ihl = usize::from(vihl & 0x0f) * 4;
             if vihl >> 4 != 4 || ihl < 20 {
@@ -130,7 +126,7 @@ pub(crate) fn parse_ip<B: Bytes>(ctx: &B, off: usize, eth_proto: u16) -> Result<
             let daddr: [u8; 4] = load(ctx, off + 16).map_err(cut)?;
             let (sport, dport) = ports(ctx, off + ihl, proto, frag & 0x1fff == 0).map_err(cut)?;
             Ok(Packet {
-                daddr: mapped(daddr),
+                daddr: mcp_guard_common::mapped_v4(daddr),
                 saddr,
                 proto,
                 dport,

@@ -233,16 +233,7 @@ fn exact_names_are_learned_refused_and_explained() {
     } = start();
     let mut seen = Vec::new();
     // An exact name, resolved by the daemon: its address on its port, nothing else.
-    assert!(
-        wait_until(Duration::from_secs(10), || has(
-            &d,
-            "web-mcp",
-            "api.example.test",
-            "93.184.216.34"
-        )),
-        "api.example.test never learned: {:?}",
-        d.get("/dns")
-    );
+    wait_learned(&d, "web-mcp", "api.example.test", "93.184.216.34");
     assert_eq!(
         web.op("tcp 93.184.216.34 443"),
         "OK",
@@ -250,12 +241,7 @@ fn exact_names_are_learned_refused_and_explained() {
     );
     assert_eq!(web.op("tcp 93.184.216.35 443"), "EPERM", "another address");
     // AAAA answers too; and the IPv4 answer through a dual-stack socket.
-    assert!(wait_until(Duration::from_secs(10), || has(
-        &d,
-        "web-mcp",
-        "api.example.test",
-        "2606:4700::10"
-    )));
+    wait_learned(&d, "web-mcp", "api.example.test", "2606:4700::10");
     assert_eq!(web.op("tcp 2606:4700::10 443"), "OK", "the AAAA answer");
     assert_eq!(web.op("tcp6-mapped 93.184.216.34 443"), "OK", "IPv4-mapped");
     assert_eq!(web.op("tcp 93.184.216.34 80"), "EPERM", "another port");
@@ -265,12 +251,7 @@ fn exact_names_are_learned_refused_and_explained() {
         "another workload"
     );
     // Each name is its own lookup: wait for this one's answer too.
-    assert!(wait_until(Duration::from_secs(10), || has(
-        &d,
-        "web-mcp",
-        "rebind.example.test",
-        "93.184.216.36"
-    )));
+    wait_learned(&d, "web-mcp", "rebind.example.test", "93.184.216.36");
     assert_eq!(
         web.op("tcp 93.184.216.36 443"),
         "OK",
@@ -357,16 +338,7 @@ fn address_changes_and_rebinding_are_followed() {
     // The address changes: the new one is allowed as soon as DNS says so, the old one
     // once its TTL (2 s) and grace (1 s) have run out.
     dnsmasq.set_hosts(&HOSTS.replace("93.184.216.34 api", "93.184.216.35 api"));
-    assert!(
-        wait_until(Duration::from_secs(10), || has(
-            &d,
-            "web-mcp",
-            "api.example.test",
-            "93.184.216.35"
-        )),
-        "the new address was never learned: {}",
-        d.get("/dns")
-    );
+    wait_learned(&d, "web-mcp", "api.example.test", "93.184.216.35");
     assert_eq!(web.op("tcp 93.184.216.35 443"), "OK", "the new address");
     assert!(
         wait_until(Duration::from_secs(10), || web.op("tcp 93.184.216.34 443")
@@ -1029,16 +1001,7 @@ fn learned_answers_expire_while_the_daemon_is_down() {
     let config = config(&cg.rel, &ns).replace("[daemon]\n", "[daemon]\non_exit = \"keep\"\n");
     let mut d = Daemon::start(&config);
     let mut web = Probe::new(PROBE, &web_dir, &ns);
-    assert!(
-        wait_until(Duration::from_secs(10), || has(
-            &d,
-            "web-mcp",
-            "api.example.test",
-            "93.184.216.34"
-        )),
-        "api.example.test never learned: {}",
-        d.get("/dns")
-    );
+    wait_learned(&d, "web-mcp", "api.example.test", "93.184.216.34");
     assert_eq!(web.op("tcp 93.184.216.34 443"), "OK", "learned, allowed");
     // While the daemon runs, each renewed answer reaches the kernel's expiry too: the
     // address stays allowed well past its first TTL plus grace (2 s).
