@@ -73,7 +73,11 @@ pub struct PortRange {
     pub lo: u16,
     pub hi: u16,
     pub protos: u8,
-    pub _pad: [u8; 3],
+    /// 0: the range holds whenever it matches. 1 to [`MAX_TOOLSETS`]: it holds only
+    /// while one of that tool set's MCP tools is being called in the caller's MCP
+    /// instance (bit `toolset - 1` of [`McpInstance::active`]).
+    pub toolset: u8,
+    pub _pad: [u8; 2],
     /// The rule that allowed this range; reported by `explain` and in events.
     pub rule_id: u32,
 }
@@ -198,6 +202,35 @@ pub const WL_DENY_DIRECT_DNS: u8 = 4;
 pub const WL_DENY_PING: u8 = 8;
 /// [`WorkloadInfo::flags`]: refuse inet sockets other than TCP, MPTCP and UDP.
 pub const WL_DENY_OTHER_PROTO: u8 = 16;
+/// [`WorkloadInfo::flags`]: the workload has rules scoped to MCP tools or denies egress
+/// between calls: decisions look up the caller's MCP instance (`MCP_INSTANCES_1`).
+pub const WL_MCP: u8 = 32;
+/// [`WorkloadInfo::flags`]: no egress while no MCP tool call is in flight in the
+/// caller's instance (a process of the workload outside any instance never has one).
+pub const WL_DENY_BETWEEN_CALLS: u8 = 64;
+
+/// Tool sets one workload's rules can name (bits 0..63 of [`McpInstance::active`]).
+pub const MAX_TOOLSETS: usize = 63;
+/// [`McpInstance::active`]: a tool call is in flight in the instance.
+pub const MCP_IN_CALL: u64 = 1 << 63;
+
+/// One `mcp-guard exec --mcp` instance, by the id of the cgroup its server runs in
+/// (the key of `MCP_INSTANCES_1`). Written whole by the daemon, which the instance's
+/// relay tells about every tool call before it forwards the call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct McpInstance {
+    /// The workload the instance belongs to: ignored under any other.
+    pub workload_id: u32,
+    /// Bumped at every change of the calls in flight; events carry the value they were
+    /// decided under, so the daemon names the calls in flight at that moment.
+    pub seq: u32,
+    /// Per policy slot: bit `n` set while a call of a tool in tool set `n + 1` is in
+    /// flight, [`MCP_IN_CALL`] while any call is.
+    pub active: [u64; 2],
+}
+const _: () = assert!(size_of::<McpInstance>() == 24);
+
 /// Whether a destination port is DNS or DNS over TLS/QUIC, for [`WL_DENY_DIRECT_DNS`].
 #[must_use]
 #[inline(always)]
@@ -343,6 +376,11 @@ wire_enum! {
         Malformed = 7 => "malformed-packet",
         PingSocket = 8 => "ping-socket",
         SocketProtocol = 9 => "socket-protocol",
+        /// Only an allow rule scoped to MCP tools matched, and none of its tools was
+        /// being called.
+        ToolNotActive = 10 => "tool-not-active",
+        /// The workload denies egress while no MCP tool call is in flight.
+        BetweenCalls = 11 => "between-calls",
     }
 }
 
@@ -461,6 +499,8 @@ pub const REASON_PING_SOCKET: u8 = Reason::PingSocket as u8;
 /// An inet socket of a protocol other than TCP, MPTCP or UDP (UDP-Lite, SCTP, ...):
 /// their send paths are not all judged by the socket hooks.
 pub const REASON_SOCKET_PROTOCOL: u8 = Reason::SocketProtocol as u8;
+pub const REASON_TOOL_NOT_ACTIVE: u8 = Reason::ToolNotActive as u8;
+pub const REASON_BETWEEN_CALLS: u8 = Reason::BetweenCalls as u8;
 pub const REASON_COUNT: usize = Reason::ALL.len();
 
 pub const CLASS_METADATA: u8 = DestClass::Metadata as u8;
@@ -556,7 +596,11 @@ pub struct Event {
     pub sock_family: u8,
     /// IPPROTO_* of the socket.
     pub proto: u8,
-    pub _pad: [u8; 6],
+    /// 1 when the caller ran in an MCP instance (`mcp-guard exec --mcp`); then
+    /// `mcp_seq` is the instance's [`McpInstance::seq`] at the refusal.
+    pub mcp: u8,
+    pub _pad: u8,
+    pub mcp_seq: u32,
     pub comm: [u8; COMM_LEN],
 }
 const _: () = assert!(size_of::<Event>() == 24 + 32 + 32 + 16 + 16);
@@ -567,9 +611,10 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        CgroupKey, Config, Event, ExactKey, FlowCounterKey, LpmData, MkdirKey, MkdirMatch,
-        PolicyEntry, RateKey, RateState, SkbVerdict, WorkloadInfo,
+        CgroupKey, Config, Event, ExactKey, FlowCounterKey, LpmData, McpInstance, MkdirKey,
+        MkdirMatch, PolicyEntry, RateKey, RateState, SkbVerdict, WorkloadInfo,
     };
+    unsafe impl aya::Pod for McpInstance {}
     unsafe impl aya::Pod for MkdirKey {}
     unsafe impl aya::Pod for MkdirMatch {}
     // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.

@@ -3,7 +3,8 @@
 
 use aya_ebpf::{
     helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns,
     },
     maps::lpm_trie::Key,
     programs::SockAddrContext,
@@ -14,12 +15,13 @@ use mcp_guard_common::{
     CLASS_INTERNAL, CLASS_METADATA, CLASS_PUBLIC, DEFAULT_ALLOW, DEFAULT_DENY,
     ENTRY_BASELINE_METADATA, ENTRY_F_EXPIRES, ENTRY_HOLE, MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT,
     PROTO_OTHER, PROTO_TCP, PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA,
-    REASON_DEFAULT_DENY, REASON_DENY_INTERNAL, REASON_NOT_ALLOWED, SCOPE_BASELINE, SCOPE_INTERNAL,
-    SCOPE_METADATA, VERDICT_AUDITED, VERDICT_DENIED, WL_DENY_DIRECT_DNS,
+    REASON_BETWEEN_CALLS, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL, REASON_NOT_ALLOWED,
+    REASON_TOOL_NOT_ACTIVE, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, VERDICT_AUDITED,
+    VERDICT_DENIED, WL_DENY_BETWEEN_CALLS, WL_DENY_DIRECT_DNS, WL_MCP,
 };
 
 use crate::{
-    maps::{CGROUPS_1, CONFIG_1, EXPIRY_1, POLICY_EXACT_1, POLICY_LPM_1},
+    maps::{CGROUPS_1, CONFIG_1, EXPIRY_1, MCP_INSTANCES_1, POLICY_EXACT_1, POLICY_LPM_1},
     report::{self, Flow},
     ALLOW, DENY,
 };
@@ -128,10 +130,12 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
         // The config array always has its one element; unreachable in practice.
         return ALLOW;
     };
+    // SAFETY: a plain helper call.
+    let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // A cgroup that belongs to no workload is untouched.
     let Some((generation, outcome)) = stable(cfg, |slot| {
         find_workload(slot).map(|wl| {
-            let result = decide(slot, wl, &addr, port, proto_bit);
+            let result = decide(slot, wl, &addr, port_proto(port, proto_bit), cgroup_id);
             let class = if result & REFUSED != 0 {
                 classify(slot, &addr)
             } else {
@@ -226,6 +230,33 @@ pub(crate) fn find_workload(slot: u32) -> Option<&'static WorkloadInfo> {
     found
 }
 
+/// Port and protocol bit in one argument (a BPF call takes five at most).
+#[inline(always)]
+pub(crate) fn port_proto(port: u16, proto_bit: u8) -> u32 {
+    u32::from(port) | (u32::from(proto_bit) << 16)
+}
+
+/// The MCP tool sets active for a caller in cgroup `cgroup_id` under `wl` (see
+/// `McpInstance`): 0 unless the workload has tool-scoped rules or denies egress between
+/// calls, and 0 for a cgroup that is no instance of this workload.
+#[inline(always)]
+pub(crate) fn mcp_active(slot: u32, wl: &WorkloadInfo, cgroup_id: u64) -> u64 {
+    if wl.flags & WL_MCP == 0 {
+        return 0;
+    }
+    // SAFETY: entries are replaced whole by user space; McpInstance is plain data.
+    match unsafe { MCP_INSTANCES_1.get(&cgroup_id) } {
+        Some(i) if i.workload_id == wl.workload_id => {
+            if slot & 1 == 0 {
+                i.active[0]
+            } else {
+                i.active[1]
+            }
+        }
+        _ => 0,
+    }
+}
+
 #[inline(always)]
 fn lpm(scope_id: u32, slot: u32, addr: &[u8; 16]) -> Option<&'static PolicyEntry> {
     let key = Key::new(
@@ -238,7 +269,10 @@ fn lpm(scope_id: u32, slot: u32, addr: &[u8; 16]) -> Option<&'static PolicyEntry
     POLICY_LPM_1.get(&key)
 }
 
-/// Precedence: baseline deny, then workload allow, then workload default.
+/// Precedence: baseline deny, then no egress between MCP calls (where the workload
+/// says so), then workload allow (a range scoped to MCP tools only while one of them is
+/// being called by the MCP instance whose server runs in `cgroup_id`, see
+/// [`mcp_active`]), then workload default.
 // A real BPF subprogram: inlined three times into the retry loop it would blow the
 // verifier's 512-byte stack limit.
 #[inline(never)]
@@ -246,9 +280,12 @@ pub(crate) fn decide(
     slot: u32,
     wl: &WorkloadInfo,
     addr: &[u8; 16],
-    port: u16,
-    proto_bit: u8,
+    port_proto: u32,
+    cgroup_id: u64,
 ) -> u64 {
+    let active = mcp_active(slot, wl, cgroup_id);
+    let port = port_proto as u16;
+    let proto_bit = (port_proto >> 16) as u8;
     if let Some(e) = lpm(SCOPE_BASELINE, slot, addr).filter(|e| e.kind != ENTRY_HOLE) {
         let reason = if e.kind == ENTRY_BASELINE_METADATA {
             REASON_BASELINE_METADATA
@@ -258,6 +295,12 @@ pub(crate) fn decide(
         return refused(Refusal {
             reason,
             rule_id: e.rule_id,
+        });
+    }
+    if wl.flags & WL_DENY_BETWEEN_CALLS != 0 && active & mcp_guard_common::MCP_IN_CALL == 0 {
+        return refused(Refusal {
+            reason: REASON_BETWEEN_CALLS,
+            rule_id: 0,
         });
     }
 
@@ -289,6 +332,9 @@ pub(crate) fn decide(
     }
     .filter(|e| e.kind != ENTRY_HOLE);
     let address_matched = entry.is_some();
+    // A matching range scoped to tools none of which is being called: the refusal, if
+    // nothing else allows, names it.
+    let mut inactive_rule = 0u32;
     if let Some(e) = entry {
         let mut i = 0;
         while i < MAX_RANGES {
@@ -297,7 +343,13 @@ pub(crate) fn decide(
             }
             let r = &e.ranges[i];
             if r.protos & proto_bit != 0 && port >= r.lo && port <= r.hi {
-                return (u64::from(until) << 32) | u64::from(r.rule_id);
+                let ts = u32::from(r.toolset);
+                if ts == 0 || (ts <= 63 && (active >> (ts - 1)) & 1 != 0) {
+                    return (u64::from(until) << 32) | u64::from(r.rule_id);
+                }
+                if inactive_rule == 0 {
+                    inactive_rule = r.rule_id;
+                }
             }
             i += 1;
         }
@@ -320,6 +372,12 @@ pub(crate) fn decide(
             REASON_DENY_INTERNAL
         }
     };
+    if inactive_rule != 0 {
+        return refused(Refusal {
+            reason: REASON_TOOL_NOT_ACTIVE,
+            rule_id: inactive_rule,
+        });
+    }
     let reason = if address_matched {
         REASON_NOT_ALLOWED
     } else {

@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use mcp_guard_common::{
-    CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, MkdirKey, MkdirMatch, PolicyEntry,
-    RateKey, RateState, SkbVerdict, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
+    CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, McpInstance, MkdirKey, MkdirMatch,
+    PolicyEntry, RateKey, RateState, SkbVerdict, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
 };
 
 /// Hash maps are not preallocated: memory follows the policy actually loaded.
@@ -68,3 +68,11 @@ pub static EXPIRY_1: HashMap<ExactKey, u64> = HashMap::with_max_entries(524_288,
 #[map]
 pub static REGISTER_1: HashMap<MkdirKey, MkdirMatch> =
     HashMap::with_max_entries(16_384, NO_PREALLOC);
+
+/// `mcp-guard exec --mcp` instances, by the cgroup id their server runs in: which tool
+/// sets are active now (per policy slot) and the call-state sequence events carry.
+/// Looked up by the caller's own cgroup only: a process that leaves its instance's
+/// cgroup (to the workload's, or a child it made) has no tool active (fail closed).
+#[map]
+pub static MCP_INSTANCES_1: HashMap<u64, McpInstance> =
+    HashMap::with_max_entries(65_536, NO_PREALLOC);

@@ -21,7 +21,7 @@ use mcp_guard_common::{
 };
 
 use crate::{
-    decide::{classify, decide, stable, REFUSED},
+    decide::{classify, decide, port_proto, stable, REFUSED},
     maps::{CGROUPS_1, CONFIG_1, IFACES_1},
     report::{self, Flow, Origin},
 };
@@ -43,6 +43,8 @@ pub(crate) struct Packet {
     pub dport: u16,
     pub sport: u16,
     pub family: u8,
+    /// The cgroup_skb program's socket cgroup (0 where unknown).
+    pub cgroup_id: u64,
 }
 
 /// Bytes of a packet at an offset: the TC classifier (from the Ethernet header) and the
@@ -132,6 +134,7 @@ pub(crate) fn parse_ip<B: Bytes>(ctx: &B, off: usize, eth_proto: u16) -> Result<
                 dport,
                 sport,
                 family: 2,
+                cgroup_id: 0,
             })
         }
         ETH_P_IPV6 => {
@@ -179,6 +182,7 @@ pub(crate) fn parse_ip<B: Bytes>(ctx: &B, off: usize, eth_proto: u16) -> Result<
                 dport,
                 sport,
                 family: 10,
+                cgroup_id: 0,
             })
         }
         _ => Err(Parsed::NotIp),
@@ -280,7 +284,8 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
                 // NAT64 destinations are judged by the IPv4 address they carry.
                 let mut judged = p.daddr;
                 mcp_guard_common::nat64_to_mapped(&mut judged);
-                let result = decide(slot, wl, &judged, p.dport, proto_bit);
+                let cgroup = owner.map_or(0, |(_, cg)| cg);
+                let result = decide(slot, wl, &judged, port_proto(p.dport, proto_bit), cgroup);
                 (result & REFUSED != 0).then(|| (wl, result, Some(classify(slot, &judged))))
             }
         };

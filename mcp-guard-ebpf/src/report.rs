@@ -16,7 +16,7 @@ use mcp_guard_common::{
     STAT_EVENTS_SUBMITTED, STAT_EVENTS_SUPPRESSED, STAT_REPORTED, STAT_UNSTABLE,
 };
 
-use crate::maps::{EVENTS_1, FLOWS_1, RATE_1, STATS_1};
+use crate::maps::{EVENTS_1, FLOWS_1, MCP_INSTANCES_1, RATE_1, STATS_1};
 
 const BPF_NOEXIST: u64 = 1;
 const NS_PER_SEC: u64 = 1_000_000_000;
@@ -193,6 +193,12 @@ pub fn emit(f: &Flow, o: &Origin) {
         bump(STAT_EVENTS_LOST);
         return;
     };
+    // The MCP call state it happened under, for the daemon to name the tool call.
+    // SAFETY: entries are replaced whole by user space; McpInstance is plain data.
+    let (mcp, mcp_seq) = match unsafe { MCP_INSTANCES_1.get(&o.cgroup_id) } {
+        Some(i) if i.workload_id == f.workload_id => (1, i.seq),
+        _ => (0, 0),
+    };
     let ev = Event {
         ts_ns: now,
         cgroup_id: o.cgroup_id,
@@ -215,7 +221,9 @@ pub fn emit(f: &Flow, o: &Origin) {
         dest_class: f.dest_class,
         sock_family: f.sock_family,
         proto: f.proto,
-        _pad: [0; 6],
+        mcp,
+        _pad: 0,
+        mcp_seq,
         comm: o.comm,
     };
     entry.write(ev);

@@ -24,7 +24,7 @@ use mcp_guard_common::{
 };
 
 use crate::{
-    decide::{allowed_until, boot_seconds, classify, decide, stable, REFUSED},
+    decide::{allowed_until, boot_seconds, classify, decide, port_proto, stable, REFUSED},
     maps::{CONFIG_1, EPOCH_1, SKB_CACHE_2},
     packet::{
         link_scoped_icmpv6, parse_ip, workload_of_socket, Packet, Parsed, ETH_P_IP, ETH_P_IPV6,
@@ -107,6 +107,10 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
         return PASS;
     }
     let parsed = status == 0;
+    // Kept with the packet (not in a register across the retry loop's calls, which the
+    // verifier would refuse): the socket's cgroup, where an MCP instance is looked up.
+    // SAFETY: helper on our own skb.
+    p.cgroup_id = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
     if parsed {
         if link_scoped_icmpv6(p) {
             return PASS;
@@ -136,7 +140,13 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
                 17 | 136 => PROTO_UDP,
                 _ => PROTO_OTHER,
             };
-            let result = decide(slot, wl, &p.daddr, p.dport, proto_bit);
+            let result = decide(
+                slot,
+                wl,
+                &p.daddr,
+                port_proto(p.dport, proto_bit),
+                p.cgroup_id,
+            );
             let class = if result & REFUSED != 0 {
                 classify(slot, &p.daddr)
             } else {

@@ -14,6 +14,8 @@
 //!   rebinding guard.
 //! - [`telemetry`] reads and enriches events and renders metrics.
 //! - [`api`] serves the TCP listener and the control socket, and is the CLI's client.
+//! - [`mcp`] is MCP awareness: the `exec --mcp` relay, its line protocol with the
+//!   daemon, and the daemon's record of instances and tool calls.
 //! - [`daemon`] ties it together for `mcp-guard run`.
 
 pub mod api;
@@ -22,6 +24,7 @@ pub mod daemon;
 pub mod dns;
 pub mod host;
 pub mod kernel;
+pub mod mcp;
 pub mod policy;
 pub mod telemetry;
 

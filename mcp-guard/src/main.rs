@@ -61,6 +61,25 @@ enum Cmd {
         /// AF_VSOCK sockets and io_uring).
         #[arg(long)]
         no_hardening: bool,
+        /// The command is an MCP server on the stdio transport: relay its messages, run it
+        /// in a cgroup of its own below the workload's, and tell the daemon about every
+        /// tools/call (events name the tool; `tools = [...]` rules apply during calls).
+        #[arg(long)]
+        mcp: bool,
+        /// With --mcp: a call with no answer after this many seconds counts as ended
+        /// (its tools are no longer active).
+        #[arg(long, default_value_t = 300, requires = "mcp")]
+        call_timeout: u64,
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
+    /// (Internal: the server side of `exec --mcp`.) Joins a cgroup, hardens, runs the command.
+    #[command(hide = true)]
+    ExecInstance {
+        #[arg(long)]
+        cgroup_dir: PathBuf,
+        #[arg(long)]
+        no_hardening: bool,
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
@@ -120,8 +139,33 @@ fn main() -> ExitCode {
             workload,
             unguarded,
             no_hardening,
+            mcp,
+            call_timeout,
             cmd,
-        } => exec(&config, &workload, unguarded, !no_hardening, &cmd),
+        } => {
+            if mcp {
+                return match exec_mcp(
+                    &config,
+                    &workload,
+                    unguarded,
+                    !no_hardening,
+                    Duration::from_secs(call_timeout),
+                    &cmd,
+                ) {
+                    Ok(code) => ExitCode::from(code),
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::from(2)
+                    }
+                };
+            }
+            exec(&config, &workload, unguarded, !no_hardening, &cmd)
+        }
+        Cmd::ExecInstance {
+            cgroup_dir,
+            no_hardening,
+            cmd,
+        } => exec_in(&cgroup_dir, !no_hardening, &cmd),
         Cmd::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Cmd::Events {
             config,
@@ -398,7 +442,9 @@ fn explain_one(
     }
 }
 
-fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[String]) -> Result<()> {
+/// The workload exec runs in, its cgroup created, once the kernel enforces it (unless
+/// `unguarded`): the config and the workload's cgroup directory.
+fn exec_target(path: &Path, workload: &str, unguarded: bool) -> Result<(config::Config, PathBuf)> {
     let cfg = config::load(path)?;
     let wl = cfg
         .workloads
@@ -440,7 +486,17 @@ fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[Strin
             }
         }
     }
-    cgroup::join(&dir, std::process::id())
+    Ok((cfg, dir))
+}
+
+fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[String]) -> Result<()> {
+    let (_, dir) = exec_target(path, workload, unguarded)?;
+    exec_in(&dir, harden, cmd)
+}
+
+/// Joins `dir`, hardens (unless told not to) and runs `cmd` in this process.
+fn exec_in(dir: &Path, harden: bool, cmd: &[String]) -> Result<()> {
+    cgroup::join(dir, std::process::id())
         .with_context(|| format!("joining cgroup {}", dir.display()))?;
     if harden {
         mcp_guard::host::harden::apply()
@@ -448,6 +504,76 @@ fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[Strin
     }
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
     bail!("cannot run {:?}: {err}", cmd[0])
+}
+
+/// `exec --mcp`: the server runs in `<workload cgroup>/mcp-<relay pid>`, started through
+/// `exec-instance` (join, harden, exec) with its stdio piped to the relay, which stays
+/// in its own cgroup. Returns the server's exit code.
+fn exec_mcp(
+    path: &Path,
+    workload: &str,
+    unguarded: bool,
+    harden: bool,
+    call_timeout: Duration,
+    cmd: &[String],
+) -> Result<u8> {
+    use mcp_guard::mcp::{relay, wire::ToDaemon};
+    let (cfg, dir) = exec_target(path, workload, unguarded)?;
+    let instance_dir = dir.join(format!("mcp-{}", std::process::id()));
+    std::fs::create_dir(&instance_dir)
+        .with_context(|| format!("creating the instance cgroup {}", instance_dir.display()))?;
+    let remove = |why: &str| {
+        // Processes the server left behind keep the cgroup busy: it is left then.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&instance_dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "mcp-guard: the instance cgroup {} is still in use ({why}); remove it once its processes are gone",
+            instance_dir.display()
+        );
+    };
+    let run = || -> Result<u8> {
+        use std::os::unix::fs::MetadataExt as _;
+        let cgroup_id = std::fs::metadata(&instance_dir)?.ino();
+        let start = ToDaemon::Start {
+            workload: workload.to_string(),
+            cgroup_id,
+            relay_pid: std::process::id(),
+            command: cmd.to_vec(),
+        };
+        let daemon = match relay::Daemon::connect(&cfg.mcp_socket, start) {
+            Ok(d) => Some(d),
+            Err(e) if unguarded => {
+                eprintln!("mcp-guard: running unguarded, tool calls are not reported: {e}");
+                None
+            }
+            Err(e) => {
+                bail!("{e}; start the daemon first, or pass --unguarded to run without protection")
+            }
+        };
+        let exe = std::env::current_exe().context("finding the mcp-guard binary")?;
+        let mut c = std::process::Command::new(exe);
+        c.arg("exec-instance")
+            .arg("--cgroup-dir")
+            .arg(&instance_dir);
+        if !harden {
+            c.arg("--no-hardening");
+        }
+        c.arg("--").args(cmd);
+        let child = c
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {:?}", cmd[0]))?;
+        let status = relay::relay(daemon, child, call_timeout)?;
+        Ok(status.code().map_or(1, |c| c as u8))
+    };
+    let result = run();
+    remove("the server left processes behind");
+    result
 }
 
 fn parse_since(s: &str) -> Result<Duration, String> {
@@ -550,8 +676,15 @@ fn human_event(e: &JsonEvent) -> String {
             e.reason,
         );
     }
+    let mcp = e
+        .mcp
+        .as_ref()
+        .map_or_else(String::new, |m| match (&m.tool, &m.request_id) {
+            (Some(t), Some(id)) => format!(" tool={t} request={id}"),
+            _ => " tool=(none: no call in flight)".to_string(),
+        });
     format!(
-        "{} {} {} {} pid={} comm={} -> {}/{} reason={} hook={}{suppressed}",
+        "{} {} {} {} pid={} comm={} -> {}/{} reason={} hook={}{mcp}{suppressed}",
         e.time,
         e.verdict.to_uppercase(),
         e.workload.as_deref().unwrap_or("?"),

@@ -281,6 +281,29 @@ pub fn guard_bin() -> PathBuf {
     bin
 }
 
+/// The Python environment holding the official MCP SDK (`mcp`) and the reference fetch
+/// server (`mcp-server-fetch`) from PyPI: $MCPG_MCP_VENV, or target/mcp-venv, which
+/// `cargo xtask test` creates. Missing is a failure, never a skip.
+#[must_use]
+pub fn mcp_venv() -> PathBuf {
+    let venv = std::env::var_os("MCPG_MCP_VENV").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/mcp-venv"),
+        PathBuf::from,
+    );
+    assert!(
+        venv.join("bin/mcp-server-fetch").exists() && venv.join("bin/python").exists(),
+        "{}: no Python environment with the MCP SDK and mcp-server-fetch: `cargo xtask test` creates it (or set MCPG_MCP_VENV)",
+        venv.display()
+    );
+    venv
+}
+
+/// A file of the tests' Python helpers (tests/mcp).
+#[must_use]
+pub fn mcp_helper(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp").join(name)
+}
+
 /// Whether the running kernel is at least MAJOR.MINOR.
 #[must_use]
 pub fn kernel_at_least(major: u32, minor: u32) -> bool {
@@ -345,9 +368,10 @@ impl Drop for TempDir {
 /// `on_exit = "detach"`) to a config's [daemon] table.
 fn with_pin_dir(config: &str, pin_dir: &Path, control: &Path) -> String {
     let mut extra = format!(
-        "pin_dir = \"{}\"\ncontrol_socket = \"{}\"\n",
+        "pin_dir = \"{}\"\ncontrol_socket = \"{}\"\nmcp_socket = \"{}\"\n",
         pin_dir.display(),
-        control.display()
+        control.display(),
+        control.with_file_name("mcp.sock").display()
     );
     if !config.contains("on_exit") {
         extra.push_str("on_exit = \"detach\"\n");

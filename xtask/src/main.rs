@@ -75,6 +75,7 @@ fn test() -> Result<()> {
     setup::require_root("cargo xtask test")?;
     setup::packages(TEST_PACKAGES)?;
     setup::python_tools(&["kubernetes-validate"])?;
+    setup::mcp_venv()?;
     build(false)?;
     // The packaged-binary test runs the tarball's binary.
     let tarball = dist::run()?;

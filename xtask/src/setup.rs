@@ -86,6 +86,36 @@ pub fn packages(needed: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// PyPI packages of the MCP tests and the demo, pinned: the official MCP SDK and the
+/// reference fetch server.
+pub const MCP_PACKAGES: [&str; 2] = ["mcp==2.3.0", "mcp-server-fetch==2026.10.24"];
+
+/// The Python environment (target/mcp-venv) with [`MCP_PACKAGES`], created when missing.
+pub fn mcp_venv() -> Result<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let venv = root.join("target/mcp-venv");
+    let pip = venv.join("bin/pip");
+    let ready = venv.join(".mcpg-packages");
+    if std::fs::read_to_string(&ready).ok().as_deref() == Some(&MCP_PACKAGES.join(" ")) {
+        return Ok(venv);
+    }
+    if !pip.exists() {
+        eprintln!(
+            "xtask: creating the MCP test environment {}",
+            venv.display()
+        );
+        status(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    }
+    eprintln!("xtask: installing {} from PyPI", MCP_PACKAGES.join(", "));
+    status(
+        Command::new(&pip)
+            .args(["install", "-q"])
+            .args(MCP_PACKAGES),
+    )?;
+    std::fs::write(&ready, MCP_PACKAGES.join(" "))?;
+    Ok(venv)
+}
+
 /// Python command-line tools from PyPI, installed only when missing.
 pub fn python_tools(tools: &[&str]) -> Result<()> {
     for t in tools {

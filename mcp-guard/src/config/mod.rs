@@ -128,6 +128,9 @@ pub struct AllowRule {
     /// Empty means every port.
     pub ports: Vec<PortSpan>,
     pub proto: Proto,
+    /// MCP tools the rule is scoped to (sorted, distinct): it applies only while a call
+    /// of one of them is in flight in the caller's `exec --mcp` instance. Empty: always.
+    pub tools: Vec<String>,
     pub comment: Option<String>,
     pub loc: Loc,
 }
@@ -181,6 +184,8 @@ pub struct HostRule {
     pub proto: Proto,
     /// Answers in the internal ranges are refused unless this is set (rebinding guard).
     pub allow_internal: bool,
+    /// As [`AllowRule::tools`].
+    pub tools: Vec<String>,
     pub comment: Option<String>,
     pub loc: Loc,
 }
@@ -214,6 +219,9 @@ pub struct Workload {
     /// May create inet sockets other than TCP, MPTCP, UDP and ping (UDP-Lite, SCTP, ...;
     /// default false).
     pub allow_other_protocols: bool,
+    /// No egress at all while no MCP tool call is in flight in the caller's instance
+    /// (`between_calls = "deny"`; default "allow").
+    pub deny_between_calls: bool,
     pub loc: Loc,
 }
 
@@ -249,6 +257,8 @@ pub struct Config {
     pub control_socket: PathBuf,
     /// Group (id) allowed to use the control socket too.
     pub control_group: Option<u32>,
+    /// The Unix socket `exec --mcp` relays report tool calls on (owner root, mode 0600).
+    pub mcp_socket: PathBuf,
     pub tc: TcConfig,
     pub dns: DnsConfig,
     /// Problems that do not stop the config from loading.
@@ -433,6 +443,36 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 None => {}
             }
         }
+        let toolsets: std::collections::BTreeSet<&Vec<String>> = allow
+            .iter()
+            .map(|r: &AllowRule| &r.tools)
+            .chain(hosts.iter().map(|r: &HostRule| &r.tools))
+            .filter(|t| !t.is_empty())
+            .collect();
+        if toolsets.len() > mcp_guard_common::MAX_TOOLSETS {
+            cx.err(
+                &w.name.span(),
+                format!(
+                    "workload {name:?}: its allow rules name {} distinct `tools` lists; at most {} fit: give rules for the same tools the same list",
+                    toolsets.len(),
+                    mcp_guard_common::MAX_TOOLSETS
+                ),
+            );
+        }
+        let deny_between_calls = match &w.between_calls {
+            None => false,
+            Some(v) => match v.get_ref().as_str() {
+                "allow" => false,
+                "deny" => true,
+                other => {
+                    cx.err(
+                        &v.span(),
+                        format!("between_calls = {other:?}: use \"allow\" (default) or \"deny\" (no egress while no MCP tool call is in flight)"),
+                    );
+                    false
+                }
+            },
+        };
         workloads.push(Workload {
             name,
             id: 0,
@@ -449,6 +489,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             deny_direct_dns: w.deny_direct_dns.unwrap_or(false),
             allow_ping: w.allow_ping.unwrap_or(false),
             allow_other_protocols: w.allow_other_protocols.unwrap_or(false),
+            deny_between_calls,
             loc,
         });
     }
@@ -544,6 +585,27 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             PathBuf::from(DEFAULT_CONTROL_SOCKET)
         }
     };
+    let mcp_socket = match &raw.daemon.mcp_socket {
+        None => PathBuf::from(crate::mcp::wire::DEFAULT_SOCKET),
+        Some(s) if s.get_ref().starts_with('/') && !s.get_ref().split('/').any(|c| c == "..") => {
+            PathBuf::from(s.get_ref())
+        }
+        Some(s) => {
+            cx.err(
+                &s.span(),
+                "daemon.mcp_socket must be an absolute path, e.g. \"/run/mcp-guard/mcp.sock\"",
+            );
+            PathBuf::from(crate::mcp::wire::DEFAULT_SOCKET)
+        }
+    };
+    if let Some(s) = &raw.daemon.mcp_socket {
+        if std::path::Path::new(s.get_ref()) == control_socket {
+            cx.err(
+                &s.span(),
+                "daemon.mcp_socket is the same path as daemon.control_socket: give each its own",
+            );
+        }
+    }
     let control_group = raw.daemon.control_group.as_ref().and_then(|g| {
         let id = group_id(g.get_ref());
         if id.is_none() {
@@ -596,6 +658,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         cgroup_root: raw.daemon.cgroup_root,
         control_socket,
         control_group,
+        mcp_socket,
         tc: TcConfig {
             enabled: raw.tc.enabled.unwrap_or(true),
             interfaces: raw.tc.interfaces.unwrap_or_else(|| vec!["*".into()]),

@@ -137,6 +137,8 @@ pub(super) struct RawWorkload {
     pub(super) allow_ping: Option<bool>,
     #[serde(default)]
     pub(super) allow_other_protocols: Option<bool>,
+    #[serde(default)]
+    pub(super) between_calls: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +154,8 @@ pub(super) struct RawAllow {
     pub(super) ports: Vec<Spanned<toml::Value>>,
     #[serde(default)]
     pub(super) proto: Proto,
+    #[serde(default)]
+    pub(super) tools: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub(super) comment: Option<String>,
 }
@@ -191,6 +195,8 @@ pub(super) struct RawDaemon {
     pub(super) control_socket: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) control_group: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) mcp_socket: Option<Spanned<String>>,
 }
 
 /// What `run` does with the kernel programs when it exits.

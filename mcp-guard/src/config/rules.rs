@@ -354,6 +354,27 @@ pub(super) fn allow_rule(
             }
         }
     }
+    let mut tools = Vec::new();
+    if let Some(list) = &a.tools {
+        if list.get_ref().is_empty() {
+            cx.err(&list.span(), "allow.tools is empty: name the MCP tools the rule is for (tools = [\"query_db\"]), or remove the key so the rule always applies");
+            ok = false;
+        }
+        for t in list.get_ref() {
+            let name = t.get_ref().trim();
+            if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+                cx.err(
+                    &t.span(),
+                    format!("allow.tools: {name:?} is not a tool name (1 to 128 printable characters, as the server's tools/list gives them)"),
+                );
+                ok = false;
+            } else {
+                tools.push(name.to_string());
+            }
+        }
+        tools.sort();
+        tools.dedup();
+    }
     if !ok {
         return None;
     }
@@ -362,6 +383,7 @@ pub(super) fn allow_rule(
             net,
             ports,
             proto: a.proto,
+            tools,
             comment: a.comment.clone(),
             loc,
         }),
@@ -370,6 +392,7 @@ pub(super) fn allow_rule(
             ports,
             proto: a.proto,
             allow_internal: a.allow_internal.as_ref().is_some_and(|b| *b.get_ref()),
+            tools,
             comment: a.comment.clone(),
             loc,
         }),

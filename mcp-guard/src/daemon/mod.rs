@@ -28,6 +28,7 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
+mod mcp;
 mod ops;
 use ops::*;
 
@@ -53,8 +54,9 @@ fn kernel_release() -> String {
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
 }
 
-fn names_of(c: &Compiled, mount: &Path) -> Names {
+fn names_of(c: &Compiled, mount: &Path, mcp: &crate::mcp::registry::Shared) -> Names {
     Names {
+        mcp: mcp.clone(),
         mount: mount.to_path_buf(),
         workloads: c.workloads.iter().map(|w| (w.id, w.name.clone())).collect(),
         cgroups: c
@@ -175,6 +177,8 @@ struct State {
     installed: Arc<Mutex<Vec<policy::Learned>>>,
     /// Where the installed learned addresses are kept for the next daemon.
     learned_file: PathBuf,
+    /// `exec --mcp` instances and their calls (also read by event enrichment).
+    mcp: crate::mcp::registry::Shared,
 }
 
 impl State {
@@ -234,6 +238,14 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             )
         })?;
     let control_path = cfg.control_socket.clone();
+    let mcp_listener = http::bind_control(&cfg.mcp_socket, None).with_context(|| {
+        format!(
+            "{}: daemon.mcp_socket {} cannot be bound (is another mcp-guard running?)",
+            config_path.display(),
+            cfg.mcp_socket.display()
+        )
+    })?;
+    let mcp_path = cfg.mcp_socket.clone();
     crate::kernel::features::check_with(crate::kernel::features::present)
         .map_err(anyhow::Error::msg)?;
     let pins = Pins::new(&cfg.pin_dir);
@@ -308,7 +320,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         );
     }
 
-    let names = Arc::new(RwLock::new(names_of(&compiled, &mount)));
+    let mcp_registry = crate::mcp::registry::Shared::default();
+    let names = Arc::new(RwLock::new(names_of(&compiled, &mount, &mcp_registry)));
     let (tx, _) = broadcast::channel(4096);
     let (daemon_events, daemon_events_rx) = tokio::sync::mpsc::unbounded_channel();
     let (dns_updates, mut dns_updates_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -398,6 +411,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         dns: Mutex::new(None),
         installed,
         learned_file: pins.learned_file(),
+        mcp: mcp_registry,
     });
     state.engine.lock().expect("engine").generation = state.maps.lock().expect("maps").generation();
     sync_dns(&state, &cfg);
@@ -422,6 +436,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         http::Listener::Control(control),
         shared.clone(),
     ));
+    let mcp_server = tokio::spawn(mcp::serve(mcp_listener, state.clone()));
 
     let attached = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
     anyhow::ensure!(
@@ -572,7 +587,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     reader.abort();
     server.abort();
     control_server.abort();
+    mcp_server.abort();
     let _ = std::fs::remove_file(&control_path);
+    let _ = std::fs::remove_file(&mcp_path);
     drop(ebpf);
     match on_exit {
         OnExit::Keep => info!(

@@ -87,7 +87,8 @@ impl<'a> Evaluator<'a> {
     }
 
     /// The verdict for one destination of one workload (mode aside: audit mode reports
-    /// the same decision and lets the flow through).
+    /// the same decision and lets the flow through), from a process outside any MCP
+    /// instance (no tool call in flight).
     #[must_use]
     pub fn decide(
         &self,
@@ -95,6 +96,20 @@ impl<'a> Evaluator<'a> {
         ip: IpAddr,
         port: u16,
         proto: FlowProto,
+    ) -> Decision {
+        self.decide_active(wl, ip, port, proto, 0)
+    }
+
+    /// [`Self::decide`] for a process of an MCP instance whose active mask is `active`
+    /// ([`CompiledWorkload::mcp_mask`]).
+    #[must_use]
+    pub fn decide_active(
+        &self,
+        wl: &CompiledWorkload,
+        ip: IpAddr,
+        port: u16,
+        proto: FlowProto,
+        active: u64,
     ) -> Decision {
         let addr = judged16(ip);
         if let Some(e) = self
@@ -112,22 +127,38 @@ impl<'a> Evaluator<'a> {
                 rule_id: e.rule_id,
             };
         }
+        if wl.flags & mcp_guard_common::WL_DENY_BETWEEN_CALLS != 0
+            && active & mcp_guard_common::MCP_IN_CALL == 0
+        {
+            return Decision {
+                verdict: Verdict::Deny,
+                reason: Some(mcp_guard_common::REASON_BETWEEN_CALLS),
+                rule_id: 0,
+            };
+        }
         let entry = self
             .exact
             .get(&(wl.id, addr))
             .map(|&i| &self.compiled.exact[i].entry)
             .or_else(|| self.lookup_lpm(wl.id, &addr))
             .filter(|e| e.kind != ENTRY_HOLE);
+        let mut inactive_rule = 0;
         if let Some(e) = entry {
-            if let Some(r) = e.ranges[..usize::from(e.n_ranges)]
+            for r in e.ranges[..usize::from(e.n_ranges)]
                 .iter()
-                .find(|r| r.protos & proto.bit() != 0 && (r.lo..=r.hi).contains(&port))
+                .filter(|r| r.protos & proto.bit() != 0 && (r.lo..=r.hi).contains(&port))
             {
-                return Decision {
-                    verdict: Verdict::Allow,
-                    reason: None,
-                    rule_id: r.rule_id,
-                };
+                let ts = u32::from(r.toolset);
+                if ts == 0 || (ts <= 63 && (active >> (ts - 1)) & 1 != 0) {
+                    return Decision {
+                        verdict: Verdict::Allow,
+                        reason: None,
+                        rule_id: r.rule_id,
+                    };
+                }
+                if inactive_rule == 0 {
+                    inactive_rule = r.rule_id;
+                }
             }
         }
         if wl.flags & mcp_guard_common::WL_DENY_DIRECT_DNS != 0
@@ -160,6 +191,13 @@ impl<'a> Evaluator<'a> {
                 REASON_DENY_INTERNAL
             }
         };
+        if inactive_rule != 0 {
+            return Decision {
+                verdict: Verdict::Deny,
+                reason: Some(mcp_guard_common::REASON_TOOL_NOT_ACTIVE),
+                rule_id: inactive_rule,
+            };
+        }
         let reason = if entry.is_some() {
             REASON_NOT_ALLOWED
         } else {

@@ -37,8 +37,39 @@ pub struct CompiledWorkload {
     pub default: u8,
     pub mode: u8,
     pub rules: usize,
-    /// `WL_DENY_RAW` | `WL_DENY_PACKET` | `WL_DENY_DIRECT_DNS`.
+    /// `WL_DENY_RAW` | `WL_DENY_PACKET` | `WL_DENY_DIRECT_DNS` | ... | `WL_MCP`.
     pub flags: u8,
+    /// The `tools` lists of its rules: tool set `i + 1` (the `toolset` of a port range,
+    /// bit `i` of an MCP instance's active mask) is `toolsets[i]`.
+    pub toolsets: Vec<Vec<String>>,
+}
+
+impl CompiledWorkload {
+    /// The active mask the kernel needs for an MCP instance of this workload while calls
+    /// of `tools` are in flight (`in_call`: at least one call is): bit `i` for every tool
+    /// set naming one of them, [`mcp_guard_common::MCP_IN_CALL`] for any call.
+    #[must_use]
+    pub fn mcp_mask<'t>(
+        &self,
+        tools: impl IntoIterator<Item = &'t str> + Clone,
+        in_call: bool,
+    ) -> u64 {
+        let mut mask = if in_call {
+            mcp_guard_common::MCP_IN_CALL
+        } else {
+            0
+        };
+        for (i, set) in self.toolsets.iter().enumerate() {
+            if tools
+                .clone()
+                .into_iter()
+                .any(|t| set.iter().any(|s| s == t))
+            {
+                mask |= 1 << i;
+            }
+        }
+        mask
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,9 +215,13 @@ pub fn proto_text(p: Proto) -> &'static str {
 fn dedupe(ranges: &mut Vec<PortRange>) {
     let mut out: Vec<PortRange> = Vec::with_capacity(ranges.len());
     for r in ranges.drain(..) {
-        let covered = out
-            .iter()
-            .any(|e| e.lo <= r.lo && r.hi <= e.hi && e.protos & r.protos == r.protos);
+        // A range scoped to tools is covered by an unscoped one or one of the same tools.
+        let covered = out.iter().any(|e| {
+            e.lo <= r.lo
+                && r.hi <= e.hi
+                && e.protos & r.protos == r.protos
+                && (e.toolset == 0 || e.toolset == r.toolset)
+        });
         if !covered {
             out.push(r);
         }
@@ -194,15 +229,18 @@ fn dedupe(ranges: &mut Vec<PortRange>) {
     *ranges = out;
 }
 
-/// Merges overlapping or adjacent ranges with the same protocols; the merged range keeps
+/// Merges overlapping or adjacent ranges with the same protocols and tools; the merged range keeps
 /// the first rule's id. Only used when a prefix carries more than [`MAX_RANGES`].
 fn coalesce(ranges: &mut Vec<PortRange>) {
     let mut by_proto: Vec<PortRange> = Vec::new();
     let mut sorted = ranges.clone();
-    sorted.sort_by_key(|r| (r.protos, r.lo, r.hi));
+    sorted.sort_by_key(|r| (r.toolset, r.protos, r.lo, r.hi));
     for r in sorted {
         if let Some(last) = by_proto.last_mut() {
-            if last.protos == r.protos && u32::from(r.lo) <= u32::from(last.hi) + 1 {
+            if last.protos == r.protos
+                && last.toolset == r.toolset
+                && u32::from(r.lo) <= u32::from(last.hi) + 1
+            {
                 last.hi = last.hi.max(r.hi);
                 continue;
             }
@@ -276,14 +314,31 @@ pub fn ports_text(ports: &[PortSpan]) -> String {
     format!("ports {}", p.join(","))
 }
 
-fn push_ranges(ranges: &mut Vec<PortRange>, ports: &[PortSpan], proto: Proto, rule_id: u32) {
+/// " for tools [a, b]" for a rule scoped to MCP tools, "" otherwise.
+#[must_use]
+pub fn tools_text(tools: &[String]) -> String {
+    if tools.is_empty() {
+        String::new()
+    } else {
+        format!(" while MCP tools [{}] run", tools.join(", "))
+    }
+}
+
+fn push_ranges(
+    ranges: &mut Vec<PortRange>,
+    ports: &[PortSpan],
+    proto: Proto,
+    toolset: u8,
+    rule_id: u32,
+) {
     let protos = proto_bits(proto);
     if ports.is_empty() {
         ranges.push(PortRange {
             lo: 0,
             hi: u16::MAX,
             protos,
-            _pad: [0; 3],
+            toolset,
+            _pad: [0; 2],
             rule_id,
         });
     }
@@ -292,7 +347,8 @@ fn push_ranges(ranges: &mut Vec<PortRange>, ports: &[PortSpan], proto: Proto, ru
             lo: p.lo,
             hi: p.hi,
             protos,
-            _pad: [0; 3],
+            toolset,
+            _pad: [0; 2],
             rule_id,
         });
     }
@@ -383,21 +439,58 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
 
     for w in &cfg.workloads {
         let wid = w.id;
+        // Tool sets: each distinct `tools` list, in sorted order, numbered from 1 (the
+        // config check keeps them within MAX_TOOLSETS).
+        let toolsets: Vec<Vec<String>> = w
+            .allow
+            .iter()
+            .map(|r| &r.tools)
+            .chain(w.hosts.iter().map(|r| &r.tools))
+            .filter(|t| !t.is_empty())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .cloned()
+            .collect();
+        if toolsets.len() > mcp_guard_common::MAX_TOOLSETS {
+            return Err(CompileError(format!(
+                "{file}: workload {:?}: {} distinct `tools` lists; at most {} fit",
+                w.name,
+                toolsets.len(),
+                mcp_guard_common::MAX_TOOLSETS
+            )));
+        }
+        let toolset_of = |tools: &Vec<String>| -> u8 {
+            if tools.is_empty() {
+                0
+            } else {
+                toolsets
+                    .iter()
+                    .position(|t| t == tools)
+                    .map_or(0, |i| i as u8 + 1)
+            }
+        };
         // Own ranges per prefix, in rule order.
         let mut own: HashMap<([u8; 16], u8), Vec<PortRange>> = HashMap::new();
         for a in &w.allow {
             let id = add_rule(
                 &mut out.rules,
                 format!(
-                    "workload {} allow {} {} {} ({file}:{})",
+                    "workload {} allow {} {} {}{} ({file}:{})",
                     w.name,
                     a.net,
                     ports_text(&a.ports),
                     proto_text(a.proto),
+                    tools_text(&a.tools),
                     a.loc.line
                 ),
             );
-            push_ranges(own.entry(net16(&a.net)).or_default(), &a.ports, a.proto, id);
+            push_ranges(
+                own.entry(net16(&a.net)).or_default(),
+                &a.ports,
+                a.proto,
+                toolset_of(&a.tools),
+                id,
+            );
         }
         if let Some(proxy) = cfg.dns.proxy {
             let id = add_rule(
@@ -412,7 +505,13 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                 hi: proxy.port(),
             }];
             let net = IpNet::from(proxy.ip().to_canonical());
-            push_ranges(own.entry(net16(&net)).or_default(), &span, Proto::Any, id);
+            push_ranges(
+                own.entry(net16(&net)).or_default(),
+                &span,
+                Proto::Any,
+                0,
+                id,
+            );
         }
         // Exact keys a static rule makes: a learned answer for one of them never expires it.
         let static_exact: std::collections::HashSet<([u8; 16], u8)> =
@@ -429,7 +528,7 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                 let id = add_rule(
                     &mut out.rules,
                     format!(
-                        "workload {} allow host {}: {} = {} (DNS answer via the {}) {} {} ({file}:{})",
+                        "workload {} allow host {}: {} = {} (DNS answer via the {}) {} {}{} ({file}:{})",
                         w.name,
                         h.pattern,
                         l.name,
@@ -437,10 +536,17 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                         l.source,
                         ports_text(&h.ports),
                         proto_text(h.proto),
+                        tools_text(&h.tools),
                         h.loc.line
                     ),
                 );
-                push_ranges(own.entry(net16(&net)).or_default(), &h.ports, h.proto, id);
+                push_ranges(
+                    own.entry(net16(&net)).or_default(),
+                    &h.ports,
+                    h.proto,
+                    toolset_of(&h.tools),
+                    id,
+                );
             }
         }
         // IPv6 prefixes never cover IPv4 destinations: below one that would, a hole.
@@ -551,7 +657,16 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                 0
             } else {
                 mcp_guard_common::WL_DENY_OTHER_PROTO
+            }) | (if w.deny_between_calls {
+                mcp_guard_common::WL_DENY_BETWEEN_CALLS
+            } else {
+                0
+            }) | (if w.deny_between_calls || !toolsets.is_empty() {
+                mcp_guard_common::WL_MCP
+            } else {
+                0
             }),
+            toolsets,
         });
     }
     Ok(out)

@@ -71,6 +71,10 @@ pub struct JsonEvent {
     /// Hook "dns", a query the proxy refused: the type asked for ("A", "TXT", ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_type: Option<String>,
+    /// The MCP tool call in flight when a process of an `exec --mcp` instance was refused
+    /// (`tool: null`: none was, a background connection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<crate::mcp::registry::Attribution>,
 }
 
 /// A query the DNS proxy refused to forward, for [`dns_query_refusal`].
@@ -129,6 +133,7 @@ fn dns_event(reason: &str, rule: String, generation: u32, suppressed: u32) -> Js
         name: None,
         dns_source: None,
         dns_type: None,
+        mcp: None,
     }
 }
 
@@ -157,6 +162,7 @@ pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
         name: r.name.map(|n| n.chars().take(253).collect()),
         dns_source: Some("proxy".into()),
         dns_type: r.qtype.clone(),
+        mcp: None,
         ..dns_event(r.reason, rule.into(), r.generation, r.suppressed)
     }
 }
@@ -205,6 +211,8 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
 /// Names the daemon knows for ids in events.
 #[derive(Default, Clone)]
 pub struct Names {
+    /// `exec --mcp` instances, to name the tool call of an event.
+    pub mcp: crate::mcp::registry::Shared,
     pub workloads: HashMap<u32, String>,
     /// Workload id -> its configured cgroup, where events' cgroups are looked up.
     pub cgroups: HashMap<u32, String>,
@@ -377,6 +385,15 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         .entry(e.tgid)
         .or_insert_with(|| (proc_text(e.tgid, "exe"), proc_text(e.tgid, "cmdline")))
         .clone();
+    let mcp = (e.mcp != 0)
+        .then(|| {
+            names
+                .mcp
+                .lock()
+                .expect("mcp registry")
+                .attribute(e.cgroup_id, e.mcp_seq)
+        })
+        .flatten();
     JsonEvent {
         schema: SCHEMA.into(),
         time: rfc3339(wall),
@@ -429,6 +446,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         name: None,
         dns_source: None,
         dns_type: None,
+        mcp,
     }
 }
 

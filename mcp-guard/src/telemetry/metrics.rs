@@ -63,6 +63,12 @@ pub struct Metrics {
     /// Processes in a workload's cgroups holding a capability that goes around the
     /// cgroup hooks (CAP_NET_RAW, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF).
     pub privileged_processes: IntGaugeVec,
+    /// `exec --mcp` instances whose relay is connected.
+    pub mcp_instances: IntGauge,
+    /// `tools/call` requests relays reported, by workload.
+    pub mcp_tool_calls: IntCounterVec,
+    /// Lines relays passed through unread, by workload and kind (malformed, oversized).
+    pub mcp_relay_lines: IntCounterVec,
     /// Flow counter values at the previous render, to see which grew.
     previous: Mutex<HashMap<FlowCounterKey, u64>>,
 }
@@ -96,7 +102,7 @@ impl Metrics {
             policy_generation: reg(&r, IntGauge::new("mcp_guard_policy_generation", "Generation of the policy the kernel is deciding with.").expect("valid")),
             ready: reg(&r, IntGauge::new("mcp_guard_ready", "1 while every program is attached and the policy is loaded (what /readyz reports).").expect("valid")),
             reattached: reg(&r, IntCounter::new("mcp_guard_programs_reattached_total", "Times the daemon found a program detached by someone else and attached it again.").expect("valid")),
-            state_repaired: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_state_repaired_total", "Differences between the kernel's state and what the daemon installed, found by the check every second and repaired, by what (config, cgroup, policy, register, link, tc_link): someone changed pinned maps or removed link pins."), &["what"]).expect("valid")),
+            state_repaired: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_state_repaired_total", "Differences between the kernel's state and what the daemon installed, found by the check every second and repaired, by what (config, cgroup, policy, register, link, tc_link, mcp_instance): someone changed pinned maps or removed link pins."), &["what"]).expect("valid")),
             last_denied: reg(&r, prometheus::GaugeVec::new(Opts::new("mcp_guard_last_denied_timestamp_seconds", "Unix time the daemon last saw the flow counters grow, by workload, destination class and verdict. Alert on its age: a counter series born at its first denial has no increase() yet."), &["workload", "dest_class", "verdict"]).expect("valid")),
             previous: Mutex::new(HashMap::new()),
             dns_refused: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_refused_total", "Addresses in DNS answers for allowed names that the rebinding guard refused (metadata, baseline or internal), by workload and reason."), &["workload", "reason"]).expect("valid")),
@@ -108,6 +114,9 @@ impl Metrics {
             dns_query_refused: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_query_refused_total", "Queries the DNS proxy answered REFUSED without asking upstream, by workload (empty: the client is no workload) and reason (name-not-allowed, type-not-allowed, rate-limited, in-flight-limited, unattributed, malformed-query)."), &["workload", "reason"]).expect("valid")),
             lsm_available: reg(&r, IntGauge::new("mcp_guard_lsm_available", "Whether the kernel runs the BPF LSM program that refuses AF_PACKET sockets (1) or refuses BPF LSM programs, leaving packet sockets open (0).").expect("valid")),
             unstable: reg(&r, IntCounter::new("mcp_guard_decisions_unstable_total", "Decisions that failed closed (denied) because the policy changed three times while they were made.").expect("valid")),
+            mcp_instances: reg(&r, IntGauge::new("mcp_guard_mcp_instances", "MCP server instances (`exec --mcp`) whose relay is connected to the daemon.").expect("valid")),
+            mcp_tool_calls: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_tool_calls_total", "MCP tools/call requests the relays reported (each activated its tools in the kernel before it was forwarded), by workload."), &["workload"]).expect("valid")),
+            mcp_relay_lines: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_relay_lines_total", "Lines MCP relays passed through unchanged without reading them, by workload and kind (malformed: not JSON-RPC 2.0; oversized: longer than 16 MiB)."), &["workload", "kind"]).expect("valid")),
             registry: r,
         };
         let build = reg(
@@ -204,7 +213,15 @@ fn catch_up(counter: &IntCounter, kernel: u64) {
 }
 
 /// What the self-repair check counts, as `mcp_guard_state_repaired_total{what}`.
-pub const REPAIRED: [&str; 6] = ["config", "cgroup", "policy", "register", "link", "tc_link"];
+pub const REPAIRED: [&str; 7] = [
+    "config",
+    "cgroup",
+    "policy",
+    "register",
+    "link",
+    "tc_link",
+    "mcp_instance",
+];
 
 #[cfg(test)]
 mod tests {

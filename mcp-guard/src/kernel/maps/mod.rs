@@ -11,13 +11,14 @@ use aya::maps::{
     lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
 use mcp_guard_common::{
-    scope, CgroupKey, Config as KConfig, ExactKey, FlowCounterKey, LpmData, MkdirKey, MkdirMatch,
-    PolicyEntry, WorkloadInfo, CGROUP_PATH_LEN, STAT_COUNT,
+    scope, CgroupKey, Config as KConfig, ExactKey, FlowCounterKey, LpmData, McpInstance, MkdirKey,
+    MkdirMatch, PolicyEntry, WorkloadInfo, CGROUP_PATH_LEN, STAT_COUNT,
 };
 use tracing::{info, warn};
 
 use crate::{host::cgroup, policy::Compiled};
 
+mod mcp;
 mod repair;
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +215,9 @@ pub struct PolicyMaps {
     checks: u64,
     /// Finds workload cgroups for the 100 ms rescan.
     scanner: cgroup::Scanner,
+    /// `exec --mcp` instances (`MCP_INSTANCES_1`) and what the daemon keeps of them.
+    instances: HashMap<MapData, u64, McpInstance>,
+    mcp: BTreeMap<u64, mcp::InstanceState>,
     /// An incomplete scan was reported (once until a scan completes again).
     warned_incomplete: bool,
 }
@@ -258,6 +262,9 @@ impl PolicyMaps {
             checks: 0,
             scanner: cgroup::Scanner::default(),
             warned_incomplete: false,
+            instances: HashMap::try_from(take(ebpf, "MCP_INSTANCES_1")?)
+                .map_err(map_err("MCP_INSTANCES_1"))?,
+            mcp: BTreeMap::new(),
         })
     }
 
@@ -385,7 +392,8 @@ impl PolicyMaps {
                     .map_err(map_err("CGROUPS_1"))?;
                 contents.cgroups.push(key);
             }
-            Ok(())
+            // MCP instances: their masks under the incoming policy, before it is live.
+            self.write_instances_for(compiled, slot)
         });
         self.remove_stale(&old, &contents);
         self.slots[slot as usize] = contents;

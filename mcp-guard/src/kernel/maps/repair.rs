@@ -13,8 +13,12 @@ impl PolicyMaps {
         let Some(compiled) = self.live.take() else {
             return Vec::new();
         };
-        let out = self.repair_with(&compiled, mount);
+        let mut out = self.repair_with(&compiled, mount);
         self.live = Some(compiled);
+        let n = self.repair_instances();
+        if n > 0 {
+            out.push(("mcp_instance", n));
+        }
         out
     }
 

@@ -1,0 +1,230 @@
+//! The daemon's MCP socket: each `exec --mcp` relay holds one connection for the life of
+//! its instance and reports calls on it (see [`crate::mcp::wire`]). A call is
+//! acknowledged once the kernel entry of the instance holds its tools; when the
+//! connection ends, the instance's entry is removed (no tool active: fail closed).
+
+use std::sync::Arc;
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::{info, warn};
+
+use super::{blocking, State};
+use crate::{
+    host::cgroup,
+    mcp::{
+        registry::CallRef,
+        wire::{Reply, ToDaemon, MAX_LINE},
+    },
+};
+
+/// Relays served at once.
+const MAX_RELAYS: usize = 4096;
+
+pub(super) async fn serve(listener: UnixListener, state: Arc<State>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        if let Ok((s, _)) = listener.accept().await {
+            let state = state.clone();
+            tokio::spawn(async move {
+                relay(s, &state).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// The instance a connection announced.
+struct Instance {
+    cgroup_id: u64,
+    workload: String,
+    workload_id: u32,
+}
+
+fn reply(r: Result<u32, String>) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&match r {
+        Ok(seq) => Reply {
+            ok: true,
+            error: None,
+            seq,
+        },
+        Err(e) => Reply {
+            ok: false,
+            error: Some(e),
+            seq: 0,
+        },
+    })
+    .expect("serialisable");
+    line.push(b'\n');
+    line
+}
+
+async fn relay(stream: UnixStream, state: &Arc<State>) {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut instance: Option<Instance> = None;
+    loop {
+        let mut line = Vec::new();
+        match AsyncReadExt::take(&mut r, MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        if line.last() != Some(&b'\n') {
+            let _ = w.write_all(&reply(Err("line too long".into()))).await;
+            break;
+        }
+        let answer = match serde_json::from_slice::<ToDaemon>(&line) {
+            Err(e) => Err(format!("not a relay message: {e}")),
+            Ok(m) => blocking(|| handle(state, &mut instance, m)),
+        };
+        if w.write_all(&reply(answer)).await.is_err() {
+            break;
+        }
+    }
+    if let Some(i) = instance {
+        blocking(|| {
+            state.mcp.lock().expect("mcp").finish(i.cgroup_id);
+            let mut maps = state.maps.lock().expect("maps");
+            maps.remove_instance(i.cgroup_id);
+            state
+                .metrics
+                .mcp_instances
+                .set(maps.instance_count() as i64);
+        });
+        info!(workload = %i.workload, instance = i.cgroup_id, "MCP instance ended");
+    }
+}
+
+/// Applies one message; returns the instance's sequence after it.
+fn handle(state: &State, instance: &mut Option<Instance>, m: ToDaemon) -> Result<u32, String> {
+    let ToDaemon::Start {
+        workload,
+        cgroup_id,
+        relay_pid,
+        command,
+    } = m
+    else {
+        let Some(i) = instance.as_ref() else {
+            return Err("announce the instance first (start)".into());
+        };
+        return update(state, i, m);
+    };
+    if instance.is_some() {
+        return Err("this connection already announced an instance".into());
+    }
+    let (wid, wl_cgroup) = {
+        let live = state.live.lock().expect("live");
+        let w = live
+            .compiled
+            .workloads
+            .iter()
+            .find(|w| w.name == workload)
+            .ok_or_else(|| format!("no workload named {workload:?} in the running policy"))?;
+        (w.id, w.cgroup.clone())
+    };
+    // The instance must be a cgroup below the workload's: a relay cannot lend another
+    // workload's processes its tools.
+    let path = cgroup::find_by_id(&state.mount, &wl_cgroup, cgroup_id)
+        .filter(|p| *p != wl_cgroup)
+        .ok_or_else(|| {
+            format!("cgroup {cgroup_id} is not a cgroup below workload {workload:?} ({wl_cgroup})")
+        })?;
+    state
+        .mcp
+        .lock()
+        .expect("mcp")
+        .start(cgroup_id, workload.clone(), wid, relay_pid, command);
+    let mut maps = state.maps.lock().expect("maps");
+    maps.set_instance(cgroup_id, wid, 0, Vec::new())
+        .map_err(|e| e.to_string())?;
+    state
+        .metrics
+        .mcp_instances
+        .set(maps.instance_count() as i64);
+    info!(workload = %workload, instance = cgroup_id, cgroup = %path, relay_pid, "MCP instance started");
+    *instance = Some(Instance {
+        cgroup_id,
+        workload,
+        workload_id: wid,
+    });
+    Ok(0)
+}
+
+fn update(state: &State, i: &Instance, m: ToDaemon) -> Result<u32, String> {
+    let mut reg = state.mcp.lock().expect("mcp");
+    let seq = match m {
+        ToDaemon::Start { .. } => unreachable!("handled by the caller"),
+        ToDaemon::Peers { client, server } => {
+            if let Some(inst) = reg.get_mut(i.cgroup_id) {
+                inst.client = client;
+                inst.server = server;
+            }
+            return Ok(reg.get(i.cgroup_id).map_or(0, |x| x.seq));
+        }
+        ToDaemon::Tools { names } => {
+            reg.set_tools(i.cgroup_id, names);
+            return Ok(reg.get(i.cgroup_id).map_or(0, |x| x.seq));
+        }
+        ToDaemon::Counts {
+            malformed,
+            oversized,
+        } => {
+            let lines = &state.metrics.mcp_relay_lines;
+            lines
+                .with_label_values(&[&i.workload, "malformed"])
+                .inc_by(malformed);
+            lines
+                .with_label_values(&[&i.workload, "oversized"])
+                .inc_by(oversized);
+            return Ok(reg.get(i.cgroup_id).map_or(0, |x| x.seq));
+        }
+        ToDaemon::Call {
+            request_id,
+            tool,
+            arguments,
+        } => {
+            state
+                .metrics
+                .mcp_tool_calls
+                .with_label_values(&[&i.workload])
+                .inc();
+            reg.call(
+                i.cgroup_id,
+                CallRef {
+                    tool,
+                    request_id,
+                    arguments,
+                },
+            )
+        }
+        ToDaemon::End {
+            request_id,
+            outcome: _,
+        } => reg.end(i.cgroup_id, &request_id),
+    }
+    .ok_or("the instance is gone")?;
+    let tools = reg
+        .get(i.cgroup_id)
+        .map(crate::mcp::registry::Instance::active_tools)
+        .unwrap_or_default();
+    drop(reg);
+    // Written before the answer: the relay forwards the call only after this.
+    state
+        .maps
+        .lock()
+        .expect("maps")
+        .set_instance(i.cgroup_id, i.workload_id, seq, tools)
+        .map_err(|e| {
+            warn!(error = %e, "MCP instance update failed: the call runs with no tool active");
+            e.to_string()
+        })?;
+    Ok(seq)
+}

@@ -1,0 +1,418 @@
+//! The `exec --mcp` relay: stays between an MCP client and a stdio server, copies every
+//! byte both ways unchanged, and tells the daemon about each `tools/call` before it
+//! forwards it (the daemon answers once the kernel enforces the call's tools) and about
+//! its end (result, error, cancellation or timeout) before the client sees the result.
+//!
+//! Lines are read up to [`MAX_MESSAGE`]; a longer one is passed through as it streams,
+//! unread, and counted, like a line that is not JSON-RPC: the relay never blocks, drops
+//! or rewrites a message, and never crashes on one.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::{BufRead, BufReader, Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use super::{
+    jsonrpc::{self, Message},
+    wire::{Peer, Reply, ToDaemon, MAX_LINE},
+};
+
+/// Lines longer than this are passed through unread (and counted as oversized).
+pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// How long the daemon may take to answer one relay request.
+const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection to the daemon, re-established (with a fresh `start`) when it breaks.
+pub struct Daemon {
+    socket: PathBuf,
+    start: ToDaemon,
+    conn: Option<(UnixStream, BufReader<UnixStream>)>,
+    /// Peers and tool names already reported, re-sent after a reconnect.
+    peers: Option<ToDaemon>,
+    tools: Option<ToDaemon>,
+    /// Calls the daemon knows are in flight, re-sent after a reconnect.
+    calls: Vec<ToDaemon>,
+    warned: bool,
+}
+
+impl Daemon {
+    /// Connects and announces the instance.
+    ///
+    /// # Errors
+    /// The daemon does not answer on `socket` or refuses the instance.
+    pub fn connect(socket: &Path, start: ToDaemon) -> std::io::Result<Self> {
+        let mut d = Self {
+            socket: socket.to_path_buf(),
+            start,
+            conn: None,
+            peers: None,
+            tools: None,
+            calls: Vec::new(),
+            warned: false,
+        };
+        d.reconnect()?;
+        Ok(d)
+    }
+
+    fn reconnect(&mut self) -> std::io::Result<()> {
+        self.conn = None;
+        let s = UnixStream::connect(&self.socket).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "the daemon's MCP socket {}: {e} (is `mcp-guard run` running with this config, and are you root?)",
+                    self.socket.display()
+                ),
+            )
+        })?;
+        s.set_read_timeout(Some(DAEMON_TIMEOUT))?;
+        s.set_write_timeout(Some(DAEMON_TIMEOUT))?;
+        let r = BufReader::new(s.try_clone()?);
+        self.conn = Some((s, r));
+        let mut replay = vec![self.start.clone()];
+        replay.extend(self.peers.clone());
+        replay.extend(self.tools.clone());
+        replay.extend(self.calls.clone());
+        for m in replay {
+            self.exchange(&m)?;
+        }
+        Ok(())
+    }
+
+    fn exchange(&mut self, m: &ToDaemon) -> std::io::Result<Reply> {
+        let (s, r) = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("not connected"))?;
+        let mut line = serde_json::to_vec(m).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        s.write_all(&line)?;
+        let mut answer = String::new();
+        if r.by_ref().take(MAX_LINE as u64).read_line(&mut answer)? == 0 {
+            return Err(std::io::Error::other("the daemon closed the connection"));
+        }
+        let reply: Reply = serde_json::from_str(&answer).map_err(std::io::Error::other)?;
+        if !reply.ok {
+            return Err(std::io::Error::other(
+                reply.error.unwrap_or_else(|| "refused".into()),
+            ));
+        }
+        Ok(reply)
+    }
+
+    /// Sends one message, reconnecting once if the connection broke. Returns whether the
+    /// daemon acknowledged it; failures are reported on stderr (once until it works).
+    pub fn send(&mut self, m: ToDaemon) -> bool {
+        match &m {
+            ToDaemon::Peers { .. } => self.peers = Some(m.clone()),
+            ToDaemon::Tools { .. } => self.tools = Some(m.clone()),
+            ToDaemon::Call { request_id, .. } => {
+                let id = request_id.clone();
+                self.calls.retain(
+                    |c| !matches!(c, ToDaemon::Call { request_id, .. } if *request_id == id),
+                );
+                self.calls.push(m.clone());
+            }
+            ToDaemon::End { request_id, .. } => {
+                let id = request_id.clone();
+                self.calls.retain(
+                    |c| !matches!(c, ToDaemon::Call { request_id, .. } if *request_id == id),
+                );
+            }
+            _ => {}
+        }
+        let result = self
+            .exchange(&m)
+            .or_else(|_| self.reconnect().and_then(|()| self.exchange(&m)));
+        match result {
+            Ok(_) => {
+                self.warned = false;
+                true
+            }
+            Err(e) => {
+                self.conn = None;
+                if !self.warned {
+                    eprintln!(
+                        "mcp-guard: the daemon did not acknowledge the relay ({e}): tool calls run with no tool-scoped rule active and are not named in events until it is back"
+                    );
+                    self.warned = true;
+                }
+                false
+            }
+        }
+    }
+}
+
+/// What the relay knows about the session, shared by both directions.
+#[derive(Default)]
+struct Session {
+    /// Calls in flight: request id -> tool and start.
+    calls: HashMap<String, Instant>,
+    initialize: Option<String>,
+    list: HashSet<String>,
+    client: Option<Peer>,
+}
+
+/// Lines passed through unread.
+#[derive(Default)]
+pub struct Counts {
+    pub malformed: AtomicU64,
+    pub oversized: AtomicU64,
+}
+
+/// Copies `input` to `output` line by line, calling `seen` with each complete line of
+/// at most [`MAX_MESSAGE`] bytes (without its newline) before writing it; longer lines
+/// stream through unread and are counted. `seen` returning false counts the line as
+/// malformed. Ends at EOF of `input` or a failed write.
+pub fn pump(
+    mut input: impl Read,
+    mut output: impl Write,
+    counts: &Counts,
+    mut seen: impl FnMut(&[u8], &mut dyn Write) -> std::io::Result<bool>,
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut passthrough = false;
+    loop {
+        let n = match input.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut rest = &chunk[..n];
+        while !rest.is_empty() {
+            if let Some(i) = rest.iter().position(|&b| b == b'\n') {
+                let (head, tail) = rest.split_at(i + 1);
+                rest = tail;
+                if passthrough {
+                    output.write_all(head)?;
+                    passthrough = false;
+                    continue;
+                }
+                buf.extend_from_slice(head);
+                let body = &buf[..buf.len() - 1];
+                let body = body.strip_suffix(b"\r").unwrap_or(body);
+                if !seen(body, &mut output)? {
+                    counts.malformed.fetch_add(1, Ordering::Relaxed);
+                }
+                output.write_all(&buf)?;
+                output.flush()?;
+                buf.clear();
+            } else {
+                if passthrough {
+                    output.write_all(rest)?;
+                } else {
+                    buf.extend_from_slice(rest);
+                    if buf.len() > MAX_MESSAGE {
+                        counts.oversized.fetch_add(1, Ordering::Relaxed);
+                        output.write_all(&buf)?;
+                        buf.clear();
+                        passthrough = true;
+                    }
+                }
+                rest = &[];
+            }
+        }
+        output.flush()?;
+    }
+    // A last line without its newline: passed on as it is.
+    if !buf.is_empty() {
+        counts.malformed.fetch_add(1, Ordering::Relaxed);
+        output.write_all(&buf)?;
+    }
+    output.flush()
+}
+
+/// Runs the relay until the server exits; returns its exit status.
+///
+/// `daemon`: `None` runs unguarded (no daemon to tell; nothing is activated).
+/// `child` is the spawned server with piped stdin and stdout.
+///
+/// # Errors
+/// The server could not be waited for.
+pub fn relay(
+    daemon: Option<Daemon>,
+    mut child: std::process::Child,
+    call_timeout: Duration,
+) -> std::io::Result<std::process::ExitStatus> {
+    let daemon = Arc::new(Mutex::new(daemon));
+    let session = Arc::new(Mutex::new(Session::default()));
+    let counts = Arc::new(Counts::default());
+    let to_server = child.stdin.take().expect("piped stdin");
+    let from_server = child.stdout.take().expect("piped stdout");
+    let tell = {
+        let daemon = daemon.clone();
+        move |m: ToDaemon| {
+            if let Some(d) = daemon.lock().expect("daemon").as_mut() {
+                d.send(m);
+            }
+        }
+    };
+
+    // Client -> server: a call is announced (and its tools activated) before it is
+    // forwarded; a cancellation ends it once forwarded.
+    let up = {
+        let (session, counts, tell) = (session.clone(), counts.clone(), tell.clone());
+        std::thread::spawn(move || {
+            let stdin = std::io::stdin().lock();
+            let r = pump(stdin, to_server, &counts, |line, _| {
+                let Some(msgs) = jsonrpc::read(line) else {
+                    return Ok(false);
+                };
+                for m in msgs {
+                    match m {
+                        Message::Initialize { id, client } => {
+                            let mut s = session.lock().expect("session");
+                            s.initialize = Some(id);
+                            s.client = client;
+                        }
+                        Message::ListTools { id } => {
+                            session.lock().expect("session").list.insert(id);
+                        }
+                        Message::Call {
+                            id,
+                            tool,
+                            arguments,
+                        } => {
+                            session
+                                .lock()
+                                .expect("session")
+                                .calls
+                                .insert(id.clone(), Instant::now());
+                            tell(ToDaemon::Call {
+                                request_id: id,
+                                tool,
+                                arguments,
+                            });
+                        }
+                        Message::Cancelled { id } => {
+                            if session.lock().expect("session").calls.remove(&id).is_some() {
+                                tell(ToDaemon::End {
+                                    request_id: id,
+                                    outcome: "cancelled".into(),
+                                });
+                            }
+                        }
+                        Message::Other | Message::Response { .. } => {}
+                    }
+                }
+                Ok(true)
+            });
+            // The client went away: the server sees EOF on its stdin (to_server dropped).
+            r
+        })
+    };
+
+    // Server -> client: a call's end is reported before the client sees the result.
+    let down = {
+        let (session, counts, tell) = (session.clone(), counts.clone(), tell.clone());
+        std::thread::spawn(move || {
+            let stdout = std::io::stdout().lock();
+            pump(from_server, stdout, &counts, |line, _| {
+                let Some(msgs) = jsonrpc::read(line) else {
+                    return Ok(false);
+                };
+                for m in msgs {
+                    let Message::Response { id, error, result } = m else {
+                        continue;
+                    };
+                    let (call, init, list, client) = {
+                        let mut s = session.lock().expect("session");
+                        let init = s.initialize.as_ref() == Some(&id);
+                        if init {
+                            s.initialize = None;
+                        }
+                        (
+                            s.calls.remove(&id).is_some(),
+                            init,
+                            s.list.remove(&id),
+                            s.client.clone(),
+                        )
+                    };
+                    if call {
+                        tell(ToDaemon::End {
+                            request_id: id,
+                            outcome: if error { "error" } else { "result" }.into(),
+                        });
+                    } else if init {
+                        let server = result
+                            .as_ref()
+                            .and_then(|r| r.get("serverInfo"))
+                            .and_then(jsonrpc::peer);
+                        tell(ToDaemon::Peers { client, server });
+                    } else if list {
+                        if let Some(names) = result.as_ref().and_then(jsonrpc::tool_names) {
+                            tell(ToDaemon::Tools { names });
+                        }
+                    }
+                }
+                Ok(true)
+            })
+        })
+    };
+
+    // Timeouts and counts, once a second, until the server exits.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = {
+        let (session, counts, tell, done) =
+            (session.clone(), counts.clone(), tell.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut reported = (0, 0);
+            loop {
+                let last = done.load(Ordering::SeqCst);
+                let expired: Vec<String> = {
+                    let mut s = session.lock().expect("session");
+                    let ids: Vec<String> = s
+                        .calls
+                        .iter()
+                        .filter(|(_, t)| t.elapsed() >= call_timeout)
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in &ids {
+                        s.calls.remove(id);
+                    }
+                    ids
+                };
+                for id in expired {
+                    tell(ToDaemon::End {
+                        request_id: id,
+                        outcome: "timeout".into(),
+                    });
+                }
+                let now = (
+                    counts.malformed.load(Ordering::Relaxed),
+                    counts.oversized.load(Ordering::Relaxed),
+                );
+                if now != reported {
+                    tell(ToDaemon::Counts {
+                        malformed: now.0 - reported.0,
+                        oversized: now.1 - reported.1,
+                    });
+                    reported = now;
+                }
+                if last {
+                    return;
+                }
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+
+    let status = child.wait();
+    // The server is gone: whatever it wrote is copied out before the relay ends; the
+    // client side is not waited for (the client may keep its end open).
+    let _ = down.join();
+    drop(up);
+    done.store(true, Ordering::SeqCst);
+    let _ = ticker.join();
+    status
+}

@@ -1,0 +1,483 @@
+//! MCP awareness (`exec --mcp`) with real MCP components from PyPI: the official MCP
+//! Python SDK's client drives the reference fetch server (`mcp-server-fetch`, started
+//! with `--allow-private-ips` like most MCP servers, which have no address guard) and a
+//! database-like server built on the SDK's `MCPServer`, each under the relay, inside a
+//! test network namespace whose "metadata", "internal" and "public" addresses are its
+//! own loopback addresses.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use mcp_guard_tests::{guard_bin, mcp_helper, mcp_venv, output_text, Daemon, NetNs, TestCgroup};
+use serde_json::Value;
+
+const METADATA: &str = "169.254.169.254";
+const INTERNAL: &str = "10.0.13.5";
+const PUBLIC: &str = "93.184.216.34";
+
+fn http(body: &'static str) -> &'static str {
+    Box::leak(
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_boxed_str(),
+    )
+}
+
+/// A namespace with the three destinations answering HTTP on port 80 and the internal
+/// one also listening on 5432 (a database), and a cgroup subtree for the workload.
+fn lab() -> (NetNs, TestCgroup) {
+    let ns = NetNs::new();
+    for a in [METADATA, INTERNAL, PUBLIC] {
+        ns.add_addr(a);
+    }
+    ns.serve_tcp(&format!("{METADATA}:80"), http("iam-credentials-SECRET"));
+    ns.serve_tcp(&format!("{INTERNAL}:80"), http("internal-admin-page"));
+    ns.serve_tcp(&format!("{PUBLIC}:80"), http("public-page"));
+    ns.listen_tcp(&format!("{INTERNAL}:5432"));
+    (ns, TestCgroup::new())
+}
+
+fn config(cg: &TestCgroup, workload_extra: &str, rules: &str) -> String {
+    format!(
+        "[[workload]]\nname = \"mcp\"\ncgroup = \"{}/mcp\"\ndefault = \"deny-internal\"\n{workload_extra}\n{rules}\n",
+        cg.rel
+    )
+}
+
+fn fetch_server() -> Vec<String> {
+    vec![
+        mcp_venv()
+            .join("bin/mcp-server-fetch")
+            .display()
+            .to_string(),
+        "--ignore-robots-txt".into(),
+        "--allow-private-ips".into(),
+    ]
+}
+
+fn db_server() -> Vec<String> {
+    vec![
+        mcp_venv().join("bin/python").display().to_string(),
+        mcp_helper("db_server.py").display().to_string(),
+    ]
+}
+
+/// Runs the SDK client in `ns` against `server` under `exec --mcp`; the client's JSON.
+fn client(ns: &NetNs, d: &Daemon, server: &[String], calls: &Value, extra: &[&str]) -> Value {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(mcp_venv().join("bin/python"))
+        .arg(mcp_helper("client.py"))
+        .arg("--calls")
+        .arg(calls.to_string())
+        .args(extra)
+        .arg("--")
+        .arg(guard_bin())
+        .args(["exec", "--mcp", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "mcp", "--"])
+        .args(server)
+        .output()
+        .expect("run the MCP client");
+    assert!(
+        out.status.success(),
+        "the MCP client failed:\n{}",
+        output_text(&out)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("client output is not JSON ({e}):\n{}", output_text(&out)))
+}
+
+/// Waits for an event matching `pred` (events read before it are kept for the next
+/// wait); panics with every event seen otherwise.
+fn wait_event(d: &Daemon, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    thread_local! {
+        static SEEN: std::cell::RefCell<Vec<Value>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = SEEN.with(|s| s.borrow().iter().find(|e| pred(e)).cloned());
+        if let Some(e) = found {
+            return e;
+        }
+        if Instant::now() > deadline {
+            let seen = SEEN.with(|s| s.borrow().clone());
+            panic!("no event {what}; saw:\n{seen:#?}");
+        }
+        let new = d.events(Duration::from_millis(200));
+        SEEN.with(|s| s.borrow_mut().extend(new));
+    }
+}
+
+fn metric(d: &Daemon, prefix: &str) -> f64 {
+    try_metric(d, prefix).unwrap_or_else(|| panic!("no metric {prefix} in:\n{}", d.get("/metrics")))
+}
+
+fn try_metric(d: &Daemon, prefix: &str) -> Option<f64> {
+    d.get("/metrics")
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn fetch_of_metadata_is_denied_and_the_event_names_the_tool_call() {
+    let (ns, cg) = lab();
+    let d = Daemon::start(&config(&cg, "", ""));
+    let calls = serde_json::json!([
+        ["fetch", {"url": format!("http://{PUBLIC}/"), "raw": true}],
+        ["fetch", {"url": format!("http://{METADATA}/latest/meta-data/iam/?token=abc"), "raw": true}],
+        ["fetch", {"url": format!("http://{INTERNAL}/admin"), "raw": true}],
+    ]);
+    let out = client(&ns, &d, &fetch_server(), &calls, &[]);
+    assert_eq!(out["server"], "mcp-fetch");
+    let r = &out["results"];
+    assert_eq!(r[0]["is_error"], false, "{out}");
+    assert!(
+        r[0]["text"].as_str().unwrap().contains("public-page"),
+        "{out}"
+    );
+    for i in [1, 2] {
+        assert_eq!(r[i]["is_error"], true, "{out}");
+        assert!(!r[i]["text"].as_str().unwrap().contains("SECRET"), "{out}");
+        assert!(
+            !r[i]["text"].as_str().unwrap().contains("internal-admin"),
+            "{out}"
+        );
+    }
+    // initialize is request 1, tools/list 2, the calls 3, 4 and 5 (the SDK numbers them).
+    let e = wait_event(&d, "for the metadata fetch", |e| {
+        e["dst"] == METADATA && e["reason"] == "baseline-metadata"
+    });
+    let m = &e["mcp"];
+    assert_eq!(m["tool"], "fetch", "{e:#}");
+    assert_eq!(m["request_id"], "4", "{e:#}");
+    assert_eq!(m["server"]["name"], "mcp-fetch", "{e:#}");
+    assert_eq!(m["client"]["name"], "mcp", "{e:#}");
+    let args = m["arguments"].as_str().unwrap();
+    assert!(args.contains(&format!("url=http://{METADATA}")), "{e:#}");
+    assert!(
+        !args.contains("token=abc") && !args.contains("meta-data"),
+        "secrets and paths stay out: {e:#}"
+    );
+    assert_eq!(e["workload"], "mcp");
+    let e = wait_event(&d, "for the internal fetch", |e| {
+        e["dst"] == INTERNAL && e["reason"] == "deny-internal"
+    });
+    assert_eq!(e["mcp"]["tool"], "fetch", "{e:#}");
+    assert_eq!(e["mcp"]["request_id"], "5", "{e:#}");
+    // Exact counters: three calls reported, the denials counted by class.
+    assert_eq!(
+        metric(&d, "mcp_guard_mcp_tool_calls_total{workload=\"mcp\"}"),
+        3.0
+    );
+    assert!(metric(&d, "mcp_guard_denied_flows_total{dest_class=\"metadata\",family=\"ipv4\",hook=\"connect4\",proto=\"tcp\",reason=\"baseline-metadata\",workload=\"mcp\"}") >= 1.0);
+    // `mcp-guard events` names the tool.
+    let mut follow = Command::new(guard_bin())
+        .args(["events", "--since", "5m", "--socket"])
+        .arg(&d.control)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("events");
+    let mut text = String::new();
+    let mut r = BufReader::new(follow.stdout.take().expect("stdout"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !text.contains(METADATA) {
+        let mut l = String::new();
+        if r.read_line(&mut l).unwrap_or(0) == 0 {
+            break;
+        }
+        text.push_str(&l);
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(
+        text.lines()
+            .any(|l| l.contains(METADATA) && l.contains("tool=fetch") && l.contains("request=4")),
+        "{text}"
+    );
+}
+
+#[test]
+fn rules_scoped_to_tools_apply_only_while_those_tools_run() {
+    let (ns, cg) = lab();
+    let rule = |tools: &str| {
+        format!("[[workload.allow]]\ncidr = \"{INTERNAL}/32\"\nports = [80]\ntools = [{tools}]\n")
+    };
+    let d = Daemon::start(&config(&cg, "", &rule("\"query_db\"")));
+    let calls = serde_json::json!([["fetch", {"url": format!("http://{INTERNAL}/"), "raw": true}]]);
+    let out = client(&ns, &d, &fetch_server(), &calls, &[]);
+    assert_eq!(out["results"][0]["is_error"], true, "{out}");
+    let e = wait_event(&d, "naming the inactive tool rule", |e| {
+        e["dst"] == INTERNAL && e["reason"] == "tool-not-active"
+    });
+    assert_eq!(e["mcp"]["tool"], "fetch", "{e:#}");
+    assert!(e["rule"].as_str().unwrap().contains("query_db"), "{e:#}");
+
+    // The same rule for `fetch`: the fetch reaches the address.
+    let generation = d.status()["generation"].as_u64().unwrap();
+    d.write_config(&config(&cg, "", &rule("\"fetch\"")));
+    assert!(
+        mcp_guard_tests::wait_until(Duration::from_secs(10), || {
+            d.status()["generation"].as_u64().unwrap() > generation
+        }),
+        "the config change was not loaded"
+    );
+    let out = client(&ns, &d, &fetch_server(), &calls, &[]);
+    assert_eq!(out["results"][0]["is_error"], false, "{out}");
+    assert!(out["results"][0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("internal-admin-page"));
+}
+
+#[test]
+fn calls_in_flight_activate_their_tools_and_background_connections_say_so() {
+    let (ns, cg) = lab();
+    let d = Daemon::start(&config(
+        &cg,
+        "",
+        &format!("[[workload.allow]]\ncidr = \"{INTERNAL}/32\"\nports = [5432]\ntools = [\"query_db\", \"slow_query_db\"]\n"),
+    ));
+    let db = |delay: f64| serde_json::json!({"host": INTERNAL, "port": 5432, "delay": delay});
+    let calls = serde_json::json!([
+        ["query_db", {"host": INTERNAL, "port": 5432}],
+        ["later", db(0.5)],
+        ["cgroups", {}],
+    ]);
+    let then = serde_json::json!([["background", {}]]).to_string();
+    let out = client(
+        &ns,
+        &d,
+        &db_server(),
+        &calls,
+        &["--hold", "1.5", "--then", &then],
+    );
+    let r = &out["results"];
+    assert_eq!(r[0]["text"], "connected", "{out}");
+    assert_eq!(r[1]["text"], "scheduled", "{out}");
+    let bg: Value = serde_json::from_str(r[3]["text"].as_str().unwrap()).unwrap();
+    assert!(
+        bg[0]
+            .as_str()
+            .unwrap()
+            .starts_with("refused: Operation not permitted"),
+        "{out}"
+    );
+    // The server runs in a cgroup of its own below the workload's; the relay does not.
+    let cgroups: Value = serde_json::from_str(r[2]["text"].as_str().unwrap()).unwrap();
+    let server_cg = cgroups["server"].as_str().unwrap();
+    let relay_cg = cgroups["relay"].as_str().unwrap();
+    assert!(
+        server_cg.starts_with(&format!("{}/mcp/mcp-", cg.rel)),
+        "server in {server_cg}"
+    );
+    assert!(
+        !relay_cg.starts_with(&format!("{}/mcp", cg.rel)),
+        "relay in {relay_cg}"
+    );
+    // The background connection, with no call in flight: refused, and said so.
+    let e = wait_event(&d, "for the background connection", |e| {
+        e["dst"] == INTERNAL && e["dport"] == 5432
+    });
+    assert_eq!(e["reason"], "tool-not-active", "{e:#}");
+    assert!(e["mcp"].is_object(), "{e:#}");
+    assert!(e["mcp"]["tool"].is_null(), "a background connection: {e:#}");
+    assert_eq!(e["mcp"]["in_flight"], serde_json::json!([]), "{e:#}");
+
+    // Concurrent calls activate the union of their tools: `later`'s thread connects
+    // while `slow_query_db` is still in flight, so the tool set naming `slow_query_db`
+    // holds for it.
+    let calls = serde_json::json!([
+        ["slow_query_db", {"host": PUBLIC, "port": 80, "delay": 2.0}],
+        ["later", db(0.3)],
+    ]);
+    let out = client(
+        &ns,
+        &d,
+        &db_server(),
+        &calls,
+        &["--concurrent", "--then", &then],
+    );
+    assert_eq!(out["results"][0]["text"], "connected", "{out}");
+    assert_eq!(out["results"][2]["text"], "[\"connected\"]", "{out}");
+}
+
+#[test]
+fn a_workload_can_deny_all_egress_between_calls() {
+    let (ns, cg) = lab();
+    let d = Daemon::start(&config(&cg, "between_calls = \"deny\"", ""));
+    let calls = serde_json::json!([
+        ["query_db", {"host": PUBLIC, "port": 80}],
+        ["later", {"host": PUBLIC, "port": 80, "delay": 0.5}],
+    ]);
+    let out = client(&ns, &d, &db_server(), &calls, &["--hold", "2"]);
+    assert_eq!(out["results"][0]["text"], "connected", "{out}");
+    let e = wait_event(&d, "between calls", |e| {
+        e["dst"] == PUBLIC && e["reason"] == "between-calls"
+    });
+    assert!(e["mcp"]["tool"].is_null(), "{e:#}");
+}
+
+/// Runs `cmd` under `exec --mcp` (or directly, in the workload's cgroup's netns only)
+/// with `input` on stdin; returns stdout.
+fn relay_bytes(
+    d: &Daemon,
+    ns: &NetNs,
+    cmd: &[String],
+    input: &[u8],
+    responses: usize,
+    relay: bool,
+) -> Vec<u8> {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", ns.path().display()));
+    if relay {
+        c.arg(guard_bin())
+            .args(["exec", "--mcp", "--config"])
+            .arg(&d.config)
+            .args(["--workload", "mcp", "--"]);
+    }
+    let mut child = c
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(&input).expect("write");
+        // Without answers to wait for, EOF right away; otherwise the caller closes.
+        (responses > 0).then_some(stdin)
+    });
+    let mut out = Vec::new();
+    if responses == 0 {
+        // Read while the writer writes: a pipe holds far less than the input.
+        stdout.read_to_end(&mut out).expect("read");
+        drop(writer.join());
+    } else {
+        // A server that ends its session on EOF: close stdin only after the answers.
+        let mut r = BufReader::new(stdout);
+        for _ in 0..responses {
+            let n = r.read_until(b'\n', &mut out).expect("read");
+            assert!(
+                n > 0,
+                "the server ended early: {}",
+                String::from_utf8_lossy(&out)
+            );
+        }
+        drop(writer.join());
+        r.read_to_end(&mut out).expect("read");
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "{cmd:?} exited with {status}");
+    out
+}
+
+#[test]
+fn the_relay_passes_every_byte_through_and_counts_what_it_cannot_read() {
+    let (ns, cg) = lab();
+    let d = Daemon::start(&config(&cg, "", ""));
+    // `cat` as the server echoes every line back: each passes the relay twice.
+    let mut input = Vec::new();
+    input.extend_from_slice(br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"clientInfo":{"name":"raw","version":"1"}}}"#);
+    input.push(b'\n');
+    input.extend_from_slice(br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"fetch","arguments":{"url":"http://x/"}}}"#);
+    input.extend_from_slice(b"\r\n");
+    let malformed: [&[u8]; 4] = [
+        b"not json",
+        br#"{"jsonrpc":"2.0"}"#,
+        b"\xff\xfe{\"broken\"",
+        b"",
+    ];
+    for m in malformed {
+        input.extend_from_slice(m);
+        input.push(b'\n');
+    }
+    // 17 MiB on one line: passed through unread.
+    input.extend(std::iter::repeat_n(b'a', 17 * 1024 * 1024));
+    input.push(b'\n');
+    input.extend_from_slice(
+        br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":2}}"#,
+    );
+    input.push(b'\n');
+    input.extend_from_slice(b"no newline at the end");
+    let out = relay_bytes(&d, &ns, &["cat".to_string()], &input, 0, true);
+    assert!(
+        out == input,
+        "the relay changed the bytes ({} in, {} out)",
+        input.len(),
+        out.len()
+    );
+    // Counted in both directions: 4 malformed lines and the unterminated last one; one
+    // oversized line.
+    let lines = |kind: &str| {
+        try_metric(
+            &d,
+            &format!("mcp_guard_mcp_relay_lines_total{{kind=\"{kind}\",workload=\"mcp\"}}"),
+        )
+    };
+    assert!(
+        mcp_guard_tests::wait_until(Duration::from_secs(5), || lines("malformed") == Some(10.0)),
+        "malformed: {:?}",
+        lines("malformed")
+    );
+    assert_eq!(lines("oversized"), Some(2.0));
+
+    // The real fetch server: the client gets the same bytes with and without the relay.
+    let session = format!(
+        "{}\n{}\n{}\n{}\n",
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#,
+        format_args!(
+            r#"{{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{{"name":"fetch","arguments":{{"url":"http://{PUBLIC}/","raw":true}}}}}}"#
+        ),
+    );
+    let direct = relay_bytes(&d, &ns, &fetch_server(), session.as_bytes(), 3, false);
+    let relayed = relay_bytes(&d, &ns, &fetch_server(), session.as_bytes(), 3, true);
+    assert!(String::from_utf8_lossy(&direct).contains("public-page"));
+    assert_eq!(
+        String::from_utf8_lossy(&direct),
+        String::from_utf8_lossy(&relayed)
+    );
+}
+
+#[test]
+fn exec_mcp_needs_the_daemon() {
+    let (_ns, cg) = lab();
+    let d = Daemon::start(&config(&cg, "", ""));
+    // A config whose MCP socket no daemon serves: exec refuses to run the server.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let other = d.config.with_file_name("other.toml");
+    std::fs::write(&other, text.replace("mcp.sock", "nobody-here.sock")).unwrap();
+    let out = Command::new(guard_bin())
+        .args(["exec", "--mcp", "--config"])
+        .arg(&other)
+        .args(["--workload", "mcp", "--", "true"])
+        .output()
+        .expect("exec");
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("nobody-here.sock"),
+        "{}",
+        output_text(&out)
+    );
+    // Its instance cgroup is removed again.
+    let left: Vec<_> = std::fs::read_dir(Path::new(&cg.dir).join("mcp"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("mcp-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
