@@ -241,7 +241,7 @@ pub(crate) fn port_proto(port: u16, proto_bit: u8) -> u32 {
 /// calls, and 0 for a cgroup that is no instance of this workload.
 #[inline(always)]
 pub(crate) fn mcp_active(slot: u32, wl: &WorkloadInfo, cgroup_id: u64) -> u64 {
-    if wl.flags & WL_MCP == 0 {
+    if cgroup_id == 0 || wl.flags & WL_MCP == 0 {
         return 0;
     }
     // SAFETY: entries are replaced whole by user space; McpInstance is plain data.
@@ -333,7 +333,8 @@ pub(crate) fn decide(
     .filter(|e| e.kind != ENTRY_HOLE);
     let address_matched = entry.is_some();
     // A matching range scoped to tools none of which is being called: the refusal, if
-    // nothing else allows, names it.
+    // nothing else allows, names it (the last such range: one branch less for the
+    // verifier than keeping the first).
     let mut inactive_rule = 0u32;
     if let Some(e) = entry {
         let mut i = 0;
@@ -347,9 +348,7 @@ pub(crate) fn decide(
                 if ts == 0 || (ts <= 63 && (active >> (ts - 1)) & 1 != 0) {
                     return (u64::from(until) << 32) | u64::from(r.rule_id);
                 }
-                if inactive_rule == 0 {
-                    inactive_rule = r.rule_id;
-                }
+                inactive_rule = r.rule_id;
             }
             i += 1;
         }

@@ -284,8 +284,9 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
                 // NAT64 destinations are judged by the IPv4 address they carry.
                 let mut judged = p.daddr;
                 mcp_guard_common::nat64_to_mapped(&mut judged);
-                let cgroup = owner.map_or(0, |(_, cg)| cg);
-                let result = decide(slot, wl, &judged, port_proto(p.dport, proto_bit), cgroup);
+                // The TC classifier knows no MCP instance (0): tool-scoped rules never
+                // hold here, and the verifier keeps one path through them.
+                let result = decide(slot, wl, &judged, port_proto(p.dport, proto_bit), 0);
                 (result & REFUSED != 0).then(|| (wl, result, Some(classify(slot, &judged))))
             }
         };

@@ -874,3 +874,22 @@ pub fn dns_query_type(name: &str, id: u16, qtype: u16) -> Vec<u8> {
     q.extend_from_slice(&[0, 1]); // class IN
     q
 }
+
+/// Checks an event against the published schema (mcp-guard/schema/event-v1.schema.json).
+pub fn assert_event_schema(e: &serde_json::Value) {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../mcp-guard/schema/event-v1.schema.json"
+    ))
+    .expect("schema file");
+    let v = jsonschema::validator_for(&serde_json::from_str(&text).expect("schema is JSON"))
+        .expect("schema compiles");
+    let errors: Vec<String> = v
+        .iter_errors(e)
+        .map(|err| format!("{err} at {}", err.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "event does not match the schema: {errors:#?}\n{e:#}"
+    );
+}

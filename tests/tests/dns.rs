@@ -98,24 +98,6 @@ rate_limit_per_sec = 0
     )
 }
 
-/// DNS refusal events are ordinary events: they match the published schema.
-fn assert_schema_valid(e: &Value) {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../mcp-guard/schema/event-v1.schema.json"
-    ))
-    .unwrap();
-    let v = jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).expect("schema");
-    let errors: Vec<String> = v
-        .iter_errors(e)
-        .map(|err| format!("{err} at {}", err.instance_path))
-        .collect();
-    assert!(
-        errors.is_empty(),
-        "event does not match the schema: {errors:#?}\n{e:#}"
-    );
-}
-
 /// The first line `mcp-guard events ARGS` prints (it follows forever: killed after).
 fn first_event_line(d: &Daemon, args: &[&str]) -> String {
     use std::io::BufRead as _;
@@ -164,7 +146,7 @@ fn refusal(d: &Daemon, seen: &mut Vec<Value>, name: &str, dst: &str, reason: &st
         if let Some(e) = seen.iter().find(|e| {
             e["hook"] == "dns" && e["name"] == name && e["dst"] == dst && e["reason"] == reason
         }) {
-            assert_schema_valid(e);
+            mcp_guard_tests::assert_event_schema(e);
             return e.clone();
         }
         assert!(
@@ -896,7 +878,7 @@ rate_limit_per_sec = 0
         .iter()
         .find(|e| e["reason"] == "name-not-allowed" && e["dns_type"] == "TXT")
         .expect("a TXT exfiltration event");
-    assert_schema_valid(e);
+    mcp_guard_tests::assert_event_schema(e);
     assert_eq!(e["verdict"], "refused");
     assert_eq!(e["dns_source"], "proxy");
     assert!(

@@ -157,6 +157,7 @@ fn fetch_of_metadata_is_denied_and_the_event_names_the_tool_call() {
     let e = wait_event(&d, "for the metadata fetch", |e| {
         e["dst"] == METADATA && e["reason"] == "baseline-metadata"
     });
+    mcp_guard_tests::assert_event_schema(&e);
     let m = &e["mcp"];
     assert_eq!(m["tool"], "fetch", "{e:#}");
     assert_eq!(m["request_id"], "4", "{e:#}");
@@ -289,6 +290,7 @@ fn calls_in_flight_activate_their_tools_and_background_connections_say_so() {
         e["dst"] == INTERNAL && e["dport"] == 5432
     });
     assert_eq!(e["reason"], "tool-not-active", "{e:#}");
+    mcp_guard_tests::assert_event_schema(&e);
     assert!(e["mcp"].is_object(), "{e:#}");
     assert!(e["mcp"]["tool"].is_null(), "a background connection: {e:#}");
     assert_eq!(e["mcp"]["in_flight"], serde_json::json!([]), "{e:#}");

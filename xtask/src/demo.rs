@@ -13,8 +13,10 @@ pub fn run() -> Result<()> {
     let target =
         std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     let bin_dir = target.join("debug");
+    let venv = setup::mcp_venv()?;
     setup::status(
         Command::new(bin_dir.join("mcpg-demo"))
+            .env("MCPG_MCP_VENV", venv)
             .env("MCP_GUARD_BIN", bin_dir.join("mcp-guard"))
             .env("MCPG_BIN_DIR", &bin_dir),
     )

@@ -156,9 +156,7 @@ impl<'a> Evaluator<'a> {
                         rule_id: r.rule_id,
                     };
                 }
-                if inactive_rule == 0 {
-                    inactive_rule = r.rule_id;
-                }
+                inactive_rule = r.rule_id;
             }
         }
         if wl.flags & mcp_guard_common::WL_DENY_DIRECT_DNS != 0

@@ -1,4 +1,5 @@
-//! The demo behind `cargo xtask demo`: a compromised MCP server against mcp-guard.
+//! The demo behind `cargo xtask demo`: a compromised MCP server against mcp-guard, then
+//! the reference fetch MCP server under `exec --mcp`, its denials naming the tool call.
 //!
 //! Everything happens inside a throw-away network namespace whose `lo` carries the fake
 //! metadata service, the internal database and cache, and the "public" API: no packet
@@ -32,6 +33,19 @@ host = "api.github.test"
 ports = [443]
 proto = "tcp"
 comment = "its API, by name: addresses come from DNS, never metadata or internal ones"
+
+# The reference MCP fetch server, under `mcp-guard exec --mcp`: its `fetch` tool may not
+# reach the database, which only a database tool's calls may.
+[[workload]]
+name = "fetch-mcp"
+cgroup = "ROOT/fetch-mcp"
+default = "deny-internal"
+
+[[workload.allow]]
+cidr = "10.0.20.7/32"
+ports = [5432]
+tools = ["query_db"]
+comment = "the database, only while a query_db call is in flight"
 
 [dns]
 nameservers = ["127.0.0.1:53"]
@@ -216,6 +230,93 @@ fn main() {
     }
     println!("  the old address ages out after its TTL (5 s) plus grace; the metadata address is never allowed:");
     explain_name();
+
+    banner("8. The real reference fetch MCP server (mcp-server-fetch from PyPI), under `mcp-guard exec --mcp`, driven by the official MCP SDK client");
+    let venv = mcp_guard_tests::mcp_venv();
+    let calls = serde_json::json!([
+        ["fetch", {"url": "http://93.184.216.34:443/", "raw": true}],
+        ["fetch", {"url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/", "raw": true}],
+        ["fetch", {"url": "http://10.0.20.7:5432/", "raw": true}],
+    ]);
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(venv.join("bin/python"))
+        .arg(mcp_guard_tests::mcp_helper("client.py"))
+        .arg("--calls")
+        .arg(calls.to_string())
+        .arg("--")
+        .arg(std::env::var_os("MCP_GUARD_BIN").map_or_else(|| bin("mcp-guard"), PathBuf::from))
+        .args(["exec", "--mcp", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "fetch-mcp", "--"])
+        .arg(venv.join("bin/mcp-server-fetch"))
+        .args(["--ignore-robots-txt", "--allow-private-ips"])
+        .output()
+        .expect("MCP client");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("client output is JSON");
+    for (call, r) in calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(result["results"].as_array().unwrap())
+    {
+        let text: String = r["text"]
+            .as_str()
+            .unwrap_or("")
+            .replace('\n', " ")
+            .chars()
+            .take(90)
+            .collect();
+        println!(
+            "  tools/call fetch {:<62} -> {}",
+            call[1]["url"].as_str().unwrap_or(""),
+            if r["is_error"] == true {
+                format!("ERROR: {text}")
+            } else {
+                format!("OK: {text}")
+            }
+        );
+    }
+    let mut mcp_events = Vec::new();
+    wait_until(Duration::from_secs(10), || {
+        mcp_events.extend(
+            d.events(Duration::from_millis(200))
+                .into_iter()
+                .filter(|e| e["mcp"].is_object()),
+        );
+        mcp_events.len() >= 2
+    });
+    for e in &mcp_events {
+        println!(
+            "  DENIED {} -> {} reason={} tool={} request_id={} arguments=\"{}\" server={} client={}",
+            e["workload"].as_str().unwrap_or("?"),
+            host_port(e["dst"].as_str().unwrap_or(""), &e["dport"]),
+            e["reason"].as_str().unwrap_or(""),
+            e["mcp"]["tool"],
+            e["mcp"]["request_id"].as_str().unwrap_or("-"),
+            e["mcp"]["arguments"].as_str().unwrap_or(""),
+            e["mcp"]["server"]["name"].as_str().unwrap_or("?"),
+            e["mcp"]["client"]["name"].as_str().unwrap_or("?"),
+        );
+    }
+    for l in d.get("/metrics").lines().filter(|l| {
+        l.starts_with("mcp_guard_mcp_tool_calls_total")
+            || (l.starts_with("mcp_guard_denied_flows_total") && l.contains("fetch-mcp"))
+    }) {
+        println!("  {l}");
+    }
+    assert!(
+        mcp_events
+            .iter()
+            .any(|e| e["mcp"]["tool"] == "fetch" && e["dst"] == "169.254.169.254"),
+        "expected the metadata fetch to be denied and attributed to the fetch tool"
+    );
 
     let denied = events.iter().filter(|e| e["verdict"] == "denied").count();
     let stopped = d.stop();
