@@ -230,6 +230,11 @@ pub(crate) fn find_workload(slot: u32) -> Option<&'static WorkloadInfo> {
     found
 }
 
+/// `decide`'s cgroup for a program that leaves MCP tool scoping to others (the TC
+/// classifier): every tool set counts as active and a call as in flight there; the
+/// cgroup hooks and the cgroup_skb backstop, which know the instance, judge it.
+pub(crate) const ANY_TOOL: u64 = u64::MAX;
+
 /// Port and protocol bit in one argument (a BPF call takes five at most).
 #[inline(always)]
 pub(crate) fn port_proto(port: u16, proto_bit: u8) -> u32 {
@@ -241,6 +246,9 @@ pub(crate) fn port_proto(port: u16, proto_bit: u8) -> u32 {
 /// calls, and 0 for a cgroup that is no instance of this workload.
 #[inline(always)]
 pub(crate) fn mcp_active(slot: u32, wl: &WorkloadInfo, cgroup_id: u64) -> u64 {
+    if cgroup_id == ANY_TOOL {
+        return u64::MAX;
+    }
     if cgroup_id == 0 || wl.flags & WL_MCP == 0 {
         return 0;
     }

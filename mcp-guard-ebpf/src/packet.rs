@@ -21,7 +21,7 @@ use mcp_guard_common::{
 };
 
 use crate::{
-    decide::{classify, decide, port_proto, stable, REFUSED},
+    decide::{classify, decide, port_proto, stable, ANY_TOOL, REFUSED},
     maps::{CGROUPS_1, CONFIG_1, IFACES_1},
     report::{self, Flow, Origin},
 };
@@ -284,9 +284,10 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
                 // NAT64 destinations are judged by the IPv4 address they carry.
                 let mut judged = p.daddr;
                 mcp_guard_common::nat64_to_mapped(&mut judged);
-                // The TC classifier knows no MCP instance (0): tool-scoped rules never
-                // hold here, and the verifier keeps one path through them.
-                let result = decide(slot, wl, &judged, port_proto(p.dport, proto_bit), 0);
+                // MCP tool scoping is left to the cgroup hooks and the cgroup_skb
+                // backstop, which know the instance (a constant: the verifier keeps one
+                // path through the tool checks).
+                let result = decide(slot, wl, &judged, port_proto(p.dport, proto_bit), ANY_TOOL);
                 (result & REFUSED != 0).then(|| (wl, result, Some(classify(slot, &judged))))
             }
         };
