@@ -16,12 +16,14 @@
 //! - [`api`] serves the TCP listener and the control socket, and is the CLI's client.
 //! - [`mcp`] is MCP awareness: the `exec --mcp` relay, its line protocol with the
 //!   daemon, and the daemon's record of instances and tool calls.
+//! - [`exec`] is `mcp-guard exec` (and `exec --mcp`).
 //! - [`daemon`] ties it together for `mcp-guard run`.
 
 pub mod api;
 pub mod config;
 pub mod daemon;
 pub mod dns;
+pub mod exec;
 pub mod host;
 pub mod kernel;
 pub mod mcp;

@@ -1,10 +1,9 @@
 use std::{
     io::{BufRead, Write as _},
     net::{IpAddr, SocketAddr},
-    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::ExitCode,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -144,7 +143,7 @@ fn main() -> ExitCode {
             cmd,
         } => {
             if mcp {
-                return match exec_mcp(
+                return match mcp_guard::exec::exec_mcp(
                     &config,
                     &workload,
                     unguarded,
@@ -159,13 +158,13 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            exec(&config, &workload, unguarded, !no_hardening, &cmd)
+            mcp_guard::exec::exec(&config, &workload, unguarded, !no_hardening, &cmd)
         }
         Cmd::ExecInstance {
             cgroup_dir,
             no_hardening,
             cmd,
-        } => exec_in(&cgroup_dir, !no_hardening, &cmd),
+        } => mcp_guard::exec::exec_in(&cgroup_dir, !no_hardening, &cmd),
         Cmd::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Cmd::Events {
             config,
@@ -440,140 +439,6 @@ fn explain_one(
             }
         ),
     }
-}
-
-/// The workload exec runs in, its cgroup created, once the kernel enforces it (unless
-/// `unguarded`): the config and the workload's cgroup directory.
-fn exec_target(path: &Path, workload: &str, unguarded: bool) -> Result<(config::Config, PathBuf)> {
-    let cfg = config::load(path)?;
-    let wl = cfg
-        .workloads
-        .iter()
-        .find(|w| w.name == workload)
-        .with_context(|| format!("{}: no workload named {workload:?}", path.display()))?;
-    anyhow::ensure!(
-        !cgroup::is_pattern(&wl.cgroup),
-        "{}: workload {workload:?} selects cgroups by the pattern {}; exec needs a workload with a plain cgroup path",
-        path.display(),
-        wl.cgroup
-    );
-    let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
-    let dir = cgroup::create(&mount, &wl.cgroup)
-        .with_context(|| format!("creating cgroup {}", wl.cgroup))?;
-    let id = cgroup::id(&mount, &wl.cgroup)?;
-    if !unguarded {
-        // Wait until the kernel itself enforces this exact cgroup (read from the pinned
-        // maps and the attached programs, not from a listener anyone could answer on):
-        // only then is the command guarded.
-        let compiled = mcp_guard::policy::compile(&cfg)?;
-        let wid = compiled
-            .workloads
-            .iter()
-            .find(|w| w.name == workload)
-            .map(|w| w.id)
-            .context("workload missing from the compiled policy")?;
-        let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match mcp_guard::kernel::enforced::check(&cfg, wid, id, &attach_dir) {
-                Ok(()) => break,
-                Err(why) if Instant::now() > deadline => bail!(
-                    "workload {workload:?} (cgroup {}) is not enforced: {why}; start `mcp-guard run --config {}` first, or pass --unguarded to run without protection",
-                    wl.cgroup,
-                    path.display()
-                ),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
-    Ok((cfg, dir))
-}
-
-fn exec(path: &Path, workload: &str, unguarded: bool, harden: bool, cmd: &[String]) -> Result<()> {
-    let (_, dir) = exec_target(path, workload, unguarded)?;
-    exec_in(&dir, harden, cmd)
-}
-
-/// Joins `dir`, hardens (unless told not to) and runs `cmd` in this process.
-fn exec_in(dir: &Path, harden: bool, cmd: &[String]) -> Result<()> {
-    cgroup::join(dir, std::process::id())
-        .with_context(|| format!("joining cgroup {}", dir.display()))?;
-    if harden {
-        mcp_guard::host::harden::apply()
-            .context("hardening the command failed, so it was not run (pass --no-hardening to run it without)")?;
-    }
-    let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
-    bail!("cannot run {:?}: {err}", cmd[0])
-}
-
-/// `exec --mcp`: the server runs in `<workload cgroup>/mcp-<relay pid>`, started through
-/// `exec-instance` (join, harden, exec) with its stdio piped to the relay, which stays
-/// in its own cgroup. Returns the server's exit code.
-fn exec_mcp(
-    path: &Path,
-    workload: &str,
-    unguarded: bool,
-    harden: bool,
-    call_timeout: Duration,
-    cmd: &[String],
-) -> Result<u8> {
-    use mcp_guard::mcp::{relay, wire::ToDaemon};
-    let (cfg, dir) = exec_target(path, workload, unguarded)?;
-    let instance_dir = dir.join(format!("mcp-{}", std::process::id()));
-    std::fs::create_dir(&instance_dir)
-        .with_context(|| format!("creating the instance cgroup {}", instance_dir.display()))?;
-    let remove = |why: &str| {
-        // Processes the server left behind keep the cgroup busy: it is left then.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&instance_dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!(
-            "mcp-guard: the instance cgroup {} is still in use ({why}); remove it once its processes are gone",
-            instance_dir.display()
-        );
-    };
-    let run = || -> Result<u8> {
-        use std::os::unix::fs::MetadataExt as _;
-        let cgroup_id = std::fs::metadata(&instance_dir)?.ino();
-        let start = ToDaemon::Start {
-            workload: workload.to_string(),
-            cgroup_id,
-            relay_pid: std::process::id(),
-            command: cmd.to_vec(),
-        };
-        let daemon = match relay::Daemon::connect(&cfg.mcp_socket, start) {
-            Ok(d) => Some(d),
-            Err(e) if unguarded => {
-                eprintln!("mcp-guard: running unguarded, tool calls are not reported: {e}");
-                None
-            }
-            Err(e) => {
-                bail!("{e}; start the daemon first, or pass --unguarded to run without protection")
-            }
-        };
-        let exe = std::env::current_exe().context("finding the mcp-guard binary")?;
-        let mut c = std::process::Command::new(exe);
-        c.arg("exec-instance")
-            .arg("--cgroup-dir")
-            .arg(&instance_dir);
-        if !harden {
-            c.arg("--no-hardening");
-        }
-        c.arg("--").args(cmd);
-        let child = c
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {:?}", cmd[0]))?;
-        let status = relay::relay(daemon, child, call_timeout)?;
-        Ok(status.code().map_or(1, |c| c as u8))
-    };
-    let result = run();
-    remove("the server left processes behind");
-    result
 }
 
 fn parse_since(s: &str) -> Result<Duration, String> {

@@ -443,36 +443,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 None => {}
             }
         }
-        let toolsets: std::collections::BTreeSet<&Vec<String>> = allow
-            .iter()
-            .map(|r: &AllowRule| &r.tools)
-            .chain(hosts.iter().map(|r: &HostRule| &r.tools))
-            .filter(|t| !t.is_empty())
-            .collect();
-        if toolsets.len() > mcp_guard_common::MAX_TOOLSETS {
-            cx.err(
-                &w.name.span(),
-                format!(
-                    "workload {name:?}: its allow rules name {} distinct `tools` lists; at most {} fit: give rules for the same tools the same list",
-                    toolsets.len(),
-                    mcp_guard_common::MAX_TOOLSETS
-                ),
-            );
-        }
-        let deny_between_calls = match &w.between_calls {
-            None => false,
-            Some(v) => match v.get_ref().as_str() {
-                "allow" => false,
-                "deny" => true,
-                other => {
-                    cx.err(
-                        &v.span(),
-                        format!("between_calls = {other:?}: use \"allow\" (default) or \"deny\" (no egress while no MCP tool call is in flight)"),
-                    );
-                    false
-                }
-            },
-        };
+        let deny_between_calls = mcp_keys(&mut cx, w, &name, &allow, &hosts);
         workloads.push(Workload {
             name,
             id: 0,

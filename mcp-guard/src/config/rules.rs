@@ -433,3 +433,45 @@ pub(super) fn parse_port(v: &toml::Value) -> Result<PortSpan, String> {
         )),
     }
 }
+
+/// The MCP keys of a workload: at most `MAX_TOOLSETS` distinct `tools` lists among its
+/// rules, and `between_calls` ("allow" or "deny"); returns whether egress is denied
+/// between calls.
+pub(super) fn mcp_keys(
+    cx: &mut Ctx<'_>,
+    w: &RawWorkload,
+    name: &str,
+    allow: &[AllowRule],
+    hosts: &[HostRule],
+) -> bool {
+    let toolsets: std::collections::BTreeSet<&Vec<String>> = allow
+        .iter()
+        .map(|r: &AllowRule| &r.tools)
+        .chain(hosts.iter().map(|r: &HostRule| &r.tools))
+        .filter(|t| !t.is_empty())
+        .collect();
+    if toolsets.len() > mcp_guard_common::MAX_TOOLSETS {
+        cx.err(
+            &w.name.span(),
+            format!(
+                "workload {name:?}: its allow rules name {} distinct `tools` lists; at most {} fit: give rules for the same tools the same list",
+                toolsets.len(),
+                mcp_guard_common::MAX_TOOLSETS
+            ),
+        );
+    }
+    match &w.between_calls {
+        None => false,
+        Some(v) => match v.get_ref().as_str() {
+            "allow" => false,
+            "deny" => true,
+            other => {
+                cx.err(
+                    &v.span(),
+                    format!("between_calls = {other:?}: use \"allow\" (default) or \"deny\" (no egress while no MCP tool call is in flight)"),
+                );
+                false
+            }
+        },
+    }
+}
