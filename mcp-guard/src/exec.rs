@@ -24,16 +24,21 @@ fn exec_target(path: &Path, workload: &str, unguarded: bool) -> Result<(config::
         .iter()
         .find(|w| w.name == workload)
         .with_context(|| format!("{}: no workload named {workload:?}", path.display()))?;
+    let Some(wl_cgroup) = wl.cgroup.clone() else {
+        bail!(
+            "{}: workload {workload:?} selects Kubernetes pods; exec needs a workload with a plain cgroup path",
+            path.display()
+        );
+    };
     anyhow::ensure!(
-        !cgroup::is_pattern(&wl.cgroup),
-        "{}: workload {workload:?} selects cgroups by the pattern {}; exec needs a workload with a plain cgroup path",
+        !cgroup::is_pattern(&wl_cgroup),
+        "{}: workload {workload:?} selects cgroups by the pattern {wl_cgroup}; exec needs a workload with a plain cgroup path",
         path.display(),
-        wl.cgroup
     );
     let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
-    let dir = cgroup::create(&mount, &wl.cgroup)
-        .with_context(|| format!("creating cgroup {}", wl.cgroup))?;
-    let id = cgroup::id(&mount, &wl.cgroup)?;
+    let dir = cgroup::create(&mount, &wl_cgroup)
+        .with_context(|| format!("creating cgroup {wl_cgroup}"))?;
+    let id = cgroup::id(&mount, &wl_cgroup)?;
     if !unguarded {
         // Wait until the kernel itself enforces this exact cgroup (read from the pinned
         // maps and the attached programs, not from a listener anyone could answer on):
@@ -52,7 +57,7 @@ fn exec_target(path: &Path, workload: &str, unguarded: bool) -> Result<(config::
                 Ok(()) => break,
                 Err(why) if Instant::now() > deadline => bail!(
                     "workload {workload:?} (cgroup {}) is not enforced: {why}; start `mcp-guard run --config {}` first, or pass --unguarded to run without protection",
-                    wl.cgroup,
+                    wl_cgroup,
                     path.display()
                 ),
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),

@@ -16,6 +16,8 @@
 //! - [`api`] serves the TCP listener and the control socket, and is the CLI's client.
 //! - [`mcp`] is MCP awareness: the `exec --mcp` relay, its line protocol with the
 //!   daemon, and the daemon's record of instances and tool calls.
+//! - [`pods`] is Kubernetes pods, node-locally: the CRI client and which workload holds
+//!   which pod.
 //! - [`exec`] is `mcp-guard exec` (and `exec --mcp`).
 //! - [`daemon`] ties it together for `mcp-guard run`.
 
@@ -27,6 +29,7 @@ pub mod exec;
 pub mod host;
 pub mod kernel;
 pub mod mcp;
+pub mod pods;
 pub mod policy;
 pub mod telemetry;
 

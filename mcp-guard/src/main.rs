@@ -223,14 +223,21 @@ fn check(path: &Path) -> Result<()> {
         } else {
             "enforce"
         };
-        let exists = mount
-            .as_deref()
-            .is_some_and(|m| cgroup::id(m, &w.cgroup).is_ok());
+        let (what, exists) = match (&w.cgroup, &w.pods) {
+            (_, Some(p)) => (format!("pods {}", p.describe()), true),
+            (Some(c), None) if w.name == mcp_guard::config::pods::PENDING => {
+                (format!("cgroup {c} (new pods until identified: all egress denied)"), true)
+            }
+            (Some(c), None) => (
+                format!("cgroup {c}"),
+                mount.as_deref().is_some_and(|m| cgroup::id(m, c).is_ok()),
+            ),
+            (None, None) => (String::from("nothing"), true),
+        };
         println!(
-            "workload {} (id {}): cgroup {}{} default={default} mode={mode}{}",
+            "workload {} (id {}): {what}{} default={default} mode={mode}{}",
             w.name,
             w.id,
-            w.cgroup,
             if exists { "" } else { " [does not exist yet]" },
             if w.flags & mcp_guard_common::WL_DENY_DIRECT_DNS != 0 {
                 " deny_direct_dns (ports 53, 853 only where allowed)"
@@ -239,7 +246,7 @@ fn check(path: &Path) -> Result<()> {
             }
         );
         if !exists {
-            eprintln!("warning: workload {:?}: cgroup {} does not exist yet; it will be enforced when it appears", w.name, w.cgroup);
+            eprintln!("warning: workload {:?}: {what} does not exist yet; it will be enforced when it appears", w.name);
         }
     }
     println!("rules:");
@@ -548,8 +555,18 @@ fn human_event(e: &JsonEvent) -> String {
             (Some(t), Some(id)) => format!(" tool={t} request={id}"),
             _ => " tool=(none: no call in flight)".to_string(),
         });
+    let pod = e.pod.as_ref().map_or_else(String::new, |p| {
+        format!(
+            " pod={}/{}{}",
+            p.namespace,
+            p.name,
+            p.container
+                .as_deref()
+                .map_or_else(String::new, |c| format!(" container={c}"))
+        )
+    });
     format!(
-        "{} {} {} {} pid={} comm={} -> {}/{} reason={} hook={}{mcp}{suppressed}",
+        "{} {} {} {} pid={} comm={} -> {}/{} reason={} hook={}{pod}{mcp}{suppressed}",
         e.time,
         e.verdict.to_uppercase(),
         e.workload.as_deref().unwrap_or("?"),

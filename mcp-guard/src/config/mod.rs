@@ -2,6 +2,7 @@
 //! what to fix. Validation is complete before anything touches the kernel, so a bad
 //! config never weakens running enforcement.
 
+pub mod pods;
 pub mod sets;
 
 use std::{
@@ -196,8 +197,11 @@ pub struct Workload {
     /// Stable id, derived from the name (see [`workload_ids`]): kept across reloads,
     /// reorderings and restarts, so pinned counters and events follow the name.
     pub id: u32,
-    /// Path below the cgroup v2 mount, normalised to start with '/' and have no trailing '/'.
-    pub cgroup: String,
+    /// Path below the cgroup v2 mount, normalised to start with '/' and have no trailing
+    /// '/'; `None` for a workload that selects pods (`pods`).
+    pub cgroup: Option<String>,
+    /// The Kubernetes pods this workload holds (through the node's container runtime).
+    pub pods: Option<pods::PodSelector>,
     pub default: DefaultAction,
     pub mode: Mode,
     pub allow: Vec<AllowRule>,
@@ -259,6 +263,8 @@ pub struct Config {
     pub control_group: Option<u32>,
     /// The Unix socket `exec --mcp` relays report tool calls on (owner root, mode 0600).
     pub mcp_socket: PathBuf,
+    /// The container runtime and pod cgroups, for workloads that select pods.
+    pub pods: pods::PodsConfig,
     pub tc: TcConfig,
     pub dns: DnsConfig,
     /// Problems that do not stop the config from loading.
@@ -425,15 +431,37 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 format!("duplicate workload name {name:?} (first defined on line {first}): names must be unique"),
             );
         }
-        let Some(cgroup) = normalise_cgroup(&mut cx, &w.cgroup) else {
-            continue;
-        };
-        if let Some(first) = cgroups.insert(cgroup.clone(), loc.line) {
-            cx.err(
-                &w.cgroup.span(),
-                format!("duplicate workload cgroup {cgroup:?} (first used on line {first}): each cgroup belongs to one workload"),
-            );
+        if name == pods::PENDING {
+            cx.err(&w.name.span(), format!("workload name {name:?} is reserved for pods not yet identified: choose another"));
         }
+        let (cgroup, selector) = match (&w.cgroup, &w.pods) {
+            (Some(c), None) => {
+                let Some(cgroup) = normalise_cgroup(&mut cx, c) else {
+                    continue;
+                };
+                if let Some(first) = cgroups.insert(cgroup.clone(), loc.line) {
+                    cx.err(
+                        &c.span(),
+                        format!("duplicate workload cgroup {cgroup:?} (first used on line {first}): each cgroup belongs to one workload"),
+                    );
+                }
+                (Some(cgroup), None)
+            }
+            (None, Some(p)) => {
+                let Some(sel) = pods::selector(&mut cx, p) else {
+                    continue;
+                };
+                (None, Some(sel))
+            }
+            (Some(c), Some(_)) => {
+                cx.err(&c.span(), format!("workload {name:?} names both a cgroup and [workload.pods]: a workload holds either a cgroup (VMs, systemd units) or pods"));
+                continue;
+            }
+            (None, None) => {
+                cx.err(&w.name.span(), format!("workload {name:?} has neither cgroup = \"/...\" nor a [workload.pods] table: say which processes it guards"));
+                continue;
+            }
+        };
         let mut allow = Vec::new();
         let mut hosts = Vec::new();
         for a in &w.allow {
@@ -448,6 +476,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             name,
             id: 0,
             cgroup,
+            pods: selector,
             default: w.default,
             mode: w
                 .mode
@@ -503,6 +532,18 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             Sink::Stdout
         }
     };
+    let pods_cfg = pods::pods_config(
+        &mut cx,
+        raw.daemon.cri_socket.as_ref(),
+        raw.daemon.pod_cgroups.as_ref(),
+        raw.daemon.cri_poll_ms.as_ref(),
+    );
+    if let Some(first) = workloads.iter().find(|w| w.pods.is_some()) {
+        // Every new pod is held (all egress denied) until the daemon knows whose it is.
+        let mode = raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref());
+        let loc = first.loc;
+        workloads.extend(pods::pending_workloads(&pods_cfg, mode, &loc));
+    }
     let ids = workload_ids(workloads.iter().map(|w| w.name.as_str()));
     for w in &mut workloads {
         w.id = ids[&w.name];
@@ -596,10 +637,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         });
     if attach_cgroup != "/" {
         for w in &workloads {
-            if !(w.cgroup == attach_cgroup || w.cgroup.starts_with(&format!("{attach_cgroup}/"))) {
+            let Some(c) = &w.cgroup else { continue };
+            if !(*c == attach_cgroup || c.starts_with(&format!("{attach_cgroup}/"))) {
                 warnings.push(format!(
                     "{}:{}: workload {:?} cgroup {} is outside daemon.attach_cgroup {}: it will not be enforced",
-                    path.display(), w.loc.line, w.name, w.cgroup, attach_cgroup
+                    path.display(), w.loc.line, w.name, c, attach_cgroup
                 ));
             }
         }
@@ -630,6 +672,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         control_socket,
         control_group,
         mcp_socket,
+        pods: pods_cfg,
         tc: TcConfig {
             enabled: raw.tc.enabled.unwrap_or(true),
             interfaces: raw.tc.interfaces.unwrap_or_else(|| vec!["*".into()]),

@@ -118,7 +118,10 @@ pub(super) struct RawBaseline {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawWorkload {
     pub(super) name: Spanned<String>,
-    pub(super) cgroup: Spanned<String>,
+    #[serde(default)]
+    pub(super) cgroup: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) pods: Option<Spanned<super::pods::RawPods>>,
     #[serde(default)]
     pub(super) default: DefaultAction,
     #[serde(default)]
@@ -197,6 +200,12 @@ pub(super) struct RawDaemon {
     pub(super) control_group: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) mcp_socket: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) cri_socket: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) pod_cgroups: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pub(super) cri_poll_ms: Option<Spanned<i64>>,
 }
 
 /// What `run` does with the kernel programs when it exits.

@@ -128,7 +128,10 @@ fn handle(state: &State, instance: &mut Option<Instance>, m: ToDaemon) -> Result
             .iter()
             .find(|w| w.name == workload)
             .ok_or_else(|| format!("no workload named {workload:?} in the running policy"))?;
-        (w.id, w.cgroup.clone())
+        let c = w.cgroup.clone().ok_or_else(|| {
+            format!("workload {workload:?} selects pods: exec --mcp needs a workload with a cgroup path")
+        })?;
+        (w.id, c)
     };
     // The instance must be a cgroup below the workload's: a relay cannot lend another
     // workload's processes its tools.

@@ -30,6 +30,7 @@ use crate::{
 
 mod mcp;
 mod ops;
+mod pods;
 use ops::*;
 
 /// Runs blocking work of the daemon's loop (filesystem scans, map syscalls, program
@@ -54,15 +55,21 @@ fn kernel_release() -> String {
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
 }
 
-fn names_of(c: &Compiled, mount: &Path, mcp: &crate::mcp::registry::Shared) -> Names {
+fn names_of(
+    c: &Compiled,
+    mount: &Path,
+    mcp: &crate::mcp::registry::Shared,
+    pods: &crate::pods::Shared,
+) -> Names {
     Names {
         mcp: mcp.clone(),
+        pods: pods.clone(),
         mount: mount.to_path_buf(),
         workloads: c.workloads.iter().map(|w| (w.id, w.name.clone())).collect(),
         cgroups: c
             .workloads
             .iter()
-            .map(|w| (w.id, w.cgroup.clone()))
+            .filter_map(|w| Some((w.id, w.cgroup.clone()?)))
             .collect(),
         rules: c.rules.iter().map(|r| (r.id, r.text.clone())).collect(),
     }
@@ -74,6 +81,7 @@ fn status_json(
     mount: &Path,
     att: &Attachments,
     map_ids: &[u32],
+    pods: &crate::pods::Table,
 ) -> String {
     let workloads: Vec<serde_json::Value> = c
         .workloads
@@ -82,7 +90,9 @@ fn status_json(
             serde_json::json!({
                 "name": w.name,
                 "cgroup": w.cgroup,
-                "cgroup_path": cgroup::fs_path(mount, &w.cgroup),
+                "cgroup_path": w.cgroup.as_deref().map(|c| cgroup::fs_path(mount, c)),
+                "pods": w.pods.as_ref().map(|p| p.describe()),
+                "pod_list": w.pods.as_ref().map(|_| pods.values().filter(|p| p.workload_id == Some(w.id)).collect::<Vec<_>>()),
                 "cgroup_id": maps.cgroups_of(w.id).first(),
                 "cgroup_ids": maps.cgroups_of(w.id),
             })
@@ -179,6 +189,8 @@ struct State {
     learned_file: PathBuf,
     /// `exec --mcp` instances and their calls (also read by event enrichment).
     mcp: crate::mcp::registry::Shared,
+    /// Pods identified through the CRI (also read by event enrichment and `/status`).
+    pods: crate::pods::Shared,
 }
 
 impl State {
@@ -186,8 +198,9 @@ impl State {
         let live = self.live.lock().expect("live");
         let maps = self.maps.lock().expect("maps");
         let att = self.attachments.lock().expect("attachments");
+        let pods = self.pods.read().expect("pods");
         *self.shared.status.write().expect("status") =
-            status_json(&live.compiled, &maps, &self.mount, &att, &self.map_ids);
+            status_json(&live.compiled, &maps, &self.mount, &att, &self.map_ids, &pods);
     }
 }
 
@@ -217,8 +230,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let (cfg, compiled) = compile_config(cfg, &learned)?;
     let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
     for w in &compiled.workloads {
-        if cgroup::id(&mount, &w.cgroup).is_err() {
-            warn!(workload = %w.name, cgroup = %w.cgroup, "workload cgroup does not exist yet; it will be enforced as soon as it appears");
+        let Some(c) = w.cgroup.as_deref() else {
+            continue;
+        };
+        if w.name != crate::config::pods::PENDING && cgroup::id(&mount, c).is_err() {
+            warn!(workload = %w.name, cgroup = %c, "workload cgroup does not exist yet; it will be enforced as soon as it appears");
         }
     }
     let listener = http::bind(cfg.metrics_listen).await.with_context(|| {
@@ -256,6 +272,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             cfg.pin_dir.display()
         )
     })?;
+    // Pods first: a restarted daemon registers every known pod with the policy instead
+    // of holding them all pending until the first poll.
+    let (pod_watch, first_pods) = pods::first(&cfg, &compiled, &mount).await;
+    let pods_table = crate::pods::Shared::default();
     let was_pinned = pins.has_links();
     let mut ebpf = loader::open(&pins)?;
     let map_ids: Vec<u32> = ebpf.maps().filter_map(|(_, m)| map_id(m)).collect();
@@ -267,6 +287,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     // Policy first, then attach: the programs never run without a policy. With adopted
     // maps the old policy stays live until the new one is switched in whole.
+    if let Some((entries, table)) = first_pods {
+        maps.set_pods(entries);
+        *pods_table.write().expect("pods") = table;
+    }
     maps.install(&compiled, &mount, cfg.rate_limit_per_sec)?;
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS_1").context("map EVENTS_1 missing")?)?;
     let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
@@ -321,7 +345,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
 
     let mcp_registry = crate::mcp::registry::Shared::default();
-    let names = Arc::new(RwLock::new(names_of(&compiled, &mount, &mcp_registry)));
+    let names = Arc::new(RwLock::new(names_of(&compiled, &mount, &mcp_registry, &pods_table)));
     let (tx, _) = broadcast::channel(4096);
     let (daemon_events, daemon_events_rx) = tokio::sync::mpsc::unbounded_channel();
     let (dns_updates, mut dns_updates_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -412,6 +436,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         installed,
         learned_file: pins.learned_file(),
         mcp: mcp_registry,
+        pods: pods_table,
     });
     state.engine.lock().expect("engine").generation = state.maps.lock().expect("maps").generation();
     sync_dns(&state, &cfg);
@@ -437,6 +462,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         shared.clone(),
     ));
     let mcp_server = tokio::spawn(mcp::serve(mcp_listener, state.clone()));
+    let pod_watcher = tokio::spawn(pods::watch(state.clone(), pod_watch));
 
     let attached = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
     anyhow::ensure!(
@@ -588,6 +614,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     server.abort();
     control_server.abort();
     mcp_server.abort();
+    pod_watcher.abort();
     let _ = std::fs::remove_file(&control_path);
     let _ = std::fs::remove_file(&mcp_path);
     drop(ebpf);

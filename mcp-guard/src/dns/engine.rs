@@ -473,7 +473,7 @@ impl Engine {
                 .cfg
                 .workloads
                 .iter()
-                .map(|w| w.cgroup.clone())
+                .filter_map(|w| w.cgroup.clone())
                 .collect();
             // The DNS thread's own namespace: /proc/thread-self is this thread.
             self.sources = (
@@ -501,7 +501,10 @@ impl Engine {
         }
         let mut best: Option<(usize, String)> = None;
         for w in &self.cfg.workloads {
-            for (_, dir) in cgroup::resolve_dirs(&self.mount, &w.cgroup) {
+            let Some(c) = w.cgroup.as_deref() else {
+                continue;
+            };
+            for (_, dir) in cgroup::resolve_dirs(&self.mount, c) {
                 let Ok(rel) = dir.strip_prefix(&self.mount) else {
                     continue;
                 };

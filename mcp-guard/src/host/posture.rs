@@ -28,7 +28,10 @@ pub struct Finding {
 pub fn scan(compiled: &Compiled, mount: &Path) -> BTreeMap<String, (usize, Option<Finding>)> {
     let mut dirs: HashMap<PathBuf, String> = HashMap::new();
     for w in &compiled.workloads {
-        for (_, dir) in cgroup::resolve_dirs(mount, &w.cgroup) {
+        let Some(c) = w.cgroup.as_deref() else {
+            continue;
+        };
+        for (_, dir) in cgroup::resolve_dirs(mount, c) {
             dirs.entry(dir).or_insert_with(|| w.name.clone());
         }
     }

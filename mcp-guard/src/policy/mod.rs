@@ -33,7 +33,9 @@ pub struct RuleInfo {
 pub struct CompiledWorkload {
     pub id: u32,
     pub name: String,
-    pub cgroup: String,
+    /// `None` for a workload that selects pods: its cgroups come from the runtime.
+    pub cgroup: Option<String>,
+    pub pods: Option<crate::config::pods::PodSelector>,
     pub default: u8,
     pub mode: u8,
     pub rules: usize,
@@ -511,6 +513,7 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
             id: wid,
             name: w.name.clone(),
             cgroup: w.cgroup.clone(),
+            pods: w.pods.clone(),
             default: match w.default {
                 DefaultAction::DenyInternal => DEFAULT_DENY_INTERNAL,
                 DefaultAction::Deny => DEFAULT_DENY,

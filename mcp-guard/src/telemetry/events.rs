@@ -75,6 +75,20 @@ pub struct JsonEvent {
     /// (`tool: null`: none was, a background connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcp: Option<crate::mcp::registry::Attribution>,
+    /// The Kubernetes pod (and container) of the process, identified through the CRI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodRef>,
+}
+
+/// An event's pod, as the container runtime names it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The container's name in the pod spec (`None`: the pod's own cgroup, or a
+    /// container the runtime had not listed yet).
+    pub container: Option<String>,
 }
 
 /// A query the DNS proxy refused to forward, for [`dns_query_refusal`].
@@ -134,6 +148,7 @@ fn dns_event(reason: &str, rule: String, generation: u32, suppressed: u32) -> Js
         dns_source: None,
         dns_type: None,
         mcp: None,
+        pod: None,
     }
 }
 
@@ -163,6 +178,7 @@ pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
         dns_source: Some("proxy".into()),
         dns_type: r.qtype.clone(),
         mcp: None,
+        pod: None,
         ..dns_event(r.reason, rule.into(), r.generation, r.suppressed)
     }
 }
@@ -213,6 +229,8 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
 pub struct Names {
     /// `exec --mcp` instances, to name the tool call of an event.
     pub mcp: crate::mcp::registry::Shared,
+    /// Pods identified through the CRI, to name the pod and container of an event.
+    pub pods: crate::pods::Shared,
     pub workloads: HashMap<u32, String>,
     /// Workload id -> its configured cgroup, where events' cgroups are looked up.
     pub cgroups: HashMap<u32, String>,
@@ -350,7 +368,7 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
 pub struct Cache {
     clock: Option<(u64, u128)>,
     procs: HashMap<u32, (Option<String>, Option<String>)>,
-    cgroups: HashMap<(u32, u64), (Option<String>, cgroup::Owner)>,
+    cgroups: HashMap<(u32, u64), (Option<String>, cgroup::Owner, Option<PodRef>)>,
 }
 
 /// [`enrich`] with lookups shared across a batch.
@@ -369,15 +387,31 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
     let src = (e.saddr_be != [0; 16]).then(|| display_addr(e.saddr_be).to_string());
     let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
     let workload_cgroup = names.cgroups.get(&e.workload_id);
-    let (cgroup_path, owner) = cache
+    let (cgroup_path, owner, pod) = cache
         .cgroups
         .entry((e.workload_id, e.cgroup_id))
         .or_insert_with(|| {
+            let pods = names.pods.read().expect("pods");
+            // A pod workload's cgroups are its pods'.
             let path = workload_cgroup
                 .and_then(|w| cgroup::find_by_id(&names.mount, w, e.cgroup_id))
+                .or_else(|| {
+                    pods.values()
+                        .filter(|p| p.workload_id == Some(e.workload_id))
+                        .find_map(|p| cgroup::find_by_id(&names.mount, &p.cgroup, e.cgroup_id))
+                })
                 .or_else(|| workload_cgroup.cloned());
             let owner = path.as_deref().map(cgroup::owner).unwrap_or_default();
-            (path, owner)
+            let pod = path
+                .as_deref()
+                .and_then(|p| crate::pods::attribute(&pods, p))
+                .map(|(p, container)| PodRef {
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    uid: p.uid.clone(),
+                    container: container.map(str::to_string),
+                });
+            (path, owner, pod)
         })
         .clone();
     let (exe, cmdline) = cache
@@ -447,6 +481,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         dns_source: None,
         dns_type: None,
         mcp,
+        pod,
     }
 }
 

@@ -14,7 +14,7 @@ const FULL_RESCAN: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Default)]
 pub struct Scanner {
     /// What the plan was made for (the policy generation): a new key, a new plan.
-    key: Option<u32>,
+    key: Option<u64>,
     plan: Vec<Entry>,
     /// Parent directories and their (inode, link count) at the last look.
     parents: Vec<(PathBuf, Option<(u64, u64)>)>,
@@ -73,7 +73,7 @@ impl Scanner {
     /// (workload id, cgroup path or pattern) and is called only when the key changed.
     pub fn resolve<'a>(
         &mut self,
-        key: u32,
+        key: u64,
         workloads: impl FnOnce() -> Vec<(u32, &'a str)>,
         mount: &Path,
     ) -> BTreeMap<u64, u32> {

@@ -37,16 +37,41 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
 }
 
-/// Every existing cgroup a workload names (a path or a pattern), mapped to its workload.
-/// A cgroup named by two workloads belongs to the first in the config.
-fn resolve(compiled: &Compiled, mount: &Path) -> BTreeMap<u64, u32> {
+/// A pod cgroup the daemon identified but no workload selects: registered as nobody's
+/// (it falls back to the workload of the cgroup above it), and claimed so that the
+/// pending pattern does not hold it.
+pub const UNSELECTED: u32 = u32::MAX;
+
+/// Every existing cgroup a workload names (a path or a pattern), or an identified pod
+/// lives in, mapped to its workload. Pods come first (they are more specific than the
+/// pending patterns that also match them); a cgroup named by two workloads belongs to
+/// the first in the config.
+fn resolve(compiled: &Compiled, pods: &[(u32, String)], mount: &Path) -> BTreeMap<u64, u32> {
     let mut out = BTreeMap::new();
-    for w in &compiled.workloads {
-        for id in cgroup::resolve(mount, &w.cgroup) {
-            out.entry(id).or_insert(w.id);
+    let named = live_pods(compiled, pods).chain(
+        compiled
+            .workloads
+            .iter()
+            .filter_map(|w| Some((w.id, w.cgroup.as_deref()?))),
+    );
+    for (wid, c) in named {
+        for id in cgroup::resolve(mount, c) {
+            out.entry(id).or_insert(wid);
         }
     }
+    out.retain(|_, w| *w != UNSELECTED);
     out
+}
+
+/// The identified pods whose workload the policy still has (after a reload dropped a
+/// workload, its pods are held by the pending patterns until they are assigned again).
+fn live_pods<'a>(
+    compiled: &'a Compiled,
+    pods: &'a [(u32, String)],
+) -> impl Iterator<Item = (u32, &'a str)> + 'a {
+    pods.iter()
+        .filter(|(w, _)| *w == UNSELECTED || compiled.workloads.iter().any(|x| x.id == *w))
+        .map(|(w, c)| (*w, c.as_str()))
 }
 
 fn info_of(compiled: &Compiled, workload_id: u32) -> WorkloadInfo {
@@ -146,7 +171,10 @@ pub fn register_entries(
     let mut seen = std::collections::HashSet::new();
     let mut scan_only = Vec::new();
     for (order, w) in compiled.workloads.iter().enumerate() {
-        match cgroup::mkdir_key(root, &w.cgroup) {
+        let Some(c) = w.cgroup.as_deref() else {
+            continue;
+        };
+        match cgroup::mkdir_key(root, c) {
             Ok((kind, path)) => {
                 let mut key = MkdirKey {
                     slot,
@@ -220,6 +248,10 @@ pub struct PolicyMaps {
     mcp: BTreeMap<u64, mcp::InstanceState>,
     /// An incomplete scan was reported (once until a scan completes again).
     warned_incomplete: bool,
+    /// Pod cgroups identified through the CRI: (workload id or [`UNSELECTED`], path).
+    pods: Vec<(u32, String)>,
+    /// Bumped whenever `pods` changes (the scanner plans again).
+    pods_version: u32,
 }
 
 /// Counters summed over CPUs.
@@ -262,6 +294,8 @@ impl PolicyMaps {
             checks: 0,
             scanner: cgroup::Scanner::default(),
             warned_incomplete: false,
+            pods: Vec::new(),
+            pods_version: 0,
             instances: HashMap::try_from(take(ebpf, "MCP_INSTANCES_1")?)
                 .map_err(map_err("MCP_INSTANCES_1"))?,
             mcp: BTreeMap::new(),
@@ -356,7 +390,7 @@ impl PolicyMaps {
                 }
             }
         }
-        let registered = resolve(compiled, mount);
+        let registered = resolve(compiled, &self.pods, mount);
         let result = register_result.and_then(|()| {
             for e in &compiled.lpm {
                 let key = e.key(slot);
@@ -455,17 +489,22 @@ impl PolicyMaps {
     /// Returns how many registrations changed.
     pub fn refresh_cgroups(&mut self, compiled: &Compiled, mount: &Path) -> usize {
         let slot = self.active;
-        let desired = self.scanner.resolve(
-            self.generation,
+        let pods = &self.pods;
+        let mut desired = self.scanner.resolve(
+            (u64::from(self.generation) << 32) | u64::from(self.pods_version),
             || {
-                compiled
-                    .workloads
-                    .iter()
-                    .map(|w| (w.id, w.cgroup.as_str()))
+                live_pods(compiled, pods)
+                    .chain(
+                        compiled
+                            .workloads
+                            .iter()
+                            .filter_map(|w| Some((w.id, w.cgroup.as_deref()?))),
+                    )
                     .collect()
             },
             mount,
         );
+        desired.retain(|_, w| *w != UNSELECTED);
         let mut changed = 0;
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
@@ -533,6 +572,18 @@ impl PolicyMaps {
             }
         }
         changed
+    }
+
+    /// Sets the identified pod cgroups (see [`UNSELECTED`]); the next
+    /// [`Self::refresh_cgroups`] registers them. Returns whether anything changed.
+    pub fn set_pods(&mut self, mut pods: Vec<(u32, String)>) -> bool {
+        pods.sort();
+        if pods == self.pods {
+            return false;
+        }
+        self.pods = pods;
+        self.pods_version = self.pods_version.wrapping_add(1);
+        true
     }
 
     /// The cgroup ids registered for a workload, in the active slot.

@@ -54,7 +54,7 @@ impl PolicyMaps {
             .map(|(id, _)| *id)
             .collect();
         if !missing.is_empty() {
-            let now = resolve(compiled, mount);
+            let now = resolve(compiled, &self.pods, mount);
             let mut n = 0;
             for id in missing {
                 let key = CgroupKey {

@@ -1,0 +1,182 @@
+//! Following the node's pods through the container runtime (CRI): a poll every
+//! `daemon.cri_poll_ms` places each pod sandbox in its workload and registers its
+//! cgroup. A pod cgroup the poll has not placed yet is held by `pods-pending` (all
+//! egress denied), registered by the kernel when the cgroup was made.
+
+use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
+
+use tracing::{error, info, warn};
+
+use super::State;
+use crate::{
+    config::pods::PENDING,
+    policy::Compiled,
+    pods::{self, cri, Table},
+};
+
+/// The CRI connection and what was last reported, across polls.
+#[derive(Default)]
+pub(super) struct Watch {
+    client: Option<cri::Client>,
+    /// Warnings already logged (an annotation naming the wrong workload, ...).
+    warned: HashSet<String>,
+    failing: bool,
+}
+
+fn selects_pods(c: &Compiled) -> bool {
+    c.workloads.iter().any(|w| w.pods.is_some())
+}
+
+impl Watch {
+    /// One poll: the pods placed as (entries for the maps, table), or `None` if the
+    /// runtime did not answer (the caller keeps what it has: fail closed for new pods).
+    async fn poll(
+        &mut self,
+        compiled: &Compiled,
+        cfg: &crate::config::Config,
+        mount: &Path,
+    ) -> Option<(Vec<(u32, String)>, Table, usize)> {
+        if self.client.is_none() {
+            let Some(socket) = cri::socket(cfg.pods.cri_socket.as_deref()) else {
+                self.fail(format!(
+                    "no CRI socket: set daemon.cri_socket (none of {:?} exists); pods stay pending (all egress denied) until it answers",
+                    crate::config::pods::DEFAULT_CRI_SOCKETS
+                ));
+                return None;
+            };
+            match cri::Client::connect(&socket).await {
+                Ok(c) => self.client = Some(c),
+                Err(e) => {
+                    self.fail(format!("{e:#}; new pods stay pending (all egress denied) until it answers"));
+                    return None;
+                }
+            }
+        }
+        let listed = self.client.as_mut().expect("connected").pods().await;
+        let found = match listed {
+            Ok(p) => p,
+            Err(e) => {
+                self.client = None;
+                self.fail(format!("{e:#}; known pods keep their workload, new pods stay pending (all egress denied)"));
+                return None;
+            }
+        };
+        if self.failing {
+            info!("the container runtime answers again");
+            self.failing = false;
+        }
+        let (entries, table, warnings, missing) =
+            pods::place(&compiled.workloads, &found, mount, &cfg.pods.pod_cgroups);
+        for w in warnings {
+            if self.warned.insert(w.clone()) {
+                warn!("{w}");
+            }
+        }
+        Some((entries, table, missing))
+    }
+
+    fn fail(&mut self, why: String) {
+        if !self.failing {
+            error!("container runtime (CRI): {why}");
+            self.failing = true;
+        }
+    }
+}
+
+/// Lists the pods once before the first policy install, so a restarted daemon
+/// re-registers every known pod at once instead of holding them all pending.
+pub(super) async fn first(
+    cfg: &crate::config::Config,
+    compiled: &Compiled,
+    mount: &Path,
+) -> (Watch, Option<(Vec<(u32, String)>, Table)>) {
+    let mut w = Watch::default();
+    if !selects_pods(compiled) {
+        return (w, None);
+    }
+    let placed = w.poll(compiled, cfg, mount).await;
+    if let Some((_, table, _)) = &placed {
+        info!(pods = table.len(), "listed the node's pods through the container runtime");
+    }
+    (w, placed.map(|(e, t, _)| (e, t)))
+}
+
+/// Polls the runtime for as long as the daemon runs.
+pub(super) async fn watch(state: Arc<State>, mut w: Watch) {
+    loop {
+        let (compiled, cfg) = {
+            let l = state.live.lock().expect("live");
+            (l.compiled.clone(), l.cfg.clone())
+        };
+        let pause = Duration::from_millis(cfg.pods.poll_ms);
+        if !selects_pods(&compiled) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        let placed = w.poll(&compiled, &cfg, &state.mount).await;
+        state.metrics.cri_up.set(i64::from(placed.is_some()));
+        if let Some((entries, table, _missing)) = placed {
+            let state2 = state.clone();
+            let _ = tokio::task::spawn_blocking(move || apply(&state2, &compiled, entries, table)).await;
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// Registers the placed pods and publishes the table (logs what changed).
+pub(super) fn apply(state: &State, compiled: &Compiled, entries: Vec<(u32, String)>, table: Table) {
+    let changed = {
+        let mut maps = state.maps.lock().expect("maps");
+        if maps.set_pods(entries) {
+            // The live policy, not the one this poll started with: a reload in between
+            // is registered against (the scan drops pods of workloads it removed).
+            let l = state.live.lock().expect("live");
+            maps.refresh_cgroups(&l.compiled, &state.mount);
+            true
+        } else {
+            false
+        }
+    };
+    {
+        let mut old = state.pods.write().expect("pods");
+        for (cg, p) in &table {
+            if old.get(cg) != Some(p) {
+                info!(
+                    pod = %format!("{}/{}", p.namespace, p.name),
+                    workload = p.workload.as_deref().unwrap_or("(none: the cgroup's parent workload applies)"),
+                    cgroup = %cg,
+                    "pod registered"
+                );
+            }
+        }
+        for (cg, p) in old.iter() {
+            if !table.contains_key(cg) {
+                info!(pod = %format!("{}/{}", p.namespace, p.name), cgroup = %cg, "pod gone");
+            }
+        }
+        *old = table;
+    }
+    publish(state, compiled);
+    if changed {
+        state.refresh_status();
+    }
+}
+
+/// `mcp_guard_pods{workload}`: pods per pod-selecting workload, and pending pod cgroups.
+fn publish(state: &State, compiled: &Compiled) {
+    let table = state.pods.read().expect("pods");
+    for w in compiled.workloads.iter().filter(|w| w.pods.is_some()) {
+        let n = table.values().filter(|p| p.workload_id == Some(w.id)).count();
+        state.metrics.pods.with_label_values(&[&w.name]).set(n as i64);
+    }
+    let pending = compiled
+        .workloads
+        .iter()
+        .find(|w| w.name == PENDING)
+        .map_or(0, |w| state.maps.lock().expect("maps").cgroups_of(w.id).len());
+    state
+        .metrics
+        .pods
+        .with_label_values(&[PENDING])
+        .set(pending as i64);
+}

@@ -1,0 +1,358 @@
+//! Kubernetes pods, node-locally: the container runtime's CRI socket ([`cri`]) says
+//! which pod sandboxes run here, with their namespace, name, labels, annotations and
+//! cgroup parent; this module decides which workload holds each pod ([`select`]) and
+//! where its cgroup is ([`cgroup_path`], [`locate`]). No API server is asked.
+//!
+//! Until a new pod is identified its cgroup is held by the `pods-pending` workload
+//! (all egress denied), which the kernel registers inside the cgroup's `mkdir`.
+
+pub mod cri;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+};
+
+use crate::{config::pods::ANNOTATION, host::cgroup, policy::CompiledWorkload};
+
+/// A pod sandbox as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pod {
+    pub sandbox_id: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: HashMap<String, String>,
+    pub annotations: HashMap<String, String>,
+    /// The sandbox's cgroup parent as the kubelet gave it (a cgroupfs path or a systemd
+    /// slice name), if the runtime says.
+    pub cgroup_parent: Option<String>,
+    /// (container id, container name) of the pod's containers.
+    pub containers: Vec<(String, String)>,
+}
+
+/// How a pod came to its workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Labels,
+    Annotation,
+}
+
+/// The workload that holds a pod, or `None`; and a warning for an annotation that
+/// names a workload that does not take pods by annotation.
+#[must_use]
+pub fn select<'a>(
+    workloads: &'a [CompiledWorkload],
+    pod: &Pod,
+) -> (Option<(&'a CompiledWorkload, Via)>, Option<String>) {
+    let mut warning = None;
+    if let Some(name) = pod.annotations.get(ANNOTATION) {
+        let target = workloads.iter().find(|w| &w.name == name);
+        match target.and_then(|w| w.pods.as_ref().map(|p| (w, p))) {
+            Some((w, p))
+                if p.annotation && p.namespace.as_deref().is_none_or(|n| n == pod.namespace) =>
+            {
+                return (Some((w, Via::Annotation)), None);
+            }
+            Some((_, p)) if p.annotation => {
+                warning = Some(format!(
+                    "pod {}/{} is annotated {ANNOTATION}={name} but that workload takes pods of namespace {:?} only",
+                    pod.namespace, pod.name, p.namespace.as_deref().unwrap_or_default()
+                ));
+            }
+            Some(_) => {
+                warning = Some(format!(
+                    "pod {}/{} is annotated {ANNOTATION}={name} but that workload does not take pods by annotation (pods.annotation = true)",
+                    pod.namespace, pod.name
+                ));
+            }
+            None => {
+                warning = Some(format!(
+                    "pod {}/{} is annotated {ANNOTATION}={name} but no workload selecting pods has that name",
+                    pod.namespace, pod.name
+                ));
+            }
+        }
+    }
+    let by_labels = workloads.iter().find(|w| {
+        w.pods
+            .as_ref()
+            .is_some_and(|p| (p.namespace.is_some() || !p.labels.is_empty()) && p.matches(&pod.namespace, &pod.labels))
+    });
+    (by_labels.map(|w| (w, Via::Labels)), warning)
+}
+
+/// The cgroup v2 path of a pod from its cgroup parent: a cgroupfs path as it is, a
+/// systemd slice expanded to its parents (`kubepods-besteffort-pod1.slice` is
+/// `/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice`).
+#[must_use]
+pub fn cgroup_path(parent: &str) -> Option<String> {
+    let parent = parent.trim();
+    if parent.is_empty() || parent.split('/').any(|c| c == "..") {
+        return None;
+    }
+    if parent.contains('/') {
+        let p = parent.trim_end_matches('/');
+        return Some(if p.starts_with('/') {
+            p.to_string()
+        } else {
+            format!("/{p}")
+        });
+    }
+    let unit = parent.strip_suffix(".slice")?;
+    if unit.is_empty() || unit.starts_with('-') || unit.ends_with('-') || unit.contains("--") {
+        return None;
+    }
+    let parts: Vec<&str> = unit.split('-').collect();
+    let mut out = String::new();
+    for i in 1..=parts.len() {
+        out.push('/');
+        out.push_str(&parts[..i].join("-"));
+        out.push_str(".slice");
+    }
+    Some(out)
+}
+
+/// The cgroup parent of a container's `cgroupsPath` (runtime spec): cgroupfs
+/// `/kubepods/besteffort/pod1/<id>` -> `/kubepods/besteffort/pod1`, systemd
+/// `kubepods-besteffort-pod1.slice:cri-containerd:<id>` -> `kubepods-besteffort-pod1.slice`.
+#[must_use]
+pub fn parent_of_cgroups_path(p: &str) -> Option<String> {
+    if let Some((slice, _)) = p.split_once(':') {
+        return Some(slice.to_string());
+    }
+    let (parent, _) = p.trim_end_matches('/').rsplit_once('/')?;
+    (!parent.is_empty()).then(|| parent.to_string())
+}
+
+/// Where the pod's cgroup is below `mount`: the path itself, or (a kubelet running in a
+/// container of its own, whose cgroup paths are relative to its cgroup namespace) the
+/// cgroup matching one of `pod_cgroups` that ends with it; failing both, the pod cgroup
+/// named after its UID. `None` while it does not exist.
+#[must_use]
+pub fn locate(mount: &Path, path: Option<&str>, uid: &str, pod_cgroups: &[String]) -> Option<String> {
+    if let Some(p) = path {
+        if cgroup::id(mount, p).is_ok() {
+            return Some(p.to_string());
+        }
+    }
+    let uid_systemd = uid.replace('-', "_");
+    for pattern in pod_cgroups {
+        for (_, dir) in cgroup::resolve_dirs(mount, pattern) {
+            let Ok(rel) = dir.strip_prefix(mount) else {
+                continue;
+            };
+            let rel = format!("/{}", rel.display());
+            let by_path = path.is_some_and(|p| rel.ends_with(p));
+            let last = rel.rsplit('/').next().unwrap_or_default();
+            let by_uid = path.is_none()
+                && !uid.is_empty()
+                && (last.contains(uid) || last.contains(&uid_systemd));
+            if by_path || by_uid {
+                return Some(rel);
+            }
+        }
+    }
+    None
+}
+
+/// A pod the daemon placed, for events, `/status` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Placed {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// The workload holding it (`None`: no workload selects it).
+    pub workload: Option<String>,
+    #[serde(skip)]
+    pub workload_id: Option<u32>,
+    pub via: Option<Via>,
+    /// Below the cgroup v2 mount.
+    pub cgroup: String,
+    #[serde(skip)]
+    pub containers: Vec<(String, String)>,
+}
+
+/// Every pod placed, by its cgroup path.
+pub type Table = BTreeMap<String, Placed>;
+
+/// The table as the daemon shares it with event enrichment and `/status`.
+pub type Shared = std::sync::Arc<std::sync::RwLock<Table>>;
+
+/// Places every pod: (cgroup path, workload id or `UNSELECTED`) for the maps, the table
+/// for everyone else, warnings to log, and the pods whose cgroup is not there yet.
+#[must_use]
+pub fn place(
+    workloads: &[CompiledWorkload],
+    pods: &[Pod],
+    mount: &Path,
+    pod_cgroups: &[String],
+) -> (Vec<(u32, String)>, Table, Vec<String>, usize) {
+    let mut entries = Vec::new();
+    let mut table = Table::new();
+    let mut warnings = Vec::new();
+    let mut missing = 0;
+    for pod in pods {
+        let path = pod.cgroup_parent.as_deref().and_then(cgroup_path);
+        let Some(cg) = locate(mount, path.as_deref(), &pod.uid, pod_cgroups) else {
+            missing += 1;
+            continue;
+        };
+        let (chosen, warning) = select(workloads, pod);
+        warnings.extend(warning);
+        entries.push((
+            chosen.map_or(crate::kernel::maps::UNSELECTED, |(w, _)| w.id),
+            cg.clone(),
+        ));
+        table.insert(
+            cg.clone(),
+            Placed {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                uid: pod.uid.clone(),
+                workload: chosen.map(|(w, _)| w.name.clone()),
+                workload_id: chosen.map(|(w, _)| w.id),
+                via: chosen.map(|(_, v)| v),
+                cgroup: cg,
+                containers: pod.containers.clone(),
+            },
+        );
+    }
+    (entries, table, warnings, missing)
+}
+
+/// The pod and container a cgroup path belongs to.
+#[must_use]
+pub fn attribute<'a>(table: &'a Table, path: &str) -> Option<(&'a Placed, Option<&'a str>)> {
+    let (pod_path, placed) = table
+        .range(..=path.to_string())
+        .next_back()
+        .filter(|(p, _)| path == p.as_str() || path.starts_with(&format!("{p}/")))?;
+    let rest = path[pod_path.len()..].trim_start_matches('/');
+    let first = rest.split('/').next().unwrap_or_default();
+    let container = (!first.is_empty())
+        .then(|| {
+            placed
+                .containers
+                .iter()
+                .find(|(id, _)| first.contains(id.as_str()))
+                .map(|(_, name)| name.as_str())
+        })
+        .flatten();
+    Some((placed, container))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn systemd_slices_expand_to_their_parents() {
+        assert_eq!(
+            cgroup_path("kubepods-besteffort-pod1_2.slice").as_deref(),
+            Some("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1_2.slice")
+        );
+        assert_eq!(
+            cgroup_path("kubepods-pod9.slice").as_deref(),
+            Some("/kubepods.slice/kubepods-pod9.slice")
+        );
+        assert_eq!(cgroup_path("/kubepods/burstable/pod1/").as_deref(), Some("/kubepods/burstable/pod1"));
+        assert_eq!(cgroup_path("kubepods/pod1").as_deref(), Some("/kubepods/pod1"));
+        assert_eq!(cgroup_path("/a/../b"), None);
+        assert_eq!(cgroup_path("bad--name.slice"), None);
+        assert_eq!(cgroup_path("noslice"), None);
+    }
+
+    #[test]
+    fn cgroups_paths_name_their_pod() {
+        assert_eq!(
+            parent_of_cgroups_path("kubepods-besteffort-pod1.slice:cri-containerd:abc").as_deref(),
+            Some("kubepods-besteffort-pod1.slice")
+        );
+        assert_eq!(
+            parent_of_cgroups_path("/kubepods/besteffort/pod1/abc").as_deref(),
+            Some("/kubepods/besteffort/pod1")
+        );
+    }
+
+    fn wl(name: &str, id: u32, sel: crate::config::pods::PodSelector) -> CompiledWorkload {
+        let cfg = crate::config::parse(
+            Path::new("t.toml"),
+            &format!("[[workload]]\nname='{name}'\ncgroup='/x{id}'\n"),
+        )
+        .unwrap();
+        let mut w = crate::policy::compile(&cfg).unwrap().workloads.remove(0);
+        w.id = id;
+        w.cgroup = None;
+        w.pods = Some(sel);
+        w
+    }
+
+    #[test]
+    fn selection_by_labels_namespace_and_annotation() {
+        use crate::config::pods::PodSelector;
+        let gh = wl(
+            "github",
+            1,
+            PodSelector {
+                namespace: Some("mcp".into()),
+                labels: [("app".to_string(), "github".to_string())].into(),
+                annotation: false,
+            },
+        );
+        let any = wl(
+            "any-mcp",
+            2,
+            PodSelector {
+                namespace: Some("mcp".into()),
+                labels: BTreeMap::new(),
+                annotation: true,
+            },
+        );
+        let ws = [gh, any];
+        let pod = |ns: &str, labels: &[(&str, &str)], ann: Option<&str>| Pod {
+            namespace: ns.into(),
+            name: "p".into(),
+            labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+            annotations: ann.map(|a| (ANNOTATION.to_string(), a.to_string())).into_iter().collect(),
+            ..Pod::default()
+        };
+        let name = |p: &Pod| select(&ws, p).0.map(|(w, v)| (w.name.clone(), v));
+        assert_eq!(name(&pod("mcp", &[("app", "github")], None)), Some(("github".into(), Via::Labels)));
+        // The second workload selects the whole namespace.
+        assert_eq!(name(&pod("mcp", &[("app", "other")], None)), Some(("any-mcp".into(), Via::Labels)));
+        assert_eq!(name(&pod("default", &[("app", "github")], None)), None);
+        assert_eq!(
+            name(&pod("mcp", &[("app", "github")], Some("any-mcp"))),
+            Some(("any-mcp".into(), Via::Annotation))
+        );
+        // github does not take pods by annotation; another namespace may not join any-mcp.
+        let (c, warn) = select(&ws, &pod("default", &[], Some("github")));
+        assert!(c.is_none() && warn.unwrap().contains("does not take pods by annotation"));
+        let (c, warn) = select(&ws, &pod("default", &[], Some("any-mcp")));
+        assert!(c.is_none() && warn.unwrap().contains("namespace"));
+    }
+
+    #[test]
+    fn events_find_the_pod_and_container_of_a_cgroup() {
+        let mut t = Table::new();
+        let placed = |cg: &str| Placed {
+            namespace: "mcp".into(),
+            name: cg.into(),
+            uid: String::new(),
+            workload: None,
+            workload_id: None,
+            via: None,
+            cgroup: cg.into(),
+            containers: vec![("abc123".into(), "fetch".into())],
+        };
+        t.insert("/k/pod1".into(), placed("/k/pod1"));
+        t.insert("/k/pod10".into(), placed("/k/pod10"));
+        let (p, c) = attribute(&t, "/k/pod1/cri-containerd-abc123.scope").unwrap();
+        assert_eq!((p.name.as_str(), c), ("/k/pod1", Some("fetch")));
+        let (p, c) = attribute(&t, "/k/pod10").unwrap();
+        assert_eq!((p.name.as_str(), c), ("/k/pod10", None));
+        assert!(attribute(&t, "/k/pod2/x").is_none());
+    }
+}
