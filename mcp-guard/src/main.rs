@@ -225,9 +225,10 @@ fn check(path: &Path) -> Result<()> {
         };
         let (what, exists) = match (&w.cgroup, &w.pods) {
             (_, Some(p)) => (format!("pods {}", p.describe()), true),
-            (Some(c), None) if w.name == mcp_guard::config::pods::PENDING => {
-                (format!("cgroup {c} (new pods until identified: all egress denied)"), true)
-            }
+            (Some(c), None) if w.name == mcp_guard::config::pods::PENDING => (
+                format!("cgroup {c} (new pods until identified: all egress denied)"),
+                true,
+            ),
             (Some(c), None) => (
                 format!("cgroup {c}"),
                 mount.as_deref().is_some_and(|m| cgroup::id(m, c).is_ok()),

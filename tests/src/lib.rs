@@ -5,6 +5,8 @@
 //! own `lo`; the namespace has no other interface, so nothing can leave the machine.
 //! Every guard cleans up on drop, also when the test panics.
 
+pub mod cri;
+
 use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr, TcpListener},
@@ -241,6 +243,11 @@ impl Default for TestCgroup {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Kills a cgroup's processes and removes it with its children.
+pub fn remove_cgroup_tree(dir: &Path) {
+    remove_tree(dir);
 }
 
 fn remove_tree(dir: &Path) {

@@ -29,7 +29,8 @@ pub const DEFAULT_POD_CGROUPS: &[&str] = &[
 ];
 
 /// The runtime sockets tried when `daemon.cri_socket` is not set (containerd, CRI-O).
-pub const DEFAULT_CRI_SOCKETS: &[&str] = &["/run/containerd/containerd.sock", "/run/crio/crio.sock"];
+pub const DEFAULT_CRI_SOCKETS: &[&str] =
+    &["/run/containerd/containerd.sock", "/run/crio/crio.sock"];
 
 /// Which pods a workload holds.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -46,7 +47,11 @@ pub struct PodSelector {
 impl PodSelector {
     /// Whether the selector's namespace and labels match (not the annotation).
     #[must_use]
-    pub fn matches(&self, namespace: &str, labels: &std::collections::HashMap<String, String>) -> bool {
+    pub fn matches(
+        &self,
+        namespace: &str,
+        labels: &std::collections::HashMap<String, String>,
+    ) -> bool {
         self.namespace.as_deref().is_none_or(|n| n == namespace)
             && self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
@@ -89,7 +94,10 @@ impl Default for PodsConfig {
     fn default() -> Self {
         Self {
             cri_socket: None,
-            pod_cgroups: DEFAULT_POD_CGROUPS.iter().map(|s| (*s).to_string()).collect(),
+            pod_cgroups: DEFAULT_POD_CGROUPS
+                .iter()
+                .map(|s| (*s).to_string())
+                .collect(),
             poll_ms: 200,
         }
     }
@@ -171,7 +179,10 @@ pub(super) fn pods_config(
     if let Some(ms) = poll_ms {
         match u64::try_from(*ms.get_ref()) {
             Ok(v) if (10..=10_000).contains(&v) => out.poll_ms = v,
-            _ => cx.err(&ms.span(), "daemon.cri_poll_ms must be between 10 and 10000"),
+            _ => cx.err(
+                &ms.span(),
+                "daemon.cri_poll_ms must be between 10 and 10000",
+            ),
         }
     }
     out
@@ -197,7 +208,7 @@ pub(super) fn pending_workloads(cfg: &PodsConfig, mode: Mode, loc: &super::Loc) 
             allow_ping: false,
             allow_other_protocols: false,
             deny_between_calls: false,
-            loc: loc.clone(),
+            loc: *loc,
         })
         .collect()
 }

@@ -57,7 +57,7 @@ fn parses_the_contract_example() {
     assert_eq!(c.baseline.len(), 2);
     let w = &c.workloads[0];
     assert_eq!(w.name, "github-mcp");
-    assert_eq!(w.cgroup, "/mcp.slice/github-mcp.service");
+    assert_eq!(w.cgroup.as_deref(), Some("/mcp.slice/github-mcp.service"));
     assert_eq!(w.default, DefaultAction::DenyInternal);
     assert_eq!(
         w.allow[0].ports,

@@ -105,6 +105,7 @@ fn status_json(
         "adopted": att.adopted,
         "maps": map_ids,
         "pod_sources": maps.source_count(),
+        "pods": pods.values().collect::<Vec<_>>(),
     })
     .to_string()
 }
@@ -199,8 +200,14 @@ impl State {
         let maps = self.maps.lock().expect("maps");
         let att = self.attachments.lock().expect("attachments");
         let pods = self.pods.read().expect("pods");
-        *self.shared.status.write().expect("status") =
-            status_json(&live.compiled, &maps, &self.mount, &att, &self.map_ids, &pods);
+        *self.shared.status.write().expect("status") = status_json(
+            &live.compiled,
+            &maps,
+            &self.mount,
+            &att,
+            &self.map_ids,
+            &pods,
+        );
     }
 }
 
@@ -345,7 +352,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
 
     let mcp_registry = crate::mcp::registry::Shared::default();
-    let names = Arc::new(RwLock::new(names_of(&compiled, &mount, &mcp_registry, &pods_table)));
+    let names = Arc::new(RwLock::new(names_of(
+        &compiled,
+        &mount,
+        &mcp_registry,
+        &pods_table,
+    )));
     let (tx, _) = broadcast::channel(4096);
     let (daemon_events, daemon_events_rx) = tokio::sync::mpsc::unbounded_channel();
     let (dns_updates, mut dns_updates_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -158,7 +158,8 @@ pub(super) fn reload(path: &Path, state: &State) {
         metrics.policy_generation.set(i64::from(m.generation()));
         info!(generation = m.generation(), "policy reloaded");
     }
-    *state.names.write().expect("names") = names_of(&compiled, &state.mount, &state.mcp, &state.pods);
+    *state.names.write().expect("names") =
+        names_of(&compiled, &state.mount, &state.mcp, &state.pods);
     set_policy_gauges(metrics, &compiled);
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.last_reload_success.set(unix_now());
@@ -302,7 +303,8 @@ pub(super) fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
     drop(m);
     state.metrics.policy_generation.set(i64::from(generation));
     state.engine.lock().expect("engine").generation = generation;
-    *state.names.write().expect("names") = names_of(&compiled, &state.mount, &state.mcp, &state.pods);
+    *state.names.write().expect("names") =
+        names_of(&compiled, &state.mount, &state.mcp, &state.pods);
     debug!(
         generation,
         learned = learned.len(),

@@ -10,8 +10,8 @@ use tracing::{error, info, warn};
 use super::State;
 use crate::{
     config::pods::PENDING,
-    policy::Compiled,
     pods::{self, cri, Table},
+    policy::Compiled,
 };
 
 /// The CRI connection and what was last reported, across polls.
@@ -47,7 +47,9 @@ impl Watch {
             match cri::Client::connect(&socket).await {
                 Ok(c) => self.client = Some(c),
                 Err(e) => {
-                    self.fail(format!("{e:#}; new pods stay pending (all egress denied) until it answers"));
+                    self.fail(format!(
+                        "{e:#}; new pods stay pending (all egress denied) until it answers"
+                    ));
                     return None;
                 }
             }
@@ -96,7 +98,10 @@ pub(super) async fn first(
     }
     let placed = w.poll(compiled, cfg, mount).await;
     if let Some((_, table, _)) = &placed {
-        info!(pods = table.len(), "listed the node's pods through the container runtime");
+        info!(
+            pods = table.len(),
+            "listed the node's pods through the container runtime"
+        );
     }
     (w, placed.map(|(e, t, _)| (e, t)))
 }
@@ -117,7 +122,8 @@ pub(super) async fn watch(state: Arc<State>, mut w: Watch) {
         state.metrics.cri_up.set(i64::from(placed.is_some()));
         if let Some((entries, table, _missing)) = placed {
             let state2 = state.clone();
-            let _ = tokio::task::spawn_blocking(move || apply(&state2, &compiled, entries, table)).await;
+            let _ = tokio::task::spawn_blocking(move || apply(&state2, &compiled, entries, table))
+                .await;
         }
         tokio::time::sleep(pause).await;
     }
@@ -166,14 +172,23 @@ pub(super) fn apply(state: &State, compiled: &Compiled, entries: Vec<(u32, Strin
 fn publish(state: &State, compiled: &Compiled) {
     let table = state.pods.read().expect("pods");
     for w in compiled.workloads.iter().filter(|w| w.pods.is_some()) {
-        let n = table.values().filter(|p| p.workload_id == Some(w.id)).count();
-        state.metrics.pods.with_label_values(&[&w.name]).set(n as i64);
+        let n = table
+            .values()
+            .filter(|p| p.workload_id == Some(w.id))
+            .count();
+        state
+            .metrics
+            .pods
+            .with_label_values(&[&w.name])
+            .set(n as i64);
     }
     let pending = compiled
         .workloads
         .iter()
         .find(|w| w.name == PENDING)
-        .map_or(0, |w| state.maps.lock().expect("maps").cgroups_of(w.id).len());
+        .map_or(0, |w| {
+            state.maps.lock().expect("maps").cgroups_of(w.id).len()
+        });
     state
         .metrics
         .pods

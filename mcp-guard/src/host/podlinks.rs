@@ -197,7 +197,10 @@ fn link_netnsids(nl: &mut Netlink) -> io::Result<BTreeMap<u32, i32>> {
 /// The netlink socket cannot be made or answered badly.
 pub fn scan(compiled: &Compiled, mount: &Path) -> io::Result<BTreeMap<u32, u64>> {
     let pods = sources::pod_namespaces(
-        compiled.workloads.iter().filter_map(|w| w.cgroup.as_deref()),
+        compiled
+            .workloads
+            .iter()
+            .filter_map(|w| w.cgroup.as_deref()),
         mount,
         "/proc/thread-self/ns/net",
     );

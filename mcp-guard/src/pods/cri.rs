@@ -88,7 +88,10 @@ impl Client {
         let mut by_pod: HashMap<String, Vec<(String, String)>> = HashMap::new();
         for c in containers {
             let name = c.metadata.map(|m| m.name).unwrap_or_default();
-            by_pod.entry(c.pod_sandbox_id).or_default().push((c.id, name));
+            by_pod
+                .entry(c.pod_sandbox_id)
+                .or_default()
+                .push((c.id, name));
         }
         self.parents
             .retain(|id, _| sandboxes.iter().any(|s| &s.id == id));

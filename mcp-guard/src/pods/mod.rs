@@ -76,9 +76,10 @@ pub fn select<'a>(
         }
     }
     let by_labels = workloads.iter().find(|w| {
-        w.pods
-            .as_ref()
-            .is_some_and(|p| (p.namespace.is_some() || !p.labels.is_empty()) && p.matches(&pod.namespace, &pod.labels))
+        w.pods.as_ref().is_some_and(|p| {
+            (p.namespace.is_some() || !p.labels.is_empty())
+                && p.matches(&pod.namespace, &pod.labels)
+        })
     });
     (by_labels.map(|w| (w, Via::Labels)), warning)
 }
@@ -131,7 +132,12 @@ pub fn parent_of_cgroups_path(p: &str) -> Option<String> {
 /// cgroup matching one of `pod_cgroups` that ends with it; failing both, the pod cgroup
 /// named after its UID. `None` while it does not exist.
 #[must_use]
-pub fn locate(mount: &Path, path: Option<&str>, uid: &str, pod_cgroups: &[String]) -> Option<String> {
+pub fn locate(
+    mount: &Path,
+    path: Option<&str>,
+    uid: &str,
+    pod_cgroups: &[String],
+) -> Option<String> {
     if let Some(p) = path {
         if cgroup::id(mount, p).is_ok() {
             return Some(p.to_string());
@@ -222,25 +228,37 @@ pub fn place(
     (entries, table, warnings, missing)
 }
 
-/// The pod and container a cgroup path belongs to.
+/// The container id in a container's cgroup name: `<id>` (cgroupfs driver),
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `docker-<id>.scope` (systemd driver).
 #[must_use]
-pub fn attribute<'a>(table: &'a Table, path: &str) -> Option<(&'a Placed, Option<&'a str>)> {
+pub fn container_id(name: &str) -> Option<&str> {
+    let base = name.strip_suffix(".scope").unwrap_or(name);
+    let id = base.rsplit('-').next().unwrap_or(base);
+    (id.len() >= 12 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+}
+
+/// The pod a cgroup path belongs to, the container's id (from the cgroup's name) and,
+/// once the runtime has listed it, its name.
+#[must_use]
+pub fn attribute<'a>(
+    table: &'a Table,
+    path: &str,
+) -> Option<(&'a Placed, Option<String>, Option<&'a str>)> {
     let (pod_path, placed) = table
         .range(..=path.to_string())
         .next_back()
         .filter(|(p, _)| path == p.as_str() || path.starts_with(&format!("{p}/")))?;
     let rest = path[pod_path.len()..].trim_start_matches('/');
     let first = rest.split('/').next().unwrap_or_default();
-    let container = (!first.is_empty())
-        .then(|| {
-            placed
-                .containers
-                .iter()
-                .find(|(id, _)| first.contains(id.as_str()))
-                .map(|(_, name)| name.as_str())
-        })
-        .flatten();
-    Some((placed, container))
+    let id = container_id(first);
+    let name = id.and_then(|id| {
+        placed
+            .containers
+            .iter()
+            .find(|(c, _)| c == id)
+            .map(|(_, name)| name.as_str())
+    });
+    Some((placed, id.map(str::to_string), name))
 }
 
 #[cfg(test)]
@@ -257,8 +275,14 @@ mod tests {
             cgroup_path("kubepods-pod9.slice").as_deref(),
             Some("/kubepods.slice/kubepods-pod9.slice")
         );
-        assert_eq!(cgroup_path("/kubepods/burstable/pod1/").as_deref(), Some("/kubepods/burstable/pod1"));
-        assert_eq!(cgroup_path("kubepods/pod1").as_deref(), Some("/kubepods/pod1"));
+        assert_eq!(
+            cgroup_path("/kubepods/burstable/pod1/").as_deref(),
+            Some("/kubepods/burstable/pod1")
+        );
+        assert_eq!(
+            cgroup_path("kubepods/pod1").as_deref(),
+            Some("/kubepods/pod1")
+        );
         assert_eq!(cgroup_path("/a/../b"), None);
         assert_eq!(cgroup_path("bad--name.slice"), None);
         assert_eq!(cgroup_path("noslice"), None);
@@ -314,14 +338,26 @@ mod tests {
         let pod = |ns: &str, labels: &[(&str, &str)], ann: Option<&str>| Pod {
             namespace: ns.into(),
             name: "p".into(),
-            labels: labels.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
-            annotations: ann.map(|a| (ANNOTATION.to_string(), a.to_string())).into_iter().collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            annotations: ann
+                .map(|a| (ANNOTATION.to_string(), a.to_string()))
+                .into_iter()
+                .collect(),
             ..Pod::default()
         };
         let name = |p: &Pod| select(&ws, p).0.map(|(w, v)| (w.name.clone(), v));
-        assert_eq!(name(&pod("mcp", &[("app", "github")], None)), Some(("github".into(), Via::Labels)));
+        assert_eq!(
+            name(&pod("mcp", &[("app", "github")], None)),
+            Some(("github".into(), Via::Labels))
+        );
         // The second workload selects the whole namespace.
-        assert_eq!(name(&pod("mcp", &[("app", "other")], None)), Some(("any-mcp".into(), Via::Labels)));
+        assert_eq!(
+            name(&pod("mcp", &[("app", "other")], None)),
+            Some(("any-mcp".into(), Via::Labels))
+        );
         assert_eq!(name(&pod("default", &[("app", "github")], None)), None);
         assert_eq!(
             name(&pod("mcp", &[("app", "github")], Some("any-mcp"))),
@@ -345,14 +381,23 @@ mod tests {
             workload_id: None,
             via: None,
             cgroup: cg.into(),
-            containers: vec![("abc123".into(), "fetch".into())],
+            containers: vec![("abc123def456".into(), "fetch".into())],
         };
         t.insert("/k/pod1".into(), placed("/k/pod1"));
         t.insert("/k/pod10".into(), placed("/k/pod10"));
-        let (p, c) = attribute(&t, "/k/pod1/cri-containerd-abc123.scope").unwrap();
-        assert_eq!((p.name.as_str(), c), ("/k/pod1", Some("fetch")));
-        let (p, c) = attribute(&t, "/k/pod10").unwrap();
-        assert_eq!((p.name.as_str(), c), ("/k/pod10", None));
+        let (p, id, c) = attribute(&t, "/k/pod1/cri-containerd-abc123def456.scope").unwrap();
+        assert_eq!(
+            (p.name.as_str(), id.as_deref(), c),
+            ("/k/pod1", Some("abc123def456"), Some("fetch"))
+        );
+        let (_, id, c) = attribute(&t, "/k/pod1/fedcba987654").unwrap();
+        assert_eq!(
+            (id.as_deref(), c),
+            (Some("fedcba987654"), None),
+            "not listed yet"
+        );
+        let (p, id, c) = attribute(&t, "/k/pod10").unwrap();
+        assert_eq!((p.name.as_str(), id, c), ("/k/pod10", None, None));
         assert!(attribute(&t, "/k/pod2/x").is_none());
     }
 }

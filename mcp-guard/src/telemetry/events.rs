@@ -87,8 +87,10 @@ pub struct PodRef {
     pub name: String,
     pub uid: String,
     /// The container's name in the pod spec (`None`: the pod's own cgroup, or a
-    /// container the runtime had not listed yet).
+    /// container the runtime had not listed yet: its first `daemon.cri_poll_ms`).
     pub container: Option<String>,
+    /// The container's id, from its cgroup's name.
+    pub container_id: Option<String>,
 }
 
 /// A query the DNS proxy refused to forward, for [`dns_query_refusal`].
@@ -362,13 +364,16 @@ pub fn enrich(e: &Event, names: &Names) -> JsonEvent {
     enrich_cached(e, names, &mut Cache::default())
 }
 
+/// Where an event's process was: its cgroup path, what owns it, its pod.
+type Place = (Option<String>, cgroup::Owner, Option<PodRef>);
+
 /// What enrichment looked up, kept for one batch of events: a flood from one process
 /// costs one /proc read, not one per event.
 #[derive(Default)]
 pub struct Cache {
     clock: Option<(u64, u128)>,
     procs: HashMap<u32, (Option<String>, Option<String>)>,
-    cgroups: HashMap<(u32, u64), (Option<String>, cgroup::Owner, Option<PodRef>)>,
+    cgroups: HashMap<(u32, u64), Place>,
 }
 
 /// [`enrich`] with lookups shared across a batch.
@@ -393,8 +398,15 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         .or_insert_with(|| {
             let pods = names.pods.read().expect("pods");
             // A pod workload's cgroups are its pods'.
+            // A pattern's cgroups are below its literal prefix.
             let path = workload_cgroup
-                .and_then(|w| cgroup::find_by_id(&names.mount, w, e.cgroup_id))
+                .and_then(|w| {
+                    let under: Vec<&str> = w
+                        .split('/')
+                        .take_while(|c| !cgroup::is_pattern(c))
+                        .collect();
+                    cgroup::find_by_id(&names.mount, &under.join("/"), e.cgroup_id)
+                })
                 .or_else(|| {
                     pods.values()
                         .filter(|p| p.workload_id == Some(e.workload_id))
@@ -405,11 +417,12 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
             let pod = path
                 .as_deref()
                 .and_then(|p| crate::pods::attribute(&pods, p))
-                .map(|(p, container)| PodRef {
+                .map(|(p, container_id, container)| PodRef {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
                     uid: p.uid.clone(),
                     container: container.map(str::to_string),
+                    container_id,
                 });
             (path, owner, pod)
         })

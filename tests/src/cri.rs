@@ -1,0 +1,468 @@
+//! A real containerd (Debian's package, with its CRI plugin and runc) for the pod tests,
+//! driven over CRI the way the kubelet drives it. Everything is private to the test:
+//! its own root, state and socket; the sandbox image is built here (a static `pause`
+//! that doubles as a connect probe) and imported with `ctr`; the pod network is a CNI
+//! plugin of ours that gives each pod a veth pair with both ends inside it, so nothing leaves the pod's
+//! network namespace. Dropping it removes every pod, stops containerd and its shims,
+//! and removes the cgroups runc made.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use k8s_cri::v1::{
+    runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata,
+    ContainerStatusRequest, CreateContainerRequest, ImageSpec, LinuxContainerConfig,
+    LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::TempDir;
+
+pub const IMAGE: &str = "mcp-guard.test/pause:1";
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        crate::output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256(path: &Path) -> String {
+    run(Command::new("sha256sum").arg(path))
+        .split_whitespace()
+        .next()
+        .expect("digest")
+        .to_string()
+}
+
+/// Writes a blob into an OCI layout and returns (digest, size).
+fn blob(layout: &Path, from: &Path) -> (String, u64) {
+    let hex = sha256(from);
+    let dir = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&dir).expect("blobs");
+    std::fs::copy(from, dir.join(&hex)).expect("copy blob");
+    (
+        format!("sha256:{hex}"),
+        std::fs::metadata(from).expect("size").len(),
+    )
+}
+
+/// Builds the test image (OCI layout tarball) in `dir` and returns its path.
+fn build_image(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("pod/pause.c");
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs).expect("rootfs");
+    run(Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(rootfs.join("pause"))
+        .arg(&src));
+    let layer = dir.join("layer.tar");
+    run(Command::new("tar")
+        .args(["--owner=0", "--group=0", "-C"])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("pause"));
+    let layout = dir.join("oci");
+    let (layer_digest, layer_size) = blob(&layout, &layer);
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": { "Entrypoint": ["/pause"] },
+            "rootfs": { "type": "layers", "diff_ids": [layer_digest] }
+        })
+        .to_string(),
+    )
+    .expect("config");
+    let (config_digest, config_size) = blob(&layout, &config);
+    let manifest = dir.join("manifest.json");
+    std::fs::write(
+        &manifest,
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size },
+            "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size }]
+        })
+        .to_string(),
+    )
+    .expect("manifest");
+    let (manifest_digest, manifest_size) = blob(&layout, &manifest);
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest,
+                "size": manifest_size,
+                "annotations": { "io.containerd.image.name": IMAGE, "org.opencontainers.image.ref.name": "1" }
+            }]
+        })
+        .to_string(),
+    )
+    .expect("index");
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("layout");
+    let tarball = dir.join("image.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tarball)
+        .args(["oci-layout", "index.json", "blobs"]));
+    tarball
+}
+
+pub struct Containerd {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+    client: RuntimeServiceClient<Channel>,
+    /// Sandboxes made and not removed yet.
+    sandboxes: Vec<String>,
+    /// cgroup paths (below each hierarchy's mount) runc may have made for pods.
+    pub pod_parents: Vec<String>,
+    dir: TempDir,
+}
+
+/// One pod, as the kubelet would ask for it.
+pub struct PodSpec<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub labels: &'a [(&'a str, &'a str)],
+    pub annotations: &'a [(&'a str, &'a str)],
+    /// The pod's cgroup (cgroupfs driver), below the cgroup mount.
+    pub cgroup_parent: &'a str,
+}
+
+impl Containerd {
+    /// Starts containerd with the CRI plugin and imports the test image.
+    #[must_use]
+    pub fn start() -> Self {
+        let dir = TempDir::new();
+        let d = &dir.0;
+        let bin = d.join("cni-bin");
+        let conf = d.join("cni-conf");
+        std::fs::create_dir_all(&bin).expect("cni bin");
+        std::fs::create_dir_all(&conf).expect("cni conf");
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("pod/mcpg-dummy"),
+            bin.join("mcpg-dummy"),
+        )
+        .expect("cni plugin");
+        // containerd sets up each pod's loopback with the reference plugin.
+        std::os::unix::fs::symlink("/usr/lib/cni/loopback", bin.join("loopback"))
+            .expect("loopback plugin (Debian package containernetworking-plugins)");
+        std::fs::write(
+            conf.join("10-mcpg.conflist"),
+            r#"{"cniVersion":"0.4.0","name":"mcpg","plugins":[{"type":"mcpg-dummy"}]}"#,
+        )
+        .expect("cni conflist");
+        let socket = d.join("containerd.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[debug]
+  address = ""
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{root}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{IMAGE}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_apparmor = true
+  restrict_oom_score_adj = true  # this machine may not lower oom_score_adj (the pause container asks -998)
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        BinaryName = "/usr/sbin/runc"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{bin}"
+    conf_dir = "{conf}"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = socket.display(),
+            bin = bin.display(),
+            conf = conf.display(),
+        );
+        let config_path = d.join("containerd.toml");
+        std::fs::write(&config_path, config).expect("containerd config");
+        let log = std::fs::File::create(d.join("containerd.log")).expect("log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("containerd (Debian package containerd) must be installed");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start: {}",
+                std::fs::read_to_string(d.join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let path = socket.clone();
+        let channel = rt
+            .block_on(
+                Endpoint::try_from("http://[::1]:1")
+                    .expect("endpoint")
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    })),
+            )
+            .expect("connect to containerd");
+        let c = Self {
+            child: Some(child),
+            socket,
+            rt,
+            client: RuntimeServiceClient::new(channel),
+            sandboxes: Vec::new(),
+            pod_parents: Vec::new(),
+            dir,
+        };
+        let image = build_image(&c.dir.0);
+        run(Command::new("ctr")
+            .arg("--address")
+            .arg(&c.socket)
+            .args(["-n", "k8s.io", "images", "import"])
+            .arg(&image));
+        c
+    }
+
+    /// containerd's log so far, for assertion messages.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("containerd.log")).unwrap_or_default()
+    }
+
+    fn sandbox_config(&self, p: &PodSpec<'_>, uid: &str) -> PodSandboxConfig {
+        let map = |kv: &[(&str, &str)]| -> HashMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect()
+        };
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: p.name.into(),
+                uid: uid.into(),
+                namespace: p.namespace.into(),
+                attempt: 0,
+            }),
+            hostname: p.name.into(),
+            log_directory: self.dir.0.join("logs").join(uid).display().to_string(),
+            labels: map(p.labels),
+            annotations: map(p.annotations),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: p.cgroup_parent.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// RunPodSandbox; returns the sandbox id.
+    pub fn run_pod(&mut self, p: &PodSpec<'_>) -> String {
+        let uid = crate::unique("uid");
+        let config = self.sandbox_config(p, &uid);
+        self.pod_parents.push(p.cgroup_parent.to_string());
+        let id = self
+            .rt
+            .block_on(self.client.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            }))
+            .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\ncontainerd log:\n{}", self.log()))
+            .into_inner()
+            .pod_sandbox_id;
+        self.sandboxes.push(id.clone());
+        id
+    }
+
+    /// The sandbox's network namespace (through its pause process).
+    pub fn netns(&mut self, id: &str) -> PathBuf {
+        let status = self
+            .rt
+            .block_on(self.client.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: true,
+            }))
+            .expect("PodSandboxStatus")
+            .into_inner();
+        let info: serde_json::Value =
+            serde_json::from_str(status.info.get("info").expect("verbose info")).expect("json");
+        let pid = info["pid"].as_u64().expect("sandbox pid");
+        PathBuf::from(format!("/proc/{pid}/ns/net"))
+    }
+
+    /// StopPodSandbox and RemovePodSandbox.
+    pub fn remove_pod(&mut self, id: &str) {
+        let _ = self
+            .rt
+            .block_on(self.client.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            }));
+        let _ = self
+            .rt
+            .block_on(self.client.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            }));
+        self.sandboxes.retain(|s| s != id);
+    }
+
+    /// Creates and starts container `name` running `/pause ARGS...` in the pod, waits
+    /// for it to exit and returns (container id, exit code).
+    pub fn run_container(
+        &mut self,
+        sandbox: &str,
+        p: &PodSpec<'_>,
+        name: &str,
+        args: &[&str],
+    ) -> (String, i32) {
+        let status = self
+            .rt
+            .block_on(self.client.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox.into(),
+                verbose: false,
+            }))
+            .expect("PodSandboxStatus")
+            .into_inner();
+        let uid = status
+            .status
+            .and_then(|s| s.metadata)
+            .map(|m| m.uid)
+            .expect("uid");
+        let sandbox_config = self.sandbox_config(p, &uid);
+        let id = self
+            .rt
+            .block_on(self.client.create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.into(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: IMAGE.into(),
+                        ..Default::default()
+                    }),
+                    command: vec!["/pause".into()],
+                    args: args.iter().map(|a| (*a).to_string()).collect(),
+                    log_path: format!("{name}.log"),
+                    linux: Some(LinuxContainerConfig::default()),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(sandbox_config),
+            }))
+            .unwrap_or_else(|e| panic!("CreateContainer: {e}\ncontainerd log:\n{}", self.log()))
+            .into_inner()
+            .container_id;
+        self.rt
+            .block_on(self.client.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            }))
+            .unwrap_or_else(|e| panic!("StartContainer: {e}\ncontainerd log:\n{}", self.log()));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self
+                .rt
+                .block_on(self.client.container_status(ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                }))
+                .expect("ContainerStatus")
+                .into_inner()
+                .status
+                .expect("status");
+            // CONTAINER_EXITED
+            if s.state == 2 {
+                return (id, s.exit_code);
+            }
+            assert!(Instant::now() < deadline, "container {name} did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for id in self.sandboxes.clone() {
+            self.remove_pod(&id);
+        }
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Shims of this containerd (they outlive it by design).
+        let _ = Command::new("pkill")
+            .arg("-f")
+            .arg(self.socket.display().to_string())
+            .status();
+        // runc's cgroups in every hierarchy (v1 controllers too, on a hybrid machine).
+        // On v1 hierarchies the test's own top cgroup goes too (TestCgroup removes it
+        // from the v2 tree only).
+        for parent in &self.pod_parents {
+            let top = parent
+                .trim_start_matches('/')
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            if let Ok(roots) = std::fs::read_dir("/sys/fs/cgroup") {
+                for r in roots.flatten() {
+                    let dir = r.path().join(parent.trim_start_matches('/'));
+                    if dir.exists() {
+                        crate::remove_cgroup_tree(&dir);
+                    }
+                    let v2 = r.path() == crate::cgroup_mount();
+                    if !v2 && top.starts_with("mcpg-test") && r.path().join(top).exists() {
+                        crate::remove_cgroup_tree(&r.path().join(top));
+                    }
+                }
+            }
+        }
+    }
+}
