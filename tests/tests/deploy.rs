@@ -254,6 +254,56 @@ fn systemd_units_verify_clean() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("cgroup /mcp.slice/github-mcp.service"));
 }
 
+/// The ConfigMap's config is valid as shipped and selects MCP server pods by label
+/// through the CRI socket the DaemonSet mounts read-only.
+#[test]
+fn configmap_config_selects_pods_through_the_mounted_cri_socket() {
+    let cm = std::fs::read_to_string(deploy().join("kubernetes/configmap.yaml")).unwrap();
+    let body = cm
+        .split("config.toml: |\n")
+        .nth(1)
+        .expect("config.toml key");
+    let text: String = body
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tmp = mcp_guard_tests::TempDir::new();
+    let config = tmp.0.join("config.toml");
+    std::fs::write(&config, &text).unwrap();
+    let out = Command::new(guard_bin())
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("workload mcp-servers")
+            && stdout.contains("pods mcp-guard.dev/role=mcp-server or annotation"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("workload pods-pending"), "{stdout}");
+    let cfg = mcp_guard::config::parse(&config, &text).unwrap();
+    let socket = cfg
+        .pods
+        .cri_socket
+        .expect("cri_socket")
+        .display()
+        .to_string();
+    let ds = std::fs::read_to_string(deploy().join("kubernetes/daemonset.yaml")).unwrap();
+    let mount = ds.split("- name: cri\n").nth(1).expect("cri volume mount");
+    assert!(
+        mount.contains(&format!("mountPath: {socket}")) && mount.contains("readOnly: true"),
+        "{mount}"
+    );
+    assert!(ds.contains(&format!("hostPath: {{path: {socket}, type: Socket}}")));
+}
+
 /// Removes what the packaged-binary test created, also when it fails.
 struct Installed {
     daemon: Option<Child>,

@@ -54,6 +54,15 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "bpftool"),
     // A real DNS server for the host-rule tests (only the binary; no system service).
     ("dnsmasq", "dnsmasq-base"),
+    // The pod tests: a real containerd (CRI plugin) and runc, the reference CNI loopback
+    // plugin, and a C compiler for the static pause image.
+    ("containerd", "containerd"),
+    ("ctr", "containerd"),
+    ("runc", "runc"),
+    ("/usr/lib/cni/loopback", "containernetworking-plugins"),
+    ("cc", "gcc"),
+    ("tar", "tar"),
+    ("sha256sum", "coreutils"),
 ];
 
 pub fn cargo() -> Command {

@@ -25,6 +25,8 @@ pub fn status(cmd: &mut Command) -> Result<()> {
 
 /// Rust side: the nightly toolchain with rust-src (for -Z build-std=core) and bpf-linker.
 pub fn toolchain() -> Result<()> {
+    // The CRI client's protobuf code is generated at build time (k8s-cri's build script).
+    packages(&[("protoc", "protobuf-compiler")])?;
     if output("rustup", &["run", "nightly", "rustc", "--version"]).is_none() {
         eprintln!("xtask: installing the nightly toolchain");
         status(Command::new("rustup").args([

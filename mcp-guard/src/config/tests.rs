@@ -232,3 +232,97 @@ fn workload_mode_overrides_global() {
     assert_eq!(c.workloads[0].mode, Mode::Audit);
     assert_eq!(c.workloads[1].mode, Mode::Enforce);
 }
+
+#[test]
+fn pod_workloads_select_pods_and_bring_the_pending_workload() {
+    let c = p("[[workload]]\nname='gh'\ndefault='deny'\n[workload.pods]\nnamespace='mcp'\nlabels={ 'app.kubernetes.io/name' = 'github-mcp' }\n[daemon]\ncri_socket='/run/k3s/containerd/containerd.sock'\npod_cgroups=['/kubepods/pod*']\n").unwrap();
+    let gh = &c.workloads[0];
+    assert_eq!(gh.cgroup, None);
+    let sel = gh.pods.as_ref().unwrap();
+    assert_eq!(sel.namespace.as_deref(), Some("mcp"));
+    assert_eq!(sel.labels["app.kubernetes.io/name"], "github-mcp");
+    assert_eq!(
+        c.pods.cri_socket.as_deref(),
+        Some(Path::new("/run/k3s/containerd/containerd.sock"))
+    );
+    let pending: Vec<_> = c
+        .workloads
+        .iter()
+        .filter(|w| w.name == pods::PENDING)
+        .collect();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].cgroup.as_deref(), Some("/kubepods/pod*"));
+    assert_eq!(pending[0].default, DefaultAction::Deny);
+    // Defaults: every kubelet layout, and no pending workload without a pod workload.
+    let c = p("[[workload]]\nname='gh'\n[workload.pods]\nannotation=true\n").unwrap();
+    assert_eq!(
+        c.workloads
+            .iter()
+            .filter(|w| w.name == pods::PENDING)
+            .count(),
+        pods::DEFAULT_POD_CGROUPS.len()
+    );
+    let c = p("[[workload]]\nname='a'\ncgroup='/a'\n").unwrap();
+    assert!(c.workloads.iter().all(|w| w.name != pods::PENDING));
+}
+
+#[test]
+fn pod_workload_errors_name_the_line() {
+    let cases = [
+        (
+            "[[workload]]\nname='a'\ncgroup='/a'\n[workload.pods]\nnamespace='mcp'\n",
+            3,
+            "both a cgroup and [workload.pods]",
+        ),
+        (
+            "[[workload]]\nname='a'\ndefault='deny'\n",
+            2,
+            "neither cgroup",
+        ),
+        (
+            "[[workload]]\nname='a'\n[workload.pods]\nannotation=false\n",
+            3,
+            "selects every pod",
+        ),
+        (
+            "[[workload]]\nname='a'\n[workload.pods]\nnamespace='MCP_x'\n",
+            4,
+            "not a Kubernetes namespace",
+        ),
+        (
+            "[[workload]]\nname='a'\n[workload.pods]\nlabels={ app = 'a b' }\n",
+            4,
+            "not a Kubernetes label value",
+        ),
+        (
+            "[[workload]]\nname='pods-pending'\ncgroup='/a'\n",
+            2,
+            "reserved",
+        ),
+        (
+            "[[workload]]\nname='a'\ncgroup='/a'\n[daemon]\ncri_poll_ms=1\n",
+            5,
+            "cri_poll_ms",
+        ),
+        (
+            "[[workload]]\nname='a'\ncgroup='/a'\n[daemon]\ncri_socket='run/x.sock'\n",
+            5,
+            "cri_socket",
+        ),
+        (
+            "[[workload]]\nname='a'\ncgroup='/a'\n[daemon]\npod_cgroups=['kubepods']\n",
+            5,
+            "absolute path",
+        ),
+        (
+            "[[workload]]\nname='a'\n[workload.pods]\nnamespace='mcp'\nlables={}\n",
+            5,
+            "lables",
+        ),
+    ];
+    for (text, line, what) in cases {
+        let e = err(text);
+        assert_eq!(e.line, line, "{text}: {e}");
+        assert!(e.message.contains(what), "{text}: {e}");
+    }
+}
