@@ -115,6 +115,8 @@ pub(super) async fn watch(state: Arc<State>, mut w: Watch) {
         };
         let pause = Duration::from_millis(cfg.pods.poll_ms);
         if !selects_pods(&compiled) {
+            // Nothing to ask the runtime: not an outage.
+            state.metrics.cri_up.set(1);
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }

@@ -122,7 +122,7 @@ impl Metrics {
             mcp_tool_calls: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_tool_calls_total", "MCP tools/call requests the relays reported (each activated its tools in the kernel before it was forwarded), by workload."), &["workload"]).expect("valid")),
             mcp_relay_lines: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_relay_lines_total", "Lines MCP relays passed through unchanged without reading them, by workload and kind (malformed: not JSON-RPC 2.0; oversized: longer than 16 MiB)."), &["workload", "kind"]).expect("valid")),
             pods: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_pods", "Pods on this node held by each pod-selecting workload, as identified through the container runtime (CRI); pods-pending counts pod cgroups not identified yet (all their egress is denied)."), &["workload"]).expect("valid")),
-            cri_up: reg(&r, IntGauge::new("mcp_guard_cri_up", "Whether the last poll of the container runtime's CRI socket answered (1) or failed (0); while it fails, new pods stay pending (denied) and known pods keep their workload.").expect("valid")),
+            cri_up: reg(&r, IntGauge::new("mcp_guard_cri_up", "Whether the last poll of the container runtime's CRI socket answered (1) or failed (0); while it fails, new pods stay pending (denied) and known pods keep their workload. 1 when no workload selects pods.").expect("valid")),
             registry: r,
         };
         let build = reg(
