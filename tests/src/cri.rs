@@ -268,6 +268,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         c
     }
 
+    /// Stops (SIGSTOP) or continues (SIGCONT) containerd: a runtime that hangs.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(c.id() as i32, sig) };
+        }
+    }
+
     /// containerd's log so far, for assertion messages.
     #[must_use]
     pub fn log(&self) -> String {
@@ -424,6 +433,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        self.freeze(false);
         for id in self.sandboxes.clone() {
             self.remove_pod(&id);
         }

@@ -368,6 +368,25 @@ fn removed_pods_are_deregistered_and_a_restarted_daemon_lists_again() {
     );
     assert_eq!(verdicts(&b), [DENIED, DENIED, REACHED]);
     assert!(d.stderr.lock().unwrap().contains("listed the node's pods"));
+
+    // A restart while the runtime hangs: the pods the previous daemon placed keep their
+    // workload (their cgroups are unchanged); a pending one would refuse everything.
+    c.freeze(true);
+    d.kill9();
+    d.restart();
+    let reused = d
+        .stderr
+        .lock()
+        .unwrap()
+        .contains("reusing the pods the previous daemon placed");
+    c.freeze(false);
+    assert!(reused, "{}", d.stderr.lock().unwrap());
+    assert!(
+        registered(&d, "github-mcp", "github-mcp-b"),
+        "{}",
+        d.status()
+    );
+    assert_eq!(verdicts(&b), [DENIED, DENIED, REACHED]);
 }
 
 #[test]

@@ -75,41 +75,6 @@ fn names_of(
     }
 }
 
-fn status_json(
-    c: &Compiled,
-    maps: &PolicyMaps,
-    mount: &Path,
-    att: &Attachments,
-    map_ids: &[u32],
-    pods: &crate::pods::Table,
-) -> String {
-    let workloads: Vec<serde_json::Value> = c
-        .workloads
-        .iter()
-        .map(|w| {
-            serde_json::json!({
-                "name": w.name,
-                "cgroup": w.cgroup,
-                "cgroup_path": w.cgroup.as_deref().map(|c| cgroup::fs_path(mount, c)),
-                "pods": w.pods.as_ref().map(|p| p.describe()),
-                "pod_list": w.pods.as_ref().map(|_| pods.values().filter(|p| p.workload_id == Some(w.id)).collect::<Vec<_>>()),
-                "cgroup_id": maps.cgroups_of(w.id).first(),
-                "cgroup_ids": maps.cgroups_of(w.id),
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "generation": maps.generation(),
-        "workloads": workloads,
-        "programs": att.expected,
-        "adopted": att.adopted,
-        "maps": map_ids,
-        "pod_sources": maps.source_count(),
-        "pods": pods.values().collect::<Vec<_>>(),
-    })
-    .to_string()
-}
-
 /// Loads and compiles a config, logging warnings. Nothing touches the kernel here.
 ///
 /// # Errors
@@ -281,7 +246,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     })?;
     // Pods first: a restarted daemon registers every known pod with the policy instead
     // of holding them all pending until the first poll.
-    let (pod_watch, first_pods) = pods::first(&cfg, &compiled, &mount).await;
+    let (pod_watch, first_pods) = {
+        let pins = Pins::new(&cfg.pin_dir);
+        pods::first(&cfg, &compiled, &mount, pins.pods_file(), pins.has_links()).await
+    };
     let pods_table = crate::pods::Shared::default();
     let was_pinned = pins.has_links();
     let mut ebpf = loader::open(&pins)?;

@@ -18,6 +18,8 @@ use crate::{
 #[derive(Default)]
 pub(super) struct Watch {
     client: Option<cri::Client>,
+    /// Where the placed pods are kept for a restart (see [`first`]).
+    file: std::path::PathBuf,
     /// Warnings already logged (an annotation naming the wrong workload, ...).
     warned: HashSet<String>,
     failing: bool,
@@ -86,24 +88,45 @@ impl Watch {
 }
 
 /// Lists the pods once before the first policy install, so a restarted daemon
-/// re-registers every known pod at once instead of holding them all pending.
+/// re-registers every known pod at once instead of holding them all pending. If the
+/// runtime does not answer and the pinned state of a previous daemon is still there
+/// (`was_pinned`), the pods it had placed are reused where their cgroup is still the same
+/// cgroup; new pods stay pending until the runtime answers.
 pub(super) async fn first(
     cfg: &crate::config::Config,
     compiled: &Compiled,
     mount: &Path,
+    file: std::path::PathBuf,
+    was_pinned: bool,
 ) -> (Watch, Option<(Vec<(u32, String)>, Table)>) {
-    let mut w = Watch::default();
+    let mut w = Watch {
+        file,
+        ..Watch::default()
+    };
     if !selects_pods(compiled) {
         return (w, None);
     }
-    let placed = w.poll(compiled, cfg, mount).await;
-    if let Some((_, table, _)) = &placed {
+    if let Some((entries, table, _)) = w.poll(compiled, cfg, mount).await {
         info!(
             pods = table.len(),
             "listed the node's pods through the container runtime"
         );
+        return (w, Some((entries, table)));
     }
-    (w, placed.map(|(e, t, _)| (e, t)))
+    if !was_pinned {
+        return (w, None);
+    }
+    let saved: Vec<pods::Placed> = std::fs::read(&w.file)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let (entries, table) = pods::reuse(&saved, &compiled.workloads, mount);
+    warn!(
+        reused = table.len(),
+        kept = saved.len(),
+        "the container runtime does not answer: reusing the pods the previous daemon placed whose cgroups are unchanged; new pods stay pending"
+    );
+    (w, Some((entries, table)))
 }
 
 /// Polls the runtime for as long as the daemon runs.
@@ -124,15 +147,24 @@ pub(super) async fn watch(state: Arc<State>, mut w: Watch) {
         state.metrics.cri_up.set(i64::from(placed.is_some()));
         if let Some((entries, table, _missing)) = placed {
             let state2 = state.clone();
-            let _ = tokio::task::spawn_blocking(move || apply(&state2, &compiled, entries, table))
-                .await;
+            let file = w.file.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                apply(&state2, &compiled, entries, table, &file);
+            })
+            .await;
         }
         tokio::time::sleep(pause).await;
     }
 }
 
 /// Registers the placed pods and publishes the table (logs what changed).
-pub(super) fn apply(state: &State, compiled: &Compiled, entries: Vec<(u32, String)>, table: Table) {
+pub(super) fn apply(
+    state: &State,
+    compiled: &Compiled,
+    entries: Vec<(u32, String)>,
+    table: Table,
+    file: &Path,
+) {
     let changed = {
         let mut maps = state.maps.lock().expect("maps");
         if maps.set_pods(entries) {
@@ -161,6 +193,9 @@ pub(super) fn apply(state: &State, compiled: &Compiled, entries: Vec<(u32, Strin
             if !table.contains_key(cg) {
                 info!(pod = %format!("{}/{}", p.namespace, p.name), cgroup = %cg, "pod gone");
             }
+        }
+        if *old != table {
+            keep(file, &table);
         }
         *old = table;
     }
@@ -196,4 +231,23 @@ fn publish(state: &State, compiled: &Compiled) {
         .pods
         .with_label_values(&[PENDING])
         .set(pending as i64);
+}
+
+/// Writes the placed pods for a restart while the runtime is down (replace by rename).
+fn keep(file: &Path, table: &Table) {
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = file.with_extension("json.tmp");
+        let list: Vec<&pods::Placed> = table.values().collect();
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(&list).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, file)
+    };
+    if let Err(e) = write() {
+        warn!(file = %file.display(), "cannot keep the placed pods for a restart: {e}");
+    }
 }

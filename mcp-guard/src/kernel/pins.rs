@@ -85,6 +85,18 @@ impl Pins {
         PathBuf::from(LEARNED_DIR).join(format!("learned{tag}.json"))
     }
 
+    /// Where the pods placed through the CRI are kept, for a restart while the runtime
+    /// does not answer (beside the learned addresses, same lifetime).
+    #[must_use]
+    pub fn pods_file(&self) -> PathBuf {
+        self.learned_file().with_file_name(
+            self.learned_file()
+                .file_name()
+                .map(|n| n.to_string_lossy().replacen("learned", "pods", 1))
+                .unwrap_or_default(),
+        )
+    }
+
     #[must_use]
     pub fn map(&self, name: &str) -> PathBuf {
         self.dir.join("maps").join(name)
@@ -158,10 +170,12 @@ impl Pins {
                 removed.push(format!("map {}", e.path().display()));
             }
         }
-        match fs::remove_file(self.learned_file()) {
-            Ok(()) => removed.push(format!("state {}", self.learned_file().display())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        for state in [self.learned_file(), self.pods_file()] {
+            match fs::remove_file(&state) {
+                Ok(()) => removed.push(format!("state {}", state.display())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         for sub in ["links", "maps", ""] {
             let p = if sub.is_empty() {

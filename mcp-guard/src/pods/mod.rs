@@ -32,7 +32,7 @@ pub struct Pod {
 }
 
 /// How a pod came to its workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
     Labels,
@@ -164,7 +164,7 @@ pub fn locate(
 }
 
 /// A pod the daemon placed, for events, `/status` and metrics.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Placed {
     pub namespace: String,
     pub name: String,
@@ -176,12 +176,48 @@ pub struct Placed {
     pub via: Option<Via>,
     /// Below the cgroup v2 mount.
     pub cgroup: String,
+    /// Its id when placed (a file kept for a restart is trusted only for the same cgroup).
+    #[serde(default)]
+    pub cgroup_id: u64,
     #[serde(skip)]
     pub containers: Vec<(String, String)>,
 }
 
 /// Every pod placed, by its cgroup path.
 pub type Table = BTreeMap<String, Placed>;
+
+/// What a restarted daemon may reuse of the pods it placed before, while the runtime does
+/// not answer: each pod whose cgroup is still the same cgroup (same id) and whose
+/// workload still selects pods. Returns (entries for the maps, table).
+#[must_use]
+pub fn reuse(
+    saved: &[Placed],
+    workloads: &[CompiledWorkload],
+    mount: &Path,
+) -> (Vec<(u32, String)>, Table) {
+    let mut entries = Vec::new();
+    let mut table = Table::new();
+    for p in saved {
+        if cgroup::id(mount, &p.cgroup).ok() != Some(p.cgroup_id) {
+            continue;
+        }
+        let wid = match &p.workload {
+            None => crate::kernel::maps::UNSELECTED,
+            Some(name) => match workloads
+                .iter()
+                .find(|w| &w.name == name && w.pods.is_some())
+            {
+                Some(w) => w.id,
+                None => continue,
+            },
+        };
+        let mut p = p.clone();
+        p.workload_id = (wid != crate::kernel::maps::UNSELECTED).then_some(wid);
+        entries.push((wid, p.cgroup.clone()));
+        table.insert(p.cgroup.clone(), p);
+    }
+    (entries, table)
+}
 
 /// The table as the daemon shares it with event enrichment and `/status`.
 pub type Shared = std::sync::Arc<std::sync::RwLock<Table>>;
@@ -220,6 +256,7 @@ pub fn place(
                 workload: chosen.map(|(w, _)| w.name.clone()),
                 workload_id: chosen.map(|(w, _)| w.id),
                 via: chosen.map(|(_, v)| v),
+                cgroup_id: cgroup::id(mount, &cg).unwrap_or(0),
                 cgroup: cg,
                 containers: pod.containers.clone(),
             },
@@ -381,6 +418,7 @@ mod tests {
             workload_id: None,
             via: None,
             cgroup: cg.into(),
+            cgroup_id: 0,
             containers: vec![("abc123def456".into(), "fetch".into())],
         };
         t.insert("/k/pod1".into(), placed("/k/pod1"));

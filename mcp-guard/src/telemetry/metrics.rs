@@ -254,6 +254,7 @@ mod tests {
         m.dns_query_refused.with_label_values(&["w", "r"]).inc();
         m.privileged_processes.with_label_values(&["w"]).set(1);
         m.dns_limited.with_label_values(&["w"]).inc();
+        m.pods.with_label_values(&["w"]).set(1);
         let exported: BTreeSet<String> = m
             .registry
             .gather()

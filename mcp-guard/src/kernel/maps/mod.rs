@@ -504,8 +504,27 @@ impl PolicyMaps {
             },
             mount,
         );
+        // Pods no workload selects: their cgroup may hold a registration the kernel made
+        // at mkdir (pending) that this daemon never saw; remove it from the kernel itself.
+        let unselected: Vec<u64> = desired
+            .iter()
+            .filter(|(_, w)| **w == UNSELECTED)
+            .map(|(id, _)| *id)
+            .collect();
         desired.retain(|_, w| *w != UNSELECTED);
         let mut changed = 0;
+        for id in unselected {
+            let key = CgroupKey {
+                cgroup_id: id,
+                slot,
+                _pad: 0,
+            };
+            if self.cgroups.get(&key, 0).is_ok() && self.cgroups.remove(&key).is_ok() {
+                self.slots[slot as usize].cgroups.retain(|k| *k != key);
+                self.registered.remove(&id);
+                changed += 1;
+            }
+        }
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
         // A scan that met an error (out of file descriptors, say) removes nothing: what
