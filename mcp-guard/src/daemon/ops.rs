@@ -317,6 +317,42 @@ pub(super) fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
     state.refresh_status();
 }
 
+/// The `/status` document.
+pub(super) fn status_json(
+    c: &Compiled,
+    maps: &PolicyMaps,
+    mount: &Path,
+    att: &Attachments,
+    map_ids: &[u32],
+    pods: &crate::pods::Table,
+) -> String {
+    let workloads: Vec<serde_json::Value> = c
+        .workloads
+        .iter()
+        .map(|w| {
+            serde_json::json!({
+                "name": w.name,
+                "cgroup": w.cgroup,
+                "cgroup_path": w.cgroup.as_deref().map(|c| cgroup::fs_path(mount, c)),
+                "pods": w.pods.as_ref().map(|p| p.describe()),
+                "pod_list": w.pods.as_ref().map(|_| pods.values().filter(|p| p.workload_id == Some(w.id)).collect::<Vec<_>>()),
+                "cgroup_id": maps.cgroups_of(w.id).first(),
+                "cgroup_ids": maps.cgroups_of(w.id),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "generation": maps.generation(),
+        "workloads": workloads,
+        "programs": att.expected,
+        "adopted": att.adopted,
+        "maps": map_ids,
+        "pod_sources": maps.source_count(),
+        "pods": pods.values().collect::<Vec<_>>(),
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,40 +392,4 @@ mod tests {
             "no file, nothing kept"
         );
     }
-}
-
-/// The `/status` document.
-pub(super) fn status_json(
-    c: &Compiled,
-    maps: &PolicyMaps,
-    mount: &Path,
-    att: &Attachments,
-    map_ids: &[u32],
-    pods: &crate::pods::Table,
-) -> String {
-    let workloads: Vec<serde_json::Value> = c
-        .workloads
-        .iter()
-        .map(|w| {
-            serde_json::json!({
-                "name": w.name,
-                "cgroup": w.cgroup,
-                "cgroup_path": w.cgroup.as_deref().map(|c| cgroup::fs_path(mount, c)),
-                "pods": w.pods.as_ref().map(|p| p.describe()),
-                "pod_list": w.pods.as_ref().map(|_| pods.values().filter(|p| p.workload_id == Some(w.id)).collect::<Vec<_>>()),
-                "cgroup_id": maps.cgroups_of(w.id).first(),
-                "cgroup_ids": maps.cgroups_of(w.id),
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "generation": maps.generation(),
-        "workloads": workloads,
-        "programs": att.expected,
-        "adopted": att.adopted,
-        "maps": map_ids,
-        "pod_sources": maps.source_count(),
-        "pods": pods.values().collect::<Vec<_>>(),
-    })
-    .to_string()
 }

@@ -19,7 +19,11 @@ use tracing::{info, warn};
 use crate::{host::cgroup, policy::Compiled};
 
 mod mcp;
+mod pods;
 mod repair;
+
+use pods::live_pods;
+pub use pods::UNSELECTED;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -36,11 +40,6 @@ pub enum MapsError {
 fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
     move |source| MapsError::Map { name, source }
 }
-
-/// A pod cgroup the daemon identified but no workload selects: registered as nobody's
-/// (it falls back to the workload of the cgroup above it), and claimed so that the
-/// pending pattern does not hold it.
-pub const UNSELECTED: u32 = u32::MAX;
 
 /// Every existing cgroup a workload names (a path or a pattern), or an identified pod
 /// lives in, mapped to its workload. Pods come first (they are more specific than the
@@ -61,17 +60,6 @@ fn resolve(compiled: &Compiled, pods: &[(u32, String)], mount: &Path) -> BTreeMa
     }
     out.retain(|_, w| *w != UNSELECTED);
     out
-}
-
-/// The identified pods whose workload the policy still has (after a reload dropped a
-/// workload, its pods are held by the pending patterns until they are assigned again).
-fn live_pods<'a>(
-    compiled: &'a Compiled,
-    pods: &'a [(u32, String)],
-) -> impl Iterator<Item = (u32, &'a str)> + 'a {
-    pods.iter()
-        .filter(|(w, _)| *w == UNSELECTED || compiled.workloads.iter().any(|x| x.id == *w))
-        .map(|(w, c)| (*w, c.as_str()))
 }
 
 fn info_of(compiled: &Compiled, workload_id: u32) -> WorkloadInfo {
@@ -512,19 +500,7 @@ impl PolicyMaps {
             .map(|(id, _)| *id)
             .collect();
         desired.retain(|_, w| *w != UNSELECTED);
-        let mut changed = 0;
-        for id in unselected {
-            let key = CgroupKey {
-                cgroup_id: id,
-                slot,
-                _pad: 0,
-            };
-            if self.cgroups.get(&key, 0).is_ok() && self.cgroups.remove(&key).is_ok() {
-                self.slots[slot as usize].cgroups.retain(|k| *k != key);
-                self.registered.remove(&id);
-                changed += 1;
-            }
-        }
+        let mut changed = self.drop_unselected(&unselected, slot);
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
         // A scan that met an error (out of file descriptors, say) removes nothing: what
@@ -591,18 +567,6 @@ impl PolicyMaps {
             }
         }
         changed
-    }
-
-    /// Sets the identified pod cgroups (see [`UNSELECTED`]); the next
-    /// [`Self::refresh_cgroups`] registers them. Returns whether anything changed.
-    pub fn set_pods(&mut self, mut pods: Vec<(u32, String)>) -> bool {
-        pods.sort();
-        if pods == self.pods {
-            return false;
-        }
-        self.pods = pods;
-        self.pods_version = self.pods_version.wrapping_add(1);
-        true
     }
 
     /// The cgroup ids registered for a workload, in the active slot.

@@ -1,0 +1,57 @@
+//! Identified pods in the maps: pod cgroups registered for the workload that selects
+//! them, or claimed as nobody's ([`UNSELECTED`]).
+
+use mcp_guard_common::CgroupKey;
+
+use super::PolicyMaps;
+use crate::policy::Compiled;
+
+/// A pod cgroup the daemon identified but no workload selects: registered as nobody's
+/// (it falls back to the workload of the cgroup above it), and claimed so that the
+/// pending pattern does not hold it.
+pub const UNSELECTED: u32 = u32::MAX;
+
+/// The identified pods whose workload the policy still has (after a reload dropped a
+/// workload, its pods are held by the pending patterns until they are assigned again).
+pub(super) fn live_pods<'a>(
+    compiled: &'a Compiled,
+    pods: &'a [(u32, String)],
+) -> impl Iterator<Item = (u32, &'a str)> + 'a {
+    pods.iter()
+        .filter(|(w, _)| *w == UNSELECTED || compiled.workloads.iter().any(|x| x.id == *w))
+        .map(|(w, c)| (*w, c.as_str()))
+}
+
+impl PolicyMaps {
+    /// Sets the identified pod cgroups (see [`UNSELECTED`]); the next
+    /// [`Self::refresh_cgroups`] registers them. Returns whether anything changed.
+    pub fn set_pods(&mut self, mut pods: Vec<(u32, String)>) -> bool {
+        pods.sort();
+        if pods == self.pods {
+            return false;
+        }
+        self.pods = pods;
+        self.pods_version = self.pods_version.wrapping_add(1);
+        true
+    }
+
+    /// Removes from the kernel the registrations of pod cgroups no workload selects (a
+    /// registration the kernel made at mkdir, pending, that the daemon may never have
+    /// seen). Returns how many it removed.
+    pub(super) fn drop_unselected(&mut self, ids: &[u64], slot: u32) -> usize {
+        let mut changed = 0;
+        for &id in ids {
+            let key = CgroupKey {
+                cgroup_id: id,
+                slot,
+                _pad: 0,
+            };
+            if self.cgroups.get(&key, 0).is_ok() && self.cgroups.remove(&key).is_ok() {
+                self.slots[slot as usize].cgroups.retain(|k| *k != key);
+                self.registered.remove(&id);
+                changed += 1;
+            }
+        }
+        changed
+    }
+}
