@@ -62,14 +62,10 @@ fn resolve(compiled: &Compiled, pods: &[(u32, String)], mount: &Path) -> BTreeMa
     out
 }
 
-fn info_of(compiled: &Compiled, workload_id: u32) -> WorkloadInfo {
-    info(
-        compiled
-            .workloads
-            .iter()
-            .find(|w| w.id == workload_id)
-            .expect("registered workloads are compiled"),
-    )
+/// Each workload's kernel entry, by workload id (one pass: registering many cgroups of
+/// many workloads looks each up in constant time).
+fn infos_of(compiled: &Compiled) -> std::collections::HashMap<u32, WorkloadInfo> {
+    compiled.workloads.iter().map(|w| (w.id, info(w))).collect()
 }
 
 fn info(w: &crate::policy::CompiledWorkload) -> WorkloadInfo {
@@ -403,6 +399,7 @@ impl PolicyMaps {
                     .map_err(map_err("POLICY_EXACT_1"))?;
                 contents.exact.push(key);
             }
+            let infos = infos_of(compiled);
             for (&id, &wid) in &registered {
                 let key = CgroupKey {
                     cgroup_id: id,
@@ -410,7 +407,7 @@ impl PolicyMaps {
                     _pad: 0,
                 };
                 self.cgroups
-                    .insert(key, info_of(compiled, wid), 0)
+                    .insert(key, infos[&wid], 0)
                     .map_err(map_err("CGROUPS_1"))?;
                 contents.cgroups.push(key);
             }
@@ -530,16 +527,18 @@ impl PolicyMaps {
             self.registered.remove(&id);
             changed += 1;
         }
+        let mut infos = None;
         for (&id, &wid) in &desired {
             if self.registered.get(&id) == Some(&wid) {
                 continue;
             }
+            let info = infos.get_or_insert_with(|| infos_of(compiled))[&wid];
             let key = CgroupKey {
                 cgroup_id: id,
                 slot,
                 _pad: 0,
             };
-            match self.cgroups.insert(key, info_of(compiled, wid), 0) {
+            match self.cgroups.insert(key, info, 0) {
                 Ok(()) => {
                     if !self.slots[slot as usize].cgroups.contains(&key) {
                         self.slots[slot as usize].cgroups.push(key);

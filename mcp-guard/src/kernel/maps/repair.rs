@@ -38,8 +38,7 @@ impl PolicyMaps {
         // Registrations: one missing or changed is written again if the cgroup is still
         // there (a fresh look: the rmdir tracepoint drops those of removed cgroups). One
         // pass over the kernel's map; one lookup table of the workloads.
-        let infos: std::collections::HashMap<u32, WorkloadInfo> =
-            compiled.workloads.iter().map(|w| (w.id, info(w))).collect();
+        let infos = infos_of(compiled);
         let kernel: std::collections::HashMap<u64, WorkloadInfo> = self
             .cgroups
             .iter()
