@@ -11,7 +11,7 @@ use super::State;
 use crate::{
     config::pods::PENDING,
     pods::{self, cri, Table},
-    policy::Compiled,
+    policy::{Compiled, CompiledWorkload},
 };
 
 /// The CRI connection and what was last reported, across polls.
@@ -34,7 +34,7 @@ impl Watch {
     /// runtime did not answer (the caller keeps what it has: fail closed for new pods).
     async fn poll(
         &mut self,
-        compiled: &Compiled,
+        workloads: &[CompiledWorkload],
         cfg: &crate::config::Config,
         mount: &Path,
     ) -> Option<(Vec<(u32, String)>, Table, usize)> {
@@ -70,7 +70,7 @@ impl Watch {
             self.failing = false;
         }
         let (entries, table, warnings, missing) =
-            pods::place(&compiled.workloads, &found, mount, &cfg.pods.pod_cgroups);
+            pods::place(workloads, &found, mount, &cfg.pods.pod_cgroups);
         for w in warnings {
             if self.warned.insert(w.clone()) {
                 warn!("{w}");
@@ -106,7 +106,7 @@ pub(super) async fn first(
     if !selects_pods(compiled) {
         return (w, None);
     }
-    if let Some((entries, table, _)) = w.poll(compiled, cfg, mount).await {
+    if let Some((entries, table, _)) = w.poll(&compiled.workloads, cfg, mount).await {
         info!(
             pods = table.len(),
             "listed the node's pods through the container runtime"
@@ -129,38 +129,70 @@ pub(super) async fn first(
     (w, Some((entries, table)))
 }
 
-/// Polls the runtime for as long as the daemon runs.
+/// How long a new pending pod cgroup makes the poll run fast.
+const FAST_WHILE: Duration = Duration::from_secs(10);
+/// The poll interval while a pod cgroup is newly pending (its sandbox is being made).
+const FAST_POLL: Duration = Duration::from_millis(50);
+
+/// Polls the runtime for as long as the daemon runs: every `cri_poll_ms`, and every
+/// 50 ms for ten seconds after a new pod cgroup became pending, so a new pod waits for
+/// its policy as briefly as the runtime allows.
 pub(super) async fn watch(state: Arc<State>, mut w: Watch) {
+    // Pending cgroup id -> when it was first seen pending.
+    let mut pending_since: std::collections::HashMap<u64, std::time::Instant> =
+        std::collections::HashMap::new();
     loop {
-        let (compiled, cfg) = {
+        // Only the workloads placing needs (not the whole policy, every poll).
+        let (workloads, cfg) = {
             let l = state.live.lock().expect("live");
-            (l.compiled.clone(), l.cfg.clone())
+            let w: Vec<CompiledWorkload> = l
+                .compiled
+                .workloads
+                .iter()
+                .filter(|w| w.pods.is_some() || w.name == PENDING)
+                .cloned()
+                .collect();
+            (w, l.cfg.clone())
         };
-        let pause = Duration::from_millis(cfg.pods.poll_ms);
-        if !selects_pods(&compiled) {
+        if !workloads.iter().any(|w| w.pods.is_some()) {
             // Nothing to ask the runtime: not an outage.
             state.metrics.cri_up.set(1);
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        let placed = w.poll(&compiled, &cfg, &state.mount).await;
+        let placed = w.poll(&workloads, &cfg, &state.mount).await;
         state.metrics.cri_up.set(i64::from(placed.is_some()));
         if let Some((entries, table, _missing)) = placed {
             let state2 = state.clone();
             let file = w.file.clone();
+            let wl = workloads.clone();
             let _ = tokio::task::spawn_blocking(move || {
-                apply(&state2, &compiled, entries, table, &file);
+                apply(&state2, &wl, entries, table, &file);
             })
             .await;
         }
-        tokio::time::sleep(pause).await;
+        let pending: Vec<u64> = workloads
+            .iter()
+            .find(|w| w.name == PENDING)
+            .map(|p| state.maps.lock().expect("maps").cgroups_of(p.id))
+            .unwrap_or_default();
+        let now = std::time::Instant::now();
+        pending_since.retain(|id, _| pending.contains(id));
+        for id in pending {
+            pending_since.entry(id).or_insert(now);
+        }
+        let fast = pending_since
+            .values()
+            .any(|t| now.duration_since(*t) < FAST_WHILE);
+        let pause = Duration::from_millis(cfg.pods.poll_ms);
+        tokio::time::sleep(if fast { pause.min(FAST_POLL) } else { pause }).await;
     }
 }
 
 /// Registers the placed pods and publishes the table (logs what changed).
 pub(super) fn apply(
     state: &State,
-    compiled: &Compiled,
+    workloads: &[CompiledWorkload],
     entries: Vec<(u32, String)>,
     table: Table,
     file: &Path,
@@ -199,16 +231,16 @@ pub(super) fn apply(
         }
         *old = table;
     }
-    publish(state, compiled);
+    publish(state, workloads);
     if changed {
         state.refresh_status();
     }
 }
 
 /// `mcp_guard_pods{workload}`: pods per pod-selecting workload, and pending pod cgroups.
-fn publish(state: &State, compiled: &Compiled) {
+fn publish(state: &State, workloads: &[CompiledWorkload]) {
     let table = state.pods.read().expect("pods");
-    for w in compiled.workloads.iter().filter(|w| w.pods.is_some()) {
+    for w in workloads.iter().filter(|w| w.pods.is_some()) {
         let n = table
             .values()
             .filter(|p| p.workload_id == Some(w.id))
@@ -219,13 +251,9 @@ fn publish(state: &State, compiled: &Compiled) {
             .with_label_values(&[&w.name])
             .set(n as i64);
     }
-    let pending = compiled
-        .workloads
-        .iter()
-        .find(|w| w.name == PENDING)
-        .map_or(0, |w| {
-            state.maps.lock().expect("maps").cgroups_of(w.id).len()
-        });
+    let pending = workloads.iter().find(|w| w.name == PENDING).map_or(0, |w| {
+        state.maps.lock().expect("maps").cgroups_of(w.id).len()
+    });
     state
         .metrics
         .pods
