@@ -358,7 +358,9 @@ fn explain(path: &Path, workload: &str, dest: &str) -> Result<()> {
     }
     let ev = Evaluator::new(&compiled);
     let Some(wl) = ev.workload(workload) else {
-        let names: Vec<&str> = compiled.workloads.iter().map(|w| w.name.as_str()).collect();
+        // (pods-pending is one workload over several patterns: named once.)
+        let mut names: Vec<&str> = compiled.workloads.iter().map(|w| w.name.as_str()).collect();
+        names.dedup();
         bail!(
             "{}: no workload named {workload:?}; workloads: {}",
             path.display(),
