@@ -452,6 +452,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 let Some(sel) = pods::selector(&mut cx, p) else {
                     continue;
                 };
+                if sel.annotation && sel.namespace.is_none() {
+                    warnings.push(format!("{}:{}: workload {name:?} takes pods by annotation from every namespace: any pod can join it by annotating itself {}={name}, also a pod another workload selects by its labels (the annotation is looked at first); set pods.namespace, or admit the annotation by policy", path.display(), loc.line, pods::ANNOTATION));
+                }
                 (None, Some(sel))
             }
             (Some(c), Some(_)) => {

@@ -255,6 +255,13 @@ fn pod_workloads_select_pods_and_bring_the_pending_workload() {
     assert_eq!(pending[0].default, DefaultAction::Deny);
     // Defaults: every kubelet layout, and no pending workload without a pod workload.
     let c = p("[[workload]]\nname='gh'\n[workload.pods]\nannotation=true\n").unwrap();
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("t.toml:2") && w.contains("any pod can join it")),
+        "{:?}",
+        c.warnings
+    );
     assert_eq!(
         c.workloads
             .iter()

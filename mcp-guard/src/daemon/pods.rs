@@ -71,6 +71,10 @@ impl Watch {
         }
         let (entries, table, warnings, missing) =
             pods::place(workloads, &found, mount, &cfg.pods.pod_cgroups);
+        if self.warned.len() > 4096 {
+            // Pods come and go: forget old warnings rather than grow without bound.
+            self.warned.clear();
+        }
         for w in warnings {
             if self.warned.insert(w.clone()) {
                 warn!("{w}");
