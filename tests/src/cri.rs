@@ -19,7 +19,7 @@ use k8s_cri::v1::{
     LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
     RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::TempDir;
 
@@ -235,20 +235,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let path = socket.clone();
         let channel = rt
-            .block_on(
-                Endpoint::try_from("http://[::1]:1")
-                    .expect("endpoint")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let path = path.clone();
-                        async move {
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                                tokio::net::UnixStream::connect(path).await?,
-                            ))
-                        }
-                    })),
-            )
+            .block_on(mcp_guard::pods::cri::channel(&socket))
             .expect("connect to containerd");
         let c = Self {
             child: Some(child),

@@ -210,6 +210,12 @@ pub(super) fn read_learned(path: &Path, dns: &config::DnsConfig) -> Vec<policy::
 
 /// Keeps the installed learned addresses for the next daemon (write, then rename).
 pub(super) fn write_learned(path: &Path, learned: &[policy::Learned]) {
+    write_state(path, learned, "learned addresses");
+}
+
+/// Writes daemon state kept for the next daemon (learned addresses, placed pods): a
+/// temporary file renamed over the old one, so a reader never sees half of it.
+pub(super) fn write_state(path: &Path, value: &(impl serde::Serialize + ?Sized), what: &str) {
     let write = || -> std::io::Result<()> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
@@ -217,12 +223,12 @@ pub(super) fn write_learned(path: &Path, learned: &[policy::Learned]) {
         let tmp = path.with_extension("json.tmp");
         std::fs::write(
             &tmp,
-            serde_json::to_vec(learned).map_err(std::io::Error::other)?,
+            serde_json::to_vec(value).map_err(std::io::Error::other)?,
         )?;
         std::fs::rename(&tmp, path)
     };
     if let Err(e) = write() {
-        warn!(file = %path.display(), "cannot keep learned addresses for a restart: {e}");
+        warn!(file = %path.display(), "cannot keep the {what} for a restart: {e}");
     }
 }
 

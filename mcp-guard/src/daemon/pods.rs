@@ -231,7 +231,8 @@ pub(super) fn apply(
             }
         }
         if *old != table {
-            keep(file, &table);
+            let list: Vec<&pods::Placed> = table.values().collect();
+            super::ops::write_state(file, &list, "placed pods");
         }
         *old = table;
     }
@@ -263,23 +264,4 @@ fn publish(state: &State, workloads: &[CompiledWorkload]) {
         .pods
         .with_label_values(&[PENDING])
         .set(pending as i64);
-}
-
-/// Writes the placed pods for a restart while the runtime is down (replace by rename).
-fn keep(file: &Path, table: &Table) {
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = file.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let tmp = file.with_extension("json.tmp");
-        let list: Vec<&pods::Placed> = table.values().collect();
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(&list).map_err(std::io::Error::other)?,
-        )?;
-        std::fs::rename(&tmp, file)
-    };
-    if let Err(e) = write() {
-        warn!(file = %file.display(), "cannot keep the placed pods for a restart: {e}");
-    }
 }

@@ -32,6 +32,29 @@ pub fn socket(configured: Option<&Path>) -> Option<PathBuf> {
     })
 }
 
+/// A gRPC channel to the runtime's CRI socket (each call times out after 5 s).
+///
+/// # Errors
+/// The socket cannot be reached.
+pub async fn channel(path: &Path) -> Result<Channel> {
+    let path = path.to_path_buf();
+    let shown = path.display().to_string();
+    // The URI is required by the API and ignored: every connection is the socket.
+    Endpoint::try_from("http://[::1]:1")?
+        .timeout(CALL_TIMEOUT)
+        .connect_timeout(CALL_TIMEOUT)
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .with_context(|| format!("connecting to the CRI socket {shown}"))
+}
+
 pub struct Client {
     rt: RuntimeServiceClient<Channel>,
     /// Sandbox id -> cgroup parent (asked once per sandbox).
@@ -44,24 +67,8 @@ impl Client {
     /// # Errors
     /// The socket cannot be reached.
     pub async fn connect(path: &Path) -> Result<Self> {
-        let path = path.to_path_buf();
-        let shown = path.display().to_string();
-        // The URI is required by the API and ignored: every connection is the socket.
-        let channel = Endpoint::try_from("http://[::1]:1")?
-            .timeout(CALL_TIMEOUT)
-            .connect_timeout(CALL_TIMEOUT)
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let path = path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(path).await?,
-                    ))
-                }
-            }))
-            .await
-            .with_context(|| format!("connecting to the CRI socket {shown}"))?;
         Ok(Self {
-            rt: RuntimeServiceClient::new(channel),
+            rt: RuntimeServiceClient::new(channel(path).await?),
             parents: HashMap::new(),
         })
     }

@@ -137,15 +137,15 @@ pub fn locate(
     path: Option<&str>,
     uid: &str,
     pod_cgroups: &[String],
-) -> Option<String> {
+) -> Option<(String, u64)> {
     if let Some(p) = path {
-        if cgroup::id(mount, p).is_ok() {
-            return Some(p.to_string());
+        if let Ok(id) = cgroup::id(mount, p) {
+            return Some((p.to_string(), id));
         }
     }
     let uid_systemd = uid.replace('-', "_");
     for pattern in pod_cgroups {
-        for (_, dir) in cgroup::resolve_dirs(mount, pattern) {
+        for (id, dir) in cgroup::resolve_dirs(mount, pattern) {
             let Ok(rel) = dir.strip_prefix(mount) else {
                 continue;
             };
@@ -156,7 +156,7 @@ pub fn locate(
                 && !uid.is_empty()
                 && (last.contains(uid) || last.contains(&uid_systemd));
             if by_path || by_uid {
-                return Some(rel);
+                return Some((rel, id));
             }
         }
     }
@@ -237,7 +237,7 @@ pub fn place(
     let mut missing = 0;
     for pod in pods {
         let path = pod.cgroup_parent.as_deref().and_then(cgroup_path);
-        let Some(cg) = locate(mount, path.as_deref(), &pod.uid, pod_cgroups) else {
+        let Some((cg, cgroup_id)) = locate(mount, path.as_deref(), &pod.uid, pod_cgroups) else {
             missing += 1;
             continue;
         };
@@ -256,7 +256,7 @@ pub fn place(
                 workload: chosen.map(|(w, _)| w.name.clone()),
                 workload_id: chosen.map(|(w, _)| w.id),
                 via: chosen.map(|(_, v)| v),
-                cgroup_id: cgroup::id(mount, &cg).unwrap_or(0),
+                cgroup_id,
                 cgroup: cg,
                 containers: pod.containers.clone(),
             },

@@ -401,11 +401,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
             // A pattern's cgroups are below its literal prefix.
             let path = workload_cgroup
                 .and_then(|w| {
-                    let under: Vec<&str> = w
-                        .split('/')
-                        .take_while(|c| !cgroup::is_pattern(c))
-                        .collect();
-                    cgroup::find_by_id(&names.mount, &under.join("/"), e.cgroup_id)
+                    cgroup::find_by_id(&names.mount, &cgroup::literal_prefix(w), e.cgroup_id)
                 })
                 .or_else(|| {
                     pods.values()

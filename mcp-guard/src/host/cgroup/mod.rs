@@ -426,6 +426,18 @@ pub fn kernel_root(mount: &Path) -> String {
         .unwrap_or_default()
 }
 
+fn literal_len(parts: &[&str]) -> usize {
+    parts.iter().take_while(|p| !is_pattern(p)).count()
+}
+
+/// The part of a path or pattern before its first pattern component: every cgroup it
+/// names is at or below it (`/kubepods/*/pod*` -> `/kubepods`).
+#[must_use]
+pub fn literal_prefix(cgroup: &str) -> String {
+    let parts: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
+    format!("/{}", parts[..literal_len(&parts)].join("/"))
+}
+
 /// The ids of the cgroups a workload's cgroup (a path or a pattern) names now.
 #[must_use]
 pub fn resolve(mount: &Path, cgroup: &str) -> Vec<u64> {
@@ -448,7 +460,7 @@ pub fn resolve_dirs(mount: &Path, cgroup: &str) -> Vec<(u64, PathBuf)> {
     }
     let parts: Vec<&str> = cgroup.split('/').filter(|s| !s.is_empty()).collect();
     // Walk only below the literal prefix of the pattern, and no deeper than it can reach.
-    let literal = parts.iter().take_while(|p| !is_pattern(p)).count();
+    let literal = literal_len(&parts);
     let max_depth = if parts.contains(&"**") {
         crate::MAX_DEPTH
     } else {
