@@ -16,8 +16,8 @@ use mcp_guard_common::{
     ENTRY_BASELINE_METADATA, ENTRY_F_EXPIRES, ENTRY_HOLE, MAX_CGROUP_LEVEL, MAX_RANGES, MODE_AUDIT,
     PROTO_OTHER, PROTO_TCP, PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA,
     REASON_BETWEEN_CALLS, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL, REASON_NOT_ALLOWED,
-    REASON_TOOL_NOT_ACTIVE, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, VERDICT_AUDITED,
-    VERDICT_DENIED, WL_DENY_BETWEEN_CALLS, WL_DENY_DIRECT_DNS, WL_MCP,
+    REASON_TOOL_NOT_ACTIVE, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, WL_DENY_BETWEEN_CALLS,
+    WL_DENY_DIRECT_DNS, WL_MCP,
 };
 
 use crate::{
@@ -176,22 +176,12 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
     report::refused::<IPV6>(
         ctx,
         &Flow {
-            hook,
-            verdict: if audit {
-                VERDICT_AUDITED
-            } else {
-                VERDICT_DENIED
-            },
-            workload_id: wl.workload_id,
-            reason: (result >> 32) as u8,
-            rule_id: result as u32,
             dest_class,
             addr,
             port,
             proto: protocol as u8,
             sock_family: if IPV6 { 10 } else { 2 },
-            generation,
-            rate_limit: cfg.rate_limit_per_sec,
+            ..Flow::refused_by(hook, wl, result, generation, cfg.rate_limit_per_sec)
         },
     );
     if audit {
@@ -208,11 +198,23 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
 // verifier's 512-byte stack limit.
 #[inline(never)]
 pub(crate) fn find_workload(slot: u32) -> Option<&'static WorkloadInfo> {
+    // SAFETY: a plain helper call; returns 0 above the task's own level.
+    nearest_workload(slot, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    })
+}
+
+/// The deepest of the cgroups `ancestor(0..)` gives (0 ends the walk) that has a
+/// workload: the one ancestor walk of the socket hooks and the packet programs.
+#[inline(always)]
+pub(crate) fn nearest_workload(
+    slot: u32,
+    ancestor: impl Fn(i32) -> u64,
+) -> Option<&'static WorkloadInfo> {
     let mut found = None;
     let mut level = 0;
     while level < MAX_CGROUP_LEVEL {
-        // SAFETY: a plain helper call; returns 0 above the task's own level.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        let id = ancestor(level as i32);
         if id == 0 {
             break;
         }

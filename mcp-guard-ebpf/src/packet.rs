@@ -16,8 +16,7 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mcp_guard_common::{
-    CgroupKey, WorkloadInfo, HOOK_TC, MAX_CGROUP_LEVEL, MODE_AUDIT, PROTO_OTHER, PROTO_TCP,
-    PROTO_UDP, VERDICT_AUDITED, VERDICT_DENIED,
+    CgroupKey, WorkloadInfo, HOOK_TC, MODE_AUDIT, PROTO_OTHER, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -207,27 +206,10 @@ pub(crate) fn workload_of_socket(
     skb: *mut aya_ebpf::bindings::__sk_buff,
     slot: u32,
 ) -> Option<&'static WorkloadInfo> {
-    let mut found = None;
-    let mut level = 0;
-    while level < MAX_CGROUP_LEVEL {
-        // SAFETY: helper on our own skb; returns 0 without a socket or above its level.
-        let id = unsafe { bpf_skb_ancestor_cgroup_id(skb, level as i32) };
-        if id == 0 {
-            break;
-        }
-        // SAFETY: entries are replaced whole by user space.
-        if let Some(w) = unsafe {
-            CGROUPS_1.get(&CgroupKey {
-                cgroup_id: id,
-                slot,
-                _pad: 0,
-            })
-        } {
-            found = Some(w);
-        }
-        level += 1;
-    }
-    found
+    // SAFETY: helper on our own skb; returns 0 without a socket or above its level.
+    crate::decide::nearest_workload(slot, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    })
 }
 
 /// Pod mode: the workload whose network namespace is on the other end of the interface
@@ -307,26 +289,23 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
     let audit = wl.mode == MODE_AUDIT;
     report::emit(
         &Flow {
-            hook: HOOK_TC,
-            verdict: if audit {
-                VERDICT_AUDITED
-            } else {
-                VERDICT_DENIED
-            },
-            workload_id: wl.workload_id,
-            reason: if result & REFUSED != 0 {
-                (result >> 32) as u8
-            } else {
-                mcp_guard_common::REASON_MALFORMED
-            },
-            rule_id: result as u32,
             dest_class: class.unwrap_or(mcp_guard_common::CLASS_NONE),
             addr: daddr,
             port: dport,
             proto,
             sock_family: family,
-            generation,
-            rate_limit: cfg.rate_limit_per_sec,
+            ..Flow::refused_by(
+                HOOK_TC,
+                wl,
+                // A packet that cannot be parsed is refused as malformed.
+                if result & REFUSED != 0 {
+                    result
+                } else {
+                    (u64::from(mcp_guard_common::REASON_MALFORMED) << 32) | u64::from(result as u32)
+                },
+                generation,
+                cfg.rate_limit_per_sec,
+            )
         },
         &Origin {
             cgroup_id,

@@ -12,8 +12,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mcp_guard_common::{
-    Event, FlowCounterKey, RateKey, RateState, STAT_COUNTER_OVERFLOW, STAT_EVENTS_LOST,
-    STAT_EVENTS_SUBMITTED, STAT_EVENTS_SUPPRESSED, STAT_REPORTED, STAT_UNSTABLE,
+    Event, FlowCounterKey, RateKey, RateState, WorkloadInfo, CLASS_NONE, MODE_AUDIT,
+    STAT_COUNTER_OVERFLOW, STAT_EVENTS_LOST, STAT_EVENTS_SUBMITTED, STAT_EVENTS_SUPPRESSED,
+    STAT_REPORTED, STAT_UNSTABLE, VERDICT_AUDITED, VERDICT_DENIED,
 };
 
 use crate::maps::{EVENTS_1, FLOWS_1, MCP_INSTANCES_1, RATE_1, STATS_1};
@@ -34,6 +35,39 @@ pub struct Flow {
     pub sock_family: u8,
     pub generation: u32,
     pub rate_limit: u32,
+}
+
+impl Flow {
+    /// A refusal by workload `wl` (audited or denied by its mode) for a decision
+    /// `result` (reason << 32 | rule id), with no destination yet: the caller fills in
+    /// what it knows of the flow.
+    #[inline(always)]
+    pub fn refused_by(
+        hook: u8,
+        wl: &WorkloadInfo,
+        result: u64,
+        generation: u32,
+        rate_limit: u32,
+    ) -> Self {
+        Self {
+            hook,
+            verdict: if wl.mode == MODE_AUDIT {
+                VERDICT_AUDITED
+            } else {
+                VERDICT_DENIED
+            },
+            workload_id: wl.workload_id,
+            reason: (result >> 32) as u8,
+            rule_id: result as u32,
+            dest_class: CLASS_NONE,
+            addr: [0; 16],
+            port: 0,
+            proto: 0,
+            sock_family: 0,
+            generation,
+            rate_limit,
+        }
+    }
 }
 
 #[inline(always)]

@@ -20,7 +20,6 @@ use aya_ebpf::{
 use mcp_guard_common::{
     SkbVerdict, WorkloadInfo, CLASS_NONE, HOOK_CGROUP_SKB, MODE_AUDIT, PROTO_OTHER, PROTO_TCP,
     PROTO_UDP, REASON_MALFORMED, SKB_ALLOWED, SKB_AUDITED, SKB_DROPPED, SKB_STREAM, SKB_UNTOUCHED,
-    VERDICT_AUDITED, VERDICT_DENIED,
 };
 
 use crate::{
@@ -225,22 +224,18 @@ fn refusal(
     };
     report::emit(
         &Flow {
-            hook: HOOK_CGROUP_SKB,
-            verdict: if wl.mode == MODE_AUDIT {
-                VERDICT_AUDITED
-            } else {
-                VERDICT_DENIED
-            },
-            workload_id: wl.workload_id,
-            reason: (result >> 32) as u8,
-            rule_id: result as u32,
             dest_class: gen_class as u8,
             addr,
             port: dport,
             proto,
             sock_family: family,
-            generation: (gen_class >> 32) as u32,
-            rate_limit,
+            ..Flow::refused_by(
+                HOOK_CGROUP_SKB,
+                wl,
+                result,
+                (gen_class >> 32) as u32,
+                rate_limit,
+            )
         },
         &Origin {
             // SAFETY: helpers on our own skb (the socket's cgroup and cookie).

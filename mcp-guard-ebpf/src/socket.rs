@@ -11,9 +11,9 @@ use aya_ebpf::{
     EbpfContext,
 };
 use mcp_guard_common::{
-    CLASS_NONE, HOOK_LSM_SOCKET, HOOK_SOCK_CREATE, MODE_AUDIT, REASON_PACKET_SOCKET,
-    REASON_PING_SOCKET, REASON_RAW_SOCKET, REASON_SOCKET_PROTOCOL, VERDICT_AUDITED, VERDICT_DENIED,
-    WL_DENY_OTHER_PROTO, WL_DENY_PACKET, WL_DENY_PING, WL_DENY_RAW,
+    HOOK_LSM_SOCKET, HOOK_SOCK_CREATE, MODE_AUDIT, REASON_PACKET_SOCKET, REASON_PING_SOCKET,
+    REASON_RAW_SOCKET, REASON_SOCKET_PROTOCOL, WL_DENY_OTHER_PROTO, WL_DENY_PACKET, WL_DENY_PING,
+    WL_DENY_RAW,
 };
 
 use crate::{
@@ -72,22 +72,15 @@ fn refuse_creation(kind: u8, family: u8, proto: u8, cookie: u64) -> bool {
     let audit = wl.mode == MODE_AUDIT;
     report::emit(
         &Flow {
-            hook,
-            verdict: if audit {
-                VERDICT_AUDITED
-            } else {
-                VERDICT_DENIED
-            },
-            workload_id: wl.workload_id,
-            reason,
-            rule_id: 0,
-            dest_class: CLASS_NONE,
-            addr: [0; 16],
-            port: 0,
             proto,
             sock_family: family,
-            generation,
-            rate_limit: cfg.rate_limit_per_sec,
+            ..Flow::refused_by(
+                hook,
+                wl,
+                u64::from(reason) << 32,
+                generation,
+                cfg.rate_limit_per_sec,
+            )
         },
         &Origin::task(cookie, [0; 16], 0),
     );

@@ -6,7 +6,12 @@
 use std::{collections::BTreeMap, net::IpAddr, path::Path};
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use mcp_guard::{config, kernel::maps::PolicyMaps, kernel::pins::Pins, policy};
+use mcp_guard::{
+    config,
+    kernel::maps::{CounterMaps, PolicyMaps},
+    kernel::pins::Pins,
+    policy,
+};
 use mcp_guard_common::HOOK_TC;
 use mcp_guard_tests::{cgroup_mount, unique, TestCgroup};
 
@@ -88,6 +93,7 @@ fn classifier_verdicts_on_crafted_packets() {
             policy::compile(&config::parse(Path::new("t.toml"), &text).unwrap()).unwrap();
         let mut ebpf = mcp_guard::kernel::loader::open(&pins).unwrap();
         let mut maps = PolicyMaps::take(&mut ebpf).unwrap();
+        let counters = CounterMaps::take(&mut ebpf).unwrap();
         maps.install(&compiled, &cgroup_mount(), 0).unwrap();
         // Pod mode attributes by the interface a packet came in on: BPF_PROG_TEST_RUN
         // hands the program packets from `lo` (ifindex 1), here the pod's interface.
@@ -282,8 +288,8 @@ fn classifier_verdicts_on_crafted_packets() {
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
         // Every drop is counted with hook tc, in the counters the metrics export.
-        let counted: u64 = maps
-            .counters()
+        let counted: u64 = counters
+            .read()
             .unwrap()
             .flows
             .iter()

@@ -11,14 +11,14 @@ use std::{
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc, RwLock,
+        Arc,
     },
 };
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, UnixListener},
-    sync::broadcast,
+    sync::{broadcast, watch},
 };
 use tracing::debug;
 
@@ -26,13 +26,13 @@ use crate::telemetry::events::{enrich_cached, Cache, History, JsonEvent, Names, 
 
 pub struct Shared {
     pub ready: AtomicBool,
-    /// JSON document served on /status.
-    pub status: RwLock<String>,
+    /// JSON document served on /status (the state owner's latest).
+    pub status: watch::Receiver<Arc<String>>,
     pub events: broadcast::Sender<Arc<JsonEvent>>,
     /// Recent events, replayed to `/events?since=UNIX_SECONDS`.
     pub history: Arc<History>,
-    /// For enriching replayed events.
-    pub names: Arc<RwLock<Names>>,
+    /// For enriching replayed events (the state owner's latest).
+    pub names: watch::Receiver<Arc<Names>>,
     pub metrics: Box<dyn Fn() -> String + Send + Sync>,
     /// JSON of the addresses host rules allow now (served on /dns).
     pub dns: Box<dyn Fn() -> String + Send + Sync>,
@@ -233,7 +233,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
         "/status" => {
-            let body = shared.status.read().expect("status lock").clone();
+            let body = shared.status.borrow().clone();
             respond(&mut stream, "200 OK", "application/json", &body).await
         }
         "/dns" => {
@@ -276,7 +276,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     .filter(|(t, _)| *t >= cutoff)
                     .map(|(_, e)| e.clone())
                     .collect();
-                let names = shared.names.read().expect("names lock").clone();
+                let names = shared.names.borrow().clone();
                 let mut cache = Cache::default();
                 let replay: Vec<JsonEvent> = raw
                     .iter()

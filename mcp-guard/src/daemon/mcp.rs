@@ -11,7 +11,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use super::{blocking, State};
+use super::state::{Command, Handle, Owner};
 use crate::{
     host::cgroup,
     mcp::{
@@ -23,7 +23,7 @@ use crate::{
 /// Relays served at once.
 const MAX_RELAYS: usize = 4096;
 
-pub(super) async fn serve(listener: UnixListener, state: Arc<State>) {
+pub(super) async fn serve(listener: UnixListener, state: Handle) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -40,11 +40,15 @@ pub(super) async fn serve(listener: UnixListener, state: Arc<State>) {
 }
 
 /// The instance a connection announced.
-struct Instance {
+#[derive(Clone)]
+pub(super) struct Instance {
     cgroup_id: u64,
     workload: String,
     workload_id: u32,
 }
+
+/// The state owner is gone (the daemon is stopping).
+const GONE: &str = "the daemon is stopping";
 
 fn reply(r: Result<u32, String>) -> Vec<u8> {
     let mut line = serde_json::to_vec(&match r {
@@ -64,7 +68,7 @@ fn reply(r: Result<u32, String>) -> Vec<u8> {
     line
 }
 
-async fn relay(stream: UnixStream, state: &Arc<State>) {
+async fn relay(stream: UnixStream, state: &Handle) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut instance: Option<Instance> = None;
@@ -83,28 +87,24 @@ async fn relay(stream: UnixStream, state: &Arc<State>) {
         }
         let answer = match serde_json::from_slice::<ToDaemon>(&line) {
             Err(e) => Err(format!("not a relay message: {e}")),
-            Ok(m) => blocking(|| handle(state, &mut instance, m)),
+            Ok(m) => handle(state, &mut instance, m).await,
         };
         if w.write_all(&reply(answer)).await.is_err() {
             break;
         }
     }
     if let Some(i) = instance {
-        blocking(|| {
-            state.mcp.lock().expect("mcp").finish(i.cgroup_id);
-            let mut maps = state.maps.lock().expect("maps");
-            maps.remove_instance(i.cgroup_id);
-            state
-                .metrics
-                .mcp_instances
-                .set(maps.instance_count() as i64);
-        });
         info!(workload = %i.workload, instance = i.cgroup_id, "MCP instance ended");
+        state.send(Command::McpEnd(i));
     }
 }
 
-/// Applies one message; returns the instance's sequence after it.
-fn handle(state: &State, instance: &mut Option<Instance>, m: ToDaemon) -> Result<u32, String> {
+/// Applies one message through the state owner; returns the instance's sequence after it.
+async fn handle(
+    state: &Handle,
+    instance: &mut Option<Instance>,
+    m: ToDaemon,
+) -> Result<u32, String> {
     let ToDaemon::Start {
         workload,
         cgroup_id,
@@ -112,122 +112,164 @@ fn handle(state: &State, instance: &mut Option<Instance>, m: ToDaemon) -> Result
         command,
     } = m
     else {
-        let Some(i) = instance.as_ref() else {
+        let Some(i) = instance.clone() else {
             return Err("announce the instance first (start)".into());
         };
-        return update(state, i, m);
+        return state
+            .ask(|reply| Command::McpUpdate {
+                instance: i,
+                message: m,
+                reply,
+            })
+            .await
+            .unwrap_or_else(|| Err(GONE.into()));
     };
     if instance.is_some() {
         return Err("this connection already announced an instance".into());
     }
-    let (wid, wl_cgroup) = {
-        let live = state.live.lock().expect("live");
-        let w = live
-            .compiled
-            .workloads
-            .iter()
-            .find(|w| w.name == workload)
-            .ok_or_else(|| format!("no workload named {workload:?} in the running policy"))?;
-        let c = w.cgroup.clone().ok_or_else(|| {
-            format!("workload {workload:?} selects pods: exec --mcp needs a workload with a cgroup path")
-        })?;
-        (w.id, c)
-    };
-    // The instance must be a cgroup below the workload's: a relay cannot lend another
-    // workload's processes its tools.
-    let path = cgroup::find_by_id(&state.mount, &wl_cgroup, cgroup_id)
-        .filter(|p| *p != wl_cgroup)
-        .ok_or_else(|| {
-            format!("cgroup {cgroup_id} is not a cgroup below workload {workload:?} ({wl_cgroup})")
-        })?;
-    state
-        .mcp
-        .lock()
-        .expect("mcp")
-        .start(cgroup_id, workload.clone(), wid, relay_pid, command);
-    let mut maps = state.maps.lock().expect("maps");
-    maps.set_instance(cgroup_id, wid, 0, Vec::new())
-        .map_err(|e| e.to_string())?;
-    state
-        .metrics
-        .mcp_instances
-        .set(maps.instance_count() as i64);
-    info!(workload = %workload, instance = cgroup_id, cgroup = %path, relay_pid, "MCP instance started");
-    *instance = Some(Instance {
-        cgroup_id,
-        workload,
-        workload_id: wid,
-    });
+    let i = state
+        .ask(|reply| Command::McpStart {
+            workload,
+            cgroup_id,
+            relay_pid,
+            command,
+            reply,
+        })
+        .await
+        .unwrap_or_else(|| Err(GONE.into()))?;
+    *instance = Some(i);
     Ok(0)
 }
 
-fn update(state: &State, i: &Instance, m: ToDaemon) -> Result<u32, String> {
-    let mut reg = state.mcp.lock().expect("mcp");
-    let seq = match m {
-        ToDaemon::Start { .. } => unreachable!("handled by the caller"),
-        ToDaemon::Peers { client, server } => {
-            if let Some(inst) = reg.get_mut(i.cgroup_id) {
-                inst.client = client;
-                inst.server = server;
-            }
-            return Ok(reg.get(i.cgroup_id).map_or(0, |x| x.seq));
-        }
-        ToDaemon::Tools { names } => {
-            reg.set_tools(i.cgroup_id, names);
-            return Ok(reg.get(i.cgroup_id).map_or(0, |x| x.seq));
-        }
-        ToDaemon::Counts {
+impl Owner {
+    /// Registers an announced instance: its cgroup must be below its workload's.
+    pub(super) fn mcp_start(
+        &mut self,
+        workload: String,
+        cgroup_id: u64,
+        relay_pid: u32,
+        command: Vec<String>,
+    ) -> Result<Instance, String> {
+        let (wid, wl_cgroup) = {
+            let w = self
+                .compiled
+                .workloads
+                .iter()
+                .find(|w| w.name == workload)
+                .ok_or_else(|| format!("no workload named {workload:?} in the running policy"))?;
+            let c = w.cgroup.clone().ok_or_else(|| {
+                format!("workload {workload:?} selects pods: exec --mcp needs a workload with a cgroup path")
+            })?;
+            (w.id, c)
+        };
+        // The instance must be a cgroup below the workload's: a relay cannot lend another
+        // workload's processes its tools.
+        let path = cgroup::find_by_id(&self.mount, &wl_cgroup, cgroup_id)
+            .filter(|p| *p != wl_cgroup)
+            .ok_or_else(|| {
+                format!(
+                    "cgroup {cgroup_id} is not a cgroup below workload {workload:?} ({wl_cgroup})"
+                )
+            })?;
+        Arc::make_mut(&mut self.mcp).start(cgroup_id, workload.clone(), wid, relay_pid, command);
+        self.maps
+            .set_instance(cgroup_id, wid, 0, Vec::new())
+            .map_err(|e| e.to_string())?;
+        self.metrics
+            .mcp_instances
+            .set(self.maps.instance_count() as i64);
+        self.publish_mcp();
+        info!(workload = %workload, instance = cgroup_id, cgroup = %path, relay_pid, "MCP instance started");
+        Ok(Instance {
+            cgroup_id,
+            workload,
+            workload_id: wid,
+        })
+    }
+
+    /// An instance's connection ended: its kernel entry goes (no tool active).
+    pub(super) fn mcp_end(&mut self, i: &Instance) {
+        Arc::make_mut(&mut self.mcp).finish(i.cgroup_id);
+        self.maps.remove_instance(i.cgroup_id);
+        self.metrics
+            .mcp_instances
+            .set(self.maps.instance_count() as i64);
+        self.publish_mcp();
+    }
+
+    /// Peers, tools, counts or a call of an announced instance.
+    pub(super) fn mcp_update(&mut self, i: &Instance, m: ToDaemon) -> Result<u32, String> {
+        let metrics = self.metrics.clone();
+        if let ToDaemon::Counts {
             malformed,
             oversized,
-        } => {
-            let lines = &state.metrics.mcp_relay_lines;
+        } = m
+        {
+            let lines = &metrics.mcp_relay_lines;
             lines
                 .with_label_values(&[&i.workload, "malformed"])
                 .inc_by(malformed);
             lines
                 .with_label_values(&[&i.workload, "oversized"])
                 .inc_by(oversized);
-            return Ok(reg.get(i.cgroup_id).map_or(0, |x| x.seq));
+            return Ok(self.mcp.get(i.cgroup_id).map_or(0, |x| x.seq));
         }
-        ToDaemon::Call {
-            request_id,
-            tool,
-            arguments,
-        } => {
-            state
-                .metrics
-                .mcp_tool_calls
-                .with_label_values(&[&i.workload])
-                .inc();
-            reg.call(
-                i.cgroup_id,
-                CallRef {
-                    tool,
-                    request_id,
-                    arguments,
-                },
-            )
+        let reg = Arc::make_mut(&mut self.mcp);
+        let seq = match m {
+            ToDaemon::Start { .. } | ToDaemon::Counts { .. } => {
+                return Err("this connection already announced an instance".into())
+            }
+            ToDaemon::Peers { client, server } => {
+                if let Some(inst) = reg.get_mut(i.cgroup_id) {
+                    inst.client = client;
+                    inst.server = server;
+                }
+                let seq = reg.get(i.cgroup_id).map_or(0, |x| x.seq);
+                self.publish_mcp();
+                return Ok(seq);
+            }
+            ToDaemon::Tools { names } => {
+                reg.set_tools(i.cgroup_id, names);
+                let seq = reg.get(i.cgroup_id).map_or(0, |x| x.seq);
+                self.publish_mcp();
+                return Ok(seq);
+            }
+            ToDaemon::Call {
+                request_id,
+                tool,
+                arguments,
+            } => {
+                metrics
+                    .mcp_tool_calls
+                    .with_label_values(&[&i.workload])
+                    .inc();
+                reg.call(
+                    i.cgroup_id,
+                    CallRef {
+                        tool,
+                        request_id,
+                        arguments,
+                    },
+                )
+            }
+            ToDaemon::End {
+                request_id,
+                outcome: _,
+            } => reg.end(i.cgroup_id, &request_id),
         }
-        ToDaemon::End {
-            request_id,
-            outcome: _,
-        } => reg.end(i.cgroup_id, &request_id),
+        .ok_or("the instance is gone")?;
+        let tools = reg
+            .get(i.cgroup_id)
+            .map(crate::mcp::registry::Instance::active_tools)
+            .unwrap_or_default();
+        self.publish_mcp();
+        // Written before the answer: the relay forwards the call only after this.
+        self.maps
+            .set_instance(i.cgroup_id, i.workload_id, seq, tools)
+            .map_err(|e| {
+                warn!(error = %e, "MCP instance update failed: the call runs with no tool active");
+                e.to_string()
+            })?;
+        Ok(seq)
     }
-    .ok_or("the instance is gone")?;
-    let tools = reg
-        .get(i.cgroup_id)
-        .map(crate::mcp::registry::Instance::active_tools)
-        .unwrap_or_default();
-    drop(reg);
-    // Written before the answer: the relay forwards the call only after this.
-    state
-        .maps
-        .lock()
-        .expect("maps")
-        .set_instance(i.cgroup_id, i.workload_id, seq, tools)
-        .map_err(|e| {
-            warn!(error = %e, "MCP instance update failed: the call runs with no tool active");
-            e.to_string()
-        })?;
-    Ok(seq)
 }

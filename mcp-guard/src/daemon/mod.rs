@@ -3,7 +3,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    sync::{atomic::Ordering, Arc, Mutex, RwLock},
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
@@ -11,7 +11,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::RingBuf;
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::broadcast,
+    sync::{broadcast, watch},
 };
 use tracing::{debug, error, info, warn};
 
@@ -20,25 +20,20 @@ use crate::{
     config::{self, OnExit},
     dns,
     host::cgroup,
-    kernel::loader::{self, Attachments},
-    kernel::maps::PolicyMaps,
+    kernel::loader,
+    kernel::maps::{CounterMaps, PolicyMaps},
     kernel::pins::Pins,
     policy::{self, Compiled},
-    telemetry::events::{self, Delivered, Names, SinkWriter},
+    telemetry::events::{self, Delivered, SinkWriter},
     telemetry::metrics::Metrics,
 };
 
 mod mcp;
 mod ops;
 mod pods;
+mod state;
 use ops::*;
-
-/// Runs blocking work of the daemon's loop (filesystem scans, map syscalls, program
-/// attachment) on this worker thread, after the runtime moved its other tasks (the
-/// listeners, the event reader) to another: they never wait behind it.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
+use state::{Command, Handle, Outputs, Owner};
 
 /// How often workload cgroups are re-resolved, so a cgroup created after start (a
 /// systemd unit starting, a pod scheduled) is enforced without a reload.
@@ -53,26 +48,6 @@ const POSTURE_CHECK: Duration = Duration::from_secs(2);
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
-}
-
-fn names_of(
-    c: &Compiled,
-    mount: &Path,
-    mcp: &crate::mcp::registry::Shared,
-    pods: &crate::pods::Shared,
-) -> Names {
-    Names {
-        mcp: mcp.clone(),
-        pods: pods.clone(),
-        mount: mount.to_path_buf(),
-        workloads: c.workloads.iter().map(|w| (w.id, w.name.clone())).collect(),
-        cgroups: c
-            .workloads
-            .iter()
-            .filter_map(|w| Some((w.id, w.cgroup.clone()?)))
-            .collect(),
-        rules: c.rules.iter().map(|r| (r.id, r.text.clone())).collect(),
-    }
 }
 
 /// Loads and compiles a config, logging warnings. Nothing touches the kernel here.
@@ -126,54 +101,6 @@ fn read_settled(path: &Path) -> Result<String> {
 /// Like [`prepare`], for a reload: from settled content only.
 fn prepare_reload(path: &Path, learned: &[policy::Learned]) -> Result<(config::Config, Compiled)> {
     compile_config(config::parse(path, &read_settled(path)?)?, learned)
-}
-
-struct Live {
-    cfg: Arc<config::Config>,
-    compiled: Compiled,
-    /// TC pod mode is on: keep the source-address map filled.
-    pod_mode: bool,
-}
-
-/// Everything the periodic tasks and the reload path share.
-struct State {
-    live: Mutex<Live>,
-    maps: Arc<Mutex<PolicyMaps>>,
-    names: Arc<RwLock<Names>>,
-    metrics: Arc<Metrics>,
-    shared: Arc<Shared>,
-    mount: PathBuf,
-    attachments: Mutex<Attachments>,
-    map_ids: Vec<u32>,
-    engine: Arc<Mutex<dns::Engine>>,
-    /// The DNS side, while the config has host rules or a proxy.
-    dns: Mutex<Option<dns::Dns>>,
-    /// The learned addresses compiled into the installed policy (`Live::compiled`); a
-    /// reload compiles them again with the new rules.
-    installed: Arc<Mutex<Vec<policy::Learned>>>,
-    /// Where the installed learned addresses are kept for the next daemon.
-    learned_file: PathBuf,
-    /// `exec --mcp` instances and their calls (also read by event enrichment).
-    mcp: crate::mcp::registry::Shared,
-    /// Pods identified through the CRI (also read by event enrichment and `/status`).
-    pods: crate::pods::Shared,
-}
-
-impl State {
-    fn refresh_status(&self) {
-        let live = self.live.lock().expect("live");
-        let maps = self.maps.lock().expect("maps");
-        let att = self.attachments.lock().expect("attachments");
-        let pods = self.pods.read().expect("pods");
-        *self.shared.status.write().expect("status") = status_json(
-            &live.compiled,
-            &maps,
-            &self.mount,
-            &att,
-            &self.map_ids,
-            &pods,
-        );
-    }
 }
 
 /// The content of the config file, following symlinks (a Kubernetes ConfigMap volume
@@ -250,21 +177,22 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         let pins = Pins::new(&cfg.pin_dir);
         pods::first(&cfg, &compiled, &mount, pins.pods_file(), pins.has_links()).await
     };
-    let pods_table = crate::pods::Shared::default();
+    let mut pods_table = crate::pods::Table::default();
     let was_pinned = pins.has_links();
     let mut ebpf = loader::open(&pins)?;
     let map_ids: Vec<u32> = ebpf.maps().filter_map(|(_, m)| map_id(m)).collect();
     let mut maps = PolicyMaps::take(&mut ebpf)?;
+    let counters = CounterMaps::take(&mut ebpf)?;
     let pinned_hash = maps.adopt()?;
     let metrics = Arc::new(Metrics::new(&kernel_release()));
     if was_pinned {
-        metrics.prime(&maps.counters()?);
+        metrics.prime(&counters.read()?);
     }
     // Policy first, then attach: the programs never run without a policy. With adopted
     // maps the old policy stays live until the new one is switched in whole.
     if let Some((entries, table)) = first_pods {
         maps.set_pods(entries);
-        *pods_table.write().expect("pods") = table;
+        pods_table = table;
     }
     maps.install(&compiled, &mount, cfg.rate_limit_per_sec)?;
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS_1").context("map EVENTS_1 missing")?)?;
@@ -289,14 +217,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     // Registration at cgroup creation: no window between a workload cgroup's mkdir and
     // its policy. Workloads whose pattern the kernel cannot decide wait for the scan.
-    let (_, scan_only) =
-        crate::kernel::maps::register_entries(&compiled, &cgroup::kernel_root(&mount), 0);
-    for (workload, why) in &scan_only {
+    for (workload, why) in maps.scan_only() {
         warn!(workload = %workload, "its cgroup is registered by the scan (up to 100 ms after it is created), not by the kernel at creation: {why}; use an exact path, \"parent/*\" or \"parent/prefix*\"");
     }
     // Repaired only if it ran: a kernel that refuses it is reported once, not every second.
     let registration_on = attach_registration(&mut ebpf, &pins, pinned_hash, &metrics);
-    let mut tc = if cfg.tc.enabled {
+    let tc = if cfg.tc.enabled {
         let mut tc = crate::kernel::tc::Tc::load(&mut ebpf, &cfg.tc, &pins, pinned_hash)
             .context("loading the TC classifier")?;
         let n = tc.sync(&mut ebpf);
@@ -319,13 +245,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         );
     }
 
-    let mcp_registry = crate::mcp::registry::Shared::default();
-    let names = Arc::new(RwLock::new(names_of(
-        &compiled,
-        &mount,
-        &mcp_registry,
-        &pods_table,
-    )));
     let (tx, _) = broadcast::channel(4096);
     let (daemon_events, daemon_events_rx) = tokio::sync::mpsc::unbounded_channel();
     let (dns_updates, mut dns_updates_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -337,42 +256,51 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         daemon_events,
         metrics.clone(),
     )));
-    engine.lock().expect("engine").seed(&learned);
+    {
+        let mut e = engine.lock().expect("engine");
+        e.seed(&learned);
+        e.generation = maps.generation();
+    }
     let delivered = Arc::new(Delivered::default());
-    // The learned addresses the kernel enforces now (what /dns and `explain` show).
-    let installed: Arc<Mutex<Vec<policy::Learned>>> = Arc::new(Mutex::new(learned.clone()));
     let history = Arc::new(events::History::default());
-    let maps = Arc::new(Mutex::new(maps));
+    // What the state owner publishes; placeholders until its first publish below.
+    let (names_tx, names_rx) = watch::channel(Arc::default());
+    let (status_tx, status_rx) = watch::channel(Arc::new(String::from("{}")));
+    let installed = Arc::new(learned);
+    let (view_tx, view_rx) = watch::channel(Arc::new(state::View {
+        cfg: cfg.clone(),
+        compiled: Arc::new(compiled.clone()),
+        pending: Vec::new(),
+        installed: installed.clone(),
+    }));
+    let counters = Mutex::new(counters);
     let shared = Arc::new(Shared {
         ready: false.into(),
-        status: RwLock::new(String::from("{}")),
+        status: status_rx,
         events: tx.clone(),
         history: history.clone(),
-        names: names.clone(),
+        names: names_rx.clone(),
         dns: {
-            let (installed, engine) = (installed.clone(), engine.clone());
+            let (view, engine) = (view_rx.clone(), engine.clone());
             Box::new(move || {
                 // What the kernel enforces, with the TTL and expiry of the latest answer.
-                let mut learned = installed.lock().expect("installed").clone();
+                let mut learned = (*view.borrow().installed).clone();
                 engine.lock().expect("engine").refresh(&mut learned);
                 serde_json::json!({ "learned": learned }).to_string()
             })
         },
         metrics: {
-            let (maps, metrics, names, delivered) = (
-                maps.clone(),
-                metrics.clone(),
-                names.clone(),
-                delivered.clone(),
-            );
+            let (metrics, names, delivered) =
+                (metrics.clone(), names_rx.clone(), delivered.clone());
             Box::new(move || {
-                let counters = maps.lock().expect("maps").counters();
+                // The counter maps are read-only here and apart from the policy state.
+                let counters = counters.lock().expect("counters").read();
                 let d = delivered.events.load(Ordering::Relaxed);
                 if d > metrics.delivered.get() {
                     metrics.delivered.inc_by(d - metrics.delivered.get());
                 }
                 match counters {
-                    Ok(c) => metrics.render(&c, &names.read().expect("names").workloads),
+                    Ok(c) => metrics.render(&c, &names.borrow().workloads),
                     Err(e) => {
                         error!(error = %e, "reading counters");
                         metrics.text()
@@ -396,40 +324,60 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         }
     };
     let listen = cfg.metrics_listen;
-    let pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
     let on_exit = cfg.on_exit;
-    let state = Arc::new(State {
-        live: Mutex::new(Live {
-            cfg: cfg.clone(),
-            compiled,
-            pod_mode,
-        }),
-        maps,
-        names: names.clone(),
-        metrics: metrics.clone(),
-        shared: shared.clone(),
-        mount,
-        attachments: Mutex::new(attachments),
-        map_ids,
-        engine: engine.clone(),
-        dns: Mutex::new(None),
-        installed,
-        learned_file: pins.learned_file(),
-        mcp: mcp_registry,
-        pods: pods_table,
-    });
-    state.engine.lock().expect("engine").generation = state.maps.lock().expect("maps").generation();
-    sync_dns(&state, &cfg);
-    set_policy_gauges(&metrics, &state.live.lock().expect("live").compiled);
+    set_policy_gauges(&metrics, &compiled);
     metrics.reloads.with_label_values(&["success"]).inc();
     metrics.last_reload_success.set(unix_now());
-    metrics
-        .policy_generation
-        .set(i64::from(state.maps.lock().expect("maps").generation()));
+    metrics.policy_generation.set(i64::from(maps.generation()));
+    let mut owner = Owner {
+        pod_mode: cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty(),
+        cfg: cfg.clone(),
+        compiled: Arc::new(compiled),
+        maps,
+        ebpf,
+        tc_repaired: tc.as_ref().map_or(0, |t| t.repaired),
+        tc,
+        attachments,
+        attach_dir: attach_dir.clone(),
+        pins: pins.clone(),
+        registration_on,
+        map_ids,
+        mount: mount.clone(),
+        metrics: metrics.clone(),
+        engine,
+        dns: None,
+        installed,
+        learned_file: pins.learned_file(),
+        pods: Arc::new(pods_table),
+        mcp: Arc::default(),
+        out: Outputs {
+            view: view_tx,
+            names: names_tx,
+            status: status_tx,
+            shared: shared.clone(),
+        },
+    };
+    owner.sync_dns();
+    owner.publish();
+    let attached = owner.check_attachment();
+    anyhow::ensure!(
+        attached,
+        "the kernel does not list every program as attached to {}",
+        attach_dir.display()
+    );
+    let (commands, commands_rx) = std::sync::mpsc::channel();
+    let owner_thread = std::thread::Builder::new()
+        .name("mcpg-state".into())
+        .spawn(move || owner.run(&commands_rx))
+        .context("starting the state owner thread")?;
+    let state = Handle {
+        tx: commands,
+        view: view_rx,
+    };
 
     let reader = tokio::spawn(events::read_loop(
         ring,
-        names,
+        names_rx,
         sink,
         tx,
         delivered,
@@ -442,15 +390,13 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         shared.clone(),
     ));
     let mcp_server = tokio::spawn(mcp::serve(mcp_listener, state.clone()));
-    let pod_watcher = tokio::spawn(pods::watch(state.clone(), pod_watch));
+    let pod_watcher = tokio::spawn(pods::watch(
+        state.clone(),
+        metrics.clone(),
+        mount.clone(),
+        pod_watch,
+    ));
 
-    let attached = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
-    anyhow::ensure!(
-        attached,
-        "the kernel does not list every program as attached to {}",
-        attach_dir.display()
-    );
-    state.refresh_status();
     shared.ready.store(true, Ordering::SeqCst);
     metrics.ready.set(1);
     info!(
@@ -464,8 +410,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(CGROUP_RESCAN);
-    let mut attach_check = tokio::time::interval(ATTACH_CHECK);
     let mut config_check = tokio::time::interval(CONFIG_CHECK);
     // Capability posture of the guarded processes, read from /proc off the runtime.
     let mut posture_check = tokio::time::interval(POSTURE_CHECK);
@@ -473,15 +417,21 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut posture_task: Option<tokio::task::JoinHandle<_>> = None;
     let mut fingerprint = config_fingerprint(&config_path);
     let mut reported_missing = false;
-    let mut tc_repaired = tc.as_ref().map_or(0, |t| t.repaired);
-    loop {
+    let mut owner_gone = state.view.clone();
+    let outcome = loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM"); break; }
-            _ = int.recv() => { info!("SIGINT"); break; }
+            _ = term.recv() => { info!("SIGTERM"); break Ok(()); }
+            _ = int.recv() => { info!("SIGINT"); break Ok(()); }
+            r = owner_gone.changed() => {
+                if r.is_err() {
+                    // Its thread ended (it panicked): the pinned state stays enforced.
+                    break Err(anyhow::anyhow!("the state owner stopped; exiting (the pinned policy stays in force)"));
+                }
+            }
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", config_path.display());
                 fingerprint = config_fingerprint(&config_path);
-                blocking(|| reload(&config_path, &state));
+                state.send(Command::Reload(config_path.clone()));
             }
             _ = config_check.tick() => {
                 let now = config_fingerprint(&config_path);
@@ -497,69 +447,15 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         info!("config file {} changed: reloading", config_path.display());
                         reported_missing = false;
                         fingerprint = now;
-                        blocking(|| reload(&config_path, &state));
+                        state.send(Command::Reload(config_path.clone()));
                     }
                     (Some(_), true) => reported_missing = false,
                 }
             }
-            Some(first) = dns_updates_rx.recv() => {
-                // Only the newest learned set matters; everyone waiting is answered.
-                let mut update = first;
-                let mut done = Vec::new();
-                while let Ok(next) = dns_updates_rx.try_recv() {
-                    done.extend(update.done.take());
-                    update = next;
-                }
-                done.extend(update.done.take());
-                blocking(|| apply_learned(&state, update.learned));
-                for d in done {
-                    let _ = d.send(());
-                }
+            Some(mut update) = dns_updates_rx.recv() => {
+                // The owner installs the newest of queued sets once and answers everyone.
+                state.send(Command::Learned(update.learned, update.done.take().into_iter().collect()));
             }
-            _ = attach_check.tick() => blocking(|| {
-                if let Some(tc) = tc.as_mut() {
-                    let n = tc.sync(&mut ebpf);
-                    metrics.programs_attached.with_label_values(&["tc"]).set(i64::from(n > 0));
-                    let wanted = {
-                        let l = state.live.lock().expect("live");
-                        if l.pod_mode {
-                            pod_interfaces(&l.compiled, &state.mount, l.cfg.tc.netns.as_deref())
-                        } else {
-                            None
-                        }
-                    };
-                    if let Some(wanted) = wanted {
-                        let changed = state.maps.lock().expect("maps").set_sources(&wanted);
-                        if changed > 0 {
-                            state.refresh_status();
-                        }
-                    }
-                }
-                let ok = check_attachment(&mut ebpf, &attach_dir, &pins, &state);
-                if let Some(tc) = tc.as_ref() {
-                    let before = tc_repaired;
-                    tc_repaired = tc.repaired;
-                    if tc_repaired > before {
-                        repaired(&metrics, "tc_link", tc_repaired - before);
-                    }
-                }
-                let missing = if registration_on { loader::tracepoints_missing(&pins) } else { Vec::new() };
-                if !missing.is_empty() {
-                    error!(hooks = ?missing, "a registration link pin was removed behind the daemon's back: attaching again");
-                    if attach_registration(&mut ebpf, &pins, loader::object_hash(), &metrics) {
-                        repaired(&metrics, "link", missing.len() as u64);
-                    }
-                }
-                let t_repair = std::time::Instant::now();
-                let fixed = state.maps.lock().expect("maps").repair(&state.mount);
-                debug!(elapsed_us = t_repair.elapsed().as_micros() as u64, "state check");
-                for (what, n) in fixed {
-                    error!(what, count = n, "the kernel's state differed from what the daemon installed (tampering?): repaired");
-                    repaired(&metrics, what, n);
-                }
-                shared.ready.store(ok, Ordering::SeqCst);
-                metrics.ready.set(i64::from(ok));
-            }),
             _ = posture_check.tick() => {
                 if let Some(t) = posture_task.take_if(|t| t.is_finished()) {
                     if let Ok(found) = t.await {
@@ -567,37 +463,36 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                     }
                 }
                 if posture_task.is_none() {
-                    let compiled = state.live.lock().expect("live").compiled.clone();
-                    let mount = state.mount.clone();
+                    let compiled = state.view().compiled.clone();
+                    let mount = mount.clone();
                     posture_task = Some(tokio::task::spawn_blocking(move || {
                         crate::host::posture::scan(&compiled, &mount)
                     }));
                 }
             }
-            _ = tick.tick() => blocking(|| {
-                let t_scan = std::time::Instant::now();
-                let changed = {
-                    let l = state.live.lock().expect("live");
-                    state.maps.lock().expect("maps").refresh_cgroups(&l.compiled, &state.mount)
-                };
-                debug!(elapsed_us = t_scan.elapsed().as_micros() as u64, "cgroup scan");
-                if changed > 0 {
-                    state.refresh_status();
-                }
-            }),
         }
-    }
+    };
     shared.ready.store(false, Ordering::SeqCst);
     metrics.ready.set(0);
-    drop(state.dns.lock().expect("dns").take());
     reader.abort();
     server.abort();
     control_server.abort();
     mcp_server.abort();
     pod_watcher.abort();
+    // The owner stops the DNS side and drops the programs (links stay pinned).
+    state.send(Command::Stop);
+    drop(state);
+    let joined = tokio::time::timeout(
+        state::STOP_WAIT,
+        tokio::task::spawn_blocking(move || owner_thread.join()),
+    )
+    .await;
+    if !matches!(joined, Ok(Ok(Ok(())))) {
+        warn!("the state owner did not stop cleanly");
+    }
     let _ = std::fs::remove_file(&control_path);
     let _ = std::fs::remove_file(&mcp_path);
-    drop(ebpf);
+    outcome?;
     match on_exit {
         OnExit::Keep => info!(
             pin_dir = %pins.dir.display(),

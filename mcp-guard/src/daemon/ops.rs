@@ -1,7 +1,7 @@
 //! What the daemon's loop does: reloads, learned answers, DNS settings, the attachment
 //! and registration checks, pod interfaces, gauges.
 
-use super::*;
+use super::{state::Owner, *};
 
 /// Pod mode: node-side interface -> pod workload cgroup, read in the TC namespace (a
 /// thread enters `[tc] netns` if set). `None` when it cannot be read: the map stays.
@@ -52,44 +52,105 @@ pub(super) fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Asks the kernel which programs are attached, re-attaches any that someone detached
-/// (fail closed), and sets `programs_attached`. Returns whether all are attached.
-pub(super) fn check_attachment(
-    ebpf: &mut aya::Ebpf,
-    attach_dir: &Path,
-    pins: &Pins,
-    state: &State,
-) -> bool {
-    let mut att = state.attachments.lock().expect("attachments");
-    let mut all = true;
-    let mut changed = false;
-    for (hook, attached) in loader::attachment_state(&att, attach_dir) {
-        let mut now_attached = attached;
-        if !attached {
-            error!(hook, cgroup = %attach_dir.display(), "program is no longer attached (detached by someone else?): attaching it again");
-            match loader::reattach(ebpf, hook, attach_dir, pins, &mut att) {
-                Ok(()) => {
-                    state.metrics.reattached.inc();
-                    changed = true;
-                    now_attached = loader::attachment_state(&att, attach_dir)
-                        .iter()
-                        .any(|(h, a)| *h == hook && *a);
+impl Owner {
+    /// Asks the kernel which programs are attached, re-attaches any that someone
+    /// detached (fail closed), and sets `programs_attached`. Returns whether all are.
+    pub(super) fn check_attachment(&mut self) -> bool {
+        let mut all = true;
+        let mut changed = false;
+        for (hook, attached) in loader::attachment_state(&self.attachments, &self.attach_dir) {
+            let mut now_attached = attached;
+            if !attached {
+                error!(hook, cgroup = %self.attach_dir.display(), "program is no longer attached (detached by someone else?): attaching it again");
+                match loader::reattach(
+                    &mut self.ebpf,
+                    hook,
+                    &self.attach_dir,
+                    &self.pins,
+                    &mut self.attachments,
+                ) {
+                    Ok(()) => {
+                        self.metrics.reattached.inc();
+                        changed = true;
+                        now_attached =
+                            loader::attachment_state(&self.attachments, &self.attach_dir)
+                                .iter()
+                                .any(|(h, a)| *h == hook && *a);
+                    }
+                    Err(e) => error!(hook, "re-attaching failed: {e}"),
                 }
-                Err(e) => error!(hook, "re-attaching failed: {e}"),
+            }
+            self.metrics
+                .programs_attached
+                .with_label_values(&[hook])
+                .set(i64::from(now_attached));
+            all &= now_attached;
+        }
+        if changed {
+            self.publish_status();
+        }
+        all
+    }
+
+    /// The periodic check: TC links and pod interfaces, program attachment, the
+    /// registration links, and the maps against what was installed. Returns readiness.
+    pub(super) fn check(&mut self) -> bool {
+        if let Some(tc) = self.tc.as_mut() {
+            let n = tc.sync(&mut self.ebpf);
+            self.metrics
+                .programs_attached
+                .with_label_values(&["tc"])
+                .set(i64::from(n > 0));
+            let wanted = self
+                .pod_mode
+                .then(|| pod_interfaces(&self.compiled, &self.mount, self.cfg.tc.netns.as_deref()))
+                .flatten();
+            if let Some(wanted) = wanted {
+                if self.maps.set_sources(&wanted) > 0 {
+                    self.publish_status();
+                }
             }
         }
-        state
-            .metrics
-            .programs_attached
-            .with_label_values(&[hook])
-            .set(i64::from(now_attached));
-        all &= now_attached;
+        let ok = self.check_attachment();
+        if let Some(tc) = self.tc.as_ref() {
+            let before = self.tc_repaired;
+            self.tc_repaired = tc.repaired;
+            if self.tc_repaired > before {
+                repaired(&self.metrics, "tc_link", self.tc_repaired - before);
+            }
+        }
+        let missing = if self.registration_on {
+            loader::tracepoints_missing(&self.pins)
+        } else {
+            Vec::new()
+        };
+        if !missing.is_empty() {
+            error!(hooks = ?missing, "a registration link pin was removed behind the daemon's back: attaching again");
+            if attach_registration(
+                &mut self.ebpf,
+                &self.pins,
+                loader::object_hash(),
+                &self.metrics,
+            ) {
+                repaired(&self.metrics, "link", missing.len() as u64);
+            }
+        }
+        let t_repair = std::time::Instant::now();
+        let fixed = self.maps.repair(&self.mount);
+        debug!(
+            elapsed_us = t_repair.elapsed().as_micros() as u64,
+            "state check"
+        );
+        for (what, n) in fixed {
+            error!(
+                what,
+                count = n,
+                "the kernel's state differed from what the daemon installed (tampering?): repaired"
+            );
+            repaired(&self.metrics, what, n);
+        }
+        ok
     }
-    drop(att);
-    if changed {
-        state.refresh_status();
-    }
-    all
 }
 
 pub(super) fn repaired(metrics: &Metrics, what: &str, n: u64) {
@@ -136,49 +197,42 @@ pub(super) fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
     metrics.workloads.set(c.workloads.len() as i64);
 }
 
-/// Validates first; an invalid config leaves the running policy untouched.
-pub(super) fn reload(path: &Path, state: &State) {
-    let metrics = &state.metrics;
-    let learned = state.installed.lock().expect("installed").clone();
-    let (cfg, compiled) = match prepare_reload(path, &learned) {
-        Ok(v) => v,
-        Err(e) => {
-            error!("reload refused, the running policy stays in force: {e:#}");
-            metrics.reloads.with_label_values(&["failure"]).inc();
-            return;
-        }
-    };
-    {
-        let mut m = state.maps.lock().expect("maps");
-        if let Err(e) = m.install(&compiled, &state.mount, cfg.rate_limit_per_sec) {
+impl Owner {
+    /// Validates first; an invalid config leaves the running policy untouched.
+    pub(super) fn reload(&mut self, path: &Path) {
+        let metrics = self.metrics.clone();
+        let (cfg, compiled) = match prepare_reload(path, &self.installed) {
+            Ok(v) => v,
+            Err(e) => {
+                error!("reload refused, the running policy stays in force: {e:#}");
+                metrics.reloads.with_label_values(&["failure"]).inc();
+                return;
+            }
+        };
+        if let Err(e) = self
+            .maps
+            .install(&compiled, &self.mount, cfg.rate_limit_per_sec)
+        {
             error!("reload failed writing maps, the running policy stays in force: {e}");
             metrics.reloads.with_label_values(&["failure"]).inc();
             return;
         }
-        metrics.policy_generation.set(i64::from(m.generation()));
-        info!(generation = m.generation(), "policy reloaded");
-    }
-    *state.names.write().expect("names") =
-        names_of(&compiled, &state.mount, &state.mcp, &state.pods);
-    set_policy_gauges(metrics, &compiled);
-    metrics.reloads.with_label_values(&["success"]).inc();
-    metrics.last_reload_success.set(unix_now());
-    {
-        let old = state.live.lock().expect("live").cfg.clone();
-        for what in start_only_changes(&old, &cfg) {
+        metrics
+            .policy_generation
+            .set(i64::from(self.maps.generation()));
+        info!(generation = self.maps.generation(), "policy reloaded");
+        set_policy_gauges(&metrics, &compiled);
+        metrics.reloads.with_label_values(&["success"]).inc();
+        metrics.last_reload_success.set(unix_now());
+        for what in start_only_changes(&self.cfg, &cfg) {
             warn!("{}: {what} changed, which is read at start only: restart mcp-guard to apply it (the new policy is in force)", path.display());
         }
+        self.pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
+        self.cfg = Arc::new(cfg);
+        self.compiled = Arc::new(compiled);
+        self.sync_dns();
+        self.publish();
     }
-    let pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
-    let cfg = Arc::new(cfg);
-    {
-        let mut live = state.live.lock().expect("live");
-        live.cfg = cfg.clone();
-        live.compiled = compiled;
-        live.pod_mode = pod_mode;
-    }
-    sync_dns(state, &cfg);
-    state.refresh_status();
 }
 
 /// The learned addresses a previous daemon left, minus those that expired since.
@@ -259,79 +313,72 @@ pub(super) fn start_only_changes(old: &config::Config, new: &config::Config) -> 
     out
 }
 
-/// Starts, reconfigures, restarts or stops the DNS side to match a (new) config.
-pub(super) fn sync_dns(state: &State, cfg: &Arc<config::Config>) {
-    let mut slot = state.dns.lock().expect("dns");
-    if !dns::wanted(cfg) {
-        if slot.take().is_some() {
-            info!("DNS: no host rules and no proxy any more: stopped");
-        }
-        return;
-    }
-    if let Some(d) = slot.as_ref() {
-        if d.accepts(cfg) {
-            d.set_config(cfg.clone());
+impl Owner {
+    /// Starts, reconfigures, restarts or stops the DNS side to match the config.
+    pub(super) fn sync_dns(&mut self) {
+        let cfg = &self.cfg;
+        if !dns::wanted(cfg) {
+            if self.dns.take().is_some() {
+                info!("DNS: no host rules and no proxy any more: stopped");
+            }
             return;
         }
-        info!("DNS: [dns] changed: restarting the resolver and the proxy");
+        if let Some(d) = self.dns.as_ref() {
+            if d.accepts(cfg) {
+                d.set_config(cfg.clone());
+                return;
+            }
+            info!("DNS: [dns] changed: restarting the resolver and the proxy");
+        }
+        drop(self.dns.take());
+        let changed = self.engine.lock().expect("engine").set_config(cfg.clone());
+        match dns::Dns::start(cfg.clone(), self.engine.clone()) {
+            Ok(d) => self.dns = Some(d),
+            Err(e) => error!(
+                "DNS could not start, so host rules allow nothing until it can (fix and reload): {e:#}"
+            ),
+        }
+        if changed {
+            self.engine.lock().expect("engine").publish(None);
+        }
     }
-    drop(slot.take());
-    let changed = state.engine.lock().expect("engine").set_config(cfg.clone());
-    match dns::Dns::start(cfg.clone(), state.engine.clone()) {
-        Ok(d) => *slot = Some(d),
-        Err(e) => error!(
-            "DNS could not start, so host rules allow nothing until it can (fix and reload): {e:#}"
-        ),
-    }
-    if changed {
-        state.engine.lock().expect("engine").publish(None);
-    }
-}
 
-/// Compiles the config with a new set of learned addresses and switches to it whole.
-pub(super) fn apply_learned(state: &State, learned: Vec<policy::Learned>) {
-    let mut live = state.live.lock().expect("live");
-    let compiled = match policy::compile_with(&live.cfg, &learned) {
-        Ok(c) => c,
-        Err(e) => {
-            error!(
-                "learned DNS answers do not fit the policy, keeping the previous addresses: {e}"
-            );
+    /// Compiles the config with a new set of learned addresses and switches to it whole.
+    pub(super) fn apply_learned(&mut self, learned: Vec<policy::Learned>) {
+        let compiled = match policy::compile_with(&self.cfg, &learned) {
+            Ok(c) => c,
+            Err(e) => {
+                error!(
+                    "learned DNS answers do not fit the policy, keeping the previous addresses: {e}"
+                );
+                return;
+            }
+        };
+        if let Err(e) = self
+            .maps
+            .install(&compiled, &self.mount, self.cfg.rate_limit_per_sec)
+        {
+            error!("writing learned DNS answers failed, the previous policy stays in force: {e}");
             return;
         }
-    };
-    let mut m = state.maps.lock().expect("maps");
-    if let Err(e) = m.install(&compiled, &state.mount, live.cfg.rate_limit_per_sec) {
-        error!("writing learned DNS answers failed, the previous policy stays in force: {e}");
-        return;
+        let generation = self.maps.generation();
+        self.metrics.policy_generation.set(i64::from(generation));
+        self.engine.lock().expect("engine").generation = generation;
+        debug!(
+            generation,
+            learned = learned.len(),
+            "policy updated from DNS answers"
+        );
+        self.compiled = Arc::new(compiled);
+        write_learned(&self.learned_file, &learned);
+        self.installed = Arc::new(learned);
+        self.publish();
     }
-    let generation = m.generation();
-    drop(m);
-    state.metrics.policy_generation.set(i64::from(generation));
-    state.engine.lock().expect("engine").generation = generation;
-    *state.names.write().expect("names") =
-        names_of(&compiled, &state.mount, &state.mcp, &state.pods);
-    debug!(
-        generation,
-        learned = learned.len(),
-        "policy updated from DNS answers"
-    );
-    live.compiled = compiled;
-    write_learned(&state.learned_file, &learned);
-    *state.installed.lock().expect("installed") = learned;
-    drop(live);
-    state.refresh_status();
 }
 
 /// The `/status` document.
-pub(super) fn status_json(
-    c: &Compiled,
-    maps: &PolicyMaps,
-    mount: &Path,
-    att: &Attachments,
-    map_ids: &[u32],
-    pods: &crate::pods::Table,
-) -> String {
+pub(super) fn status_json(o: &Owner) -> String {
+    let (c, maps, pods) = (&o.compiled, &o.maps, &o.pods);
     let workloads: Vec<serde_json::Value> = c
         .workloads
         .iter()
@@ -339,7 +386,7 @@ pub(super) fn status_json(
             serde_json::json!({
                 "name": w.name,
                 "cgroup": w.cgroup,
-                "cgroup_path": w.cgroup.as_deref().map(|c| cgroup::fs_path(mount, c)),
+                "cgroup_path": w.cgroup.as_deref().map(|c| cgroup::fs_path(&o.mount, c)),
                 "pods": w.pods.as_ref().map(|p| p.describe()),
                 "pod_list": w.pods.as_ref().map(|_| pods.values().filter(|p| p.workload_id == Some(w.id)).collect::<Vec<_>>()),
                 "cgroup_id": maps.cgroups_of(w.id).first(),
@@ -350,9 +397,9 @@ pub(super) fn status_json(
     serde_json::json!({
         "generation": maps.generation(),
         "workloads": workloads,
-        "programs": att.expected,
-        "adopted": att.adopted,
-        "maps": map_ids,
+        "programs": o.attachments.expected,
+        "adopted": o.attachments.adopted,
+        "maps": o.map_ids,
         "pod_sources": maps.source_count(),
         "pods": pods.values().collect::<Vec<_>>(),
     })

@@ -7,7 +7,7 @@ use std::{collections::HashSet, path::Path, sync::Arc, time::Duration};
 
 use tracing::{error, info, warn};
 
-use super::State;
+use super::state::{Command, Handle, Owner};
 use crate::{
     config::pods::PENDING,
     pods::{self, cri, Table},
@@ -141,45 +141,50 @@ const FAST_POLL: Duration = Duration::from_millis(50);
 /// Polls the runtime for as long as the daemon runs: every `cri_poll_ms`, and every
 /// 50 ms for ten seconds after a new pod cgroup became pending, so a new pod waits for
 /// its policy as briefly as the runtime allows.
-pub(super) async fn watch(state: Arc<State>, mut w: Watch) {
+pub(super) async fn watch(
+    state: Handle,
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
+    mount: std::path::PathBuf,
+    mut w: Watch,
+) {
     // Pending cgroup id -> when it was first seen pending.
     let mut pending_since: std::collections::HashMap<u64, std::time::Instant> =
         std::collections::HashMap::new();
     loop {
-        // Only the workloads placing needs (not the whole policy, every poll).
-        let (workloads, cfg) = {
-            let l = state.live.lock().expect("live");
-            let w: Vec<CompiledWorkload> = l
-                .compiled
-                .workloads
-                .iter()
-                .filter(|w| w.pods.is_some() || w.name == PENDING)
-                .cloned()
-                .collect();
-            (w, l.cfg.clone())
-        };
+        let view = state.view();
+        // Only the workloads placing needs.
+        let workloads: Vec<CompiledWorkload> = view
+            .compiled
+            .workloads
+            .iter()
+            .filter(|w| w.pods.is_some() || w.name == PENDING)
+            .cloned()
+            .collect();
+        let cfg = view.cfg.clone();
         if !workloads.iter().any(|w| w.pods.is_some()) {
             // Nothing to ask the runtime: not an outage.
-            state.metrics.cri_up.set(1);
+            metrics.cri_up.set(1);
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
-        let placed = w.poll(&workloads, &cfg, &state.mount).await;
-        state.metrics.cri_up.set(i64::from(placed.is_some()));
+        let placed = w.poll(&workloads, &cfg, &mount).await;
+        metrics.cri_up.set(i64::from(placed.is_some()));
         if let Some((entries, table, _missing)) = placed {
-            let state2 = state.clone();
             let file = w.file.clone();
-            let wl = workloads.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                apply(&state2, &wl, entries, table, &file);
-            })
-            .await;
+            let asked = state
+                .ask(|done| Command::Pods {
+                    workloads,
+                    entries,
+                    table,
+                    file,
+                    done,
+                })
+                .await;
+            if asked.is_none() {
+                return;
+            }
         }
-        let pending: Vec<u64> = workloads
-            .iter()
-            .find(|w| w.name == PENDING)
-            .map(|p| state.maps.lock().expect("maps").cgroups_of(p.id))
-            .unwrap_or_default();
+        let pending = state.view().pending.clone();
         let now = std::time::Instant::now();
         pending_since.retain(|id, _| pending.contains(id));
         for id in pending {
@@ -193,28 +198,22 @@ pub(super) async fn watch(state: Arc<State>, mut w: Watch) {
     }
 }
 
-/// Registers the placed pods and publishes the table (logs what changed).
-pub(super) fn apply(
-    state: &State,
-    workloads: &[CompiledWorkload],
-    entries: Vec<(u32, String)>,
-    table: Table,
-    file: &Path,
-) {
-    let changed = {
-        let mut maps = state.maps.lock().expect("maps");
-        if maps.set_pods(entries) {
-            // The live policy, not the one this poll started with: a reload in between
-            // is registered against (the scan drops pods of workloads it removed).
-            let l = state.live.lock().expect("live");
-            maps.refresh_cgroups(&l.compiled, &state.mount);
-            true
-        } else {
-            false
+impl Owner {
+    /// Registers a poll's placed pods and publishes the table (logs what changed).
+    pub(super) fn apply_pods(
+        &mut self,
+        workloads: &[CompiledWorkload],
+        entries: Vec<(u32, String)>,
+        table: Table,
+        file: &Path,
+    ) {
+        // Registered against the live policy, not the one the poll started with: a
+        // reload in between is honoured (the scan drops pods of workloads it removed).
+        let changed = self.maps.set_pods(entries);
+        if changed {
+            self.maps.refresh_cgroups(&self.compiled, &self.mount);
         }
-    };
-    {
-        let mut old = state.pods.write().expect("pods");
+        let old = &self.pods;
         for (cg, p) in &table {
             if old.get(cg) != Some(p) {
                 info!(
@@ -230,38 +229,38 @@ pub(super) fn apply(
                 info!(pod = %format!("{}/{}", p.namespace, p.name), cgroup = %cg, "pod gone");
             }
         }
-        if *old != table {
+        let table_changed = **old != table;
+        if table_changed {
             let list: Vec<&pods::Placed> = table.values().collect();
             super::ops::write_state(file, &list, "placed pods");
+            self.pods = Arc::new(table);
         }
-        *old = table;
+        self.publish_pod_counts(workloads);
+        if changed || table_changed {
+            self.publish();
+        }
     }
-    publish(state, workloads);
-    if changed {
-        state.refresh_status();
-    }
-}
 
-/// `mcp_guard_pods{workload}`: pods per pod-selecting workload, and pending pod cgroups.
-fn publish(state: &State, workloads: &[CompiledWorkload]) {
-    let table = state.pods.read().expect("pods");
-    for w in workloads.iter().filter(|w| w.pods.is_some()) {
-        let n = table
-            .values()
-            .filter(|p| p.workload_id == Some(w.id))
-            .count();
-        state
-            .metrics
+    /// `mcp_guard_pods{workload}`: pods per pod-selecting workload, and pending pod cgroups.
+    fn publish_pod_counts(&self, workloads: &[CompiledWorkload]) {
+        for w in workloads.iter().filter(|w| w.pods.is_some()) {
+            let n = self
+                .pods
+                .values()
+                .filter(|p| p.workload_id == Some(w.id))
+                .count();
+            self.metrics
+                .pods
+                .with_label_values(&[&w.name])
+                .set(n as i64);
+        }
+        let pending = workloads
+            .iter()
+            .find(|w| w.name == PENDING)
+            .map_or(0, |w| self.maps.cgroups_of(w.id).len());
+        self.metrics
             .pods
-            .with_label_values(&[&w.name])
-            .set(n as i64);
+            .with_label_values(&[PENDING])
+            .set(pending as i64);
     }
-    let pending = workloads.iter().find(|w| w.name == PENDING).map_or(0, |w| {
-        state.maps.lock().expect("maps").cgroups_of(w.id).len()
-    });
-    state
-        .metrics
-        .pods
-        .with_label_values(&[PENDING])
-        .set(pending as i64);
 }

@@ -5,7 +5,6 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
-    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -47,7 +46,7 @@ pub struct Attribution {
     pub seq: u32,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Instance {
     pub workload: String,
     pub workload_id: u32,
@@ -81,13 +80,10 @@ impl Instance {
 }
 
 /// Every instance, by the cgroup id its server runs in.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Registry {
     instances: HashMap<u64, Instance>,
 }
-
-/// Shared between the MCP listener and event enrichment.
-pub type Shared = Arc<Mutex<Registry>>;
 
 impl Registry {
     pub fn start(

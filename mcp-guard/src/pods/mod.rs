@@ -219,9 +219,6 @@ pub fn reuse(
     (entries, table)
 }
 
-/// The table as the daemon shares it with event enrichment and `/status`.
-pub type Shared = std::sync::Arc<std::sync::RwLock<Table>>;
-
 /// Places every pod: (cgroup path, workload id or `UNSELECTED`) for the maps, the table
 /// for everyone else, warnings to log, and the pods whose cgroup is not there yet.
 #[must_use]

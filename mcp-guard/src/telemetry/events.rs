@@ -230,15 +230,16 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
 #[derive(Default, Clone)]
 pub struct Names {
     /// `exec --mcp` instances, to name the tool call of an event.
-    pub mcp: crate::mcp::registry::Shared,
+    pub mcp: Arc<crate::mcp::registry::Registry>,
     /// Pods identified through the CRI, to name the pod and container of an event.
-    pub pods: crate::pods::Shared,
+    pub pods: Arc<crate::pods::Table>,
     pub workloads: HashMap<u32, String>,
     /// Workload id -> its configured cgroup, where events' cgroups are looked up.
     pub cgroups: HashMap<u32, String>,
     /// The host cgroup v2 mount.
     pub mount: std::path::PathBuf,
-    pub rules: HashMap<u32, String>,
+    /// Rule id -> its text (shared: a policy can hold many rules).
+    pub rules: Arc<HashMap<u32, String>>,
 }
 
 /// The one decoder of hook and class bytes lives with the layouts.
@@ -396,7 +397,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         .cgroups
         .entry((e.workload_id, e.cgroup_id))
         .or_insert_with(|| {
-            let pods = names.pods.read().expect("pods");
+            let pods = &names.pods;
             // A pod workload's cgroups are its pods'.
             // A pattern's cgroups are below its literal prefix.
             let path = workload_cgroup
@@ -412,7 +413,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
             let owner = path.as_deref().map(cgroup::owner).unwrap_or_default();
             let pod = path
                 .as_deref()
-                .and_then(|p| crate::pods::attribute(&pods, p))
+                .and_then(|p| crate::pods::attribute(pods, p))
                 .map(|(p, container_id, container)| PodRef {
                     namespace: p.namespace.clone(),
                     name: p.name.clone(),
@@ -429,13 +430,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         .or_insert_with(|| (proc_text(e.tgid, "exe"), proc_text(e.tgid, "cmdline")))
         .clone();
     let mcp = (e.mcp != 0)
-        .then(|| {
-            names
-                .mcp
-                .lock()
-                .expect("mcp registry")
-                .attribute(e.cgroup_id, e.mcp_seq)
-        })
+        .then(|| names.mcp.attribute(e.cgroup_id, e.mcp_seq))
         .flatten();
     JsonEvent {
         schema: SCHEMA.into(),
@@ -529,10 +524,10 @@ fn remember(history: &History, wall: u128, r: Recorded) {
     h.push_back((wall, r));
 }
 
-/// Reads the ring buffer until the task is dropped. `names` is refreshed on reloads.
+/// Reads the ring buffer until the task is dropped. `names` is the state owner's latest.
 pub async fn read_loop(
     ring: RingBuf<MapData>,
-    names: Arc<std::sync::RwLock<Names>>,
+    names: tokio::sync::watch::Receiver<Arc<Names>>,
     mut sink: SinkWriter,
     stream: broadcast::Sender<Arc<JsonEvent>>,
     delivered: Arc<Delivered>,
@@ -578,7 +573,7 @@ pub async fn read_loop(
         let followed = stream.receiver_count() > 0;
         let mut out = Vec::new();
         if to_sink || followed {
-            let names = names.read().expect("names lock").clone();
+            let names = names.borrow().clone();
             let mut cache = Cache::default();
             for e in &batch {
                 let j = Arc::new(enrich_cached(e, &names, &mut cache));

@@ -7,20 +7,21 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{
-    lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
-};
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError};
 use mcp_guard_common::{
-    scope, CgroupKey, Config as KConfig, ExactKey, FlowCounterKey, LpmData, McpInstance, MkdirKey,
-    MkdirMatch, PolicyEntry, WorkloadInfo, CGROUP_PATH_LEN, STAT_COUNT,
+    scope, CgroupKey, Config as KConfig, ExactKey, LpmData, McpInstance, MkdirKey, MkdirMatch,
+    PolicyEntry, WorkloadInfo, CGROUP_PATH_LEN,
 };
 use tracing::{info, warn};
 
 use crate::{host::cgroup, policy::Compiled};
 
+mod counters;
 mod mcp;
 mod pods;
 mod repair;
+
+pub use counters::{CounterMaps, Counters};
 
 use pods::live_pods;
 pub use pods::UNSELECTED;
@@ -205,8 +206,6 @@ pub struct PolicyMaps {
     expiry: HashMap<MapData, ExactKey, u64>,
     /// Registration at cgroup creation (`cgroup:cgroup_mkdir`).
     register: HashMap<MapData, MkdirKey, MkdirMatch>,
-    stats: PerCpuArray<MapData, u64>,
-    flows: PerCpuHashMap<MapData, FlowCounterKey, u64>,
     sources: HashMap<MapData, u32, u64>,
     /// Registration epoch: bumped after every change of a cgroup registration, so the
     /// cgroup_skb backstop decides again what it cached for a socket.
@@ -223,6 +222,8 @@ pub struct PolicyMaps {
     live: Option<Compiled>,
     /// The registration-at-creation entries of the live slot.
     live_register: Vec<RegisterEntry>,
+    /// Workloads of the installed policy whose cgroups only the scan registers (name, why).
+    scan_only: Vec<(String, String)>,
     /// Self-repair checks made (some parts run every fifth).
     checks: u64,
     /// Finds workload cgroups for the 100 ms rescan.
@@ -236,13 +237,6 @@ pub struct PolicyMaps {
     pods: Vec<(u32, String)>,
     /// Bumped whenever `pods` changes (the scanner plans again).
     pods_version: u32,
-}
-
-/// Counters summed over CPUs.
-#[derive(Debug, Clone, Default)]
-pub struct Counters {
-    pub stats: [u64; STAT_COUNT as usize],
-    pub flows: Vec<(FlowCounterKey, u64)>,
 }
 
 impl PolicyMaps {
@@ -263,8 +257,6 @@ impl PolicyMaps {
             expiry: HashMap::try_from(take(ebpf, "EXPIRY_1")?).map_err(map_err("EXPIRY_1"))?,
             register: HashMap::try_from(take(ebpf, "REGISTER_1")?)
                 .map_err(map_err("REGISTER_1"))?,
-            stats: PerCpuArray::try_from(take(ebpf, "STATS_1")?).map_err(map_err("STATS_1"))?,
-            flows: PerCpuHashMap::try_from(take(ebpf, "FLOWS_1")?).map_err(map_err("FLOWS_1"))?,
             sources: HashMap::try_from(take(ebpf, "IFACES_1")?).map_err(map_err("IFACES_1"))?,
             epoch: Array::try_from(take(ebpf, "EPOCH_1")?).map_err(map_err("EPOCH_1"))?,
             source_entries: BTreeMap::new(),
@@ -275,6 +267,7 @@ impl PolicyMaps {
             registered: BTreeMap::new(),
             live: None,
             live_register: Vec::new(),
+            scan_only: Vec::new(),
             checks: 0,
             scanner: cgroup::Scanner::default(),
             warned_incomplete: false,
@@ -289,6 +282,13 @@ impl PolicyMaps {
     #[must_use]
     pub fn generation(&self) -> u32 {
         self.generation
+    }
+
+    /// Workloads of the installed policy whose cgroups the kernel cannot register at
+    /// creation (name, why): only the scan does, up to 100 ms later.
+    #[must_use]
+    pub fn scan_only(&self) -> &[(String, String)] {
+        &self.scan_only
     }
 
     /// Takes over maps pinned by an earlier daemon: which slot is live, the generation, and
@@ -363,7 +363,7 @@ impl PolicyMaps {
         let mut contents = SlotContents::default();
         // Registration at creation for this slot first, then the scan: a cgroup created
         // from here on is registered by the kernel, one created before is found below.
-        let (register, _) = register_entries(compiled, &cgroup::kernel_root(mount), slot);
+        let (register, scan_only) = register_entries(compiled, &cgroup::kernel_root(mount), slot);
         let mut register_result = Ok(());
         for (k, v) in &register {
             match self.register.insert(k, v, 0) {
@@ -430,6 +430,7 @@ impl PolicyMaps {
         self.registered = registered;
         self.live = Some(compiled.clone());
         self.live_register = register;
+        self.scan_only = scan_only;
         info!(
             generation = self.generation,
             slot,
@@ -607,22 +608,5 @@ impl PolicyMaps {
     #[must_use]
     pub fn source_count(&self) -> usize {
         self.source_entries.len()
-    }
-
-    /// Reads every counter, summed over CPUs.
-    ///
-    /// # Errors
-    /// A map read failed.
-    pub fn counters(&self) -> Result<Counters, MapsError> {
-        let mut c = Counters::default();
-        for (i, v) in c.stats.iter_mut().enumerate() {
-            let per_cpu = self.stats.get(&(i as u32), 0).map_err(map_err("STATS_1"))?;
-            *v = per_cpu.iter().sum();
-        }
-        for item in self.flows.iter() {
-            let (k, per_cpu) = item.map_err(map_err("FLOWS_1"))?;
-            c.flows.push((k, per_cpu.iter().sum()));
-        }
-        Ok(c)
     }
 }

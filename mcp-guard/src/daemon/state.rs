@@ -1,0 +1,363 @@
+//! The one owner of the daemon's policy state.
+//!
+//! The live config and compiled policy, the policy maps, the program attachments, the
+//! learned addresses, the DNS side, the placed pods and the `exec --mcp` instances are
+//! held by one [`Owner`] on its own thread: every change is a [`Command`] on its channel
+//! (or one of its two timers: the cgroup rescan and the attachment check), applied in
+//! order, after which the owner publishes what others read through `tokio::sync::watch`:
+//! the [`View`] for the daemon's tasks, the event [`Names`] and the `/status` document.
+//! Nobody else writes any of it, and nothing blocking runs on the async runtime.
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::Ordering, mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{oneshot, watch};
+use tracing::debug;
+
+use super::{mcp::Instance, ATTACH_CHECK, CGROUP_RESCAN};
+use crate::{
+    api::http::Shared,
+    config::{self, pods::PENDING},
+    dns,
+    kernel::{loader::Attachments, maps::PolicyMaps, pins::Pins, tc::Tc},
+    mcp::{registry::Registry, wire::ToDaemon},
+    pods::Table,
+    policy::{self, Compiled, CompiledWorkload},
+    telemetry::{events::Names, metrics::Metrics},
+};
+
+/// What the owner publishes for the daemon's tasks after every change.
+pub(super) struct View {
+    pub cfg: Arc<config::Config>,
+    pub compiled: Arc<Compiled>,
+    /// Cgroup ids registered for `pods-pending` (pod cgroups not placed yet).
+    pub pending: Vec<u64>,
+    /// The learned addresses compiled into the installed policy (served on /dns).
+    pub installed: Arc<Vec<policy::Learned>>,
+}
+
+/// A change to the state, asked of the owner.
+pub(super) enum Command {
+    /// Read, validate and install the config file (SIGHUP, or the file changed).
+    Reload(PathBuf),
+    /// Install newer learned DNS answers; the senders are answered once they are.
+    Learned(Vec<policy::Learned>, Vec<oneshot::Sender<()>>),
+    /// Register a poll's placed pods.
+    Pods {
+        workloads: Vec<CompiledWorkload>,
+        entries: Vec<(u32, String)>,
+        table: Table,
+        file: PathBuf,
+        done: oneshot::Sender<()>,
+    },
+    /// An `exec --mcp` relay announced an instance.
+    McpStart {
+        workload: String,
+        cgroup_id: u64,
+        relay_pid: u32,
+        command: Vec<String>,
+        reply: oneshot::Sender<Result<Instance, String>>,
+    },
+    /// A relay reported peers, tools, counts or a call; answered with the new sequence.
+    McpUpdate {
+        instance: Instance,
+        message: ToDaemon,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
+    /// A relay's connection ended.
+    McpEnd(Instance),
+    Stop,
+}
+
+/// Where the owner publishes.
+pub(super) struct Outputs {
+    pub view: watch::Sender<Arc<View>>,
+    pub names: watch::Sender<Arc<Names>>,
+    pub status: watch::Sender<Arc<String>>,
+    /// For the readiness flag.
+    pub shared: Arc<Shared>,
+}
+
+/// Everything the owner holds. Fields are the owner's alone.
+pub(super) struct Owner {
+    pub cfg: Arc<config::Config>,
+    pub compiled: Arc<Compiled>,
+    /// TC pod mode is on: keep the source-address map filled.
+    pub pod_mode: bool,
+    pub maps: PolicyMaps,
+    pub ebpf: aya::Ebpf,
+    pub tc: Option<Tc>,
+    pub tc_repaired: u64,
+    pub attachments: Attachments,
+    pub attach_dir: PathBuf,
+    pub pins: Pins,
+    /// The cgroup_mkdir registration programs run (repaired only if they did).
+    pub registration_on: bool,
+    pub map_ids: Vec<u32>,
+    pub mount: PathBuf,
+    pub metrics: Arc<Metrics>,
+    /// The DNS engine is shared with the resolver and proxy threads; the owner sets its
+    /// config and generation.
+    pub engine: Arc<Mutex<dns::Engine>>,
+    /// The DNS side, while the config has host rules or a proxy.
+    pub dns: Option<dns::Dns>,
+    /// The learned addresses compiled into the installed policy; a reload compiles them
+    /// again with the new rules.
+    pub installed: Arc<Vec<policy::Learned>>,
+    /// Where the installed learned addresses are kept for the next daemon.
+    pub learned_file: PathBuf,
+    /// Pods identified through the CRI.
+    pub pods: Arc<Table>,
+    /// `exec --mcp` instances and their calls.
+    pub mcp: Arc<Registry>,
+    pub out: Outputs,
+}
+
+impl Owner {
+    /// Publishes the view, the names and the status document.
+    pub fn publish(&mut self) {
+        self.publish_names();
+        self.publish_status();
+    }
+
+    pub fn publish_view(&self) {
+        let pending = self
+            .compiled
+            .workloads
+            .iter()
+            .find(|w| w.name == PENDING)
+            .map(|w| self.maps.cgroups_of(w.id))
+            .unwrap_or_default();
+        self.out.view.send_replace(Arc::new(View {
+            cfg: self.cfg.clone(),
+            compiled: self.compiled.clone(),
+            pending,
+            installed: self.installed.clone(),
+        }));
+    }
+
+    pub fn publish_names(&self) {
+        let c = &self.compiled;
+        self.out.names.send_replace(Arc::new(Names {
+            mcp: self.mcp.clone(),
+            pods: self.pods.clone(),
+            mount: self.mount.clone(),
+            workloads: c.workloads.iter().map(|w| (w.id, w.name.clone())).collect(),
+            cgroups: c
+                .workloads
+                .iter()
+                .filter_map(|w| Some((w.id, w.cgroup.clone()?)))
+                .collect(),
+            rules: Arc::new(c.rules.iter().map(|r| (r.id, r.text.clone())).collect()),
+        }));
+    }
+
+    /// The `/status` document and the view (both follow registrations).
+    pub fn publish_status(&self) {
+        self.out
+            .status
+            .send_replace(Arc::new(super::ops::status_json(self)));
+        self.publish_view();
+    }
+
+    /// Publishes the MCP registry alone (a call started or ended).
+    pub fn publish_mcp(&self) {
+        self.out.names.send_modify(|n| {
+            let mut next = (**n).clone();
+            next.mcp = self.mcp.clone();
+            *n = Arc::new(next);
+        });
+    }
+
+    fn set_ready(&self, ok: bool) {
+        self.out.shared.ready.store(ok, Ordering::SeqCst);
+        self.metrics.ready.set(i64::from(ok));
+    }
+
+    /// Applies commands and runs the timers until [`Command::Stop`] or every sender is
+    /// gone. Learned answers queued behind each other are installed once, newest.
+    pub fn run(mut self, rx: &mpsc::Receiver<Command>) {
+        let mut next_scan = Instant::now() + CGROUP_RESCAN;
+        let mut next_check = Instant::now() + ATTACH_CHECK;
+        loop {
+            let wait = next_scan
+                .min(next_check)
+                .saturating_duration_since(Instant::now());
+            let mut batch = Vec::new();
+            match rx.recv_timeout(wait) {
+                Ok(c) => batch.push(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            batch.extend(rx.try_iter());
+            for c in coalesce(batch) {
+                if matches!(c, Command::Stop) {
+                    self.set_ready(false);
+                    return;
+                }
+                self.apply(c);
+            }
+            let now = Instant::now();
+            if now >= next_scan {
+                let t = Instant::now();
+                if self.maps.refresh_cgroups(&self.compiled, &self.mount) > 0 {
+                    self.publish_status();
+                }
+                debug!(elapsed_us = t.elapsed().as_micros() as u64, "cgroup scan");
+                next_scan = now + CGROUP_RESCAN;
+            }
+            if now >= next_check {
+                let ok = self.check();
+                self.set_ready(ok);
+                next_check = now + ATTACH_CHECK;
+            }
+        }
+        self.set_ready(false);
+    }
+
+    fn apply(&mut self, c: Command) {
+        match c {
+            Command::Reload(path) => self.reload(&path),
+            Command::Learned(learned, done) => {
+                self.apply_learned(learned);
+                for d in done {
+                    let _ = d.send(());
+                }
+            }
+            Command::Pods {
+                workloads,
+                entries,
+                table,
+                file,
+                done,
+            } => {
+                self.apply_pods(&workloads, entries, table, &file);
+                let _ = done.send(());
+            }
+            Command::McpStart {
+                workload,
+                cgroup_id,
+                relay_pid,
+                command,
+                reply,
+            } => {
+                let r = self.mcp_start(workload, cgroup_id, relay_pid, command);
+                let _ = reply.send(r);
+            }
+            Command::McpUpdate {
+                instance,
+                message,
+                reply,
+            } => {
+                let r = self.mcp_update(&instance, message);
+                let _ = reply.send(r);
+            }
+            Command::McpEnd(i) => self.mcp_end(&i),
+            Command::Stop => {}
+        }
+    }
+}
+
+/// Learned answers queued behind each other: only the newest set is installed, and
+/// everyone waiting on an older one is answered with it.
+fn coalesce(batch: Vec<Command>) -> Vec<Command> {
+    let Some(last) = batch
+        .iter()
+        .rposition(|c| matches!(c, Command::Learned(..)))
+    else {
+        return batch;
+    };
+    let mut waiting = Vec::new();
+    let mut out = Vec::with_capacity(batch.len());
+    for (i, c) in batch.into_iter().enumerate() {
+        match c {
+            Command::Learned(learned, done) => {
+                waiting.extend(done);
+                if i == last {
+                    out.push(Command::Learned(learned, std::mem::take(&mut waiting)));
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The owner's channel, as the daemon's tasks hold it.
+#[derive(Clone)]
+pub(super) struct Handle {
+    pub tx: mpsc::Sender<Command>,
+    pub view: watch::Receiver<Arc<View>>,
+}
+
+impl Handle {
+    /// Sends a command; false if the owner is gone.
+    pub fn send(&self, c: Command) -> bool {
+        self.tx.send(c).is_ok()
+    }
+
+    /// Sends a command built around a reply channel and waits for the answer; `None` if
+    /// the owner is gone.
+    pub async fn ask<T>(&self, c: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(c(tx)) {
+            return None;
+        }
+        rx.await.ok()
+    }
+
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+}
+
+/// How long the daemon waits for the owner to stop before it exits anyway.
+pub(super) const STOP_WAIT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_learned_answers_are_installed_once_newest_and_everyone_is_answered() {
+        let learned = |n: usize| {
+            (0..n)
+                .map(|i| policy::Learned {
+                    workload: "w".into(),
+                    name: "a.example".into(),
+                    addr: std::net::IpAddr::from([10, 0, 0, i as u8]),
+                    ttl: 60,
+                    expires_unix: 1,
+                    source: "proxy".into(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, mut ra) = oneshot::channel();
+        let (b, mut rb) = oneshot::channel();
+        let out = coalesce(vec![
+            Command::Learned(learned(1), vec![a]),
+            Command::Reload("x.toml".into()),
+            Command::Learned(learned(2), vec![b]),
+            Command::Stop,
+        ]);
+        assert_eq!(out.len(), 3, "one Learned, the reload, the stop");
+        assert!(matches!(out[0], Command::Reload(_)));
+        let Command::Learned(l, done) = &out[1] else {
+            panic!("the newest learned set comes after the reload");
+        };
+        assert_eq!(l.len(), 2, "the newest set");
+        assert_eq!(done.len(), 2, "both waiters are answered");
+        assert!(matches!(out[2], Command::Stop));
+        for c in out {
+            if let Command::Learned(_, done) = c {
+                for d in done {
+                    d.send(()).unwrap();
+                }
+            }
+        }
+        assert!(ra.try_recv().is_ok() && rb.try_recv().is_ok());
+    }
+}
