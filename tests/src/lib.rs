@@ -839,10 +839,11 @@ impl Dnsmasq {
     }
 
     /// The queries dnsmasq received so far: one `query[TYPE] NAME from ADDR` per line.
+    /// An unreadable log fails the test (it would read as "nothing reached dnsmasq").
     #[must_use]
     pub fn queries(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
+            .unwrap_or_else(|e| panic!("dnsmasq log {}: {e}", self.log.display()))
             .lines()
             .filter_map(|l| l.split_once("query[").map(|(_, q)| format!("query[{q}")))
             .collect()

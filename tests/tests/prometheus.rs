@@ -69,10 +69,18 @@ impl Prometheus {
         .ok()
     }
 
+    /// The alerts Prometheus holds. An unreachable or failing API fails the test: an
+    /// empty list would pass "no alert" checks vacuously.
     fn alerts(&self) -> Vec<serde_json::Value> {
-        let body = self.get("/api/v1/alerts").unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        v["data"]["alerts"].as_array().cloned().unwrap_or_default()
+        let body = self
+            .get("/api/v1/alerts")
+            .expect("Prometheus /api/v1/alerts answers");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("Prometheus answers JSON");
+        assert_eq!(v["status"], "success", "Prometheus /api/v1/alerts: {v}");
+        v["data"]["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("no alert list in {v}"))
     }
 }
 

@@ -30,39 +30,27 @@ pub(super) fn daemon_paths(cx: &mut Ctx<'_>, daemon: &RawDaemon) -> DaemonPaths 
             }
         }
     };
-    let pin_dir = match &daemon.pin_dir {
-        None => PathBuf::from(DEFAULT_PIN_DIR),
-        Some(s) if s.get_ref().starts_with('/') && !s.get_ref().split('/').any(|c| c == "..") => {
-            PathBuf::from(s.get_ref())
-        }
-        Some(s) => {
-            cx.err(&s.span(), "daemon.pin_dir must be an absolute path on a bpffs, e.g. \"/sys/fs/bpf/mcp-guard\"");
-            PathBuf::from(DEFAULT_PIN_DIR)
-        }
-    };
-    let control_socket = match &daemon.control_socket {
-        None => PathBuf::from(DEFAULT_CONTROL_SOCKET),
-        Some(s) if s.get_ref().starts_with('/') && !s.get_ref().split('/').any(|c| c == "..") => {
-            PathBuf::from(s.get_ref())
-        }
-        Some(s) => {
-            cx.err(&s.span(), "daemon.control_socket must be an absolute path, e.g. \"/run/mcp-guard/control.sock\"");
-            PathBuf::from(DEFAULT_CONTROL_SOCKET)
-        }
-    };
-    let mcp_socket = match &daemon.mcp_socket {
-        None => PathBuf::from(crate::mcp::wire::DEFAULT_SOCKET),
-        Some(s) if s.get_ref().starts_with('/') && !s.get_ref().split('/').any(|c| c == "..") => {
-            PathBuf::from(s.get_ref())
-        }
-        Some(s) => {
-            cx.err(
-                &s.span(),
-                "daemon.mcp_socket must be an absolute path, e.g. \"/run/mcp-guard/mcp.sock\"",
-            );
-            PathBuf::from(crate::mcp::wire::DEFAULT_SOCKET)
-        }
-    };
+    let pin_dir = abs_path(
+        cx,
+        daemon.pin_dir.as_ref(),
+        "pin_dir",
+        DEFAULT_PIN_DIR,
+        "an absolute path on a bpffs, e.g. \"/sys/fs/bpf/mcp-guard\"",
+    );
+    let control_socket = abs_path(
+        cx,
+        daemon.control_socket.as_ref(),
+        "control_socket",
+        DEFAULT_CONTROL_SOCKET,
+        "an absolute path, e.g. \"/run/mcp-guard/control.sock\"",
+    );
+    let mcp_socket = abs_path(
+        cx,
+        daemon.mcp_socket.as_ref(),
+        "mcp_socket",
+        crate::mcp::wire::DEFAULT_SOCKET,
+        "an absolute path, e.g. \"/run/mcp-guard/mcp.sock\"",
+    );
     if let Some(s) = &daemon.mcp_socket {
         if std::path::Path::new(s.get_ref()) == control_socket {
             cx.err(
@@ -84,5 +72,26 @@ pub(super) fn daemon_paths(cx: &mut Ctx<'_>, daemon: &RawDaemon) -> DaemonPaths 
         control_socket,
         mcp_socket,
         control_group,
+    }
+}
+
+/// A `[daemon]` key that must be an absolute path with no `..`; the default if unset
+/// (or, after the error, if invalid).
+fn abs_path(
+    cx: &mut Ctx<'_>,
+    value: Option<&super::Spanned<String>>,
+    key: &str,
+    default: &str,
+    must_be: &str,
+) -> PathBuf {
+    match value {
+        None => PathBuf::from(default),
+        Some(s) if s.get_ref().starts_with('/') && !s.get_ref().split('/').any(|c| c == "..") => {
+            PathBuf::from(s.get_ref())
+        }
+        Some(s) => {
+            cx.err(&s.span(), format!("daemon.{key} must be {must_be}"));
+            PathBuf::from(default)
+        }
     }
 }

@@ -267,9 +267,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let (names_tx, names_rx) = watch::channel(Arc::default());
     let (status_tx, status_rx) = watch::channel(Arc::new(String::from("{}")));
     let installed = Arc::new(learned);
+    // A placeholder: the owner's first publish replaces it (a different policy Arc).
     let (view_tx, view_rx) = watch::channel(Arc::new(state::View {
         cfg: cfg.clone(),
-        compiled: Arc::new(compiled.clone()),
+        compiled: Arc::default(),
+        pod_workloads: Arc::default(),
         pending: Vec::new(),
         installed: installed.clone(),
     }));

@@ -152,14 +152,8 @@ pub(super) async fn watch(
         std::collections::HashMap::new();
     loop {
         let view = state.view();
-        // Only the workloads placing needs.
-        let workloads: Vec<CompiledWorkload> = view
-            .compiled
-            .workloads
-            .iter()
-            .filter(|w| w.pods.is_some() || w.name == PENDING)
-            .cloned()
-            .collect();
+        // Only the workloads placing needs, as the owner keeps them per policy.
+        let workloads = view.pod_workloads.clone();
         let cfg = view.cfg.clone();
         if !workloads.iter().any(|w| w.pods.is_some()) {
             // Nothing to ask the runtime: not an outage.

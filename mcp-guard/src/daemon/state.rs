@@ -33,6 +33,8 @@ use crate::{
 pub(super) struct View {
     pub cfg: Arc<config::Config>,
     pub compiled: Arc<Compiled>,
+    /// The workloads pod placement needs (those selecting pods, and `pods-pending`).
+    pub pod_workloads: Arc<Vec<CompiledWorkload>>,
     /// Cgroup ids registered for `pods-pending` (pod cgroups not placed yet).
     pub pending: Vec<u64>,
     /// The learned addresses compiled into the installed policy (served on /dns).
@@ -47,7 +49,7 @@ pub(super) enum Command {
     Learned(Vec<policy::Learned>, Vec<oneshot::Sender<()>>),
     /// Register a poll's placed pods.
     Pods {
-        workloads: Vec<CompiledWorkload>,
+        workloads: Arc<Vec<CompiledWorkload>>,
         entries: Vec<(u32, String)>,
         table: Table,
         file: PathBuf,
@@ -131,9 +133,23 @@ impl Owner {
             .find(|w| w.name == PENDING)
             .map(|w| self.maps.cgroups_of(w.id))
             .unwrap_or_default();
+        let same_policy = Arc::ptr_eq(&self.out.view.borrow().compiled, &self.compiled);
+        let pod_workloads = if same_policy {
+            self.out.view.borrow().pod_workloads.clone()
+        } else {
+            Arc::new(
+                self.compiled
+                    .workloads
+                    .iter()
+                    .filter(|w| w.pods.is_some() || w.name == PENDING)
+                    .cloned()
+                    .collect(),
+            )
+        };
         self.out.view.send_replace(Arc::new(View {
             cfg: self.cfg.clone(),
             compiled: self.compiled.clone(),
+            pod_workloads,
             pending,
             installed: self.installed.clone(),
         }));
@@ -196,6 +212,9 @@ impl Owner {
             for c in coalesce(batch) {
                 if matches!(c, Command::Stop) {
                     self.set_ready(false);
+                    // The DNS side first (its threads use the engine), then the rest;
+                    // the programs stay attached through their pins.
+                    drop(self.dns.take());
                     return;
                 }
                 self.apply(c);

@@ -130,37 +130,43 @@ pub fn parent_of_cgroups_path(p: &str) -> Option<String> {
 /// Where the pod's cgroup is below `mount`: the path itself, or (a kubelet running in a
 /// container of its own, whose cgroup paths are relative to its cgroup namespace) the
 /// cgroup matching one of `pod_cgroups` that ends with it; failing both, the pod cgroup
-/// named after its UID. `None` while it does not exist.
+/// named after its UID. `None` while it does not exist. The pod cgroups are walked at
+/// most once per `candidates` (one poll), only when a pod is not at its own path.
 #[must_use]
 pub fn locate(
     mount: &Path,
     path: Option<&str>,
     uid: &str,
     pod_cgroups: &[String],
+    candidates: &mut Option<Vec<(String, u64)>>,
 ) -> Option<(String, u64)> {
     if let Some(p) = path {
         if let Ok(id) = cgroup::id(mount, p) {
             return Some((p.to_string(), id));
         }
     }
+    let candidates = candidates.get_or_insert_with(|| {
+        pod_cgroups
+            .iter()
+            .flat_map(|pattern| cgroup::resolve_dirs(mount, pattern))
+            .filter_map(|(id, dir)| {
+                let rel = dir.strip_prefix(mount).ok()?;
+                Some((format!("/{}", rel.display()), id))
+            })
+            .collect()
+    });
     let uid_systemd = uid.replace('-', "_");
-    for pattern in pod_cgroups {
-        for (id, dir) in cgroup::resolve_dirs(mount, pattern) {
-            let Ok(rel) = dir.strip_prefix(mount) else {
-                continue;
-            };
-            let rel = format!("/{}", rel.display());
+    candidates
+        .iter()
+        .find(|(rel, _)| {
             let by_path = path.is_some_and(|p| rel.ends_with(p));
             let last = rel.rsplit('/').next().unwrap_or_default();
             let by_uid = path.is_none()
                 && !uid.is_empty()
                 && (last.contains(uid) || last.contains(&uid_systemd));
-            if by_path || by_uid {
-                return Some((rel, id));
-            }
-        }
-    }
-    None
+            by_path || by_uid
+        })
+        .cloned()
 }
 
 /// A pod the daemon placed, for events, `/status` and metrics.
@@ -232,9 +238,16 @@ pub fn place(
     let mut table = Table::new();
     let mut warnings = Vec::new();
     let mut missing = 0;
+    let mut candidates = None;
     for pod in pods {
         let path = pod.cgroup_parent.as_deref().and_then(cgroup_path);
-        let Some((cg, cgroup_id)) = locate(mount, path.as_deref(), &pod.uid, pod_cgroups) else {
+        let Some((cg, cgroup_id)) = locate(
+            mount,
+            path.as_deref(),
+            &pod.uid,
+            pod_cgroups,
+            &mut candidates,
+        ) else {
             missing += 1;
             continue;
         };

@@ -490,15 +490,27 @@ impl PolicyMaps {
             },
             mount,
         );
-        // Pods no workload selects: their cgroup may hold a registration the kernel made
-        // at mkdir (pending) that this daemon never saw; remove it from the kernel itself.
-        let unselected: Vec<u64> = desired
-            .iter()
-            .filter(|(_, w)| **w == UNSELECTED)
-            .map(|(id, _)| *id)
-            .collect();
+        // A cgroup this scan found may hold a registration the kernel made at mkdir that
+        // this daemon has not seen: it becomes known here, so what follows treats it like
+        // any other (kept, overwritten for another workload, or removed: a pod no
+        // workload selects leaves pending this way).
+        for &id in desired.keys() {
+            if !self.registered.contains_key(&id) {
+                let key = CgroupKey {
+                    cgroup_id: id,
+                    slot,
+                    _pad: 0,
+                };
+                if let Ok(info) = self.cgroups.get(&key, 0) {
+                    self.registered.insert(id, info.workload_id);
+                    if !self.slots[slot as usize].cgroups.contains(&key) {
+                        self.slots[slot as usize].cgroups.push(key);
+                    }
+                }
+            }
+        }
         desired.retain(|_, w| *w != UNSELECTED);
-        let mut changed = self.drop_unselected(&unselected, slot);
+        let mut changed = 0;
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
         // A scan that met an error (out of file descriptors, say) removes nothing: what

@@ -1,8 +1,6 @@
 //! Identified pods in the maps: pod cgroups registered for the workload that selects
 //! them, or claimed as nobody's ([`UNSELECTED`]).
 
-use mcp_guard_common::CgroupKey;
-
 use super::PolicyMaps;
 use crate::policy::Compiled;
 
@@ -33,25 +31,5 @@ impl PolicyMaps {
         self.pods = pods;
         self.pods_version = self.pods_version.wrapping_add(1);
         true
-    }
-
-    /// Removes from the kernel the registrations of pod cgroups no workload selects (a
-    /// registration the kernel made at mkdir, pending, that the daemon may never have
-    /// seen). Returns how many it removed.
-    pub(super) fn drop_unselected(&mut self, ids: &[u64], slot: u32) -> usize {
-        let mut changed = 0;
-        for &id in ids {
-            let key = CgroupKey {
-                cgroup_id: id,
-                slot,
-                _pad: 0,
-            };
-            if self.cgroups.get(&key, 0).is_ok() && self.cgroups.remove(&key).is_ok() {
-                self.slots[slot as usize].cgroups.retain(|k| *k != key);
-                self.registered.remove(&id);
-                changed += 1;
-            }
-        }
-        changed
     }
 }
