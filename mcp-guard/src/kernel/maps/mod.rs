@@ -493,7 +493,9 @@ impl PolicyMaps {
         // A cgroup this scan found may hold a registration the kernel made at mkdir that
         // this daemon has not seen: it becomes known here, so what follows treats it like
         // any other (kept, overwritten for another workload, or removed: a pod no
-        // workload selects leaves pending this way).
+        // workload selects leaves pending this way). Adopting one is a change: the
+        // published view learns its cgroup id.
+        let mut changed = 0;
         for &id in desired.keys() {
             if !self.registered.contains_key(&id) {
                 let key = CgroupKey {
@@ -503,6 +505,7 @@ impl PolicyMaps {
                 };
                 if let Ok(info) = self.cgroups.get(&key, 0) {
                     self.registered.insert(id, info.workload_id);
+                    changed += 1;
                     if !self.slots[slot as usize].cgroups.contains(&key) {
                         self.slots[slot as usize].cgroups.push(key);
                     }
@@ -510,7 +513,6 @@ impl PolicyMaps {
             }
         }
         desired.retain(|_, w| *w != UNSELECTED);
-        let mut changed = 0;
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
         // A scan that met an error (out of file descriptors, say) removes nothing: what
