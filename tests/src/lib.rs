@@ -406,6 +406,10 @@ impl Daemon {
     pub fn start(config: &str) -> Self {
         let dir = TempDir::new();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        // Pins of a daemon whose test process was killed stay attached: remove them.
+        for (_, stale_pins) in stale(Path::new("/sys/fs/bpf"), "mcpg-test-") {
+            let _ = mcp_guard::kernel::pins::Pins::new(&stale_pins).uninstall();
+        }
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique("mcpg-test"));
         let path = dir.0.join("config.toml");
         let control = dir.0.join("control.sock");

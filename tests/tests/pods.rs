@@ -374,13 +374,20 @@ fn removed_pods_are_deregistered_and_a_restarted_daemon_lists_again() {
     c.freeze(true);
     d.kill9();
     d.restart();
-    let reused = d
-        .stderr
-        .lock()
-        .unwrap()
-        .contains("reusing the pods the previous daemon placed");
+    let (reused, budget) = {
+        let log = d.stderr.lock().unwrap();
+        (
+            log.contains("reusing the pods the previous daemon placed"),
+            log.contains("no answer within 3 s at start"),
+        )
+    };
     c.freeze(false);
     assert!(reused, "{}", d.stderr.lock().unwrap());
+    assert!(
+        budget,
+        "the start waited for the hung runtime's own timeouts: {}",
+        d.stderr.lock().unwrap()
+    );
     assert!(
         registered(&d, "github-mcp", "github-mcp-b"),
         "{}",

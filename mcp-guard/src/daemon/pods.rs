@@ -110,7 +110,19 @@ pub(super) async fn first(
     if !selects_pods(compiled) {
         return (w, None);
     }
-    if let Some((entries, table, _)) = w.poll(&compiled.workloads, cfg, mount).await {
+    // Enforcement waits on this list, so it gets a budget shorter than the two calls'
+    // own timeouts: a hung runtime delays the start by at most FIRST_BUDGET.
+    let listed = tokio::time::timeout(FIRST_BUDGET, w.poll(&compiled.workloads, cfg, mount))
+        .await
+        .unwrap_or_else(|_| {
+            w.client = None;
+            w.fail(format!(
+                "no answer within {} s at start; new pods stay pending (all egress denied) until it answers",
+                FIRST_BUDGET.as_secs()
+            ));
+            None
+        });
+    if let Some((entries, table, _)) = listed {
         info!(
             pods = table.len(),
             "listed the node's pods through the container runtime"
@@ -133,6 +145,8 @@ pub(super) async fn first(
     (w, Some((entries, table)))
 }
 
+/// How long the start waits for the first pod list before installing the policy.
+const FIRST_BUDGET: Duration = Duration::from_secs(3);
 /// How long a new pending pod cgroup makes the poll run fast.
 const FAST_WHILE: Duration = Duration::from_secs(10);
 /// The poll interval while a pod cgroup is newly pending (its sandbox is being made).
