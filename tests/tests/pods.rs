@@ -474,3 +474,140 @@ fn a_new_pod_is_never_unguarded() {
         "refused first as pending, then as the pod's workload: {workloads:?}"
     );
 }
+
+/// Wildcard host rules for pod workloads: the DNS proxy knows each pod by its source
+/// address (the pod's own network namespace) and its placement, learns the answer for
+/// that pod's workload only, and refuses a pod of another workload the name its rules
+/// do not cover. Each pod reaches the proxy over a veth of its own into a lab namespace
+/// that holds the proxy and a real dnsmasq.
+#[test]
+fn pods_learn_wildcard_names_through_the_proxy() {
+    const CDN: &str = "151.101.1.10";
+    let cg = TestCgroup::new();
+    let mut c = Containerd::start();
+    let node = NetNs::new();
+    // The proxy's address, on the lab namespace's loopback; each pod routes to it over
+    // its own veth.
+    node.add_addr("10.200.1.1");
+    let _dnsmasq =
+        mcp_guard_tests::Dnsmasq::start(&node, "", &["/cdn.example.test/151.101.1.10"], 60);
+    let d = Daemon::start(&format!(
+        r#"[[workload]]
+name = "node"
+cgroup = "{r}"
+default = "allow"
+[[workload]]
+name = "cdn-mcp"
+default = "deny"
+[workload.pods]
+namespace = "mcp"
+labels = {{ "app.kubernetes.io/name" = "cdn-mcp" }}
+[[workload.allow]]
+host = "*.cdn.example.test"
+ports = [443]
+[[workload]]
+name = "other-mcp"
+default = "deny"
+[workload.pods]
+namespace = "mcp"
+labels = {{ "app.kubernetes.io/name" = "other-mcp" }}
+[dns]
+nameservers = ["127.0.0.1:53"]
+netns = "{netns}"
+proxy = "10.200.1.1:5353"
+[daemon]
+attach_cgroup = "{r}"
+cri_socket = "{sock}"
+pod_cgroups = {pending}
+cri_poll_ms = 100
+"#,
+        r = cg.rel,
+        sock = c.socket.display(),
+        netns = node.path().display(),
+        pending = default_pod_cgroups(&cg),
+    ));
+    let mut pods = Vec::new();
+    for (i, app) in ["cdn-mcp", "other-mcp"].into_iter().enumerate() {
+        let parent = format!("{}/pod-{app}", cg.rel);
+        let p = pod(
+            &mut c,
+            &cg,
+            &PodSpec {
+                namespace: "mcp",
+                name: app,
+                labels: &[("app.kubernetes.io/name", app)],
+                annotations: &[],
+                cgroup_parent: &parent,
+            },
+        );
+        // A veth from the pod to the lab namespace: pod 10.200.0.(4i+2), node .(4i+1).
+        let (pod_if, node_if) = (format!("vpod{i}"), format!("vnode{i}"));
+        let in_pod = |args: &str| {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", p.netns.display()))
+                .arg("ip")
+                .args(args.split_whitespace())
+                .output()
+                .expect("nsenter");
+            assert!(out.status.success(), "ip {args}: {out:?}");
+        };
+        in_pod(&format!(
+            "link add {pod_if} type veth peer name {node_if} netns {}",
+            node.name
+        ));
+        in_pod(&format!("addr add 10.200.0.{}/30 dev {pod_if}", 4 * i + 2));
+        in_pod(&format!("link set {pod_if} up"));
+        in_pod(&format!("addr add {CDN}/32 dev lo"));
+        node.ip(&format!("addr add 10.200.0.{}/30 dev {node_if}", 4 * i + 1));
+        node.ip(&format!("link set {node_if} up"));
+        in_pod(&format!(
+            "route add 10.200.1.1/32 via 10.200.0.{} dev {pod_if}",
+            4 * i + 1
+        ));
+        assert!(
+            wait_until(Duration::from_secs(10), || registered(&d, app, app)),
+            "{app} never placed: {}",
+            d.status()
+        );
+        pods.push(p);
+    }
+    let mut cdn = Probe::at(PROBE, &pods[0].dir, &pods[0].netns);
+    let mut other = Probe::at(PROBE, &pods[1].dir, &pods[1].netns);
+    assert_eq!(
+        cdn.op(&format!("tcp {CDN} 443")),
+        DENIED,
+        "nothing learned yet"
+    );
+    assert_eq!(
+        cdn.op("resolve-tcp img.cdn.example.test 10.200.1.1 5353 443"),
+        format!("{REACHED} {CDN}"),
+        "learned for the asking pod's workload before the answer: {}",
+        d.get("/metrics")
+            .lines()
+            .filter(|l| l.contains("dns"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let learned: Value = serde_json::from_str(&d.get("/dns")).expect("/dns json");
+    let entries = learned["learned"].as_array().cloned().unwrap_or_default();
+    assert!(
+        entries.iter().any(|l| l["workload"] == "cdn-mcp"
+            && l["name"] == "img.cdn.example.test"
+            && l["addr"] == CDN),
+        "{learned}"
+    );
+    // The other pod's workload has no host rule: its query never goes upstream, and
+    // what cdn-mcp learned is not its to use.
+    assert_eq!(
+        other.op("resolve-tcp img.cdn.example.test 10.200.1.1 5353 443"),
+        "NOANSWER"
+    );
+    assert_eq!(other.op(&format!("tcp {CDN} 443")), DENIED);
+    let refused = d.get("/metrics").lines().any(|l| {
+        l.starts_with("mcp_guard_dns_query_refused_total{")
+            && l.contains("workload=\"other-mcp\"")
+            && l.contains("name-not-allowed")
+            && !l.ends_with(" 0")
+    });
+    assert!(refused, "{}", d.get("/metrics"));
+}

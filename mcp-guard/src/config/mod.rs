@@ -471,12 +471,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         for a in &w.allow {
             match allow_rule(&mut cx, a, dns.proxy.is_some()) {
                 Some(Rule::Cidr(r)) => allow.push(r),
-                Some(Rule::Host(r)) => {
-                    if selector.is_some() && matches!(r.pattern, HostPattern::Wildcard(_)) {
-                        cx.err(&a.span(), "wildcard host rules need the DNS proxy, which cannot tell pods apart yet: a workload that selects pods takes exact names only (resolved by the daemon through [dns] nameservers)");
-                    }
-                    hosts.push(r);
-                }
+                Some(Rule::Host(r)) => hosts.push(r),
                 None => {}
             }
         }

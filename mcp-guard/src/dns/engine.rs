@@ -15,16 +15,10 @@ use tracing::{debug, warn};
 use super::{filter::Refusal, Update};
 use crate::{
     config::{Config, HostPattern},
-    host::cgroup,
     policy::{self, Learned},
     telemetry::events::{self, JsonEvent},
     telemetry::metrics::Metrics,
 };
-
-/// How long a cgroup's workload is remembered by the proxy.
-const OWNER_TTL: Duration = Duration::from_secs(5);
-/// How often, at most, the proxy reads which source address is whose.
-const SOURCES_RESCAN: Duration = Duration::from_secs(1);
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -36,13 +30,15 @@ fn unix_now() -> u64 {
 /// the daemon (which shows it on /dns and hands it to `explain`).
 pub struct Engine {
     pub(super) cfg: Arc<Config>,
-    mount: PathBuf,
+    pub(super) mount: PathBuf,
     /// (workload, name, address) -> what was learned.
     learned: BTreeMap<(String, String, IpAddr), Learned>,
-    owners: HashMap<u64, (Instant, Option<String>)>,
+    pub(super) owners: HashMap<u64, (Instant, Option<String>)>,
+    /// Pods placed in a workload: (cgroup id, path below the mount, workload).
+    pub(super) pods: Vec<(u64, String, String)>,
     /// Source address -> cgroup id of the workload whose own network namespace has it
     /// (clients in another namespace than the proxy, such as pods), and when it was read.
-    sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
+    pub(super) sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
     /// When a refusal was last reported, and how many since were not.
     reported: HashMap<(String, String, IpAddr, &'static str), (Instant, u32)>,
     /// Query refusals: (workload, reason) -> the current second, events in it, and events
@@ -76,6 +72,7 @@ impl Engine {
             mount,
             learned: BTreeMap::new(),
             owners: HashMap::new(),
+            pods: Vec::new(),
             sources: (None, BTreeMap::new()),
             reported: HashMap::new(),
             query_reported: HashMap::new(),
@@ -460,66 +457,6 @@ impl Engine {
             learned: self.snapshot(),
             done,
         });
-    }
-
-    /// The cgroup of a client in another network namespace than the proxy, by its source
-    /// address (a pod's address belongs to the pod's namespace). The address map is read
-    /// again on a miss, at most every [`SOURCES_RESCAN`].
-    pub(super) fn cgroup_by_source(&mut self, ip: IpAddr) -> Option<u64> {
-        let key = policy::addr16(ip.to_canonical());
-        let stale = self.sources.0.is_none_or(|t| t.elapsed() >= SOURCES_RESCAN);
-        if !self.sources.1.contains_key(&key) && stale {
-            let patterns: Vec<String> = self
-                .cfg
-                .workloads
-                .iter()
-                .filter_map(|w| w.cgroup.clone())
-                .collect();
-            // The DNS thread's own namespace: /proc/thread-self is this thread.
-            self.sources = (
-                Some(Instant::now()),
-                crate::host::sources::scan_cgroups(
-                    patterns.iter().map(String::as_str),
-                    &self.mount,
-                    "/proc/thread-self/ns/net",
-                ),
-            );
-        }
-        self.sources.1.get(&key).copied()
-    }
-
-    /// The workload a cgroup belongs to (the nearest workload cgroup above it, as the
-    /// kernel decides), looked up in the cgroup tree and remembered for a few seconds.
-    pub(super) fn owner(&mut self, cgroup_id: u64) -> Option<String> {
-        if let Some((at, w)) = self.owners.get(&cgroup_id) {
-            if at.elapsed() < OWNER_TTL {
-                return w.clone();
-            }
-        }
-        if self.owners.len() > 4096 {
-            self.owners.clear();
-        }
-        let mut best: Option<(usize, String)> = None;
-        for w in &self.cfg.workloads {
-            let Some(c) = w.cgroup.as_deref() else {
-                continue;
-            };
-            for (_, dir) in cgroup::resolve_dirs(&self.mount, c) {
-                let Ok(rel) = dir.strip_prefix(&self.mount) else {
-                    continue;
-                };
-                let under = format!("/{}", rel.display());
-                if let Some(found) = cgroup::find_by_id(&self.mount, &under, cgroup_id) {
-                    let depth = under.len();
-                    if best.as_ref().is_none_or(|(d, _)| depth > *d) && found.starts_with(&under) {
-                        best = Some((depth, w.name.clone()));
-                    }
-                }
-            }
-        }
-        let w = best.map(|(_, n)| n);
-        self.owners.insert(cgroup_id, (Instant::now(), w.clone()));
-        w
     }
 }
 

@@ -9,6 +9,7 @@
 //! All of it runs on one thread that has entered `[dns] netns` (if set), so names are
 //! resolved, and the proxy listens, where the workloads live.
 
+mod attribute;
 mod engine;
 pub mod filter;
 mod proxy;

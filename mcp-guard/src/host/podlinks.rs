@@ -200,8 +200,8 @@ pub fn scan(compiled: &Compiled, mount: &Path) -> io::Result<BTreeMap<u32, u64>>
         compiled
             .workloads
             .iter()
-            .filter_map(|w| w.cgroup.as_deref()),
-        mount,
+            .filter_map(|w| w.cgroup.as_deref())
+            .flat_map(|c| super::cgroup::resolve_dirs(mount, c)),
         "/proc/thread-self/ns/net",
     );
     let mut nl = Netlink::open()?;

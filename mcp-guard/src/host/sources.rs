@@ -7,10 +7,8 @@ use std::{
     fs,
     net::{Ipv4Addr, Ipv6Addr},
     os::unix::fs::MetadataExt as _,
-    path::Path,
+    path::{Path, PathBuf},
 };
-
-use crate::host::cgroup;
 
 /// Addresses of a network namespace, seen through one of its processes.
 fn addresses(pid: u32) -> Vec<[u8; 16]> {
@@ -66,46 +64,46 @@ fn pids_under(dir: &Path, out: &mut Vec<u32>, depth: u32) {
     }
 }
 
-/// One process (pid) of each network namespace that holds a workload's processes, with
-/// the workload cgroup it was found under, skipping `own_netns` (a /proc/.../ns/net
-/// path). The first workload in the config wins a namespace.
+/// One process (pid) of each network namespace that holds processes of the given
+/// cgroups (id, directory; each with the cgroups below it), with the cgroup id it was
+/// found under, skipping `own_netns` (a /proc/.../ns/net path). The deepest cgroup
+/// given wins a namespace: a pod below a node-wide workload cgroup is the pod's, as the
+/// kernel decides (the nearest registered cgroup above a process).
 #[must_use]
-pub fn pod_namespaces<'a>(
-    cgroups: impl IntoIterator<Item = &'a str>,
-    mount: &Path,
+pub fn pod_namespaces(
+    dirs: impl IntoIterator<Item = (u64, PathBuf)>,
     own_netns: &str,
 ) -> Vec<(u32, u64)> {
     let own_netns = fs::metadata(own_netns).map(|m| m.ino()).unwrap_or(0);
     let mut seen_netns = HashSet::new();
     let mut out = Vec::new();
-    for cgroup in cgroups {
-        for (id, dir) in cgroup::resolve_dirs(mount, cgroup) {
-            let mut pids = Vec::new();
-            pids_under(&dir, &mut pids, 8);
-            for pid in pids {
-                let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()) else {
-                    continue;
-                };
-                if ns != own_netns && seen_netns.insert(ns) {
-                    out.push((pid, id));
-                }
+    let mut dirs: Vec<(u64, PathBuf)> = dirs.into_iter().collect();
+    dirs.sort_by_key(|(_, d)| std::cmp::Reverse(d.components().count()));
+    for (id, dir) in dirs {
+        let mut pids = Vec::new();
+        pids_under(&dir, &mut pids, 8);
+        for pid in pids {
+            let Ok(ns) = fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| m.ino()) else {
+                continue;
+            };
+            if ns != own_netns && seen_netns.insert(ns) {
+                out.push((pid, id));
             }
         }
     }
     out
 }
 
-/// Source address -> the registered cgroup id of the workload whose network namespace
-/// owns it (the DNS proxy's clients in pods), over workload cgroup patterns, skipping
-/// `own_netns` (a /proc/.../ns/net path): addresses there are nobody's in particular.
+/// Source address -> the id of the cgroup (workload cgroup or placed pod) whose network
+/// namespace owns it (the DNS proxy's clients in pods), skipping `own_netns` (a
+/// /proc/.../ns/net path): addresses there are nobody's in particular.
 #[must_use]
-pub fn scan_cgroups<'a>(
-    cgroups: impl IntoIterator<Item = &'a str>,
-    mount: &Path,
+pub fn scan_cgroups(
+    dirs: impl IntoIterator<Item = (u64, PathBuf)>,
     own_netns: &str,
 ) -> BTreeMap<[u8; 16], u64> {
     let mut out = BTreeMap::new();
-    for (pid, id) in pod_namespaces(cgroups, mount, own_netns) {
+    for (pid, id) in pod_namespaces(dirs, own_netns) {
         for a in addresses(pid) {
             out.entry(a).or_insert(id);
         }
