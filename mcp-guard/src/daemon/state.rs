@@ -181,6 +181,8 @@ impl Owner {
 
     /// Publishes the MCP registry alone (a call started or ended).
     pub fn publish_mcp(&self) {
+        // The DNS proxy names the tool call a refusal happens under.
+        self.engine.lock().expect("engine").mcp = self.mcp.clone();
         self.out.names.send_modify(|n| {
             let mut next = (**n).clone();
             next.mcp = self.mcp.clone();

@@ -108,4 +108,12 @@ impl Engine {
         self.owners.insert(cgroup_id, (Instant::now(), w.clone()));
         w
     }
+
+    /// The calls in flight in the `exec --mcp` instance whose cgroup asked, when the
+    /// refusal happens (a DNS refusal is the daemon's, so it is named at once, not when
+    /// the event is read).
+    pub(super) fn tool_call(&self, cgroup_id: u64) -> Option<crate::mcp::registry::Attribution> {
+        let seq = self.mcp.get(cgroup_id)?.seq;
+        self.mcp.attribute(cgroup_id, seq)
+    }
 }

@@ -34,6 +34,8 @@ pub struct Engine {
     /// (workload, name, address) -> what was learned.
     learned: BTreeMap<(String, String, IpAddr), Learned>,
     pub(super) owners: HashMap<u64, (Instant, Option<String>)>,
+    /// `exec --mcp` instances, to name the tool call a refusal happened under.
+    pub mcp: Arc<crate::mcp::registry::Registry>,
     /// Pods placed in a workload: (cgroup id, path below the mount, workload).
     pub(super) pods: Vec<(u64, String, String)>,
     /// Source address -> cgroup id of the workload whose own network namespace has it
@@ -73,6 +75,7 @@ impl Engine {
             learned: BTreeMap::new(),
             owners: HashMap::new(),
             pods: Vec::new(),
+            mcp: Arc::default(),
             sources: (None, BTreeMap::new()),
             reported: HashMap::new(),
             query_reported: HashMap::new(),
@@ -212,14 +215,15 @@ impl Engine {
         slot.1 += 1;
         let suppressed = std::mem::take(&mut slot.2);
         debug!(workload, name = ?r.name, reason = r.reason, "DNS query refused");
-        let _ = self
-            .events
-            .send(events::dns_query_refusal(&events::QueryRefusal {
+        let _ = self.events.send(events::JsonEvent {
+            mcp: self.tool_call(r.cgroup_id),
+            ..events::dns_query_refusal(&events::QueryRefusal {
                 suppressed,
                 generation: self.generation,
                 qtype: r.qtype.clone(),
                 ..*r
-            }));
+            })
+        });
     }
 
     /// Everything learned and still alive, for the compiler.
@@ -325,24 +329,28 @@ impl Engine {
                             continue;
                         };
                         warn!(workload, name, %addr, reason, rule = %h.pattern, "DNS answer refused by the rebinding guard");
-                        let _ = self.events.send(events::dns_refusal(&events::Refusal {
-                            workload,
-                            workload_id: w.id,
-                            cgroup_id,
-                            name,
-                            addr,
-                            reason,
-                            rule: format!(
-                                "workload {} allow host {} ({}:{})",
-                                w.name,
-                                h.pattern,
-                                cfg.path.display(),
-                                h.loc.line
-                            ),
-                            source,
-                            generation: self.generation,
-                            suppressed,
-                        }));
+                        let mcp = self.tool_call(cgroup_id);
+                        let _ = self.events.send(events::JsonEvent {
+                            mcp,
+                            ..events::dns_refusal(&events::Refusal {
+                                workload,
+                                workload_id: w.id,
+                                cgroup_id,
+                                name,
+                                addr,
+                                reason,
+                                rule: format!(
+                                    "workload {} allow host {} ({}:{})",
+                                    w.name,
+                                    h.pattern,
+                                    cfg.path.display(),
+                                    h.loc.line
+                                ),
+                                source,
+                                generation: self.generation,
+                                suppressed,
+                            })
+                        });
                     }
                 }
             }

