@@ -489,13 +489,22 @@ fn pods_learn_wildcard_names_through_the_proxy() {
     // The proxy's address, on the lab namespace's loopback; each pod routes to it over
     // its own veth.
     node.add_addr("10.200.1.1");
-    let _dnsmasq =
-        mcp_guard_tests::Dnsmasq::start(&node, "", &["/cdn.example.test/151.101.1.10"], 60);
+    let _dnsmasq = mcp_guard_tests::Dnsmasq::start(
+        &node,
+        "",
+        &[
+            "/cdn.example.test/151.101.1.10",
+            "/node.example.test/151.101.1.20",
+        ],
+        60,
+    );
     let d = Daemon::start(&format!(
         r#"[[workload]]
 name = "node"
 cgroup = "{r}"
 default = "allow"
+[[workload.allow]]
+host = "*.node.example.test"
 [[workload]]
 name = "cdn-mcp"
 default = "deny"
@@ -527,7 +536,7 @@ cri_poll_ms = 100
         pending = default_pod_cgroups(&cg),
     ));
     let mut pods = Vec::new();
-    for (i, app) in ["cdn-mcp", "other-mcp"].into_iter().enumerate() {
+    for (i, app) in ["cdn-mcp", "other-mcp", "plain"].into_iter().enumerate() {
         let parent = format!("{}/pod-{app}", cg.rel);
         let p = pod(
             &mut c,
@@ -558,6 +567,7 @@ cri_poll_ms = 100
         in_pod(&format!("addr add 10.200.0.{}/30 dev {pod_if}", 4 * i + 2));
         in_pod(&format!("link set {pod_if} up"));
         in_pod(&format!("addr add {CDN}/32 dev lo"));
+        in_pod("addr add 151.101.1.20/32 dev lo");
         node.ip(&format!("addr add 10.200.0.{}/30 dev {node_if}", 4 * i + 1));
         node.ip(&format!("link set {node_if} up"));
         in_pod(&format!(
@@ -565,8 +575,10 @@ cri_poll_ms = 100
             4 * i + 1
         ));
         assert!(
-            wait_until(Duration::from_secs(10), || registered(&d, app, app)),
-            "{app} never placed: {}",
+            wait_until(Duration::from_secs(10), || d.status()["pods"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == app))),
+            "{app} never listed: {}",
             d.status()
         );
         pods.push(p);
@@ -610,4 +622,27 @@ cri_poll_ms = 100
             && !l.ends_with(" 0")
     });
     assert!(refused, "{}", d.get("/metrics"));
+    // A pod no workload selects is not pending any more: the workload cgroup above it
+    // (the node's) decides, in the kernel and in the proxy.
+    let mut plain = Probe::at(PROBE, &pods[2].dir, &pods[2].netns);
+    assert_eq!(
+        plain.op("resolve-tcp img.node.example.test 10.200.1.1 5353 443"),
+        format!("{REACHED} 151.101.1.20")
+    );
+    let learned: Value = serde_json::from_str(&d.get("/dns")).expect("/dns json");
+    assert!(
+        learned["learned"].as_array().is_some_and(|l| l
+            .iter()
+            .any(|l| l["workload"] == "node" && l["name"] == "img.node.example.test")),
+        "{learned}"
+    );
+    assert!(
+        !d.get("/metrics")
+            .lines()
+            .any(|l| l.starts_with("mcp_guard_dns_query_refused_total{")
+                && l.contains("pods-pending")
+                && !l.ends_with(" 0")),
+        "{}",
+        d.get("/metrics")
+    );
 }

@@ -21,13 +21,14 @@ const OWNER_TTL: Duration = Duration::from_secs(5);
 const SOURCES_RESCAN: Duration = Duration::from_secs(1);
 
 impl Engine {
-    /// The pods placed in a workload (the daemon's pod watcher placed them). A pod no
-    /// workload selects, or one not placed yet (pending), is nobody's: its queries are
-    /// refused as unattributed.
+    /// The pods the daemon's pod watcher placed. A placed pod's queries are its
+    /// workload's; a pod no workload selects is no longer pending (the kernel removed
+    /// that registration), so the workload cgroup above it decides, as in the kernel; a
+    /// pod not listed yet is `pods-pending`'s (no host rule: refused).
     pub fn set_pods(&mut self, table: &Table) {
-        let pods: Vec<(u64, String, String)> = table
+        let pods: Vec<(u64, String, Option<String>)> = table
             .iter()
-            .filter_map(|(path, p)| Some((p.cgroup_id, path.clone(), p.workload.clone()?)))
+            .map(|(path, p)| (p.cgroup_id, path.clone(), p.workload.clone()))
             .collect();
         if pods != self.pods {
             self.pods = pods;
@@ -44,8 +45,8 @@ impl Engine {
         let key = policy::addr16(ip.to_canonical());
         let stale = self.sources.0.is_none_or(|t| t.elapsed() >= SOURCES_RESCAN);
         if !self.sources.1.contains_key(&key) && stale {
-            // Placed pods first: at equal depth a placed pod is its workload's, not
-            // pods-pending's (whose patterns name the same cgroups).
+            // Listed pods first: at equal depth a listed pod is its own (see
+            // [`Self::owner`]), not pods-pending's (whose patterns name the same cgroups).
             let mut dirs: Vec<_> = self
                 .pods
                 .iter()
@@ -81,22 +82,31 @@ impl Engine {
         }
         let mut best: Option<(usize, String)> = None;
         let mut consider = |under: &str, workload: &str| {
-            if let Some(found) = cgroup::find_by_id(&self.mount, under, cgroup_id) {
+            let found = cgroup::find_by_id(&self.mount, under, cgroup_id).is_some();
+            if found {
                 let depth = under.len();
-                if best.as_ref().is_none_or(|(d, _)| depth > *d) && found.starts_with(under) {
+                if best.as_ref().is_none_or(|(d, _)| depth > *d) {
                     best = Some((depth, workload.to_string()));
                 }
             }
+            found
         };
-        // Placed pods first: a workload cgroup wins only if it is deeper (pods-pending
-        // names the same cgroups as the placed pods).
+        // Listed pods first: a workload cgroup wins only if it is deeper. pods-pending
+        // names the same cgroups as the listed pods, so it is skipped for a listed one.
+        let mut listed = false;
         for (_, path, workload) in &self.pods {
-            consider(path, workload);
+            listed |= match workload {
+                Some(w) => consider(path, w),
+                None => cgroup::find_by_id(&self.mount, path, cgroup_id).is_some(),
+            };
         }
         for w in &self.cfg.workloads {
             let Some(c) = w.cgroup.as_deref() else {
                 continue;
             };
+            if listed && w.name == crate::config::pods::PENDING {
+                continue;
+            }
             for (_, dir) in cgroup::resolve_dirs(&self.mount, c) {
                 let Ok(rel) = dir.strip_prefix(&self.mount) else {
                     continue;

@@ -36,8 +36,9 @@ pub struct Engine {
     pub(super) owners: HashMap<u64, (Instant, Option<String>)>,
     /// `exec --mcp` instances, to name the tool call a refusal happened under.
     pub mcp: Arc<crate::mcp::registry::Registry>,
-    /// Pods placed in a workload: (cgroup id, path below the mount, workload).
-    pub(super) pods: Vec<(u64, String, String)>,
+    /// Pods the runtime listed: (cgroup id, path below the mount, the workload that
+    /// selects it or `None`).
+    pub(super) pods: Vec<(u64, String, Option<String>)>,
     /// Source address -> cgroup id of the workload whose own network namespace has it
     /// (clients in another namespace than the proxy, such as pods), and when it was read.
     pub(super) sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
