@@ -97,6 +97,43 @@ fn pod(c: &mut Containerd, cg: &TestCgroup, spec: &PodSpec<'_>) -> Pod {
     }
 }
 
+/// `ip ARGS` in the pod's network namespace.
+fn in_pod(p: &Pod, args: &str) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", p.netns.display()))
+        .arg("ip")
+        .args(args.split_whitespace())
+        .output()
+        .expect("nsenter");
+    assert!(out.status.success(), "ip {args}: {out:?}");
+}
+
+/// A veth `vpod{i}` in the pod to `vnode{i}` in `node` (pod 10.200.0.(4i+2)/30, node
+/// .(4i+1)), with routes in the pod to `routes` (addresses in `node`) over it.
+fn link_to(p: &Pod, node: &NetNs, i: usize, routes: &[&str]) {
+    let (pod_if, node_if) = (format!("vpod{i}"), format!("vnode{i}"));
+    in_pod(
+        p,
+        &format!(
+            "link add {pod_if} type veth peer name {node_if} netns {}",
+            node.name
+        ),
+    );
+    in_pod(
+        p,
+        &format!("addr add 10.200.0.{}/30 dev {pod_if}", 4 * i + 2),
+    );
+    in_pod(p, &format!("link set {pod_if} up"));
+    node.ip(&format!("addr add 10.200.0.{}/30 dev {node_if}", 4 * i + 1));
+    node.ip(&format!("link set {node_if} up"));
+    for a in routes {
+        in_pod(
+            p,
+            &format!("route add {a}/32 via 10.200.0.{} dev {pod_if}", 4 * i + 1),
+        );
+    }
+}
+
 /// (metadata, internal, public) as a probe in the pod's cgroup and netns sees them:
 /// EPERM is a denial; "ERR 111" (connection refused by the pod's own stack) means the
 /// policy let it through.
@@ -549,31 +586,9 @@ cri_poll_ms = 100
                 cgroup_parent: &parent,
             },
         );
-        // A veth from the pod to the lab namespace: pod 10.200.0.(4i+2), node .(4i+1).
-        let (pod_if, node_if) = (format!("vpod{i}"), format!("vnode{i}"));
-        let in_pod = |args: &str| {
-            let out = Command::new("nsenter")
-                .arg(format!("--net={}", p.netns.display()))
-                .arg("ip")
-                .args(args.split_whitespace())
-                .output()
-                .expect("nsenter");
-            assert!(out.status.success(), "ip {args}: {out:?}");
-        };
-        in_pod(&format!(
-            "link add {pod_if} type veth peer name {node_if} netns {}",
-            node.name
-        ));
-        in_pod(&format!("addr add 10.200.0.{}/30 dev {pod_if}", 4 * i + 2));
-        in_pod(&format!("link set {pod_if} up"));
-        in_pod(&format!("addr add {CDN}/32 dev lo"));
-        in_pod("addr add 151.101.1.20/32 dev lo");
-        node.ip(&format!("addr add 10.200.0.{}/30 dev {node_if}", 4 * i + 1));
-        node.ip(&format!("link set {node_if} up"));
-        in_pod(&format!(
-            "route add 10.200.1.1/32 via 10.200.0.{} dev {pod_if}",
-            4 * i + 1
-        ));
+        link_to(&p, &node, i, &["10.200.1.1"]);
+        in_pod(&p, &format!("addr add {CDN}/32 dev lo"));
+        in_pod(&p, "addr add 151.101.1.20/32 dev lo");
         assert!(
             wait_until(Duration::from_secs(10), || d.status()["pods"]
                 .as_array()
@@ -644,5 +659,113 @@ cri_poll_ms = 100
                 && !l.ends_with(" 0")),
         "{}",
         d.get("/metrics")
+    );
+}
+
+/// TC pod mode for pods placed through the runtime: with no pending patterns, only the
+/// placement says which pod a node-side interface leads to. A raw datagram (no socket
+/// hook sees it) from a `deny-internal` pod to an internal address is dropped at the
+/// node-side veth and reported for the pod's workload; one to a public address passes.
+#[test]
+fn tc_pod_mode_follows_pods_placed_through_the_runtime() {
+    const NODE_INTERNAL: &str = "10.0.99.9";
+    const NODE_PUBLIC: &str = "93.184.216.99";
+    let cg = TestCgroup::new();
+    let mut c = Containerd::start();
+    let node = NetNs::new();
+    node.add_addr(NODE_INTERNAL);
+    node.add_addr(NODE_PUBLIC);
+    let internal = node.udp_counter(&format!("{NODE_INTERNAL}:53"));
+    let public = node.udp_counter(&format!("{NODE_PUBLIC}:53"));
+    let d = Daemon::start(&format!(
+        r#"[[workload]]
+name = "github-mcp"
+default = "deny-internal"
+deny_raw_sockets = false
+[workload.pods]
+namespace = "mcp"
+labels = {{ "app.kubernetes.io/name" = "github-mcp" }}
+[daemon]
+attach_cgroup = "{r}"
+cri_socket = "{sock}"
+pod_cgroups = []
+cri_poll_ms = 100
+cgroup_skb = false
+[tc]
+netns = "{netns}"
+interfaces = []
+pod_interfaces = ["vnode*"]
+"#,
+        r = cg.rel,
+        sock = c.socket.display(),
+        netns = node.path().display(),
+    ));
+    let parent = format!("{}/pod-github", cg.rel);
+    let p = pod(
+        &mut c,
+        &cg,
+        &PodSpec {
+            namespace: "mcp",
+            name: "github-mcp-0",
+            labels: &[GITHUB_LABEL],
+            annotations: &[],
+            cgroup_parent: &parent,
+        },
+    );
+    link_to(&p, &node, 0, &[NODE_INTERNAL, NODE_PUBLIC]);
+    assert!(
+        wait_until(Duration::from_secs(10), || registered(
+            &d,
+            "github-mcp",
+            "github-mcp-0"
+        )),
+        "{}",
+        d.status()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || d.status()["pod_sources"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1),
+        "the daemon never mapped the pod's interface: {}",
+        d.status()
+    );
+    let mut probe = Probe::at(PROBE, &p.dir, &p.netns);
+    assert_eq!(
+        probe.op(&format!("raw-udp 10.200.0.2 {NODE_PUBLIC} 53")),
+        "SENT"
+    );
+    assert_eq!(
+        probe.op(&format!("raw-udp 10.200.0.2 {NODE_INTERNAL} 53")),
+        "SENT"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || public
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1),
+        "the allowed datagram never arrived: the path is broken, not guarded"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        internal.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the internal datagram left the pod"
+    );
+    let mut events = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            events.extend(d.events(Duration::from_millis(100)));
+            events
+                .iter()
+                .any(|e| e["hook"] == "tc" && e["dst"] == NODE_INTERNAL)
+        }),
+        "{events:#?}"
+    );
+    assert!(
+        events
+            .iter()
+            .filter(|e| e["hook"] == "tc")
+            .all(|e| e["workload"] == "github-mcp"),
+        "{events:#?}"
     );
 }

@@ -7,6 +7,7 @@ use super::{state::Owner, *};
 /// thread enters `[tc] netns` if set). `None` when it cannot be read: the map stays.
 pub(super) fn pod_interfaces(
     compiled: &Compiled,
+    placed: &[(u64, String)],
     mount: &Path,
     netns: Option<&Path>,
 ) -> Option<std::collections::BTreeMap<u32, u64>> {
@@ -21,7 +22,7 @@ pub(super) fn pod_interfaces(
                     return None;
                 }
             }
-            crate::host::podlinks::scan(compiled, mount)
+            crate::host::podlinks::scan(compiled, placed, mount)
                 .map_err(|e| warn!("pod mode: cannot read which interface leads to which pod: {e}"))
                 .ok()
         })
@@ -103,7 +104,21 @@ impl Owner {
                 .set(i64::from(n > 0));
             let wanted = self
                 .pod_mode
-                .then(|| pod_interfaces(&self.compiled, &self.mount, self.cfg.tc.netns.as_deref()))
+                .then(|| {
+                    // Pods placed in a workload (one no workload selects is not its own).
+                    let placed: Vec<(u64, String)> = self
+                        .pods
+                        .iter()
+                        .filter(|(_, p)| p.workload.is_some())
+                        .map(|(path, p)| (p.cgroup_id, path.clone()))
+                        .collect();
+                    pod_interfaces(
+                        &self.compiled,
+                        &placed,
+                        &self.mount,
+                        self.cfg.tc.netns.as_deref(),
+                    )
+                })
                 .flatten();
             if let Some(wanted) = wanted {
                 if self.maps.set_sources(&wanted) > 0 {

@@ -191,17 +191,28 @@ fn link_netnsids(nl: &mut Netlink) -> io::Result<BTreeMap<u32, i32>> {
 }
 
 /// Node-side interface index -> registered cgroup id of the workload pod on its other
-/// end, for the interfaces of the calling thread's network namespace.
+/// end, for the interfaces of the calling thread's network namespace. The pods placed
+/// through the runtime (`placed`: cgroup id, path below the mount) come first: at equal
+/// depth they are theirs, not `pods-pending`'s (whose patterns name the same cgroups).
 ///
 /// # Errors
 /// The netlink socket cannot be made or answered badly.
-pub fn scan(compiled: &Compiled, mount: &Path) -> io::Result<BTreeMap<u32, u64>> {
+pub fn scan(
+    compiled: &Compiled,
+    placed: &[(u64, String)],
+    mount: &Path,
+) -> io::Result<BTreeMap<u32, u64>> {
     let pods = sources::pod_namespaces(
-        compiled
-            .workloads
+        placed
             .iter()
-            .filter_map(|w| w.cgroup.as_deref())
-            .flat_map(|c| super::cgroup::resolve_dirs(mount, c)),
+            .map(|(id, path)| (*id, super::cgroup::fs_path(mount, path)))
+            .chain(
+                compiled
+                    .workloads
+                    .iter()
+                    .filter_map(|w| w.cgroup.as_deref())
+                    .flat_map(|c| super::cgroup::resolve_dirs(mount, c)),
+            ),
         "/proc/thread-self/ns/net",
     );
     let mut nl = Netlink::open()?;
