@@ -152,6 +152,13 @@ fn status_pods(d: &Daemon, workload: &str) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Whether the runtime's list placed pod `name` (in a workload or none).
+fn listed(d: &Daemon, name: &str) -> bool {
+    d.status()["pods"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p["name"] == name))
+}
+
 fn registered(d: &Daemon, workload: &str, name: &str) -> bool {
     status_pods(d, workload).iter().any(|p| p["name"] == name)
 }
@@ -590,9 +597,7 @@ cri_poll_ms = 100
         in_pod(&p, &format!("addr add {CDN}/32 dev lo"));
         in_pod(&p, "addr add 151.101.1.20/32 dev lo");
         assert!(
-            wait_until(Duration::from_secs(10), || d.status()["pods"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p["name"] == app))),
+            wait_until(Duration::from_secs(10), || listed(&d, app)),
             "{app} never listed: {}",
             d.status()
         );
@@ -662,12 +667,14 @@ cri_poll_ms = 100
     );
 }
 
-/// TC pod mode for pods placed through the runtime: with no pending patterns, only the
-/// placement says which pod a node-side interface leads to. A raw datagram (no socket
-/// hook sees it) from a `deny-internal` pod to an internal address is dropped at the
-/// node-side veth and reported for the pod's workload; one to a public address passes.
-#[test]
-fn tc_pod_mode_follows_pods_placed_through_the_runtime() {
+/// TC pod mode for pods the runtime listed: a raw datagram from a process in a pod's
+/// network namespace but in no guarded cgroup (no socket hook sees it, and its socket
+/// names no workload) to an internal address is dropped at the node-side veth and reported for
+/// the pod's own workload if one selects it, else for the workload cgroup above it (as
+/// the kernel decides for the pod's sockets); one to a public address arrives. Run with
+/// and without pending patterns: without, only the placement finds the selected pod;
+/// with, the unselected pod's cgroup is named by the pattern but no longer registered.
+fn tc_pod_mode(pending: bool) {
     const NODE_INTERNAL: &str = "10.0.99.9";
     const NODE_PUBLIC: &str = "93.184.216.99";
     let cg = TestCgroup::new();
@@ -679,6 +686,11 @@ fn tc_pod_mode_follows_pods_placed_through_the_runtime() {
     let public = node.udp_counter(&format!("{NODE_PUBLIC}:53"));
     let d = Daemon::start(&format!(
         r#"[[workload]]
+name = "node"
+cgroup = "{r}"
+default = "deny-internal"
+deny_raw_sockets = false
+[[workload]]
 name = "github-mcp"
 default = "deny-internal"
 deny_raw_sockets = false
@@ -688,7 +700,7 @@ labels = {{ "app.kubernetes.io/name" = "github-mcp" }}
 [daemon]
 attach_cgroup = "{r}"
 cri_socket = "{sock}"
-pod_cgroups = []
+pod_cgroups = {pending}
 cri_poll_ms = 100
 cgroup_skb = false
 [tc]
@@ -699,26 +711,39 @@ pod_interfaces = ["vnode*"]
         r = cg.rel,
         sock = c.socket.display(),
         netns = node.path().display(),
-    ));
-    let parent = format!("{}/pod-github", cg.rel);
-    let p = pod(
-        &mut c,
-        &cg,
-        &PodSpec {
-            namespace: "mcp",
-            name: "github-mcp-0",
-            labels: &[GITHUB_LABEL],
-            annotations: &[],
-            cgroup_parent: &parent,
+        pending = if pending {
+            default_pod_cgroups(&cg)
+        } else {
+            "[]".into()
         },
-    );
-    link_to(&p, &node, 0, &[NODE_INTERNAL, NODE_PUBLIC]);
+    ));
+    let mut pods = Vec::new();
+    for (i, (name, app)) in [("github-mcp-0", "github-mcp"), ("plain", "plain")]
+        .into_iter()
+        .enumerate()
+    {
+        let parent = format!("{}/pod-{app}", cg.rel);
+        let p = pod(
+            &mut c,
+            &cg,
+            &PodSpec {
+                namespace: "mcp",
+                name,
+                labels: &[("app.kubernetes.io/name", app)],
+                annotations: &[],
+                cgroup_parent: &parent,
+            },
+        );
+        link_to(&p, &node, i, &[NODE_INTERNAL, NODE_PUBLIC]);
+        assert!(
+            wait_until(Duration::from_secs(10), || listed(&d, name)),
+            "{name} never listed: {}",
+            d.status()
+        );
+        pods.push(p);
+    }
     assert!(
-        wait_until(Duration::from_secs(10), || registered(
-            &d,
-            "github-mcp",
-            "github-mcp-0"
-        )),
+        registered(&d, "github-mcp", "github-mcp-0"),
         "{}",
         d.status()
     );
@@ -726,46 +751,60 @@ pod_interfaces = ["vnode*"]
         wait_until(Duration::from_secs(5), || d.status()["pod_sources"]
             .as_u64()
             .unwrap_or(0)
-            >= 1),
-        "the daemon never mapped the pod's interface: {}",
+            >= 2),
+        "the daemon never mapped both pods' interfaces: {}",
         d.status()
     );
-    let mut probe = Probe::at(PROBE, &p.dir, &p.netns);
-    assert_eq!(
-        probe.op(&format!("raw-udp 10.200.0.2 {NODE_PUBLIC} 53")),
-        "SENT"
-    );
-    assert_eq!(
-        probe.op(&format!("raw-udp 10.200.0.2 {NODE_INTERNAL} 53")),
-        "SENT"
-    );
+    for (i, p) in pods.iter().enumerate() {
+        let src = format!("10.200.0.{}", 4 * i + 2);
+        // Outside every guarded cgroup (the root), inside the pod's namespace: only the
+        // interface can tell whose the packet is (a socket of the pod's cgroup would be
+        // judged by its cgroup first).
+        let root = mcp_guard_tests::cgroup_mount();
+        let mut probe = Probe::at(PROBE, &root, &p.netns);
+        assert_eq!(probe.op(&format!("raw-udp {src} {NODE_PUBLIC} 53")), "SENT");
+        assert_eq!(
+            probe.op(&format!("raw-udp {src} {NODE_INTERNAL} 53")),
+            "SENT"
+        );
+    }
     assert!(
         wait_until(Duration::from_secs(2), || public
             .load(std::sync::atomic::Ordering::SeqCst)
-            >= 1),
-        "the allowed datagram never arrived: the path is broken, not guarded"
+            >= 2),
+        "the allowed datagrams never arrived: the path is broken, not guarded"
     );
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         internal.load(std::sync::atomic::Ordering::SeqCst),
         0,
-        "the internal datagram left the pod"
+        "an internal datagram left its pod"
     );
     let mut events = Vec::new();
+    let dropped_for = |events: &[Value], src: &str, workload: &str| {
+        events.iter().any(|e| {
+            e["hook"] == "tc"
+                && e["dst"] == NODE_INTERNAL
+                && e["src"] == src
+                && e["workload"] == workload
+        })
+    };
     assert!(
         wait_until(Duration::from_secs(5), || {
             events.extend(d.events(Duration::from_millis(100)));
-            events
-                .iter()
-                .any(|e| e["hook"] == "tc" && e["dst"] == NODE_INTERNAL)
+            dropped_for(&events, "10.200.0.2", "github-mcp")
+                && dropped_for(&events, "10.200.0.6", "node")
         }),
         "{events:#?}"
     );
-    assert!(
-        events
-            .iter()
-            .filter(|e| e["hook"] == "tc")
-            .all(|e| e["workload"] == "github-mcp"),
-        "{events:#?}"
-    );
+}
+
+#[test]
+fn tc_pod_mode_follows_pods_placed_through_the_runtime() {
+    tc_pod_mode(false);
+}
+
+#[test]
+fn tc_pod_mode_takes_an_unselected_pod_as_the_workload_above_it() {
+    tc_pod_mode(true);
 }

@@ -8,6 +8,7 @@ use super::{state::Owner, *};
 pub(super) fn pod_interfaces(
     compiled: &Compiled,
     placed: &[(u64, String)],
+    registered: &std::collections::HashSet<u64>,
     mount: &Path,
     netns: Option<&Path>,
 ) -> Option<std::collections::BTreeMap<u32, u64>> {
@@ -22,7 +23,7 @@ pub(super) fn pod_interfaces(
                     return None;
                 }
             }
-            crate::host::podlinks::scan(compiled, placed, mount)
+            crate::host::podlinks::scan(compiled, placed, registered, mount)
                 .map_err(|e| warn!("pod mode: cannot read which interface leads to which pod: {e}"))
                 .ok()
         })
@@ -112,9 +113,11 @@ impl Owner {
                         .filter(|(_, p)| p.workload.is_some())
                         .map(|(path, p)| (p.cgroup_id, path.clone()))
                         .collect();
+                    let registered = self.maps.registered_ids();
                     pod_interfaces(
                         &self.compiled,
                         &placed,
+                        &registered,
                         &self.mount,
                         self.cfg.tc.netns.as_deref(),
                     )

@@ -191,15 +191,18 @@ fn link_netnsids(nl: &mut Netlink) -> io::Result<BTreeMap<u32, i32>> {
 }
 
 /// Node-side interface index -> registered cgroup id of the workload pod on its other
-/// end, for the interfaces of the calling thread's network namespace. The pods placed
-/// through the runtime (`placed`: cgroup id, path below the mount) come first: at equal
-/// depth they are theirs, not `pods-pending`'s (whose patterns name the same cgroups).
+/// end, for the interfaces of the calling thread's network namespace. The cgroups looked
+/// at are the pods placed through the runtime (`placed`: cgroup id, path below the
+/// mount) and the workload cgroups, only those the kernel holds a registration for
+/// (`registered`): the deepest of them above a namespace's processes decides, as the
+/// kernel decides for their sockets (a pod no workload selects is the workload's above).
 ///
 /// # Errors
 /// The netlink socket cannot be made or answered badly.
 pub fn scan(
     compiled: &Compiled,
     placed: &[(u64, String)],
+    registered: &std::collections::HashSet<u64>,
     mount: &Path,
 ) -> io::Result<BTreeMap<u32, u64>> {
     let pods = sources::pod_namespaces(
@@ -212,7 +215,8 @@ pub fn scan(
                     .iter()
                     .filter_map(|w| w.cgroup.as_deref())
                     .flat_map(|c| super::cgroup::resolve_dirs(mount, c)),
-            ),
+            )
+            .filter(|(id, _)| registered.contains(id)),
         "/proc/thread-self/ns/net",
     );
     let mut nl = Netlink::open()?;

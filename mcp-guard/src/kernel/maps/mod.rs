@@ -618,6 +618,12 @@ impl PolicyMaps {
         changed
     }
 
+    /// The cgroups the kernel holds a registration for in the live slot.
+    #[must_use]
+    pub fn registered_ids(&self) -> std::collections::HashSet<u64> {
+        self.registered.keys().copied().collect()
+    }
+
     /// How many source addresses pod mode maps to workloads.
     #[must_use]
     pub fn source_count(&self) -> usize {
