@@ -359,7 +359,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             shared: shared.clone(),
         },
     };
-    owner.engine.lock().expect("engine").set_pods(&owner.pods);
     owner.sync_dns();
     owner.publish();
     let attached = owner.check_attachment();

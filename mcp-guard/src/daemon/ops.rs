@@ -6,10 +6,7 @@ use super::{state::Owner, *};
 /// Pod mode: node-side interface -> pod workload cgroup, read in the TC namespace (a
 /// thread enters `[tc] netns` if set). `None` when it cannot be read: the map stays.
 pub(super) fn pod_interfaces(
-    compiled: &Compiled,
-    placed: &[(u64, String)],
-    registered: &std::collections::HashSet<u64>,
-    mount: &Path,
+    dirs: Vec<(u64, PathBuf)>,
     netns: Option<&Path>,
 ) -> Option<std::collections::BTreeMap<u32, u64>> {
     std::thread::scope(|s| {
@@ -23,7 +20,7 @@ pub(super) fn pod_interfaces(
                     return None;
                 }
             }
-            crate::host::podlinks::scan(compiled, placed, registered, mount)
+            crate::host::podlinks::scan(dirs)
                 .map_err(|e| warn!("pod mode: cannot read which interface leads to which pod: {e}"))
                 .ok()
         })
@@ -105,23 +102,7 @@ impl Owner {
                 .set(i64::from(n > 0));
             let wanted = self
                 .pod_mode
-                .then(|| {
-                    // Pods placed in a workload (one no workload selects is not its own).
-                    let placed: Vec<(u64, String)> = self
-                        .pods
-                        .iter()
-                        .filter(|(_, p)| p.workload.is_some())
-                        .map(|(path, p)| (p.cgroup_id, path.clone()))
-                        .collect();
-                    let registered = self.maps.registered_ids();
-                    pod_interfaces(
-                        &self.compiled,
-                        &placed,
-                        &registered,
-                        &self.mount,
-                        self.cfg.tc.netns.as_deref(),
-                    )
-                })
+                .then(|| pod_interfaces(self.registered_dirs(), self.cfg.tc.netns.as_deref()))
                 .flatten();
             if let Some(wanted) = wanted {
                 if self.maps.set_sources(&wanted) > 0 {

@@ -241,7 +241,6 @@ impl Owner {
         if table_changed {
             let list: Vec<&pods::Placed> = table.values().collect();
             super::ops::write_state(file, &list, "placed pods");
-            self.engine.lock().expect("engine").set_pods(&table);
             self.pods = Arc::new(table);
         }
         self.publish_pod_counts(workloads);

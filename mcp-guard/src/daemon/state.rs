@@ -171,12 +171,59 @@ impl Owner {
         }));
     }
 
-    /// The `/status` document and the view (both follow registrations).
+    /// The `/status` document, the view and the DNS proxy's attribution (all follow
+    /// registrations).
     pub fn publish_status(&self) {
         self.out
             .status
             .send_replace(Arc::new(super::ops::status_json(self)));
         self.publish_view();
+        self.engine
+            .lock()
+            .expect("engine")
+            .set_registrations(self.registrations());
+    }
+
+    /// The pods placed in a workload: (cgroup id, path below the mount).
+    fn placed(&self) -> Vec<(u64, String)> {
+        self.pods
+            .iter()
+            .filter(|(_, p)| p.workload.is_some())
+            .map(|(path, p)| (p.cgroup_id, path.clone()))
+            .collect()
+    }
+
+    /// What the kernel decides attribution by, for the DNS proxy: registered cgroup ->
+    /// its workload's name, and where the placed pods are.
+    fn registrations(&self) -> dns::Registrations {
+        let names: std::collections::HashMap<u32, &str> = self
+            .compiled
+            .workloads
+            .iter()
+            .map(|w| (w.id, w.name.as_str()))
+            .collect();
+        dns::Registrations {
+            workloads: self
+                .maps
+                .registered()
+                .iter()
+                .filter_map(|(cg, w)| Some((*cg, names.get(w)?.to_string())))
+                .collect(),
+            placed: self.placed(),
+        }
+    }
+
+    /// The registered cgroups' directories (see [`crate::host::sources::registered_dirs`]).
+    pub fn registered_dirs(&self) -> Vec<(u64, PathBuf)> {
+        crate::host::sources::registered_dirs(
+            self.compiled
+                .workloads
+                .iter()
+                .filter_map(|w| w.cgroup.as_deref()),
+            &self.placed(),
+            |id| self.maps.registered().contains_key(&id),
+            &self.mount,
+        )
     }
 
     /// Publishes the MCP registry alone (a call started or ended).

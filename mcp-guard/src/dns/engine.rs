@@ -36,9 +36,8 @@ pub struct Engine {
     pub(super) owners: HashMap<u64, (Instant, Option<String>)>,
     /// `exec --mcp` instances, to name the tool call a refusal happened under.
     pub mcp: Arc<crate::mcp::registry::Registry>,
-    /// Pods the runtime listed: (cgroup id, path below the mount, the workload that
-    /// selects it or `None`).
-    pub(super) pods: Vec<(u64, String, Option<String>)>,
+    /// What the kernel attributes by (from the state owner).
+    pub(super) registrations: super::Registrations,
     /// Source address -> cgroup id of the workload whose own network namespace has it
     /// (clients in another namespace than the proxy, such as pods), and when it was read.
     pub(super) sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
@@ -75,7 +74,7 @@ impl Engine {
             mount,
             learned: BTreeMap::new(),
             owners: HashMap::new(),
-            pods: Vec::new(),
+            registrations: super::Registrations::default(),
             mcp: Arc::default(),
             sources: (None, BTreeMap::new()),
             reported: HashMap::new(),

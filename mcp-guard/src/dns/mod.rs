@@ -22,6 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub use attribute::Registrations;
 pub use engine::Engine;
 use hickory_resolver::{
     config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig},

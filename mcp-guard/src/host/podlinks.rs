@@ -12,10 +12,10 @@ use std::{
     fs::File,
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::Path,
+    path::PathBuf,
 };
 
-use crate::{host::sources, policy::Compiled};
+use crate::host::sources;
 
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
@@ -191,34 +191,14 @@ fn link_netnsids(nl: &mut Netlink) -> io::Result<BTreeMap<u32, i32>> {
 }
 
 /// Node-side interface index -> registered cgroup id of the workload pod on its other
-/// end, for the interfaces of the calling thread's network namespace. The cgroups looked
-/// at are the pods placed through the runtime (`placed`: cgroup id, path below the
-/// mount) and the workload cgroups, only those the kernel holds a registration for
-/// (`registered`): the deepest of them above a namespace's processes decides, as the
-/// kernel decides for their sockets (a pod no workload selects is the workload's above).
+/// end, for the interfaces of the calling thread's network namespace. `dirs` are the
+/// registered cgroups ([`sources::registered_dirs`]): the deepest of them above a
+/// namespace's processes decides, as the kernel decides for their sockets.
 ///
 /// # Errors
 /// The netlink socket cannot be made or answered badly.
-pub fn scan(
-    compiled: &Compiled,
-    placed: &[(u64, String)],
-    registered: &std::collections::HashSet<u64>,
-    mount: &Path,
-) -> io::Result<BTreeMap<u32, u64>> {
-    let pods = sources::pod_namespaces(
-        placed
-            .iter()
-            .map(|(id, path)| (*id, super::cgroup::fs_path(mount, path)))
-            .chain(
-                compiled
-                    .workloads
-                    .iter()
-                    .filter_map(|w| w.cgroup.as_deref())
-                    .flat_map(|c| super::cgroup::resolve_dirs(mount, c)),
-            )
-            .filter(|(id, _)| registered.contains(id)),
-        "/proc/thread-self/ns/net",
-    );
+pub fn scan(dirs: Vec<(u64, PathBuf)>) -> io::Result<BTreeMap<u32, u64>> {
+    let pods = sources::pod_namespaces(dirs, "/proc/thread-self/ns/net");
     let mut nl = Netlink::open()?;
     let mut by_nsid: BTreeMap<i32, u64> = BTreeMap::new();
     for (pid, cgroup_id) in pods {

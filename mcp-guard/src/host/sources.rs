@@ -10,6 +10,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::host::cgroup;
+
 /// Addresses of a network namespace, seen through one of its processes.
 fn addresses(pid: u32) -> Vec<[u8; 16]> {
     let mut out = Vec::new();
@@ -62,6 +64,31 @@ fn pids_under(dir: &Path, out: &mut Vec<u32>, depth: u32) {
             pids_under(&e.path(), out, depth - 1);
         }
     }
+}
+
+/// The cgroups that decide whose a process is, as the kernel decides (the nearest
+/// registered cgroup above it), with their directories: the workload cgroups
+/// (`cgroups`, patterns resolved) and the pods placed through the runtime (`placed`:
+/// cgroup id, path below the mount; pod workloads name no cgroup of their own), only
+/// those `registered` now. A pod no workload selects is no longer registered, so the
+/// workload cgroup above it decides.
+#[must_use]
+pub fn registered_dirs<'a>(
+    cgroups: impl IntoIterator<Item = &'a str>,
+    placed: &[(u64, String)],
+    registered: impl Fn(u64) -> bool,
+    mount: &Path,
+) -> Vec<(u64, PathBuf)> {
+    cgroups
+        .into_iter()
+        .flat_map(|c| cgroup::resolve_dirs(mount, c))
+        .chain(
+            placed
+                .iter()
+                .map(|(id, path)| (*id, cgroup::fs_path(mount, path))),
+        )
+        .filter(|(id, _)| registered(*id))
+        .collect()
 }
 
 /// One process (pid) of each network namespace that holds processes of the given

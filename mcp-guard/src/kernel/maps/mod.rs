@@ -618,10 +618,11 @@ impl PolicyMaps {
         changed
     }
 
-    /// The cgroups the kernel holds a registration for in the live slot.
+    /// The cgroups the kernel holds a registration for in the live slot, with the
+    /// workload id of each.
     #[must_use]
-    pub fn registered_ids(&self) -> std::collections::HashSet<u64> {
-        self.registered.keys().copied().collect()
+    pub fn registered(&self) -> &BTreeMap<u64, u32> {
+        &self.registered
     }
 
     /// How many source addresses pod mode maps to workloads.
