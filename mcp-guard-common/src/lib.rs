@@ -536,6 +536,9 @@ pub const STAT_EVENTS_LOST: u32 = 4;
 pub const STAT_COUNTER_OVERFLOW: u32 = 5;
 /// Decisions that failed closed because the policy kept changing while they were made.
 pub const STAT_UNSTABLE: u32 = 6;
+/// An accepted TCP connection the kernel could not mark (`ACCEPTED_1` full): its replies
+/// are judged by the egress policy (fail closed).
+pub const STAT_ACCEPT_UNMARKED: u32 = 7;
 pub const STAT_COUNT: u32 = 8;
 
 /// Pod mode of the TC classifier: a packet with no socket (it arrived from a pod's

@@ -17,7 +17,7 @@ use mcp_guard_common::{
     PROTO_OTHER, PROTO_TCP, PROTO_UDP, REASON_BASELINE_DENY, REASON_BASELINE_METADATA,
     REASON_BETWEEN_CALLS, REASON_DEFAULT_DENY, REASON_DENY_INTERNAL, REASON_NOT_ALLOWED,
     REASON_TOOL_NOT_ACTIVE, SCOPE_BASELINE, SCOPE_INTERNAL, SCOPE_METADATA, WL_DENY_BETWEEN_CALLS,
-    WL_DENY_DIRECT_DNS, WL_MCP,
+    WL_DENY_DIRECT_DNS, WL_MCP, HOOK_SENDMSG4, HOOK_SENDMSG6,
 };
 
 use crate::{
@@ -113,12 +113,22 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
         mcp_guard_common::mapped_v4(ctx_field!(sa, user_ip4).to_ne_bytes())
     };
     // user_port holds the port in network order in its low 16 bits.
+    let mut port = u16::from_be(ctx_field!(sa, user_port) as u16);
+    // A send on a connected UDP socket that carries a control message (IP_TOS or
+    // IPV6_TCLASS for ECN, UDP_SEGMENT for GSO: what QUIC stacks send) runs the sendmsg
+    // hooks with no address at all (AF_UNSPEC, 0.0.0.0 or :: port 0): the datagram goes
+    // to the socket's peer, so the peer is what is judged (as at connect, and by the
+    // backstop after every policy change). An explicit address, 0.0.0.0 included,
+    // is judged as given.
+    if (hook == HOOK_SENDMSG4 || hook == HOOK_SENDMSG6) && ctx_field!(sa, user_family) == 0 {
+        if let Some((peer, peer_port)) = connected_peer(ctx) {
+            addr = peer;
+            port = peer_port;
+        }
+    }
     // NAT64 (64:ff9b::/96): judged as the IPv4 address it carries, so 64:ff9b::a00:d05
     // is 10.0.13.5 to every rule, internal range and the baseline.
-    if IPV6 {
-        mcp_guard_common::nat64_to_mapped(&mut addr);
-    }
-    let port = u16::from_be(ctx_field!(sa, user_port) as u16);
+    mcp_guard_common::nat64_to_mapped(&mut addr);
     let protocol = ctx_field!(sa, protocol);
     let proto_bit = match protocol {
         IPPROTO_TCP | IPPROTO_MPTCP => PROTO_TCP,
@@ -189,6 +199,38 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
     } else {
         DENY
     }
+}
+
+/// The peer of the hook's (connected) socket, as judged: an IPv4 peer IPv4-mapped, an
+/// IPv6 one (IPv4-mapped already for a dual-stack socket connected to IPv4) as is.
+#[inline(always)]
+fn connected_peer(ctx: &SockAddrContext) -> Option<([u8; 16], u16)> {
+    let sa = ctx.sock_addr;
+    let sk = ctx_field!(sa, __bindgen_anon_1.sk);
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: single loads of the socket's fields at constant offsets, all made before
+    // any branch (the verifier refuses arithmetic on a socket pointer, which the
+    // compiler would emit for a load it moved behind one).
+    let (family, port, v4, w0, w1, w2, w3) = unsafe {
+        (
+            core::ptr::read_volatile(&raw const (*sk).family),
+            core::ptr::read_volatile(&raw const (*sk).dst_port),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip4),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip6[0]),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip6[1]),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip6[2]),
+            core::ptr::read_volatile(&raw const (*sk).dst_ip6[3]),
+        )
+    };
+    let port = u16::from_be(port);
+    let addr = if family == 2 {
+        mcp_guard_common::mapped_v4(v4.to_ne_bytes())
+    } else {
+        mcp_guard_common::v6_from_words([w0, w1, w2, w3])
+    };
+    Some((addr, port))
 }
 
 /// The workload of the calling task: its own cgroup or the nearest ancestor that has a

@@ -8,6 +8,7 @@
 // 512-byte BPF stack (a 264-byte registration key among them).
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod accept;
 mod decide;
 mod maps;
 mod packet;

@@ -76,3 +76,13 @@ pub static REGISTER_1: HashMap<MkdirKey, MkdirMatch> =
 #[map]
 pub static MCP_INSTANCES_1: HashMap<u64, McpInstance> =
     HashMap::with_max_entries(65_536, NO_PREALLOC);
+
+/// Children of listening sockets (accepted TCP connections), by socket cookie: marked by
+/// `cgroup/sock_ops` when the kernel reports them passively established, removed when
+/// they close. Their packets go to the peer that connected (see `accept.rs`).
+#[map]
+pub static ACCEPTED_1: HashMap<u64, u8> = HashMap::with_max_entries(262_144, NO_PREALLOC);
+
+/// Accepted connections per workload id (counted at their first packet).
+#[map]
+pub static ACCEPTS_1: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(16_384, NO_PREALLOC);

@@ -232,6 +232,10 @@ fn workload_of_interface(ifindex: u32, slot: u32) -> Option<(&'static WorkloadIn
 
 #[classifier]
 pub fn mcpg_tc(ctx: TcContext) -> i32 {
+    let sk = crate::accept::socket_of(ctx.skb.skb);
+    // SAFETY: a single load of a plain field of our own skb (made first: a load the
+    // compiler moved behind a branch would go through a modified context pointer).
+    let ifindex = unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).ifindex) };
     let Some(cfg) = CONFIG_1.get(0) else {
         return PASS;
     };
@@ -241,6 +245,15 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
     }
     // SAFETY: helper on our own skb.
     let socket_cgroup = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
+    // VM mode: a reply on a connection made to the workload goes to the peer that
+    // connected (socket state, see accept.rs).
+    if socket_cgroup != 0 {
+        // SAFETY: helper on our own skb.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        if crate::accept::answers_peer(sk, cookie) != crate::accept::NOT_ACCEPTED {
+            return PASS;
+        }
+    }
     let Some((generation, (owner, verdict))) = stable(cfg, |slot| {
         let by_socket = if socket_cgroup != 0 {
             workload_of_socket(ctx.as_ptr().cast(), slot).map(|w| (w, socket_cgroup))
@@ -250,8 +263,7 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
         let owner = match (&by_socket, &parsed) {
             (Some(_), _) => by_socket,
             (None, Err(Parsed::NotIp)) => None,
-            // SAFETY: a plain field of our own skb.
-            (None, _) => workload_of_interface(unsafe { (*ctx.skb.skb).ifindex }, slot),
+            (None, _) => workload_of_interface(ifindex, slot),
         };
         let verdict = match (owner, &parsed) {
             (None, _) | (Some(_), Err(Parsed::NotIp)) => None,

@@ -71,7 +71,7 @@ impl Flow {
 }
 
 #[inline(always)]
-fn bump(index: u32) {
+pub(crate) fn bump(index: u32) {
     if let Some(p) = STATS_1.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
         unsafe { *p += 1 };

@@ -66,6 +66,7 @@ fn parse_skb(ctx: &SkBuffContext, out: &mut Packet) -> u8 {
 
 #[cgroup_skb(egress)]
 pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
+    let sk = crate::accept::socket_of(ctx.skb.skb);
     let Some(cfg) = CONFIG_1.get(0) else {
         return PASS;
     };
@@ -96,6 +97,30 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
             return if kind == SKB_DROPPED { DROP } else { PASS };
         }
     }
+    // A reply on a connection made to the workload goes to the peer that connected
+    // (socket state, see accept.rs); counted once per connection, at its first packet.
+    let skb = ctx.as_ptr().cast();
+    match crate::accept::answers_peer(sk, cookie) {
+        crate::accept::REQUEST => return PASS,
+        crate::accept::ACCEPTED => {
+            if entry.is_none() {
+                if let Some((_, Some(id))) =
+                    stable(cfg, |slot| workload_of_socket(skb, slot).map(|w| w.workload_id))
+                {
+                    crate::accept::count(id);
+                }
+            }
+            remember(
+                cookie,
+                generation,
+                epoch,
+                None,
+                u64::from(SKB_ALLOWED | SKB_STREAM),
+            );
+            return PASS;
+        }
+        _ => {}
+    }
     let Some(p) = SKB_SCRATCH_1.get_ptr_mut(0) else {
         return DROP;
     };
@@ -123,7 +148,6 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
             }
         }
     }
-    let skb = ctx.as_ptr().cast();
     let outcome = stable(cfg, |slot| {
         workload_of_socket(skb, slot).map(|wl| {
             if !parsed {

@@ -9,7 +9,7 @@ pub mod cri;
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{IpAddr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
@@ -924,4 +924,76 @@ pub fn assert_event_schema(e: &serde_json::Value) {
         errors.is_empty(),
         "event does not match the schema: {errors:#?}\n{e:#}"
     );
+}
+
+/// An unguarded client inside `ns`: connects from source address `from` to `to`, sends
+/// "ping", and returns what the server answered (within 5 s), or the error.
+pub fn exchange_from(ns: &NetNs, from: IpAddr, to: SocketAddr) -> std::io::Result<String> {
+    use std::os::fd::FromRawFd as _;
+    ns.in_ns(move || {
+        let domain = if to.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        // SAFETY: socket(2); the fd is owned by the TcpStream below.
+        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd, owned from here on.
+        let s = unsafe { TcpStream::from_raw_fd(fd) };
+        let bind = socket2_addr(SocketAddr::new(from, 0));
+        // SAFETY: bind(2) with a valid sockaddr.
+        if unsafe { libc::bind(fd, (&raw const bind.0).cast(), bind.1) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let dst = socket2_addr(to);
+        // SAFETY: connect(2) with a valid sockaddr (SO_SNDTIMEO bounds it).
+        if unsafe { libc::connect(fd, (&raw const dst.0).cast(), dst.1) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut s = s;
+        s.write_all(b"ping\n")?;
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out)?;
+        Ok(out)
+    })
+}
+
+fn socket2_addr(sa: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: a zeroed sockaddr_storage is valid; the right variant is filled.
+    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match sa {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut st).cast(), sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut st).cast(), sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (st, len as libc::socklen_t)
 }

@@ -365,3 +365,114 @@ fn cgroup_patterns_select_workloads() {
         "the first workload owns a cgroup"
     );
 }
+
+/// A guarded process that listens answers whoever connected to it, whatever its egress
+/// policy says of that peer (an internal client, a client on an allowed address but
+/// another port, over IPv4 and IPv6), while it still cannot open a connection to them;
+/// and a connected UDP socket's send with a control message (ECN, GSO: QUIC) is judged by
+/// its peer, allowed or refused as the policy says (before the fix: the SYN-ACK was
+/// dropped by the backstop, and the send was judged as 0.0.0.0 and refused).
+#[test]
+fn a_guarded_server_answers_its_clients_and_connected_sends_judge_the_peer() {
+    let ns = NetNs::new();
+    for a in [
+        "10.0.20.5",
+        "10.0.30.7",
+        "10.0.12.5",
+        "fd00:20::5",
+        "fd00:30::7",
+        "93.184.216.34",
+        "2606:4700::10",
+    ] {
+        ns.add_addr(a);
+    }
+    let public4 = ns.udp_counter("93.184.216.34:443");
+    let public6 = ns.udp_counter("[2606:4700::10]:443");
+    let internal = ns.udp_counter("10.0.12.5:5353");
+    let cg = TestCgroup::new();
+    let (_, dir) = cg.child("srv");
+    let config = |udp_internal: bool| {
+        format!(
+            "[[workload]]\nname = \"srv\"\ncgroup = \"{r}/srv\"\ndefault = \"deny-internal\"\n[[workload.allow]]\ncidr = \"10.0.12.0/24\"\nports = [5432]\nproto = \"tcp\"\n{extra}[daemon]\nattach_cgroup = \"{r}\"\n[events]\nrate_limit_per_sec = 0\n",
+            r = cg.rel,
+            extra = if udp_internal {
+                "[[workload.allow]]\ncidr = \"10.0.12.5/32\"\nports = [5353]\nproto = \"udp\"\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let d = Daemon::start(&config(true));
+    let mut p = Probe::new(PROBE, &dir, &ns);
+    assert_eq!(p.op("serve 10.0.20.5 8080"), "OK");
+    assert_eq!(p.op("serve fd00:20::5 8080"), "OK");
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let sa = |s: &str| s.parse::<std::net::SocketAddr>().unwrap();
+    // An internal client (deny-internal would refuse the server's own connect to it).
+    assert_eq!(
+        mcp_guard_tests::exchange_from(&ns, ip("10.0.30.7"), sa("10.0.20.5:8080")).unwrap(),
+        "pong\n",
+        "internal client over IPv4"
+    );
+    // A client on an allowed address, from a port the rule does not allow.
+    assert_eq!(
+        mcp_guard_tests::exchange_from(&ns, ip("10.0.12.5"), sa("10.0.20.5:8080")).unwrap(),
+        "pong\n",
+        "client on an allowed address, other port"
+    );
+    assert_eq!(
+        mcp_guard_tests::exchange_from(&ns, ip("fd00:30::7"), sa("[fd00:20::5]:8080")).unwrap(),
+        "pong\n",
+        "internal client over IPv6"
+    );
+    // The server still cannot open a connection to its client.
+    assert_eq!(p.op("tcp 10.0.30.7 8080"), "EPERM", "a new connection out");
+    // Connected UDP with a control message goes to the socket's peer: allowed ones pass.
+    assert_eq!(p.op("udp-cmsg 93.184.216.34 443"), "OK", "ECN on IPv4");
+    assert_eq!(p.op("udp-cmsg 2606:4700::10 443"), "OK", "ECN on IPv6");
+    assert_eq!(p.op("udp-gso 93.184.216.34 443"), "OK", "GSO on IPv4");
+    assert!(
+        wait_until(Duration::from_secs(3), || public4
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 3
+            && public6.load(std::sync::atomic::Ordering::SeqCst) >= 1),
+        "the datagrams arrived"
+    );
+    // A peer the policy stops allowing after connect: the send is judged by the peer.
+    assert_eq!(p.op("udp-connect-hold 10.0.12.5 5353"), "OK");
+    assert_eq!(p.op("udp-cmsg-held 10.0.12.5 5353"), "OK", "allowed peer");
+    assert!(wait_until(Duration::from_secs(3), || internal
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 1));
+    d.write_config(&config(false));
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || p.op("udp-cmsg-held 10.0.12.5 5353")
+            == "EPERM"),
+        "a peer no longer allowed is refused at sendmsg"
+    );
+    // Nothing the server sent to its clients was refused; the accepts are counted.
+    let events = d.events(Duration::from_millis(500));
+    let to_clients: Vec<_> = events
+        .iter()
+        .filter(|e| {
+            let dst = e["dst"].as_str().unwrap_or_default();
+            dst.starts_with("10.0.30.7") || dst.contains("fd00:30::7")
+        })
+        .filter(|e| e["hook"] != "connect4")
+        .collect();
+    assert!(to_clients.is_empty(), "replies refused: {to_clients:?}");
+    assert!(
+        events.iter().any(|e| e["hook"] == "sendmsg4"
+            && e["dst"].as_str().unwrap_or_default().starts_with("10.0.12.5")),
+        "the refused send names the peer: {events:?}"
+    );
+    let metrics = d.get("/metrics");
+    let accepted = metrics
+        .lines()
+        .find(|l| l.starts_with("mcp_guard_accepted_connections_total{workload=\"srv\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert_eq!(accepted, 3, "accepted connections counted exactly");
+}

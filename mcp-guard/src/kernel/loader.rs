@@ -7,7 +7,7 @@ use aya::{
     programs::{
         links::{FdLink, PinnedLink},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm,
-        TracePoint,
+        SockOps, TracePoint,
     },
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -17,7 +17,7 @@ use crate::kernel::pins::{Pins, MAP_NAMES};
 
 /// The socket-level programs, by kernel program name, with their hook names and kernel
 /// attach types (BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG).
-pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 6] = [
+pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 7] = [
     ("mcpg_connect4", "connect4", 10),
     ("mcpg_connect6", "connect6", 11),
     ("mcpg_sendmsg4", "sendmsg4", 14),
@@ -26,6 +26,9 @@ pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 6] = [
     ("mcpg_sock_create", "sock_create", 2),
     // cgroup_skb/egress (BPF_CGROUP_INET_EGRESS): every packet of the workloads' sockets.
     ("mcpg_cgroup_skb", "cgroup_skb", 1),
+    // cgroup/sock_ops (BPF_CGROUP_SOCK_OPS): marks accepted TCP connections, whose
+    // replies the backstop and the TC classifier let go to the peer that connected.
+    ("mcpg_sock_ops", "sock_ops", 3),
 ];
 
 /// The BPF LSM program refusing AF_PACKET sockets, and its link's pin name.
@@ -203,6 +206,10 @@ fn load_cgroup_prog(ebpf: &mut Ebpf, name: &'static str) -> Result<u32, LoadErro
         let p: &mut CgroupSkb = program.try_into().map_err(err)?;
         p.load().map_err(err)?;
         Ok(p.info().map_err(err)?.id())
+    } else if name == "mcpg_sock_ops" {
+        let p: &mut SockOps = program.try_into().map_err(err)?;
+        p.load().map_err(err)?;
+        Ok(p.info().map_err(err)?.id())
     } else {
         let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
         p.load().map_err(err)?;
@@ -226,6 +233,10 @@ fn attach_cgroup_prog(ebpf: &mut Ebpf, name: &'static str, cg: &File) -> Result<
         let id = p
             .attach(cg, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
             .map_err(err)?;
+        FdLink::try_from(p.take_link(id).map_err(err)?)
+    } else if name == "mcpg_sock_ops" {
+        let p: &mut SockOps = program.try_into().map_err(err)?;
+        let id = p.attach(cg, CgroupAttachMode::Single).map_err(err)?;
         FdLink::try_from(p.take_link(id).map_err(err)?)
     } else {
         let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;

@@ -16,7 +16,7 @@ use aya::programs::{links::PinnedLink, Link as _};
 use tracing::info;
 
 /// Every map of the object, by kernel name.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 16] = [
     "CONFIG_1",
     "CGROUPS_1",
     "POLICY_LPM_1",
@@ -30,6 +30,12 @@ pub const MAP_NAMES: [&str; 13] = [
     "EPOCH_1",
     "EXPIRY_1",
     "REGISTER_1",
+    // Adopted programs read the pinned instance map: unpinned, a restarted daemon wrote a
+    // fresh one nobody read (tool scoping lost, a call in flight at a kill -9 active
+    // forever). The daemon clears it at start: instances register again (fail closed).
+    "MCP_INSTANCES_1",
+    "ACCEPTED_1",
+    "ACCEPTS_1",
 ];
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;

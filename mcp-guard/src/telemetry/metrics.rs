@@ -44,6 +44,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub lsm_available: IntGauge,
     unstable: IntCounter,
+    accepted: IntCounterVec,
+    accept_unmarked: IntCounter,
     pub reattached: IntCounter,
     /// Differences between the kernel's state and what the daemon installed, repaired.
     pub state_repaired: IntCounterVec,
@@ -118,6 +120,8 @@ impl Metrics {
             dns_query_refused: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_query_refused_total", "Queries the DNS proxy answered REFUSED without asking upstream, by workload (empty: the client is no workload) and reason (name-not-allowed, type-not-allowed, rate-limited, in-flight-limited, unattributed, malformed-query)."), &["workload", "reason"]).expect("valid")),
             lsm_available: reg(&r, IntGauge::new("mcp_guard_lsm_available", "Whether the kernel runs the BPF LSM program that refuses AF_PACKET sockets (1) or refuses BPF LSM programs, leaving packet sockets open (0).").expect("valid")),
             unstable: reg(&r, IntCounter::new("mcp_guard_decisions_unstable_total", "Decisions that failed closed (denied) because the policy changed three times while they were made.").expect("valid")),
+            accepted: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_accepted_connections_total", "TCP connections made to a guarded workload (it accepted them), by workload: their replies go to the peer that connected, whatever the egress policy says of it (counted at the connection's first reply)."), &["workload"]).expect("valid")),
+            accept_unmarked: reg(&r, IntCounter::new("mcp_guard_accepted_unmarked_total", "Accepted TCP connections the kernel could not mark (its map of accepted connections was full): their replies were judged by the egress policy instead (fail closed).").expect("valid")),
             mcp_instances: reg(&r, IntGauge::new("mcp_guard_mcp_instances", "MCP server instances (`exec --mcp`) whose relay is connected to the daemon.").expect("valid")),
             mcp_tool_calls: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_tool_calls_total", "MCP tools/call requests the relays reported (each activated its tools in the kernel before it was forwarded), by workload."), &["workload"]).expect("valid")),
             mcp_relay_lines: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_relay_lines_total", "Lines MCP relays passed through unchanged without reading them, by workload and kind (malformed: not JSON-RPC 2.0; oversized: longer than 16 MiB)."), &["workload", "kind"]).expect("valid")),
@@ -188,6 +192,16 @@ impl Metrics {
             }
         }
         drop(prev);
+        for (id, v) in &c.accepted {
+            let workload = workload_names
+                .get(id)
+                .map_or_else(|| format!("id-{id}"), Clone::clone);
+            catch_up(&self.accepted.with_label_values(&[workload.as_str()]), *v);
+        }
+        catch_up(
+            &self.accept_unmarked,
+            c.stats[mcp_guard_common::STAT_ACCEPT_UNMARKED as usize],
+        );
         catch_up(&self.reported, c.stats[STAT_REPORTED as usize]);
         catch_up(&self.suppressed, c.stats[STAT_EVENTS_SUPPRESSED as usize]);
         catch_up(&self.lost, c.stats[STAT_EVENTS_LOST as usize]);

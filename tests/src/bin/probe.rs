@@ -5,7 +5,9 @@
 //! Operations: `tcp ADDR PORT`, `udp-connect ADDR PORT`, `udp-sendto ADDR PORT`,
 //! `tcp-fastopen ADDR PORT`, `fork-tcp ADDR PORT` (a forked child connects),
 //! `tcp6-mapped A.B.C.D PORT` (AF_INET6 socket to ::ffff:A.B.C.D), `udp-flood ADDR PORT N`,
-//! `tcp-from ADDR PORT SRC` (bound to SRC first),
+//! `tcp-from ADDR PORT SRC` (bound to SRC first), `udp-cmsg ADDR PORT` / `udp-gso ADDR PORT`
+//! (connect, then sendmsg with no address and an ECN or GSO control message), `serve ADDR
+//! PORT` (listens in the probe's cgroup and answers every connection with `pong`),
 //! `resolve-tcp NAME SERVER SERVER_PORT PORT`: asks SERVER for NAME's A record over UDP and
 //! connects at once to the first address answered; prints `OK ADDR`, `EPERM ADDR`,
 //! `ERR <errno> ADDR`, `QUERY <result>` (the query itself failed) or `NOANSWER`;
@@ -92,6 +94,46 @@ fn socket(family: i32, ty: i32) -> i32 {
     fd
 }
 
+/// The socket `udp-connect-hold` keeps.
+static HELD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// sendmsg() with no address on connected socket `fd`, carrying one control message:
+/// IP_TOS / IPV6_TCLASS (ECN), or UDP_SEGMENT (GSO, a 1200-byte payload in 600-byte
+/// segments).
+fn send_with_cmsg(fd: i32, v4: bool, gso: bool) -> String {
+    let payload = [b'q'; 1200];
+    let (level, ty, value): (i32, i32, Vec<u8>) = if gso {
+        (libc::SOL_UDP, libc::UDP_SEGMENT, 600u16.to_ne_bytes().to_vec())
+    } else if v4 {
+        (libc::IPPROTO_IP, libc::IP_TOS, 2i32.to_ne_bytes().to_vec())
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 2i32.to_ne_bytes().to_vec())
+    };
+    // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(value.len() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: if gso { payload.len() } else { 100 },
+    };
+    // SAFETY: a zeroed msghdr is valid; every pointer set below outlives the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one header of this size.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = ty;
+        (*c).cmsg_len = libc::CMSG_LEN(value.len() as u32) as usize;
+        std::ptr::copy_nonoverlapping(value.as_ptr(), libc::CMSG_DATA(c), value.len());
+    }
+    // SAFETY: a valid fd and msghdr.
+    result(unsafe { libc::sendmsg(fd, &raw const msg, 0) })
+}
+
 fn family(sa: &SocketAddr) -> i32 {
     if sa.is_ipv4() {
         libc::AF_INET
@@ -133,6 +175,48 @@ fn op(kind: &str, sa: SocketAddr, count: u64, from: Option<IpAddr>) -> String {
             let r = result(unsafe { libc::connect(fd, p, len) } as isize);
             unsafe { libc::close(fd) };
             r
+        }
+        "udp-cmsg" | "udp-gso" => {
+            // A connected UDP socket's send with no address and a control message (ECN
+            // marking, or GSO segmentation): what QUIC stacks send.
+            let fd = socket(family(&sa), libc::SOCK_DGRAM);
+            if unsafe { libc::connect(fd, p, len) } != 0 {
+                let r = result(-1);
+                unsafe { libc::close(fd) };
+                return format!("CONNECT {r}");
+            }
+            let r = send_with_cmsg(fd, sa.is_ipv4(), kind == "udp-gso");
+            unsafe { libc::close(fd) };
+            r
+        }
+        "udp-connect-hold" => {
+            // Connects a UDP socket and keeps it for `udp-cmsg-held` (across a reload).
+            let fd = socket(family(&sa), libc::SOCK_DGRAM);
+            let r = result(unsafe { libc::connect(fd, p, len) } as isize);
+            HELD.store(fd, std::sync::atomic::Ordering::SeqCst);
+            r
+        }
+        "udp-cmsg-held" => send_with_cmsg(
+            HELD.load(std::sync::atomic::Ordering::SeqCst),
+            sa.is_ipv4(),
+            false,
+        ),
+        "serve" => {
+            // Listens (in the probe's cgroup) and answers every connection with "pong",
+            // after reading what the client sent first.
+            let listener = match std::net::TcpListener::bind(sa) {
+                Ok(l) => l,
+                Err(e) => return format!("ERR {}", e.raw_os_error().unwrap_or(0)),
+            };
+            std::thread::spawn(move || {
+                for mut s in listener.incoming().map_while(Result::ok) {
+                    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+                    let mut buf = [0u8; 64];
+                    let _ = std::io::Read::read(&mut s, &mut buf);
+                    let _ = s.write_all(b"pong\n");
+                }
+            });
+            "OK".into()
         }
         "udp-sendto" => {
             let fd = socket(family(&sa), libc::SOCK_DGRAM);

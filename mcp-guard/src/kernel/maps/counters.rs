@@ -12,12 +12,15 @@ use super::{map_err, MapsError};
 pub struct Counters {
     pub stats: [u64; STAT_COUNT as usize],
     pub flows: Vec<(FlowCounterKey, u64)>,
+    /// Accepted connections per workload id (`ACCEPTS_1`).
+    pub accepted: Vec<(u32, u64)>,
 }
 
 /// `STATS_1` and `FLOWS_1`.
 pub struct CounterMaps {
     stats: PerCpuArray<MapData, u64>,
     flows: PerCpuHashMap<MapData, FlowCounterKey, u64>,
+    accepts: PerCpuHashMap<MapData, u32, u64>,
 }
 
 impl CounterMaps {
@@ -30,6 +33,7 @@ impl CounterMaps {
         Ok(Self {
             stats: PerCpuArray::try_from(take("STATS_1")?).map_err(map_err("STATS_1"))?,
             flows: PerCpuHashMap::try_from(take("FLOWS_1")?).map_err(map_err("FLOWS_1"))?,
+            accepts: PerCpuHashMap::try_from(take("ACCEPTS_1")?).map_err(map_err("ACCEPTS_1"))?,
         })
     }
 
@@ -46,6 +50,10 @@ impl CounterMaps {
         for item in self.flows.iter() {
             let (k, per_cpu) = item.map_err(map_err("FLOWS_1"))?;
             c.flows.push((k, per_cpu.iter().sum()));
+        }
+        for item in self.accepts.iter() {
+            let (k, per_cpu) = item.map_err(map_err("ACCEPTS_1"))?;
+            c.accepted.push((k, per_cpu.iter().sum()));
         }
         Ok(c)
     }

@@ -248,6 +248,16 @@ impl PolicyMaps {
         fn take(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<Map, MapsError> {
             ebpf.take_map(name).ok_or(MapsError::Missing(name))
         }
+        let mut instances: HashMap<MapData, u64, McpInstance> =
+            HashMap::try_from(take(ebpf, "MCP_INSTANCES_1")?)
+                .map_err(map_err("MCP_INSTANCES_1"))?;
+        // The instance map is pinned: entries an earlier daemon left (a call in flight at
+        // a kill -9 among them) have no relay behind them yet. Cleared, every instance has
+        // no tool active until its relay registers it again (fail closed).
+        let stale: Vec<u64> = instances.keys().filter_map(Result::ok).collect();
+        for k in stale {
+            let _ = instances.remove(&k);
+        }
         Ok(Self {
             config: Array::try_from(take(ebpf, "CONFIG_1")?).map_err(map_err("CONFIG_1"))?,
             cgroups: HashMap::try_from(take(ebpf, "CGROUPS_1")?).map_err(map_err("CGROUPS_1"))?,
@@ -273,8 +283,7 @@ impl PolicyMaps {
             warned_incomplete: false,
             pods: Vec::new(),
             pods_version: 0,
-            instances: HashMap::try_from(take(ebpf, "MCP_INSTANCES_1")?)
-                .map_err(map_err("MCP_INSTANCES_1"))?,
+            instances,
             mcp: BTreeMap::new(),
         })
     }

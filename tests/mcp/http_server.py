@@ -1,0 +1,36 @@
+"""An MCP server on the Streamable HTTP transport, built on the official MCP Python SDK's
+`MCPServer`, for the real-software tests and the demo: `fetch` GETs a URL and says what
+it got (as a fetch tool of an SSRF-prone server would), `/healthz` answers a kubelet-style
+probe.
+
+    http_server.py HOST PORT
+"""
+
+import sys
+import urllib.request
+
+from mcp.server.mcpserver import MCPServer
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+
+host, port = sys.argv[1], int(sys.argv[2])
+server = MCPServer("test-http")
+
+
+@server.tool()
+def fetch(url: str) -> str:
+    """Fetches a URL."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return f"{r.status} {r.read(200).decode(errors='replace')}"
+    except Exception as e:  # the test reads what the server saw
+        reason = getattr(e, "reason", e)
+        return f"refused: {getattr(reason, 'strerror', None) or reason}"
+
+
+@server.custom_route("/healthz", methods=["GET"])
+async def healthz(_request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+server.run(transport="streamable-http", host=host, port=port)
