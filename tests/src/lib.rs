@@ -997,3 +997,47 @@ fn socket2_addr(sa: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     };
     (st, len as libc::socklen_t)
 }
+
+/// A command that runs what follows in cgroup `cgroup_dir` and `ns`'s network namespace
+/// (the cgroup joined first, then the namespace entered with nsenter, which leaves the
+/// mounts alone). Add the program and its arguments.
+#[must_use]
+pub fn in_cgroup(cgroup_dir: &Path, ns: &NetNs) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c")
+        .arg("echo $$ > \"$0/cgroup.procs\" && n=\"$1\" && shift && exec nsenter --net=\"$n\" \"$@\"")
+        .arg(cgroup_dir)
+        .arg(ns.path());
+    c
+}
+
+/// A process started by a test, killed (and reaped) when the test ends, also on failure.
+pub struct Running(pub Child);
+
+impl Running {
+    /// Spawns `c` with its output kept in `log` (read it with [`Running::log`]).
+    #[must_use]
+    pub fn spawn(c: &mut Command, log: &Path) -> Self {
+        let out = std::fs::File::create(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        Self(
+            c.stdin(Stdio::null())
+                .stdout(out)
+                .stderr(err)
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawn {c:?}: {e}")),
+        )
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
