@@ -167,3 +167,293 @@ fn mcp_server_over_streamable_http_answers_its_clients() {
         "accepted connections counted: {metrics}"
     );
 }
+
+/// Debian's PostgreSQL 15, its own cluster in a temporary directory, run as `postgres`
+/// (unguarded) in `ns`, listening on `addrs` port 5432.
+struct Postgres {
+    _proc: Running,
+    _dir: TempDir,
+}
+
+fn pg_bin(name: &str) -> std::path::PathBuf {
+    let base = Path::new("/usr/lib/postgresql");
+    let mut versions: Vec<_> = std::fs::read_dir(base)
+        .expect("Debian's postgresql package (cargo xtask test installs it)")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    versions.sort();
+    versions.last().expect("a PostgreSQL version").join("bin").join(name)
+}
+
+impl Postgres {
+    fn start(ns: &NetNs, addrs: &str) -> Self {
+        let dir = TempDir::new();
+        let data = dir.0.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let chown = |p: &Path| {
+            assert!(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(p)
+                .status()
+                .unwrap()
+                .success());
+        };
+        chown(&dir.0);
+        // The temp dir's parents must be traversable by postgres.
+        let _ = Command::new("chmod").arg("755").arg(&dir.0).status();
+        let as_pg = |bin: &str| {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+                .arg(pg_bin(bin));
+            c
+        };
+        let out = as_pg("initdb")
+            .args(["-A", "trust", "-U", "postgres", "-D"])
+            .arg(&data)
+            .output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        // Clients at the test addresses may connect without a password.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhost all all 0.0.0.0/0 trust\n",
+        )
+        .unwrap();
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", ns.path().display()))
+            .args(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+            .arg(pg_bin("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-c", &format!("listen_addresses={addrs}"), "-c"])
+            .arg(format!("unix_socket_directories={}", dir.0.display()));
+        let proc = Running::spawn(&mut c, &dir.0.join("postgres.log"));
+        let first = addrs.split(',').next().unwrap().to_string();
+        assert!(
+            wait_until(Duration::from_secs(30), || in_netns(ns, None)
+                .arg(pg_bin("pg_isready"))
+                .args(["-h", &first, "-p", "5432"])
+                .status()
+                .is_ok_and(|s| s.success())),
+            "postgres started: {}",
+            std::fs::read_to_string(dir.0.join("postgres.log")).unwrap_or_default()
+        );
+        Self {
+            _proc: proc,
+            _dir: dir,
+        }
+    }
+}
+
+/// `psql -At -c SQL` at `host` from a guarded process; (success, stdout, stderr).
+fn psql(dir: &Path, ns: &NetNs, host: &str, sql: &str) -> (bool, String, String) {
+    let out = in_cgroup(dir, ns)
+        .arg("psql")
+        .args(["-h", host, "-U", "postgres", "-At", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "5")
+        .output()
+        .expect("psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// A psql session held open in a guarded process: one query at a time, each answer read
+/// within a timeout (a cut connection answers nothing).
+struct Session {
+    proc: Running,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Session {
+    fn open(dir: &Path, ns: &NetNs, host: &str) -> Self {
+        let mut child = in_cgroup(dir, ns)
+            .arg("psql")
+            .args(["-h", host, "-U", "postgres", "-At"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("psql session");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Self {
+            proc: Running(child),
+            lines,
+        }
+    }
+
+    /// Sends `select N` and returns the answer, or None within 5 s.
+    fn query(&mut self, n: u32) -> Option<String> {
+        let stdin = self.proc.0.stdin.as_mut()?;
+        writeln!(stdin, "select {n};").ok()?;
+        stdin.flush().ok()?;
+        self.lines.recv_timeout(Duration::from_secs(5)).ok()
+    }
+}
+
+/// A real PostgreSQL reached with psql from a guarded workload: allowed at its address,
+/// refused at another; a session held open keeps working across a reload that keeps
+/// allowing it, a SIGTERM and restart, and a kill -9 and restart, and is cut by a reload
+/// that stops allowing it.
+#[test]
+fn postgresql_allowed_refused_and_a_session_across_restarts() {
+    let lab = lab();
+    lab.srv.add_addr("10.0.50.9");
+    lab.srv.add_addr("10.0.51.9");
+    let _pg = Postgres::start(&lab.srv, "10.0.50.9,10.0.51.9");
+    let cg = TestCgroup::new();
+    let (_, dir) = cg.child("http-mcp");
+    let allow = "[[workload.allow]]\ncidr = \"10.0.50.9/32\"\nports = [5432]\nproto = \"tcp\"\n";
+    let keep = "[daemon]\non_exit = \"keep\"\n";
+    let with = |extra: &str| config(&cg, extra).replacen("[daemon]\n", keep, 1);
+    let mut d = Daemon::start(&with(allow));
+    let (ok, out, err) = psql(&dir, &lab.srv, "10.0.50.9", "select 40 + 2");
+    assert!(ok && out == "42", "allowed database answers: {out} {err}");
+    let (ok, out, err) = psql(&dir, &lab.srv, "10.0.51.9", "select 40 + 2");
+    assert!(
+        !ok && out.is_empty() && err.contains("Operation not permitted"),
+        "refused database: {out} {err}"
+    );
+
+    let mut s = Session::open(&dir, &lab.srv, "10.0.50.9");
+    assert_eq!(s.query(1).as_deref(), Some("1"), "session open");
+    // A reload that keeps allowing the session (another rule added).
+    d.write_config(&with(&format!(
+        "{allow}[[workload.allow]]\ncidr = \"10.0.51.9/32\"\nports = [6379]\n"
+    )));
+    d.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.query(2).as_deref(), Some("2"), "after a reload");
+    // SIGTERM with on_exit = "keep", then a restart.
+    assert!(d.terminate(), "daemon stopped");
+    assert_eq!(s.query(3).as_deref(), Some("3"), "while the daemon is down");
+    d.restart();
+    assert_eq!(s.query(4).as_deref(), Some("4"), "after SIGTERM and restart");
+    d.kill9();
+    assert_eq!(s.query(5).as_deref(), Some("5"), "after kill -9");
+    d.restart();
+    assert_eq!(s.query(6).as_deref(), Some("6"), "after kill -9 and restart");
+    // A reload that stops allowing it cuts it.
+    let before = d.status()["generation"].as_u64().unwrap_or(0);
+    d.write_config(&with(""));
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || d
+            .status()["generation"]
+            .as_u64()
+            .is_some_and(|g| g > before)),
+        "reloaded"
+    );
+    assert_eq!(s.query(7), None, "a session no longer allowed is cut");
+    let (ok, _, err) = psql(&dir, &lab.srv, "10.0.50.9", "select 1");
+    assert!(!ok && err.contains("Operation not permitted"), "{err}");
+}
+
+/// Debian's redis-server (unguarded) and redis-cli from a guarded workload: allowed at
+/// its address, refused at another.
+#[test]
+fn redis_allowed_and_refused() {
+    let lab = lab();
+    lab.srv.add_addr("10.0.41.9");
+    let dir_tmp = TempDir::new();
+    let _redis = Running::spawn(
+        in_netns(&lab.srv, None).args([
+            "redis-server",
+            "--bind",
+            "10.0.40.9 10.0.41.9",
+            "--port",
+            "6379",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--dir",
+            &dir_tmp.0.display().to_string(),
+        ]),
+        &dir_tmp.0.join("redis.log"),
+    );
+    let cg = TestCgroup::new();
+    let (_, dir) = cg.child("http-mcp");
+    let _d = Daemon::start(&config(
+        &cg,
+        "[[workload.allow]]\ncidr = \"10.0.40.9/32\"\nports = [6379]\nproto = \"tcp\"\n",
+    ));
+    let cli = |host: &str| {
+        in_cgroup(&dir, &lab.srv)
+            .args(["redis-cli", "-h", host, "-p", "6379", "PING"])
+            .output()
+            .expect("redis-cli")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || String::from_utf8_lossy(
+            &cli("10.0.40.9").stdout
+        )
+        .trim()
+            == "PONG"),
+        "allowed redis answers PONG"
+    );
+    let out = cli("10.0.41.9");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("PONG") && text.contains("Operation not permitted"),
+        "refused redis: {text}"
+    );
+}
+
+/// curl with HTTP/1.1 keep-alive from a guarded workload to an allowed ("public")
+/// address over IPv4 and IPv6: two requests on one connection, both answered.
+#[test]
+fn curl_keep_alive_to_an_allowed_address() {
+    let lab = lab();
+    let dir_tmp = TempDir::new();
+    std::fs::write(dir_tmp.0.join("index.html"), "hello").unwrap();
+    let _http4 = Running::spawn(
+        in_netns(&lab.srv, None)
+            .args(["python3", "-m", "http.server", "--protocol", "HTTP/1.1", "-b"])
+            .args(["93.184.216.34", "80", "-d"])
+            .arg(&dir_tmp.0),
+        &dir_tmp.0.join("http4.log"),
+    );
+    let _http6 = Running::spawn(
+        in_netns(&lab.srv, None)
+            .args(["python3", "-m", "http.server", "--protocol", "HTTP/1.1", "-b"])
+            .args(["2606:4700::10", "80", "-d"])
+            .arg(&dir_tmp.0),
+        &dir_tmp.0.join("http6.log"),
+    );
+    let cg = TestCgroup::new();
+    let (_, dir) = cg.child("http-mcp");
+    let _d = Daemon::start(&config(&cg, ""));
+    for base in ["http://93.184.216.34", "http://[2606:4700::10]"] {
+        let url = format!("{base}/index.html");
+        let run = || {
+            in_cgroup(&dir, &lab.srv)
+                .args(["curl", "-sS", "-m", "5", "-w", " %{num_connects}", &url, &url])
+                .output()
+                .expect("curl")
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let o = run();
+                String::from_utf8_lossy(&o.stdout) == "hello 1hello 0"
+            }),
+            "two answers on one connection from {base}: {:?}",
+            run()
+        );
+    }
+}

@@ -63,6 +63,13 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("cc", "gcc"),
     ("tar", "tar"),
     ("sha256sum", "coreutils"),
+    // The real-software tier: a PostgreSQL cluster and a Redis server of the test's own,
+    // driven by their own clients; curl.
+    ("/usr/lib/postgresql/15/bin/postgres", "postgresql"),
+    ("psql", "postgresql-client"),
+    ("redis-server", "redis-server"),
+    ("redis-cli", "redis-tools"),
+    ("curl", "curl"),
 ];
 
 pub fn cargo() -> Command {
