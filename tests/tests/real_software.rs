@@ -457,3 +457,66 @@ fn curl_keep_alive_to_an_allowed_address() {
         );
     }
 }
+
+/// HTTP/3 over QUIC (aioquic from PyPI) from a guarded client: a GET to an allowed
+/// ("public") address is answered, one to an internal address is refused in the kernel
+/// (aioquic ignores the EPERM of each send and times out; the event says why).
+#[test]
+fn http3_over_quic_to_allowed_and_refused_addresses() {
+    let lab = lab();
+    let public = TempDir::new();
+    let internal = TempDir::new();
+    let start = |host: &str, dir: &TempDir| {
+        Running::spawn(
+            in_netns(&lab.srv, None)
+                .arg(python())
+                .arg(helper("h3.py"))
+                .args(["server", host, "443"])
+                .arg(&dir.0),
+            &dir.0.join("server.log"),
+        )
+    };
+    let _s1 = start("93.184.216.34", &public);
+    let _s2 = start("10.0.40.9", &internal);
+    for dir in [&public, &internal] {
+        assert!(
+            wait_until(Duration::from_secs(30), || dir.0.join("ready").exists()),
+            "the HTTP/3 server started: {}",
+            std::fs::read_to_string(dir.0.join("server.log")).unwrap_or_default()
+        );
+    }
+    let cg = TestCgroup::new();
+    let (_, dir) = cg.child("http-mcp");
+    let d = Daemon::start(&config(&cg, ""));
+    let get = |host: &str, certs: &TempDir| {
+        let out = in_cgroup(&dir, &lab.srv)
+            .arg(python())
+            .arg(helper("h3.py"))
+            .args(["client", host, "443"])
+            .arg(&certs.0)
+            .output()
+            .expect("h3 client");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    };
+    assert_eq!(
+        get("93.184.216.34", &public),
+        (true, "200 hello over h3".to_string()),
+        "HTTP/3 to an allowed address"
+    );
+    let (ok, text) = get("10.0.40.9", &internal);
+    assert!(
+        !ok && text.starts_with("error: "),
+        "HTTP/3 to an internal address gets no answer: {text}"
+    );
+    let events = d.events(Duration::from_millis(500));
+    assert!(
+        events.iter().any(|e| e["dst"] == "10.0.40.9"
+            && e["proto"] == "udp"
+            && e["reason"] == "deny-internal"
+            && e["workload"] == "http-mcp"),
+        "the refused QUIC flow is reported: {events:?}"
+    );
+}

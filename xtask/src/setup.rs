@@ -88,9 +88,14 @@ pub fn packages(needed: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
-/// PyPI packages of the MCP tests and the demo, pinned: the official MCP SDK and the
-/// reference fetch server.
-pub const MCP_PACKAGES: [&str; 2] = ["mcp==2.3.0", "mcp-server-fetch==2026.10.24"];
+/// PyPI packages of the MCP tests, the real-software tier and the demo, pinned: the
+/// official MCP SDK, the reference fetch server and aioquic.
+pub const MCP_PACKAGES: [&str; 3] = [
+    "mcp==2.3.0",
+    "mcp-server-fetch==2026.10.24",
+    // HTTP/3 over QUIC for the real-software tier.
+    "aioquic==1.7.2",
+]
 
 /// The Python environment (target/mcp-venv) with [`MCP_PACKAGES`], created when missing.
 pub fn mcp_venv() -> Result<std::path::PathBuf> {
