@@ -95,7 +95,7 @@ pub const MCP_PACKAGES: [&str; 3] = [
     "mcp-server-fetch==2026.10.24",
     // HTTP/3 over QUIC for the real-software tier.
     "aioquic==1.7.2",
-]
+];
 
 /// The Python environment (target/mcp-venv) with [`MCP_PACKAGES`], created when missing.
 pub fn mcp_venv() -> Result<std::path::PathBuf> {
