@@ -1003,11 +1003,17 @@ fn socket2_addr(sa: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 /// mounts alone). Add the program and its arguments.
 #[must_use]
 pub fn in_cgroup(cgroup_dir: &Path, ns: &NetNs) -> Command {
+    in_cgroup_at(cgroup_dir, &ns.path())
+}
+
+/// [`in_cgroup`] with the network namespace given by its path (a pod's).
+#[must_use]
+pub fn in_cgroup_at(cgroup_dir: &Path, netns: &Path) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c")
         .arg("echo $$ > \"$0/cgroup.procs\" && n=\"$1\" && shift && exec nsenter --net=\"$n\" \"$@\"")
         .arg(cgroup_dir)
-        .arg(ns.path());
+        .arg(netns);
     c
 }
 

@@ -808,3 +808,118 @@ fn tc_pod_mode_follows_pods_placed_through_the_runtime() {
 fn tc_pod_mode_takes_an_unselected_pod_as_the_workload_above_it() {
     tc_pod_mode(true);
 }
+
+/// An HTTP MCP server in a containerd pod selected by the shipped ConfigMap's label
+/// (`mcp-guard.dev/role: mcp-server`, `deny-internal`): the official MCP SDK's server on
+/// Streamable HTTP, run in the pod's cgroup and network namespace, answers the SDK's
+/// client and a kubelet-style probe from another namespace (the node's, an internal
+/// address), while its own fetches of the metadata service and an internal address are
+/// refused in the kernel and reported for the pod.
+#[test]
+fn an_http_mcp_server_in_a_pod_answers_clients_from_another_namespace() {
+    let cg = TestCgroup::new();
+    let mut c = Containerd::start();
+    let node = NetNs::new();
+    let d = Daemon::start(&format!(
+        r#"[baseline]
+deny = ["metadata"]
+[[workload]]
+name = "node"
+cgroup = "{r}"
+default = "allow"
+[[workload]]
+name = "mcp-servers"
+default = "deny-internal"
+[workload.pods]
+labels = {{ "mcp-guard.dev/role" = "mcp-server" }}
+[daemon]
+attach_cgroup = "{r}"
+cri_socket = "{sock}"
+pod_cgroups = {pending}
+cri_poll_ms = 100
+"#,
+        r = cg.rel,
+        sock = c.socket.display(),
+        pending = default_pod_cgroups(&cg),
+    ));
+    let parent = format!("{}/pod-http-mcp", cg.rel);
+    let p = pod(
+        &mut c,
+        &cg,
+        &PodSpec {
+            namespace: "tools",
+            name: "http-mcp",
+            labels: &[("mcp-guard.dev/role", "mcp-server")],
+            annotations: &[],
+            cgroup_parent: &parent,
+        },
+    );
+    link_to(&p, &node, 0, &[]);
+    assert!(
+        wait_until(Duration::from_secs(10), || registered(
+            &d,
+            "mcp-servers",
+            "http-mcp"
+        )),
+        "the pod is placed in mcp-servers: {}",
+        d.get("/status")
+    );
+    let logs = mcp_guard_tests::TempDir::new();
+    let python = mcp_guard_tests::mcp_venv().join("bin/python");
+    let _server = mcp_guard_tests::Running::spawn(
+        mcp_guard_tests::in_cgroup_at(&p.dir, &p.netns)
+            .arg(&python)
+            .arg(mcp_guard_tests::mcp_helper("http_server.py"))
+            .args(["10.200.0.2", "8000"]),
+        &logs.0.join("server.log"),
+    );
+    let curl = || {
+        mcp_guard_tests::in_netns(&node, None)
+            .args(["curl", "-sS", "-m", "5", "http://10.200.0.2:8000/healthz"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || curl() == "ok"),
+        "the pod's server answers a kubelet-style probe from the node: {}",
+        std::fs::read_to_string(logs.0.join("server.log")).unwrap_or_default()
+    );
+    let out = mcp_guard_tests::in_netns(&node, None)
+        .arg(&python)
+        .arg(mcp_guard_tests::mcp_helper("http_client.py"))
+        .arg("http://10.200.0.2:8000/mcp")
+        .args([
+            "--calls",
+            &format!(
+                r#"[["fetch", {{"url": "http://{METADATA}/"}}], ["fetch", {{"url": "http://{INTERNAL}/"}}]]"#
+            ),
+        ])
+        .output()
+        .expect("client");
+    assert!(
+        out.status.success(),
+        "the SDK client completed its session: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    for i in 0..2 {
+        let text = got["results"][i]["text"].as_str().unwrap_or_default();
+        assert!(
+            text.contains("Operation not permitted"),
+            "the pod's fetch was refused in the kernel: {text}"
+        );
+    }
+    let events = d.events(Duration::from_millis(500));
+    assert!(
+        events.iter().any(|e| e["dst"] == METADATA
+            && e["workload"] == "mcp-servers"
+            && e["pod"]["name"] == "http-mcp"),
+        "the metadata fetch is reported for the pod: {events:?}"
+    );
+    let replies: Vec<_> = events
+        .iter()
+        .filter(|e| e["hook"] == "cgroup_skb")
+        .collect();
+    assert!(replies.is_empty(), "replies refused: {replies:?}");
+}
