@@ -47,6 +47,13 @@ ports = [5432]
 tools = ["query_db"]
 comment = "the database, only while a query_db call is in flight"
 
+# An MCP server on the Streamable HTTP transport (the official SDK's), as it runs in a
+# pod or as a service: it answers whoever calls it, and reaches nothing internal.
+[[workload]]
+name = "http-mcp"
+cgroup = "ROOT/http-mcp"
+default = "deny-internal"
+
 [dns]
 nameservers = ["127.0.0.1:53"]
 netns = "NETNS"
@@ -101,6 +108,7 @@ fn main() {
         "10.0.20.7",
         "192.168.7.3",
         "93.184.216.34",
+        "10.0.30.5",
     ] {
         ns.add_addr(a);
     }
@@ -362,10 +370,82 @@ fn main() {
         "the exfiltrating name reached the upstream DNS server: {upstream:?}"
     );
 
+    banner("9. An MCP server on Streamable HTTP (the official SDK's) in a guarded workload answers its client; its own SSRF is refused");
+    let (_, http_dir) = cg.child("http-mcp");
+    let logs = mcp_guard_tests::TempDir::new();
+    let server = mcp_guard_tests::Running::spawn(
+        mcp_guard_tests::in_cgroup(&http_dir, &ns)
+            .arg(venv.join("bin/python"))
+            .arg(mcp_guard_tests::mcp_helper("http_server.py"))
+            .args(["10.0.30.5", "8000"]),
+        &logs.0.join("server.log"),
+    );
+    let healthz = || {
+        mcp_guard_tests::in_netns(&ns, None)
+            .args(["curl", "-s", "-m", "3", "http://10.0.30.5:8000/healthz"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || healthz() == "ok"),
+        "the HTTP MCP server did not answer its health probe"
+    );
+    println!("  GET http://10.0.30.5:8000/healthz (an internal address, as a kubelet probe) -> {}", healthz());
+    let out = mcp_guard_tests::in_netns(&ns, None)
+        .arg(venv.join("bin/python"))
+        .arg(mcp_guard_tests::mcp_helper("http_client.py"))
+        .arg("http://10.0.30.5:8000/mcp")
+        .args([
+            "--calls",
+            r#"[["fetch", {"url": "http://169.254.169.254/latest/meta-data/iam/"}], ["fetch", {"url": "http://10.0.20.7:5432/"}]]"#,
+        ])
+        .output()
+        .expect("MCP client");
+    assert!(out.status.success(), "the SDK client failed: {}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    println!(
+        "  the SDK client over Streamable HTTP: server {}, tools {}",
+        got["server"], got["tools"]
+    );
+    for r in got["results"].as_array().into_iter().flatten() {
+        println!("    fetch -> {}", r["text"].as_str().unwrap_or(""));
+        assert!(
+            r["text"].as_str().unwrap_or("").contains("Operation not permitted"),
+            "the HTTP server's SSRF was not refused: {r}"
+        );
+    }
+    let http_events: Vec<_> = d
+        .events(Duration::from_millis(500))
+        .into_iter()
+        .filter(|e| e["workload"] == "http-mcp")
+        .collect();
+    for e in &http_events {
+        println!(
+            "  DENIED {} {} -> {} ({})",
+            e["workload"].as_str().unwrap_or(""),
+            e["hook"].as_str().unwrap_or(""),
+            host_port(e["dst"].as_str().unwrap_or(""), &e["dport"]),
+            e["reason"].as_str().unwrap_or(""),
+        );
+    }
+    assert!(
+        http_events.iter().all(|e| e["hook"] != "cgroup_skb"),
+        "a reply of the HTTP server to its client was refused"
+    );
+    for l in d
+        .get("/metrics")
+        .lines()
+        .filter(|l| l.starts_with("mcp_guard_accepted_connections_total"))
+    {
+        println!("  {l}");
+    }
+    drop(server);
+
     let denied = events.iter().filter(|e| e["verdict"] == "denied").count();
     let stopped = d.stop();
     banner(&format!(
-        "Result: {denied} attempts denied by the kernel programs (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache) and the raw socket refused because `mcp-guard exec` dropped CAP_NET_RAW; the allowed API was reached; {} rebound DNS answer(s) refused; the real fetch server's metadata, database and DNS-exfiltration attempts refused, each named by its tool call. Daemon stopped cleanly: {stopped}.",
+        "Result: {denied} attempts denied by the kernel programs (metadata over IPv4, IPv6 and IPv4-mapped IPv6, the internal database and cache) and the raw socket refused because `mcp-guard exec` dropped CAP_NET_RAW; the allowed API was reached; {} rebound DNS answer(s) refused; the real fetch server's metadata, database and DNS-exfiltration attempts refused, each named by its tool call; a guarded HTTP MCP server answered its client while its own SSRF was refused. Daemon stopped cleanly: {stopped}.",
         refused.len()
     ));
     assert!(denied >= 5, "expected the 5 connections to be denied");
