@@ -85,4 +85,5 @@ pub static ACCEPTED_1: HashMap<u64, u8> = HashMap::with_max_entries(262_144, NO_
 
 /// Accepted connections per workload id (counted at their first packet).
 #[map]
-pub static ACCEPTS_1: PerCpuHashMap<u32, u64> = PerCpuHashMap::with_max_entries(16_384, NO_PREALLOC);
+pub static ACCEPTS_1: PerCpuHashMap<u32, u64> =
+    PerCpuHashMap::with_max_entries(16_384, NO_PREALLOC);

@@ -104,9 +104,9 @@ pub fn mcpg_cgroup_skb(ctx: SkBuffContext) -> i32 {
         crate::accept::REQUEST => return PASS,
         crate::accept::ACCEPTED => {
             if entry.is_none() {
-                if let Some((_, Some(id))) =
-                    stable(cfg, |slot| workload_of_socket(skb, slot).map(|w| w.workload_id))
-                {
+                if let Some((_, Some(id))) = stable(cfg, |slot| {
+                    workload_of_socket(skb, slot).map(|w| w.workload_id)
+                }) {
                     crate::accept::count(id);
                 }
             }

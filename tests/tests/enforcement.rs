@@ -447,7 +447,8 @@ fn a_guarded_server_answers_its_clients_and_connected_sends_judge_the_peer() {
     d.write_config(&config(false));
     d.signal(libc::SIGHUP);
     assert!(
-        wait_until(Duration::from_secs(5), || p.op("udp-cmsg-held 10.0.12.5 5353")
+        wait_until(Duration::from_secs(5), || p
+            .op("udp-cmsg-held 10.0.12.5 5353")
             == "EPERM"),
         "a peer no longer allowed is refused at sendmsg"
     );
@@ -464,7 +465,10 @@ fn a_guarded_server_answers_its_clients_and_connected_sends_judge_the_peer() {
     assert!(to_clients.is_empty(), "replies refused: {to_clients:?}");
     assert!(
         events.iter().any(|e| e["hook"] == "sendmsg4"
-            && e["dst"].as_str().unwrap_or_default().starts_with("10.0.12.5")),
+            && e["dst"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("10.0.12.5")),
         "the refused send names the peer: {events:?}"
     );
     let metrics = d.get("/metrics");

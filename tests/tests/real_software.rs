@@ -32,10 +32,18 @@ fn lab() -> Lab {
     cli.ip("addr add 10.0.20.7/24 dev c0");
     cli.ip("addr add 10.0.20.1/24 dev c0");
     cli.ip("addr add fd00:20::7/64 dev c0 nodad");
-    for a in ["169.254.169.254", "10.0.40.9", "93.184.216.34", "2606:4700::10"] {
+    for a in [
+        "169.254.169.254",
+        "10.0.40.9",
+        "93.184.216.34",
+        "2606:4700::10",
+    ] {
         srv.add_addr(a);
     }
-    srv.serve_tcp("169.254.169.254:80", "HTTP/1.0 200 OK\r\n\r\nAKIAFAKECREDENTIALS");
+    srv.serve_tcp(
+        "169.254.169.254:80",
+        "HTTP/1.0 200 OK\r\n\r\nAKIAFAKECREDENTIALS",
+    );
     srv.serve_tcp("10.0.40.9:5432", "internal-db");
     Lab { srv, cli }
 }
@@ -183,7 +191,11 @@ fn pg_bin(name: &str) -> std::path::PathBuf {
         .map(|e| e.path())
         .collect();
     versions.sort();
-    versions.last().expect("a PostgreSQL version").join("bin").join(name)
+    versions
+        .last()
+        .expect("a PostgreSQL version")
+        .join("bin")
+        .join(name)
 }
 
 impl Postgres {
@@ -204,8 +216,13 @@ impl Postgres {
         let _ = Command::new("chmod").arg("755").arg(&dir.0).status();
         let as_pg = |bin: &str| {
             let mut c = Command::new("setpriv");
-            c.args(["--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
-                .arg(pg_bin(bin));
+            c.args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
+            .arg(pg_bin(bin));
             c
         };
         let out = as_pg("initdb")
@@ -213,7 +230,11 @@ impl Postgres {
             .arg(&data)
             .output()
             .expect("initdb");
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // Clients at the test addresses may connect without a password.
         std::fs::write(
             data.join("pg_hba.conf"),
@@ -222,7 +243,13 @@ impl Postgres {
         .unwrap();
         let mut c = Command::new("nsenter");
         c.arg(format!("--net={}", ns.path().display()))
-            .args(["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"])
+            .args([
+                "setpriv",
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
             .arg(pg_bin("postgres"))
             .arg("-D")
             .arg(&data)
@@ -337,18 +364,25 @@ fn postgresql_allowed_refused_and_a_session_across_restarts() {
     assert!(d.terminate(), "daemon stopped");
     assert_eq!(s.query(3).as_deref(), Some("3"), "while the daemon is down");
     d.restart();
-    assert_eq!(s.query(4).as_deref(), Some("4"), "after SIGTERM and restart");
+    assert_eq!(
+        s.query(4).as_deref(),
+        Some("4"),
+        "after SIGTERM and restart"
+    );
     d.kill9();
     assert_eq!(s.query(5).as_deref(), Some("5"), "after kill -9");
     d.restart();
-    assert_eq!(s.query(6).as_deref(), Some("6"), "after kill -9 and restart");
+    assert_eq!(
+        s.query(6).as_deref(),
+        Some("6"),
+        "after kill -9 and restart"
+    );
     // A reload that stops allowing it cuts it.
     let before = d.status()["generation"].as_u64().unwrap_or(0);
     d.write_config(&with(""));
     d.signal(libc::SIGHUP);
     assert!(
-        wait_until(Duration::from_secs(5), || d
-            .status()["generation"]
+        wait_until(Duration::from_secs(5), || d.status()["generation"]
             .as_u64()
             .is_some_and(|g| g > before)),
         "reloaded"
@@ -424,14 +458,28 @@ fn curl_keep_alive_to_an_allowed_address() {
     std::fs::write(dir_tmp.0.join("index.html"), "hello").unwrap();
     let _http4 = Running::spawn(
         in_netns(&lab.srv, None)
-            .args(["python3", "-m", "http.server", "--protocol", "HTTP/1.1", "-b"])
+            .args([
+                "python3",
+                "-m",
+                "http.server",
+                "--protocol",
+                "HTTP/1.1",
+                "-b",
+            ])
             .args(["93.184.216.34", "80", "-d"])
             .arg(&dir_tmp.0),
         &dir_tmp.0.join("http4.log"),
     );
     let _http6 = Running::spawn(
         in_netns(&lab.srv, None)
-            .args(["python3", "-m", "http.server", "--protocol", "HTTP/1.1", "-b"])
+            .args([
+                "python3",
+                "-m",
+                "http.server",
+                "--protocol",
+                "HTTP/1.1",
+                "-b",
+            ])
             .args(["2606:4700::10", "80", "-d"])
             .arg(&dir_tmp.0),
         &dir_tmp.0.join("http6.log"),
@@ -443,7 +491,16 @@ fn curl_keep_alive_to_an_allowed_address() {
         let url = format!("{base}/index.html");
         let run = || {
             in_cgroup(&dir, &lab.srv)
-                .args(["curl", "-sS", "-m", "5", "-w", " %{num_connects}", &url, &url])
+                .args([
+                    "curl",
+                    "-sS",
+                    "-m",
+                    "5",
+                    "-w",
+                    " %{num_connects}",
+                    &url,
+                    &url,
+                ])
                 .output()
                 .expect("curl")
         };

@@ -6,8 +6,8 @@ use std::{collections::HashMap, fs::File, path::Path};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm,
-        SockOps, TracePoint,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Lsm, SockOps,
+        TracePoint,
     },
     Ebpf, EbpfError, EbpfLoader,
 };

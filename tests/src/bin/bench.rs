@@ -71,6 +71,55 @@ fn connect_loop(ns: &NetNs, addr: SocketAddr, n: usize) -> Vec<f64> {
     .unwrap()
 }
 
+/// A listener in `ns` whose accepted connections each get one byte and are closed; its
+/// socket belongs to the cgroup this process is in when it is called.
+fn serve_one_byte(ns: &NetNs, addr: SocketAddr) {
+    let listener = ns.in_ns(move || std::net::TcpListener::bind(addr).expect("bind"));
+    // SAFETY: listen(2) again on our own listening socket only resizes its queue.
+    unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().map_while(Result::ok) {
+            let _ = std::io::Write::write_all(&mut s, b"x");
+        }
+    });
+}
+
+/// Connect, read the server's first byte, close (µs): the accept path of the server.
+fn accept_loop(ns: &NetNs, addr: SocketAddr, n: usize) -> Vec<f64> {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path).unwrap();
+        // SAFETY: valid netns fd; only this thread changes namespace.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                let mut s = TcpStream::connect(addr).expect("connect");
+                let mut b = [0u8; 1];
+                std::io::Read::read_exact(&mut s, &mut b).expect("first byte");
+                let linger = libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                };
+                // SAFETY: valid socket fd and option struct.
+                unsafe {
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_LINGER,
+                        (&raw const linger).cast(),
+                        size_of::<libc::linger>() as u32,
+                    )
+                };
+                drop(s);
+                t.elapsed().as_secs_f64() * 1e6
+            })
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
 /// Moves this process back to the root cgroup when dropped, before the test cgroups are
 /// removed (their removal kills whatever is still inside, this process included).
 struct Home;
@@ -201,6 +250,31 @@ fn main() {
         value: format!("{p99n:.1} µs / {p99o:.1} µs = {:.3}", p99o / p99n),
         target: "ratio ≤ 1.10".into(),
         met: Some(p99o / p99n <= 1.10),
+    });
+
+    // 1b. accept(): a guarded server (its listener in the workload's cgroup: SYN-ACK,
+    // the accepted socket's mark and its first reply pass the programs) against a server
+    // outside any program, the same unguarded client, interleaved.
+    let (guarded_srv, plain_srv): (SocketAddr, SocketAddr) = (
+        "10.77.0.1:81".parse().unwrap(),
+        "10.77.0.1:82".parse().unwrap(),
+    );
+    join(&guarded);
+    serve_one_byte(&ns, guarded_srv);
+    join(&baseline.dir);
+    serve_one_byte(&ns, plain_srv);
+    let (mut ours, mut none) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        ours.extend(accept_loop(&ns, guarded_srv, per));
+        none.extend(accept_loop(&ns, plain_srv, per));
+    }
+    join(&cgroup_mount());
+    let (p50o, p50n) = (pct(&mut ours, 0.5), pct(&mut none, 0.5));
+    rows.push(Row {
+        name: "accept() + first reply p50, server outside / inside a guarded workload".into(),
+        value: format!("{p50n:.1} µs / {p50o:.1} µs = {:.3}", p50o / p50n),
+        target: "ratio ≤ 1.05".into(),
+        met: Some(p50o / p50n <= 1.05),
     });
 
     // 2. Lookup scaling: the program's own run time per decision.

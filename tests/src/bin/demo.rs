@@ -391,7 +391,10 @@ fn main() {
         wait_until(Duration::from_secs(30), || healthz() == "ok"),
         "the HTTP MCP server did not answer its health probe"
     );
-    println!("  GET http://10.0.30.5:8000/healthz (an internal address, as a kubelet probe) -> {}", healthz());
+    println!(
+        "  GET http://10.0.30.5:8000/healthz (an internal address, as a kubelet probe) -> {}",
+        healthz()
+    );
     let out = mcp_guard_tests::in_netns(&ns, None)
         .arg(venv.join("bin/python"))
         .arg(mcp_guard_tests::mcp_helper("http_client.py"))
@@ -402,7 +405,11 @@ fn main() {
         ])
         .output()
         .expect("MCP client");
-    assert!(out.status.success(), "the SDK client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the SDK client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client JSON");
     println!(
         "  the SDK client over Streamable HTTP: server {}, tools {}",
@@ -411,7 +418,10 @@ fn main() {
     for r in got["results"].as_array().into_iter().flatten() {
         println!("    fetch -> {}", r["text"].as_str().unwrap_or(""));
         assert!(
-            r["text"].as_str().unwrap_or("").contains("Operation not permitted"),
+            r["text"]
+                .as_str()
+                .unwrap_or("")
+                .contains("Operation not permitted"),
             "the HTTP server's SSRF was not refused: {r}"
         );
     }

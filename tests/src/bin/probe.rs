@@ -103,11 +103,19 @@ static HELD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1
 fn send_with_cmsg(fd: i32, v4: bool, gso: bool) -> String {
     let payload = [b'q'; 1200];
     let (level, ty, value): (i32, i32, Vec<u8>) = if gso {
-        (libc::SOL_UDP, libc::UDP_SEGMENT, 600u16.to_ne_bytes().to_vec())
+        (
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            600u16.to_ne_bytes().to_vec(),
+        )
     } else if v4 {
         (libc::IPPROTO_IP, libc::IP_TOS, 2i32.to_ne_bytes().to_vec())
     } else {
-        (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 2i32.to_ne_bytes().to_vec())
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_TCLASS,
+            2i32.to_ne_bytes().to_vec(),
+        )
     };
     // SAFETY: CMSG_SPACE/CMSG_LEN are pure arithmetic.
     let space = unsafe { libc::CMSG_SPACE(value.len() as u32) } as usize;
