@@ -943,14 +943,14 @@ pub fn exchange_from(ns: &NetNs, from: IpAddr, to: SocketAddr) -> std::io::Resul
         }
         // SAFETY: a fresh fd, owned from here on.
         let s = unsafe { TcpStream::from_raw_fd(fd) };
-        let bind = socket2_addr(SocketAddr::new(from, 0));
+        let bind = sockaddr(SocketAddr::new(from, 0));
         // SAFETY: bind(2) with a valid sockaddr.
         if unsafe { libc::bind(fd, (&raw const bind.0).cast(), bind.1) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         s.set_write_timeout(Some(Duration::from_secs(5)))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let dst = socket2_addr(to);
+        let dst = sockaddr(to);
         // SAFETY: connect(2) with a valid sockaddr (SO_SNDTIMEO bounds it).
         if unsafe { libc::connect(fd, (&raw const dst.0).cast(), dst.1) } != 0 {
             return Err(std::io::Error::last_os_error());
@@ -963,7 +963,9 @@ pub fn exchange_from(ns: &NetNs, from: IpAddr, to: SocketAddr) -> std::io::Resul
     })
 }
 
-fn socket2_addr(sa: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+/// `sa` as a C socket address and its length.
+#[must_use]
+pub fn sockaddr(sa: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: a zeroed sockaddr_storage is valid; the right variant is filled.
     let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match sa {
@@ -1046,4 +1048,39 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// curl GET `url` inside `ns` (from source address `src` if given); (exit code, body).
+#[must_use]
+pub fn curl_in(ns: &NetNs, src: Option<&str>, url: &str) -> (i32, String) {
+    let mut c = in_netns(ns, None);
+    c.args(["curl", "-sS", "-m", "5"]);
+    if let Some(s) = src {
+        c.args(["--interface", s]);
+    }
+    let out = c.arg(url).output().expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+/// The official MCP SDK's Streamable HTTP client (tests/mcp/http_client.py) inside `ns`:
+/// a session with `url`, the tool calls `calls` (JSON), what it got as JSON. Panics if
+/// the client itself failed, so a test cannot mistake that for a refusal.
+#[must_use]
+pub fn mcp_http_session(ns: &NetNs, url: &str, calls: &str) -> serde_json::Value {
+    let out = in_netns(ns, None)
+        .arg(mcp_venv().join("bin/python"))
+        .arg(mcp_helper("http_client.py"))
+        .arg(url)
+        .args(["--calls", calls])
+        .output()
+        .expect("MCP client");
+    assert!(
+        out.status.success(),
+        "the SDK client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("client JSON")
 }

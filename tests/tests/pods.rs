@@ -873,36 +873,19 @@ cri_poll_ms = 100
             .args(["10.200.0.2", "8000"]),
         &logs.0.join("server.log"),
     );
-    let curl = || {
-        mcp_guard_tests::in_netns(&node, None)
-            .args(["curl", "-sS", "-m", "5", "http://10.200.0.2:8000/healthz"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default()
-    };
+    let curl = || mcp_guard_tests::curl_in(&node, None, "http://10.200.0.2:8000/healthz").1;
     assert!(
         wait_until(Duration::from_secs(30), || curl() == "ok"),
         "the pod's server answers a kubelet-style probe from the node: {}",
         std::fs::read_to_string(logs.0.join("server.log")).unwrap_or_default()
     );
-    let out = mcp_guard_tests::in_netns(&node, None)
-        .arg(&python)
-        .arg(mcp_guard_tests::mcp_helper("http_client.py"))
-        .arg("http://10.200.0.2:8000/mcp")
-        .args([
-            "--calls",
-            &format!(
-                r#"[["fetch", {{"url": "http://{METADATA}/"}}], ["fetch", {{"url": "http://{INTERNAL}/"}}]]"#
-            ),
-        ])
-        .output()
-        .expect("client");
-    assert!(
-        out.status.success(),
-        "the SDK client completed its session: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let got = mcp_guard_tests::mcp_http_session(
+        &node,
+        "http://10.200.0.2:8000/mcp",
+        &format!(
+            r#"[["fetch", {{"url": "http://{METADATA}/"}}], ["fetch", {{"url": "http://{INTERNAL}/"}}]]"#
+        ),
     );
-    let got: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
     for i in 0..2 {
         let text = got["results"][i]["text"].as_str().unwrap_or_default();
         assert!(

@@ -65,14 +65,7 @@ fn helper(name: &str) -> std::path::PathBuf {
 
 /// curl in the client namespace from `src`; returns (exit status, stdout).
 fn curl_from(ns: &NetNs, src: &str, url: &str) -> (i32, String) {
-    let out = in_netns(ns, None)
-        .args(["curl", "-sS", "-m", "5", "--interface", src, url])
-        .output()
-        .expect("curl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    )
+    mcp_guard_tests::curl_in(ns, Some(src), url)
 }
 
 /// The official MCP SDK's server on Streamable HTTP, in a guarded `deny-internal`
@@ -120,24 +113,13 @@ fn mcp_server_over_streamable_http_answers_its_clients() {
         "over IPv6"
     );
     // The SDK's client, from an internal address, calls the tool three times.
-    let out = in_netns(&lab.cli, None)
-        .arg(python())
-        .arg(helper("http_client.py"))
-        .arg("http://10.0.20.5:8000/mcp")
-        .args([
-            "--calls",
-            r#"[["fetch", {"url": "http://169.254.169.254/latest/meta-data/"}],
-                ["fetch", {"url": "http://10.0.40.9:5432/"}],
-                ["fetch", {"url": "http://10.0.20.7:9/"}]]"#,
-        ])
-        .output()
-        .expect("client");
-    assert!(
-        out.status.success(),
-        "the SDK client completed its session: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let got = mcp_guard_tests::mcp_http_session(
+        &lab.cli,
+        "http://10.0.20.5:8000/mcp",
+        r#"[["fetch", {"url": "http://169.254.169.254/latest/meta-data/"}],
+            ["fetch", {"url": "http://10.0.40.9:5432/"}],
+            ["fetch", {"url": "http://10.0.20.7:9/"}]]"#,
     );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client JSON");
     assert_eq!(got["server"], "test-http");
     assert_eq!(got["tools"], serde_json::json!(["fetch"]));
     for (i, what) in ["metadata", "internal database", "its own client"]

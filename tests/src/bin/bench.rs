@@ -37,6 +37,15 @@ fn join(cgroup_dir: &Path) {
 
 /// Connect-and-close latencies (µs) to `addr` from a thread inside `ns`.
 fn connect_loop(ns: &NetNs, addr: SocketAddr, n: usize) -> Vec<f64> {
+    exchange_loop(ns, addr, n, false)
+}
+
+/// Connect, read the server's first byte, close (µs): the accept path of the server.
+fn accept_loop(ns: &NetNs, addr: SocketAddr, n: usize) -> Vec<f64> {
+    exchange_loop(ns, addr, n, true)
+}
+
+fn exchange_loop(ns: &NetNs, addr: SocketAddr, n: usize, first_byte: bool) -> Vec<f64> {
     let path = ns.path();
     std::thread::spawn(move || {
         let f = std::fs::File::open(&path).unwrap();
@@ -45,7 +54,11 @@ fn connect_loop(ns: &NetNs, addr: SocketAddr, n: usize) -> Vec<f64> {
         (0..n)
             .map(|_| {
                 let t = Instant::now();
-                let s = TcpStream::connect(addr).expect("connect");
+                let mut s = TcpStream::connect(addr).expect("connect");
+                if first_byte {
+                    let mut b = [0u8; 1];
+                    std::io::Read::read_exact(&mut s, &mut b).expect("first byte");
+                }
                 // Close with RST: tens of thousands of connects would otherwise exhaust
                 // the ephemeral ports in TIME_WAIT.
                 let linger = libc::linger {
@@ -82,42 +95,6 @@ fn serve_one_byte(ns: &NetNs, addr: SocketAddr) {
             let _ = std::io::Write::write_all(&mut s, b"x");
         }
     });
-}
-
-/// Connect, read the server's first byte, close (µs): the accept path of the server.
-fn accept_loop(ns: &NetNs, addr: SocketAddr, n: usize) -> Vec<f64> {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path).unwrap();
-        // SAFETY: valid netns fd; only this thread changes namespace.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-        (0..n)
-            .map(|_| {
-                let t = Instant::now();
-                let mut s = TcpStream::connect(addr).expect("connect");
-                let mut b = [0u8; 1];
-                std::io::Read::read_exact(&mut s, &mut b).expect("first byte");
-                let linger = libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                };
-                // SAFETY: valid socket fd and option struct.
-                unsafe {
-                    libc::setsockopt(
-                        s.as_raw_fd(),
-                        libc::SOL_SOCKET,
-                        libc::SO_LINGER,
-                        (&raw const linger).cast(),
-                        size_of::<libc::linger>() as u32,
-                    )
-                };
-                drop(s);
-                t.elapsed().as_secs_f64() * 1e6
-            })
-            .collect()
-    })
-    .join()
-    .unwrap()
 }
 
 /// Moves this process back to the root cgroup when dropped, before the test cgroups are

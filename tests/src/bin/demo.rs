@@ -380,13 +380,7 @@ fn main() {
             .args(["10.0.30.5", "8000"]),
         &logs.0.join("server.log"),
     );
-    let healthz = || {
-        mcp_guard_tests::in_netns(&ns, None)
-            .args(["curl", "-s", "-m", "3", "http://10.0.30.5:8000/healthz"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default()
-    };
+    let healthz = || mcp_guard_tests::curl_in(&ns, None, "http://10.0.30.5:8000/healthz").1;
     assert!(
         wait_until(Duration::from_secs(30), || healthz() == "ok"),
         "the HTTP MCP server did not answer its health probe"
@@ -395,22 +389,11 @@ fn main() {
         "  GET http://10.0.30.5:8000/healthz (an internal address, as a kubelet probe) -> {}",
         healthz()
     );
-    let out = mcp_guard_tests::in_netns(&ns, None)
-        .arg(venv.join("bin/python"))
-        .arg(mcp_guard_tests::mcp_helper("http_client.py"))
-        .arg("http://10.0.30.5:8000/mcp")
-        .args([
-            "--calls",
-            r#"[["fetch", {"url": "http://169.254.169.254/latest/meta-data/iam/"}], ["fetch", {"url": "http://10.0.20.7:5432/"}]]"#,
-        ])
-        .output()
-        .expect("MCP client");
-    assert!(
-        out.status.success(),
-        "the SDK client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let got = mcp_guard_tests::mcp_http_session(
+        &ns,
+        "http://10.0.30.5:8000/mcp",
+        r#"[["fetch", {"url": "http://169.254.169.254/latest/meta-data/iam/"}], ["fetch", {"url": "http://10.0.20.7:5432/"}]]"#,
     );
-    let got: serde_json::Value = serde_json::from_slice(&out.stdout).expect("client JSON");
     println!(
         "  the SDK client over Streamable HTTP: server {}, tools {}",
         got["server"], got["tools"]

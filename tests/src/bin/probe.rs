@@ -23,40 +23,7 @@ use std::{
     os::fd::AsRawFd,
 };
 
-fn sockaddr(sa: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: zeroed sockaddr_storage is a valid value; we fill the right variant.
-    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match sa {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_in fits in sockaddr_storage.
-            unsafe { std::ptr::write((&raw mut st).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as u16,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
-            unsafe { std::ptr::write((&raw mut st).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (st, len as libc::socklen_t)
-}
+use mcp_guard_tests::sockaddr;
 
 fn result(rc: isize) -> String {
     if rc >= 0 {
