@@ -18,6 +18,22 @@ use crate::{config, host::cgroup};
 /// The workload exec runs in, its cgroup created, once the kernel enforces it (unless
 /// `unguarded`): the config and the workload's cgroup directory.
 fn exec_target(path: &Path, workload: &str, unguarded: bool) -> Result<(config::Config, PathBuf)> {
+    enforced_target(path, workload, unguarded, Duration::from_secs(5))
+}
+
+/// `mcp-guard enforced`: waits up to `wait` until the kernel enforces the workload's
+/// cgroup (the check `exec` makes, from the pinned state). For a unit's `ExecStartPre=`,
+/// so an MCP server never starts unguarded.
+pub fn wait_enforced(path: &Path, workload: &str, wait: Duration) -> Result<()> {
+    enforced_target(path, workload, false, wait).map(|_| ())
+}
+
+fn enforced_target(
+    path: &Path,
+    workload: &str,
+    unguarded: bool,
+    wait: Duration,
+) -> Result<(config::Config, PathBuf)> {
     let cfg = config::load(path)?;
     let wl = cfg
         .workloads
@@ -51,7 +67,7 @@ fn exec_target(path: &Path, workload: &str, unguarded: bool) -> Result<(config::
             .map(|w| w.id)
             .context("workload missing from the compiled policy")?;
         let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + wait;
         loop {
             match crate::kernel::enforced::check(&cfg, wid, id, &attach_dir) {
                 Ok(()) => break,

@@ -72,6 +72,18 @@ enum Cmd {
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
+    /// Wait until the kernel enforces a workload's cgroup (read from the pinned state, as
+    /// exec does); exit 0 then, 1 after --wait seconds. For a systemd unit's
+    /// `ExecStartPre=+`, so an MCP server never starts unguarded.
+    Enforced {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long, short)]
+        workload: String,
+        /// Seconds to wait for the daemon to enforce the workload.
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
     /// (Internal: the server side of `exec --mcp`.) Joins a cgroup, hardens, runs the command.
     #[command(hide = true)]
     ExecInstance {
@@ -133,6 +145,26 @@ fn main() -> ExitCode {
             workload,
             dest,
         } => explain(&config, &workload, &dest),
+        Cmd::Enforced {
+            config,
+            workload,
+            wait,
+        } => {
+            return match mcp_guard::exec::wait_enforced(
+                &config,
+                &workload,
+                Duration::from_secs(wait),
+            ) {
+                Ok(()) => {
+                    println!("workload {workload:?} is enforced by the kernel");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Cmd::Exec {
             config,
             workload,

@@ -51,6 +51,13 @@ def later(host: str, port: int, delay: float) -> str:
 
 
 @server.tool()
+def pause(seconds: float) -> str:
+    """Waits (a call with no network, to let background work happen between calls)."""
+    time.sleep(seconds)
+    return "paused"
+
+
+@server.tool()
 def background() -> str:
     """What the background connections got, in order."""
     return json.dumps(background_results)

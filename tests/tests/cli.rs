@@ -159,3 +159,33 @@ fn exec_refuses_to_run_unguarded() {
         "{err}"
     );
 }
+
+/// `mcp-guard enforced` (a unit's `ExecStartPre=`): exit 1 with the reason while nothing
+/// enforces the workload, 0 once the daemon does.
+#[test]
+fn enforced_waits_for_the_kernel() {
+    let cg = TestCgroup::new();
+    let cfg = format!(
+        "[[workload]]\nname='a'\ncgroup='{r}/a'\n[daemon]\nattach_cgroup='{r}'\n",
+        r = cg.rel
+    );
+    let (code, _, err) = run(
+        &["enforced", "--config", "CFG", "--workload", "a", "--wait", "1"],
+        &format!("{cfg}pin_dir='/sys/fs/bpf/mcpg-test-nothing-here'\n"),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("not enforced"), "{err}");
+    let d = mcp_guard_tests::Daemon::start(&cfg);
+    let out = Command::new(guard_bin())
+        .args(["enforced", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "a", "--wait", "5"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("enforced by the kernel"));
+}

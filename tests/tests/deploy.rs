@@ -118,10 +118,11 @@ fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
     std::fs::write(
         &config,
         format!(
-            "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[daemon]\nattach_cgroup = \"{r}\"\npin_dir = \"{p}\"\non_exit = \"detach\"\ncontrol_socket = \"{c}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+            "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[daemon]\nattach_cgroup = \"{r}\"\npin_dir = \"{p}\"\non_exit = \"detach\"\ncontrol_socket = \"{c}\"\nmcp_socket = \"{m}\"\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
             r = cg.rel,
             p = pin_dir.display(),
-            c = tmp.0.join("control.sock").display()
+            c = tmp.0.join("control.sock").display(),
+            m = tmp.0.join("mcp.sock").display()
         ),
     )
     .unwrap();
@@ -133,7 +134,7 @@ fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
         .args(["run", "--config"])
         .arg(&config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(tmp.0.join("daemon.log")).unwrap())
         .spawn()
         .unwrap();
     let addr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -151,7 +152,8 @@ fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
     let _ = mcp_guard::kernel::pins::Pins::new(&pin_dir).uninstall();
     assert!(
         ready,
-        "the daemon did not become ready with three capabilities"
+        "the daemon did not become ready with three capabilities:\n{}",
+        std::fs::read_to_string(tmp.0.join("daemon.log")).unwrap_or_default()
     );
     assert!(
         status.contains("CapEff:\t000000c000001000"),
@@ -207,11 +209,22 @@ fn systemd_units_verify_clean() {
     )
     .unwrap();
     std::fs::create_dir(tmp.0.join("github-mcp.service.d")).unwrap();
-    std::fs::copy(
-        sd.join("github-mcp.service.d/mcp-guard.conf"),
+    let dropin = std::fs::read_to_string(sd.join("github-mcp.service.d/mcp-guard.conf")).unwrap();
+    std::fs::write(
         tmp.0.join("github-mcp.service.d/mcp-guard.conf"),
+        dropin.replace("/usr/local/bin/mcp-guard", guard_bin().to_str().unwrap()),
     )
     .unwrap();
+    // The MCP server's life is not tied to the daemon's (a restart or an upgrade of
+    // mcp-guard leaves it running), and it starts only once its cgroup is enforced.
+    assert!(
+        dropin.contains("\nWants=mcp-guard.service") && !dropin.contains("Requires="),
+        "the drop-in must not stop the server with the daemon:\n{dropin}"
+    );
+    assert!(
+        dropin.contains("ExecStartPre=+/usr/local/bin/mcp-guard enforced --config /etc/mcp-guard/config.toml --workload github-mcp"),
+        "the drop-in waits for enforcement:\n{dropin}"
+    );
     let out = Command::new("systemd-analyze")
         .args([
             "verify",
@@ -237,6 +250,7 @@ fn systemd_units_verify_clean() {
         "AmbientCapabilities=",
         "ReadWritePaths=/sys/fs/bpf /sys/fs/cgroup",
         "Restart=always",
+        "Type=notify",
     ] {
         assert!(unit.contains(needle), "unit lacks {needle}");
     }

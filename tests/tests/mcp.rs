@@ -565,3 +565,74 @@ fn dns_exfiltration_through_the_fetch_tool_is_refused_and_named() {
         ) >= 1.0
     );
 }
+
+/// Tool scoping across daemon restarts (the instance map is pinned with the programs that
+/// read it, and cleared at start): a call in flight at a kill -9 does not stay active
+/// (its connection after the restart is refused, fail closed, and so is a background
+/// connection between later calls), and a call after the restart is scoped again (the
+/// relay registers its instance anew). Before: the adopted programs kept reading the
+/// killed daemon's unpinned map, in which that call stayed in flight forever.
+#[test]
+fn tool_scoping_survives_a_restart_and_a_call_in_flight_at_kill_9_does_not_stay_active() {
+    let (ns, cg) = lab();
+    let mut d = Daemon::start(&config(
+        &cg,
+        "",
+        &format!("[[workload.allow]]\ncidr = \"{INTERNAL}/32\"\nports = [5432]\ntools = [\"query_db\", \"slow_query_db\"]\n[daemon]\non_exit = \"keep\"\n"),
+    ));
+    let db = serde_json::json!({"host": INTERNAL, "port": 5432});
+    let calls = serde_json::json!([
+        ["query_db", db],
+        ["slow_query_db", {"host": INTERNAL, "port": 5432, "delay": 5.0}],
+    ]);
+    let then = serde_json::json!([
+        ["query_db", db],
+        ["later", {"host": INTERNAL, "port": 5432, "delay": 0.3}],
+        ["pause", {"seconds": 1.5}],
+        ["background", {}],
+    ])
+    .to_string();
+    let child = mcp_guard_tests::in_netns(&ns, None)
+        .arg(mcp_venv().join("bin/python"))
+        .arg(mcp_helper("client.py"))
+        .arg("--calls")
+        .arg(calls.to_string())
+        .args(["--then", &then, "--"])
+        .arg(guard_bin())
+        .args(["exec", "--mcp", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "mcp", "--"])
+        .args(db_server())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("MCP client");
+    // The slow call is in flight: kill -9, then start again.
+    assert!(
+        mcp_guard_tests::wait_until(Duration::from_secs(20), || try_metric(
+            &d,
+            "mcp_guard_mcp_tool_calls_total{workload=\"mcp\"}"
+        )
+        .is_some_and(|v| v >= 2.0)),
+        "the slow call was reported"
+    );
+    d.kill9();
+    d.restart();
+    let out = child.wait_with_output().expect("MCP client");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    let r = &got["results"];
+    assert_eq!(r[0]["text"], "connected", "before the restart: {got}");
+    assert!(
+        r[1]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("refused: Operation not permitted"),
+        "the call in flight at the kill is not active after the restart: {got}"
+    );
+    assert_eq!(r[2]["text"], "connected", "scoped again after the restart: {got}");
+    assert_eq!(
+        r[5]["text"], "[\"refused: Operation not permitted\"]",
+        "nothing stays active between calls: {got}"
+    );
+}

@@ -408,6 +408,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         listen = %listen,
         "ready: enforcing on connect4, connect6, sendmsg4, sendmsg6"
     );
+    // systemd (Type=notify): ready once enforcement is attached. Outside systemd
+    // (no NOTIFY_SOCKET) this does nothing.
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        warn!("telling systemd we are ready: {e}");
+    }
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -13,7 +13,7 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use crate::kernel::pins::{Pins, MAP_NAMES};
+use crate::kernel::pins::{pinned_maps, Pins};
 
 /// The socket-level programs, by kernel program name, with their hook names and kernel
 /// attach types (BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG).
@@ -99,7 +99,7 @@ pub fn open(pins: &Pins) -> Result<Ebpf, LoadError> {
     raise_memlock();
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, std::path::PathBuf)> =
-        MAP_NAMES.iter().map(|n| (*n, pins.map(n))).collect();
+        pinned_maps().map(|n| (n, pins.map(n))).collect();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -499,4 +499,50 @@ pub fn reattach(
     expected.expected.insert(hook, id);
     expected.adopted.retain(|h| *h != hook);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::pins::MAPS;
+
+    /// Every map and program of the embedded object is classified: a map as pinned or
+    /// ephemeral (with its reason), a program by the table that loads and attaches it;
+    /// and every name those tables give is in the object.
+    #[test]
+    fn every_map_and_program_is_classified() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded object parses");
+        let mut in_object: Vec<&str> = obj.maps.keys().map(String::as_str).collect();
+        in_object.sort_unstable();
+        let mut classified: Vec<&str> = MAPS.iter().map(|(n, _)| *n).collect();
+        classified.sort_unstable();
+        // A section map (.rodata, .bss, .data) exists only when the compiler emits it.
+        let unclassified: Vec<_> = in_object
+            .iter()
+            .filter(|n| !classified.contains(n))
+            .collect();
+        assert!(
+            unclassified.is_empty(),
+            "maps nobody classified as pinned or ephemeral (kernel/pins.rs MAPS): {unclassified:?}"
+        );
+        let missing: Vec<_> = classified
+            .iter()
+            .filter(|n| !n.starts_with('.') && !in_object.contains(n))
+            .collect();
+        assert!(missing.is_empty(), "classified maps not in the object: {missing:?}");
+
+        let mut known: Vec<&str> = SOCK_ADDR_PROGRAMS.iter().map(|(n, _, _)| *n).collect();
+        known.extend(TRACEPOINTS.iter().map(|(n, _)| *n));
+        known.push(LSM_PROGRAM);
+        known.push(crate::kernel::tc::PROGRAM);
+        let mut programs: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
+        programs.sort_unstable();
+        let unknown: Vec<_> = programs.iter().filter(|p| !known.contains(p)).collect();
+        assert!(
+            unknown.is_empty(),
+            "programs no loader table attaches: {unknown:?}"
+        );
+        let absent: Vec<_> = known.iter().filter(|p| !programs.contains(p)).collect();
+        assert!(absent.is_empty(), "tables name programs not in the object: {absent:?}");
+    }
 }

@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::{config::TcConfig, host::cgroup::glob_match, kernel::pins::Pins};
 
-const PROGRAM: &str = "mcpg_tc";
+pub(crate) const PROGRAM: &str = "mcpg_tc";
 
 pub struct Tc {
     config: TcConfig,
