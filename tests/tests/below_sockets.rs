@@ -503,11 +503,12 @@ fn exec_hardens_the_command() {
         "privileged process not reported: {:?}",
         privileged(&d)
     );
-    assert!(d
+    // The log line follows the metric (same check, written after it).
+    assert!(wait_until(Duration::from_secs(3), || d
         .stderr
         .lock()
         .unwrap()
-        .contains("hold capabilities that go around the cgroup hooks"));
+        .contains("hold capabilities that go around the cgroup hooks")));
     assert!(d.stop());
 }
 
