@@ -90,16 +90,23 @@ pub fn exec(
     harden: bool,
     cmd: &[String],
 ) -> Result<()> {
-    let (_, dir) = exec_target(path, workload, unguarded)?;
-    exec_in(&dir, harden, cmd)
+    let (cfg, dir) = exec_target(path, workload, unguarded)?;
+    exec_in(&dir, harden, &daemon_sockets(&cfg), cmd)
 }
 
-/// Joins `dir`, hardens (unless told not to) and runs `cmd` in this process.
-pub fn exec_in(dir: &Path, harden: bool, cmd: &[String]) -> Result<()> {
+/// The daemon's sockets, which a guarded command must not reach (a relay's socket
+/// would let it report tool calls of its own).
+fn daemon_sockets(cfg: &config::Config) -> Vec<PathBuf> {
+    vec![cfg.control_socket.clone(), cfg.mcp_socket.clone()]
+}
+
+/// Joins `dir`, hardens (unless told not to; `hide`: more sockets to cover) and runs
+/// `cmd` in this process.
+pub fn exec_in(dir: &Path, harden: bool, hide: &[PathBuf], cmd: &[String]) -> Result<()> {
     cgroup::join(dir, std::process::id())
         .with_context(|| format!("joining cgroup {}", dir.display()))?;
     if harden {
-        crate::host::harden::apply()
+        crate::host::harden::apply(hide)
             .context("hardening the command failed, so it was not run (pass --no-hardening to run it without)")?;
     }
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
@@ -161,6 +168,9 @@ pub fn exec_mcp(
             .arg(&instance_dir);
         if !harden {
             c.arg("--no-hardening");
+        }
+        for p in daemon_sockets(&cfg) {
+            c.arg("--hide").arg(p);
         }
         c.arg("--").args(cmd);
         let child = c

@@ -91,6 +91,9 @@ enum Cmd {
         cgroup_dir: PathBuf,
         #[arg(long)]
         no_hardening: bool,
+        /// A socket to cover in the command's mount namespace (repeatable).
+        #[arg(long)]
+        hide: Vec<PathBuf>,
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
@@ -195,8 +198,9 @@ fn main() -> ExitCode {
         Cmd::ExecInstance {
             cgroup_dir,
             no_hardening,
+            hide,
             cmd,
-        } => mcp_guard::exec::exec_in(&cgroup_dir, !no_hardening, &cmd),
+        } => mcp_guard::exec::exec_in(&cgroup_dir, !no_hardening, &hide, &cmd),
         Cmd::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Cmd::Events {
             config,

@@ -662,3 +662,64 @@ fn cgroup_skb_backstop_judges_every_packet() {
     schema_check(&events);
     assert!(d.stop());
 }
+
+/// A root command under `mcp-guard exec` runs in a mount namespace of its own: it cannot
+/// write its pid into another cgroup's `cgroup.procs` (the cgroup tree is read-only
+/// there), nor remove the daemon's pins (bpffs read-only), nor reach a local deputy's
+/// Unix socket (the daemon's own control socket stands in for the container runtime's,
+/// D-Bus's and the kubelet's, covered the same way). Control: the same command with
+/// `--no-hardening` does all three (a root process with every capability, which only a
+/// kernel-side sticky identity would hold; README says so).
+#[test]
+fn an_exec_hardened_root_command_cannot_leave_its_cgroup_or_reach_deputies() {
+    let ns = NetNs::new();
+    ns.add_addr("169.254.169.254");
+    ns.listen_tcp("169.254.169.254:80");
+    let cg = TestCgroup::new();
+    let _ = cg.child("w");
+    let d = Daemon::start(&format!(
+        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[daemon]\nattach_cgroup = \"{r}\"\n",
+        r = cg.rel
+    ));
+    let root = mcp_guard_tests::cgroup_mount();
+    let control = d.control.display().to_string();
+    let pin = d.pin_dir.join("links/connect4").display().to_string();
+    let mut hardened = Probe::exec_in(PROBE, &d.config, "w", &[], Some(&ns));
+    assert_eq!(
+        hardened.op(&format!("join-cgroup {}", root.display())),
+        "ERR 30",
+        "the cgroup tree is read-only for the command"
+    );
+    assert_eq!(
+        hardened.op(&format!("join-cgroup {}", cg.dir.display())),
+        "ERR 30"
+    );
+    assert_eq!(
+        hardened.op("tcp 169.254.169.254 80"),
+        "EPERM",
+        "still guarded"
+    );
+    assert_eq!(
+        hardened.op(&format!("unix {control}")),
+        "ERR 111",
+        "the daemon's socket is covered"
+    );
+    assert_eq!(
+        hardened.op(&format!("unlink {pin}")),
+        "ERR 30",
+        "bpffs is read-only"
+    );
+    assert!(d.pin_dir.join("links/connect4").exists());
+    let mut plain = Probe::exec_in(PROBE, &d.config, "w", &["--no-hardening"], Some(&ns));
+    assert_eq!(plain.op(&format!("unix {control}")), "OK", "control");
+    assert_eq!(
+        plain.op(&format!("join-cgroup {}", cg.dir.display())),
+        "OK",
+        "control: an unhardened root process leaves its cgroup"
+    );
+    assert_eq!(
+        plain.op("tcp 169.254.169.254 80"),
+        "OK",
+        "control: and is no longer guarded (the documented gap)"
+    );
+}

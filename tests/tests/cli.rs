@@ -170,7 +170,15 @@ fn enforced_waits_for_the_kernel() {
         r = cg.rel
     );
     let (code, _, err) = run(
-        &["enforced", "--config", "CFG", "--workload", "a", "--wait", "1"],
+        &[
+            "enforced",
+            "--config",
+            "CFG",
+            "--workload",
+            "a",
+            "--wait",
+            "1",
+        ],
         &format!("{cfg}pin_dir='/sys/fs/bpf/mcpg-test-nothing-here'\n"),
     );
     assert_eq!(code, 1, "{err}");

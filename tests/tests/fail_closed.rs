@@ -95,8 +95,8 @@ fn kill_9_never_opens_a_window_and_restart_adopts() {
     let status = d.status();
     assert_eq!(
         status["adopted"].as_array().unwrap().len(),
-        6,
-        "all six cgroup links adopted (connect4/6, sendmsg4/6, sock_create, cgroup_skb): {status}"
+        7,
+        "all seven cgroup links adopted (connect4/6, sendmsg4/6, sock_create, cgroup_skb, sock_ops): {status}"
     );
     for t in [
         "cgroup_inet4_connect",
@@ -162,8 +162,8 @@ fn keep_on_exit_then_uninstall_leaves_nothing() {
     let (progs, maps) = kernel_objects(&d);
     assert_eq!(
         progs.len(),
-        6,
-        "connect4/6, sendmsg4/6, sock_create, cgroup_skb"
+        7,
+        "connect4/6, sendmsg4/6, sock_create, cgroup_skb, sock_ops"
     );
     assert!(maps.len() >= 8, "{maps:?}");
     assert!(d.terminate());

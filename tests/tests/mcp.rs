@@ -630,7 +630,10 @@ fn tool_scoping_survives_a_restart_and_a_call_in_flight_at_kill_9_does_not_stay_
             .starts_with("refused: Operation not permitted"),
         "the call in flight at the kill is not active after the restart: {got}"
     );
-    assert_eq!(r[2]["text"], "connected", "scoped again after the restart: {got}");
+    assert_eq!(
+        r[2]["text"], "connected",
+        "scoped again after the restart: {got}"
+    );
     assert_eq!(
         r[5]["text"], "[\"refused: Operation not permitted\"]",
         "nothing stays active between calls: {got}"

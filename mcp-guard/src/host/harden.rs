@@ -5,6 +5,13 @@
 //! sockets no cgroup hook sees (AF_PACKET, AF_XDP, AF_VSOCK) and io_uring, whose socket
 //! operations a seccomp filter cannot see. Where the kernel runs BPF LSM programs the
 //! daemon refuses those families as well; this is the layer that holds where it does not.
+//!
+//! The command also runs in a mount namespace of its own in which every cgroup
+//! hierarchy and bpffs are read-only (a root command can no longer write its pid into
+//! another cgroup's `cgroup.procs` to leave its workload, nor remove pins), and the
+//! sockets of local deputies that would connect for it (container runtimes, the D-Bus
+//! system bus, systemd, the kubelet, mcp-guard's own) are covered by /dev/null: what
+//! systemd's `ProtectControlGroups=` and `InaccessiblePaths=` do for a unit.
 
 use thiserror::Error;
 
@@ -38,15 +45,141 @@ pub enum HardenError {
     Filter(String),
     #[error("installing the seccomp filter: {0}")]
     Install(String),
+    #[error("isolating the command's mounts ({what}): {source}")]
+    Mounts {
+        what: String,
+        source: std::io::Error,
+    },
 }
+
+/// Unix sockets of local deputies: a process that reaches one can have an unguarded
+/// process connect, or start an unguarded container or unit, for it. Each that exists
+/// is covered by /dev/null in the command's mount namespace (a connect then fails).
+pub const HIDDEN_SOCKETS: [&str; 14] = [
+    "/run/containerd/containerd.sock",
+    "/run/containerd/containerd.sock.ttrpc",
+    "/run/k3s/containerd/containerd.sock",
+    "/run/docker.sock",
+    "/var/run/docker.sock",
+    "/run/crio/crio.sock",
+    "/var/run/crio/crio.sock",
+    "/run/podman/podman.sock",
+    "/run/dbus/system_bus_socket",
+    "/var/run/dbus/system_bus_socket",
+    "/run/systemd/private",
+    "/var/lib/kubelet/pod-resources/kubelet.sock",
+    "/run/mcp-guard/control.sock",
+    "/run/mcp-guard/mcp.sock",
+];
 
 /// Hardens the calling process (call it last, right before exec).
 ///
 /// # Errors
 /// Any step failing: the caller must not run the command then (fail closed).
-pub fn apply() -> Result<(), HardenError> {
+/// `hide`: more sockets to cover (the daemon's configured sockets).
+pub fn apply(hide: &[std::path::PathBuf]) -> Result<(), HardenError> {
+    isolate_mounts(hide)?;
     drop_capabilities()?;
     install_filter()
+}
+
+/// A mount point path as /proc/self/mountinfo writes it (space, tab, newline and
+/// backslash as octal escapes).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        if let (b'\\', Some(d)) = (b[i], octal) {
+            out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn mount(source: Option<&str>, target: &str, flags: libc::c_ulong) -> Result<(), HardenError> {
+    let c = |s: &str| std::ffi::CString::new(s).unwrap_or_default();
+    let (src, tgt) = (source.map(c), c(target));
+    // SAFETY: mount(2) with valid C strings (or null) and no data.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
+            tgt.as_ptr(),
+            std::ptr::null(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(HardenError::Mounts {
+            what: target.to_string(),
+            source: std::io::Error::last_os_error(),
+        })
+    }
+}
+
+/// A mount namespace of the command's own: cgroup hierarchies and bpffs read-only,
+/// deputies' sockets covered.
+fn isolate_mounts(hide: &[std::path::PathBuf]) -> Result<(), HardenError> {
+    // SAFETY: plain syscall; affects this process only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(HardenError::Mounts {
+            what: "unshare".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // Nothing done here propagates back to the host's mounts.
+    mount(None, "/", libc::MS_REC | libc::MS_PRIVATE)?;
+    let info =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| HardenError::Mounts {
+            what: "/proc/self/mountinfo".into(),
+            source,
+        })?;
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fields: Vec<&str> = left.split(' ').collect();
+        let fstype = right.split(' ').next().unwrap_or_default();
+        if !matches!(fstype, "cgroup2" | "cgroup" | "bpf") || fields.len() < 6 {
+            continue;
+        }
+        let target = unescape(fields[4]);
+        let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
+        for o in fields[5].split(',') {
+            flags |= match o {
+                "nosuid" => libc::MS_NOSUID,
+                "nodev" => libc::MS_NODEV,
+                "noexec" => libc::MS_NOEXEC,
+                "noatime" => libc::MS_NOATIME,
+                "nodiratime" => libc::MS_NODIRATIME,
+                "relatime" => libc::MS_RELATIME,
+                _ => 0,
+            };
+        }
+        mount(None, &target, flags)?;
+    }
+    for path in HIDDEN_SOCKETS
+        .iter()
+        .map(std::path::PathBuf::from)
+        .chain(hide.iter().cloned())
+    {
+        let is_socket = std::fs::symlink_metadata(&path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
+        if is_socket {
+            mount(Some("/dev/null"), &path.to_string_lossy(), libc::MS_BIND)?;
+        }
+    }
+    Ok(())
 }
 
 fn drop_capabilities() -> Result<(), HardenError> {
@@ -172,6 +305,13 @@ pub fn held(status: &str) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape("/sys/fs/cgroup"), "/sys/fs/cgroup");
+        assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape("/x\\"), "/x\\");
+    }
 
     #[test]
     fn held_reads_effective_and_permitted() {

@@ -98,8 +98,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mc
 pub fn open(pins: &Pins) -> Result<Ebpf, LoadError> {
     raise_memlock();
     let mut loader = EbpfLoader::new();
-    let paths: Vec<(&str, std::path::PathBuf)> =
-        pinned_maps().map(|n| (n, pins.map(n))).collect();
+    let paths: Vec<(&str, std::path::PathBuf)> = pinned_maps().map(|n| (n, pins.map(n))).collect();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -529,7 +528,10 @@ mod tests {
             .iter()
             .filter(|n| !n.starts_with('.') && !in_object.contains(n))
             .collect();
-        assert!(missing.is_empty(), "classified maps not in the object: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "classified maps not in the object: {missing:?}"
+        );
 
         let mut known: Vec<&str> = SOCK_ADDR_PROGRAMS.iter().map(|(n, _, _)| *n).collect();
         known.extend(TRACEPOINTS.iter().map(|(n, _)| *n));
@@ -543,6 +545,9 @@ mod tests {
             "programs no loader table attaches: {unknown:?}"
         );
         let absent: Vec<_> = known.iter().filter(|p| !programs.contains(p)).collect();
-        assert!(absent.is_empty(), "tables name programs not in the object: {absent:?}");
+        assert!(
+            absent.is_empty(),
+            "tables name programs not in the object: {absent:?}"
+        );
     }
 }

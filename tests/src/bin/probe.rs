@@ -8,6 +8,8 @@
 //! `tcp-from ADDR PORT SRC` (bound to SRC first), `udp-cmsg ADDR PORT` / `udp-gso ADDR PORT`
 //! (connect, then sendmsg with no address and an ECN or GSO control message), `serve ADDR
 //! PORT` (listens in the probe's cgroup and answers every connection with `pong`),
+//! `join-cgroup DIR` (writes its own pid into DIR/cgroup.procs), `unix PATH` (connects a
+//! stream Unix socket), `unlink PATH`,
 //! `resolve-tcp NAME SERVER SERVER_PORT PORT`: asks SERVER for NAME's A record over UDP and
 //! connects at once to the first address answered; prints `OK ADDR`, `EPERM ADDR`,
 //! `ERR <errno> ADDR`, `QUERY <result>` (the query itself failed) or `NOANSWER`;
@@ -356,6 +358,34 @@ fn checksum(data: &[u8]) -> u16 {
 fn below_sockets(f: &[&str]) -> Option<String> {
     // SAFETY (all blocks): syscalls with valid fds and buffers.
     match *f.first()? {
+        "join-cgroup" => {
+            // Writes this process's pid into DIR/cgroup.procs (leaving its cgroup).
+            let dir = f.get(1)?;
+            Some(
+                match std::fs::write(
+                    format!("{dir}/cgroup.procs"),
+                    std::process::id().to_string(),
+                ) {
+                    Ok(()) => "OK".into(),
+                    Err(e) => format!("ERR {}", e.raw_os_error().unwrap_or(0)),
+                },
+            )
+        }
+        "unix" => {
+            // Connects a stream Unix socket to PATH.
+            let path = f.get(1)?;
+            Some(match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => "OK".into(),
+                Err(e) => format!("ERR {}", e.raw_os_error().unwrap_or(0)),
+            })
+        }
+        "unlink" => {
+            let path = f.get(1)?;
+            Some(match std::fs::remove_file(path) {
+                Ok(()) => "OK".into(),
+                Err(e) => format!("ERR {}", e.raw_os_error().unwrap_or(0)),
+            })
+        }
         "socket" => {
             let (family, ty, proto) = match *f.get(1)? {
                 "raw4" => (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
