@@ -36,6 +36,10 @@ enum Cmd {
     Check {
         #[arg(long, short)]
         config: PathBuf,
+        /// Fail (exit 1) when the config draws a warning (a dangerous or meaningless
+        /// policy), not only when it is invalid.
+        #[arg(long)]
+        strict: bool,
     },
     /// Show the verdict for one destination and the rule that decided.
     Explain {
@@ -142,7 +146,13 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(daemon::run(config))),
-        Cmd::Check { config } => check(&config),
+        Cmd::Check { config, strict } => match check(&config) {
+            Ok(warnings) if strict && warnings > 0 => {
+                eprintln!("error: {warnings} warning(s) and --strict: fix them or drop --strict");
+                return ExitCode::from(1);
+            }
+            other => other.map(|_| ()),
+        },
         Cmd::Explain {
             config,
             workload,
@@ -243,7 +253,8 @@ fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn check(path: &Path) -> Result<()> {
+/// Returns how many warnings the config drew.
+fn check(path: &Path) -> Result<usize> {
     let (cfg, compiled) = daemon::prepare(path)?;
     println!("{}: OK", path.display());
     println!("mode: {:?}", cfg.mode);
@@ -345,7 +356,7 @@ fn check(path: &Path) -> Result<()> {
         compiled.lpm.len(),
         compiled.exact.len()
     );
-    Ok(())
+    Ok(cfg.warnings.len())
 }
 
 fn parse_dest(s: &str) -> Result<(IpAddr, u16, FlowProto)> {

@@ -197,3 +197,19 @@ fn enforced_waits_for_the_kernel() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("enforced by the kernel"));
 }
+
+/// `check` warns about a dangerous policy with file, line and the fix, and `--strict`
+/// turns the warning into a failing exit.
+#[test]
+fn check_warns_about_dangerous_policies_and_strict_fails() {
+    let cfg = "[[workload]]\nname = 'a'\ncgroup = '/mcp.slice/a.service'\ndefault = 'deny'\n[[workload.allow]]\ncidr = '0.0.0.0/0'\n";
+    let (code, _, err) = run(&["check", "--config", "CFG"], cfg);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(":6: workload \"a\" allows 0.0.0.0/0 under default = \"deny\""),
+        "{err}"
+    );
+    let (code, _, err) = run(&["check", "--strict", "--config", "CFG"], cfg);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("1 warning(s) and --strict"), "{err}");
+}

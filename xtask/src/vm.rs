@@ -34,7 +34,7 @@ const KERNELS: [(&str, &str); 2] = [
 ];
 
 /// The kernel tests that run inside the VMs: (test binary, test name).
-const TESTS: [(&str, &str); 12] = [
+const TESTS: [(&str, &str); 13] = [
     ("enforcement", "socket_hooks_enforce_the_policy"),
     (
         "enforcement",
@@ -55,6 +55,10 @@ const TESTS: [(&str, &str); 12] = [
         "tc_links_are_pinned_and_adopted_after_kill_9",
     ),
     ("below_sockets", "exec_hardens_the_command"),
+    (
+        "below_sockets",
+        "an_exec_hardened_root_command_cannot_leave_its_cgroup_or_reach_deputies",
+    ),
     (
         "fail_closed",
         "kill_9_never_opens_a_window_and_restart_adopts",

@@ -432,6 +432,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
                 format!("duplicate workload name {name:?} (first defined on line {first}): names must be unique"),
             );
         }
+        if name.chars().any(char::is_control) {
+            cx.err(
+                &w.name.span(),
+                format!("workload name {name:?} holds a control character, which would garble logs and events: use letters, digits, '-', '_' and '.'"),
+            );
+        }
         if name == pods::PENDING {
             cx.err(&w.name.span(), format!("workload name {name:?} is reserved for pods not yet identified: choose another"));
         }
@@ -601,6 +607,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             path.display()
         ));
     }
+    warnings.extend(lint::warnings(path, &baseline, &workloads, dns.proxy));
     if !cx.errors.is_empty() {
         return Err(ConfigErrors(cx.errors));
     }
@@ -633,5 +640,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     })
 }
 
+mod lint;
 #[cfg(test)]
 mod tests;

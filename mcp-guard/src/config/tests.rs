@@ -333,3 +333,60 @@ fn pod_workload_errors_name_the_line() {
         assert!(e.message.contains(what), "{text}: {e}");
     }
 }
+
+/// The warnings of `text` (which must parse).
+fn warned(text: &str) -> Vec<String> {
+    p(text).expect("config must parse").warnings
+}
+
+#[test]
+fn dangerous_configs_are_warned_with_line_and_fix() {
+    // The contract example is clean.
+    assert!(warned(GOOD).is_empty(), "{:?}", warned(GOOD));
+    // 0.0.0.0/0 under default = "deny".
+    let w = warned("[[workload]]\nname = \"a\"\ncgroup = \"/mcp.slice/a.service\"\ndefault = \"deny\"\n[[workload.allow]]\ncidr = \"0.0.0.0/0\"\n");
+    assert_eq!(w, ["test.toml:6: workload \"a\" allows 0.0.0.0/0 under default = \"deny\": that allows loopback, private, link-local and every other internal address too (all but the baseline); to allow the internet but nothing internal, remove the rule and use default = \"deny-internal\""]);
+    // ::/0 under deny-internal.
+    let w = warned("[[workload]]\nname = \"a\"\ncgroup = \"/mcp.slice/a.service\"\n[[workload.allow]]\ncidr = \"::/0\"\n");
+    assert!(
+        w[0].starts_with(
+            "test.toml:5: workload \"a\" allows ::/0 under default = \"deny-internal\""
+        ),
+        "{w:?}"
+    );
+    // The machine's own services.
+    for c in ["/system.slice", "/*", "/**", "/system.slice/*"] {
+        let w = warned(&format!("[[workload]]\nname = \"a\"\ncgroup = \"{c}\"\n"));
+        assert_eq!(w, [format!("test.toml:2: workload \"a\" cgroup {c} takes in the machine's own services (sshd, the kubelet, the container runtime, mcp-guard itself): name the cgroup of your MCP servers, e.g. /mcp.slice or /mcp.slice/*.service")], "{c}");
+    }
+    // A workload shadowed by an earlier pattern.
+    let w = warned("[[workload]]\nname = \"all\"\ncgroup = \"/mcp.slice/*\"\n[[workload]]\nname = \"gh\"\ncgroup = \"/mcp.slice/gh.service\"\n");
+    assert_eq!(w, ["test.toml:5: workload \"gh\" (cgroup /mcp.slice/gh.service) never applies: workload \"all\" on line 2 takes that cgroup first with the pattern /mcp.slice/* (the first match wins); move this workload above it"]);
+    // An allow rule the baseline shadows, and a duplicate.
+    let w = warned("[[workload]]\nname = \"a\"\ncgroup = \"/mcp.slice/a.service\"\n[[workload.allow]]\ncidr = \"169.254.169.254/32\"\n[[workload.allow]]\ncidr = \"10.0.0.0/8\"\n[[workload.allow]]\ncidr = \"10.0.0.0/8\"\n");
+    assert_eq!(w, [
+        "test.toml:5: workload \"a\" allows 169.254.169.254/32, which the baseline (metadata) denies before any allow rule: the rule never applies; remove it (the baseline holds for every workload)".to_string(),
+        "test.toml:9: workload \"a\" repeats the allow rule for 10.0.0.0/8: remove the duplicate".to_string(),
+    ]);
+    // A config that guards nothing.
+    assert_eq!(warned("[baseline]\ndeny = [\"metadata\"]\n"), ["test.toml: no [[workload]]: this config guards no process (only the baseline is compiled); add a workload with the cgroup or pods of your MCP servers"]);
+    // The DNS proxy on every address.
+    let w = warned("[[workload]]\nname = \"a\"\ncgroup = \"/mcp.slice/a.service\"\n[dns]\nproxy = \"0.0.0.0:53\"\n");
+    assert!(
+        w.iter()
+            .any(|m| m
+                .starts_with("test.toml: [dns] proxy = \"0.0.0.0:53\" listens on every address")),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn control_characters_in_names_are_errors() {
+    let e = err("[[workload]]\nname = \"a\\u001b[31mb\"\ncgroup = \"/mcp.slice/a.service\"\n");
+    assert_eq!(e.line, 2);
+    assert!(
+        e.message.contains("holds a control character"),
+        "{}",
+        e.message
+    );
+}
