@@ -151,6 +151,74 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Whether the connection to the daemon still stands (nothing is waiting on it
+    /// between exchanges, so a readable socket means the daemon closed it).
+    fn alive(&self) -> bool {
+        let Some((s, _)) = &self.conn else {
+            return false;
+        };
+        let mut fds = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(s),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&raw mut fds, 1, 0) };
+        n == 0
+    }
+
+    /// Reconnects (announcing the instance, its peers, tools and calls in flight again)
+    /// if the daemon went away. Returns whether the relay is connected afterwards, and
+    /// says on stderr when the connection comes back.
+    pub fn keep_alive(&mut self) -> bool {
+        if self.alive() {
+            return true;
+        }
+        let was = self.conn.is_some();
+        match self.reconnect() {
+            Ok(()) => {
+                eprintln!(
+                    "mcp-guard: the relay is connected to the daemon again; {} call(s) in flight registered again",
+                    self.calls.len()
+                );
+                self.warned = false;
+                true
+            }
+            Err(e) => {
+                self.conn = None;
+                if was || !self.warned {
+                    eprintln!(
+                        "mcp-guard: the daemon went away ({e}): until it is back this instance has no tool active (tool-scoped rules refuse) and calls are not named in events; retrying"
+                    );
+                    self.warned = true;
+                }
+                false
+            }
+        }
+    }
+}
+
+/// Watches the daemon connection from a thread of its own: after a daemon restart the
+/// instance and its calls in flight are registered again within `backoff` (doubling
+/// from 200 ms up to 1 s while the daemon stays away), without waiting for the next
+/// message.
+fn watch(daemon: Arc<Mutex<Option<Daemon>>>, done: Arc<std::sync::atomic::AtomicBool>) {
+    let mut backoff = Duration::from_millis(200);
+    while !done.load(Ordering::SeqCst) {
+        std::thread::sleep(backoff);
+        let ok = match daemon.lock().expect("daemon").as_mut() {
+            Some(d) => d.keep_alive(),
+            None => return,
+        };
+        backoff = if ok {
+            Duration::from_millis(200)
+        } else {
+            (backoff * 2).min(Duration::from_secs(1))
+        };
+    }
+}
+
 /// What the relay knows about the session, shared by both directions.
 #[derive(Default)]
 struct Session {
@@ -245,6 +313,11 @@ pub fn relay(
     call_timeout: Duration,
 ) -> std::io::Result<std::process::ExitStatus> {
     let daemon = Arc::new(Mutex::new(daemon));
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (daemon, stop) = (daemon.clone(), watching.clone());
+        std::thread::spawn(move || watch(daemon, stop));
+    }
     let session = Arc::new(Mutex::new(Session::default()));
     let counts = Arc::new(Counts::default());
     let to_server = child.stdin.take().expect("piped stdin");
@@ -413,6 +486,7 @@ pub fn relay(
     let _ = down.join();
     drop(up);
     done.store(true, Ordering::SeqCst);
+    watching.store(true, Ordering::SeqCst);
     let _ = ticker.join();
     status
 }
