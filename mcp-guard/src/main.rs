@@ -41,7 +41,8 @@ enum Cmd {
         #[arg(long)]
         strict: bool,
     },
-    /// Show the verdict for one destination and the rule that decided.
+    /// Show the verdict for one destination and the rule that decided. Exit code: 0 ALLOW,
+    /// 1 DENY, 2 a bad config, workload or destination.
     Explain {
         #[arg(long, short)]
         config: PathBuf,
@@ -157,7 +158,10 @@ fn main() -> ExitCode {
             config,
             workload,
             dest,
-        } => explain(&config, &workload, &dest),
+        } => match explain(&config, &workload, &dest) {
+            Ok(Verdict::Deny) => return ExitCode::from(1),
+            other => other.map(|_| ()),
+        },
         Cmd::Enforced {
             config,
             workload,
@@ -388,7 +392,8 @@ fn learned_from_daemon(cfg: &mcp_guard::config::Config) -> Result<Vec<mcp_guard:
     Ok(serde_json::from_str::<Body>(&body)?.learned)
 }
 
-fn explain(path: &Path, workload: &str, dest: &str) -> Result<()> {
+/// Explains `dest`; the verdict decides the exit code (0 ALLOW, 1 DENY).
+fn explain(path: &Path, workload: &str, dest: &str) -> Result<Verdict> {
     let (cfg, mut compiled) = daemon::prepare(path)?;
     let has_hosts = cfg.workloads.iter().any(|w| !w.hosts.is_empty());
     let mut learned = Vec::new();
@@ -418,25 +423,95 @@ fn explain(path: &Path, workload: &str, dest: &str) -> Result<()> {
         Ok(t) => vec![t],
         Err(e) => {
             // A name: explain every address the daemon learned for it.
-            let (name, rest) = dest.split_once(':').ok_or(e)?;
+            let (name, rest) = dest.rsplit_once(':').ok_or(e)?;
+            let port_ok = rest
+                .split_once('/')
+                .map_or(rest, |(p, _)| p)
+                .parse::<u16>()
+                .is_ok();
+            if !port_ok || !is_dns_name(name) {
+                bail!(
+                    "{dest:?} is neither ADDR:PORT (IPv6 as [ADDR]:PORT, no zone) nor NAME:PORT, with PORT 0-65535 and an optional /tcp or /udp"
+                );
+            }
             let name = mcp_guard::config::normalise_name(name);
+            let (_, port, proto) = parse_dest(&format!("0.0.0.0:{rest}"))?;
+            let rules: Vec<String> = cfg
+                .workloads
+                .iter()
+                .filter(|w| w.name == workload)
+                .flat_map(|w| w.hosts.iter())
+                .filter(|h| h.pattern.matches(&name))
+                .map(|h| {
+                    format!(
+                        "allow host {} ({}:{})",
+                        h.pattern,
+                        path.display(),
+                        h.loc.line
+                    )
+                })
+                .collect();
             let addrs: Vec<IpAddr> = learned
                 .iter()
                 .filter(|l| l.workload == workload && l.name == name)
                 .map(|l| l.addr)
                 .collect();
             if addrs.is_empty() {
-                println!("{workload} -> {name}: no address learned for this name (yet): DNS has not answered it for this workload, or no host rule of it matches the name");
-                return Ok(());
+                if rules.is_empty() {
+                    let resolve_any = cfg
+                        .workloads
+                        .iter()
+                        .any(|w| w.name == workload && w.resolve_any);
+                    let proxy = if cfg.dns.proxy.is_some() && !resolve_any {
+                        "; the DNS proxy refuses to resolve it for this workload"
+                    } else {
+                        ""
+                    };
+                    if wl.default == DEFAULT_DENY {
+                        println!("{workload} -> {name}: DENY: no host rule of this workload matches the name, and its default is deny (only an allow cidr covering the address could let it through){proxy}");
+                        return Ok(Verdict::Deny);
+                    }
+                    println!("{workload} -> {name}: no host rule of this workload matches the name: its addresses are judged like any address by the CIDR rules and the default (give ADDR:PORT for the verdict){proxy}");
+                    return Ok(if proxy.is_empty() {
+                        Verdict::Allow
+                    } else {
+                        Verdict::Deny
+                    });
+                }
+                println!(
+                    "{workload} -> {name}: matches {}; no address learned yet: the addresses DNS answers are allowed on the rule's ports once learned (never metadata or internal ones unless allow_internal)",
+                    rules.join(", ")
+                );
+                return Ok(Verdict::Allow);
             }
-            let (_, port, proto) = parse_dest(&format!("0.0.0.0:{rest}"))?;
             addrs.into_iter().map(|a| (a, port, proto)).collect()
         }
     };
+    let mut verdict = Verdict::Allow;
     for (ip, port, proto) in targets {
-        explain_one(&ev, wl, workload, &learned, ip, port, proto);
+        if explain_one(&ev, wl, workload, &learned, ip, port, proto) == Verdict::Deny {
+            verdict = Verdict::Deny;
+        }
     }
-    Ok(())
+    Ok(verdict)
+}
+
+/// A DNS name as a destination may give it: labels of letters, digits and '-' (and '_'),
+/// at most 63 bytes each, not all-numeric at the end (that would be a mistyped address).
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = name.split('.').collect();
+    !name.is_empty()
+        && name.len() <= 253
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        && !labels
+            .last()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn explain_one(
@@ -447,7 +522,7 @@ fn explain_one(
     ip: IpAddr,
     port: u16,
     proto: FlowProto,
-) {
+) -> Verdict {
     let d = ev.decide(wl, ip, port, proto);
     let judged = display_addr(mcp_guard::policy::addr16(ip));
     let what = match (d.verdict, wl.mode == MODE_AUDIT) {
@@ -495,6 +570,12 @@ fn explain_one(
                 _ => "deny-internal",
             }
         ),
+    }
+    // Audit mode lets it through: the command answers for what the kernel does.
+    if d.verdict == Verdict::Deny && wl.mode == MODE_AUDIT {
+        Verdict::Allow
+    } else {
+        d.verdict
     }
 }
 

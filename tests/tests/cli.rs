@@ -74,7 +74,7 @@ fn explain_names_the_deciding_rule() {
         ],
         cfg,
     );
-    assert_eq!(code, 0);
+    assert_eq!(code, 1, "DENY exits 1");
     assert!(
         out.contains("169.254.169.254 port 80/tcp: DENY (baseline-metadata)")
             && out.contains("rule #1"),
@@ -212,4 +212,70 @@ fn check_warns_about_dangerous_policies_and_strict_fails() {
     let (code, _, err) = run(&["check", "--strict", "--config", "CFG"], cfg);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("1 warning(s) and --strict"), "{err}");
+}
+
+/// `explain` refuses malformed destinations (exit 2), matches names against the host
+/// rules offline, and exits 0 on ALLOW, 1 on DENY.
+#[test]
+fn explain_refuses_malformed_destinations_and_matches_names_offline() {
+    let cfg = "[[workload]]\nname='a'\ncgroup='/a'\ndefault='deny'\n[[workload.allow]]\nhost='*.slack.com'\nports=[443]\n[[workload.allow]]\ncidr='93.184.216.0/24'\nports=[443]\n[dns]\nproxy='127.0.0.153:53'\n";
+    for bad in [
+        "1.1.1.1:99999",
+        "999.1.1.1:80",
+        "[fe80::1%eth0]:80",
+        "x.y:abc",
+        "host-only",
+    ] {
+        let (code, _, err) = run(&["explain", "--config", "CFG", "--workload", "a", bad], cfg);
+        assert_eq!(code, 2, "{bad}: {err}");
+        assert!(
+            err.contains("is neither ADDR:PORT") || err.contains("is not ADDR:PORT"),
+            "{bad}: {err}"
+        );
+    }
+    let (code, out, _) = run(
+        &[
+            "explain",
+            "--config",
+            "CFG",
+            "--workload",
+            "a",
+            "files.slack.com:443",
+        ],
+        cfg,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("files.slack.com: matches allow host *.slack.com (") && out.contains(":6)"),
+        "{out}"
+    );
+    let (code, out, _) = run(
+        &[
+            "explain",
+            "--config",
+            "CFG",
+            "--workload",
+            "a",
+            "evil.example.com:443",
+        ],
+        cfg,
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("evil.example.com: DENY: no host rule of this workload matches the name"),
+        "{out}"
+    );
+    let (code, out, _) = run(
+        &[
+            "explain",
+            "--config",
+            "CFG",
+            "--workload",
+            "a",
+            "93.184.216.34:443",
+        ],
+        cfg,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ALLOW"), "{out}");
 }
