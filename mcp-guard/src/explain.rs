@@ -1,0 +1,230 @@
+//! `mcp-guard explain`: the verdict for one destination and the rule that decided, from
+//! the same compiled entries the kernel gets.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::{bail, Context as _, Result};
+use mcp_guard::{
+    daemon,
+    policy::{display_addr, reason_name, Evaluator, FlowProto, Verdict},
+};
+use mcp_guard_common::{DEFAULT_ALLOW, DEFAULT_DENY, MODE_AUDIT};
+
+fn parse_dest(s: &str) -> Result<(IpAddr, u16, FlowProto)> {
+    let (hostport, proto) = match s.rsplit_once('/') {
+        Some((hp, "tcp")) => (hp, FlowProto::Tcp),
+        Some((hp, "udp")) => (hp, FlowProto::Udp),
+        Some((_, other)) => bail!("{s:?}: unknown protocol {other:?}, use /tcp or /udp"),
+        None => (s, FlowProto::Tcp),
+    };
+    let sa: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("{s:?} is not ADDR:PORT (IPv6 as [ADDR]:PORT)"))?;
+    Ok((sa.ip(), sa.port(), proto))
+}
+
+/// The addresses a running daemon learned for host rules, from its /dns endpoint.
+fn learned_from_daemon(cfg: &mcp_guard::config::Config) -> Result<Vec<mcp_guard::policy::Learned>> {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        learned: Vec<mcp_guard::policy::Learned>,
+    }
+    let body =
+        mcp_guard::api::client::control_body(&cfg.control_socket, "/dns").with_context(|| {
+            format!(
+                "asking the daemon on {} (daemon.control_socket) what DNS answered",
+                cfg.control_socket.display()
+            )
+        })?;
+    Ok(serde_json::from_str::<Body>(&body)?.learned)
+}
+
+/// Explains `dest`; the verdict decides the exit code (0 ALLOW, 1 DENY).
+pub(crate) fn explain(path: &Path, workload: &str, dest: &str) -> Result<Verdict> {
+    let (cfg, mut compiled) = daemon::prepare(path)?;
+    let has_hosts = cfg.workloads.iter().any(|w| !w.hosts.is_empty());
+    let mut learned = Vec::new();
+    if has_hosts {
+        match learned_from_daemon(&cfg) {
+            Ok(l) => {
+                compiled = mcp_guard::policy::compile_with(&cfg, &l)?;
+                learned = l;
+            }
+            Err(e) => println!(
+                "note: host rules are judged without DNS answers: {e:#}; run this next to the daemon"
+            ),
+        }
+    }
+    let ev = Evaluator::new(&compiled);
+    let Some(wl) = ev.workload(workload) else {
+        // (pods-pending is one workload over several patterns: named once.)
+        let mut names: Vec<&str> = compiled.workloads.iter().map(|w| w.name.as_str()).collect();
+        names.dedup();
+        bail!(
+            "{}: no workload named {workload:?}; workloads: {}",
+            path.display(),
+            names.join(", ")
+        );
+    };
+    let targets = match parse_dest(dest) {
+        Ok(t) => vec![t],
+        Err(e) => {
+            // A name: explain every address the daemon learned for it.
+            let (name, rest) = dest.rsplit_once(':').ok_or(e)?;
+            let port_ok = rest
+                .split_once('/')
+                .map_or(rest, |(p, _)| p)
+                .parse::<u16>()
+                .is_ok();
+            if !port_ok || !is_dns_name(name) {
+                bail!(
+                    "{dest:?} is neither ADDR:PORT (IPv6 as [ADDR]:PORT, no zone) nor NAME:PORT, with PORT 0-65535 and an optional /tcp or /udp"
+                );
+            }
+            let name = mcp_guard::config::normalise_name(name);
+            let (_, port, proto) = parse_dest(&format!("0.0.0.0:{rest}"))?;
+            let rules: Vec<String> = cfg
+                .workloads
+                .iter()
+                .filter(|w| w.name == workload)
+                .flat_map(|w| w.hosts.iter())
+                .filter(|h| h.pattern.matches(&name))
+                .map(|h| {
+                    format!(
+                        "allow host {} ({}:{})",
+                        h.pattern,
+                        path.display(),
+                        h.loc.line
+                    )
+                })
+                .collect();
+            let addrs: Vec<IpAddr> = learned
+                .iter()
+                .filter(|l| l.workload == workload && l.name == name)
+                .map(|l| l.addr)
+                .collect();
+            if addrs.is_empty() {
+                if rules.is_empty() {
+                    let resolve_any = cfg
+                        .workloads
+                        .iter()
+                        .any(|w| w.name == workload && w.resolve_any);
+                    let proxy = if cfg.dns.proxy.is_some() && !resolve_any {
+                        "; the DNS proxy refuses to resolve it for this workload"
+                    } else {
+                        ""
+                    };
+                    if wl.default == DEFAULT_DENY {
+                        println!("{workload} -> {name}: DENY: no host rule of this workload matches the name, and its default is deny (only an allow cidr covering the address could let it through){proxy}");
+                        return Ok(Verdict::Deny);
+                    }
+                    println!("{workload} -> {name}: no host rule of this workload matches the name: its addresses are judged like any address by the CIDR rules and the default (give ADDR:PORT for the verdict){proxy}");
+                    return Ok(if proxy.is_empty() {
+                        Verdict::Allow
+                    } else {
+                        Verdict::Deny
+                    });
+                }
+                println!(
+                    "{workload} -> {name}: matches {}; no address learned yet: the addresses DNS answers are allowed on the rule's ports once learned (never metadata or internal ones unless allow_internal)",
+                    rules.join(", ")
+                );
+                return Ok(Verdict::Allow);
+            }
+            addrs.into_iter().map(|a| (a, port, proto)).collect()
+        }
+    };
+    let mut verdict = Verdict::Allow;
+    for (ip, port, proto) in targets {
+        if explain_one(&ev, wl, workload, &learned, ip, port, proto) == Verdict::Deny {
+            verdict = Verdict::Deny;
+        }
+    }
+    Ok(verdict)
+}
+
+/// A DNS name as a destination may give it: labels of letters, digits and '-' (and '_'),
+/// at most 63 bytes each, not all-numeric at the end (that would be a mistyped address).
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let labels: Vec<&str> = name.split('.').collect();
+    !name.is_empty()
+        && name.len() <= 253
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        && !labels
+            .last()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn explain_one(
+    ev: &Evaluator<'_>,
+    wl: &mcp_guard::policy::CompiledWorkload,
+    workload: &str,
+    learned: &[mcp_guard::policy::Learned],
+    ip: IpAddr,
+    port: u16,
+    proto: FlowProto,
+) -> Verdict {
+    let d = ev.decide(wl, ip, port, proto);
+    let judged = display_addr(mcp_guard::policy::addr16(ip));
+    let what = match (d.verdict, wl.mode == MODE_AUDIT) {
+        (Verdict::Allow, _) => "ALLOW".to_string(),
+        (Verdict::Deny, false) => format!("DENY ({})", reason_name(d.reason.unwrap_or(0))),
+        (Verdict::Deny, true) => format!(
+            "AUDIT: would deny ({}), allowed because the workload is in audit mode",
+            reason_name(d.reason.unwrap_or(0))
+        ),
+    };
+    println!(
+        "{workload} -> {judged} port {port}/{}: {what}",
+        match proto {
+            FlowProto::Tcp => "tcp",
+            FlowProto::Udp => "udp",
+            FlowProto::Other => "other",
+        }
+    );
+    match ev.rule_text(d.rule_id) {
+        Some(t) => {
+            println!("decided by rule #{}: {t}", d.rule_id);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            for l in learned
+                .iter()
+                .filter(|l| l.workload == workload && l.addr.to_canonical() == judged)
+                .filter(|l| t.contains(&format!(": {} = {} ", l.name, judged)))
+            {
+                println!(
+                    "answer: {} -> {} (record TTL {} s, from the {}), allowed for {} s more",
+                    l.name,
+                    l.addr,
+                    l.ttl,
+                    l.source,
+                    l.expires_unix.saturating_sub(now)
+                );
+            }
+        }
+        None => println!(
+            "decided by the workload default ({})",
+            match wl.default {
+                DEFAULT_DENY => "deny",
+                DEFAULT_ALLOW => "allow",
+                _ => "deny-internal",
+            }
+        ),
+    }
+    // Audit mode lets it through: the command answers for what the kernel does.
+    if d.verdict == Verdict::Deny && wl.mode == MODE_AUDIT {
+        Verdict::Allow
+    } else {
+        d.verdict
+    }
+}
