@@ -525,6 +525,12 @@ pub struct FlowCounterKey {
 }
 const _: () = assert!(size_of::<FlowCounterKey>() == 12);
 
+/// Entries of `POLICY_LPM_1` and of `POLICY_EXACT_1`. Both policy slots live in them
+/// (a reload writes the inactive slot while the live one decides), so one policy may
+/// use at most half.
+pub const POLICY_LPM_MAX: u32 = 524_288;
+pub const POLICY_EXACT_MAX: u32 = 524_288;
+
 /// Indexes of the per-CPU `STATS_1` array.
 pub const STAT_DECISIONS: u32 = 0;
 /// Denied or audited decisions (the left side of the event invariant).

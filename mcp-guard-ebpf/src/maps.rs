@@ -22,12 +22,13 @@ pub static CGROUPS_1: HashMap<CgroupKey, WorkloadInfo> =
 
 /// Prefix rules: baseline, internal ranges, metadata class and workload prefixes.
 #[map]
-pub static POLICY_LPM_1: LpmTrie<LpmData, PolicyEntry> = LpmTrie::with_max_entries(524_288, 0);
+pub static POLICY_LPM_1: LpmTrie<LpmData, PolicyEntry> =
+    LpmTrie::with_max_entries(mcp_guard_common::POLICY_LPM_MAX, 0);
 
 /// Exact host rules (/32, /128) of workloads.
 #[map]
 pub static POLICY_EXACT_1: HashMap<ExactKey, PolicyEntry> =
-    HashMap::with_max_entries(524_288, NO_PREALLOC);
+    HashMap::with_max_entries(mcp_guard_common::POLICY_EXACT_MAX, NO_PREALLOC);
 
 /// Pod mode of the TC classifier: node-side interface index -> registered workload
 /// cgroup id of the pod on its other end.

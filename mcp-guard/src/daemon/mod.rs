@@ -67,6 +67,9 @@ fn compile_config(
         warn!("{w}");
     }
     let compiled = policy::compile_with(&cfg, learned)?;
+    compiled
+        .fits_the_maps()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.path.display()))?;
     Ok((cfg, compiled))
 }
 

@@ -46,6 +46,29 @@ pub struct CompiledWorkload {
     pub toolsets: Vec<Vec<String>>,
 }
 
+impl Compiled {
+    /// Whether this policy fits the kernel maps (one policy slot: half of each map).
+    ///
+    /// # Errors
+    /// Which map overflows, with the count and the limit.
+    pub fn fits_the_maps(&self) -> Result<(), String> {
+        let check = |what: &str, n: usize, max: u32| {
+            let limit = (max / 2) as usize;
+            if n > limit {
+                Err(format!("the policy needs {n} {what} entries, the kernel map holds {limit} per policy (half of {max}: a reload writes the other half while this one decides): use fewer or wider prefixes, or split the workloads over several nodes' configs"))
+            } else {
+                Ok(())
+            }
+        };
+        check("prefix", self.lpm.len(), mcp_guard_common::POLICY_LPM_MAX)?;
+        check(
+            "exact-address",
+            self.exact.len(),
+            mcp_guard_common::POLICY_EXACT_MAX,
+        )
+    }
+}
+
 impl CompiledWorkload {
     /// The active mask the kernel needs for an MCP instance of this workload while calls
     /// of `tools` are in flight (`in_call`: at least one call is): bit `i` for every tool

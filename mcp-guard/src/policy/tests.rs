@@ -428,3 +428,18 @@ fn a_static_exact_rule_never_expires_with_a_learned_answer() {
     assert_eq!(e.entry.flags & mcp_guard_common::ENTRY_F_EXPIRES, 0);
     assert_eq!(e.entry.n_ranges, 2, "both rules' ports");
 }
+
+#[test]
+fn a_policy_that_cannot_fit_the_kernel_maps_is_refused_with_the_count() {
+    let mut c = compile_str("[[workload]]\nname = \"a\"\ncgroup = \"/a\"\n");
+    assert!(c.fits_the_maps().is_ok());
+    let one = c.lpm[0].clone();
+    c.lpm = vec![one; 262_145];
+    let e = c.fits_the_maps().unwrap_err();
+    assert!(
+        e.starts_with(
+            "the policy needs 262145 prefix entries, the kernel map holds 262144 per policy"
+        ),
+        "{e}"
+    );
+}
