@@ -54,6 +54,13 @@ pub(super) fn warnings(
             "{file}: no [[workload]]: this config guards no process (only the baseline is compiled); add a workload with the cgroup or pods of your MCP servers"
         ));
     }
+    // Workloads that select cgroups by pattern, in order (the shadowing check looks only
+    // at these: a config of 10,000 plain workloads stays linear).
+    let patterns: Vec<(usize, &Workload)> = workloads
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.cgroup.as_deref().is_some_and(cgroup::is_pattern))
+        .collect();
     for (i, w) in workloads.iter().enumerate() {
         let line = w.loc.line;
         if let Some(c) = &w.cgroup {
@@ -64,11 +71,13 @@ pub(super) fn warnings(
                 ));
             }
             if !cgroup::is_pattern(c) {
-                if let Some(first) = workloads[..i].iter().find(|a| {
-                    a.cgroup
-                        .as_deref()
-                        .is_some_and(|p| cgroup::is_pattern(p) && cgroup::path_matches(p, c))
-                }) {
+                if let Some((_, first)) =
+                    patterns.iter().take_while(|(j, _)| *j < i).find(|(_, a)| {
+                        a.cgroup
+                            .as_deref()
+                            .is_some_and(|p| cgroup::path_matches(p, c))
+                    })
+                {
                     out.push(format!(
                         "{file}:{line}: workload {:?} (cgroup {c}) never applies: workload {:?} on line {} takes that cgroup first with the pattern {} (the first match wins); move this workload above it",
                         w.name,
