@@ -281,7 +281,7 @@ fn exact_names_are_learned_refused_and_explained() {
         .output()
         .expect("explain");
     let text = output_text(&out);
-    assert!(out.status.success(), "{text}");
+    assert_eq!(out.status.code(), Some(1), "DENY exits 1: {text}");
     assert!(
         text.contains("web-mcp -> 93.184.216.34 port 80/tcp: DENY (not-allowed)"),
         "{text}"
@@ -293,7 +293,8 @@ fn exact_names_are_learned_refused_and_explained() {
         .output()
         .expect("explain");
     assert!(
-        output_text(&out).contains("no address learned for this name"),
+        output_text(&out)
+            .contains("never.example.test: DENY: no host rule of this workload matches the name"),
         "{}",
         output_text(&out)
     );
