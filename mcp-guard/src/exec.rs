@@ -87,9 +87,12 @@ pub fn exec(
     path: &Path,
     workload: &str,
     unguarded: bool,
-    harden: bool,
+    harden: Option<&[String]>,
     cmd: &[String],
 ) -> Result<()> {
+    if let Some(keep) = harden {
+        crate::host::harden::keep_caps(keep).map_err(anyhow::Error::msg)?;
+    }
     let (cfg, dir) = exec_target(path, workload, unguarded)?;
     exec_in(&dir, harden, &daemon_sockets(&cfg), cmd)
 }
@@ -100,13 +103,24 @@ fn daemon_sockets(cfg: &config::Config) -> Vec<PathBuf> {
     vec![cfg.control_socket.clone(), cfg.mcp_socket.clone()]
 }
 
-/// Joins `dir`, hardens (unless told not to; `hide`: more sockets to cover) and runs
-/// `cmd` in this process.
-pub fn exec_in(dir: &Path, harden: bool, hide: &[PathBuf], cmd: &[String]) -> Result<()> {
+/// Joins `dir`, hardens (`harden`: the capabilities to keep, `None` for no hardening;
+/// `hide`: more sockets to cover) and runs `cmd` in this process.
+pub fn exec_in(
+    dir: &Path,
+    harden: Option<&[String]>,
+    hide: &[PathBuf],
+    cmd: &[String],
+) -> Result<()> {
+    // Checked before anything happens: a name that is not a capability, or one that goes
+    // around the guard, is an error with the list.
+    let keep = harden
+        .map(crate::host::harden::keep_caps)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     cgroup::join(dir, std::process::id())
         .with_context(|| format!("joining cgroup {}", dir.display()))?;
-    if harden {
-        crate::host::harden::apply(hide)
+    if let Some(keep) = &keep {
+        crate::host::harden::apply(hide, keep)
             .context("hardening the command failed, so it was not run (pass --no-hardening to run it without)")?;
     }
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
@@ -120,11 +134,14 @@ pub fn exec_mcp(
     path: &Path,
     workload: &str,
     unguarded: bool,
-    harden: bool,
+    harden: Option<&[String]>,
     call_timeout: Duration,
     cmd: &[String],
 ) -> Result<u8> {
     use crate::mcp::{relay, wire::ToDaemon};
+    if let Some(keep) = harden {
+        crate::host::harden::keep_caps(keep).map_err(anyhow::Error::msg)?;
+    }
     let (cfg, dir) = exec_target(path, workload, unguarded)?;
     let instance_dir = dir.join(format!("mcp-{}", std::process::id()));
     std::fs::create_dir(&instance_dir)
@@ -166,8 +183,15 @@ pub fn exec_mcp(
         c.arg("exec-instance")
             .arg("--cgroup-dir")
             .arg(&instance_dir);
-        if !harden {
-            c.arg("--no-hardening");
+        match harden {
+            None => {
+                c.arg("--no-hardening");
+            }
+            Some(keep) => {
+                for k in keep {
+                    c.arg("--keep-cap").arg(k);
+                }
+            }
         }
         for p in daemon_sockets(&cfg) {
             c.arg("--hide").arg(p);

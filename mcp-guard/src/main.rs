@@ -64,6 +64,10 @@ enum Cmd {
         /// AF_VSOCK sockets and io_uring).
         #[arg(long)]
         no_hardening: bool,
+        /// A capability the command keeps (repeatable; by default it keeps none, root
+        /// included), e.g. CAP_NET_BIND_SERVICE. Those that go around the guard are refused.
+        #[arg(long = "keep-cap", value_name = "NAME")]
+        keep_cap: Vec<String>,
         /// The command is an MCP server on the stdio transport: relay its messages, run it
         /// in a cgroup of its own below the workload's, and tell the daemon about every
         /// tools/call (events name the tool; `tools = [...]` rules apply during calls).
@@ -98,6 +102,9 @@ enum Cmd {
         /// A socket to cover in the command's mount namespace (repeatable).
         #[arg(long)]
         hide: Vec<PathBuf>,
+        /// A capability the command keeps (repeatable).
+        #[arg(long = "keep-cap")]
+        keep_cap: Vec<String>,
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
@@ -186,16 +193,18 @@ fn main() -> ExitCode {
             workload,
             unguarded,
             no_hardening,
+            keep_cap,
             mcp,
             call_timeout,
             cmd,
         } => {
+            let harden = (!no_hardening).then_some(keep_cap.as_slice());
             if mcp {
                 return match mcp_guard::exec::exec_mcp(
                     &config,
                     &workload,
                     unguarded,
-                    !no_hardening,
+                    harden,
                     Duration::from_secs(call_timeout),
                     &cmd,
                 ) {
@@ -206,14 +215,20 @@ fn main() -> ExitCode {
                     }
                 };
             }
-            mcp_guard::exec::exec(&config, &workload, unguarded, !no_hardening, &cmd)
+            mcp_guard::exec::exec(&config, &workload, unguarded, harden, &cmd)
         }
         Cmd::ExecInstance {
             cgroup_dir,
             no_hardening,
             hide,
+            keep_cap,
             cmd,
-        } => mcp_guard::exec::exec_in(&cgroup_dir, !no_hardening, &hide, &cmd),
+        } => mcp_guard::exec::exec_in(
+            &cgroup_dir,
+            (!no_hardening).then_some(keep_cap.as_slice()),
+            &hide,
+            &cmd,
+        ),
         Cmd::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
         Cmd::Events {
             config,

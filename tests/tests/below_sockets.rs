@@ -467,6 +467,27 @@ fn exec_hardens_the_command() {
         assert_eq!(field("inh=") & (1 << cap), 0, "{name} inheritable: {caps}");
     }
     assert!(caps.ends_with("nnp=1"), "{caps}");
+    // Every capability leaves, root's included, unless kept by name.
+    assert!(
+        caps.starts_with("bnd=0000000000000000 eff=0000000000000000 inh=0000000000000000"),
+        "{caps}"
+    );
+    let mut kept = Probe::exec(PROBE, &d.config, "w", &["--keep-cap", "net_bind_service"]);
+    assert!(
+        kept.op("caps")
+            .starts_with("bnd=0000000000000400 eff=0000000000000400"),
+        "CAP_NET_BIND_SERVICE kept"
+    );
+    let refused = std::process::Command::new(mcp_guard_tests::guard_bin())
+        .args(["exec", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "w", "--keep-cap", "CAP_NET_RAW", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("lets the command go around the guard")
+    );
     for kind in ["packet", "xdp", "vsock", "raw4"] {
         assert_eq!(
             hardened.op(&format!("socket {kind}")),

@@ -15,15 +15,101 @@
 
 use thiserror::Error;
 
-/// Capabilities a guarded process must not hold: each one can go around the cgroup
-/// hooks (CAP_NET_RAW: raw and packet sockets; CAP_NET_ADMIN: qdiscs, XDP, interfaces;
-/// CAP_SYS_ADMIN: cgroups, namespaces, mounts; CAP_BPF: detaching or rewriting programs).
-pub const DROPPED: [(u32, &str); 4] = [
+/// Capabilities that let a guarded process go around the guard, which the posture check
+/// reports a workload's processes for (`mcp_guard_workload_privileged_processes`):
+/// CAP_NET_RAW (raw and packet sockets), CAP_NET_ADMIN (qdiscs, XDP, interfaces),
+/// CAP_SYS_ADMIN (cgroups, namespaces, mounts), CAP_BPF (detaching or rewriting
+/// programs), CAP_SYS_PTRACE (borrowing an unguarded process), CAP_SYS_MODULE (kernel
+/// code), CAP_SYS_RAWIO (raw device and memory access), CAP_DAC_OVERRIDE (writing the
+/// cgroup tree or pins of other owners), CAP_PERFMON (kernel pointers for BPF).
+/// `mcp-guard exec` drops every capability, these and all others, unless `--keep-cap`.
+pub const DROPPED: [(u32, &str); 9] = [
     (13, "CAP_NET_RAW"),
     (12, "CAP_NET_ADMIN"),
     (21, "CAP_SYS_ADMIN"),
     (39, "CAP_BPF"),
+    (19, "CAP_SYS_PTRACE"),
+    (16, "CAP_SYS_MODULE"),
+    (17, "CAP_SYS_RAWIO"),
+    (1, "CAP_DAC_OVERRIDE"),
+    (38, "CAP_PERFMON"),
 ];
+
+/// Every capability the kernel defines, by number (capability.h).
+pub const CAPABILITIES: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The capabilities a command may keep (`--keep-cap`), by name (`CAP_NET_BIND_SERVICE`
+/// or `net_bind_service`). Those that go around the guard are refused.
+///
+/// # Errors
+/// An unknown name, or one of [`DROPPED`].
+pub fn keep_caps(names: &[String]) -> Result<Vec<u32>, String> {
+    names
+        .iter()
+        .map(|n| {
+            let upper = n.trim().to_ascii_uppercase();
+            let full = if upper.starts_with("CAP_") {
+                upper
+            } else {
+                format!("CAP_{upper}")
+            };
+            let Some(cap) = CAPABILITIES.iter().position(|c| *c == full) else {
+                return Err(format!(
+                    "--keep-cap {n}: no such capability; one of {}",
+                    CAPABILITIES.join(", ")
+                ));
+            };
+            if DROPPED.iter().any(|(c, _)| *c as usize == cap) {
+                return Err(format!(
+                    "--keep-cap {n}: {full} lets the command go around the guard; it cannot be kept (use --no-hardening to run unhardened, which the posture metric reports)"
+                ));
+            }
+            Ok(cap as u32)
+        })
+        .collect()
+}
 
 /// Address families no cgroup hook sees.
 pub const REFUSED_FAMILIES: [(i32, &str); 3] = [
@@ -77,9 +163,10 @@ pub const HIDDEN_SOCKETS: [&str; 14] = [
 /// # Errors
 /// Any step failing: the caller must not run the command then (fail closed).
 /// `hide`: more sockets to cover (the daemon's configured sockets).
-pub fn apply(hide: &[std::path::PathBuf]) -> Result<(), HardenError> {
+/// `keep`: capabilities (numbers) the command keeps; every other one is dropped.
+pub fn apply(hide: &[std::path::PathBuf], keep: &[u32]) -> Result<(), HardenError> {
     isolate_mounts(hide)?;
-    drop_capabilities()?;
+    drop_capabilities(keep)?;
     install_filter()
 }
 
@@ -182,15 +269,26 @@ fn isolate_mounts(hide: &[std::path::PathBuf]) -> Result<(), HardenError> {
     Ok(())
 }
 
-fn drop_capabilities() -> Result<(), HardenError> {
-    for (cap, name) in DROPPED {
+/// The highest capability number this kernel knows.
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(63)
+}
+
+fn drop_capabilities(keep: &[u32]) -> Result<(), HardenError> {
+    for cap in (0..=last_cap()).filter(|c| !keep.contains(c)) {
         // SAFETY: plain prctl; EINVAL for a capability this kernel does not know is
         // harmless (it cannot be held either).
         let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EINVAL) {
-                return Err(HardenError::Bounding { name, source: e });
+                return Err(HardenError::Bounding {
+                    name: CAPABILITIES.get(cap as usize).copied().unwrap_or("CAP_?"),
+                    source: e,
+                });
             }
         }
     }
@@ -234,11 +332,14 @@ fn drop_capabilities() -> Result<(), HardenError> {
     if unsafe { libc::syscall(libc::SYS_capget, &raw mut head, data.as_mut_ptr()) } != 0 {
         return Err(HardenError::Inheritable(std::io::Error::last_os_error()));
     }
-    for (cap, _) in DROPPED {
-        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
-        data[word].inheritable &= !bit;
-        data[word].effective &= !bit;
-        data[word].permitted &= !bit;
+    let mut mask = [0u32; 2];
+    for &cap in keep {
+        mask[(cap / 32) as usize] |= 1 << (cap % 32);
+    }
+    for (word, m) in data.iter_mut().zip(mask) {
+        word.inheritable &= m;
+        word.effective &= m;
+        word.permitted &= m;
     }
     // SAFETY: as above.
     if unsafe { libc::syscall(libc::SYS_capset, &raw mut head, data.as_ptr()) } != 0 {
@@ -311,6 +412,22 @@ mod tests {
         assert_eq!(unescape("/sys/fs/cgroup"), "/sys/fs/cgroup");
         assert_eq!(unescape("/mnt/a\\040b"), "/mnt/a b");
         assert_eq!(unescape("/x\\"), "/x\\");
+    }
+
+    #[test]
+    fn keep_caps_takes_names_and_refuses_what_goes_around_the_guard() {
+        assert_eq!(keep_caps(&["net_bind_service".into()]), Ok(vec![10]));
+        assert_eq!(keep_caps(&["CAP_CHOWN".into()]), Ok(vec![0]));
+        assert!(keep_caps(&["CAP_NET_RAW".into()])
+            .unwrap_err()
+            .contains("lets the command go around the guard"));
+        assert!(keep_caps(&["CAP_FLY".into()])
+            .unwrap_err()
+            .contains("no such capability"));
+        assert_eq!(CAPABILITIES[39], "CAP_BPF");
+        for (cap, name) in DROPPED {
+            assert_eq!(CAPABILITIES[cap as usize], name);
+        }
     }
 
     #[test]
