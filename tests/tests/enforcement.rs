@@ -432,7 +432,7 @@ fn a_guarded_server_answers_its_clients_and_connected_sends_judge_the_peer() {
     assert_eq!(p.op("udp-cmsg 2606:4700::10 443"), "OK", "ECN on IPv6");
     assert_eq!(p.op("udp-gso 93.184.216.34 443"), "OK", "GSO on IPv4");
     assert!(
-        wait_until(Duration::from_secs(3), || public4
+        wait_until(Duration::from_secs(10), || public4
             .load(std::sync::atomic::Ordering::SeqCst)
             >= 3
             && public6.load(std::sync::atomic::Ordering::SeqCst) >= 1),
@@ -441,19 +441,31 @@ fn a_guarded_server_answers_its_clients_and_connected_sends_judge_the_peer() {
     // A peer the policy stops allowing after connect: the send is judged by the peer.
     assert_eq!(p.op("udp-connect-hold 10.0.12.5 5353"), "OK");
     assert_eq!(p.op("udp-cmsg-held 10.0.12.5 5353"), "OK", "allowed peer");
-    assert!(wait_until(Duration::from_secs(3), || internal
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 1));
+    assert!(
+        wait_until(Duration::from_secs(10), || internal
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1),
+        "the allowed peer's datagram arrived"
+    );
     d.write_config(&config(false));
     d.signal(libc::SIGHUP);
     assert!(
-        wait_until(Duration::from_secs(5), || p
+        wait_until(Duration::from_secs(15), || p
             .op("udp-cmsg-held 10.0.12.5 5353")
             == "EPERM"),
         "a peer no longer allowed is refused at sendmsg"
     );
     // Nothing the server sent to its clients was refused; the accepts are counted.
-    let events = d.events(Duration::from_millis(500));
+    // Events are collected until the refused send shows up (a slow, emulated VM can
+    // take seconds), then a little longer.
+    let mut events = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline
+        && !events.iter().any(|e: &serde_json::Value| e["hook"] == "sendmsg4")
+    {
+        events.extend(d.events(Duration::from_millis(500)));
+    }
+    events.extend(d.events(Duration::from_millis(500)));
     let to_clients: Vec<_> = events
         .iter()
         .filter(|e| {
