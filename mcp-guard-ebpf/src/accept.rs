@@ -75,18 +75,31 @@ pub(crate) fn answers_peer(sk: *mut bpf_sock, cookie: u64) -> u8 {
     if sk.is_null() {
         return NOT_ACCEPTED;
     }
-    // SAFETY: checked for null; `state` lies in the part every socket (request sockets
-    // too) has.
-    let state = unsafe { core::ptr::read_volatile(&raw const (*sk).state) };
-    if state == BPF_TCP_NEW_SYN_RECV || state == BPF_TCP_LISTEN {
+    if is_request(sk) {
         return REQUEST;
     }
-    // SAFETY: a plain value written whole.
-    if unsafe { ACCEPTED_1.get(&cookie) }.is_some() {
+    if is_accepted(cookie) {
         ACCEPTED
     } else {
         NOT_ACCEPTED
     }
+}
+
+/// Whether a non-null `sk` is a listener or request socket: it sends nothing but
+/// SYN-ACKs to the source of a SYN that arrived on it. One load, no map.
+#[inline(always)]
+pub(crate) fn is_request(sk: *mut bpf_sock) -> bool {
+    // SAFETY: the caller checked for null; `state` lies in the part every socket
+    // (request sockets too) has.
+    let state = unsafe { core::ptr::read_volatile(&raw const (*sk).state) };
+    state == BPF_TCP_NEW_SYN_RECV || state == BPF_TCP_LISTEN
+}
+
+/// Whether the socket with `cookie` was marked accepted by [`mcpg_sock_ops`].
+#[inline(always)]
+pub(crate) fn is_accepted(cookie: u64) -> bool {
+    // SAFETY: a plain value written whole.
+    unsafe { ACCEPTED_1.get(&cookie) }.is_some()
 }
 
 /// Counts one accepted connection of workload `workload_id`.

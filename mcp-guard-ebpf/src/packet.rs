@@ -245,14 +245,9 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
     }
     // SAFETY: helper on our own skb.
     let socket_cgroup = unsafe { bpf_skb_cgroup_id(ctx.as_ptr().cast()) };
-    // VM mode: a reply on a connection made to the workload goes to the peer that
-    // connected (socket state, see accept.rs).
-    if socket_cgroup != 0 {
-        // SAFETY: helper on our own skb.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        if crate::accept::answers_peer(sk, cookie) != crate::accept::NOT_ACCEPTED {
-            return PASS;
-        }
+    // A listener's or request socket's SYN-ACK (one load, no map; see accept.rs).
+    if socket_cgroup != 0 && !sk.is_null() && crate::accept::is_request(sk) {
+        return PASS;
     }
     let Some((generation, (owner, verdict))) = stable(cfg, |slot| {
         let by_socket = if socket_cgroup != 0 {
@@ -293,6 +288,15 @@ pub fn mcpg_tc(ctx: TcContext) -> i32 {
     let Some((wl, result, class)) = verdict else {
         return PASS;
     };
+    // VM mode: a reply on a connection made to the workload goes to the peer that
+    // connected (socket state, see accept.rs). Looked up only for a packet the policy
+    // would refuse, so the host's other traffic never pays for it.
+    if socket_cgroup != 0 {
+        // SAFETY: helper on our own skb.
+        if crate::accept::is_accepted(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }) {
+            return PASS;
+        }
+    }
     let cgroup_id = owner.map_or(0, |(_, id)| id);
     let (daddr, saddr, proto, dport, sport, family) = match &parsed {
         Ok(p) => (p.daddr, p.saddr, p.proto, p.dport, p.sport, p.family),

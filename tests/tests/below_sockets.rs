@@ -237,6 +237,23 @@ fn vm_mode_tc_drops_raw_packets_to_denied_destinations() {
         0,
         "the hand-built UDP packet to metadata never arrived"
     );
+    // The guarded workload serves a client on an internal address its policy refuses:
+    // the SYN-ACK (request socket) and the replies (accepted socket) pass the classifier.
+    net.add_addr("10.0.30.7");
+    vm.ip("route add 10.0.30.7/32 via 198.18.0.2");
+    assert_eq!(p.op("serve 198.18.0.1 8080"), "OK");
+    for _ in 0..2 {
+        assert_eq!(
+            mcp_guard_tests::exchange_from(
+                &net,
+                "10.0.30.7".parse().unwrap(),
+                "198.18.0.1:8080".parse().unwrap()
+            )
+            .unwrap(),
+            "pong\n",
+            "a client of the guarded server is answered through the classifier"
+        );
+    }
     // Interfaces that appear later are covered too (the daemon looks every second).
     vm.ip("link add vm1 type veth peer name xpeer");
     assert!(
