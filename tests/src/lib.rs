@@ -6,6 +6,7 @@
 //! Every guard cleans up on drop, also when the test panics.
 
 pub mod cri;
+pub mod upgrade;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -160,6 +161,25 @@ impl NetNs {
             }
         });
         count
+    }
+
+    /// How many TCX programs named `name` run at `interface`'s egress in this namespace.
+    /// A failed query fails the test, never reads as "nothing attached".
+    #[must_use]
+    pub fn tcx_programs(&self, interface: &'static str, name: &'static str) -> usize {
+        self.in_ns(move || {
+            aya::programs::SchedClassifier::query_tcx(
+                interface,
+                aya::programs::TcAttachType::Egress,
+            )
+            .map(|(_, progs)| {
+                progs
+                    .iter()
+                    .filter(|p| p.name_as_str() == Some(name))
+                    .count()
+            })
+            .unwrap_or_else(|e| panic!("querying the TCX programs of {interface}: {e}"))
+        })
     }
 
     /// A TCP listener inside the namespace that accepts and closes connections forever.
@@ -357,6 +377,8 @@ pub fn free_port() -> u16 {
 /// kill -9), so no test leaks attached programs.
 pub struct Daemon {
     child: Child,
+    /// The binary it runs (this tree's, or an older build for upgrade tests).
+    bin: PathBuf,
     pub config: PathBuf,
     pub listen: SocketAddr,
     /// The control socket (/status, /events, /dns), in the test's own directory.
@@ -424,6 +446,12 @@ impl Daemon {
     /// the daemon, waiting for its `ready` log line.
     #[must_use]
     pub fn start(config: &str) -> Self {
+        Self::start_with(&guard_bin(), config)
+    }
+
+    /// [`Daemon::start`] with another `mcp-guard` binary (an older build: upgrades).
+    #[must_use]
+    pub fn start_with(bin: &Path, config: &str) -> Self {
         let dir = TempDir::new();
         let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         // Pins of a daemon whose test process was killed stay attached: remove them.
@@ -437,10 +465,11 @@ impl Daemon {
             let text = with_pin_dir(config, &pin_dir, &control);
             std::fs::write(&path, format!("{text}\n[metrics]\nlisten = \"{listen}\"\n"))
                 .expect("write config");
-            Self::spawn(&path)
+            Self::spawn(bin, &path)
         };
         let mut d = Self {
             child,
+            bin: bin.to_path_buf(),
             config: path,
             listen,
             control,
@@ -471,7 +500,14 @@ impl Daemon {
 
     /// Starts the daemon again on the same config and pin directory.
     pub fn restart(&mut self) {
-        let (child, events, stderr) = Self::spawn(&self.config);
+        let bin = self.bin.clone();
+        self.restart_with(&bin);
+    }
+
+    /// Starts `bin` (another build: an upgrade) on the same config and pin directory.
+    pub fn restart_with(&mut self, bin: &Path) {
+        self.bin = bin.to_path_buf();
+        let (child, events, stderr) = Self::spawn(bin, &self.config);
         self.child = child;
         self.events = events;
         self.stderr = stderr;
@@ -508,8 +544,8 @@ impl Daemon {
         );
     }
 
-    fn spawn(config: &Path) -> Spawned {
-        let mut child = Command::new(guard_bin())
+    fn spawn(bin: &Path, config: &Path) -> Spawned {
+        let mut child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
             .env("MCP_GUARD_LOG", "info")

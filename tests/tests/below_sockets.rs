@@ -360,17 +360,7 @@ fn pod_mode_tc_attributes_by_interface() {
 
 /// mcp-guard classifiers attached to an interface of a namespace, as the kernel lists them.
 fn tc_programs(ns: &NetNs, interface: &'static str) -> usize {
-    ns.in_ns(move || {
-        // A failed query must fail the test, never read as "nothing attached".
-        aya::programs::SchedClassifier::query_tcx(interface, aya::programs::TcAttachType::Egress)
-            .map(|(_, progs)| {
-                progs
-                    .iter()
-                    .filter(|p| p.name_as_str() == Some("mcpg_tc"))
-                    .count()
-            })
-            .unwrap_or_else(|e| panic!("querying the TCX programs of {interface}: {e}"))
-    })
+    ns.tcx_programs(interface, "mcpg_tc")
 }
 
 /// The packet backstop outlives the daemon: TC links are pinned (TCX), a killed daemon

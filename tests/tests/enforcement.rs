@@ -461,7 +461,9 @@ fn a_guarded_server_answers_its_clients_and_connected_sends_judge_the_peer() {
     let mut events = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while std::time::Instant::now() < deadline
-        && !events.iter().any(|e: &serde_json::Value| e["hook"] == "sendmsg4")
+        && !events
+            .iter()
+            .any(|e: &serde_json::Value| e["hook"] == "sendmsg4")
     {
         events.extend(d.events(Duration::from_millis(500)));
     }

@@ -472,7 +472,8 @@ fn boot(kernel: &Path, initrd: &Path, accel: &str, log: &Path) -> Result<Vec<Str
         match rx.recv_timeout(Duration::from_secs(5)) {
             Ok(l) => {
                 let l = l.trim_end_matches('\r').to_string();
-                if l.starts_with("VMTEST ") || l.starts_with("VMINFO ") || l.starts_with("VMFAIL ") {
+                if l.starts_with("VMTEST ") || l.starts_with("VMINFO ") || l.starts_with("VMFAIL ")
+                {
                     eprintln!("  {l}");
                 }
                 booted |= l.starts_with("VMINFO ");

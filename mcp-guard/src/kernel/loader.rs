@@ -52,6 +52,8 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    #[error("pinned map {map}: {detail}")]
+    Layout { map: String, detail: String },
     #[error("pinning the {hook} link at {path}: {detail}")]
     Pin {
         hook: String,
@@ -97,12 +99,78 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mc
 /// The kernel refused the object.
 pub fn open(pins: &Pins) -> Result<Ebpf, LoadError> {
     raise_memlock();
+    check_pinned_layouts(pins)?;
     let mut loader = EbpfLoader::new();
     let paths: Vec<(&str, std::path::PathBuf)> = pinned_maps().map(|n| (n, pins.map(n))).collect();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     Ok(loader.load(OBJECT)?)
+}
+
+/// A pinned map is reused only if its layout is this object's: a map whose layout
+/// changes gets a new versioned name (`_1` → `_2`), so a pinned map of the same name
+/// with another layout means pins from an incompatible build. Refused before anything
+/// is touched: the pinned programs keep enforcing with their maps.
+fn check_pinned_layouts(pins: &Pins) -> Result<(), LoadError> {
+    let obj = aya_obj::Object::parse(OBJECT).map_err(|e| LoadError::Layout {
+        map: "(object)".into(),
+        detail: e.to_string(),
+    })?;
+    for name in pinned_maps() {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(ours) = obj.maps.get(name) else {
+            continue;
+        };
+        let theirs = aya::maps::MapInfo::from_pin(&path).map_err(|e| LoadError::Layout {
+            map: name.into(),
+            detail: format!(
+                "reading the pinned map at {}: {}",
+                path.display(),
+                chain(&e)
+            ),
+        })?;
+        // aya's map types carry the kernel's numbers.
+        let their_type = theirs.map_type().map_or(u32::MAX, |t| t as u32);
+        let want = (
+            ours.map_type(),
+            ours.key_size(),
+            ours.value_size(),
+            ours.max_entries(),
+        );
+        let have = (
+            their_type,
+            theirs.key_size(),
+            theirs.value_size(),
+            theirs.max_entries(),
+        );
+        if want != have {
+            return Err(LoadError::Layout {
+                map: name.into(),
+                detail: format!(
+                    "the map pinned at {} has type {}, key/value size {}/{} and {} entries; \
+                     this binary's eBPF object type {}, {}/{} and {}: the pins come from a \
+                     build this one cannot upgrade in place. Nothing was changed and the \
+                     pinned programs keep enforcing. Start the binary that made the pins, or \
+                     remove them (`mcp-guard uninstall`, a moment without enforcement) and \
+                     start this one",
+                    path.display(),
+                    have.0,
+                    have.1,
+                    have.2,
+                    have.3,
+                    want.0,
+                    want.1,
+                    want.2,
+                    want.3
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.

@@ -328,6 +328,9 @@ fn tcp_loop(f: &[&str]) -> String {
     let sa = SocketAddr::new(f[1].parse().expect("address"), f[2].parse().expect("port"));
     let until =
         std::time::Instant::now() + std::time::Duration::from_millis(f[3].parse().expect("millis"));
+    // An optional pause between attempts (milliseconds) keeps a long loop to an
+    // allowed destination from running out of ephemeral ports.
+    let gap = std::time::Duration::from_millis(f.get(4).and_then(|g| g.parse().ok()).unwrap_or(0));
     let (mut ok, mut denied, mut other) = (0u64, 0u64, 0u64);
     while std::time::Instant::now() < until {
         match op("tcp", sa, 1, None).as_str() {
@@ -335,6 +338,7 @@ fn tcp_loop(f: &[&str]) -> String {
             "EPERM" => denied += 1,
             _ => other += 1,
         }
+        std::thread::sleep(gap);
     }
     format!("ALLOWED {ok} DENIED {denied} OTHER {other}")
 }
