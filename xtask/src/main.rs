@@ -3,6 +3,7 @@
 mod demo;
 mod dist;
 mod setup;
+mod systemd_vm;
 mod vm;
 
 use std::process::Command;

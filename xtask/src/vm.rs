@@ -94,6 +94,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("bpftool", "bpftool"),
+    ("mmdebstrap", "mmdebstrap"),
 ];
 
 fn out(cmd: &mut Command) -> Result<String> {
@@ -423,9 +424,18 @@ fn kvm_usable() -> bool {
 }
 
 /// Boots one kernel; returns (test, result) lines.
-fn boot(kernel: &Path, initrd: &Path, accel: &str, log: &Path) -> Result<Vec<String>> {
+fn boot(
+    kernel: &Path,
+    initrd: &Path,
+    accel: &str,
+    log: &Path,
+    append: &str,
+) -> Result<Vec<String>> {
     let mut child = Command::new("qemu-system-x86_64")
         .args([
+            // No network device: nothing a test sends can leave the VM.
+            "-nic",
+            "none",
             "-accel",
             accel,
             "-cpu",
@@ -441,10 +451,10 @@ fn boot(kernel: &Path, initrd: &Path, accel: &str, log: &Path) -> Result<Vec<Str
         .arg(kernel)
         .arg("-initrd")
         .arg(initrd)
-        .args([
-            "-append",
-            "console=ttyS0 lsm=lockdown,capability,landlock,yama,bpf panic=-1 quiet",
-        ])
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 lsm=lockdown,capability,landlock,yama,bpf panic=-1 quiet {append}"
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -511,6 +521,50 @@ fn boot(kernel: &Path, initrd: &Path, accel: &str, log: &Path) -> Result<Vec<Str
     Ok(results)
 }
 
+/// [`boot`], retried under TCG (for this and every later boot) when KVM stalls.
+fn boot_or_fall_back(
+    kernel: &Path,
+    initrd: &Path,
+    accel: &mut &'static str,
+    log: &Path,
+    append: &str,
+) -> Result<Vec<String>> {
+    match boot(kernel, initrd, accel, log, append) {
+        Err(e) if e.to_string() == KVM_STALLED => {
+            eprintln!("xtask: {KVM_STALLED}: falling back to TCG (software emulation)");
+            *accel = "tcg,thread=multi";
+            boot(kernel, initrd, accel, log, append)
+        }
+        r => r,
+    }
+}
+
+/// Adds one boot's result lines to the summary; whether any failed or went missing.
+fn record(
+    summary: &mut Vec<String>,
+    what: &str,
+    results: Vec<String>,
+    wanted: usize,
+    log: &Path,
+) -> bool {
+    let mut failed = results.len() < wanted;
+    if failed {
+        summary.push(format!(
+            "{what}: only {} of {wanted} results reported (serial log: {})",
+            results.len(),
+            log.display()
+        ));
+    }
+    for r in results {
+        failed |= r.contains("FAIL");
+        summary.push(format!("{what} {r}"));
+    }
+    failed
+}
+
+/// The checks the systemd VM reports (systemd_vm.rs `TEST`).
+const SYSTEMD_TESTS: usize = 5;
+
 const KVM_STALLED: &str = "the VM said nothing under KVM (stalled for a minute or exited)";
 
 /// Whether `MCPG_VM_TEST` selects a test: a part of "binary::test".
@@ -541,12 +595,15 @@ pub fn run() -> Result<()> {
     eprintln!("xtask: vm-test with qemu accel {accel}");
     let mut summary = Vec::new();
     let mut failed = false;
+    let mut newest = None;
     let only = std::env::var("MCPG_VM_KERNEL").unwrap_or_default();
     let filter = std::env::var("MCPG_VM_TEST").unwrap_or_default();
     let wanted_tests = TESTS.iter().filter(|t| selected(t, &filter)).count();
+    // The systemd walkthrough: selected by an empty filter or one naming "systemd".
+    let systemd = filter.is_empty() || filter.starts_with("systemd");
     // A filter that selects nothing would "pass" without running anything.
-    if wanted_tests == 0 {
-        bail!("MCPG_VM_TEST={filter:?} selects none of the VM tests (it matches \"binary::test\")");
+    if wanted_tests == 0 && !systemd {
+        bail!("MCPG_VM_TEST={filter:?} selects none of the VM tests (it matches \"binary::test\", or \"systemd\")");
     }
     for (pattern, what) in KERNELS
         .iter()
@@ -567,29 +624,26 @@ pub fn run() -> Result<()> {
             .to_string_lossy()
             .trim_start_matches("vmlinuz-")
             .to_string();
+        newest = Some(vmlinuz.clone());
+        if wanted_tests == 0 {
+            continue;
+        }
         eprintln!("xtask: kernel {release}: {what}");
         let initrd = initramfs(&root, &release, &work, &bins)?;
         let log = work.join(format!("serial-{release}.log"));
-        let results = match boot(&vmlinuz, &initrd, accel, &log) {
-            Err(e) if e.to_string() == KVM_STALLED => {
-                eprintln!("xtask: {KVM_STALLED}: falling back to TCG (software emulation)");
-                accel = "tcg,thread=multi";
-                boot(&vmlinuz, &initrd, accel, &log)?
-            }
-            r => r?,
-        };
-        if results.len() < wanted_tests {
-            failed = true;
-            summary.push(format!(
-                "{release}: only {} of {wanted_tests} tests reported (serial log: {})",
-                results.len(),
-                log.display()
-            ));
-        }
-        for r in results {
-            failed |= r.contains("FAIL");
-            summary.push(format!("{release} {r}"));
-        }
+        let results = boot_or_fall_back(&vmlinuz, &initrd, &mut accel, &log, "")?;
+        failed |= record(&mut summary, &release, results, wanted_tests, &log);
+    }
+    // README's systemd walkthrough on a real systemd, on the newest kernel.
+    if systemd {
+        let vmlinuz = newest.context("no kernel booted for the systemd VM")?;
+        let tarball = crate::dist::run()?;
+        let initrd = crate::systemd_vm::initramfs(&work, &tarball)?;
+        let log = work.join("serial-systemd.log");
+        eprintln!("xtask: systemd VM (Debian bookworm, systemd as init)");
+        let append = "systemd.show_status=0 systemd.log_level=warning";
+        let results = boot_or_fall_back(&vmlinuz, &initrd, &mut accel, &log, append)?;
+        failed |= record(&mut summary, "systemd VM", results, SYSTEMD_TESTS, &log);
     }
     println!("\nkernel matrix:");
     for s in &summary {
