@@ -176,7 +176,7 @@ pub(super) fn attach_registration(
             false
         }
     };
-    for (_, hook) in loader::TRACEPOINTS {
+    for (_, hook) in loader::tracepoints() {
         metrics
             .programs_attached
             .with_label_values(&[hook])

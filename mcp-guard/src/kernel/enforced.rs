@@ -52,7 +52,7 @@ pub fn check(
         Err(_) => return Err("the kernel does not enforce this cgroup yet (no registration in the live policy)".into()),
     }
     let cg = File::open(attach_dir).map_err(|e| format!("{}: {e}", attach_dir.display()))?;
-    for (_, hook, attach_type) in loader::SOCK_ADDR_PROGRAMS {
+    for (_, hook, _, attach_type) in crate::kernel::manifest::cgroup_programs() {
         if hook == "cgroup_skb" && !cfg.cgroup_skb {
             continue;
         }

@@ -13,26 +13,17 @@ use aya::{
 };
 use tracing::{info, warn};
 
-use crate::kernel::pins::{pinned_maps, Pins};
+use crate::kernel::{
+    manifest::{self, pinned_maps, Attach, CgroupKind},
+    pins::Pins,
+};
 
-/// The socket-level programs, by kernel program name, with their hook names and kernel
-/// attach types (BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG).
-pub const SOCK_ADDR_PROGRAMS: [(&str, &str, u32); 7] = [
-    ("mcpg_connect4", "connect4", 10),
-    ("mcpg_connect6", "connect6", 11),
-    ("mcpg_sendmsg4", "sendmsg4", 14),
-    ("mcpg_sendmsg6", "sendmsg6", 15),
-    // cgroup/sock_create (BPF_CGROUP_INET_SOCK_CREATE): raw inet sockets.
-    ("mcpg_sock_create", "sock_create", 2),
-    // cgroup_skb/egress (BPF_CGROUP_INET_EGRESS): every packet of the workloads' sockets.
-    ("mcpg_cgroup_skb", "cgroup_skb", 1),
-    // cgroup/sock_ops (BPF_CGROUP_SOCK_OPS): marks accepted TCP connections, whose
-    // replies the backstop and the TC classifier let go to the peer that connected.
-    ("mcpg_sock_ops", "sock_ops", 3),
-];
+/// The BPF LSM program and its hook (also its link's pin name).
+fn lsm() -> (&'static str, &'static str) {
+    manifest::program(Attach::Lsm)
+}
 
-/// The BPF LSM program refusing AF_PACKET sockets, and its link's pin name.
-const LSM_PROGRAM: &str = "mcpg_lsm_socket";
+/// The BPF LSM hook, as metrics name it.
 pub const LSM_HOOK: &str = "socket_create";
 
 #[derive(Debug, thiserror::Error)]
@@ -222,7 +213,7 @@ pub fn attach_sock_addr(
         source,
     })?;
     let mut out = Attachments::default();
-    for (name, hook, attach_type) in SOCK_ADDR_PROGRAMS {
+    for (name, hook, kind, attach_type) in manifest::cgroup_programs() {
         if skip.contains(&hook) {
             // Turned off: a link an earlier daemon pinned goes with its pin.
             if std::fs::remove_file(pins.link(hook)).is_ok() {
@@ -233,7 +224,7 @@ pub fn attach_sock_addr(
             }
             continue;
         }
-        let ours_id = load_cgroup_prog(ebpf, name)?;
+        let ours_id = load_cgroup_prog(ebpf, name, kind)?;
         if let Ok(pinned) = PinnedLink::from_pin(pins.link(hook)) {
             let link = FdLink::from(pinned);
             let pinned_prog = link.info().ok().map(|i| i.program_id());
@@ -256,59 +247,58 @@ pub fn attach_sock_addr(
                 "pinned link is detached or runs other code (upgrade): replacing it without a gap"
             );
         }
-        attach_and_pin(ebpf, name, hook, &cg, pins)?;
+        attach_and_pin(ebpf, name, kind, hook, &cg, pins)?;
         out.expected.insert(hook, ours_id);
     }
     Ok(out)
 }
 
-fn load_cgroup_prog(ebpf: &mut Ebpf, name: &'static str) -> Result<u32, LoadError> {
+fn load_cgroup_prog(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    kind: CgroupKind,
+) -> Result<u32, LoadError> {
     let err = |source| LoadError::Program { name, source };
     let program = ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
-    if name == "mcpg_sock_create" {
-        let p: &mut CgroupSock = program.try_into().map_err(err)?;
-        p.load().map_err(err)?;
-        Ok(p.info().map_err(err)?.id())
-    } else if name == "mcpg_cgroup_skb" {
-        let p: &mut CgroupSkb = program.try_into().map_err(err)?;
-        p.load().map_err(err)?;
-        Ok(p.info().map_err(err)?.id())
-    } else if name == "mcpg_sock_ops" {
-        let p: &mut SockOps = program.try_into().map_err(err)?;
-        p.load().map_err(err)?;
-        Ok(p.info().map_err(err)?.id())
-    } else {
-        let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
-        p.load().map_err(err)?;
-        Ok(p.info().map_err(err)?.id())
+    macro_rules! load {
+        ($ty:ty) => {{
+            let p: &mut $ty = program.try_into().map_err(err)?;
+            p.load().map_err(err)?;
+            Ok(p.info().map_err(err)?.id())
+        }};
+    }
+    match kind {
+        CgroupKind::SockAddr => load!(CgroupSockAddr),
+        CgroupKind::Sock => load!(CgroupSock),
+        CgroupKind::SkbEgress => load!(CgroupSkb),
+        CgroupKind::SockOps => load!(SockOps),
     }
 }
 
 /// Attaches a loaded cgroup program and hands back its link.
-fn attach_cgroup_prog(ebpf: &mut Ebpf, name: &'static str, cg: &File) -> Result<FdLink, LoadError> {
+fn attach_cgroup_prog(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    kind: CgroupKind,
+    cg: &File,
+) -> Result<FdLink, LoadError> {
     let err = |source| LoadError::Program { name, source };
     let program = ebpf.program_mut(name).ok_or(LoadError::Missing(name))?;
     // On 5.7+ aya attaches through a bpf_link, which the kernel always adds in multi mode
     // (and refuses attach flags for): our programs coexist with systemd's and other
     // agents', every one runs and any refusal wins.
-    let fd_link = if name == "mcpg_sock_create" {
-        let p: &mut CgroupSock = program.try_into().map_err(err)?;
-        let id = p.attach(cg, CgroupAttachMode::Single).map_err(err)?;
-        FdLink::try_from(p.take_link(id).map_err(err)?)
-    } else if name == "mcpg_cgroup_skb" {
-        let p: &mut CgroupSkb = program.try_into().map_err(err)?;
-        let id = p
-            .attach(cg, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
-            .map_err(err)?;
-        FdLink::try_from(p.take_link(id).map_err(err)?)
-    } else if name == "mcpg_sock_ops" {
-        let p: &mut SockOps = program.try_into().map_err(err)?;
-        let id = p.attach(cg, CgroupAttachMode::Single).map_err(err)?;
-        FdLink::try_from(p.take_link(id).map_err(err)?)
-    } else {
-        let p: &mut CgroupSockAddr = program.try_into().map_err(err)?;
-        let id = p.attach(cg, CgroupAttachMode::Single).map_err(err)?;
-        FdLink::try_from(p.take_link(id).map_err(err)?)
+    macro_rules! attach {
+        ($ty:ty $(, $arg:expr)?) => {{
+            let p: &mut $ty = program.try_into().map_err(err)?;
+            let id = p.attach(cg, $($arg,)? CgroupAttachMode::Single).map_err(err)?;
+            FdLink::try_from(p.take_link(id).map_err(err)?)
+        }};
+    }
+    let fd_link = match kind {
+        CgroupKind::SockAddr => attach!(CgroupSockAddr),
+        CgroupKind::Sock => attach!(CgroupSock),
+        CgroupKind::SkbEgress => attach!(CgroupSkb, CgroupSkbAttachType::Egress),
+        CgroupKind::SockOps => attach!(SockOps),
     };
     fd_link.map_err(|e| LoadError::Pin {
         hook: name.to_string(),
@@ -350,7 +340,7 @@ pub(crate) fn pin_over(link: FdLink, hook: &str, pins: &Pins) -> Result<(), Load
 /// # Errors
 /// BTF, load, attach or pin failed.
 pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32, LoadError> {
-    let name = LSM_PROGRAM;
+    let (name, _) = lsm();
     let err = |source| LoadError::Program { name, source };
     let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Pin {
         hook: LSM_HOOK.to_string(),
@@ -379,11 +369,10 @@ pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32,
 }
 
 /// The tracepoint programs that register workload cgroups at creation and drop the
-/// registrations of removed ones: (program, `cgroup` event, link pin name).
-pub const TRACEPOINTS: [(&str, &str); 2] = [
-    ("mcpg_cgroup_mkdir", "cgroup_mkdir"),
-    ("mcpg_cgroup_rmdir", "cgroup_rmdir"),
-];
+/// registrations of removed ones: (program, `cgroup` event, also the link's pin name).
+pub fn tracepoints() -> impl Iterator<Item = (&'static str, &'static str)> {
+    manifest::programs(Attach::CgroupTracepoint)
+}
 
 /// Makes sure tracefs is mounted where aya looks for tracepoint ids (a container may not
 /// have it): mounts it at /sys/kernel/tracing if nothing is there.
@@ -412,7 +401,7 @@ pub fn attach_tracepoints(
 ) -> Result<Vec<&'static str>, LoadError> {
     ensure_tracefs();
     let mut adopted = Vec::new();
-    for (name, event) in TRACEPOINTS {
+    for (name, event) in tracepoints() {
         let err = |source| LoadError::Program { name, source };
         let p: &mut TracePoint = ebpf
             .program_mut(name)
@@ -448,21 +437,21 @@ pub fn attach_tracepoints(
 /// The tracepoint hooks whose link pin is missing (removed behind the daemon's back).
 #[must_use]
 pub fn tracepoints_missing(pins: &Pins) -> Vec<&'static str> {
-    TRACEPOINTS
-        .iter()
+    tracepoints()
         .filter(|(_, event)| PinnedLink::from_pin(pins.link(event)).is_err())
-        .map(|(_, event)| *event)
+        .map(|(_, event)| event)
         .collect()
 }
 
 fn attach_and_pin(
     ebpf: &mut Ebpf,
     name: &'static str,
+    kind: CgroupKind,
     hook: &'static str,
     cg: &File,
     pins: &Pins,
 ) -> Result<(), LoadError> {
-    let link = attach_cgroup_prog(ebpf, name, cg)?;
+    let link = attach_cgroup_prog(ebpf, name, kind, cg)?;
     pin_over(link, hook, pins)?;
     info!(program = name, hook, "attached and pinned");
     Ok(())
@@ -521,15 +510,14 @@ pub(crate) fn attached_ids(cgroup: &File, attach_type: u32) -> std::io::Result<V
 #[must_use]
 pub fn attachment_state(expected: &Attachments, cgroup_dir: &Path) -> Vec<(&'static str, bool)> {
     let cg = File::open(cgroup_dir).ok();
-    SOCK_ADDR_PROGRAMS
-        .iter()
-        .filter(|(_, hook, _)| expected.expected.contains_key(hook))
-        .map(|(_, hook, at)| {
+    manifest::cgroup_programs()
+        .filter(|(_, hook, _, _)| expected.expected.contains_key(hook))
+        .map(|(_, hook, _, at)| {
             let attached = match (&cg, expected.expected.get(hook)) {
-                (Some(cg), Some(id)) => attached_ids(cg, *at).is_ok_and(|ids| ids.contains(id)),
+                (Some(cg), Some(id)) => attached_ids(cg, at).is_ok_and(|ids| ids.contains(id)),
                 _ => false,
             };
-            (*hook, attached)
+            (hook, attached)
         })
         .collect()
 }
@@ -545,10 +533,7 @@ pub fn reattach(
     pins: &Pins,
     expected: &mut Attachments,
 ) -> Result<(), LoadError> {
-    let Some((name, hook, _)) = SOCK_ADDR_PROGRAMS
-        .iter()
-        .copied()
-        .find(|(_, h, _)| *h == hook)
+    let Some((name, hook, kind, _)) = manifest::cgroup_programs().find(|(_, h, _, _)| *h == hook)
     else {
         return Err(LoadError::Missing("unknown hook"));
     };
@@ -556,7 +541,7 @@ pub fn reattach(
         path: cgroup_dir.display().to_string(),
         source,
     })?;
-    attach_and_pin(ebpf, name, hook, &cg, pins)?;
+    attach_and_pin(ebpf, name, kind, hook, &cg, pins)?;
     let id = ebpf
         .program(name)
         .ok_or(LoadError::Missing(name))?
@@ -571,7 +556,7 @@ pub fn reattach(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::pins::MAPS;
+    use crate::kernel::manifest::{MAPS, PROGRAMS};
 
     /// Every map and program of the embedded object is classified: a map as pinned or
     /// ephemeral (with its reason), a program by the table that loads and attaches it;
@@ -590,7 +575,7 @@ mod tests {
             .collect();
         assert!(
             unclassified.is_empty(),
-            "maps nobody classified as pinned or ephemeral (kernel/pins.rs MAPS): {unclassified:?}"
+            "maps nobody classified as pinned or ephemeral (kernel/manifest.rs MAPS): {unclassified:?}"
         );
         let missing: Vec<_> = classified
             .iter()
@@ -601,21 +586,21 @@ mod tests {
             "classified maps not in the object: {missing:?}"
         );
 
-        let mut known: Vec<&str> = SOCK_ADDR_PROGRAMS.iter().map(|(n, _, _)| *n).collect();
-        known.extend(TRACEPOINTS.iter().map(|(n, _)| *n));
-        known.push(LSM_PROGRAM);
-        known.push(crate::kernel::tc::PROGRAM);
+        let known: Vec<&str> = PROGRAMS.iter().map(|p| p.name).collect();
         let mut programs: Vec<&str> = obj.programs.keys().map(String::as_str).collect();
         programs.sort_unstable();
         let unknown: Vec<_> = programs.iter().filter(|p| !known.contains(p)).collect();
         assert!(
             unknown.is_empty(),
-            "programs no loader table attaches: {unknown:?}"
+            "programs the manifest does not classify (kernel/manifest.rs PROGRAMS): {unknown:?}"
         );
+        // Names the code uses as constants are the manifest's.
+        assert_eq!(manifest::program(Attach::Tc).0, crate::kernel::tc::PROGRAM);
+        assert_eq!(lsm().1, LSM_HOOK);
         let absent: Vec<_> = known.iter().filter(|p| !programs.contains(p)).collect();
         assert!(
             absent.is_empty(),
-            "tables name programs not in the object: {absent:?}"
+            "the manifest names programs not in the object: {absent:?}"
         );
     }
 }

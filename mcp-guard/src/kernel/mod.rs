@@ -4,6 +4,7 @@
 pub mod enforced;
 pub mod features;
 pub mod loader;
+pub mod manifest;
 pub mod maps;
 pub mod pins;
 pub mod tc;

@@ -15,66 +15,6 @@ use std::{
 use aya::programs::{links::PinnedLink, Link as _};
 use tracing::info;
 
-/// How a map of the eBPF object lives across daemon restarts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Keep {
-    /// Pinned under `maps/<name>` and reused by the next daemon: the programs it adopts
-    /// and the ones it loads read the same map.
-    Pinned,
-    /// Created with each load, never pinned, for the reason given: the programs that
-    /// use it hold it themselves, and nothing in it outlives one program run or load.
-    Ephemeral(&'static str),
-}
-
-/// Every map of the eBPF object and how it is kept. A map the object defines that this
-/// table does not classify fails the unit test `every_map_and_program_is_classified`,
-/// so a new map is never silently left unpinned (an adopted program would read an
-/// orphaned copy that no daemon writes).
-pub const MAPS: [(&str, Keep); 20] = [
-    ("CONFIG_1", Keep::Pinned),
-    ("CGROUPS_1", Keep::Pinned),
-    ("POLICY_LPM_1", Keep::Pinned),
-    ("POLICY_EXACT_1", Keep::Pinned),
-    ("STATS_1", Keep::Pinned),
-    ("FLOWS_1", Keep::Pinned),
-    ("RATE_1", Keep::Pinned),
-    ("EVENTS_1", Keep::Pinned),
-    ("IFACES_1", Keep::Pinned),
-    ("SKB_CACHE_2", Keep::Pinned),
-    ("EPOCH_1", Keep::Pinned),
-    ("EXPIRY_1", Keep::Pinned),
-    ("REGISTER_1", Keep::Pinned),
-    // Adopted programs read the pinned instance map: unpinned, a restarted daemon wrote a
-    // fresh one nobody read (tool scoping lost, a call in flight at a kill -9 active
-    // forever). The daemon clears it at start: instances register again (fail closed).
-    ("MCP_INSTANCES_1", Keep::Pinned),
-    ("ACCEPTED_1", Keep::Pinned),
-    ("ACCEPTS_1", Keep::Pinned),
-    (
-        "SKB_SCRATCH_1",
-        Keep::Ephemeral("per-CPU scratch space for the packet one cgroup_skb run judges"),
-    ),
-    (
-        "MKDIR_SCRATCH_1",
-        Keep::Ephemeral("per-CPU scratch space for the path one cgroup_mkdir run reads"),
-    ),
-    (
-        ".rodata",
-        Keep::Ephemeral("the object's constants, the same in every load of one object"),
-    ),
-    (
-        ".rodata.cst8",
-        Keep::Ephemeral("the object's constants, the same in every load of one object"),
-    ),
-];
-
-/// The maps pinned under the pin directory.
-pub fn pinned_maps() -> impl Iterator<Item = &'static str> {
-    MAPS.iter()
-        .filter(|(_, k)| *k == Keep::Pinned)
-        .map(|(n, _)| *n)
-}
-
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Directory of [`Pins::learned_file`].
 pub const LEARNED_DIR: &str = "/run/mcp-guard";
