@@ -167,6 +167,7 @@ pub fn exec_mcp(
             cgroup_id,
             relay_pid: std::process::id(),
             command: cmd.to_vec(),
+            resumed: false,
         };
         let daemon = match relay::Daemon::connect(&cfg.mcp_socket, start) {
             Ok(d) => Some(d),

@@ -416,6 +416,22 @@ fn run(t: Transition) {
         r[5]["text"], "[\"refused: Operation not permitted\"]",
         "nothing stays active between calls: {got}"
     );
+    // The relay's registration after a restart is counted (a relay of the old binary, in
+    // the upgrade row, predates the flag: not counted; a reload keeps the connection).
+    let resumed = metric(
+        &d,
+        "mcp_guard_mcp_instances_resumed_total{workload=\"mcp\"}",
+    );
+    let expected = match t {
+        Transition::Restart | Transition::Kill9 => 1.0,
+        Transition::Reload | Transition::Upgrade => 0.0,
+    };
+    assert!(
+        (resumed - expected).abs() < f64::EPSILON,
+        "instances resumed: {resumed}, expected {expected}\n{}\ndaemon:\n{}",
+        output_text(&out),
+        d.stderr.lock().unwrap()
+    );
 }
 
 #[test]

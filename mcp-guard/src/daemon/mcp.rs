@@ -110,6 +110,7 @@ async fn handle(
         cgroup_id,
         relay_pid,
         command,
+        resumed,
     } = m
     else {
         let Some(i) = instance.clone() else {
@@ -133,6 +134,7 @@ async fn handle(
             cgroup_id,
             relay_pid,
             command,
+            resumed,
             reply,
         })
         .await
@@ -149,6 +151,7 @@ impl Owner {
         cgroup_id: u64,
         relay_pid: u32,
         command: Vec<String>,
+        resumed: bool,
     ) -> Result<Instance, String> {
         let (wid, wl_cgroup) = {
             let w = self
@@ -179,7 +182,17 @@ impl Owner {
             .mcp_instances
             .set(self.maps.instance_count() as i64);
         self.publish_mcp();
-        info!(workload = %workload, instance = cgroup_id, cgroup = %path, relay_pid, "MCP instance started");
+        if resumed {
+            // Its relay ran on while the daemon was away; until now the instance had no
+            // tool active (the instance map is cleared at start).
+            self.metrics
+                .mcp_resumed
+                .with_label_values(&[&workload])
+                .inc();
+            info!(workload = %workload, instance = cgroup_id, cgroup = %path, relay_pid, "MCP instance registered again by its relay after a daemon restart");
+        } else {
+            info!(workload = %workload, instance = cgroup_id, cgroup = %path, relay_pid, "MCP instance started");
+        }
         Ok(Instance {
             cgroup_id,
             workload,

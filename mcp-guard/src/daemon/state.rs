@@ -61,6 +61,7 @@ pub(super) enum Command {
         cgroup_id: u64,
         relay_pid: u32,
         command: Vec<String>,
+        resumed: bool,
         reply: oneshot::Sender<Result<Instance, String>>,
     },
     /// A relay reported peers, tools, counts or a call; answered with the new sequence.
@@ -310,9 +311,10 @@ impl Owner {
                 cgroup_id,
                 relay_pid,
                 command,
+                resumed,
                 reply,
             } => {
-                let r = self.mcp_start(workload, cgroup_id, relay_pid, command);
+                let r = self.mcp_start(workload, cgroup_id, relay_pid, command, resumed);
                 let _ = reply.send(r);
             }
             Command::McpUpdate {

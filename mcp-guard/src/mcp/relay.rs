@@ -29,6 +29,8 @@ pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// How long the daemon may take to answer one relay request.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a starting daemon may take to answer a relay's first request.
+const STARTING_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The connection to the daemon, re-established (with a fresh `start`) when it breaks.
 pub struct Daemon {
@@ -41,6 +43,8 @@ pub struct Daemon {
     /// Calls the daemon knows are in flight, re-sent after a reconnect.
     calls: Vec<ToDaemon>,
     warned: bool,
+    /// Whether a connection was made before (a new one resumes the instance).
+    connected_before: bool,
 }
 
 impl Daemon {
@@ -57,6 +61,7 @@ impl Daemon {
             tools: None,
             calls: Vec::new(),
             warned: false,
+            connected_before: false,
         };
         d.reconnect()?;
         Ok(d)
@@ -77,12 +82,29 @@ impl Daemon {
         s.set_write_timeout(Some(DAEMON_TIMEOUT))?;
         let r = BufReader::new(s.try_clone()?);
         self.conn = Some((s, r));
-        let mut replay = vec![self.start.clone()];
+        let mut start = self.start.clone();
+        if let ToDaemon::Start { resumed, .. } = &mut start {
+            // Every connection after the first announces an instance that ran on.
+            *resumed = self.connected_before;
+        }
+        self.connected_before = true;
+        let mut replay = vec![start];
         replay.extend(self.peers.clone());
         replay.extend(self.tools.clone());
         replay.extend(self.calls.clone());
-        for m in replay {
-            self.exchange(&m)?;
+        // A daemon that is starting accepts connections (its socket is bound first)
+        // but serves them only once it enforces: the first answer may take as long as
+        // its start does. Later requests get the usual bound.
+        if let Some((s, _)) = &self.conn {
+            s.set_read_timeout(Some(STARTING_TIMEOUT))?;
+        }
+        for (n, m) in replay.iter().enumerate() {
+            self.exchange(m)?;
+            if n == 0 {
+                if let Some((s, _)) = &self.conn {
+                    s.set_read_timeout(Some(DAEMON_TIMEOUT))?;
+                }
+            }
         }
         Ok(())
     }

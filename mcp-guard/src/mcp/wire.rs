@@ -30,6 +30,10 @@ pub enum ToDaemon {
         cgroup_id: u64,
         relay_pid: u32,
         command: Vec<String>,
+        /// Announced again after the connection broke (the daemon restarted): the
+        /// daemon counts it. Absent from older relays (false).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
     },
     /// `initialize` was seen: who talks to whom.
     Peers {

@@ -67,6 +67,7 @@ pub struct Metrics {
     pub privileged_processes: IntGaugeVec,
     /// `exec --mcp` instances whose relay is connected.
     pub mcp_instances: IntGauge,
+    pub mcp_resumed: IntCounterVec,
     /// `tools/call` requests relays reported, by workload.
     pub mcp_tool_calls: IntCounterVec,
     /// Lines relays passed through unread, by workload and kind (malformed, oversized).
@@ -123,6 +124,7 @@ impl Metrics {
             accepted: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_accepted_connections_total", "TCP connections made to a guarded workload (it accepted them), by workload: their replies go to the peer that connected, whatever the egress policy says of it (counted at the connection's first reply)."), &["workload"]).expect("valid")),
             accept_unmarked: reg(&r, IntCounter::new("mcp_guard_accepted_unmarked_total", "Accepted TCP connections the kernel could not mark (its map of accepted connections was full): their replies were judged by the egress policy instead (fail closed).").expect("valid")),
             mcp_instances: reg(&r, IntGauge::new("mcp_guard_mcp_instances", "MCP server instances (`exec --mcp`) whose relay is connected to the daemon.").expect("valid")),
+            mcp_resumed: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_instances_resumed_total", "MCP server instances whose relay registered them again (with their calls in flight) after the daemon restarted, by workload. Between the restart and this, the instance had no tool active."), &["workload"]).expect("valid")),
             mcp_tool_calls: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_tool_calls_total", "MCP tools/call requests the relays reported (each activated its tools in the kernel before it was forwarded), by workload."), &["workload"]).expect("valid")),
             mcp_relay_lines: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_relay_lines_total", "Lines MCP relays passed through unchanged without reading them, by workload and kind (malformed: not JSON-RPC 2.0; oversized: longer than 16 MiB)."), &["workload", "kind"]).expect("valid")),
             pods: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_pods", "Pods on this node held by each pod-selecting workload, as identified through the container runtime (CRI); pods-pending counts pod cgroups not identified yet (all their egress is denied)."), &["workload"]).expect("valid")),
