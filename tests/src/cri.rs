@@ -464,3 +464,44 @@ impl Drop for Containerd {
         }
     }
 }
+
+/// The pod tests' node config: a node-wide workload on the test's cgroup `rel` (like
+/// `/kubepods`: every pod, baseline only), "github-mcp" selecting pods by namespace and
+/// label (`github_rules` added to it), "locked" taking pods by annotation, the runtime's
+/// socket, and `daemon_extra` lines at the end of `[daemon]`.
+#[must_use]
+pub fn node_config(
+    rel: &str,
+    c: &Containerd,
+    pod_cgroups: &str,
+    github_rules: &str,
+    daemon_extra: &str,
+) -> String {
+    format!(
+        r#"[baseline]
+deny = ["metadata"]
+[[workload]]
+name = "node"
+cgroup = "{rel}"
+default = "allow"
+[[workload]]
+name = "github-mcp"
+default = "deny-internal"
+{github_rules}
+[workload.pods]
+namespace = "mcp"
+labels = {{ "app.kubernetes.io/name" = "github-mcp" }}
+[[workload]]
+name = "locked"
+default = "deny"
+[workload.pods]
+annotation = true
+[daemon]
+attach_cgroup = "{rel}"
+cri_socket = "{sock}"
+pod_cgroups = {pod_cgroups}
+cri_poll_ms = 100
+{daemon_extra}"#,
+        sock = c.socket.display(),
+    )
+}

@@ -105,19 +105,7 @@ impl NetNs {
 
     /// Runs `f` on a thread that has entered this namespace (setns is per thread).
     pub fn in_ns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).expect("netns file");
-            // SAFETY: valid netns fd; only this thread changes namespace.
-            assert_eq!(
-                unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-                0,
-                "setns"
-            );
-            f()
-        })
-        .join()
-        .expect("netns thread")
+        in_netns_at(&self.path(), f)
     }
 
     /// Runs `ip -n NS ARGS...`.
@@ -191,23 +179,7 @@ impl NetNs {
     /// (after reading what the client sent first, if anything, within 200 ms). It lives
     /// until the process exits; deleting the namespace does not stop it.
     pub fn serve_tcp(&self, addr: &str, reply: &'static str) {
-        let sa: SocketAddr = addr.parse().expect("socket address");
-        let listener =
-            self.in_ns(move || TcpListener::bind(sa).unwrap_or_else(|e| panic!("bind {sa}: {e}")));
-        // A deep accept queue: benchmarks connect thousands of times in a row, and a
-        // queue that overflows turns into seconds of SYN retransmission.
-        // SAFETY: listen(2) again on our own listening socket only resizes its queue.
-        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
-        std::thread::spawn(move || {
-            for mut s in listener.incoming().map_while(Result::ok) {
-                if !reply.is_empty() {
-                    let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
-                    let mut buf = [0u8; 512];
-                    let _ = std::io::Read::read(&mut s, &mut buf);
-                    let _ = s.write_all(reply.as_bytes());
-                }
-            }
-        });
+        serve_tcp_at(&self.path(), addr, reply);
     }
 }
 
@@ -227,6 +199,51 @@ impl Drop for NetNs {
 
 /// The cgroup v2 mount, from mountinfo.
 #[must_use]
+/// Runs `f` on a thread that has entered the network namespace at `path` (setns is per
+/// thread): a pod's namespace, made by its runtime.
+pub fn in_netns_at<T: Send + 'static>(path: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("netns file");
+        // SAFETY: valid netns fd; only this thread changes namespace.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns"
+        );
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// A TCP listener inside the network namespace at `path` that accepts and closes every
+/// connection (see [`NetNs::serve_tcp`]).
+pub fn listen_tcp_at(path: &Path, addr: &str) {
+    serve_tcp_at(path, addr, "");
+}
+
+fn serve_tcp_at(path: &Path, addr: &str, reply: &'static str) {
+    let sa: SocketAddr = addr.parse().expect("socket address");
+    let listener = in_netns_at(path, move || {
+        TcpListener::bind(sa).unwrap_or_else(|e| panic!("bind {sa}: {e}"))
+    });
+    // A deep accept queue: benchmarks connect thousands of times in a row, and a
+    // queue that overflows turns into seconds of SYN retransmission.
+    // SAFETY: listen(2) again on our own listening socket only resizes its queue.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().map_while(Result::ok) {
+            if !reply.is_empty() {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let mut buf = [0u8; 512];
+                let _ = std::io::Read::read(&mut s, &mut buf);
+                let _ = s.write_all(reply.as_bytes());
+            }
+        }
+    });
+}
+
 pub fn cgroup_mount() -> PathBuf {
     mcp_guard::host::cgroup::mount_point().expect("cgroup v2 must be mounted on this machine")
 }
@@ -612,6 +629,17 @@ impl Daemon {
     }
 
     #[must_use]
+    /// The pods `/status` lists as placed in `workload`.
+    pub fn placed_pods(&self, workload: &str) -> Vec<serde_json::Value> {
+        self.status()["workloads"]
+            .as_array()
+            .expect("workloads")
+            .iter()
+            .find(|w| w["name"] == workload)
+            .and_then(|w| w["pod_list"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

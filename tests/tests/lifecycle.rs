@@ -3,7 +3,8 @@
 //! supported binary (built from this repository's history)} against every piece of
 //! state the kernel keeps for the workloads {a workload's policy, a cgroup registered at
 //! mkdir, an address learned through the DNS proxy with its expiry, an MCP instance with
-//! a call in flight and an idle one, TC links}.
+//! a call in flight and an idle one, TC links}, and pods placed through a real
+//! containerd's CRI across all four transitions in one run (the runtime is slow to start).
 //!
 //! Throughout each transition a probe inside each workload connects in a loop: no
 //! allowed connection may fail and no denied one succeed. After it: events still name
@@ -18,8 +19,9 @@ use std::{
 };
 
 use mcp_guard_tests::{
-    guard_bin, mcp_helper, mcp_venv, output_text, upgrade, wait_until, Daemon, Dnsmasq, NetNs,
-    Probe, TestCgroup,
+    cri::{Containerd, PodSpec},
+    guard_bin, listen_tcp_at, mcp_helper, mcp_venv, output_text, upgrade, wait_until, Daemon,
+    Dnsmasq, NetNs, Probe, TestCgroup,
 };
 use serde_json::Value;
 
@@ -156,10 +158,16 @@ struct Loop {
     handle: std::thread::JoinHandle<String>,
 }
 
-fn start_loop(dir: &std::path::Path, ns: &NetNs, dst: &str, port: u16, allowed: bool) -> Loop {
+fn start_loop(
+    dir: &std::path::Path,
+    netns: &std::path::Path,
+    dst: &str,
+    port: u16,
+    allowed: bool,
+) -> Loop {
     let (dir, ns_path, cmd) = (
         dir.to_path_buf(),
-        ns.path(),
+        netns.to_path_buf(),
         format!("tcp-loop {dst} {port} {LOOP_MS} 3"),
     );
     Loop {
@@ -258,6 +266,38 @@ fn mcp_client(lab: &Lab, d: &Daemon, bin: &std::path::Path) -> Child {
 /// restart, and two at once on two cores would measure the machine, not the daemon.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Puts the daemon through `t`; a reload rewrites the config to `reloaded` first and
+/// waits until the new generation is applied.
+fn transition(d: &mut Daemon, t: Transition, reloaded: &str) {
+    match t {
+        Transition::Reload => {
+            let before = d.status()["generation"].as_u64().unwrap_or(0);
+            d.write_config(reloaded);
+            d.signal(libc::SIGHUP);
+            assert!(
+                wait_until(Duration::from_secs(5), || d.status()["generation"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    > before),
+                "the reload was applied"
+            );
+        }
+        Transition::Restart | Transition::Kill9 | Transition::Upgrade => {
+            if t == Transition::Kill9 {
+                d.kill9();
+            } else {
+                assert!(d.terminate(), "{t:?}: SIGTERM, clean exit");
+            }
+            std::thread::sleep(Duration::from_millis(700));
+            if t == Transition::Upgrade {
+                d.restart_with(&guard_bin());
+            } else {
+                d.restart();
+            }
+        }
+    }
+}
+
 fn run(t: Transition) {
     let _one = ONE_AT_A_TIME
         .lock()
@@ -297,49 +337,26 @@ fn run(t: Transition) {
         d.stderr.lock().unwrap()
     );
     let denied_before = sum(&d, "mcp_guard_denied_flows_total", "workload=\"w\"");
+    let ns = lab.ns.path();
     let loops = vec![
-        start_loop(&w, &lab.ns, DB, 5432, true),
-        start_loop(&w, &lab.ns, CACHE, 6379, true),
-        start_loop(&w, &lab.ns, PUBLIC, 443, true),
-        start_loop(&w, &lab.ns, METADATA, 80, false),
-        start_loop(&w, &lab.ns, DB, 6379, false),
-        start_loop(&pat1, &lab.ns, PUBLIC, 443, true),
-        start_loop(&pat1, &lab.ns, METADATA, 80, false),
-        start_loop(&pat1, &lab.ns, DB, 5432, false),
+        start_loop(&w, &ns, DB, 5432, true),
+        start_loop(&w, &ns, CACHE, 6379, true),
+        start_loop(&w, &ns, PUBLIC, 443, true),
+        start_loop(&w, &ns, METADATA, 80, false),
+        start_loop(&w, &ns, DB, 6379, false),
+        start_loop(&pat1, &ns, PUBLIC, 443, true),
+        start_loop(&pat1, &ns, METADATA, 80, false),
+        start_loop(&pat1, &ns, DB, 5432, false),
     ];
     std::thread::sleep(Duration::from_millis(1000));
-    let generation_before = d.status()["generation"].as_u64().unwrap_or(0);
-    match t {
-        Transition::Reload => {
-            d.write_config(&config(
-                &lab,
-                "[[workload.allow]]\ncidr = \"198.51.100.0/24\"\nports = [443]\n",
-            ));
-            d.signal(libc::SIGHUP);
-            assert!(
-                wait_until(Duration::from_secs(5), || d.status()["generation"]
-                    .as_u64()
-                    .unwrap_or(0)
-                    > generation_before),
-                "the reload was applied"
-            );
-        }
-        Transition::Restart => {
-            assert!(d.terminate(), "SIGTERM: clean exit");
-            std::thread::sleep(Duration::from_millis(700));
-            d.restart();
-        }
-        Transition::Kill9 => {
-            d.kill9();
-            std::thread::sleep(Duration::from_millis(700));
-            d.restart();
-        }
-        Transition::Upgrade => {
-            assert!(d.terminate(), "SIGTERM of the old daemon: clean exit");
-            std::thread::sleep(Duration::from_millis(700));
-            d.restart_with(&guard_bin());
-        }
-    }
+    transition(
+        &mut d,
+        t,
+        &config(
+            &lab,
+            "[[workload.allow]]\ncidr = \"198.51.100.0/24\"\nports = [443]\n",
+        ),
+    );
     for l in loops {
         check_loop(l);
     }
@@ -544,4 +561,160 @@ fn pins_with_another_map_layout_are_refused_and_enforcement_stays() {
         "OK",
         "its policy still allows"
     );
+}
+
+fn pods_config(cg: &TestCgroup, c: &Containerd, extra_rule: &str) -> String {
+    mcp_guard_tests::cri::node_config(
+        &cg.rel,
+        c,
+        &format!("[\"{}/pod*\"]", cg.rel),
+        extra_rule,
+        "on_exit = \"keep\"\n[events]\nrate_limit_per_sec = 0\n",
+    )
+}
+
+/// A pod through the CRI with the three destinations on its own loopback, each listening
+/// on port 80 (a denied connection that got through would say OK). (cgroup dir, netns)
+fn placed_pod(
+    c: &mut Containerd,
+    cg: &TestCgroup,
+    name: &str,
+    spec: PodSpec<'_>,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let parent = format!("{}/{name}", cg.rel);
+    let id = c.run_pod(&PodSpec {
+        cgroup_parent: &parent,
+        ..spec
+    });
+    let netns = c.netns(&id);
+    for a in [METADATA, MCP_DB, PUBLIC] {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"])
+            .output()
+            .expect("nsenter");
+        assert!(out.status.success(), "adding {a}: {out:?}");
+        listen_tcp_at(&netns, &format!("{a}:80"));
+    }
+    let dir = mcp_guard_tests::cgroup_mount().join(parent.trim_start_matches('/'));
+    assert!(dir.exists(), "runc made no v2 cgroup {}", dir.display());
+    (dir, netns)
+}
+
+fn pod_registered(d: &Daemon, workload: &str, name: &str) -> bool {
+    d.placed_pods(workload).iter().any(|p| p["name"] == name)
+}
+
+/// The pods row: pods placed through a real containerd keep their workloads across an
+/// upgrade from the oldest supported binary, a reload, SIGTERM + restart and kill -9 +
+/// restart, with probe loops inside the pods throughout; after each the pods are still
+/// placed, refusals name the pod, counters did not go back, and the annotated pod's
+/// `deny` never opened.
+#[test]
+fn pods_placed_through_the_runtime_keep_their_workload_across_every_transition() {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let cg = TestCgroup::new();
+    let mut c = Containerd::start();
+    let mut d = Daemon::start_with(&upgrade::old_binary(), &pods_config(&cg, &c, ""));
+    let (gh, gh_ns) = placed_pod(
+        &mut c,
+        &cg,
+        "pod-gh",
+        PodSpec {
+            namespace: "mcp",
+            name: "github-mcp-a",
+            labels: &[("app.kubernetes.io/name", "github-mcp")],
+            annotations: &[],
+            cgroup_parent: "",
+        },
+    );
+    let (locked, locked_ns) = placed_pod(
+        &mut c,
+        &cg,
+        "pod-locked",
+        PodSpec {
+            namespace: "tools",
+            name: "sandboxed-mcp",
+            labels: &[],
+            annotations: &[("mcp-guard.dev/workload", "locked")],
+            cgroup_parent: "",
+        },
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || pod_registered(
+            &d,
+            "github-mcp",
+            "github-mcp-a"
+        ) && pod_registered(
+            &d,
+            "locked",
+            "sandboxed-mcp"
+        )),
+        "both pods placed: {}",
+        d.status()
+    );
+    let mut generation = 0;
+    for t in [
+        Transition::Upgrade,
+        Transition::Reload,
+        Transition::Restart,
+        Transition::Kill9,
+    ] {
+        let denied_before = sum(
+            &d,
+            "mcp_guard_denied_flows_total",
+            "workload=\"github-mcp\"",
+        );
+        let loops = vec![
+            start_loop(&gh, &gh_ns, PUBLIC, 80, true),
+            start_loop(&gh, &gh_ns, METADATA, 80, false),
+            start_loop(&gh, &gh_ns, MCP_DB, 80, false),
+            start_loop(&locked, &locked_ns, PUBLIC, 80, false),
+            start_loop(&locked, &locked_ns, METADATA, 80, false),
+        ];
+        std::thread::sleep(Duration::from_millis(1000));
+        generation += 1;
+        transition(
+            &mut d,
+            t,
+            &pods_config(
+                &cg,
+                &c,
+                &format!(
+                    "[[workload.allow]]\ncidr = \"198.51.{generation}.0/24\"\nports = [443]\n"
+                ),
+            ),
+        );
+        for l in loops {
+            check_loop(l);
+        }
+        // Listed again before the daemon said ready (a restart lists pods first).
+        assert!(
+            pod_registered(&d, "github-mcp", "github-mcp-a")
+                && pod_registered(&d, "locked", "sandboxed-mcp"),
+            "{t:?}: the pods lost their workloads: {}",
+            d.status()
+        );
+        let mut p = Probe::at(PROBE, &gh, &gh_ns);
+        assert_eq!(p.op(&format!("tcp {MCP_DB} 80")), "EPERM", "{t:?}");
+        let events = d.events(Duration::from_millis(800));
+        assert!(
+            events.iter().any(|e| e["workload"] == "github-mcp"
+                && e["pod"]["name"] == "github-mcp-a"
+                && e["pod"]["namespace"] == "mcp"
+                && e["dst"].as_str().unwrap_or_default().starts_with(MCP_DB)),
+            "{t:?}: the refusal names the pod: {events:?}"
+        );
+        let denied_after = sum(
+            &d,
+            "mcp_guard_denied_flows_total",
+            "workload=\"github-mcp\"",
+        );
+        assert!(
+            denied_after >= denied_before + 50.0,
+            "{t:?}: denied flows of github-mcp went from {denied_before} to {denied_after}"
+        );
+    }
 }

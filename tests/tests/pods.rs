@@ -14,7 +14,7 @@ use std::{
 
 use mcp_guard_tests::{
     assert_event_schema,
-    cri::{Containerd, PodSpec},
+    cri::{self, Containerd, PodSpec},
     wait_until, Daemon, NetNs, Probe, TestCgroup,
 };
 use serde_json::Value;
@@ -29,33 +29,7 @@ const GITHUB_LABEL: (&str, &str) = ("app.kubernetes.io/name", "github-mcp");
 /// only), a workload selecting pods by namespace and labels, one taking pods by
 /// annotation, and the runtime's socket.
 fn config(cg: &TestCgroup, c: &Containerd, pod_cgroups: &str) -> String {
-    format!(
-        r#"[baseline]
-deny = ["metadata"]
-[[workload]]
-name = "node"
-cgroup = "{r}"
-default = "allow"
-[[workload]]
-name = "github-mcp"
-default = "deny-internal"
-[workload.pods]
-namespace = "mcp"
-labels = {{ "app.kubernetes.io/name" = "github-mcp" }}
-[[workload]]
-name = "locked"
-default = "deny"
-[workload.pods]
-annotation = true
-[daemon]
-attach_cgroup = "{r}"
-cri_socket = "{sock}"
-pod_cgroups = {pod_cgroups}
-cri_poll_ms = 100
-"#,
-        r = cg.rel,
-        sock = c.socket.display(),
-    )
+    cri::node_config(&cg.rel, c, pod_cgroups, "", "")
 }
 
 fn default_pod_cgroups(cg: &TestCgroup) -> String {
@@ -143,13 +117,7 @@ fn verdicts(p: &Pod) -> [String; 3] {
 }
 
 fn status_pods(d: &Daemon, workload: &str) -> Vec<Value> {
-    d.status()["workloads"]
-        .as_array()
-        .expect("workloads")
-        .iter()
-        .find(|w| w["name"] == workload)
-        .and_then(|w| w["pod_list"].as_array().cloned())
-        .unwrap_or_default()
+    d.placed_pods(workload)
 }
 
 /// Whether the runtime's list placed pod `name` (in a workload or none).
