@@ -83,15 +83,35 @@ fn enforced_target(
     Ok((cfg, dir))
 }
 
+/// How `exec` hardens the command besides the mounts and the seccomp filter: the
+/// capabilities it keeps (`--keep-cap`) and the user and group it runs as
+/// (`--user`, `--group`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Harden<'a> {
+    pub keep_cap: &'a [String],
+    pub user: Option<&'a str>,
+    pub group: Option<&'a str>,
+}
+
+impl Harden<'_> {
+    /// Checks every name before anything happens.
+    fn check(&self) -> Result<(Vec<u32>, Option<crate::host::identity::Identity>)> {
+        let keep = crate::host::harden::keep_caps(self.keep_cap).map_err(anyhow::Error::msg)?;
+        let id =
+            crate::host::identity::resolve(self.user, self.group).map_err(anyhow::Error::msg)?;
+        Ok((keep, id))
+    }
+}
+
 pub fn exec(
     path: &Path,
     workload: &str,
     unguarded: bool,
-    harden: Option<&[String]>,
+    harden: Option<&Harden<'_>>,
     cmd: &[String],
 ) -> Result<()> {
-    if let Some(keep) = harden {
-        crate::host::harden::keep_caps(keep).map_err(anyhow::Error::msg)?;
+    if let Some(h) = harden {
+        h.check()?;
     }
     let (cfg, dir) = exec_target(path, workload, unguarded)?;
     exec_in(&dir, harden, &daemon_sockets(&cfg), cmd)
@@ -107,20 +127,17 @@ fn daemon_sockets(cfg: &config::Config) -> Vec<PathBuf> {
 /// `hide`: more sockets to cover) and runs `cmd` in this process.
 pub fn exec_in(
     dir: &Path,
-    harden: Option<&[String]>,
+    harden: Option<&Harden<'_>>,
     hide: &[PathBuf],
     cmd: &[String],
 ) -> Result<()> {
     // Checked before anything happens: a name that is not a capability, or one that goes
-    // around the guard, is an error with the list.
-    let keep = harden
-        .map(crate::host::harden::keep_caps)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    // around the guard, an unknown user or group, is an error saying what to give.
+    let checked = harden.map(Harden::check).transpose()?;
     cgroup::join(dir, std::process::id())
         .with_context(|| format!("joining cgroup {}", dir.display()))?;
-    if let Some(keep) = &keep {
-        crate::host::harden::apply(hide, keep)
+    if let Some((keep, id)) = &checked {
+        crate::host::harden::apply(hide, keep, id.as_ref())
             .context("hardening the command failed, so it was not run (pass --no-hardening to run it without)")?;
     }
     let err = std::process::Command::new(&cmd[0]).args(&cmd[1..]).exec();
@@ -134,13 +151,13 @@ pub fn exec_mcp(
     path: &Path,
     workload: &str,
     unguarded: bool,
-    harden: Option<&[String]>,
+    harden: Option<&Harden<'_>>,
     call_timeout: Duration,
     cmd: &[String],
 ) -> Result<u8> {
     use crate::mcp::{relay, wire::ToDaemon};
-    if let Some(keep) = harden {
-        crate::host::harden::keep_caps(keep).map_err(anyhow::Error::msg)?;
+    if let Some(h) = harden {
+        h.check()?;
     }
     let (cfg, dir) = exec_target(path, workload, unguarded)?;
     let instance_dir = dir.join(format!("mcp-{}", std::process::id()));
@@ -188,9 +205,15 @@ pub fn exec_mcp(
             None => {
                 c.arg("--no-hardening");
             }
-            Some(keep) => {
-                for k in keep {
+            Some(h) => {
+                for k in h.keep_cap {
                     c.arg("--keep-cap").arg(k);
+                }
+                if let Some(u) = h.user {
+                    c.arg("--user").arg(u);
+                }
+                if let Some(g) = h.group {
+                    c.arg("--group").arg(g);
                 }
             }
         }

@@ -59,15 +59,28 @@ enum Cmd {
         /// Run even if no daemon is enforcing the workload (the command is NOT guarded).
         #[arg(long)]
         unguarded: bool,
-        /// Do not harden the command (by default it loses CAP_NET_RAW, CAP_NET_ADMIN,
-        /// CAP_SYS_ADMIN and CAP_BPF, and a seccomp filter refuses AF_PACKET, AF_XDP and
-        /// AF_VSOCK sockets and io_uring).
+        /// Do not harden the command (by default it loses every capability, runs in a
+        /// mount namespace where the cgroup tree and bpffs are read-only and local
+        /// deputies' sockets are covered, and a seccomp filter refuses AF_PACKET, AF_XDP
+        /// and AF_VSOCK sockets and io_uring).
         #[arg(long)]
         no_hardening: bool,
         /// A capability the command keeps (repeatable; by default it keeps none, root
         /// included), e.g. CAP_NET_BIND_SERVICE. Those that go around the guard are refused.
-        #[arg(long = "keep-cap", value_name = "NAME")]
+        #[arg(
+            long = "keep-cap",
+            value_name = "NAME",
+            conflicts_with = "no_hardening"
+        )]
         keep_cap: Vec<String>,
+        /// Run the command as this user (a name or a numeric UID), with the user's
+        /// primary and supplementary groups: a non-root command cannot write the cgroup
+        /// tree or reach root-only sockets at all.
+        #[arg(long, value_name = "USER", conflicts_with = "no_hardening")]
+        user: Option<String>,
+        /// Run the command with this primary group (a name or a numeric GID).
+        #[arg(long, value_name = "GROUP", conflicts_with = "no_hardening")]
+        group: Option<String>,
         /// The command is an MCP server on the stdio transport: relay its messages, run it
         /// in a cgroup of its own below the workload's, and tell the daemon about every
         /// tools/call (events name the tool; `tools = [...]` rules apply during calls).
@@ -105,6 +118,10 @@ enum Cmd {
         /// A capability the command keeps (repeatable).
         #[arg(long = "keep-cap")]
         keep_cap: Vec<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        group: Option<String>,
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
@@ -194,11 +211,18 @@ fn main() -> ExitCode {
             unguarded,
             no_hardening,
             keep_cap,
+            user,
+            group,
             mcp,
             call_timeout,
             cmd,
         } => {
-            let harden = (!no_hardening).then_some(keep_cap.as_slice());
+            let h = mcp_guard::exec::Harden {
+                keep_cap: &keep_cap,
+                user: user.as_deref(),
+                group: group.as_deref(),
+            };
+            let harden = (!no_hardening).then_some(&h);
             if mcp {
                 return match mcp_guard::exec::exec_mcp(
                     &config,
@@ -222,10 +246,16 @@ fn main() -> ExitCode {
             no_hardening,
             hide,
             keep_cap,
+            user,
+            group,
             cmd,
         } => mcp_guard::exec::exec_in(
             &cgroup_dir,
-            (!no_hardening).then_some(keep_cap.as_slice()),
+            (!no_hardening).then_some(&mcp_guard::exec::Harden {
+                keep_cap: &keep_cap,
+                user: user.as_deref(),
+                group: group.as_deref(),
+            }),
             &hide,
             &cmd,
         ),

@@ -131,6 +131,8 @@ pub enum HardenError {
     Filter(String),
     #[error("installing the seccomp filter: {0}")]
     Install(String),
+    #[error("switching to the user and groups of --user/--group: {0}")]
+    Identity(std::io::Error),
     #[error("isolating the command's mounts ({what}): {source}")]
     Mounts {
         what: String,
@@ -164,9 +166,15 @@ pub const HIDDEN_SOCKETS: [&str; 14] = [
 /// Any step failing: the caller must not run the command then (fail closed).
 /// `hide`: more sockets to cover (the daemon's configured sockets).
 /// `keep`: capabilities (numbers) the command keeps; every other one is dropped.
-pub fn apply(hide: &[std::path::PathBuf], keep: &[u32]) -> Result<(), HardenError> {
+/// `id`: the user and groups to switch to (`exec --user` / `--group`), after the mounts
+/// (which need CAP_SYS_ADMIN) and the bounding set (CAP_SETPCAP), before the other sets.
+pub fn apply(
+    hide: &[std::path::PathBuf],
+    keep: &[u32],
+    id: Option<&super::identity::Identity>,
+) -> Result<(), HardenError> {
     isolate_mounts(hide)?;
-    drop_capabilities(keep)?;
+    drop_capabilities(keep, id)?;
     install_filter()
 }
 
@@ -277,7 +285,10 @@ fn last_cap() -> u32 {
         .unwrap_or(63)
 }
 
-fn drop_capabilities(keep: &[u32]) -> Result<(), HardenError> {
+fn drop_capabilities(
+    keep: &[u32],
+    id: Option<&super::identity::Identity>,
+) -> Result<(), HardenError> {
     for cap in (0..=last_cap()).filter(|c| !keep.contains(c)) {
         // SAFETY: plain prctl; EINVAL for a capability this kernel does not know is
         // harmless (it cannot be held either).
@@ -310,6 +321,18 @@ fn drop_capabilities(keep: &[u32]) -> Result<(), HardenError> {
             return Err(HardenError::Inheritable(e));
         }
     }
+    // Another user: kept capabilities stay permitted across the switch (KEEPCAPS) and
+    // are raised as ambient below, so they survive exec for a non-root command.
+    let other_user = id.is_some_and(|id| id.uid != 0);
+    if let Some(id) = id {
+        if other_user && !keep.is_empty() {
+            // SAFETY: plain prctl.
+            if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
+                return Err(HardenError::Identity(std::io::Error::last_os_error()));
+            }
+        }
+        super::identity::switch(id).map_err(HardenError::Identity)?;
+    }
     #[repr(C)]
     struct Header {
         version: u32,
@@ -337,13 +360,34 @@ fn drop_capabilities(keep: &[u32]) -> Result<(), HardenError> {
         mask[(cap / 32) as usize] |= 1 << (cap % 32);
     }
     for (word, m) in data.iter_mut().zip(mask) {
-        word.inheritable &= m;
-        word.effective &= m;
+        word.inheritable = if other_user {
+            word.permitted & m
+        } else {
+            word.inheritable & m
+        };
         word.permitted &= m;
+        word.effective = word.permitted;
     }
     // SAFETY: as above.
     if unsafe { libc::syscall(libc::SYS_capset, &raw mut head, data.as_ptr()) } != 0 {
         return Err(HardenError::Inheritable(std::io::Error::last_os_error()));
+    }
+    if other_user {
+        for &cap in keep {
+            // SAFETY: plain prctl; the capability is permitted and inheritable.
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE,
+                    libc::c_ulong::from(cap),
+                    0,
+                    0,
+                )
+            };
+            if rc != 0 {
+                return Err(HardenError::Identity(std::io::Error::last_os_error()));
+            }
+        }
     }
     Ok(())
 }

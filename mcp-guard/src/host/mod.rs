@@ -4,6 +4,7 @@
 
 pub mod cgroup;
 pub mod harden;
+pub mod identity;
 pub mod podlinks;
 pub mod posture;
 pub mod sockdiag;
