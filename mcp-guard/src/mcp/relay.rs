@@ -78,7 +78,10 @@ impl Daemon {
                 ),
             )
         })?;
-        s.set_read_timeout(Some(DAEMON_TIMEOUT))?;
+        // A daemon that is starting accepts connections (its socket is bound first)
+        // but serves them only once it enforces: the first answer may take as long as
+        // its start does. Later requests get the usual bound.
+        s.set_read_timeout(Some(STARTING_TIMEOUT))?;
         s.set_write_timeout(Some(DAEMON_TIMEOUT))?;
         let r = BufReader::new(s.try_clone()?);
         self.conn = Some((s, r));
@@ -92,12 +95,6 @@ impl Daemon {
         replay.extend(self.peers.clone());
         replay.extend(self.tools.clone());
         replay.extend(self.calls.clone());
-        // A daemon that is starting accepts connections (its socket is bound first)
-        // but serves them only once it enforces: the first answer may take as long as
-        // its start does. Later requests get the usual bound.
-        if let Some((s, _)) = &self.conn {
-            s.set_read_timeout(Some(STARTING_TIMEOUT))?;
-        }
         for (n, m) in replay.iter().enumerate() {
             self.exchange(m)?;
             if n == 0 {
