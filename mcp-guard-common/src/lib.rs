@@ -249,6 +249,57 @@ pub struct WorkloadInfo {
 }
 const _: () = assert!(size_of::<WorkloadInfo>() == 8);
 
+impl WorkloadInfo {
+    /// The strict copy of a workload registered under [`strict_key`]: its own id and
+    /// mode, default deny, every refusable socket kind refused, direct DNS refused.
+    #[must_use]
+    #[inline(always)]
+    pub const fn strictest(self) -> Self {
+        Self {
+            workload_id: self.workload_id,
+            default: DEFAULT_DENY,
+            mode: self.mode,
+            flags: self.flags
+                | WL_DENY_RAW
+                | WL_DENY_PACKET
+                | WL_DENY_PING
+                | WL_DENY_OTHER_PROTO
+                | WL_DENY_DIRECT_DNS,
+            _pad: 0,
+        }
+    }
+}
+
+/// Where a task belongs (`HOMES_1`, by thread id; a process moved whole is found by its
+/// thread group id too): the registered cgroup of the workload it ran in when the
+/// kernel (at its creation, at a move into a workload, or the daemon's seeding) first
+/// saw it there. A task outside its home cgroup is judged by its home's workload as
+/// long as it lives, wherever it went, and passes its home to every task it creates.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Home {
+    pub cgroup_id: u64,
+    /// The home cgroup's level (0: the root), as the cgroup tracepoints count it.
+    pub level: u32,
+    /// The workload: judged by its strict registration ([`strict_key`]) once the home
+    /// cgroup lost its own (removed after the task left it).
+    pub workload_id: u32,
+}
+const _: () = assert!(size_of::<Home>() == 16);
+
+/// The `CGROUPS_1` key under which each workload's strict copy
+/// ([`WorkloadInfo::strictest`]) is registered, per slot: what a task that left its
+/// home is judged by when its home cgroup is gone. cgroup ids are inode numbers, which
+/// never reach bit 63.
+#[must_use]
+#[inline(always)]
+pub const fn strict_key(workload_id: u32) -> u64 {
+    (1 << 63) | workload_id as u64
+}
+
+/// Entries of `HOMES_1`: tasks of guarded workloads tracked at once.
+pub const HOMES_MAX: u32 = 262_144;
+
 /// Longest cgroup path (below the hierarchy's root, NUL included) the kernel-side
 /// registration compares; longer paths are left to the daemon's scan.
 pub const CGROUP_PATH_LEN: usize = 256;
@@ -352,6 +403,8 @@ wire_enum! {
         LsmSocket = 6 => "socket_create",
         /// cgroup_skb/egress: the per-packet backstop on the workload's own sockets.
         CgroupSkb = 7 => "cgroup_skb",
+        /// `cgroup:cgroup_attach_task`: a guarded process moved out of its workload.
+        CgroupAttach = 8 => "cgroup_attach",
     }
 }
 
@@ -360,6 +413,9 @@ wire_enum! {
     FlowVerdict {
         Denied = 0 => "denied",
         Audited = 1 => "audited",
+        /// Not a flow: a process left its workload's cgroup, which the kernel let
+        /// happen; it keeps its workload's policy (see [`Home`]).
+        Contained = 2 => "contained",
     }
 }
 
@@ -381,6 +437,8 @@ wire_enum! {
         ToolNotActive = 10 => "tool-not-active",
         /// The workload denies egress while no MCP tool call is in flight.
         BetweenCalls = 11 => "between-calls",
+        /// A process of the workload moved to a cgroup outside it (hook cgroup_attach).
+        LeftWorkload = 12 => "left-workload",
     }
 }
 
@@ -441,6 +499,7 @@ pub const HOOK_SOCK_CREATE: u8 = Hook::SockCreate as u8;
 pub const HOOK_LSM_SOCKET: u8 = Hook::LsmSocket as u8;
 /// cgroup_skb/egress: the per-packet backstop on the workload's own sockets.
 pub const HOOK_CGROUP_SKB: u8 = Hook::CgroupSkb as u8;
+pub const HOOK_CGROUP_ATTACH: u8 = Hook::CgroupAttach as u8;
 pub const HOOK_COUNT: usize = Hook::ALL.len();
 
 /// What the cgroup_skb backstop remembers of a socket (`SKB_CACHE_2`, keyed by socket
@@ -477,6 +536,7 @@ pub const SKB_STREAM: u8 = 0x80;
 
 pub const VERDICT_DENIED: u8 = FlowVerdict::Denied as u8;
 pub const VERDICT_AUDITED: u8 = FlowVerdict::Audited as u8;
+pub const VERDICT_CONTAINED: u8 = FlowVerdict::Contained as u8;
 
 /// Why a flow was refused.
 pub const REASON_BASELINE_METADATA: u8 = Reason::BaselineMetadata as u8;
@@ -501,6 +561,7 @@ pub const REASON_PING_SOCKET: u8 = Reason::PingSocket as u8;
 pub const REASON_SOCKET_PROTOCOL: u8 = Reason::SocketProtocol as u8;
 pub const REASON_TOOL_NOT_ACTIVE: u8 = Reason::ToolNotActive as u8;
 pub const REASON_BETWEEN_CALLS: u8 = Reason::BetweenCalls as u8;
+pub const REASON_LEFT_WORKLOAD: u8 = Reason::LeftWorkload as u8;
 pub const REASON_COUNT: usize = Reason::ALL.len();
 
 pub const CLASS_METADATA: u8 = DestClass::Metadata as u8;
@@ -620,7 +681,7 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        CgroupKey, Config, Event, ExactKey, FlowCounterKey, LpmData, McpInstance, MkdirKey,
+        CgroupKey, Config, Event, ExactKey, FlowCounterKey, Home, LpmData, McpInstance, MkdirKey,
         MkdirMatch, PolicyEntry, RateKey, RateState, SkbVerdict, WorkloadInfo,
     };
     unsafe impl aya::Pod for McpInstance {}
@@ -633,6 +694,7 @@ mod pod {
     unsafe impl aya::Pod for SkbVerdict {}
     unsafe impl aya::Pod for CgroupKey {}
     unsafe impl aya::Pod for WorkloadInfo {}
+    unsafe impl aya::Pod for Home {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowCounterKey {}
     unsafe impl aya::Pod for RateKey {}

@@ -2,10 +2,7 @@
 //! workload's default, in that order.
 
 use aya_ebpf::{
-    helpers::generated::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns,
-    },
+    helpers::generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_boot_ns},
     maps::lpm_trie::Key,
     programs::SockAddrContext,
     EbpfContext,
@@ -143,8 +140,10 @@ pub fn sock_addr<const IPV6: bool>(ctx: &SockAddrContext, hook: u8) -> i32 {
     // SAFETY: a plain helper call.
     let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
     // A cgroup that belongs to no workload is untouched.
+    // A task that left its workload's cgroup is judged by the workload it left,
+    // wherever it went (see `home.rs`).
     let Some((generation, outcome)) = stable(cfg, |slot| {
-        find_workload(slot).map(|wl| {
+        crate::home::judge(slot).map(|wl| {
             let result = decide(slot, wl, &addr, port_proto(port, proto_bit), cgroup_id);
             let class = if result & REFUSED != 0 {
                 classify(slot, &addr)
@@ -233,19 +232,6 @@ fn connected_peer(ctx: &SockAddrContext) -> Option<([u8; 16], u16)> {
     Some((addr, port))
 }
 
-/// The workload of the calling task: its own cgroup or the nearest ancestor that has a
-/// policy. Walking the ancestors at decision time means a child cgroup created after the
-/// policy was loaded, and any process forked into it, is covered with no update at all.
-// A real BPF subprogram: inlined three times into the retry loop it would blow the
-// verifier's 512-byte stack limit.
-#[inline(never)]
-pub(crate) fn find_workload(slot: u32) -> Option<&'static WorkloadInfo> {
-    // SAFETY: a plain helper call; returns 0 above the task's own level.
-    nearest_workload(slot, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    })
-}
-
 /// The deepest of the cgroups `ancestor(0..)` gives (0 ends the walk) that has a
 /// workload: the one ancestor walk of the socket hooks and the packet programs.
 #[inline(always)]
@@ -254,6 +240,18 @@ pub(crate) fn nearest_workload(
     ancestor: impl Fn(i32) -> u64,
 ) -> Option<&'static WorkloadInfo> {
     let mut found = None;
+    registered_ancestors(slot, ancestor, |_, w| found = Some(w));
+    found
+}
+
+/// Calls `found(level, workload)` for each of the cgroups `ancestor(0..)` gives (0 ends
+/// the walk) that is registered in `slot`, shallowest first.
+#[inline(always)]
+pub(crate) fn registered_ancestors(
+    slot: u32,
+    ancestor: impl Fn(i32) -> u64,
+    mut found: impl FnMut(u32, &'static WorkloadInfo),
+) {
     let mut level = 0;
     while level < MAX_CGROUP_LEVEL {
         let id = ancestor(level as i32);
@@ -267,11 +265,10 @@ pub(crate) fn nearest_workload(
         };
         // SAFETY: entries are replaced whole by user space; WorkloadInfo is plain data.
         if let Some(w) = unsafe { CGROUPS_1.get(&key) } {
-            found = Some(w);
+            found(level, w);
         }
         level += 1;
     }
-    found
 }
 
 /// `decide`'s cgroup for a program that leaves MCP tool scoping to others (the TC

@@ -10,6 +10,7 @@
 
 mod accept;
 mod decide;
+mod home;
 mod maps;
 mod packet;
 mod register;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use mcp_guard_common::{
-    CgroupKey, Config, ExactKey, FlowCounterKey, LpmData, McpInstance, MkdirKey, MkdirMatch,
+    CgroupKey, Config, ExactKey, FlowCounterKey, Home, LpmData, McpInstance, MkdirKey, MkdirMatch,
     PolicyEntry, RateKey, RateState, SkbVerdict, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
 };
 
@@ -88,3 +88,10 @@ pub static ACCEPTED_1: HashMap<u64, u8> = HashMap::with_max_entries(262_144, NO_
 #[map]
 pub static ACCEPTS_1: PerCpuHashMap<u32, u64> =
     PerCpuHashMap::with_max_entries(16_384, NO_PREALLOC);
+
+/// Sticky identity: the home of every task of a guarded workload, by thread id (see
+/// `home.rs`). Written by the fork, exit and cgroup-attach tracepoints and by the
+/// daemon's seeding of tasks that predate it; pinned, so it outlives the daemon.
+#[map]
+pub static HOMES_1: HashMap<u32, Home> =
+    HashMap::with_max_entries(mcp_guard_common::HOMES_MAX, NO_PREALLOC);

@@ -17,7 +17,7 @@ use mcp_guard_common::{
 };
 
 use crate::{
-    decide::{find_workload, stable},
+    decide::stable,
     maps::CONFIG_1,
     report::{self, Flow, Origin},
 };
@@ -61,7 +61,8 @@ fn refuse_creation(kind: u8, family: u8, proto: u8, cookie: u64) -> bool {
     let Some(cfg) = CONFIG_1.get(0) else {
         return false;
     };
-    let Some((generation, wl)) = stable(cfg, find_workload) else {
+    // The task's workload, or the one it left (see `home.rs`).
+    let Some((generation, wl)) = stable(cfg, crate::home::judge) else {
         report::unstable();
         return true;
     };

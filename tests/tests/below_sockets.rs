@@ -696,8 +696,8 @@ fn cgroup_skb_backstop_judges_every_packet() {
 /// there), nor remove the daemon's pins (bpffs read-only), nor reach a local deputy's
 /// Unix socket (the daemon's own control socket stands in for the container runtime's,
 /// D-Bus's and the kubelet's, covered the same way). Control: the same command with
-/// `--no-hardening` does all three (a root process with every capability, which only a
-/// kernel-side sticky identity would hold; README says so).
+/// `--no-hardening` does all three (a root process with every capability); after leaving
+/// its cgroup it is still judged by its workload (sticky identity in the kernel).
 #[test]
 fn an_exec_hardened_root_command_cannot_leave_its_cgroup_or_reach_deputies() {
     let ns = NetNs::new();
@@ -747,7 +747,7 @@ fn an_exec_hardened_root_command_cannot_leave_its_cgroup_or_reach_deputies() {
     );
     assert_eq!(
         plain.op("tcp 169.254.169.254 80"),
-        "OK",
-        "control: and is no longer guarded (the documented gap)"
+        "EPERM",
+        "and is still judged by its workload (sticky identity, tests/tests/sticky_identity.rs)"
     );
 }

@@ -225,6 +225,19 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     }
     // Repaired only if it ran: a kernel that refuses it is reported once, not every second.
     let registration_on = attach_registration(&mut ebpf, &pins, pinned_hash, &metrics);
+    // Sticky identity: tasks that were running before the tracepoints get their home
+    // now, after the tracepoints (a task created meanwhile has one from its creator).
+    let mut homes = crate::kernel::maps::Homes::take(&mut ebpf, &pins)?;
+    let pass = homes.pass(&mount);
+    ops::publish_homes(&metrics, &pass);
+    info!(
+        seeded = pass.seeded,
+        tracked = pass.tracked,
+        swept = pass.swept,
+        "homes of guarded tasks recorded: a task that leaves its workload's cgroup keeps its policy"
+    );
+    let mut homes = Some(homes);
+    let mut homes_task: Option<tokio::task::JoinHandle<_>> = None;
     let tc = if cfg.tc.enabled {
         let mut tc = crate::kernel::tc::Tc::load(&mut ebpf, &cfg.tc, &pins, pinned_hash)
             .context("loading the TC classifier")?;
@@ -467,6 +480,19 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 state.send(Command::Learned(update.learned, update.done.take().into_iter().collect()));
             }
             _ = posture_check.tick() => {
+                if let Some(t) = homes_task.take_if(|t| t.is_finished()) {
+                    if let Ok((h, pass)) = t.await {
+                        ops::publish_homes(&metrics, &pass);
+                        homes = Some(h);
+                    }
+                }
+                if let Some(mut h) = homes.take() {
+                    let mount = mount.clone();
+                    homes_task = Some(tokio::task::spawn_blocking(move || {
+                        let pass = h.pass(&mount);
+                        (h, pass)
+                    }));
+                }
                 if let Some(t) = posture_task.take_if(|t| t.is_finished()) {
                     if let Ok(found) = t.await {
                         crate::host::posture::publish(&metrics, &found, &mut posture_seen);

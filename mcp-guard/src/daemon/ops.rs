@@ -172,17 +172,34 @@ pub(super) fn attach_registration(
             true
         }
         Err(e) => {
-            error!("new workload cgroups are registered by the scan only, up to 100 ms after they are created (a process that joins one at once is unguarded until then): the kernel refused the cgroup_mkdir tracepoint program ({e})");
+            error!("new workload cgroups are registered by the scan only, up to 100 ms after they are created (a process that joins one at once is unguarded until then), and a guarded task that leaves its workload's cgroup keeps its policy only if it had a home before: the kernel refused a tracepoint program ({e})");
             false
         }
     };
-    for (_, hook) in loader::tracepoints() {
+    for (_, hook, _) in loader::tracepoints() {
         metrics
             .programs_attached
             .with_label_values(&[hook])
             .set(i64::from(ok));
     }
     ok
+}
+
+/// Publishes a pass over the homes of guarded tasks; says so when some could not be
+/// recorded.
+pub(super) fn publish_homes(metrics: &Metrics, pass: &crate::kernel::maps::HomesPass) {
+    metrics
+        .homes_tracked
+        .set(i64::try_from(pass.tracked).unwrap_or(i64::MAX));
+    metrics.homes_seeded.inc_by(pass.seeded as u64);
+    if pass.failed > 0 {
+        metrics.homes_failed.inc_by(pass.failed as u64);
+        warn!(
+            failed = pass.failed,
+            tracked = pass.tracked,
+            "the map of guarded tasks' homes is full: these tasks are judged by the cgroup they run in only (a root one that leaves it is no longer guarded)"
+        );
+    }
 }
 
 pub(super) fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
@@ -192,6 +209,7 @@ pub(super) fn set_policy_gauges(metrics: &Metrics, c: &Compiled) {
             .policy_rules
             .with_label_values(&[&w.name])
             .set(w.rules as i64);
+        metrics.workload_known(&w.name);
     }
     metrics.workloads.set(c.workloads.len() as i64);
 }

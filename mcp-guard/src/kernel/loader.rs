@@ -368,10 +368,11 @@ pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32,
     Ok(ours)
 }
 
-/// The tracepoint programs that register workload cgroups at creation and drop the
-/// registrations of removed ones: (program, `cgroup` event, also the link's pin name).
-pub fn tracepoints() -> impl Iterator<Item = (&'static str, &'static str)> {
-    manifest::programs(Attach::CgroupTracepoint)
+/// The tracepoint programs: those that register workload cgroups at creation and drop
+/// the registrations of removed ones, and those that keep tasks' homes (sticky
+/// identity): (program, event, also the link's pin name, category).
+pub fn tracepoints() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    manifest::tracepoints()
 }
 
 /// Makes sure tracefs is mounted where aya looks for tracepoint ids (a container may not
@@ -401,7 +402,7 @@ pub fn attach_tracepoints(
 ) -> Result<Vec<&'static str>, LoadError> {
     ensure_tracefs();
     let mut adopted = Vec::new();
-    for (name, event) in tracepoints() {
+    for (name, event, category) in tracepoints() {
         let err = |source| LoadError::Program { name, source };
         let p: &mut TracePoint = ebpf
             .program_mut(name)
@@ -419,7 +420,7 @@ pub fn attach_tracepoints(
                 }
             }
         }
-        let id = p.attach("cgroup", event).map_err(err)?;
+        let id = p.attach(category, event).map_err(err)?;
         let link = FdLink::try_from(p.take_link(id).map_err(err)?).map_err(|e| LoadError::Pin {
             hook: event.to_string(),
             path: String::new(),
@@ -438,8 +439,8 @@ pub fn attach_tracepoints(
 #[must_use]
 pub fn tracepoints_missing(pins: &Pins) -> Vec<&'static str> {
     tracepoints()
-        .filter(|(_, event)| PinnedLink::from_pin(pins.link(event)).is_err())
-        .map(|(_, event)| event)
+        .filter(|(_, event, _)| PinnedLink::from_pin(pins.link(event)).is_err())
+        .map(|(_, event, _)| event)
         .collect()
 }
 

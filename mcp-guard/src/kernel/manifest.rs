@@ -19,7 +19,7 @@ pub enum Keep {
 /// Every map of the eBPF object and how it is kept. A map whose layout changes gets a
 /// new versioned name (`_1` → `_2`): pins of the old layout are never reused (the loader
 /// also compares layouts before it reuses a pin).
-pub const MAPS: [(&str, Keep); 20] = [
+pub const MAPS: [(&str, Keep); 21] = [
     ("CONFIG_1", Keep::Pinned),
     ("CGROUPS_1", Keep::Pinned),
     ("POLICY_LPM_1", Keep::Pinned),
@@ -39,6 +39,9 @@ pub const MAPS: [(&str, Keep); 20] = [
     ("MCP_INSTANCES_1", Keep::Pinned),
     ("ACCEPTED_1", Keep::Pinned),
     ("ACCEPTS_1", Keep::Pinned),
+    // Sticky identity: tasks' homes must outlive the daemon (a task that left its
+    // workload while the daemon was down is still judged by it).
+    ("HOMES_1", Keep::Pinned),
     (
         "SKB_SCRATCH_1",
         Keep::Ephemeral("per-CPU scratch space for the packet one cgroup_skb run judges"),
@@ -85,8 +88,9 @@ pub enum Attach {
     Cgroup { kind: CgroupKind, attach_type: u32 },
     /// BPF LSM on the hook of the same name; link at `links/<hook>`.
     Lsm,
-    /// The `cgroup` tracepoint of the hook's name; link at `links/<hook>`.
-    CgroupTracepoint,
+    /// The tracepoint of the hook's name in the given category (`cgroup`, `task`,
+    /// `sched`); link at `links/<hook>`.
+    Tracepoint(&'static str),
     /// The TC classifier, on the configured interfaces; links at `links/tc-<interface>`.
     Tc,
 }
@@ -113,7 +117,7 @@ const fn cgroup(name: &'static str, hook: &'static str, kind: CgroupKind, at: u3
 }
 
 /// Every program of the eBPF object.
-pub const PROGRAMS: [Program; 11] = [
+pub const PROGRAMS: [Program; 14] = [
     // BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG.
     cgroup("mcpg_connect4", "connect4", CgroupKind::SockAddr, 10),
     cgroup("mcpg_connect6", "connect6", CgroupKind::SockAddr, 11),
@@ -136,12 +140,29 @@ pub const PROGRAMS: [Program; 11] = [
     Program {
         name: "mcpg_cgroup_mkdir",
         hook: "cgroup_mkdir",
-        attach: Attach::CgroupTracepoint,
+        attach: Attach::Tracepoint("cgroup"),
     },
     Program {
         name: "mcpg_cgroup_rmdir",
         hook: "cgroup_rmdir",
-        attach: Attach::CgroupTracepoint,
+        attach: Attach::Tracepoint("cgroup"),
+    },
+    // Sticky identity (`home.rs`): homes given at task creation, dropped at exit,
+    // given or reported at a move between cgroups.
+    Program {
+        name: "mcpg_task_newtask",
+        hook: "task_newtask",
+        attach: Attach::Tracepoint("task"),
+    },
+    Program {
+        name: "mcpg_process_exit",
+        hook: "sched_process_exit",
+        attach: Attach::Tracepoint("sched"),
+    },
+    Program {
+        name: "mcpg_cgroup_attach",
+        hook: "cgroup_attach_task",
+        attach: Attach::Tracepoint("cgroup"),
     },
     // Packets below the sockets (VM mode) and of pods (pod mode).
     Program {
@@ -158,6 +179,14 @@ pub type CgroupProgram = (&'static str, &'static str, CgroupKind, u32);
 pub fn cgroup_programs() -> impl Iterator<Item = CgroupProgram> {
     PROGRAMS.iter().filter_map(|p| match p.attach {
         Attach::Cgroup { kind, attach_type } => Some((p.name, p.hook, kind, attach_type)),
+        _ => None,
+    })
+}
+
+/// The tracepoint programs: (program name, hook, category).
+pub fn tracepoints() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    PROGRAMS.iter().filter_map(|p| match p.attach {
+        Attach::Tracepoint(category) => Some((p.name, p.hook, category)),
         _ => None,
     })
 }

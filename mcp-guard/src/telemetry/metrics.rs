@@ -76,6 +76,10 @@ pub struct Metrics {
     pub pods: IntGaugeVec,
     /// Whether the last CRI poll answered (1) or failed (0).
     pub cri_up: IntGauge,
+    pub homes_tracked: IntGauge,
+    pub homes_seeded: IntCounter,
+    pub homes_failed: IntCounter,
+    left_workload: IntCounterVec,
     /// Flow counter values at the previous render, to see which grew.
     previous: Mutex<HashMap<FlowCounterKey, u64>>,
 }
@@ -129,6 +133,10 @@ impl Metrics {
             mcp_relay_lines: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_relay_lines_total", "Lines MCP relays passed through unchanged without reading them, by workload and kind (malformed: not JSON-RPC 2.0; oversized: longer than 16 MiB)."), &["workload", "kind"]).expect("valid")),
             pods: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_pods", "Pods on this node held by each pod-selecting workload, as identified through the container runtime (CRI); pods-pending counts pod cgroups not identified yet (all their egress is denied)."), &["workload"]).expect("valid")),
             cri_up: reg(&r, IntGauge::new("mcp_guard_cri_up", "Whether the last poll of the container runtime's CRI socket answered (1) or failed (0); while it fails, new pods stay pending (denied) and known pods keep their workload. 1 when no workload selects pods.").expect("valid")),
+            homes_tracked: reg(&r, IntGauge::new("mcp_guard_homes_tracked", "Tasks (threads) of guarded workloads the kernel keeps a home for: wherever such a task moves, it is judged by its workload's policy until it exits.").expect("valid")),
+            homes_seeded: reg(&r, IntCounter::new("mcp_guard_homes_seeded_total", "Tasks of guarded workloads given their home by the daemon's scan rather than by the kernel at their creation (they predate the tracepoints, or a runtime placed them in a nested cgroup).").expect("valid")),
+            homes_failed: reg(&r, IntCounter::new("mcp_guard_homes_failed_total", "Tasks of guarded workloads the daemon could not record a home for (the map of homes was full): they are judged by the cgroup they run in only.").expect("valid")),
+            left_workload: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_processes_left_workload_total", "Processes of a workload that moved to a cgroup outside it (cgroup_attach_task), by workload. The kernel let the move happen; the process and its descendants keep being judged by the workload's policy. Nothing legitimate does this: investigate."), &["workload"]).expect("valid")),
             registry: r,
         };
         let build = reg(
@@ -150,6 +158,12 @@ impl Metrics {
             m.state_repaired.with_label_values(&[what]);
         }
         m
+    }
+
+    /// Creates a workload's series of moves out of its cgroup at 0, so an alert's
+    /// `increase()` sees the first move.
+    pub fn workload_known(&self, workload: &str) {
+        let _ = self.left_workload.with_label_values(&[workload]);
     }
 
     /// Remembers counter values that predate this daemon (adopted pinned maps), so they
@@ -180,6 +194,14 @@ impl Metrics {
                 &proto_name(k.proto),
                 hook_name(k.hook),
             ];
+            if k.hook == mcp_guard_common::HOOK_CGROUP_ATTACH {
+                catch_up(
+                    &self.left_workload.with_label_values(&[workload.as_str()]),
+                    *v,
+                );
+                prev.insert(*k, *v);
+                continue;
+            }
             let vec = if k.verdict == VERDICT_AUDITED {
                 &self.audited
             } else {

@@ -375,6 +375,44 @@ fn below_sockets(f: &[&str]) -> Option<String> {
                 },
             )
         }
+        "unshare-cgroupns" => {
+            // A cgroup namespace of its own: its cgroup looks like the root from inside.
+            // SAFETY: a plain syscall.
+            Some(result(
+                unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } as isize
+            ))
+        }
+        "clone-into-tcp" => {
+            // clone-into-tcp DIR ADDR PORT: clone3(CLONE_INTO_CGROUP) a child created
+            // directly in DIR (never in this process's cgroup), which connects to ADDR:PORT.
+            let dir = f.get(1)?;
+            let sa = SocketAddr::new(f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?);
+            let cg = std::fs::File::open(dir).ok()?;
+            let mut fds = [0i32; 2];
+            // SAFETY (this block): pipe, clone3 with a zeroed argument struct, waitpid.
+            unsafe {
+                assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+                let mut args = [0u64; 11];
+                args[0] = 0x2_0000_0000; // CLONE_INTO_CGROUP
+                args[4] = libc::SIGCHLD as u64; // exit_signal
+                args[10] = std::os::fd::AsRawFd::as_raw_fd(&cg) as u64; // cgroup
+                let pid = libc::syscall(libc::SYS_clone3, args.as_mut_ptr(), 88usize);
+                if pid < 0 {
+                    return Some(format!("ERR clone3 {}", std::io::Error::last_os_error()));
+                }
+                if pid == 0 {
+                    let r = op("tcp", sa, 0, None);
+                    libc::write(fds[1], r.as_ptr().cast(), r.len());
+                    libc::_exit(0);
+                }
+                libc::close(fds[1]);
+                let mut buf = [0u8; 64];
+                let n = libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len());
+                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+                libc::close(fds[0]);
+                Some(String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned())
+            }
+        }
         "unix" => {
             // Connects a stream Unix socket to PATH.
             let path = f.get(1)?;

@@ -17,11 +17,13 @@ use tracing::{info, warn};
 use crate::{host::cgroup, policy::Compiled};
 
 mod counters;
+mod homes;
 mod mcp;
 mod pods;
 mod repair;
 
 pub use counters::{CounterMaps, Counters};
+pub use homes::{Homes, Pass as HomesPass};
 
 use pods::live_pods;
 pub use pods::UNSELECTED;
@@ -420,6 +422,13 @@ impl PolicyMaps {
                     .map_err(map_err("CGROUPS_1"))?;
                 contents.cgroups.push(key);
             }
+            // What a task that left a workload whose cgroup is gone is judged by.
+            for (key, info) in homes::strict_entries(&infos, slot) {
+                self.cgroups
+                    .insert(key, info, 0)
+                    .map_err(map_err("CGROUPS_1"))?;
+                contents.cgroups.push(key);
+            }
             // MCP instances: their masks under the incoming policy, before it is live.
             self.write_instances_for(compiled, slot)
         });
@@ -602,41 +611,10 @@ impl PolicyMaps {
             .collect()
     }
 
-    /// Makes `IFACES_1` (pod mode: node-side interface index -> pod workload cgroup)
-    /// equal `wanted`: new entries first, then stale ones removed. Returns how many
-    /// entries changed.
-    pub fn set_sources(&mut self, wanted: &BTreeMap<u32, u64>) -> usize {
-        let mut changed = 0;
-        for (a, id) in wanted {
-            if self.source_entries.get(a) != Some(id) && self.sources.insert(a, id, 0).is_ok() {
-                self.source_entries.insert(*a, *id);
-                changed += 1;
-            }
-        }
-        let stale: Vec<u32> = self
-            .source_entries
-            .keys()
-            .filter(|a| !wanted.contains_key(*a))
-            .copied()
-            .collect();
-        for a in stale {
-            let _ = self.sources.remove(&a);
-            self.source_entries.remove(&a);
-            changed += 1;
-        }
-        changed
-    }
-
     /// The cgroups the kernel holds a registration for in the live slot, with the
     /// workload id of each.
     #[must_use]
     pub fn registered(&self) -> &BTreeMap<u64, u32> {
         &self.registered
-    }
-
-    /// How many source addresses pod mode maps to workloads.
-    #[must_use]
-    pub fn source_count(&self) -> usize {
-        self.source_entries.len()
     }
 }

@@ -1,6 +1,8 @@
 //! Identified pods in the maps: pod cgroups registered for the workload that selects
 //! them, or claimed as nobody's ([`UNSELECTED`]).
 
+use std::collections::BTreeMap;
+
 use super::PolicyMaps;
 use crate::policy::Compiled;
 
@@ -31,5 +33,38 @@ impl PolicyMaps {
         self.pods = pods;
         self.pods_version = self.pods_version.wrapping_add(1);
         true
+    }
+}
+
+impl PolicyMaps {
+    /// Makes `IFACES_1` (pod mode: node-side interface index -> pod workload cgroup)
+    /// equal `wanted`: new entries first, then stale ones removed. Returns how many
+    /// entries changed.
+    pub fn set_sources(&mut self, wanted: &BTreeMap<u32, u64>) -> usize {
+        let mut changed = 0;
+        for (a, id) in wanted {
+            if self.source_entries.get(a) != Some(id) && self.sources.insert(a, id, 0).is_ok() {
+                self.source_entries.insert(*a, *id);
+                changed += 1;
+            }
+        }
+        let stale: Vec<u32> = self
+            .source_entries
+            .keys()
+            .filter(|a| !wanted.contains_key(*a))
+            .copied()
+            .collect();
+        for a in stale {
+            let _ = self.sources.remove(&a);
+            self.source_entries.remove(&a);
+            changed += 1;
+        }
+        changed
+    }
+
+    /// How many source addresses pod mode maps to workloads.
+    #[must_use]
+    pub fn source_count(&self) -> usize {
+        self.source_entries.len()
     }
 }
