@@ -485,6 +485,53 @@ fn exec_hardens_the_command() {
             .starts_with("bnd=0000000000000400 eff=0000000000000400"),
         "CAP_NET_BIND_SERVICE kept"
     );
+    // Another user: every id switched, supplementary groups from NSS, the kept capability
+    // raised as ambient so it survives the exec of a non-root command; still no way out
+    // of the cgroup.
+    let mut nobody = Probe::exec(
+        PROBE,
+        &d.config,
+        "w",
+        &["--user", "nobody", "--keep-cap", "net_bind_service"],
+    );
+    assert_eq!(
+        nobody.op("ids"),
+        "uid=65534,65534,65534,65534 gid=65534,65534,65534,65534 groups=65534"
+    );
+    assert!(
+        nobody
+            .op("caps")
+            .starts_with("bnd=0000000000000400 eff=0000000000000400"),
+        "CAP_NET_BIND_SERVICE kept for the other user"
+    );
+    let mut grouped = Probe::exec(PROBE, &d.config, "w", &["--user", "65534", "--group", "0"]);
+    assert_eq!(
+        grouped.op("ids"),
+        "uid=65534,65534,65534,65534 gid=0,0,0,0 groups=0"
+    );
+    for (args, want) in [
+        (&["--user", "no-such-user-mcpg"][..], "no-such-user-mcpg"),
+        (&["--group", "no-such-group-mcpg"][..], "no-such-group-mcpg"),
+        (
+            &["--user", "nobody", "--no-hardening"][..],
+            "--no-hardening",
+        ),
+    ] {
+        let out = std::process::Command::new(mcp_guard_tests::guard_bin())
+            .args(["exec", "--config"])
+            .arg(&d.config)
+            .args(["--workload", "w"])
+            .args(args)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(want),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let refused = std::process::Command::new(mcp_guard_tests::guard_bin())
         .args(["exec", "--config"])
         .arg(&d.config)
@@ -738,7 +785,27 @@ fn an_exec_hardened_root_command_cannot_leave_its_cgroup_or_reach_deputies() {
         "bpffs is read-only"
     );
     assert!(d.pin_dir.join("links/connect4").exists());
+    // No module loading, no tracing of an unguarded process (root's, outside the guard).
+    let mut outsider = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let traced = format!("ptrace {}", outsider.id());
+    let hardened_module = hardened.op("load-module");
+    assert_eq!(hardened.op(&traced), "EPERM", "CAP_SYS_PTRACE is gone");
     let mut plain = Probe::exec_in(PROBE, &d.config, "w", &["--no-hardening"], Some(&ns));
+    let module = plain.op("load-module");
+    if module == "ERR 38" {
+        // A kernel built without module support (this host's): nobody loads one.
+        println!("NOTE: this kernel has no loadable modules (ENOSYS for root too)");
+        assert_eq!(hardened_module, "ERR 38");
+    } else {
+        assert_eq!(hardened_module, "EPERM", "CAP_SYS_MODULE is gone");
+        assert_ne!(module, "EPERM", "control: root may try to load a module");
+    }
+    assert_eq!(plain.op(&traced), "OK", "control: root may trace it");
+    let _ = outsider.kill();
+    let _ = outsider.wait();
     assert_eq!(plain.op(&format!("unix {control}")), "OK", "control");
     assert_eq!(
         plain.op(&format!("join-cgroup {}", cg.dir.display())),

@@ -34,7 +34,7 @@ const KERNELS: [(&str, &str); 2] = [
 ];
 
 /// The kernel tests that run inside the VMs: (test binary, test name).
-const TESTS: [(&str, &str); 13] = [
+const TESTS: [(&str, &str); 16] = [
     ("enforcement", "socket_hooks_enforce_the_policy"),
     (
         "enforcement",
@@ -69,6 +69,18 @@ const TESTS: [(&str, &str); 13] = [
         "recreated_workload_cgroups_are_guarded_before_anyone_joins",
     ),
     ("no_window", "tampering_is_repaired_within_two_seconds"),
+    (
+        "sticky_identity",
+        "a_root_process_that_leaves_its_cgroup_keeps_its_workloads_policy",
+    ),
+    (
+        "sticky_identity",
+        "a_process_that_moves_into_another_workload_keeps_the_one_it_left",
+    ),
+    (
+        "sticky_identity",
+        "homes_predate_the_daemon_and_survive_kill_9_and_restart",
+    ),
 ];
 
 /// Modules the tests need that Debian builds as modules.

@@ -463,6 +463,56 @@ fn below_sockets(f: &[&str]) -> Option<String> {
             }
             Some(r)
         }
+        "load-module" => {
+            // finit_module on /dev/null: refused with EPERM without CAP_SYS_MODULE (with
+            // it, the kernel gets as far as reading the empty "module").
+            let f = std::fs::File::open("/dev/null").ok()?;
+            // SAFETY: a plain syscall with a valid fd and an empty C string.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_finit_module,
+                    std::os::fd::AsRawFd::as_raw_fd(&f),
+                    c"".as_ptr(),
+                    0,
+                )
+            };
+            Some(result(rc as isize))
+        }
+        "ptrace" => {
+            // ptrace PID: PTRACE_SEIZE another process, then let it go.
+            let pid: i32 = f.get(1)?.parse().ok()?;
+            // SAFETY: plain ptrace calls on a pid.
+            let rc = unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) };
+            let r = result(rc as isize);
+            if rc == 0 {
+                // A seized tracee must be stopped to be detached; otherwise it stays
+                // traced and its parent cannot reap it.
+                unsafe {
+                    libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0);
+                    libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
+                    libc::ptrace(libc::PTRACE_DETACH, pid, 0, 0);
+                }
+            }
+            Some(r)
+        }
+        "ids" => {
+            // Real, effective, saved and filesystem user and group ids, and the groups.
+            let status = std::fs::read_to_string("/proc/self/status").ok()?;
+            let pick = |k: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map_or("?".to_string(), |v| {
+                        v.split_whitespace().collect::<Vec<_>>().join(",")
+                    })
+            };
+            Some(format!(
+                "uid={} gid={} groups={}",
+                pick("Uid:"),
+                pick("Gid:"),
+                pick("Groups:")
+            ))
+        }
         "caps" => {
             // The capability sets of this process, as /proc shows them.
             let status = std::fs::read_to_string("/proc/self/status").ok()?;

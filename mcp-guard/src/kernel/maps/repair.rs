@@ -96,6 +96,20 @@ impl PolicyMaps {
             out.push(("cgroup", n));
         }
 
+        // The workloads' strict registrations (what a task that left a workload whose
+        // cgroup is gone is judged by).
+        let mut n = 0;
+        for (key, info) in super::homes::strict_entries(&infos, slot) {
+            if self.cgroups.get(&key, 0).ok() != Some(info)
+                && self.cgroups.insert(key, info, 0).is_ok()
+            {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            out.push(("cgroup", n));
+        }
+
         // Policy entries of the live slot.
         let mut n = 0;
         for e in &compiled.lpm {
