@@ -240,18 +240,6 @@ pub(crate) fn nearest_workload(
     ancestor: impl Fn(i32) -> u64,
 ) -> Option<&'static WorkloadInfo> {
     let mut found = None;
-    registered_ancestors(slot, ancestor, |_, w| found = Some(w));
-    found
-}
-
-/// Calls `found(level, workload)` for each of the cgroups `ancestor(0..)` gives (0 ends
-/// the walk) that is registered in `slot`, shallowest first.
-#[inline(always)]
-pub(crate) fn registered_ancestors(
-    slot: u32,
-    ancestor: impl Fn(i32) -> u64,
-    mut found: impl FnMut(u32, &'static WorkloadInfo),
-) {
     let mut level = 0;
     while level < MAX_CGROUP_LEVEL {
         let id = ancestor(level as i32);
@@ -265,10 +253,11 @@ pub(crate) fn registered_ancestors(
         };
         // SAFETY: entries are replaced whole by user space; WorkloadInfo is plain data.
         if let Some(w) = unsafe { CGROUPS_1.get(&key) } {
-            found(level, w);
+            found = Some(w);
         }
         level += 1;
     }
+    found
 }
 
 /// `decide`'s cgroup for a program that leaves MCP tool scoping to others (the TC

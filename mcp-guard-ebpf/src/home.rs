@@ -105,16 +105,31 @@ pub(crate) fn judge(slot: u32) -> Option<&'static WorkloadInfo> {
 }
 
 /// The level of the calling task's nearest ancestor cgroup registered in `slot`, or -1.
+/// Deepest first, returning at the first found: a walk that carried "found so far"
+/// through 32 levels made 6.1's verifier explore every combination (over its
+/// million-instruction budget).
 // A real BPF subprogram: called twice (both policy slots).
 #[inline(never)]
 fn workload_level(slot: u32) -> i64 {
-    let mut found = -1i64;
-    crate::decide::registered_ancestors(
-        slot,
-        |level| ancestor(level as u32),
-        |level, _| found = i64::from(level),
-    );
-    found
+    let mut depth = 0;
+    while depth < MAX_CGROUP_LEVEL {
+        if ancestor(depth) == 0 {
+            break;
+        }
+        depth += 1;
+    }
+    let mut i = 0;
+    while i < MAX_CGROUP_LEVEL {
+        if i >= depth {
+            break;
+        }
+        let level = depth - 1 - i;
+        if registration(ancestor(level), slot).is_some() {
+            return i64::from(level);
+        }
+        i += 1;
+    }
+    -1
 }
 
 /// The home the calling task gives a task it creates (or has as a task just moved into

@@ -14,26 +14,45 @@ use mcp_guard::{
 use mcp_guard_common::{DEFAULT_ALLOW, DEFAULT_DENY, MODE_AUDIT};
 
 mod explain;
+mod status;
 use explain::explain;
+
+/// Where every subcommand looks for the config unless given `--config` or
+/// `MCP_GUARD_CONFIG`.
+const DEFAULT_CONFIG: &str = "/etc/mcp-guard/config.toml";
 
 /// Egress guard for MCP servers: per-workload allowlists enforced in the kernel.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    name = "mcp-guard",
+    version,
+    about,
+    after_help = "Environment:\n  MCP_GUARD_CONFIG      the config file (default /etc/mcp-guard/config.toml)\n  MCP_GUARD_LOG         log filter, tracing's EnvFilter syntax (default info), e.g. debug or mcp_guard::dns=debug\n  MCP_GUARD_LOG_FORMAT  text or json (as --log-format)\n\nLogs go to stderr; colours only when stderr is a terminal."
+)]
 struct Cli {
+    /// Log lines on stderr as text (colours only on a terminal) or as JSON objects.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MCP_GUARD_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Load and attach the programs, enforce the policy, report denials; stays in the foreground.
     Run {
-        #[arg(long, short)]
+        #[arg(long, short, env = "MCP_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Validate a config and print the compiled policy.
     Check {
-        #[arg(long, short)]
+        #[arg(long, short, env = "MCP_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Fail (exit 1) when the config draws a warning (a dangerous or meaningless
         /// policy), not only when it is invalid.
@@ -43,7 +62,7 @@ enum Cmd {
     /// Show the verdict for one destination and the rule that decided. Exit code: 0 ALLOW,
     /// 1 DENY, 2 a bad config, workload or destination.
     Explain {
-        #[arg(long, short)]
+        #[arg(long, short, env = "MCP_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[arg(long, short)]
         workload: String,
@@ -52,7 +71,7 @@ enum Cmd {
     },
     /// Run a command inside a workload's cgroup (created if needed), once a running daemon enforces it.
     Exec {
-        #[arg(long, short)]
+        #[arg(long, short, env = "MCP_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[arg(long, short)]
         workload: String,
@@ -97,7 +116,7 @@ enum Cmd {
     /// exec does); exit 0 then, 1 after --wait seconds. For a systemd unit's
     /// `ExecStartPre=+`, so an MCP server never starts unguarded.
     Enforced {
-        #[arg(long, short)]
+        #[arg(long, short, env = "MCP_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[arg(long, short)]
         workload: String,
@@ -128,15 +147,39 @@ enum Cmd {
     /// Detach every program and remove every pinned map and link (stop the daemon first).
     Uninstall {
         /// Config whose [daemon] pin_dir to clean; or give --pin-dir.
-        #[arg(long, short)]
+        #[arg(long, short, env = "MCP_GUARD_CONFIG")]
         config: Option<PathBuf>,
         #[arg(long)]
         pin_dir: Option<PathBuf>,
     },
+    /// What the running daemon enforces: readiness, programs, policy generation, BPF LSM,
+    /// the container runtime, MCP instances, DNS and each workload. Exit code: 0 ready,
+    /// 1 not ready, 2 no daemon answers.
+    Status {
+        /// Config of the daemon (its daemon.control_socket is used); or give --socket.
+        #[arg(long, short, env = "MCP_GUARD_CONFIG")]
+        config: Option<PathBuf>,
+        /// The daemon's control socket (default /run/mcp-guard/control.sock).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The status document as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (mcp-guard.1 and one per subcommand) into a directory.
+    Man {
+        /// Directory to write into (created if needed).
+        dir: PathBuf,
+    },
     /// Follow denied-flow events of a running daemon.
     Events {
         /// Config of the daemon (its daemon.control_socket is used); or give --socket.
-        #[arg(long, short)]
+        #[arg(long, short, env = "MCP_GUARD_CONFIG")]
         config: Option<PathBuf>,
         /// The daemon's control socket (default /run/mcp-guard/control.sock).
         #[arg(long)]
@@ -155,14 +198,21 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MCP_GUARD_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
     let cli = Cli::parse();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("MCP_GUARD_LOG")
+            .unwrap_or_else(|_| "info".into())
+    };
+    let fmt = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter());
+    match cli.log_format {
+        // Colours only for a person at a terminal, never into journald or a file.
+        LogFormat::Text => fmt
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
+    }
     let result = match cli.cmd {
         Cmd::Run { config } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -260,6 +310,34 @@ fn main() -> ExitCode {
             &cmd,
         ),
         Cmd::Uninstall { config, pin_dir } => uninstall(config, pin_dir),
+        Cmd::Status {
+            config,
+            socket,
+            json,
+        } => {
+            return match status::status(config, socket, json) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "mcp-guard",
+                &mut script,
+            );
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                other => other.map_err(Into::into),
+            }
+        }
+        Cmd::Man { dir } => status::man_pages(&<Cli as clap::CommandFactory>::command(), &dir),
         Cmd::Events {
             config,
             socket,
@@ -430,11 +508,7 @@ fn events(
     since: Option<Duration>,
     json: bool,
 ) -> Result<()> {
-    let addr = client::Endpoint::Control(match (socket, config) {
-        (Some(a), _) => a,
-        (None, Some(c)) => config::load(&c)?.control_socket,
-        (None, None) => PathBuf::from(config::DEFAULT_CONTROL_SOCKET),
-    });
+    let addr = client::Endpoint::Control(status::control_socket(config, socket)?);
     let mut q = Vec::new();
     if let Some(w) = &workload {
         q.push(format!("workload={w}"));

@@ -279,3 +279,165 @@ fn explain_refuses_malformed_destinations_and_matches_names_offline() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("ALLOW"), "{out}");
 }
+
+/// The config comes from `--config`, else `MCP_GUARD_CONFIG`, else the default path,
+/// which an error names.
+#[test]
+fn the_config_path_has_an_environment_variable_and_a_default() {
+    let dir = TempDir::new();
+    let path = dir.0.join("c.toml");
+    std::fs::write(
+        &path,
+        "[[workload]]\nname = \"a\"\ncgroup = \"/mcpg-cli-a\"\n",
+    )
+    .unwrap();
+    let out = Command::new(guard_bin())
+        .arg("check")
+        .env("MCP_GUARD_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("workload"));
+    let out = Command::new(guard_bin())
+        .arg("check")
+        .env_remove("MCP_GUARD_CONFIG")
+        .output()
+        .unwrap();
+    if !std::path::Path::new("/etc/mcp-guard/config.toml").exists() {
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("/etc/mcp-guard/config.toml"),
+            "{out:?}"
+        );
+    }
+    let help = Command::new(guard_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for documented in [
+        "MCP_GUARD_LOG ",
+        "MCP_GUARD_CONFIG",
+        "MCP_GUARD_LOG_FORMAT",
+        "--log-format",
+    ] {
+        assert!(help.contains(documented), "{documented} in --help:\n{help}");
+    }
+}
+
+/// Logs: JSON objects with --log-format json; text without colour codes when stderr is
+/// not a terminal (journald, kubectl logs, a file).
+#[test]
+fn log_lines_are_json_on_request_and_never_coloured_off_a_terminal() {
+    // `run` logs that a workload's cgroup does not exist yet, then stops at a metrics port
+    // that is taken, before it touches the kernel.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = TempDir::new();
+    let path = dir.0.join("c.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[workload]]\nname = \"a\"\ncgroup = \"/mcpg-cli-missing\"\n[metrics]\nlisten = \"{}\"\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(guard_bin())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let logged: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        logged.iter().any(|v| v["level"] == "WARN"
+            && v["timestamp"].is_string()
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("does not exist yet"))
+            && v["workload"] == "a"),
+        "{err}"
+    );
+    let out = Command::new(guard_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist yet"));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains('\u{1b}'),
+        "ANSI escape codes in logs that go to a pipe"
+    );
+    let bad = Command::new(guard_bin())
+        .args(["--log-format", "xml", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("possible values: text, json"));
+}
+
+/// Shell completions and man pages come from the CLI's own definition.
+#[test]
+fn completions_and_man_pages_are_generated() {
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef mcp-guard"),
+        ("fish", "complete -c mcp-guard"),
+    ] {
+        let out = Command::new(guard_bin())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(marker),
+            "{shell}: {}",
+            &text[..text.len().min(300)]
+        );
+        for sub in ["status", "explain", "exec", "events"] {
+            assert!(text.contains(sub), "{shell} completes {sub}");
+        }
+    }
+    let dir = TempDir::new();
+    let out = Command::new(guard_bin())
+        .arg("man")
+        .arg(dir.0.join("man1"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    for page in [
+        "mcp-guard.1",
+        "mcp-guard-status.1",
+        "mcp-guard-exec.1",
+        "mcp-guard-check.1",
+    ] {
+        let text = std::fs::read_to_string(dir.0.join("man1").join(page)).unwrap();
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+    }
+    assert!(
+        !dir.0.join("man1/mcp-guard-exec-instance.1").exists(),
+        "hidden subcommands get no page"
+    );
+}
+
+/// `status` without a daemon: exit 2 and a message saying where it looked.
+#[test]
+fn status_without_a_daemon_says_where_it_looked() {
+    let dir = TempDir::new();
+    let sock = dir.0.join("none.sock");
+    let out = Command::new(guard_bin())
+        .args(["status", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&*sock.to_string_lossy()),
+        "{out:?}"
+    );
+}

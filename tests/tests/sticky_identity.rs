@@ -34,6 +34,18 @@ fn config(r: &str, extra: &str) -> String {
     )
 }
 
+/// The sticky-identity tracepoints run (a kernel that refuses one says why in the log).
+fn tracepoints_attached(d: &Daemon) {
+    let metrics = d.get("/metrics");
+    for hook in ["task_newtask", "sched_process_exit", "cgroup_attach_task"] {
+        assert!(
+            metrics.contains(&format!("mcp_guard_programs_attached{{hook=\"{hook}\"}} 1")),
+            "{hook} not attached; daemon log:\n{}",
+            d.stderr.lock().unwrap()
+        );
+    }
+}
+
 fn left_counter(d: &Daemon, workload: &str) -> u64 {
     let want = format!("mcp_guard_processes_left_workload_total{{workload=\"{workload}\"}} ");
     d.get("/metrics")
@@ -82,6 +94,7 @@ fn a_root_process_that_leaves_its_cgroup_keeps_its_workloads_policy() {
     let (_, w) = cg.child("w");
     let (_, sibling) = cg.child("sibling");
     let d = Daemon::start(&config(&cg.rel, ""));
+    tracepoints_attached(&d);
     let _ = d.events(Duration::from_millis(300));
 
     // Control: a process of the unguarded sibling reaches everything.
@@ -144,13 +157,32 @@ fn a_root_process_that_leaves_its_cgroup_keeps_its_workloads_policy() {
         "refusals after the move name the workload: {ev:#?}"
     );
     assert!(wait_until(Duration::from_secs(3), || left_counter(&d, "w") == 2));
-    // The rule that alerts on it.
-    assert!(std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/prometheus/mcp-guard-rules.yml"
-    ))
-    .unwrap()
-    .contains("mcp_guard_processes_left_workload_total"));
+    // `mcp-guard status` says it too, for people and for scripts.
+    let status = |json: bool| {
+        let mut c = std::process::Command::new(mcp_guard_tests::guard_bin());
+        c.args(["status", "--socket"]).arg(&d.control);
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "ready: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let doc: serde_json::Value = serde_json::from_str(&status(true)).unwrap();
+    assert_eq!(doc["ready"], true, "{doc:#}");
+    assert_eq!(doc["programs"]["cgroup_attach_task"], true, "{doc:#}");
+    let w = &doc["workloads"][0];
+    assert_eq!(
+        (w["name"].as_str(), w["left_workload"].as_u64()),
+        (Some("w"), Some(2)),
+        "{doc:#}"
+    );
+    assert!(w["denied_flows"].as_u64().unwrap() > 0, "{doc:#}");
+    let text = status(false);
+    assert!(
+        text.contains("ready") && text.contains("2 process(es) left its cgroup"),
+        "{text}"
+    );
     assert!(d.stop());
 }
 
@@ -171,6 +203,7 @@ fn a_process_that_moves_into_another_workload_keeps_the_one_it_left() {
             cg.rel
         ),
     ));
+    tracepoints_attached(&d);
     let mut fresh = Probe::new(PROBE, &open, &ns);
     assert_eq!(fresh.op("tcp 10.0.13.5 5432"), "OK", "open allows internal");
     assert_eq!(
@@ -216,6 +249,7 @@ fn homes_predate_the_daemon_and_survive_kill_9_and_restart() {
     // Started before any daemon: no tracepoint saw it arrive.
     let mut early = Probe::new(PROBE, &w, &ns);
     let mut d = Daemon::start(&config(&cg.rel, ""));
+    tracepoints_attached(&d);
     let seeded = d
         .get("/metrics")
         .lines()
