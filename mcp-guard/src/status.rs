@@ -253,7 +253,10 @@ pub fn man_pages(cmd: &clap::Command, dir: &Path) -> Result<()> {
     let mut root = cmd.clone();
     root.build();
     write(root.clone(), "mcp-guard.1".into())?;
-    for sub in root.get_subcommands().filter(|s| !s.is_hide_set()) {
+    for sub in root
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let name = format!("mcp-guard-{}", sub.get_name());
         write(sub.clone().name(name.clone()), format!("{name}.1"))?;
     }

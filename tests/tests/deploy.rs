@@ -378,6 +378,19 @@ fn packaged_binary_with_shipped_config_blocks_metadata() {
         .path();
     let bin = root.join("bin/mcp-guard");
     let config = root.join("etc/mcp-guard/config.toml");
+    for shipped in [
+        "LICENSE",
+        "SECURITY.md",
+        "CHANGELOG.md",
+        "share/bash-completion/completions/mcp-guard",
+        "share/zsh/site-functions/_mcp-guard",
+        "share/fish/vendor_completions.d/mcp-guard.fish",
+        "share/man/man1/mcp-guard.1",
+        "share/man/man1/mcp-guard-status.1",
+    ] {
+        let len = std::fs::metadata(root.join(shipped)).map_or(0, |m| m.len());
+        assert!(len > 0, "{shipped} missing or empty in the tarball");
+    }
     assert!(
         root.join("Containerfile").exists()
             && root.join("kubernetes/daemonset.yaml").exists()
