@@ -82,6 +82,16 @@ fn every_field_appears_in_a_real_event() {
     assert_eq!(e["hook"], "connect4");
     assert_eq!(e["verdict"], "denied");
     assert_eq!(e["reason"], "baseline-metadata");
+    assert_eq!(e["severity"], "critical", "metadata is the worst");
+    assert_eq!(
+        e["host"].as_str(),
+        Some(
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap()
+                .trim()
+        ),
+        "no NODE_NAME: the host name"
+    );
     assert_eq!(e["rule_id"], 1);
     assert!(e["rule"]
         .as_str()

@@ -30,6 +30,12 @@ pub struct JsonEvent {
     pub schema: String,
     /// RFC 3339, UTC.
     pub time: String,
+    /// critical, high, medium or low (see [`super::siem::severity`]).
+    #[serde(default)]
+    pub severity: String,
+    /// The node: `NODE_NAME`, else the host name.
+    #[serde(default)]
+    pub host: String,
     pub monotonic_ns: u64,
     pub hook: String,
     pub verdict: String,
@@ -117,6 +123,8 @@ fn dns_event(reason: &str, rule: String, generation: u32, suppressed: u32) -> Js
     JsonEvent {
         schema: SCHEMA.into(),
         time: rfc3339(wall),
+        severity: String::new(),
+        host: super::siem::host().into(),
         monotonic_ns: monotonic_ns(),
         hook: "dns".into(),
         verdict: "refused".into(),
@@ -181,6 +189,7 @@ pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
         dns_type: r.qtype.clone(),
         mcp: None,
         pod: None,
+        severity: super::siem::severity(r.reason, "none").into(),
         ..dns_event(r.reason, rule.into(), r.generation, r.suppressed)
     }
 }
@@ -206,20 +215,21 @@ pub struct Refusal<'a> {
 pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
     let addr = r.addr.to_canonical();
     let class = |nets: &[ipnet::IpNet]| nets.iter().any(|n| n.contains(&addr));
+    let dest_class = if class(crate::config::sets::metadata()) {
+        "metadata"
+    } else if class(crate::config::sets::internal()) {
+        "internal"
+    } else {
+        "public"
+    };
     JsonEvent {
+        severity: super::siem::severity(r.reason, dest_class).into(),
         workload: Some(r.workload.to_string()),
         workload_id: r.workload_id,
         cgroup_id: r.cgroup_id,
         family: if addr.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
         dst: addr.to_string(),
-        dest_class: if class(crate::config::sets::metadata()) {
-            "metadata"
-        } else if class(crate::config::sets::internal()) {
-            "internal"
-        } else {
-            "public"
-        }
-        .into(),
+        dest_class: dest_class.into(),
         name: Some(r.name.to_string()),
         dns_source: Some(r.source.into()),
         ..dns_event(r.reason, r.rule.clone(), r.generation, r.suppressed)
@@ -435,6 +445,8 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
     JsonEvent {
         schema: SCHEMA.into(),
         time: rfc3339(wall),
+        severity: super::siem::severity(reason_name(e.reason), class_name(e.dest_class)).into(),
+        host: super::siem::host().into(),
         monotonic_ns: e.ts_ns,
         hook: hook_name(e.hook).into(),
         verdict: verdict_name(e.verdict).into(),
