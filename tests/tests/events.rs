@@ -288,3 +288,68 @@ fn events_command_follows_a_running_daemon() {
         let _ = c.wait();
     }
 }
+
+/// The file sink follows log rotation (the file moved away: the next events go to a new
+/// file at the path, checked at most once a second, or at once after SIGHUP) and counts writes that
+/// fail (a full disk: /dev/full) instead of dropping them silently.
+#[test]
+fn the_file_sink_follows_rotation_and_counts_failed_writes() {
+    let ns = lab();
+    let cg = TestCgroup::new();
+    let (_, dir) = cg.child("w");
+    let files = mcp_guard_tests::TempDir::new();
+    let path = files.0.join("events.jsonl");
+    let config = |file: &std::path::Path| {
+        format!(
+            "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\n[daemon]\nattach_cgroup = \"{r}\"\n[events]\nrate_limit_per_sec = 0\nsink = \"file\"\nfile = \"{f}\"\n",
+            r = cg.rel,
+            f = file.display()
+        )
+    };
+    let d = Daemon::start(&config(&path));
+    let mut p = Probe::new(PROBE, &dir, &ns);
+    let lines = |f: &std::path::Path| {
+        std::fs::read_to_string(f)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+    assert!(wait_until(Duration::from_secs(5), || lines(&path) == 1));
+    // logrotate's default: rename, then the writer must start a new file.
+    let rotated = files.0.join("events.jsonl.1");
+    std::fs::rename(&path, &rotated).unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+    assert!(
+        wait_until(Duration::from_secs(5), || lines(&path) == 1),
+        "no new file after rotation"
+    );
+    assert_eq!(lines(&rotated), 1, "nothing more in the rotated file");
+    // logrotate's postrotate `kill -HUP`: the next event goes to a new file.
+    std::fs::rename(&path, files.0.join("events.jsonl.2")).unwrap();
+    d.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+    assert!(wait_until(Duration::from_secs(5), || lines(&path) == 1));
+    assert!(d.stop());
+
+    // A sink that cannot take the events: each failed write is counted.
+    let d = Daemon::start(&config(std::path::Path::new("/dev/full")));
+    let mut p = Probe::new(PROBE, &dir, &ns);
+    for _ in 0..3 {
+        assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(
+            &d.get("/metrics"),
+            "mcp_guard_events_sink_errors_total"
+        ) >= 1),
+        "failed writes not counted"
+    );
+    assert!(d
+        .stderr
+        .lock()
+        .unwrap()
+        .contains("events not written to the sink"));
+    assert!(d.stop());
+}

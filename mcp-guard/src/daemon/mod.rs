@@ -24,8 +24,11 @@ use crate::{
     kernel::maps::{CounterMaps, PolicyMaps},
     kernel::pins::Pins,
     policy::{self, Compiled},
-    telemetry::events::{self, Delivered, SinkWriter},
     telemetry::metrics::Metrics,
+    telemetry::{
+        events::{self, Delivered},
+        sink::SinkWriter,
+    },
 };
 
 mod mcp;
@@ -333,14 +336,12 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         config::Sink::File => {
             let p = cfg.events_file.clone().expect("validated");
             SinkWriter::File(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&p)
+                crate::telemetry::sink::FileSink::open(p.clone())
                     .with_context(|| format!("opening events.file {}", p.display()))?,
             )
         }
     };
+    let sink = crate::telemetry::sink::Sink::new(sink, metrics.events_sink_errors.clone());
     let listen = cfg.metrics_listen;
     let on_exit = cfg.on_exit;
     set_policy_gauges(&metrics, &compiled);
@@ -452,7 +453,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 }
             }
             _ = hup.recv() => {
-                info!("SIGHUP: reloading {}", config_path.display());
+                info!("SIGHUP: reloading {} (and reopening the events file)", config_path.display());
+                crate::telemetry::sink::request_reopen();
                 fingerprint = config_fingerprint(&config_path);
                 state.send(Command::Reload(config_path.clone()));
             }

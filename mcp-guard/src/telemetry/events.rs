@@ -5,7 +5,6 @@
 
 use std::{
     collections::HashMap,
-    io::Write,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -501,13 +500,6 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
     }
 }
 
-/// Where events go besides the live stream.
-pub enum SinkWriter {
-    Stdout,
-    File(std::fs::File),
-    None,
-}
-
 /// Counts of what the reader delivered, for the invariant and the metrics.
 #[derive(Default)]
 pub struct Delivered {
@@ -540,7 +532,7 @@ fn remember(history: &History, wall: u128, r: Recorded) {
 pub async fn read_loop(
     ring: RingBuf<MapData>,
     names: tokio::sync::watch::Receiver<Arc<Names>>,
-    mut sink: SinkWriter,
+    mut sink: super::sink::Sink,
     stream: broadcast::Sender<Arc<JsonEvent>>,
     delivered: Arc<Delivered>,
     history: Arc<History>,
@@ -556,7 +548,7 @@ pub async fn read_loop(
                 let j = Arc::new(j);
                 let mut line = serde_json::to_vec(&*j).expect("serialisable");
                 line.push(b'\n');
-                write_sink(&mut sink, &line);
+                sink.write(&line);
                 let _ = stream.send(j.clone());
                 let wall = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -581,7 +573,7 @@ pub async fn read_loop(
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         // Events are counted and kept raw always; turned into JSON only for a sink or a
         // live follower, so a flood nobody reads costs almost nothing.
-        let to_sink = !matches!(sink, SinkWriter::None);
+        let to_sink = !sink.is_none();
         let followed = stream.receiver_count() > 0;
         let mut out = Vec::new();
         if to_sink || followed {
@@ -611,21 +603,7 @@ pub async fn read_loop(
                 );
             }
         }
-        write_sink(&mut sink, &out);
-    }
-}
-
-fn write_sink(sink: &mut SinkWriter, out: &[u8]) {
-    match sink {
-        SinkWriter::Stdout => {
-            let mut so = std::io::stdout().lock();
-            let _ = so.write_all(out);
-            let _ = so.flush();
-        }
-        SinkWriter::File(f) => {
-            let _ = f.write_all(out);
-        }
-        SinkWriter::None => {}
+        sink.write(&out);
     }
 }
 

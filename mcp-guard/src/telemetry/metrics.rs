@@ -77,6 +77,7 @@ pub struct Metrics {
     /// Whether the last CRI poll answered (1) or failed (0).
     pub cri_up: IntGauge,
     pub homes_tracked: IntGauge,
+    pub events_sink_errors: IntCounter,
     pub homes_seeded: IntCounter,
     pub homes_failed: IntCounter,
     left_workload: IntCounterVec,
@@ -133,6 +134,7 @@ impl Metrics {
             mcp_relay_lines: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_relay_lines_total", "Lines MCP relays passed through unchanged without reading them, by workload and kind (malformed: not JSON-RPC 2.0; oversized: longer than 16 MiB)."), &["workload", "kind"]).expect("valid")),
             pods: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_pods", "Pods on this node held by each pod-selecting workload, as identified through the container runtime (CRI); pods-pending counts pod cgroups not identified yet (all their egress is denied)."), &["workload"]).expect("valid")),
             cri_up: reg(&r, IntGauge::new("mcp_guard_cri_up", "Whether the last poll of the container runtime's CRI socket answered (1) or failed (0); while it fails, new pods stay pending (denied) and known pods keep their workload. 1 when no workload selects pods.").expect("valid")),
+            events_sink_errors: reg(&r, IntCounter::new("mcp_guard_events_sink_errors_total", "Event writes to the configured sink (stdout or events.file) that failed (disk full, file unopenable); the live stream and /events still had them.").expect("valid")),
             homes_tracked: reg(&r, IntGauge::new("mcp_guard_homes_tracked", "Tasks (threads) of guarded workloads the kernel keeps a home for: wherever such a task moves, it is judged by its workload's policy until it exits.").expect("valid")),
             homes_seeded: reg(&r, IntCounter::new("mcp_guard_homes_seeded_total", "Tasks of guarded workloads given their home by the daemon's scan rather than by the kernel at their creation (they predate the tracepoints, or a runtime placed them in a nested cgroup).").expect("valid")),
             homes_failed: reg(&r, IntCounter::new("mcp_guard_homes_failed_total", "Tasks of guarded workloads the daemon could not record a home for (the map of homes was full): they are judged by the cgroup they run in only.").expect("valid")),
