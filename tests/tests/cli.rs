@@ -35,6 +35,7 @@ fn check_rejects_bad_input_with_file_and_line() {
         ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload.allow]]\ncidr='10.0.0.0/8'\nports=['90-80']\n", "config.toml:6:", "inverted"),
         ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='a'\ncgroup='/b'\n", "config.toml:5:", "duplicate workload name"),
         ("[[workload]]\nname='a'\ncgroup='/a'\n[[workload]]\nname='b'\ncgroup='/a'\n", "config.toml:6:", "duplicate workload cgroup"),
+        ("[[workload]]\nname='a'\ncgroup='/a'\n[events]\ncmdline='stdout'\n", "config.toml:5:", "unknown events.cmdline \"stdout\": use \"control\""),
     ];
     for (config, place, what) in cases {
         let (code, _, err) = run(&["check", "--config", "CFG"], config);

@@ -58,7 +58,7 @@ fn every_field_appears_in_a_real_event() {
     let pod = format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CONTAINER}.scope", POD_UID.replace('-', "_"));
     let (_, container) = cg.child(&pod);
     let config = format!(
-        "[[workload]]\nname = \"github-mcp\"\ncgroup = \"{r}/mcp.slice/github-mcp.service\"\n[[workload]]\nname = \"pods\"\ncgroup = \"{r}/kubepods.slice\"\n[daemon]\nattach_cgroup = \"{r}\"\n",
+        "[[workload]]\nname = \"github-mcp\"\ncgroup = \"{r}/mcp.slice/github-mcp.service\"\n[[workload]]\nname = \"pods\"\ncgroup = \"{r}/kubepods.slice\"\n[daemon]\nattach_cgroup = \"{r}\"\n[events]\ncmdline = \"sink\"\n",
         r = cg.rel
     );
     let d = Daemon::start(&config);
@@ -315,6 +315,28 @@ fn the_file_sink_follows_rotation_and_counts_failed_writes() {
     };
     assert_eq!(p.op("tcp 169.254.169.254 80"), "EPERM");
     assert!(wait_until(Duration::from_secs(5), || lines(&path) == 1));
+    // By default command lines stay on the root-only control socket.
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+    assert!(first["cmdline"].is_null(), "{first}");
+    let mut followed = std::process::Command::new(guard_bin())
+        .args(["events", "--json", "--since", "1m", "--socket"])
+        .arg(&d.control)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = std::io::BufReader::new(followed.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let _ = followed.kill();
+    let _ = followed.wait();
+    let streamed: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert!(
+        streamed["cmdline"]
+            .as_str()
+            .is_some_and(|c| c.contains("mcpg-probe")),
+        "{streamed}"
+    );
     // logrotate's default: rename, then the writer must start a new file.
     let rotated = files.0.join("events.jsonl.1");
     std::fs::rename(&path, &rotated).unwrap();

@@ -3,6 +3,7 @@
 //! config never weakens running enforcement.
 
 mod daemon_keys;
+mod events_keys;
 pub mod pods;
 pub mod sets;
 
@@ -246,6 +247,9 @@ pub struct Config {
     pub rate_limit_per_sec: u32,
     pub sink: Sink,
     pub events_file: Option<PathBuf>,
+    /// `[events] cmdline = "sink"`: command lines go to the sink too (default: only to
+    /// the root-only control socket's stream).
+    pub cmdline_in_sink: bool,
     pub metrics_listen: SocketAddr,
     /// cgroup (below the v2 mount) the programs attach to; "/" covers the whole machine.
     pub attach_cgroup: String,
@@ -504,44 +508,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         });
     }
 
-    let rate_limit_per_sec = match &raw.events.rate_limit_per_sec {
-        None => DEFAULT_RATE_LIMIT,
-        Some(v) => match u32::try_from(*v.get_ref()) {
-            Ok(n) => n,
-            Err(_) => {
-                cx.err(
-                    &v.span(),
-                    "events.rate_limit_per_sec must be between 0 (no limit) and 4294967295",
-                );
-                DEFAULT_RATE_LIMIT
-            }
-        },
-    };
-    let sink = match raw
-        .events
-        .sink
-        .as_ref()
-        .map(|s| (s.get_ref().as_str(), s.span()))
-    {
-        None | Some(("stdout", _)) => Sink::Stdout,
-        Some(("file", span)) => {
-            if raw.events.file.is_none() {
-                cx.err(
-                    &span,
-                    "events.sink = \"file\" needs events.file = \"/path/to/events.jsonl\"",
-                );
-            }
-            Sink::File
-        }
-        Some(("none", _)) => Sink::None,
-        Some((other, span)) => {
-            cx.err(
-                &span,
-                format!("unknown events.sink {other:?}: use \"stdout\", \"file\" or \"none\""),
-            );
-            Sink::Stdout
-        }
-    };
+    let events_keys::EventKeys {
+        rate_limit_per_sec,
+        sink,
+        cmdline_in_sink,
+    } = events_keys::event_keys(&mut cx, &raw.events);
     let pods_cfg = pods::pods_config(
         &mut cx,
         raw.daemon.cri_socket.as_ref(),
@@ -618,6 +589,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         workloads,
         rate_limit_per_sec,
         sink,
+        cmdline_in_sink,
         events_file: raw.events.file,
         metrics_listen,
         attach_cgroup,

@@ -172,6 +172,8 @@ pub(super) struct RawEvents {
     pub(super) sink: Option<Spanned<String>>,
     #[serde(default)]
     pub(super) file: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) cmdline: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -341,7 +341,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             )
         }
     };
-    let sink = crate::telemetry::sink::Sink::new(sink, metrics.events_sink_errors.clone());
+    let sink = crate::telemetry::sink::Sink::new(
+        sink,
+        metrics.events_sink_errors.clone(),
+        cfg.cmdline_in_sink,
+    );
     let listen = cfg.metrics_listen;
     let on_exit = cfg.on_exit;
     set_policy_gauges(&metrics, &compiled);

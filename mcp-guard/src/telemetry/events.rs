@@ -582,7 +582,13 @@ pub async fn read_loop(
             for e in &batch {
                 let j = Arc::new(enrich_cached(e, &names, &mut cache));
                 if to_sink {
-                    serde_json::to_writer(&mut out, &*j).expect("serialisable");
+                    if sink.cmdline || j.cmdline.is_none() {
+                        serde_json::to_writer(&mut out, &*j).expect("serialisable");
+                    } else {
+                        let mut without = (*j).clone();
+                        without.cmdline = None;
+                        serde_json::to_writer(&mut out, &without).expect("serialisable");
+                    }
                     out.push(b'\n');
                 }
                 if followed {

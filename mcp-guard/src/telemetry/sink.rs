@@ -89,15 +89,19 @@ pub enum SinkWriter {
 /// Writes events and counts what could not be written.
 pub struct Sink {
     pub writer: SinkWriter,
+    /// Command lines in the sink's events (`[events] cmdline = "sink"`); otherwise only
+    /// the root-only control socket's stream carries them.
+    pub cmdline: bool,
     errors: IntCounter,
     last_warned: Option<Instant>,
 }
 
 impl Sink {
     #[must_use]
-    pub fn new(writer: SinkWriter, errors: IntCounter) -> Self {
+    pub fn new(writer: SinkWriter, errors: IntCounter, cmdline: bool) -> Self {
         Self {
             writer,
+            cmdline,
             errors,
             last_warned: None,
         }
