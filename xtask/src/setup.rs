@@ -124,11 +124,14 @@ pub fn mcp_venv() -> Result<std::path::PathBuf> {
 }
 
 /// Python command-line tools from PyPI, installed only when missing.
+/// Installs each tool from PyPI unless its command is there: `command` or
+/// `command=package` when the package has another name.
 pub fn python_tools(tools: &[&str]) -> Result<()> {
     for t in tools {
-        if output("sh", &["-c", &format!("command -v {t}")]).is_none() {
-            eprintln!("xtask: installing {t} from PyPI");
-            status(Command::new("python3").args(["-m", "pip", "install", "-q", t]))?;
+        let (cmd, pkg) = t.split_once('=').unwrap_or((t, t));
+        if output("sh", &["-c", &format!("command -v {cmd}")]).is_none() {
+            eprintln!("xtask: installing {pkg} from PyPI");
+            status(Command::new("python3").args(["-m", "pip", "install", "-q", pkg]))?;
         }
     }
     Ok(())
