@@ -1,18 +1,16 @@
 use std::{
     io::{BufRead, Write as _},
     net::{IpAddr, SocketAddr},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::ExitCode,
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use mcp_guard::{
-    api::client, config, daemon, host::cgroup, policy::Verdict, telemetry::events::JsonEvent,
-};
-use mcp_guard_common::{DEFAULT_ALLOW, DEFAULT_DENY, MODE_AUDIT};
+use mcp_guard::{api::client, config, daemon, policy::Verdict, telemetry::events::JsonEvent};
 
+mod check;
 mod explain;
 mod status;
 use explain::explain;
@@ -58,6 +56,10 @@ enum Cmd {
         /// policy), not only when it is invalid.
         #[arg(long)]
         strict: bool,
+        /// One JSON document on stdout: valid, errors and warnings (file, line, message),
+        /// workloads, rules, map entries. Same exit codes.
+        #[arg(long)]
+        json: bool,
     },
     /// Show the verdict for one destination and the rule that decided. Exit code: 0 ALLOW,
     /// 1 DENY, 2 a bad config, workload or destination.
@@ -220,13 +222,11 @@ fn main() -> ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(daemon::run(config))),
-        Cmd::Check { config, strict } => match check(&config) {
-            Ok(warnings) if strict && warnings > 0 => {
-                eprintln!("error: {warnings} warning(s) and --strict: fix them or drop --strict");
-                return ExitCode::from(1);
-            }
-            other => other.map(|_| ()),
-        },
+        Cmd::Check {
+            config,
+            strict,
+            json,
+        } => return check::run(&config, strict, json),
         Cmd::Explain {
             config,
             workload,
@@ -380,111 +380,6 @@ fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
 }
 
 /// Returns how many warnings the config drew.
-fn check(path: &Path) -> Result<usize> {
-    let (cfg, compiled) = daemon::prepare(path)?;
-    println!("{}: OK", path.display());
-    println!("mode: {:?}", cfg.mode);
-    let mount = cgroup::root(cfg.cgroup_root.as_deref()).ok();
-    for w in &compiled.workloads {
-        let default = match w.default {
-            DEFAULT_DENY => "deny",
-            DEFAULT_ALLOW => "allow",
-            _ => "deny-internal",
-        };
-        let mode = if w.mode == MODE_AUDIT {
-            "audit"
-        } else {
-            "enforce"
-        };
-        let (what, exists) = match (&w.cgroup, &w.pods) {
-            (_, Some(p)) => (format!("pods {}", p.describe()), true),
-            (Some(c), None) if w.name == mcp_guard::config::pods::PENDING => (
-                format!("cgroup {c} (new pods until identified: all egress denied)"),
-                true,
-            ),
-            (Some(c), None) => (
-                format!("cgroup {c}"),
-                mount.as_deref().is_some_and(|m| cgroup::id(m, c).is_ok()),
-            ),
-            (None, None) => (String::from("nothing"), true),
-        };
-        println!(
-            "workload {} (id {}): {what}{} default={default} mode={mode}{}",
-            w.name,
-            w.id,
-            if exists { "" } else { " [does not exist yet]" },
-            if w.flags & mcp_guard_common::WL_DENY_DIRECT_DNS != 0 {
-                " deny_direct_dns (ports 53, 853 only where allowed)"
-            } else {
-                ""
-            }
-        );
-        if !exists {
-            eprintln!("warning: workload {:?}: {what} does not exist yet; it will be enforced when it appears", w.name);
-        }
-    }
-    println!("rules:");
-    for r in &compiled.rules {
-        println!("  #{} {}", r.id, r.text);
-    }
-    let hosts: Vec<String> = cfg
-        .workloads
-        .iter()
-        .flat_map(|w| {
-            w.hosts.iter().map(move |h| {
-                format!(
-                    "  workload {} allow host {} {} {}{} ({}:{})",
-                    w.name,
-                    h.pattern,
-                    mcp_guard::policy::ports_text(&h.ports),
-                    mcp_guard::policy::proto_text(h.proto),
-                    if h.allow_internal {
-                        " allow_internal"
-                    } else {
-                        ""
-                    },
-                    path.display(),
-                    h.loc.line
-                )
-            })
-        })
-        .collect();
-    if !hosts.is_empty() {
-        println!("host rules (their addresses come from DNS answers at run time, behind the rebinding guard):");
-        for h in &hosts {
-            println!("{h}");
-        }
-    }
-    match cfg.dns.proxy {
-        Some(p) => {
-            println!(
-                "dns proxy: {p} (point the workloads' resolver at it); per workload at most {} queries/s and {} in flight",
-                cfg.dns.workload_queries_per_sec, cfg.dns.workload_in_flight
-            );
-            for w in &cfg.workloads {
-                let names: Vec<String> = w.hosts.iter().map(|h| h.pattern.to_string()).collect();
-                if w.resolve_any {
-                    println!("  workload {}: resolves ANY name through the proxy (resolve_any = true: DNS can carry data out of it)", w.name);
-                } else if names.is_empty() {
-                    println!("  workload {}: resolves no name through the proxy (no host rules; every query REFUSED)", w.name);
-                } else {
-                    println!("  workload {}: resolves only {} (and names their CNAMEs lead to); A, AAAA, CNAME", w.name, names.join(", "));
-                }
-            }
-        }
-        None if !hosts.is_empty() => {
-            println!("dns proxy: off (exact names only; the daemon resolves them)");
-        }
-        None => {}
-    }
-    println!(
-        "map entries: {} prefix, {} exact host",
-        compiled.lpm.len(),
-        compiled.exact.len()
-    );
-    Ok(cfg.warnings.len())
-}
-
 fn parse_since(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num

@@ -442,3 +442,47 @@ fn status_without_a_daemon_says_where_it_looked() {
         "{out:?}"
     );
 }
+
+/// `check --json`: the same verdicts as the text form, for scripts and CI.
+#[test]
+fn check_json_has_errors_and_warnings_with_their_lines() {
+    let (code, out, _) = run(
+        &["check", "--json", "--config", "CFG"],
+        "[[workload]]\nname = \"a\"\ncgroup = \"/system.slice\"\ndefault = \"deny\"\n[[workload.allow]]\ncidr = \"0.0.0.0/0\"\n",
+    );
+    assert_eq!(code, 0, "warnings alone pass without --strict");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["valid"], true);
+    let lines: Vec<u64> = doc["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["line"].as_u64())
+        .collect();
+    assert!(lines.contains(&2) && lines.contains(&6), "{doc:#}");
+    assert_eq!(doc["workloads"][0]["default"], "deny");
+    assert!(doc["map_entries"]["prefix"].as_u64().unwrap() > 0);
+    let (code, _, _) = run(
+        &["check", "--json", "--strict", "--config", "CFG"],
+        "[[workload]]\nname = \"a\"\ncgroup = \"/system.slice\"\n",
+    );
+    assert_eq!(code, 1, "--strict fails on warnings");
+    let (code, out, _) = run(
+        &["check", "--json", "--config", "CFG"],
+        "[[workload]]\nname = \"a\"\ncgroup = \"/a\"\nportz = 1\n",
+    );
+    assert_eq!(code, 2);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["valid"], false);
+    assert_eq!(
+        (
+            doc["errors"][0]["line"].as_u64(),
+            doc["errors"][0]["column"].as_u64()
+        ),
+        (Some(4), Some(1))
+    );
+    assert!(doc["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("unknown field `portz`"));
+}
