@@ -12,6 +12,24 @@ use mcp_guard::{
     policy::{display_addr, reason_name, Evaluator, FlowProto, Verdict},
 };
 use mcp_guard_common::{DEFAULT_ALLOW, DEFAULT_DENY, MODE_AUDIT};
+use serde_json::{json, Value};
+
+/// What explain says: printed as it goes for people, or gathered into one document.
+struct Out {
+    json: bool,
+    notes: Vec<String>,
+    results: Vec<Value>,
+}
+
+impl Out {
+    fn say(&mut self, line: String) {
+        if self.json {
+            self.notes.push(line);
+        } else {
+            println!("{line}");
+        }
+    }
+}
 
 fn parse_dest(s: &str) -> Result<(IpAddr, u16, FlowProto)> {
     let (hostport, proto) = match s.rsplit_once('/') {
@@ -43,7 +61,29 @@ fn learned_from_daemon(cfg: &mcp_guard::config::Config) -> Result<Vec<mcp_guard:
 }
 
 /// Explains `dest`; the verdict decides the exit code (0 ALLOW, 1 DENY).
-pub(crate) fn explain(path: &Path, workload: &str, dest: &str) -> Result<Verdict> {
+pub(crate) fn explain(path: &Path, workload: &str, dest: &str, json: bool) -> Result<Verdict> {
+    let mut out = Out {
+        json,
+        notes: Vec::new(),
+        results: Vec::new(),
+    };
+    let verdict = explain_to(&mut out, path, workload, dest)?;
+    if json {
+        println!(
+            "{}",
+            json!({
+                "workload": workload,
+                "destination": dest,
+                "verdict": if verdict == Verdict::Deny { "deny" } else { "allow" },
+                "results": out.results,
+                "notes": out.notes,
+            })
+        );
+    }
+    Ok(verdict)
+}
+
+fn explain_to(out: &mut Out, path: &Path, workload: &str, dest: &str) -> Result<Verdict> {
     let (cfg, mut compiled) = daemon::prepare(path)?;
     let has_hosts = cfg.workloads.iter().any(|w| !w.hosts.is_empty());
     let mut learned = Vec::new();
@@ -53,9 +93,9 @@ pub(crate) fn explain(path: &Path, workload: &str, dest: &str) -> Result<Verdict
                 compiled = mcp_guard::policy::compile_with(&cfg, &l)?;
                 learned = l;
             }
-            Err(e) => println!(
+            Err(e) => out.say(format!(
                 "note: host rules are judged without DNS answers: {e:#}; run this next to the daemon"
-            ),
+            )),
         }
     }
     let ev = Evaluator::new(&compiled);
@@ -118,20 +158,20 @@ pub(crate) fn explain(path: &Path, workload: &str, dest: &str) -> Result<Verdict
                         ""
                     };
                     if wl.default == DEFAULT_DENY {
-                        println!("{workload} -> {name}: DENY: no host rule of this workload matches the name, and its default is deny (only an allow cidr covering the address could let it through){proxy}");
+                        out.say(format!("{workload} -> {name}: DENY: no host rule of this workload matches the name, and its default is deny (only an allow cidr covering the address could let it through){proxy}"));
                         return Ok(Verdict::Deny);
                     }
-                    println!("{workload} -> {name}: no host rule of this workload matches the name: its addresses are judged like any address by the CIDR rules and the default (give ADDR:PORT for the verdict){proxy}");
+                    out.say(format!("{workload} -> {name}: no host rule of this workload matches the name: its addresses are judged like any address by the CIDR rules and the default (give ADDR:PORT for the verdict){proxy}"));
                     return Ok(if proxy.is_empty() {
                         Verdict::Allow
                     } else {
                         Verdict::Deny
                     });
                 }
-                println!(
+                out.say(format!(
                     "{workload} -> {name}: matches {}; no address learned yet: the addresses DNS answers are allowed on the rule's ports once learned (never metadata or internal ones unless allow_internal)",
                     rules.join(", ")
-                );
+                ));
                 return Ok(Verdict::Allow);
             }
             addrs.into_iter().map(|a| (a, port, proto)).collect()
@@ -139,7 +179,7 @@ pub(crate) fn explain(path: &Path, workload: &str, dest: &str) -> Result<Verdict
     };
     let mut verdict = Verdict::Allow;
     for (ip, port, proto) in targets {
-        if explain_one(&ev, wl, workload, &learned, ip, port, proto) == Verdict::Deny {
+        if explain_one(out, &ev, wl, workload, &learned, (ip, port, proto)) == Verdict::Deny {
             verdict = Verdict::Deny;
         }
     }
@@ -165,13 +205,12 @@ fn is_dns_name(name: &str) -> bool {
 }
 
 fn explain_one(
+    out: &mut Out,
     ev: &Evaluator<'_>,
     wl: &mcp_guard::policy::CompiledWorkload,
     workload: &str,
     learned: &[mcp_guard::policy::Learned],
-    ip: IpAddr,
-    port: u16,
-    proto: FlowProto,
+    (ip, port, proto): (IpAddr, u16, FlowProto),
 ) -> Verdict {
     let d = ev.decide(wl, ip, port, proto);
     let judged = display_addr(mcp_guard::policy::addr16(ip));
@@ -183,17 +222,24 @@ fn explain_one(
             reason_name(d.reason.unwrap_or(0))
         ),
     };
-    println!(
-        "{workload} -> {judged} port {port}/{}: {what}",
-        match proto {
-            FlowProto::Tcp => "tcp",
-            FlowProto::Udp => "udp",
-            FlowProto::Other => "other",
-        }
-    );
-    match ev.rule_text(d.rule_id) {
+    let proto_name = match proto {
+        FlowProto::Tcp => "tcp",
+        FlowProto::Udp => "udp",
+        FlowProto::Other => "other",
+    };
+    out.say(format!(
+        "{workload} -> {judged} port {port}/{proto_name}: {what}"
+    ));
+    let default = match wl.default {
+        DEFAULT_DENY => "deny",
+        DEFAULT_ALLOW => "allow",
+        _ => "deny-internal",
+    };
+    let mut answers = Vec::new();
+    let rule = ev.rule_text(d.rule_id);
+    match &rule {
         Some(t) => {
-            println!("decided by rule #{}: {t}", d.rule_id);
+            out.say(format!("decided by rule #{}: {t}", d.rule_id));
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
@@ -202,25 +248,31 @@ fn explain_one(
                 .filter(|l| l.workload == workload && l.addr.to_canonical() == judged)
                 .filter(|l| t.contains(&format!(": {} = {} ", l.name, judged)))
             {
-                println!(
-                    "answer: {} -> {} (record TTL {} s, from the {}), allowed for {} s more",
-                    l.name,
-                    l.addr,
-                    l.ttl,
-                    l.source,
-                    l.expires_unix.saturating_sub(now)
-                );
+                let left = l.expires_unix.saturating_sub(now);
+                out.say(format!(
+                    "answer: {} -> {} (record TTL {} s, from the {}), allowed for {left} s more",
+                    l.name, l.addr, l.ttl, l.source
+                ));
+                answers.push(json!({"name": l.name, "address": l.addr, "ttl": l.ttl, "source": l.source, "allowed_for_s": left}));
             }
         }
-        None => println!(
-            "decided by the workload default ({})",
-            match wl.default {
-                DEFAULT_DENY => "deny",
-                DEFAULT_ALLOW => "allow",
-                _ => "deny-internal",
-            }
-        ),
+        None => out.say(format!("decided by the workload default ({default})")),
     }
+    out.results.push(json!({
+        "address": judged,
+        "port": port,
+        "proto": proto_name,
+        "verdict": match (d.verdict, wl.mode == MODE_AUDIT) {
+            (Verdict::Allow, _) => "allow",
+            (Verdict::Deny, false) => "deny",
+            (Verdict::Deny, true) => "audit",
+        },
+        "reason": d.reason.map(reason_name),
+        "rule_id": rule.as_ref().map(|_| d.rule_id),
+        "rule": rule,
+        "default": default,
+        "answers": answers,
+    }));
     // Audit mode lets it through: the command answers for what the kernel does.
     if d.verdict == Verdict::Deny && wl.mode == MODE_AUDIT {
         Verdict::Allow

@@ -68,8 +68,12 @@ enum Cmd {
         config: PathBuf,
         #[arg(long, short)]
         workload: String,
-        /// ADDR:PORT[/tcp|/udp], IPv6 as [ADDR]:PORT
+        /// ADDR:PORT[/tcp|/udp], IPv6 as [ADDR]:PORT, or NAME:PORT
         dest: String,
+        /// One JSON document on stdout (verdict, each address judged with its reason and
+        /// rule, notes); the same exit codes. Errors stay on stderr.
+        #[arg(long)]
+        json: bool,
     },
     /// Run a command inside a workload's cgroup (created if needed), once a running daemon enforces it.
     Exec {
@@ -231,7 +235,8 @@ fn main() -> ExitCode {
             config,
             workload,
             dest,
-        } => match explain(&config, &workload, &dest) {
+            json,
+        } => match explain(&config, &workload, &dest, json) {
             Ok(Verdict::Deny) => return ExitCode::from(1),
             other => other.map(|_| ()),
         },

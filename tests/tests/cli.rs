@@ -486,3 +486,63 @@ fn check_json_has_errors_and_warnings_with_their_lines() {
         .unwrap()
         .contains("unknown field `portz`"));
 }
+
+/// `explain --json`: the verdict and, per address judged, the reason and the rule.
+#[test]
+fn explain_json_names_the_reason_and_the_rule() {
+    let config = "[[workload]]\nname = \"a\"\ncgroup = \"/a\"\ndefault = \"deny-internal\"\n[[workload.allow]]\ncidr = \"10.1.0.0/16\"\nports = [5432]\n";
+    let (code, out, _) = run(
+        &[
+            "explain",
+            "--json",
+            "--config",
+            "CFG",
+            "-w",
+            "a",
+            "169.254.169.254:80",
+        ],
+        config,
+    );
+    assert_eq!(code, 1, "DENY exits 1");
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["verdict"], "deny");
+    assert_eq!(doc["results"][0]["reason"], "baseline-metadata");
+    assert_eq!(doc["results"][0]["rule_id"], 1);
+    let (code, out, _) = run(
+        &[
+            "explain",
+            "--json",
+            "--config",
+            "CFG",
+            "-w",
+            "a",
+            "10.1.2.3:5432/tcp",
+        ],
+        config,
+    );
+    assert_eq!(code, 0);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["verdict"], "allow");
+    assert!(doc["results"][0]["rule"]
+        .as_str()
+        .unwrap()
+        .contains("config.toml:6"));
+    let (code, out, err) = run(
+        &[
+            "explain",
+            "--json",
+            "--config",
+            "CFG",
+            "-w",
+            "a",
+            "1.1.1.1:99999",
+        ],
+        config,
+    );
+    assert_eq!(
+        (code, out.as_str()),
+        (2, ""),
+        "a bad destination: no document, exit 2"
+    );
+    assert!(err.contains("neither ADDR:PORT"));
+}
