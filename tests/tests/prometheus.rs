@@ -208,4 +208,55 @@ fn real_prometheus_fires_the_metadata_alert() {
         ),
         "only the metadata alert fires: {alerts:#?}"
     );
+
+    // Every dashboard query evaluates against this Prometheus and the live daemon's
+    // series (Grafana's variables replaced as Grafana would); the metadata stat counts
+    // the workload that just tried.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/grafana/mcp-guard-dashboard.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let encode = |q: &str| -> String {
+        q.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 20, "{} panels", panels.len());
+    for panel in panels {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$instance", ".*")
+                .replace("$__range_s", "3600")
+                .replace("$__range", "1h");
+            let body = prom
+                .get(&format!("/api/v1/query?query={}", encode(&expr)))
+                .unwrap_or_else(|| panic!("{}: {expr} did not evaluate", panel["title"]));
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["status"], "success", "{}: {expr}: {body}", panel["title"]);
+        }
+    }
+    let stat = panels[0]["targets"][0]["expr"]
+        .as_str()
+        .unwrap()
+        .replace("$instance", ".*")
+        .replace("$__range_s", "3600");
+    let body = prom
+        .get(&format!("/api/v1/query?query={}", encode(&stat)))
+        .unwrap();
+    assert!(
+        body.contains("\"1\"]"),
+        "one workload tried metadata: {body}"
+    );
 }

@@ -295,6 +295,8 @@ mod tests {
         m.privileged_processes.with_label_values(&["w"]).set(1);
         m.dns_limited.with_label_values(&["w"]).inc();
         m.pods.with_label_values(&["w"]).set(1);
+        m.mcp_tool_calls.with_label_values(&["w"]).inc();
+        m.workload_known("w");
         let exported: BTreeSet<String> = m
             .registry
             .gather()
