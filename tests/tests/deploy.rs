@@ -388,6 +388,7 @@ fn packaged_binary_with_shipped_config_blocks_metadata() {
         "LICENSE",
         "SECURITY.md",
         "CHANGELOG.md",
+        "docs/runbooks.md",
         "share/bash-completion/completions/mcp-guard",
         "share/zsh/site-functions/_mcp-guard",
         "share/fish/vendor_completions.d/mcp-guard.fish",
@@ -528,4 +529,23 @@ fn kustomize_base_needs_no_crds_and_the_operator_component_adds_them() {
         "{with}"
     );
     assert!(with.contains("namespace: mcp-guard"));
+}
+
+/// Every alert links its runbook, and the runbook has a section for it.
+#[test]
+fn every_alert_has_a_runbook() {
+    let rules = std::fs::read_to_string(deploy().join("prometheus/mcp-guard-rules.yml")).unwrap();
+    let runbooks = std::fs::read_to_string(deploy().join("../docs/runbooks.md")).unwrap();
+    let mut alerts = 0;
+    for block in rules.split("- alert: ").skip(1) {
+        let name = block.lines().next().unwrap().trim();
+        alerts += 1;
+        let want = format!("docs/runbooks.md#{}", name.to_lowercase());
+        assert!(block.contains(&want), "{name} has no runbook_url to {want}");
+        assert!(
+            runbooks.contains(&format!("\n## {name}\n")),
+            "docs/runbooks.md has no section for {name}"
+        );
+    }
+    assert!(alerts >= 15, "{alerts} alerts");
 }

@@ -57,6 +57,7 @@ pub fn run() -> Result<PathBuf> {
         root.join("deploy/container/Containerfile"),
         stage.join("Containerfile"),
     )?;
+    copy_dir(&root.join("docs"), &stage.join("docs"))?;
     for f in ["README.md", "LICENSE", "SECURITY.md", "CHANGELOG.md"] {
         fs::copy(root.join(f), stage.join(f)).with_context(|| f.to_string())?;
     }
