@@ -321,7 +321,61 @@ fn configmap_config_selects_pods_through_the_mounted_cri_socket() {
         mount.contains(&format!("mountPath: {socket}")) && mount.contains("readOnly: true"),
         "{mount}"
     );
-    assert!(ds.contains(&format!("hostPath: {{path: {socket}, type: Socket}}")));
+    assert!(ds.contains("hostPath: {path: /run/containerd/containerd.sock, type: Socket}"));
+}
+
+/// The CRI socket per runtime: containerd in the base, CRI-O and k3s as components that
+/// change only the host path mounted at the ConfigMap's `cri_socket`.
+#[test]
+fn cri_socket_components_mount_each_runtimes_socket() {
+    let tmp = TempDir::new();
+    assert!(Command::new("cp")
+        .arg("-r")
+        .arg(deploy().join("kubernetes"))
+        .arg(tmp.0.join("base"))
+        .status()
+        .unwrap()
+        .success());
+    for (component, socket) in [
+        (None, "/run/containerd/containerd.sock"),
+        (Some("cri-o"), "/run/crio/crio.sock"),
+        (Some("k3s"), "/run/k3s/containerd/containerd.sock"),
+    ] {
+        let overlay = tmp
+            .0
+            .join(format!("overlay-{}", component.unwrap_or("containerd")));
+        std::fs::create_dir_all(&overlay).unwrap();
+        let components = component
+            .map(|c| format!("components:\n  - ../base/components/{c}\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            overlay.join("kustomization.yaml"),
+            format!("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../base\n{components}"),
+        )
+        .unwrap();
+        let out = Command::new("kubectl")
+            .arg("kustomize")
+            .arg(&overlay)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            mcp_guard_tests::output_text(&out)
+        );
+        let yaml = String::from_utf8_lossy(&out.stdout);
+        let cri = yaml
+            .split("- hostPath:")
+            .skip(1)
+            .find(|v| v.contains("name: cri\n"))
+            .unwrap_or_else(|| panic!("{component:?}: no cri volume:\n{yaml}"));
+        assert!(
+            cri.contains(&format!("path: {socket}")),
+            "{component:?}: {cri}"
+        );
+        assert!(yaml.contains("mountPath: /run/mcp-guard-cri/cri.sock"));
+        assert!(yaml.contains("cri_socket = \"/run/mcp-guard-cri/cri.sock\""));
+    }
 }
 
 /// Removes what the packaged-binary test created, also when it fails.
