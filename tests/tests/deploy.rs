@@ -375,6 +375,13 @@ fn cri_socket_components_mount_each_runtimes_socket() {
         );
         assert!(yaml.contains("mountPath: /run/mcp-guard-cri/cri.sock"));
         assert!(yaml.contains("cri_socket = \"/run/mcp-guard-cri/cri.sock\""));
+        // What kustomize renders validates strictly, like each file.
+        let rendered = overlay.join("rendered.yaml");
+        std::fs::write(&rendered, yaml.as_bytes()).unwrap();
+        for version in ["1.30.0", "1.33.0", "1.37.0"] {
+            let (ok, text) = validate(&rendered, version);
+            assert!(ok, "{component:?} rendered, against {version}:\n{text}");
+        }
     }
 }
 
