@@ -268,6 +268,13 @@ fn initramfs(
         fs::create_dir_all(root.join(d))?;
     }
     std::os::unix::fs::symlink("/run", root.join("var/run"))?;
+    // Users and groups as a Debian system has them, for `exec --user nobody` (glibc
+    // reads these files without any NSS module).
+    fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+    )?;
+    fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     // busybox and its applets.
     let busybox = which("busybox")?;
     fs::copy(&busybox, root.join("bin/busybox"))?;
