@@ -7,8 +7,8 @@
 //! (`task:task_newtask`, which runs in the creator), at a move into a workload
 //! (`cgroup:cgroup_attach_task`), and by the daemon for tasks that predate it. It goes
 //! at exit (`sched:sched_process_exit`), so a reused thread id never finds a stale one.
-//! A task outside its home cgroup is judged by its home's workload too, and the
-//! stricter of that and its current cgroup's workload decides (see `decide.rs`).
+//! A task outside its home cgroup is judged by its home's workload, wherever it went
+//! (into another workload too: a task keeps its first workload for life; see [`judge`]).
 //! Tracepoints load where BPF LSM and fentry are refused; their records' fields used
 //! here have the same offsets on every kernel this project supports.
 
@@ -149,13 +149,7 @@ fn home_of_current() -> Option<Home> {
         let level = workload_level(slot);
         if level >= 0 {
             let id = ancestor(level as u32);
-            let key = CgroupKey {
-                cgroup_id: id,
-                slot,
-                _pad: 0,
-            };
-            // SAFETY: as above.
-            let w = unsafe { CGROUPS_1.get(&key) }?;
+            let w = registration(id, slot)?;
             return Some(Home {
                 cgroup_id: id,
                 level: level as u32,
@@ -259,13 +253,7 @@ fn attach(ctx: &TracePointContext) -> Option<()> {
     let home = if writer == pid {
         home_of_current()?
     } else {
-        let key = CgroupKey {
-            cgroup_id: dst,
-            slot,
-            _pad: 0,
-        };
-        // SAFETY: as above.
-        let w = unsafe { CGROUPS_1.get(&key) }?;
+        let w = registration(dst, slot)?;
         Home {
             cgroup_id: dst,
             level,

@@ -56,18 +56,18 @@ fn document(path: &Path, strict: bool) -> (Value, u8) {
             );
         }
     };
-    let (cfg, compiled) = match daemon::prepare(path) {
+    let mut warnings: Vec<Value> = cfg.warnings.iter().map(|w| placed(w, path)).collect();
+    let (cfg, compiled) = match daemon::compile(cfg) {
         Ok(c) => c,
         Err(e) => {
             let error =
                 json!({"file": path, "line": null, "column": null, "message": format!("{e:#}")});
             return (
-                json!({"file": path, "valid": false, "errors": [error], "warnings": cfg.warnings.iter().map(|w| placed(w, path)).collect::<Vec<_>>()}),
+                json!({"file": path, "valid": false, "errors": [error], "warnings": warnings}),
                 2,
             );
         }
     };
-    let mut warnings: Vec<Value> = cfg.warnings.iter().map(|w| placed(w, path)).collect();
     let mount = cgroup::root(cfg.cgroup_root.as_deref()).ok();
     let workloads: Vec<Value> = compiled
         .workloads

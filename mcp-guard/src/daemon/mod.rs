@@ -47,6 +47,9 @@ const ATTACH_CHECK: Duration = Duration::from_secs(1);
 const CONFIG_CHECK: Duration = Duration::from_secs(1);
 /// How often the capabilities of guarded processes are read from /proc.
 const POSTURE_CHECK: Duration = Duration::from_secs(2);
+/// How often tasks of guarded workloads without a home are looked for (and exited
+/// ones swept).
+const HOMES_PASS: Duration = Duration::from_secs(2);
 
 fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -58,7 +61,16 @@ fn kernel_release() -> String {
 /// # Errors
 /// The config is invalid or cannot be compiled.
 pub fn prepare(path: &Path) -> Result<(config::Config, Compiled)> {
-    compile_config(config::load(path)?, &[])
+    compile(config::load(path)?)
+}
+
+/// [`prepare`] for a config already loaded (its warnings logged, the policy compiled and
+/// checked against the map sizes).
+///
+/// # Errors
+/// The policy does not compile or does not fit the kernel maps.
+pub fn compile(cfg: config::Config) -> Result<(config::Config, Compiled)> {
+    compile_config(cfg, &[])
 }
 
 /// Compiles a validated config with the addresses learned for its host rules.
@@ -441,6 +453,9 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut config_check = tokio::time::interval(CONFIG_CHECK);
     // Capability posture of the guarded processes, read from /proc off the runtime.
     let mut posture_check = tokio::time::interval(POSTURE_CHECK);
+    // The first pass ran before ready: the next one a period later, not at once.
+    let mut homes_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + HOMES_PASS, HOMES_PASS);
     let mut posture_seen = std::collections::BTreeMap::new();
     let mut posture_task: Option<tokio::task::JoinHandle<_>> = None;
     let mut fingerprint = config_fingerprint(&config_path);
@@ -485,7 +500,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                 // The owner installs the newest of queued sets once and answers everyone.
                 state.send(Command::Learned(update.learned, update.done.take().into_iter().collect()));
             }
-            _ = posture_check.tick() => {
+            _ = homes_check.tick() => {
                 if let Some(t) = homes_task.take_if(|t| t.is_finished()) {
                     if let Ok((h, pass)) = t.await {
                         ops::publish_homes(&metrics, &pass);
@@ -499,6 +514,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
                         (h, pass)
                     }));
                 }
+            }
+            _ = posture_check.tick() => {
                 if let Some(t) = posture_task.take_if(|t| t.is_finished()) {
                     if let Ok(found) = t.await {
                         crate::host::posture::publish(&metrics, &found, &mut posture_seen);

@@ -44,32 +44,30 @@ pub fn scan(compiled: &Compiled, mount: &Path) -> BTreeMap<String, (usize, Optio
     for (dir, name) in &dirs {
         let mut stack = vec![dir.clone()];
         while let Some(d) = stack.pop() {
-            if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                    if budget == 0 {
-                        return out;
-                    }
-                    budget -= 1;
-                    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                        continue;
-                    };
-                    let caps = harden::held(&status);
-                    if caps.is_empty() {
-                        continue;
-                    }
-                    let e = out.entry(name.clone()).or_default();
-                    e.0 += 1;
-                    if e.1.is_none() {
-                        let comm = status
-                            .lines()
-                            .find_map(|l| l.strip_prefix("Name:"))
-                            .unwrap_or("")
-                            .trim()
-                            .chars()
-                            .take(16)
-                            .collect();
-                        e.1 = Some(Finding { pid, comm, caps });
-                    }
+            for pid in cgroup::procs(&d) {
+                if budget == 0 {
+                    return out;
+                }
+                budget -= 1;
+                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                    continue;
+                };
+                let caps = harden::held(&status);
+                if caps.is_empty() {
+                    continue;
+                }
+                let e = out.entry(name.clone()).or_default();
+                e.0 += 1;
+                if e.1.is_none() {
+                    let comm = status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Name:"))
+                        .unwrap_or("")
+                        .trim()
+                        .chars()
+                        .take(16)
+                        .collect();
+                    e.1 = Some(Finding { pid, comm, caps });
                 }
             }
             let Ok(rd) = std::fs::read_dir(&d) else {

@@ -50,9 +50,7 @@ fn addresses(pid: u32) -> Vec<[u8; 16]> {
 }
 
 fn pids_under(dir: &Path, out: &mut Vec<u32>, depth: u32) {
-    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
-        out.extend(text.lines().filter_map(|l| l.parse::<u32>().ok()));
-    }
+    out.extend(crate::host::cgroup::procs(dir));
     if depth == 0 {
         return;
     }

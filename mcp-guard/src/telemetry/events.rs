@@ -122,7 +122,7 @@ fn dns_event(reason: &str, rule: String, generation: u32, suppressed: u32) -> Js
     JsonEvent {
         schema: SCHEMA.into(),
         time: rfc3339(wall),
-        severity: String::new(),
+        severity: super::siem::severity(reason, "none").into(),
         host: super::siem::host().into(),
         monotonic_ns: monotonic_ns(),
         hook: "dns".into(),
@@ -188,7 +188,6 @@ pub fn dns_query_refusal(r: &QueryRefusal<'_>) -> JsonEvent {
         dns_type: r.qtype.clone(),
         mcp: None,
         pod: None,
-        severity: super::siem::severity(r.reason, "none").into(),
         ..dns_event(r.reason, rule.into(), r.generation, r.suppressed)
     }
 }

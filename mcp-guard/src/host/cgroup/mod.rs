@@ -132,6 +132,15 @@ pub fn create(mount: &Path, cgroup: &str) -> io::Result<PathBuf> {
     Ok(p)
 }
 
+/// The processes (thread group ids) in one cgroup, not its children; none if it cannot
+/// be read (gone, or not a cgroup).
+#[must_use]
+pub fn procs(cgroup_dir: &Path) -> Vec<u32> {
+    fs::read_to_string(cgroup_dir.join("cgroup.procs"))
+        .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 /// Moves a process into a cgroup.
 ///
 /// # Errors

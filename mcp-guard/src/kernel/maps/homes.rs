@@ -120,10 +120,7 @@ impl Homes {
 
     /// Every thread of every process in `dir` (this cgroup only) without a home gets `home`.
     fn seed_dir(&mut self, dir: &Path, home: &Home, pass: &mut Pass) {
-        let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) else {
-            return;
-        };
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+        for pid in crate::host::cgroup::procs(dir) {
             let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
                 continue;
             };
