@@ -5,6 +5,8 @@
 
 use std::ffi::{CStr, CString};
 
+use nix::unistd::{Gid, Group, Uid, User};
+
 /// Who the command runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -15,99 +17,41 @@ pub struct Identity {
     pub groups: Vec<libc::gid_t>,
 }
 
-/// A user's entry: (name, uid, primary gid).
+/// A user's entry (`nix` reads the databases through NSS and sizes the buffers):
+/// (name, uid, primary gid).
 fn user_entry(user: &str) -> Result<Option<(CString, libc::uid_t, libc::gid_t)>, String> {
-    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut out: *mut libc::passwd = std::ptr::null_mut();
-    let mut buf = vec![0u8; 16_384];
-    let rc = if let Ok(uid) = user.parse::<libc::uid_t>() {
-        // SAFETY: valid pointers to a passwd struct, a buffer of its stated length and
-        // the result pointer.
-        unsafe {
-            libc::getpwuid_r(
-                uid,
-                &raw mut pw,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &raw mut out,
-            )
-        }
-    } else {
-        let name = CString::new(user).map_err(|_| format!("--user {user:?}: not a user name"))?;
-        // SAFETY: as above, with a NUL-terminated name.
-        unsafe {
-            libc::getpwnam_r(
-                name.as_ptr(),
-                &raw mut pw,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                &raw mut out,
-            )
-        }
-    };
-    if rc != 0 {
-        return Err(format!(
-            "--user {user}: reading the user database: {}",
-            std::io::Error::from_raw_os_error(rc)
-        ));
+    let found = match user.parse::<libc::uid_t>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(user),
     }
-    if out.is_null() {
-        return Ok(None);
-    }
-    // SAFETY: getpw*_r filled pw, whose name points into buf (alive here).
-    let name = unsafe { CStr::from_ptr(pw.pw_name) }.to_owned();
-    Ok(Some((name, pw.pw_uid, pw.pw_gid)))
+    .map_err(|e| format!("--user {user}: reading the user database: {e}"))?;
+    found
+        .map(|u| {
+            let name = CString::new(u.name)
+                .map_err(|_| format!("--user {user}: the user database holds a bad name"))?;
+            Ok((name, u.uid.as_raw(), u.gid.as_raw()))
+        })
+        .transpose()
 }
 
 fn group_id(group: &str) -> Result<libc::gid_t, String> {
     if let Ok(gid) = group.parse::<libc::gid_t>() {
         return Ok(gid);
     }
-    let name = CString::new(group).map_err(|_| format!("--group {group:?}: not a group name"))?;
-    let mut gr: libc::group = unsafe { std::mem::zeroed() };
-    let mut out: *mut libc::group = std::ptr::null_mut();
-    let mut buf = vec![0u8; 65_536];
-    // SAFETY: valid pointers to a group struct, a buffer of its stated length and the
-    // result pointer.
-    let rc = unsafe {
-        libc::getgrnam_r(
-            name.as_ptr(),
-            &raw mut gr,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &raw mut out,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "--group {group}: reading the group database: {}",
-            std::io::Error::from_raw_os_error(rc)
-        ));
-    }
-    if out.is_null() {
-        return Err(format!(
-            "--group {group}: no such group (give a group name from /etc/group or a numeric GID)"
-        ));
-    }
-    Ok(gr.gr_gid)
+    Group::from_name(group)
+        .map_err(|e| format!("--group {group}: reading the group database: {e}"))?
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| {
+            format!("--group {group}: no such group (give a group name from /etc/group or a numeric GID)")
+        })
 }
 
-/// The groups `name` belongs to (primary `gid` included).
+/// The groups `name` belongs to (primary `gid` included); only `gid` if they cannot be
+/// read.
 fn group_list(name: &CStr, gid: libc::gid_t) -> Vec<libc::gid_t> {
-    let mut n: libc::c_int = 64;
-    loop {
-        let mut groups = vec![0 as libc::gid_t; n as usize];
-        let want = n;
-        // SAFETY: a NUL-terminated name, a buffer of `n` gids and its length.
-        let rc = unsafe { libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &raw mut n) };
-        if rc >= 0 {
-            groups.truncate(n as usize);
-            return groups;
-        }
-        if n <= want {
-            n = want * 2;
-        }
-    }
+    nix::unistd::getgrouplist(name, Gid::from_raw(gid))
+        .map(|g| g.into_iter().map(Gid::as_raw).collect())
+        .unwrap_or_else(|_| vec![gid])
 }
 
 /// Resolves `--user` (a name or a numeric UID) and `--group` (a name or a numeric GID).
