@@ -405,6 +405,10 @@ wire_enum! {
         CgroupSkb = 7 => "cgroup_skb",
         /// `cgroup:cgroup_attach_task`: a guarded process moved out of its workload.
         CgroupAttach = 8 => "cgroup_attach",
+        /// `cgroup/connect_unix` (Linux 6.7): connect() on an AF_UNIX socket.
+        ConnectUnix = 9 => "connect_unix",
+        /// `cgroup/sendmsg_unix` (Linux 6.7): a datagram sent to an AF_UNIX address.
+        SendmsgUnix = 10 => "sendmsg_unix",
     }
 }
 
@@ -439,6 +443,11 @@ wire_enum! {
         BetweenCalls = 11 => "between-calls",
         /// A process of the workload moved to a cgroup outside it (hook cgroup_attach).
         LeftWorkload = 12 => "left-workload",
+        /// An AF_UNIX destination a rule refuses (built-in or `deny_unix`).
+        UnixDenied = 13 => "unix-denied",
+        /// An AF_UNIX destination no `allow_unix` entry names, in a workload with
+        /// `unix = "allow-listed"`.
+        UnixNotAllowed = 14 => "unix-not-allowed",
     }
 }
 
@@ -450,6 +459,8 @@ wire_enum! {
         Public = 2 => "public",
         /// No destination (a refused socket creation).
         None = 3 => "none",
+        /// An AF_UNIX socket on this machine (a local deputy).
+        Local = 4 => "local",
     }
 }
 
@@ -500,6 +511,8 @@ pub const HOOK_LSM_SOCKET: u8 = Hook::LsmSocket as u8;
 /// cgroup_skb/egress: the per-packet backstop on the workload's own sockets.
 pub const HOOK_CGROUP_SKB: u8 = Hook::CgroupSkb as u8;
 pub const HOOK_CGROUP_ATTACH: u8 = Hook::CgroupAttach as u8;
+pub const HOOK_CONNECT_UNIX: u8 = Hook::ConnectUnix as u8;
+pub const HOOK_SENDMSG_UNIX: u8 = Hook::SendmsgUnix as u8;
 pub const HOOK_COUNT: usize = Hook::ALL.len();
 
 /// What the cgroup_skb backstop remembers of a socket (`SKB_CACHE_2`, keyed by socket
@@ -562,6 +575,8 @@ pub const REASON_SOCKET_PROTOCOL: u8 = Reason::SocketProtocol as u8;
 pub const REASON_TOOL_NOT_ACTIVE: u8 = Reason::ToolNotActive as u8;
 pub const REASON_BETWEEN_CALLS: u8 = Reason::BetweenCalls as u8;
 pub const REASON_LEFT_WORKLOAD: u8 = Reason::LeftWorkload as u8;
+pub const REASON_UNIX_DENIED: u8 = Reason::UnixDenied as u8;
+pub const REASON_UNIX_NOT_ALLOWED: u8 = Reason::UnixNotAllowed as u8;
 pub const REASON_COUNT: usize = Reason::ALL.len();
 
 pub const CLASS_METADATA: u8 = DestClass::Metadata as u8;
@@ -569,6 +584,68 @@ pub const CLASS_INTERNAL: u8 = DestClass::Internal as u8;
 pub const CLASS_PUBLIC: u8 = DestClass::Public as u8;
 /// No destination (a refused socket creation).
 pub const CLASS_NONE: u8 = DestClass::None as u8;
+/// An AF_UNIX destination.
+pub const CLASS_LOCAL: u8 = DestClass::Local as u8;
+
+/// `sun_path` of an AF_UNIX address.
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// Data part of the `UNIX_RULES_1` LPM key: `prefix_len` counts the 32 scope bits
+/// ([`scope`]: workload and policy slot) plus 8 per path byte. A path rule names its
+/// path and the NUL after it (an exact match); a `dir/*` rule names `dir/` (a prefix);
+/// the workload's catch-all (`unix = "allow-listed"`) names no byte. An abstract name
+/// is its leading NUL and its bytes, then a NUL.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixLpmData {
+    pub scope: u32,
+    pub path: [u8; UNIX_PATH_MAX],
+}
+const _: () = assert!(size_of::<UnixLpmData>() == 112);
+
+/// What the most specific AF_UNIX entry of a workload says.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct UnixRule {
+    pub rule_id: u32,
+    /// [`UNIX_ALLOW`], [`UNIX_DENY`] or [`UNIX_NOT_ALLOWED`].
+    pub action: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<UnixRule>() == 8);
+
+pub const UNIX_ALLOW: u8 = 1;
+/// A rule refuses the path (reason `unix-denied`).
+pub const UNIX_DENY: u8 = 2;
+/// The workload's catch-all refuses it (reason `unix-not-allowed`).
+pub const UNIX_NOT_ALLOWED: u8 = 3;
+
+/// Entries of `UNIX_RULES_1` (both policy slots).
+pub const UNIX_RULES_MAX: u32 = 65_536;
+
+/// A refused AF_UNIX destination as the daemon reads it back (`UNIX_PATHS_1`, by the
+/// 64-bit hash an event carries in the first 8 bytes of `daddr_be`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixPath {
+    /// Bytes of `path` that count.
+    pub len: u32,
+    pub path: [u8; UNIX_PATH_MAX],
+}
+const _: () = assert!(size_of::<UnixPath>() == 112);
+
+/// FNV-1a (64-bit) of an AF_UNIX path as the kernel hashes it for events.
+#[must_use]
+#[inline(always)]
+pub fn unix_path_hash(path: &[u8; UNIX_PATH_MAX]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < UNIX_PATH_MAX {
+        h = (h ^ u64::from(path[i])).wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
 
 /// Per-CPU counter key: one per label combination the metrics export.
 #[repr(C)]
@@ -682,8 +759,12 @@ pub const EVENTS_RING_BYTES: u32 = 1 << 20;
 mod pod {
     use super::{
         CgroupKey, Config, Event, ExactKey, FlowCounterKey, Home, LpmData, McpInstance, MkdirKey,
-        MkdirMatch, PolicyEntry, RateKey, RateState, SkbVerdict, WorkloadInfo,
+        MkdirMatch, PolicyEntry, RateKey, RateState, SkbVerdict, UnixLpmData, UnixPath, UnixRule,
+        WorkloadInfo,
     };
+    unsafe impl aya::Pod for UnixLpmData {}
+    unsafe impl aya::Pod for UnixRule {}
+    unsafe impl aya::Pod for UnixPath {}
     unsafe impl aya::Pod for McpInstance {}
     unsafe impl aya::Pod for MkdirKey {}
     unsafe impl aya::Pod for MkdirMatch {}

@@ -17,9 +17,13 @@ mod register;
 mod report;
 mod skb;
 mod socket;
+mod unix;
 
 use aya_ebpf::{macros::cgroup_sock_addr, programs::SockAddrContext};
-use mcp_guard_common::{HOOK_CONNECT4, HOOK_CONNECT6, HOOK_SENDMSG4, HOOK_SENDMSG6};
+use mcp_guard_common::{
+    HOOK_CONNECT4, HOOK_CONNECT6, HOOK_CONNECT_UNIX, HOOK_SENDMSG4, HOOK_SENDMSG6,
+    HOOK_SENDMSG_UNIX,
+};
 
 /// cgroup/sock_addr programs: 1 lets the call proceed, 0 makes it fail with EPERM.
 const ALLOW: i32 = 1;
@@ -43,6 +47,19 @@ pub fn mcpg_sendmsg4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(sendmsg6)]
 pub fn mcpg_sendmsg6(ctx: SockAddrContext) -> i32 {
     decide::sock_addr::<true>(&ctx, HOOK_SENDMSG6)
+}
+
+/// connect() on an AF_UNIX socket. Built in the connect4 section (aya 0.14 knows no
+/// unix attach type); the daemon loads it as BPF_CGROUP_UNIX_CONNECT.
+#[cgroup_sock_addr(connect4)]
+pub fn mcpg_connect_unix(ctx: SockAddrContext) -> i32 {
+    unix::judge(&ctx, HOOK_CONNECT_UNIX)
+}
+
+/// sendto()/sendmsg() with an AF_UNIX address; loaded as BPF_CGROUP_UNIX_SENDMSG.
+#[cgroup_sock_addr(connect4)]
+pub fn mcpg_sendmsg_unix(ctx: SockAddrContext) -> i32 {
+    unix::judge(&ctx, HOOK_SENDMSG_UNIX)
 }
 
 /// Built for the host only by `cargo clippy --workspace --all-targets` (lint gate).

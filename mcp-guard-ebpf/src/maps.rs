@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use mcp_guard_common::{
     CgroupKey, Config, ExactKey, FlowCounterKey, Home, LpmData, McpInstance, MkdirKey, MkdirMatch,
-    PolicyEntry, RateKey, RateState, SkbVerdict, WorkloadInfo, EVENTS_RING_BYTES, STAT_COUNT,
+    PolicyEntry, RateKey, RateState, SkbVerdict, UnixLpmData, UnixPath, UnixRule, WorkloadInfo,
+    EVENTS_RING_BYTES, STAT_COUNT,
 };
 
 /// Hash maps are not preallocated: memory follows the policy actually loaded.
@@ -95,3 +96,18 @@ pub static ACCEPTS_1: PerCpuHashMap<u32, u64> =
 #[map]
 pub static HOMES_1: HashMap<u32, Home> =
     HashMap::with_max_entries(mcp_guard_common::HOMES_MAX, NO_PREALLOC);
+
+/// AF_UNIX destinations per workload and policy slot (see `unix.rs`).
+#[map]
+pub static UNIX_RULES_1: LpmTrie<UnixLpmData, UnixRule> =
+    LpmTrie::with_max_entries(mcp_guard_common::UNIX_RULES_MAX, 0);
+
+/// Paths of refused AF_UNIX destinations, by the hash their events carry: the newest
+/// 4,096 (an event whose path was pushed out names its hash only).
+#[map]
+pub static UNIX_PATHS_1: LruHashMap<u64, UnixPath> = LruHashMap::with_max_entries(4096, 0);
+
+/// Per-CPU space for the key one unix hook run looks up (116 bytes, off the stack).
+#[map]
+pub static UNIX_SCRATCH_1: PerCpuArray<aya_ebpf::maps::lpm_trie::Key<UnixLpmData>> =
+    PerCpuArray::with_max_entries(1, 0);

@@ -101,7 +101,13 @@ fn count_flow(f: &Flow) {
         verdict: f.verdict,
         reason: f.reason,
         dest_class: f.dest_class,
-        family: if is_v4_mapped(&f.addr) { 4 } else { 6 },
+        family: if f.sock_family == 1 {
+            1
+        } else if is_v4_mapped(&f.addr) {
+            4
+        } else {
+            6
+        },
         proto: f.proto,
         _pad: [0; 2],
     };
@@ -208,6 +214,14 @@ pub fn refused<const IPV6: bool>(ctx: &SockAddrContext, f: &Flow) {
     // SAFETY: plain helper call on our context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     emit(f, &Origin::task(cookie, saddr, sport));
+}
+
+/// A refused connect()/sendmsg() on an AF_UNIX socket: the calling task.
+#[inline(always)]
+pub fn refused_unix(ctx: &SockAddrContext, f: &Flow) {
+    // SAFETY: plain helper call on our context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    emit(f, &Origin::task(cookie, [0; 16], 0));
 }
 
 /// Counts a refusal and, within the rate limit, writes its event. Every refusal lands

@@ -6,6 +6,7 @@ mod daemon_keys;
 mod events_keys;
 pub mod pods;
 pub mod sets;
+pub mod unix_keys;
 
 use std::{
     collections::HashMap,
@@ -228,6 +229,8 @@ pub struct Workload {
     /// No egress at all while no MCP tool call is in flight in the caller's instance
     /// (`between_calls = "deny"`; default "allow").
     pub deny_between_calls: bool,
+    /// AF_UNIX destinations (`unix`, `allow_unix`, `deny_unix`).
+    pub unix: unix_keys::UnixPolicy,
     pub loc: Loc,
 }
 
@@ -486,6 +489,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             }
         }
         let deny_between_calls = mcp_keys(&mut cx, w, &name, &allow, &hosts);
+        let unix = unix_keys::unix_keys(&mut cx, w.unix.as_ref(), &w.allow_unix, &w.deny_unix);
         workloads.push(Workload {
             name,
             id: 0,
@@ -504,6 +508,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             allow_ping: w.allow_ping.unwrap_or(false),
             allow_other_protocols: w.allow_other_protocols.unwrap_or(false),
             deny_between_calls,
+            unix,
             loc,
         });
     }

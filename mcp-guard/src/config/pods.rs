@@ -208,6 +208,7 @@ pub(super) fn pending_workloads(cfg: &PodsConfig, mode: Mode, loc: &super::Loc) 
             allow_ping: false,
             allow_other_protocols: false,
             deny_between_calls: false,
+            unix: super::unix_keys::UnixPolicy::default(),
             loc: *loc,
         })
         .collect()

@@ -142,6 +142,12 @@ pub(super) struct RawWorkload {
     pub(super) allow_other_protocols: Option<bool>,
     #[serde(default)]
     pub(super) between_calls: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) unix: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) allow_unix: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) deny_unix: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -201,6 +201,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let map_ids: Vec<u32> = ebpf.maps().filter_map(|(_, m)| map_id(m)).collect();
     let mut maps = PolicyMaps::take(&mut ebpf)?;
     let counters = CounterMaps::take(&mut ebpf)?;
+    crate::telemetry::unix_paths::set_unix_paths(aya::maps::HashMap::try_from(
+        ebpf.take_map("UNIX_PATHS_1")
+            .context("map UNIX_PATHS_1 missing")?,
+    )?);
     let pinned_hash = maps.adopt()?;
     let metrics = Arc::new(Metrics::new(&kernel_release()));
     if was_pinned {
@@ -216,7 +220,16 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS_1").context("map EVENTS_1 missing")?)?;
     let attach_dir = cgroup::fs_path(&mount, &cfg.attach_cgroup);
     let skip: &[&str] = if cfg.cgroup_skb { &[] } else { &["cgroup_skb"] };
-    let attachments = loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins, pinned_hash, skip)?;
+    let mut attachments =
+        loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins, pinned_hash, skip)?;
+    ops::attach_unix(
+        &ebpf,
+        &attach_dir,
+        &pins,
+        pinned_hash,
+        &metrics,
+        &mut attachments,
+    );
     match loader::attach_lsm(&mut ebpf, &pins, pinned_hash) {
         Ok(_) => {
             metrics

@@ -185,6 +185,31 @@ pub(super) fn attach_registration(
     ok
 }
 
+/// Attaches (or adopts) the AF_UNIX hooks; says so where the kernel has none. Their
+/// hooks join `attachments`, so self-repair watches them as the other socket hooks.
+pub(super) fn attach_unix(
+    ebpf: &aya::Ebpf,
+    attach_dir: &Path,
+    pins: &Pins,
+    pinned_hash: u32,
+    metrics: &Metrics,
+    attachments: &mut loader::Attachments,
+) {
+    match crate::kernel::unix_hooks::attach(ebpf, attach_dir, pins, pinned_hash) {
+        Ok(hooks) => {
+            for (hook, id) in hooks {
+                attachments.expected.insert(hook, id);
+                metrics.programs_attached.with_label_values(&[hook]).set(1);
+            }
+            metrics.unix_hooks_available.set(1);
+        }
+        Err(e) => {
+            metrics.unix_hooks_available.set(0);
+            error!("Unix-socket destinations are not judged: the kernel has no cgroup AF_UNIX hooks (Linux 6.7+) or refused them ({e}). A guarded process can reach local sockets (the container runtime's, D-Bus) unless its mount namespace hides them (`mcp-guard exec` does; for systemd units use InaccessiblePaths=)");
+        }
+    }
+}
+
 /// Publishes a pass over the homes of guarded tasks; says so when some could not be
 /// recorded.
 pub(super) fn publish_homes(metrics: &Metrics, pass: &crate::kernel::maps::HomesPass) {

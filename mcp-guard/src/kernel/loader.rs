@@ -81,7 +81,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// The object compiled by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcp-guard"));
+pub(crate) static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mcp-guard"));
 
 /// Loads the object. Maps already pinned under `pins` are reused with their contents
 /// (policy, counters, queued events); missing ones are created and pinned.
@@ -512,8 +513,10 @@ pub(crate) fn attached_ids(cgroup: &File, attach_type: u32) -> std::io::Result<V
 pub fn attachment_state(expected: &Attachments, cgroup_dir: &Path) -> Vec<(&'static str, bool)> {
     let cg = File::open(cgroup_dir).ok();
     manifest::cgroup_programs()
-        .filter(|(_, hook, _, _)| expected.expected.contains_key(hook))
-        .map(|(_, hook, _, at)| {
+        .map(|(_, hook, _, at)| (hook, at))
+        .chain(manifest::unix_programs().map(|(_, hook, at)| (hook, at)))
+        .filter(|(hook, _)| expected.expected.contains_key(hook))
+        .map(|(hook, at)| {
             let attached = match (&cg, expected.expected.get(hook)) {
                 (Some(cg), Some(id)) => attached_ids(cg, at).is_ok_and(|ids| ids.contains(id)),
                 _ => false,
@@ -534,6 +537,12 @@ pub fn reattach(
     pins: &Pins,
     expected: &mut Attachments,
 ) -> Result<(), LoadError> {
+    if let Some((_, unix_hook, _)) = manifest::unix_programs().find(|(_, h, _)| *h == hook) {
+        let id = crate::kernel::unix_hooks::reattach(ebpf, hook, cgroup_dir, pins)?;
+        expected.expected.insert(unix_hook, id);
+        expected.adopted.retain(|h| *h != unix_hook);
+        return Ok(());
+    }
     let Some((name, hook, kind, _)) = manifest::cgroup_programs().find(|(_, h, _, _)| *h == hook)
     else {
         return Err(LoadError::Missing("unknown hook"));

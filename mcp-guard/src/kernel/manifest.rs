@@ -19,7 +19,7 @@ pub enum Keep {
 /// Every map of the eBPF object and how it is kept. A map whose layout changes gets a
 /// new versioned name (`_1` → `_2`): pins of the old layout are never reused (the loader
 /// also compares layouts before it reuses a pin).
-pub const MAPS: [(&str, Keep); 21] = [
+pub const MAPS: [(&str, Keep); 24] = [
     ("CONFIG_1", Keep::Pinned),
     ("CGROUPS_1", Keep::Pinned),
     ("POLICY_LPM_1", Keep::Pinned),
@@ -42,6 +42,14 @@ pub const MAPS: [(&str, Keep); 21] = [
     // Sticky identity: tasks' homes must outlive the daemon (a task that left its
     // workload while the daemon was down is still judged by it).
     ("HOMES_1", Keep::Pinned),
+    // AF_UNIX destinations per workload and slot, like the other policy maps; the paths
+    // of refused ones, read back for events queued across a restart.
+    ("UNIX_RULES_1", Keep::Pinned),
+    ("UNIX_PATHS_1", Keep::Pinned),
+    (
+        "UNIX_SCRATCH_1",
+        Keep::Ephemeral("per-CPU scratch space for the key one unix hook run looks up"),
+    ),
     (
         "SKB_SCRATCH_1",
         Keep::Ephemeral("per-CPU scratch space for the packet one cgroup_skb run judges"),
@@ -86,6 +94,10 @@ pub enum Attach {
     /// On the attach cgroup, with the kernel's attach type (`BPF_CGROUP_*`, for
     /// BPF_PROG_QUERY); its link pinned at `links/<hook>`.
     Cgroup { kind: CgroupKind, attach_type: u32 },
+    /// On the attach cgroup with an AF_UNIX attach type (`BPF_CGROUP_UNIX_*`, Linux 6.7),
+    /// loaded outside aya (which has no such attach type, see `kernel/unix_hooks.rs`);
+    /// optional: a kernel without the hooks runs without them, reported.
+    CgroupUnix { attach_type: u32 },
     /// BPF LSM on the hook of the same name; link at `links/<hook>`.
     Lsm,
     /// The tracepoint of the hook's name in the given category (`cgroup`, `task`,
@@ -117,12 +129,23 @@ const fn cgroup(name: &'static str, hook: &'static str, kind: CgroupKind, at: u3
 }
 
 /// Every program of the eBPF object.
-pub const PROGRAMS: [Program; 14] = [
+pub const PROGRAMS: [Program; 16] = [
     // BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG.
     cgroup("mcpg_connect4", "connect4", CgroupKind::SockAddr, 10),
     cgroup("mcpg_connect6", "connect6", CgroupKind::SockAddr, 11),
     cgroup("mcpg_sendmsg4", "sendmsg4", CgroupKind::SockAddr, 14),
     cgroup("mcpg_sendmsg6", "sendmsg6", CgroupKind::SockAddr, 15),
+    // BPF_CGROUP_UNIX_CONNECT, UNIX_SENDMSG: AF_UNIX destinations (local deputies).
+    Program {
+        name: "mcpg_connect_unix",
+        hook: "connect_unix",
+        attach: Attach::CgroupUnix { attach_type: 49 },
+    },
+    Program {
+        name: "mcpg_sendmsg_unix",
+        hook: "sendmsg_unix",
+        attach: Attach::CgroupUnix { attach_type: 50 },
+    },
     // BPF_CGROUP_INET_SOCK_CREATE: raw inet sockets.
     cgroup("mcpg_sock_create", "sock_create", CgroupKind::Sock, 2),
     // BPF_CGROUP_INET_EGRESS: every packet of the workloads' sockets.
@@ -179,6 +202,14 @@ pub type CgroupProgram = (&'static str, &'static str, CgroupKind, u32);
 pub fn cgroup_programs() -> impl Iterator<Item = CgroupProgram> {
     PROGRAMS.iter().filter_map(|p| match p.attach {
         Attach::Cgroup { kind, attach_type } => Some((p.name, p.hook, kind, attach_type)),
+        _ => None,
+    })
+}
+
+/// The AF_UNIX cgroup programs: (program name, hook, kernel attach type).
+pub fn unix_programs() -> impl Iterator<Item = (&'static str, &'static str, u32)> {
+    PROGRAMS.iter().filter_map(|p| match p.attach {
+        Attach::CgroupUnix { attach_type } => Some((p.name, p.hook, attach_type)),
         _ => None,
     })
 }

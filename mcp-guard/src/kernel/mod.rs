@@ -8,3 +8,4 @@ pub mod manifest;
 pub mod maps;
 pub mod pins;
 pub mod tc;
+pub mod unix_hooks;

@@ -124,6 +124,8 @@ pub struct Compiled {
     pub workloads: Vec<CompiledWorkload>,
     /// Index `id - 1`.
     pub rules: Vec<RuleInfo>,
+    /// AF_UNIX destinations of every workload.
+    pub unix: Vec<unix::UnixEntry>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -579,11 +581,13 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
             toolsets,
         });
     }
+    out.unix = unix::compile(cfg, &mut out.rules);
     Ok(out)
 }
 
 mod eval;
 mod ranges;
+pub mod unix;
 pub use eval::{Decision, Evaluator, FlowProto, Verdict};
 use ranges::{coalesce, dedupe, push_ranges};
 pub use ranges::{ports_text, proto_text, tools_text};

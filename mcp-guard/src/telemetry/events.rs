@@ -60,6 +60,9 @@ pub struct JsonEvent {
     pub socket_family: String,
     pub proto: String,
     pub dst: String,
+    /// Hooks connect_unix and sendmsg_unix: the AF_UNIX address (`@name`: abstract).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_path: Option<String>,
     pub dport: u16,
     pub src: Option<String>,
     pub sport: u16,
@@ -146,6 +149,7 @@ fn dns_event(reason: &str, rule: String, generation: u32, suppressed: u32) -> Js
         socket_family: "unknown".into(),
         proto: "any".into(),
         dst: String::new(),
+        dst_path: None,
         dport: 0,
         src: None,
         sport: 0,
@@ -227,6 +231,7 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
         cgroup_id: r.cgroup_id,
         family: if addr.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
         dst: addr.to_string(),
+        dst_path: None,
         dest_class: dest_class.into(),
         name: Some(r.name.to_string()),
         dns_source: Some(r.source.into()),
@@ -398,6 +403,8 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
     });
     let wall = now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns)));
     let dst = display_addr(e.daddr_be);
+    let is_unix = e.sock_family == 1;
+    let dst_path = is_unix.then(|| super::unix_paths::unix_path(e));
     let src = (e.saddr_be != [0; 16]).then(|| display_addr(e.saddr_be).to_string());
     let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
     let workload_cgroup = names.cgroups.get(&e.workload_id);
@@ -464,12 +471,14 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         exe,
         cmdline,
         family: match (e.dest_class, dst.is_ipv4()) {
+            _ if is_unix => "unix",
             (mcp_guard_common::CLASS_NONE, _) => "none",
             (_, true) => "ipv4",
             (_, false) => "ipv6",
         }
         .into(),
         socket_family: match e.sock_family {
+            1 => "unix",
             2 => "inet",
             10 => "inet6",
             17 => "packet",
@@ -479,11 +488,14 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         }
         .into(),
         proto: proto_name(e.proto),
-        dst: if e.dest_class == mcp_guard_common::CLASS_NONE {
+        dst: if let Some(p) = &dst_path {
+            p.clone()
+        } else if e.dest_class == mcp_guard_common::CLASS_NONE {
             String::new()
         } else {
             dst.to_string()
         },
+        dst_path,
         dport: e.dport,
         src,
         sport: e.sport,

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub policy_generation: IntGauge,
     pub ready: IntGauge,
     pub lsm_available: IntGauge,
+    pub unix_hooks_available: IntGauge,
     unstable: IntCounter,
     accepted: IntCounterVec,
     accept_unmarked: IntCounter,
@@ -125,6 +126,7 @@ impl Metrics {
             privileged_processes: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_workload_privileged_processes", "Processes of a workload holding CAP_NET_RAW, CAP_NET_ADMIN, CAP_SYS_ADMIN or CAP_BPF (effective or permitted), which can go around the cgroup hooks; read every few seconds from /proc."), &["workload"]).expect("valid")),
             dns_query_refused: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_dns_query_refused_total", "Queries the DNS proxy answered REFUSED without asking upstream, by workload (empty: the client is no workload) and reason (name-not-allowed, type-not-allowed, rate-limited, in-flight-limited, unattributed, malformed-query)."), &["workload", "reason"]).expect("valid")),
             lsm_available: reg(&r, IntGauge::new("mcp_guard_lsm_available", "Whether the kernel runs the BPF LSM program that refuses AF_PACKET sockets (1) or refuses BPF LSM programs, leaving packet sockets open (0).").expect("valid")),
+            unix_hooks_available: reg(&r, IntGauge::new("mcp_guard_unix_hooks_available", "Whether the kernel runs the cgroup AF_UNIX hooks (connect_unix, sendmsg_unix; Linux 6.7+) that judge Unix-socket destinations (1), or has none, leaving them to exec's mount namespace (0).").expect("valid")),
             unstable: reg(&r, IntCounter::new("mcp_guard_decisions_unstable_total", "Decisions that failed closed (denied) because the policy changed three times while they were made.").expect("valid")),
             accepted: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_accepted_connections_total", "TCP connections made to a guarded workload (it accepted them), by workload: their replies go to the peer that connected, whatever the egress policy says of it (counted at the connection's first reply)."), &["workload"]).expect("valid")),
             accept_unmarked: reg(&r, IntCounter::new("mcp_guard_accepted_unmarked_total", "Accepted TCP connections the kernel could not mark (its map of accepted connections was full): their replies were judged by the egress policy instead (fail closed).").expect("valid")),
@@ -192,7 +194,11 @@ impl Metrics {
                 workload.as_str(),
                 reason_name(k.reason),
                 class_name(k.dest_class),
-                if k.family == 4 { "ipv4" } else { "ipv6" },
+                match k.family {
+                    1 => "unix",
+                    4 => "ipv4",
+                    _ => "ipv6",
+                },
                 &proto_name(k.proto),
                 hook_name(k.hook),
             ];

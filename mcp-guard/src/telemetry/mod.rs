@@ -4,3 +4,4 @@ pub mod events;
 pub mod metrics;
 pub mod siem;
 pub mod sink;
+pub mod unix_paths;

@@ -413,11 +413,26 @@ fn below_sockets(f: &[&str]) -> Option<String> {
                 Some(String::from_utf8_lossy(&buf[..n.max(0) as usize]).into_owned())
             }
         }
-        "unix" => {
-            // Connects a stream Unix socket to PATH.
+        "unix" | "unix-dgram" => {
+            // Connects a stream Unix socket to PATH (@NAME: an abstract one), or sends
+            // one datagram to it with sendto().
+            use std::os::{linux::net::SocketAddrExt as _, unix::net};
             let path = f.get(1)?;
-            Some(match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => "OK".into(),
+            let addr = match path.strip_prefix('@') {
+                Some(name) => net::SocketAddr::from_abstract_name(name.as_bytes()),
+                None => net::SocketAddr::from_pathname(path),
+            };
+            let r = addr.and_then(|a| {
+                if f[0] == "unix" {
+                    net::UnixStream::connect_addr(&a).map(|_| ())
+                } else {
+                    net::UnixDatagram::unbound()?
+                        .send_to_addr(b"x", &a)
+                        .map(|_| ())
+                }
+            });
+            Some(match r {
+                Ok(()) => "OK".into(),
                 Err(e) => format!("ERR {}", e.raw_os_error().unwrap_or(0)),
             })
         }

@@ -21,6 +21,7 @@ mod homes;
 mod mcp;
 mod pods;
 mod repair;
+mod unix;
 
 pub use counters::{CounterMaps, Counters};
 pub use homes::{Homes, Pass as HomesPass};
@@ -197,12 +198,14 @@ struct SlotContents {
     expiry: Vec<ExactKey>,
     cgroups: Vec<CgroupKey>,
     register: Vec<MkdirKey>,
+    unix: Vec<Key<mcp_guard_common::UnixLpmData>>,
 }
 
 pub struct PolicyMaps {
     config: Array<MapData, KConfig>,
     cgroups: HashMap<MapData, CgroupKey, WorkloadInfo>,
     lpm: LpmTrie<MapData, LpmData, PolicyEntry>,
+    unix: unix::UnixMap,
     exact: HashMap<MapData, ExactKey, PolicyEntry>,
     /// Expiry (`CLOCK_BOOTTIME` ns) of exact entries learned from DNS.
     expiry: HashMap<MapData, ExactKey, u64>,
@@ -264,6 +267,7 @@ impl PolicyMaps {
             config: Array::try_from(take(ebpf, "CONFIG_1")?).map_err(map_err("CONFIG_1"))?,
             cgroups: HashMap::try_from(take(ebpf, "CGROUPS_1")?).map_err(map_err("CGROUPS_1"))?,
             lpm: LpmTrie::try_from(take(ebpf, "POLICY_LPM_1")?).map_err(map_err("POLICY_LPM_1"))?,
+            unix: unix::UnixMap::take(ebpf)?,
             exact: HashMap::try_from(take(ebpf, "POLICY_EXACT_1")?)
                 .map_err(map_err("POLICY_EXACT_1"))?,
             expiry: HashMap::try_from(take(ebpf, "EXPIRY_1")?).map_err(map_err("EXPIRY_1"))?,
@@ -330,6 +334,9 @@ impl PolicyMaps {
             let k = k.map_err(map_err("REGISTER_1"))?;
             slots[(k.slot & 1) as usize].register.push(k);
         }
+        let [unix0, unix1] = self.unix.keys_by_slot()?;
+        slots[0].unix = unix0;
+        slots[1].unix = unix1;
         let mut registered = BTreeMap::new();
         for item in self.cgroups.iter() {
             let (k, v) = item.map_err(map_err("CGROUPS_1"))?;
@@ -394,6 +401,7 @@ impl PolicyMaps {
                     .map_err(map_err("POLICY_LPM_1"))?;
                 contents.lpm.push(key);
             }
+            self.unix.write(&compiled.unix, slot, &mut contents.unix)?;
             let clock = Clock::now();
             for e in &compiled.exact {
                 let key = e.key(slot);
@@ -482,6 +490,7 @@ impl PolicyMaps {
         for k in old.register.iter().filter(|k| !keep_register.contains(k)) {
             let _ = self.register.remove(k);
         }
+        self.unix.remove_stale(&old.unix, &new.unix);
         let keep_cgroups: std::collections::HashSet<&CgroupKey> = new.cgroups.iter().collect();
         for k in old.cgroups.iter().filter(|k| !keep_cgroups.contains(k)) {
             let _ = self.cgroups.remove(k);

@@ -1,0 +1,188 @@
+//! AF_UNIX sockets are egress too: a guarded process that reaches the container
+//! runtime's socket, the D-Bus system bus or a local proxy asks an unguarded process to
+//! connect for it. `cgroup/connect_unix` and `cgroup/sendmsg_unix` (Linux 6.7) run before
+//! the kernel looks the address up; the path is judged per workload against
+//! `UNIX_RULES_1`, the most specific entry winning (exact path over `dir/*` over the
+//! workload's catch-all).
+//!
+//! The hooks see the address as the caller wrote it, not the socket it resolves to: a
+//! deny entry for a path is as strong as the caller's inability to reach the same
+//! socket by another name (a symlink, a relative path, a bind mount). The allow-listed
+//! mode does not have that weakness (README: "Unix sockets").
+//!
+//! aya 0.14 has no attach type for these hooks: the programs are built as
+//! `cgroup/connect4` programs and the daemon loads them with the unix attach types
+//! (`mcp-guard/src/kernel/unix_hooks.rs`).
+
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, generated::bpf_probe_read_kernel as read_raw},
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use mcp_guard_common::{
+    scope, unix_path_hash, UnixLpmData, UnixPath, CLASS_LOCAL, MODE_AUDIT, REASON_UNIX_DENIED,
+    REASON_UNIX_NOT_ALLOWED, UNIX_ALLOW, UNIX_NOT_ALLOWED, UNIX_PATH_MAX,
+};
+
+use crate::{
+    decide::stable,
+    maps::{CONFIG_1, UNIX_PATHS_1, UNIX_RULES_1, UNIX_SCRATCH_1},
+    report::{self, Flow},
+};
+
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const AF_UNIX: u16 = 1;
+/// `struct bpf_sock_addr_kern` (include/linux/filter.h, the same since 6.7, where the
+/// unix hooks came): the kernel's copy of the address at 8, its length at 32.
+const KERN_UADDR: usize = 8;
+const KERN_UADDRLEN: usize = 32;
+/// `offsetof(struct sockaddr_un, sun_path)`.
+const SUN_PATH: u64 = 2;
+
+/// Reads the address the caller passed into `path` (zeroed past its end, as the
+/// kernel will use it: a path up to its first NUL, an abstract name up to its length).
+/// `None` when it cannot be read or is not an AF_UNIX address (refused: fail closed).
+#[inline(always)]
+fn read_address(ctx: &SockAddrContext, path: &mut [u8; UNIX_PATH_MAX]) -> Option<()> {
+    let base = ctx.sock_addr as *const u8;
+    // SAFETY: bpf_probe_read_kernel checks the addresses; the context of a unix hook is
+    // a struct bpf_sock_addr_kern.
+    let uaddr: u64 = unsafe { bpf_probe_read_kernel(base.add(KERN_UADDR) as *const u64) }.ok()?;
+    let len: u32 = unsafe { bpf_probe_read_kernel(base.add(KERN_UADDRLEN) as *const u32) }.ok()?;
+    let family: u16 = unsafe { bpf_probe_read_kernel(uaddr as *const u16) }.ok()?;
+    if family != AF_UNIX || (len as u64) <= SUN_PATH {
+        return None;
+    }
+    let mut n = len as u64 - SUN_PATH;
+    if n > UNIX_PATH_MAX as u64 {
+        n = UNIX_PATH_MAX as u64;
+    }
+    // Bounded for the verifier: 1..=108.
+    let n = (n as u32) & 0x7f;
+    if n == 0 || n > UNIX_PATH_MAX as u32 {
+        return None;
+    }
+    // SAFETY: `path` holds 108 bytes and n is at most 108.
+    let rc = unsafe {
+        read_raw(
+            path.as_mut_ptr() as *mut _,
+            n,
+            (uaddr + SUN_PATH) as *const _,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    if path[0] != 0 {
+        // A path: the kernel stops at the first NUL.
+        let mut end = false;
+        let mut i = 0;
+        while i < UNIX_PATH_MAX {
+            if end {
+                path[i] = 0;
+            } else if path[i] == 0 {
+                end = true;
+            }
+            i += 1;
+        }
+    }
+    Some(())
+}
+
+/// The most specific entry of a workload for the address in the scratch key, in one
+/// policy slot: `rule_id << 8 | action` (an unreadable address is refused, rule 0).
+// A real BPF subprogram: the retry loop around it stays small for the verifier.
+#[inline(never)]
+fn lookup(slot: u32, workload_id: u32, readable: bool) -> u64 {
+    if !readable {
+        return u64::from(UNIX_NOT_ALLOWED + 1);
+    }
+    let Some(scratch) = UNIX_SCRATCH_1.get_ptr_mut(0) else {
+        return u64::from(UNIX_NOT_ALLOWED + 1);
+    };
+    // SAFETY: the per-CPU scratch key, ours for the run.
+    let k = unsafe { &mut *scratch };
+    k.prefix_len = 32 + 8 * UNIX_PATH_MAX as u32;
+    k.data.scope = scope(workload_id, slot);
+    match UNIX_RULES_1.get(k) {
+        Some(r) => (u64::from(r.rule_id) << 8) | u64::from(r.action),
+        None => u64::from(UNIX_ALLOW),
+    }
+}
+
+/// Judges one connect()/sendmsg() on an AF_UNIX socket.
+#[inline(always)]
+pub fn judge(ctx: &SockAddrContext, hook: u8) -> i32 {
+    let Some(cfg) = CONFIG_1.get(0) else {
+        return ALLOW;
+    };
+    let Some(scratch) = UNIX_SCRATCH_1.get_ptr_mut(0) else {
+        return DENY;
+    };
+    // SAFETY: per-CPU scratch space, ours for the run.
+    let path: &mut [u8; UNIX_PATH_MAX] = unsafe { &mut (*scratch).data.path };
+    *path = [0; UNIX_PATH_MAX];
+    let readable = read_address(ctx, path).is_some();
+    let Some((generation, outcome)) = stable(cfg, |slot| {
+        crate::home::judge(slot).map(|wl| (wl, lookup(slot, wl.workload_id, readable)))
+    }) else {
+        report::unstable();
+        return DENY;
+    };
+    let Some((wl, verdict)) = outcome else {
+        return ALLOW;
+    };
+    let (rule_id, action) = ((verdict >> 8) as u32, verdict as u8);
+    if action == UNIX_ALLOW {
+        return ALLOW;
+    }
+    // SAFETY: as above.
+    let key: &Key<UnixLpmData> = unsafe { &*scratch };
+    let reason = if action == UNIX_NOT_ALLOWED {
+        REASON_UNIX_NOT_ALLOWED
+    } else {
+        REASON_UNIX_DENIED
+    };
+    // The path, for the daemon to name in the event (an LRU: the newest refusals).
+    let hash = unix_path_hash(&key.data.path);
+    let mut len = 0u32;
+    let mut i = 0;
+    while i < UNIX_PATH_MAX {
+        if key.data.path[i] != 0 {
+            len = i as u32 + 1;
+        }
+        i += 1;
+    }
+    let _ = UNIX_PATHS_1.insert(
+        &hash,
+        &UnixPath {
+            len,
+            path: key.data.path,
+        },
+        0,
+    );
+    let mut addr = [0u8; 16];
+    addr[..8].copy_from_slice(&hash.to_ne_bytes());
+    let audit = wl.mode == MODE_AUDIT;
+    report::refused_unix(
+        ctx,
+        &Flow {
+            dest_class: CLASS_LOCAL,
+            addr,
+            sock_family: AF_UNIX as u8,
+            ..Flow::refused_by(
+                hook,
+                wl,
+                (u64::from(reason) << 32) | u64::from(rule_id),
+                generation,
+                cfg.rate_limit_per_sec,
+            )
+        },
+    );
+    if audit {
+        ALLOW
+    } else {
+        DENY
+    }
+}
