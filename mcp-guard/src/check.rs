@@ -217,9 +217,10 @@ fn check(path: &Path) -> Result<usize> {
         None => {}
     }
     println!(
-        "map entries: {} prefix, {} exact host",
+        "map entries: {} prefix, {} exact host, {} unix",
         compiled.lpm.len(),
-        compiled.exact.len()
+        compiled.exact.len(),
+        compiled.unix.len()
     );
     Ok(cfg.warnings.len())
 }

@@ -109,6 +109,9 @@ fn explain_to(out: &mut Out, path: &Path, workload: &str, dest: &str) -> Result<
             names.join(", ")
         );
     };
+    if dest.starts_with('/') || dest.starts_with('@') {
+        return Ok(explain_unix(out, &compiled, wl, dest));
+    }
     let targets = match parse_dest(dest) {
         Ok(t) => vec![t],
         Err(e) => {
@@ -184,6 +187,57 @@ fn explain_to(out: &mut Out, path: &Path, workload: &str, dest: &str) -> Result<
         }
     }
     Ok(verdict)
+}
+
+/// An AF_UNIX destination (`/path` or `@abstract`): the entry the kernel's longest
+/// match finds for this workload.
+fn explain_unix(
+    out: &mut Out,
+    compiled: &mcp_guard::policy::Compiled,
+    wl: &mcp_guard::policy::CompiledWorkload,
+    dest: &str,
+) -> Verdict {
+    use mcp_guard::policy::unix;
+    use mcp_guard_common::{UNIX_ALLOW, UNIX_NOT_ALLOWED};
+    let r = unix::evaluate(&compiled.unix, wl.id, &unix::address_bytes(dest));
+    let rule = (r.rule_id > 0)
+        .then(|| compiled.rules.get(r.rule_id as usize - 1))
+        .flatten()
+        .map(|i| i.text.clone());
+    let (verdict, reason) = match r.action {
+        UNIX_ALLOW => (Verdict::Allow, None),
+        UNIX_NOT_ALLOWED => (Verdict::Deny, Some("unix-not-allowed")),
+        _ => (Verdict::Deny, Some("unix-denied")),
+    };
+    let audit = wl.mode == MODE_AUDIT;
+    let word = match (verdict, audit) {
+        (Verdict::Allow, _) => "ALLOW",
+        (Verdict::Deny, false) => "DENY",
+        (Verdict::Deny, true) => "AUDIT (would be denied; the workload is in audit mode)",
+    };
+    out.say(format!(
+        "{} -> unix {dest}: {word}{}",
+        wl.name,
+        rule.as_ref().map_or_else(
+            || " (no entry names it; the workload's unix mode is deny-listed)".to_string(),
+            |r| format!(" by {r}")
+        )
+    ));
+    if verdict == Verdict::Allow {
+        out.say("note: the hooks (Linux 6.7+) judge the address as the process writes it: the same socket reached by another name (a symlink, a relative path, a bind mount) is judged by that name; unix = \"allow-listed\" is not fooled by that".into());
+    }
+    out.results.push(json!({
+        "unix": dest,
+        "verdict": match (verdict, audit) {
+            (Verdict::Allow, _) => "allow",
+            (Verdict::Deny, false) => "deny",
+            (Verdict::Deny, true) => "audit",
+        },
+        "reason": reason,
+        "rule_id": rule.as_ref().map(|_| r.rule_id),
+        "rule": rule,
+    }));
+    verdict
 }
 
 /// A DNS name as a destination may give it: labels of letters, digits and '-' (and '_'),

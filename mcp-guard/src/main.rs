@@ -68,7 +68,8 @@ enum Cmd {
         config: PathBuf,
         #[arg(long, short)]
         workload: String,
-        /// ADDR:PORT[/tcp|/udp], IPv6 as [ADDR]:PORT, or NAME:PORT
+        /// ADDR:PORT[/tcp|/udp], IPv6 as [ADDR]:PORT, NAME:PORT, or an AF_UNIX address
+        /// (/path, @abstract-name)
         dest: String,
         /// One JSON document on stdout (verdict, each address judged with its reason and
         /// rule, notes); the same exit codes. Errors stay on stderr.

@@ -162,7 +162,8 @@ fn mcp_server_over_streamable_http_answers_its_clients() {
 /// (unguarded) in `ns`, listening on `addrs` port 5432.
 struct Postgres {
     _proc: Running,
-    _dir: TempDir,
+    /// Also its Unix socket directory (`.s.PGSQL.5432`).
+    dir: TempDir,
 }
 
 fn pg_bin(name: &str) -> std::path::PathBuf {
@@ -248,10 +249,7 @@ impl Postgres {
             "postgres started: {}",
             std::fs::read_to_string(dir.0.join("postgres.log")).unwrap_or_default()
         );
-        Self {
-            _proc: proc,
-            _dir: dir,
-        }
+        Self { _proc: proc, dir }
     }
 }
 
@@ -557,5 +555,64 @@ fn http3_over_quic_to_allowed_and_refused_addresses() {
             && e["reason"] == "deny-internal"
             && e["workload"] == "http-mcp"),
         "the refused QUIC flow is reported: {events:?}"
+    );
+}
+
+/// PostgreSQL over its Unix socket (what most local clients use): a workload whose
+/// `unix = "allow-listed"` names the socket queries it; one whose deny_unix names it is
+/// refused by the kernel, and psql itself says so; an allow-listed workload reaches no
+/// other local socket. Needs the cgroup unix hooks (Linux 6.7+); without them the
+/// daemon says it does not judge Unix sockets (checked in unix_sockets.rs).
+#[test]
+fn postgresql_over_its_unix_socket_where_allowed() {
+    let ns = NetNs::new();
+    ns.add_addr("10.0.50.9");
+    let pg = Postgres::start(&ns, "10.0.50.9");
+    let socket = pg.dir.0.join(".s.PGSQL.5432");
+    let cg = TestCgroup::new();
+    let (_, db) = cg.child("db");
+    let (_, nodb) = cg.child("nodb");
+    let other = TempDir::new();
+    let _listener = std::os::unix::net::UnixListener::bind(other.0.join("x.sock")).unwrap();
+    let d = Daemon::start(&format!(
+        "[[workload]]\nname = \"db\"\ncgroup = \"{r}/db\"\nunix = \"allow-listed\"\nallow_unix = [\"{s}\"]\n[[workload]]\nname = \"nodb\"\ncgroup = \"{r}/nodb\"\ndeny_unix = [\"{s}\"]\n[daemon]\nattach_cgroup = \"{r}\"\n[events]\nrate_limit_per_sec = 0\n",
+        r = cg.rel,
+        s = socket.display()
+    ));
+    let host = pg.dir.0.display().to_string();
+    let (ok, out, err) = psql(&db, &ns, &host, "select 40 + 2");
+    assert!(ok && out == "42", "over the allowed socket: {out} {err}");
+    if !mcp_guard_tests::kernel_at_least(6, 7) {
+        return;
+    }
+    let (ok, out, err) = psql(&nodb, &ns, &host, "select 40 + 2");
+    assert!(
+        !ok && out.is_empty() && err.contains("Operation not permitted"),
+        "denied socket: {out} {err}"
+    );
+    let refused = in_cgroup(&db, &ns)
+        .args([
+            "python3",
+            "-c",
+            "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+        ])
+        .arg(other.0.join("x.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("PermissionError"),
+        "allow-listed: another socket: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let ev = d.events(Duration::from_secs(2));
+    let sock = socket.display().to_string();
+    assert!(
+        ev.iter().any(|e| e["workload"] == "nodb"
+            && e["hook"] == "connect_unix"
+            && e["reason"] == "unix-denied"
+            && e["dst_path"] == sock.as_str()
+            && e["comm"] == "psql"),
+        "{ev:#?}"
     );
 }

@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing (nightly rust-src, bpf-linker, Debian packages).
+    /// Install what is missing (nightly rust-src, bpf-linker, Debian packages, the MCP
+    /// Python environment).
     Setup,
     /// Lint gates: `cargo fmt --check` and clippy with warnings as errors, every target.
     Lint,
@@ -71,6 +72,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("redis-cli", "redis-tools"),
     ("curl", "curl"),
+    // The D-Bus system bus as a local deputy (the Unix-socket tests), and its client.
+    ("dbus-daemon", "dbus-daemon"),
+    ("dbus-send", "dbus-bin"),
 ];
 
 pub fn cargo() -> Command {
@@ -194,7 +198,8 @@ fn main() -> Result<()> {
         Cmd::Unit => unit(),
         Cmd::Setup => {
             setup::toolchain()?;
-            setup::packages(TEST_PACKAGES)
+            setup::packages(TEST_PACKAGES)?;
+            setup::mcp_venv().map(|_| ())
         }
         Cmd::Build { release } => build(release),
         Cmd::Test => test(),

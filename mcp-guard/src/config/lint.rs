@@ -88,6 +88,18 @@ pub(super) fn warnings(
                 }
             }
         }
+        for a in &w.unix.allow {
+            let deputy = super::unix_keys::BUILT_IN_DENY
+                .iter()
+                .filter_map(|p| super::unix_keys::pattern(p).ok())
+                .any(|d| a.bytes.starts_with(&d) || d.starts_with(&a.bytes));
+            if deputy {
+                out.push(format!(
+                    "{file}:{}: workload {:?} may reach {} through allow_unix, where a local deputy listens (a container runtime, D-Bus, systemd or the kubelet): a process of the workload can have it start something unguarded; allow it only to a workload that must manage them",
+                    a.loc.line, w.name, a.text
+                ));
+            }
+        }
         let mut seen: Vec<(&IpNet, &[super::PortSpan], super::Proto, &[String])> = Vec::new();
         for r in &w.allow {
             let rl = r.loc.line;
