@@ -34,7 +34,7 @@ const KERNELS: [(&str, &str); 2] = [
 ];
 
 /// The kernel tests that run inside the VMs: (test binary, test name).
-const TESTS: [(&str, &str); 16] = [
+const TESTS: [(&str, &str); 18] = [
     ("enforcement", "socket_hooks_enforce_the_policy"),
     (
         "enforcement",
@@ -80,6 +80,12 @@ const TESTS: [(&str, &str); 16] = [
     (
         "sticky_identity",
         "homes_predate_the_daemon_and_survive_kill_9_and_restart",
+    ),
+    // 6.12: the cgroup unix hooks judge; 6.1 has none, and the daemon must say so.
+    ("unix_sockets", "unix_destinations_are_judged_per_workload"),
+    (
+        "unix_sockets",
+        "unix_rules_survive_kill_and_restart_and_follow_reloads",
     ),
 ];
 
