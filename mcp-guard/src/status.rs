@@ -102,6 +102,7 @@ fn document(status: &Value, metrics: &str) -> Value {
         "policy_generation": status["generation"],
         "programs": programs,
         "lsm_available": one("mcp_guard_lsm_available") == Some(1.0),
+        "unix_hooks_available": one("mcp_guard_unix_hooks_available") == Some(1.0),
         "cri_up": one("mcp_guard_cri_up") == Some(1.0),
         "pods_pending": of("mcp_guard_pods", "pods-pending") as u64,
         "mcp_instances": one("mcp_guard_mcp_instances").unwrap_or(0.0) as u64,
@@ -161,6 +162,15 @@ fn human(d: &Value) -> String {
             ""
         } else {
             " (AF_PACKET, AF_XDP and AF_VSOCK are refused only by exec's hardening)"
+        }
+    ));
+    out.push(format!(
+        "Unix-socket hooks: {}{}",
+        yes_no(&d["unix_hooks_available"]),
+        if d["unix_hooks_available"].as_bool() == Some(true) {
+            ""
+        } else {
+            " (Linux 6.7+; meanwhile only exec's mount namespace hides local deputies)"
         }
     ));
     out.push(format!(
@@ -281,6 +291,7 @@ mod tests {
         let text = human(&d);
         assert!(text.contains("not attached: tc"), "{text}");
         assert!(text.contains("BPF LSM: no"), "{text}");
+        assert!(text.contains("Unix-socket hooks: no (Linux 6.7+"), "{text}");
         assert!(text.contains("1 process(es) left its cgroup"), "{text}");
     }
 }

@@ -395,3 +395,110 @@ fn the_dbus_system_bus_is_a_refused_deputy() {
         "{ev:#?}"
     );
 }
+
+/// A relay a guarded process could use as its deputy: listens on a Unix socket (a path,
+/// or `@name`) and pipes every connection to the metadata service. Python, unguarded,
+/// in the test's network namespace.
+const RELAY: &str = r#"
+import socket, sys, threading
+name = sys.argv[1]
+s = socket.socket(socket.AF_UNIX)
+s.bind("\0" + name[1:] if name.startswith("@") else name)
+s.listen(8)
+open(sys.argv[2], "w").close()
+def pipe(a, b):
+    while True:
+        d = a.recv(65536)
+        if not d:
+            break
+        b.sendall(d)
+    b.shutdown(socket.SHUT_WR)
+while True:
+    c, _ = s.accept()
+    u = socket.create_connection(("169.254.169.254", 80))
+    threading.Thread(target=pipe, args=(c, u), daemon=True).start()
+    threading.Thread(target=pipe, args=(u, c), daemon=True).start()
+"#;
+
+/// curl (software nobody here wrote) through a relay to the metadata service: an
+/// unguarded curl gets the credentials page, a guarded one is refused at connect_unix
+/// (the relay never hears from it), by path and by abstract name.
+#[test]
+fn a_relay_to_the_metadata_service_is_refused_at_connect_unix() {
+    let ns = NetNs::new();
+    ns.add_addr("169.254.169.254");
+    ns.serve_tcp(
+        "169.254.169.254:80",
+        "HTTP/1.0 200 OK\r\nContent-Length: 11\r\n\r\ncredentials",
+    );
+    let cg = TestCgroup::new();
+    let (_, w) = cg.child("w");
+    let (_, free) = cg.child("free");
+    let tmp = TempDir::new();
+    let path = tmp.0.join("relay.sock").display().to_string();
+    let abs = format!("@{}", unique("mcpg-md-relay"));
+    let mut relays = Vec::new();
+    for (i, name) in [&path, &abs].into_iter().enumerate() {
+        let ready = tmp.0.join(format!("ready{i}"));
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", ns.path().display()))
+            .args(["python3", "-c", RELAY, name])
+            .arg(&ready);
+        relays.push(Running::spawn(&mut c, &tmp.0.join(format!("relay{i}.log"))));
+        assert!(
+            wait_until(Duration::from_secs(10), || ready.exists()),
+            "relay {name} started: {}",
+            std::fs::read_to_string(tmp.0.join(format!("relay{i}.log"))).unwrap_or_default()
+        );
+    }
+    let d = Daemon::start(&format!(
+        "[[workload]]\nname = \"w\"\ncgroup = \"{r}/w\"\ndefault = \"deny-internal\"\ndeny_unix = [\"{path}\", \"{abs}\"]\n[daemon]\nattach_cgroup = \"{r}\"\n[tc]\nenabled = false\n[events]\nrate_limit_per_sec = 0\n",
+        r = cg.rel
+    ));
+    let curl = |dir: &Path, via: &[&str]| {
+        let out = mcp_guard_tests::in_cgroup(dir, &ns)
+            .args(["curl", "-s", "-m", "5"])
+            .args(via)
+            .arg("http://169.254.169.254/latest/meta-data/")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let by_path = ["--unix-socket", path.as_str()];
+    let by_name = ["--abstract-unix-socket", &abs[1..]];
+    for via in [&by_path[..], &by_name[..]] {
+        assert_eq!(
+            curl(&free, via),
+            (Some(0), "credentials".to_string()),
+            "control: unguarded curl through the relay {via:?}"
+        );
+    }
+    assert_eq!(curl(&w, &[]).0, Some(7), "guarded curl, directly");
+    if !hooks_expected() {
+        assert_eq!(
+            curl(&w, &by_path),
+            (Some(0), "credentials".to_string()),
+            "without the unix hooks the relay is a way out (README: Unix sockets)"
+        );
+        return;
+    }
+    for via in [&by_path[..], &by_name[..]] {
+        assert_eq!(
+            curl(&w, via).0,
+            Some(7),
+            "guarded curl through the relay {via:?}: refused at connect_unix"
+        );
+    }
+    let ev = d.events(Duration::from_secs(2));
+    for p in [&path, &abs] {
+        assert!(
+            ev.iter().any(|e| e["hook"] == "connect_unix"
+                && e["dst_path"] == p.as_str()
+                && e["comm"] == "curl"),
+            "{p}: {ev:#?}"
+        );
+    }
+}
