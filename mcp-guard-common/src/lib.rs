@@ -409,6 +409,10 @@ wire_enum! {
         ConnectUnix = 9 => "connect_unix",
         /// `cgroup/sendmsg_unix` (Linux 6.7): a datagram sent to an AF_UNIX address.
         SendmsgUnix = 10 => "sendmsg_unix",
+        /// BPF LSM `unix_stream_connect`: judged by the listener's bound address.
+        LsmUnixConnect = 11 => "unix_stream_connect",
+        /// BPF LSM `unix_may_send`: judged by the receiver's bound address.
+        LsmUnixSend = 12 => "unix_may_send",
     }
 }
 
@@ -513,6 +517,8 @@ pub const HOOK_CGROUP_SKB: u8 = Hook::CgroupSkb as u8;
 pub const HOOK_CGROUP_ATTACH: u8 = Hook::CgroupAttach as u8;
 pub const HOOK_CONNECT_UNIX: u8 = Hook::ConnectUnix as u8;
 pub const HOOK_SENDMSG_UNIX: u8 = Hook::SendmsgUnix as u8;
+pub const HOOK_LSM_UNIX_CONNECT: u8 = Hook::LsmUnixConnect as u8;
+pub const HOOK_LSM_UNIX_SEND: u8 = Hook::LsmUnixSend as u8;
 pub const HOOK_COUNT: usize = Hook::ALL.len();
 
 /// What the cgroup_skb backstop remembers of a socket (`SKB_CACHE_2`, keyed by socket

@@ -216,14 +216,6 @@ pub fn refused<const IPV6: bool>(ctx: &SockAddrContext, f: &Flow) {
     emit(f, &Origin::task(cookie, saddr, sport));
 }
 
-/// A refused connect()/sendmsg() on an AF_UNIX socket: the calling task.
-#[inline(always)]
-pub fn refused_unix(ctx: &SockAddrContext, f: &Flow) {
-    // SAFETY: plain helper call on our context.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    emit(f, &Origin::task(cookie, [0; 16], 0));
-}
-
 /// Counts a refusal and, within the rate limit, writes its event. Every refusal lands
 /// in exactly one of submitted, suppressed or lost.
 #[inline(never)]

@@ -103,9 +103,69 @@ rate_limit_per_sec = 0
 
 const EPERM: &str = "ERR 1";
 
+/// (hook, reason, workload, dst_path) of the AF_UNIX events among `ev`.
+fn unix_tuples(ev: &[serde_json::Value]) -> Vec<(String, String, String, String)> {
+    ev.iter()
+        .filter(|e| e["family"] == "unix")
+        .map(|e| {
+            let f = |k: &str| e[k].as_str().unwrap_or("").to_string();
+            (f("hook"), f("reason"), f("workload"), f("dst_path"))
+        })
+        .collect()
+}
+
+/// What judges AF_UNIX destinations here: the cgroup hooks (Linux 6.7+, by the
+/// address written) and the BPF LSM programs (where BPF LSM runs, by the peer's bound
+/// address). Read from the daemon, and checked against the kernel version.
+struct Judges {
+    cgroup: bool,
+    lsm: bool,
+}
+
+impl Judges {
+    fn of(d: &Daemon) -> Self {
+        let m = d.get("/metrics");
+        let attached =
+            |h: &str| m.contains(&format!("mcp_guard_programs_attached{{hook=\"{h}\"}} 1"));
+        let j = Self {
+            cgroup: attached("connect_unix"),
+            lsm: attached("unix_stream_connect") && attached("unix_may_send"),
+        };
+        assert_eq!(
+            j.cgroup,
+            hooks_expected(),
+            "the cgroup unix hooks run exactly on 6.7+; log:\n{}",
+            d.stderr.lock().unwrap()
+        );
+        assert_eq!(
+            gauge(d, "mcp_guard_unix_hooks_available").as_deref(),
+            Some(if j.cgroup || j.lsm { "1" } else { "0" })
+        );
+        j
+    }
+
+    /// The hook that refuses a connect() (the cgroup hook comes first).
+    fn connect(&self) -> &'static str {
+        if self.cgroup {
+            "connect_unix"
+        } else {
+            "unix_stream_connect"
+        }
+    }
+
+    fn send(&self) -> &'static str {
+        if self.cgroup {
+            "sendmsg_unix"
+        } else {
+            "unix_may_send"
+        }
+    }
+}
+
 /// Refused paths and names, per workload, with events naming the path and the rule,
-/// exact counters; a process that leaves the workload stays refused; the allow-listed
-/// mode is not fooled by a symlink.
+/// exact counters; a process that leaves the workload stays refused; a symlink to a
+/// refused socket is refused where BPF LSM judges the bound address, and in the
+/// allow-listed mode wherever the cgroup hook judges the name.
 #[test]
 fn unix_destinations_are_judged_per_workload() {
     let ns = NetNs::new();
@@ -115,11 +175,8 @@ fn unix_destinations_are_judged_per_workload() {
     let (_, free) = cg.child("free");
     let s = Sockets::new(&ns);
     let d = Daemon::start(&config(&cg.rel, &s));
-    if !hooks_expected() {
-        assert_eq!(
-            gauge(&d, "mcp_guard_unix_hooks_available").as_deref(),
-            Some("0")
-        );
+    let j = Judges::of(&d);
+    if !j.cgroup && !j.lsm {
         assert!(d
             .stderr
             .lock()
@@ -133,12 +190,6 @@ fn unix_destinations_are_judged_per_workload() {
         );
         return;
     }
-    assert_eq!(
-        gauge(&d, "mcp_guard_unix_hooks_available").as_deref(),
-        Some("1"),
-        "daemon log:\n{}",
-        d.stderr.lock().unwrap()
-    );
     let _ = d.events(Duration::from_millis(300));
     let relay = s.path("relay.sock").display().to_string();
     let abs = format!("@{}", s.abstract_name);
@@ -178,10 +229,15 @@ fn unix_destinations_are_judged_per_workload() {
         EPERM,
         "allow-listed: anything else"
     );
-    // A symlink to an allowed socket is another name: refused in allow-listed mode.
+    // A symlink to the allowed socket is another name: the cgroup hook refuses the name
+    // in the allow-listed mode; BPF LSM alone sees the socket it reaches, the allowed one.
     let link = s.path("link.sock");
     std::os::unix::fs::symlink(s.path("ok.sock"), &link).unwrap();
-    assert_eq!(q.op(&format!("unix {}", link.display())), EPERM, "symlink");
+    assert_eq!(
+        q.op(&format!("unix {}", link.display())),
+        if j.cgroup { EPERM } else { "OK" },
+        "symlink to the allowed socket"
+    );
     assert_eq!(
         q.op(&format!("unix {abs}")),
         EPERM,
@@ -197,18 +253,7 @@ fn unix_destinations_are_judged_per_workload() {
     );
 
     let ev = d.events(Duration::from_secs(2));
-    let unix: Vec<_> = ev
-        .iter()
-        .filter(|e| e["family"] == "unix")
-        .map(|e| {
-            (
-                e["hook"].as_str().unwrap().to_string(),
-                e["reason"].as_str().unwrap().to_string(),
-                e["workload"].as_str().unwrap_or("").to_string(),
-                e["dst_path"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let unix = unix_tuples(&ev);
     let want = |hook: &str, reason: &str, wl: &str, path: &str| {
         (
             hook.to_string(),
@@ -220,19 +265,19 @@ fn unix_destinations_are_judged_per_workload() {
     let dgram = s.path("dgram.sock").display().to_string();
     let other = s.path("other.sock").display().to_string();
     let link = link.display().to_string();
-    assert_eq!(
-        unix,
-        vec![
-            want("connect_unix", "unix-denied", "w", &relay),
-            want("connect_unix", "unix-denied", "w", &abs),
-            want("sendmsg_unix", "unix-denied", "w", &dgram),
-            want("connect_unix", "unix-not-allowed", "strict", &other),
-            want("connect_unix", "unix-not-allowed", "strict", &link),
-            want("connect_unix", "unix-not-allowed", "strict", &abs),
-            want("connect_unix", "unix-denied", "w", &relay),
-        ],
-        "{ev:#?}"
-    );
+    let (c, snd) = (j.connect(), j.send());
+    let mut expected = vec![
+        want(c, "unix-denied", "w", &relay),
+        want(c, "unix-denied", "w", &abs),
+        want(snd, "unix-denied", "w", &dgram),
+        want(c, "unix-not-allowed", "strict", &other),
+    ];
+    if j.cgroup {
+        expected.push(want(c, "unix-not-allowed", "strict", &link));
+    }
+    expected.push(want(c, "unix-not-allowed", "strict", &abs));
+    expected.push(want(c, "unix-denied", "w", &relay));
+    assert_eq!(unix, expected, "{ev:#?}");
     let first = ev.iter().find(|e| e["family"] == "unix").unwrap();
     assert_eq!(first["dest_class"], "local");
     assert_eq!(first["socket_family"], "unix");
@@ -256,30 +301,48 @@ fn unix_destinations_are_judged_per_workload() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     };
-    assert_eq!(count("connect_unix", "unix-denied", "w"), 3, "{metrics}");
-    assert_eq!(count("sendmsg_unix", "unix-denied", "w"), 1);
-    assert_eq!(count("connect_unix", "unix-not-allowed", "strict"), 3);
+    assert_eq!(count(c, "unix-denied", "w"), 3, "{metrics}");
+    assert_eq!(count(snd, "unix-denied", "w"), 1);
+    assert_eq!(
+        count(c, "unix-not-allowed", "strict"),
+        if j.cgroup { 3 } else { 2 }
+    );
+
+    // A symlink to a deny-listed socket: the cgroup hook sees a name no entry names;
+    // BPF LSM sees the socket it resolves to (bound as relay.sock) and refuses it.
+    let relay_link = s.path("relay-link.sock");
+    std::os::unix::fs::symlink(&relay, &relay_link).unwrap();
+    let mut r = Probe::new(PROBE, &w, &ns);
+    let got = r.op(&format!("unix {}", relay_link.display()));
+    if j.lsm {
+        assert_eq!(got, EPERM, "symlink to a denied socket, BPF LSM");
+        assert_eq!(
+            unix_tuples(&d.events(Duration::from_secs(2))),
+            vec![want("unix_stream_connect", "unix-denied", "w", &relay)]
+        );
+    } else {
+        assert_eq!(
+            got, "OK",
+            "without BPF LSM a symlink is another name (README: Unix sockets)"
+        );
+    }
 }
 
 /// The hooks and their rules outlive the daemon: killed (-9), nothing opens; restarted,
 /// the pinned links are adopted; a reload that drops a rule opens exactly that path.
 #[test]
 fn unix_rules_survive_kill_and_restart_and_follow_reloads() {
-    if !hooks_expected() {
-        // The kernel has no unix hooks: `unix_destinations_are_judged_per_workload`
-        // checks that the daemon says so; there is nothing to keep across a restart.
-        let d = Daemon::start("[tc]\nenabled = false\n");
-        assert_eq!(
-            gauge(&d, "mcp_guard_unix_hooks_available").as_deref(),
-            Some("0")
-        );
-        return;
-    }
     let ns = NetNs::new();
     let cg = TestCgroup::new();
     let (_, w) = cg.child("w");
     let s = Sockets::new(&ns);
     let mut d = Daemon::start(&config(&cg.rel, &s));
+    let j = Judges::of(&d);
+    if !j.cgroup && !j.lsm {
+        // Nothing judges Unix sockets on this kernel (`unix_destinations_are_judged_per_workload`
+        // checks that the daemon says so): nothing to keep across a restart.
+        return;
+    }
     let relay = s.path("relay.sock").display().to_string();
     let mut p = Probe::new(PROBE, &w, &ns);
     assert_eq!(p.op(&format!("unix {relay}")), EPERM);
@@ -377,15 +440,16 @@ fn the_dbus_system_bus_is_a_refused_deputy() {
     let (ok, text) = call(&bus_ok);
     assert!(ok, "allow_unix names the bus: {text}");
     let (ok, text) = call(&w);
-    if !hooks_expected() {
-        assert!(ok, "no unix hooks on this kernel: {text}");
+    let j = Judges::of(&d);
+    if !j.cgroup && !j.lsm {
+        assert!(ok, "nothing judges Unix sockets on this kernel: {text}");
         return;
     }
     assert!(!ok, "guarded dbus-send reached the bus: {text}");
     assert!(text.contains("Operation not permitted"), "{text}");
     let ev = d.events(Duration::from_secs(2));
     assert!(
-        ev.iter().any(|e| e["hook"] == "connect_unix"
+        ev.iter().any(|e| e["hook"] == j.connect()
             && e["workload"] == "w"
             && e["dst_path"] == "/run/dbus/system_bus_socket"
             && e["rule"]
@@ -477,11 +541,12 @@ fn a_relay_to_the_metadata_service_is_refused_at_connect_unix() {
         );
     }
     assert_eq!(curl(&w, &[]).0, Some(7), "guarded curl, directly");
-    if !hooks_expected() {
+    let j = Judges::of(&d);
+    if !j.cgroup && !j.lsm {
         assert_eq!(
             curl(&w, &by_path),
             (Some(0), "credentials".to_string()),
-            "without the unix hooks the relay is a way out (README: Unix sockets)"
+            "with nothing judging Unix sockets the relay is a way out (README: Unix sockets)"
         );
         return;
     }
@@ -495,7 +560,7 @@ fn a_relay_to_the_metadata_service_is_refused_at_connect_unix() {
     let ev = d.events(Duration::from_secs(2));
     for p in [&path, &abs] {
         assert!(
-            ev.iter().any(|e| e["hook"] == "connect_unix"
+            ev.iter().any(|e| e["hook"] == j.connect()
                 && e["dst_path"] == p.as_str()
                 && e["comm"] == "curl"),
             "{p}: {ev:#?}"

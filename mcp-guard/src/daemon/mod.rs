@@ -223,7 +223,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut attachments =
         loader::attach_sock_addr(&mut ebpf, &attach_dir, &pins, pinned_hash, skip)?;
     ops::attach_unix(
-        &ebpf,
+        &mut ebpf,
         &attach_dir,
         &pins,
         pinned_hash,

@@ -185,28 +185,46 @@ pub(super) fn attach_registration(
     ok
 }
 
-/// Attaches (or adopts) the AF_UNIX hooks; says so where the kernel has none. Their
-/// hooks join `attachments`, so self-repair watches them as the other socket hooks.
+/// Attaches (or adopts) what judges AF_UNIX destinations: the cgroup unix hooks
+/// (Linux 6.7+, by the address the caller wrote) and, where BPF LSM runs, the LSM unix
+/// programs (by the address the peer was bound to). The cgroup hooks join
+/// `attachments`, so self-repair watches them as the other socket hooks. Says so where
+/// neither runs.
 pub(super) fn attach_unix(
-    ebpf: &aya::Ebpf,
+    ebpf: &mut aya::Ebpf,
     attach_dir: &Path,
     pins: &Pins,
     pinned_hash: u32,
     metrics: &Metrics,
     attachments: &mut loader::Attachments,
 ) {
-    match crate::kernel::unix_hooks::attach(ebpf, attach_dir, pins, pinned_hash) {
+    let cgroup = match crate::kernel::unix_hooks::attach(ebpf, attach_dir, pins, pinned_hash) {
         Ok(hooks) => {
             for (hook, id) in hooks {
                 attachments.expected.insert(hook, id);
                 metrics.programs_attached.with_label_values(&[hook]).set(1);
             }
-            metrics.unix_hooks_available.set(1);
+            Ok(())
         }
-        Err(e) => {
-            metrics.unix_hooks_available.set(0);
-            error!("Unix-socket destinations are not judged: the kernel has no cgroup AF_UNIX hooks (Linux 6.7+) or refused them ({e}). A guarded process can reach local sockets (the container runtime's, D-Bus) unless its mount namespace hides them (`mcp-guard exec` does; for systemd units use InaccessiblePaths=)");
+        Err(e) => Err(e.to_string()),
+    };
+    let lsm = match loader::attach_lsm_unix(ebpf, pins, pinned_hash) {
+        Ok(hooks) => {
+            for (hook, _) in hooks {
+                metrics.programs_attached.with_label_values(&[hook]).set(1);
+            }
+            Ok(())
         }
+        Err(e) => Err(e.to_string()),
+    };
+    metrics
+        .unix_hooks_available
+        .set(i64::from(cgroup.is_ok() || lsm.is_ok()));
+    match (cgroup, lsm) {
+        (Ok(()), Ok(())) => info!("Unix-socket destinations are judged by the address written (connect_unix, sendmsg_unix) and by the peer's bound address (BPF LSM)"),
+        (Ok(()), Err(e)) => info!("Unix-socket destinations are judged by the address the caller writes (connect_unix, sendmsg_unix); not by the peer's bound address, BPF LSM does not run here ({e}): a symlink or other name for a deny-listed socket is not refused"),
+        (Err(e), Ok(())) => warn!("Unix-socket destinations are judged by the peer's bound address only (BPF LSM unix_stream_connect, unix_may_send): the kernel has no cgroup unix hooks ({e})"),
+        (Err(c), Err(l)) => error!("Unix-socket destinations are not judged: the kernel has no cgroup AF_UNIX hooks (Linux 6.7+) or refused them ({c}), and BPF LSM does not run ({l}). A guarded process can reach local sockets (the container runtime's, D-Bus) unless its mount namespace hides them (`mcp-guard exec` does; for systemd units use InaccessiblePaths=)"),
     }
 }
 

@@ -100,6 +100,9 @@ pub enum Attach {
     CgroupUnix { attach_type: u32 },
     /// BPF LSM on the hook of the same name; link at `links/<hook>`.
     Lsm,
+    /// BPF LSM programs that judge AF_UNIX destinations by the peer's bound address;
+    /// optional (BPF LSM and the kernel's BTF offsets needed); link at `links/<hook>`.
+    LsmUnix,
     /// The tracepoint of the hook's name in the given category (`cgroup`, `task`,
     /// `sched`); link at `links/<hook>`.
     Tracepoint(&'static str),
@@ -129,7 +132,7 @@ const fn cgroup(name: &'static str, hook: &'static str, kind: CgroupKind, at: u3
 }
 
 /// Every program of the eBPF object.
-pub const PROGRAMS: [Program; 16] = [
+pub const PROGRAMS: [Program; 18] = [
     // BPF_CGROUP_INET4_CONNECT, INET6_CONNECT, UDP4_SENDMSG, UDP6_SENDMSG.
     cgroup("mcpg_connect4", "connect4", CgroupKind::SockAddr, 10),
     cgroup("mcpg_connect6", "connect6", CgroupKind::SockAddr, 11),
@@ -158,6 +161,17 @@ pub const PROGRAMS: [Program; 16] = [
         name: "mcpg_lsm_socket",
         hook: "socket_create",
         attach: Attach::Lsm,
+    },
+    // AF_UNIX destinations by the peer's bound address, where BPF LSM runs.
+    Program {
+        name: "mcpg_lsm_unix_connect",
+        hook: "unix_stream_connect",
+        attach: Attach::LsmUnix,
+    },
+    Program {
+        name: "mcpg_lsm_unix_send",
+        hook: "unix_may_send",
+        attach: Attach::LsmUnix,
     },
     // Workload cgroups registered at creation, registrations dropped at removal.
     Program {
