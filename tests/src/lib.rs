@@ -379,6 +379,51 @@ pub fn kernel_at_least(major: u32, minor: u32) -> bool {
     (it.next().unwrap_or(0), it.next().unwrap_or(0)) >= (major, minor)
 }
 
+/// What a test may need that some kernels of the matrix lack. A test skips only through
+/// [`needs`], which checks the kernel itself: a skip on a kernel that has the feature
+/// cannot happen, and every skip is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    /// TC links through TCX (Linux 6.6), which can be pinned.
+    Tcx,
+    /// Something judges AF_UNIX destinations: the cgroup unix hooks (Linux 6.7) or BPF
+    /// LSM (as the daemon `d` reports it).
+    UnixJudged,
+}
+
+/// Whether the running kernel has `feature` (`daemon`: the daemon that reports it, for
+/// the features only a daemon can tell). When it does not, the test is recorded as
+/// skipped: "NEEDS ..." on stdout (the kernel matrix prints it as NOT RUN) and a line in
+/// `$MCPG_SKIPS` (`cargo xtask test` prints them at the end). The caller returns.
+#[must_use]
+pub fn needs(test: &str, feature: Feature, daemon: Option<&Daemon>) -> bool {
+    let (present, why) = match feature {
+        Feature::Tcx => (kernel_at_least(6, 6), "TCX (kernel 6.6+)"),
+        Feature::UnixJudged => {
+            let d = daemon.expect("Feature::UnixJudged is told by a running daemon");
+            (
+                d.get("/metrics")
+                    .contains("mcp_guard_unix_hooks_available 1"),
+                "cgroup unix hooks (kernel 6.7+) or BPF LSM",
+            )
+        }
+    };
+    if !present {
+        println!("NEEDS {why}: {test} did not run its checks on this kernel");
+        if let Some(f) = std::env::var_os("MCPG_SKIPS") {
+            use std::io::Write as _;
+            if let Ok(mut out) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(f)
+            {
+                let _ = writeln!(out, "{test}: needs {why}");
+            }
+        }
+    }
+    present
+}
+
 /// A free loopback port for a daemon's listener.
 #[must_use]
 pub fn free_port() -> u16 {

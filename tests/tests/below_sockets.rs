@@ -368,9 +368,13 @@ fn tc_programs(ns: &NetNs, interface: &'static str) -> usize {
 /// classifier, and detaching removes them.
 #[test]
 fn tc_links_are_pinned_and_adopted_after_kill_9() {
-    if !mcp_guard_tests::kernel_at_least(6, 6) {
-        // Said, not skipped silently: the VM runner prints it in the result line.
-        println!("NEEDS TCX (kernel 6.6+): TC links cannot be pinned before it; the netlink (clsact) attachment is exercised by vm_mode_tc_drops_raw_packets_to_denied_destinations");
+    // Before TCX, TC links cannot be pinned; the netlink (clsact) attachment is exercised
+    // by vm_mode_tc_drops_raw_packets_to_denied_destinations.
+    if !mcp_guard_tests::needs(
+        "tc_links_are_pinned_and_adopted_after_kill_9",
+        mcp_guard_tests::Feature::Tcx,
+        None,
+    ) {
         return;
     }
     let vm = NetNs::new();
@@ -817,7 +821,11 @@ fn an_exec_hardened_root_command_cannot_leave_its_cgroup_or_reach_deputies() {
         .contains("mcp_guard_programs_attached{hook=\"unix_stream_connect\"} 1");
     assert_eq!(
         plain.op(&format!("unix {control}")),
-        if unix_hooks || lsm_unix { "ERR 1" } else { "OK" },
+        if unix_hooks || lsm_unix {
+            "ERR 1"
+        } else {
+            "OK"
+        },
         "unhardened: only the kernel's unix hooks refuse it"
     );
     assert_eq!(

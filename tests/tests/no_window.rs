@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mcp_guard_tests::{kernel_at_least, wait_until, Daemon, NetNs, Probe, TestCgroup};
+use mcp_guard_tests::{wait_until, Daemon, NetNs, Probe, TestCgroup};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
 
@@ -225,8 +225,11 @@ fn tampering_is_repaired_within_two_seconds() {
 /// A TC link pin removed behind the daemon's back is attached again and counted.
 #[test]
 fn a_removed_tc_link_pin_is_reattached() {
-    if !kernel_at_least(6, 6) {
-        println!("NEEDS TCX (kernel 6.6+): TC links have no pins before it");
+    if !mcp_guard_tests::needs(
+        "a_removed_tc_link_pin_is_reattached",
+        mcp_guard_tests::Feature::Tcx,
+        None,
+    ) {
         return;
     }
     let vm = NetNs::new();

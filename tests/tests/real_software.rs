@@ -582,7 +582,11 @@ fn postgresql_over_its_unix_socket_where_allowed() {
     let host = pg.dir.0.display().to_string();
     let (ok, out, err) = psql(&db, &ns, &host, "select 40 + 2");
     assert!(ok && out == "42", "over the allowed socket: {out} {err}");
-    if !mcp_guard_tests::kernel_at_least(6, 7) {
+    if !mcp_guard_tests::needs(
+        "postgresql_over_its_unix_socket_where_allowed",
+        mcp_guard_tests::Feature::UnixJudged,
+        Some(&d),
+    ) {
         return;
     }
     let (ok, out, err) = psql(&nodb, &ns, &host, "select 40 + 2");

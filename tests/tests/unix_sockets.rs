@@ -17,7 +17,8 @@ use std::{
 };
 
 use mcp_guard_tests::{
-    kernel_at_least, unique, wait_until, Daemon, NetNs, Probe, Running, TempDir, TestCgroup,
+    kernel_at_least, needs, unique, wait_until, Daemon, Feature, NetNs, Probe, Running, TempDir,
+    TestCgroup,
 };
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
@@ -137,6 +138,13 @@ impl Judges {
             "the cgroup unix hooks run exactly on 6.7+; log:\n{}",
             d.stderr.lock().unwrap()
         );
+        // Where the kernel runs the BPF LSM program for packet sockets, it runs these too.
+        assert_eq!(
+            j.lsm,
+            gauge(d, "mcp_guard_lsm_available").as_deref() == Some("1"),
+            "the LSM unix programs run exactly where BPF LSM does; log:\n{}",
+            d.stderr.lock().unwrap()
+        );
         assert_eq!(
             gauge(d, "mcp_guard_unix_hooks_available").as_deref(),
             Some(if j.cgroup || j.lsm { "1" } else { "0" })
@@ -176,7 +184,11 @@ fn unix_destinations_are_judged_per_workload() {
     let s = Sockets::new(&ns);
     let d = Daemon::start(&config(&cg.rel, &s));
     let j = Judges::of(&d);
-    if !j.cgroup && !j.lsm {
+    if !needs(
+        "unix_destinations_are_judged_per_workload",
+        Feature::UnixJudged,
+        Some(&d),
+    ) {
         assert!(d
             .stderr
             .lock()
@@ -337,10 +349,12 @@ fn unix_rules_survive_kill_and_restart_and_follow_reloads() {
     let (_, w) = cg.child("w");
     let s = Sockets::new(&ns);
     let mut d = Daemon::start(&config(&cg.rel, &s));
-    let j = Judges::of(&d);
-    if !j.cgroup && !j.lsm {
-        // Nothing judges Unix sockets on this kernel (`unix_destinations_are_judged_per_workload`
-        // checks that the daemon says so): nothing to keep across a restart.
+    let _ = Judges::of(&d);
+    if !needs(
+        "unix_rules_survive_kill_and_restart_and_follow_reloads",
+        Feature::UnixJudged,
+        Some(&d),
+    ) {
         return;
     }
     let relay = s.path("relay.sock").display().to_string();
@@ -441,7 +455,11 @@ fn the_dbus_system_bus_is_a_refused_deputy() {
     assert!(ok, "allow_unix names the bus: {text}");
     let (ok, text) = call(&w);
     let j = Judges::of(&d);
-    if !j.cgroup && !j.lsm {
+    if !needs(
+        "the_dbus_system_bus_is_a_refused_deputy",
+        Feature::UnixJudged,
+        Some(&d),
+    ) {
         assert!(ok, "nothing judges Unix sockets on this kernel: {text}");
         return;
     }
@@ -542,7 +560,11 @@ fn a_relay_to_the_metadata_service_is_refused_at_connect_unix() {
     }
     assert_eq!(curl(&w, &[]).0, Some(7), "guarded curl, directly");
     let j = Judges::of(&d);
-    if !j.cgroup && !j.lsm {
+    if !needs(
+        "a_relay_to_the_metadata_service_is_refused_at_connect_unix",
+        Feature::UnixJudged,
+        Some(&d),
+    ) {
         assert_eq!(
             curl(&w, &by_path),
             (Some(0), "credentials".to_string()),

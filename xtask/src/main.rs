@@ -103,11 +103,27 @@ fn test() -> Result<()> {
     // Unit and property tests (as an unprivileged user: they need no root), then the
     // kernel integration tests (their own crate).
     unit()?;
-    setup::status(
+    // Tests that a kernel feature keeps from running say so here (tests/src `needs`).
+    let skips = std::env::temp_dir().join(format!("mcpg-skips-{}", std::process::id()));
+    let _ = std::fs::remove_file(&skips);
+    let result = setup::status(
         cargo()
             .args(["test", "--package", "mcp-guard-tests"])
-            .env("MCPG_DIST_TARBALL", &tarball),
-    )?;
+            .env("MCPG_DIST_TARBALL", &tarball)
+            .env("MCPG_SKIPS", &skips),
+    );
+    let skipped = std::fs::read_to_string(&skips).unwrap_or_default();
+    let _ = std::fs::remove_file(&skips);
+    let n = skipped.lines().count();
+    if n > 0 {
+        eprintln!("xtask: {n} skipped (their kernel feature is missing here):");
+        for l in skipped.lines() {
+            eprintln!("  {l}");
+        }
+    } else {
+        eprintln!("xtask: 0 skipped");
+    }
+    result?;
     eprintln!("xtask: all tests passed");
     Ok(())
 }

@@ -208,7 +208,7 @@ pub(super) fn attach_unix(
         }
         Err(e) => Err(e.to_string()),
     };
-    let lsm = match loader::attach_lsm_unix(ebpf, pins, pinned_hash) {
+    let lsm = match crate::kernel::unix_hooks::attach_lsm(ebpf, pins, pinned_hash) {
         Ok(hooks) => {
             for (hook, _) in hooks {
                 metrics.programs_attached.with_label_values(&[hook]).set(1);

@@ -69,7 +69,7 @@ fn tail(e: &aya::programs::ProgramError) -> String {
 }
 
 /// An error with its sources, for messages that must say what the kernel answered.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -99,7 +99,7 @@ pub fn open(pins: &Pins) -> Result<Ebpf, LoadError> {
     }
     // Struct offsets the BPF LSM unix programs need, from the kernel's BTF (0: unknown,
     // and those programs are then not attached).
-    let offsets = unix_offsets();
+    let offsets = crate::kernel::unix_hooks::offsets();
     for (name, value) in &offsets {
         loader.override_global(name, value, true);
     }
@@ -169,72 +169,6 @@ fn check_pinned_layouts(pins: &Pins) -> Result<(), LoadError> {
         }
     }
     Ok(())
-}
-
-/// The offsets `mcp-guard-ebpf/src/unix.rs` reads through, by its global's name.
-#[must_use]
-pub fn unix_offsets() -> [(&'static str, u32); 4] {
-    let off = |s: &str, m: &str| {
-        crate::kernel::btf::kernel_member_offset(s, m)
-            .and_then(|o| u32::try_from(o).ok())
-            .unwrap_or(0)
-    };
-    [
-        ("UNIX_SOCK_ADDR_OFF", off("unix_sock", "addr")),
-        ("SOCKET_SK_OFF", off("socket", "sk")),
-        ("UNIX_ADDRESS_LEN_OFF", off("unix_address", "len")),
-        ("UNIX_ADDRESS_NAME_OFF", off("unix_address", "name")),
-    ]
-}
-
-/// Loads and attaches the BPF LSM unix programs (`unix_stream_connect`, `unix_may_send`),
-/// adopting pinned links of the same object. Returns (hook, program id) of each.
-///
-/// # Errors
-/// BPF LSM does not run, the kernel's BTF lacks an offset they need, or loading,
-/// attaching or pinning failed: the caller reports it.
-pub fn attach_lsm_unix(
-    ebpf: &mut Ebpf,
-    pins: &Pins,
-    pinned_hash: u32,
-) -> Result<Vec<(&'static str, u32)>, LoadError> {
-    if let Some((name, _)) = unix_offsets().iter().find(|(_, v)| *v == 0) {
-        return Err(LoadError::Pin {
-            hook: "unix_stream_connect".into(),
-            path: "/sys/kernel/btf/vmlinux".into(),
-            detail: format!("the kernel's BTF does not give {name}"),
-        });
-    }
-    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Pin {
-        hook: "unix_stream_connect".into(),
-        path: "/sys/kernel/btf/vmlinux".into(),
-        detail: chain(&e),
-    })?;
-    let mut out = Vec::new();
-    for (name, hook) in manifest::programs(Attach::LsmUnix) {
-        let err = |source| LoadError::Program { name, source };
-        let p: &mut Lsm = ebpf
-            .program_mut(name)
-            .ok_or(LoadError::Missing(name))?
-            .try_into()
-            .map_err(err)?;
-        p.load(hook, &btf).map_err(err)?;
-        let ours = p.info().map_err(err)?.id();
-        if pinned_hash == object_hash() {
-            if let Ok(pinned) = PinnedLink::from_pin(pins.link(hook)) {
-                if let Ok(info) = FdLink::from(pinned).info() {
-                    info!(hook, "adopted the pinned LSM link");
-                    out.push((hook, info.program_id()));
-                    continue;
-                }
-            }
-        }
-        let id = p.attach().map_err(err)?;
-        let link = FdLink::from(p.take_link(id).map_err(err)?);
-        pin_over(link, hook, pins)?;
-        out.push((hook, ours));
-    }
-    Ok(out)
 }
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.

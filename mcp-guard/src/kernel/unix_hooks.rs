@@ -5,6 +5,8 @@
 //! and three bpf(2) commands load the program with the unix attach type, attach it to
 //! the attach cgroup through a bpf_link and pin that link. Everything else (adoption of
 //! a pinned link, replacing it without a gap, self-repair) works as for the other hooks.
+//! Here too: the BPF LSM unix programs, which aya loads, and the struct offsets from the
+//! kernel's BTF they need.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -16,14 +18,17 @@ use std::{
 
 use aya::{
     maps::{Map, MapData},
-    programs::links::{FdLink, PinnedLink},
+    programs::{
+        links::{FdLink, PinnedLink},
+        Lsm,
+    },
     Ebpf,
 };
 use tracing::info;
 
 use crate::kernel::{
-    loader::{attached_ids, object_hash, pin_over, LoadError, OBJECT},
-    manifest::{self, pinned_maps},
+    loader::{attached_ids, chain, object_hash, pin_over, LoadError, OBJECT},
+    manifest::{self, pinned_maps, Attach},
     pins::Pins,
 };
 
@@ -299,4 +304,70 @@ pub fn reattach(ebpf: &Ebpf, hook: &str, cgroup_dir: &Path, pins: &Pins) -> Resu
         source,
     })?;
     attach_one(ebpf, pins, &cg, name, hook, attach_type)
+}
+
+/// The offsets `mcp-guard-ebpf/src/unix.rs` reads through, by its global's name.
+#[must_use]
+pub fn offsets() -> [(&'static str, u32); 4] {
+    let off = |s: &str, m: &str| {
+        crate::kernel::btf::kernel_member_offset(s, m)
+            .and_then(|o| u32::try_from(o).ok())
+            .unwrap_or(0)
+    };
+    [
+        ("UNIX_SOCK_ADDR_OFF", off("unix_sock", "addr")),
+        ("SOCKET_SK_OFF", off("socket", "sk")),
+        ("UNIX_ADDRESS_LEN_OFF", off("unix_address", "len")),
+        ("UNIX_ADDRESS_NAME_OFF", off("unix_address", "name")),
+    ]
+}
+
+/// Loads and attaches the BPF LSM unix programs (`unix_stream_connect`, `unix_may_send`),
+/// adopting pinned links of the same object. Returns (hook, program id) of each.
+///
+/// # Errors
+/// BPF LSM does not run, the kernel's BTF lacks an offset they need, or loading,
+/// attaching or pinning failed: the caller reports it.
+pub fn attach_lsm(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    pinned_hash: u32,
+) -> Result<Vec<(&'static str, u32)>, LoadError> {
+    if let Some((name, _)) = offsets().iter().find(|(_, v)| *v == 0) {
+        return Err(LoadError::Pin {
+            hook: "unix_stream_connect".into(),
+            path: "/sys/kernel/btf/vmlinux".into(),
+            detail: format!("the kernel's BTF does not give {name}"),
+        });
+    }
+    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Pin {
+        hook: "unix_stream_connect".into(),
+        path: "/sys/kernel/btf/vmlinux".into(),
+        detail: chain(&e),
+    })?;
+    let mut out = Vec::new();
+    for (name, hook) in manifest::programs(Attach::LsmUnix) {
+        let err = |source| LoadError::Program { name, source };
+        let p: &mut Lsm = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::Missing(name))?
+            .try_into()
+            .map_err(err)?;
+        p.load(hook, &btf).map_err(err)?;
+        let ours = p.info().map_err(err)?.id();
+        if pinned_hash == object_hash() {
+            if let Ok(pinned) = PinnedLink::from_pin(pins.link(hook)) {
+                if let Ok(info) = FdLink::from(pinned).info() {
+                    info!(hook, "adopted the pinned LSM link");
+                    out.push((hook, info.program_id()));
+                    continue;
+                }
+            }
+        }
+        let id = p.attach().map_err(err)?;
+        let link = FdLink::from(p.take_link(id).map_err(err)?);
+        pin_over(link, hook, pins)?;
+        out.push((hook, ours));
+    }
+    Ok(out)
 }
