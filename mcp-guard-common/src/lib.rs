@@ -18,6 +18,9 @@ pub const SCOPE_BASELINE: u32 = 0;
 pub const SCOPE_INTERNAL: u32 = 1;
 /// Scope of the metadata set, used only to classify a denied destination.
 pub const SCOPE_METADATA: u32 = 2;
+/// The built-in AF_UNIX entries (local deputies), shared by every workload in
+/// `UNIX_RULES_1`.
+pub const SCOPE_UNIX_BUILTIN: u32 = 3;
 /// First workload id; ids below are reserved scopes.
 pub const FIRST_WORKLOAD_ID: u32 = 16;
 
@@ -609,14 +612,17 @@ pub struct UnixLpmData {
 }
 const _: () = assert!(size_of::<UnixLpmData>() == 112);
 
-/// What the most specific AF_UNIX entry of a workload says.
+/// What the most specific AF_UNIX entry of a workload (or of the built-in list) says.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct UnixRule {
     pub rule_id: u32,
     /// [`UNIX_ALLOW`], [`UNIX_DENY`] or [`UNIX_NOT_ALLOWED`].
     pub action: u8,
-    pub _pad: [u8; 3],
+    /// Bytes of the entry's pattern: a workload's entry at least as long as the built-in
+    /// one that matches wins over it.
+    pub len: u8,
+    pub _pad: [u8; 2],
 }
 const _: () = assert!(size_of::<UnixRule>() == 8);
 

@@ -26,8 +26,8 @@ use aya_ebpf::{
 };
 use mcp_guard_common::{
     scope, unix_path_hash, UnixLpmData, UnixPath, CLASS_LOCAL, HOOK_LSM_UNIX_CONNECT,
-    HOOK_LSM_UNIX_SEND, MODE_AUDIT, REASON_UNIX_DENIED, REASON_UNIX_NOT_ALLOWED, UNIX_ALLOW,
-    UNIX_NOT_ALLOWED, UNIX_PATH_MAX,
+    HOOK_LSM_UNIX_SEND, MODE_AUDIT, REASON_UNIX_DENIED, REASON_UNIX_NOT_ALLOWED,
+    SCOPE_UNIX_BUILTIN, UNIX_ALLOW, UNIX_NOT_ALLOWED, UNIX_PATH_MAX,
 };
 
 use crate::{
@@ -104,8 +104,9 @@ fn read_sockaddr(uaddr: u64, len: u32, path: &mut [u8; UNIX_PATH_MAX]) -> Option
     Some(())
 }
 
-/// The most specific entry of a workload for the address in the scratch key, in one
-/// policy slot: `rule_id << 8 | action` (an unreadable address is refused, rule 0).
+/// The most specific entry for the address in the scratch key, in one policy slot:
+/// the workload's own, unless a built-in entry is more specific (longer);
+/// `rule_id << 8 | action` (an unreadable address is refused, rule 0).
 // A real BPF subprogram: the retry loop around it stays small for the verifier.
 #[inline(never)]
 fn lookup(slot: u32, workload_id: u32, readable: bool) -> u64 {
@@ -119,8 +120,16 @@ fn lookup(slot: u32, workload_id: u32, readable: bool) -> u64 {
     let k = unsafe { &mut *scratch };
     k.prefix_len = 32 + 8 * UNIX_PATH_MAX as u32;
     k.data.scope = scope(workload_id, slot);
-    match UNIX_RULES_1.get(k) {
-        Some(r) => (u64::from(r.rule_id) << 8) | u64::from(r.action),
+    let own = UNIX_RULES_1.get(&*k).map(|r| (r.rule_id, r.action, r.len));
+    k.data.scope = scope(SCOPE_UNIX_BUILTIN, slot);
+    let builtin = UNIX_RULES_1.get(&*k).map(|r| (r.rule_id, r.action, r.len));
+    let pick = match (own, builtin) {
+        (Some(o), Some(b)) if b.2 > o.2 => Some(b),
+        (Some(o), _) => Some(o),
+        (None, b) => b,
+    };
+    match pick {
+        Some((rule_id, action, _)) => (u64::from(rule_id) << 8) | u64::from(action),
         None => u64::from(UNIX_ALLOW),
     }
 }

@@ -160,10 +160,16 @@ fn keep_on_exit_then_uninstall_leaves_nothing() {
     let (_, dir) = cg.child("w");
     let mut d = Daemon::start(&config(&cg, "on_exit = \"keep\"\n"));
     let (progs, maps) = kernel_objects(&d);
+    // The cgroup unix hooks where the kernel has them (6.7+).
+    let unix = if mcp_guard_tests::kernel_at_least(6, 7) {
+        2
+    } else {
+        0
+    };
     assert_eq!(
         progs.len(),
-        7,
-        "connect4/6, sendmsg4/6, sock_create, cgroup_skb, sock_ops"
+        7 + unix,
+        "connect4/6, sendmsg4/6, sock_create, cgroup_skb, sock_ops (connect_unix, sendmsg_unix)"
     );
     assert!(maps.len() >= 8, "{maps:?}");
     assert!(d.terminate());

@@ -61,6 +61,7 @@ impl Compiled {
             }
         };
         check("prefix", self.lpm.len(), mcp_guard_common::POLICY_LPM_MAX)?;
+        check("AF_UNIX", self.unix.len(), mcp_guard_common::UNIX_RULES_MAX)?;
         check(
             "exact-address",
             self.exact.len(),

@@ -1,13 +1,14 @@
 //! AF_UNIX destinations compiled into `UNIX_RULES_1` entries, and the same longest-match
 //! evaluation the kernel makes, for `explain` and the tests.
 
-use mcp_guard_common::{UnixRule, UNIX_ALLOW, UNIX_DENY, UNIX_NOT_ALLOWED};
+use mcp_guard_common::{UnixRule, SCOPE_UNIX_BUILTIN, UNIX_ALLOW, UNIX_DENY, UNIX_NOT_ALLOWED};
 
 use super::RuleInfo;
 use crate::config::{unix_keys, Config};
 
-/// One entry of a workload: the bytes compared (see [`unix_keys::UnixPattern`]) and
-/// what a longest match on them says.
+/// One entry of a workload (or of the built-in list, `workload_id`
+/// [`SCOPE_UNIX_BUILTIN`]): the bytes compared (see [`unix_keys::UnixPattern`]) and what
+/// a longest match on them says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnixEntry {
     pub workload_id: u32,
@@ -31,11 +32,12 @@ impl UnixEntry {
     }
 }
 
-fn rule(action: u8, rule_id: u32) -> UnixRule {
+fn rule(action: u8, rule_id: u32, bytes: &[u8]) -> UnixRule {
     UnixRule {
         rule_id,
         action,
-        _pad: [0; 3],
+        len: u8::try_from(bytes.len()).unwrap_or(u8::MAX),
+        _pad: [0; 2],
     }
 }
 
@@ -62,7 +64,8 @@ fn built_in(cfg: &Config) -> Vec<(String, &'static str)> {
     out
 }
 
-/// Every workload's entries; rules are appended to `rules` (ids from its length + 1).
+/// The built-in entries (scope [`SCOPE_UNIX_BUILTIN`], shared by every workload) and
+/// every workload's own; rules are appended to `rules` (ids from its length + 1).
 pub fn compile(cfg: &Config, rules: &mut Vec<RuleInfo>) -> Vec<UnixEntry> {
     let file = cfg.path.display().to_string();
     let mut add = |text: String| {
@@ -70,58 +73,55 @@ pub fn compile(cfg: &Config, rules: &mut Vec<RuleInfo>) -> Vec<UnixEntry> {
         rules.push(RuleInfo { id, text });
         id
     };
-    let built: Vec<(Vec<u8>, u32)> = built_in(cfg)
-        .into_iter()
-        .filter_map(|(p, why)| {
-            // The daemon's socket paths are checked as config keys; one that is no
-            // AF_UNIX path (too long) cannot be connected to either.
-            let bytes = unix_keys::pattern(&p).ok()?;
-            let id = add(format!(
-                "built-in deny unix {p} ({why}; allow_unix overrides)"
-            ));
-            Some((bytes, id))
-        })
-        .collect();
-    let mut out = Vec::new();
+    let mut out: Vec<UnixEntry> = Vec::new();
+    for (p, why) in built_in(cfg) {
+        // The daemon's socket paths are checked as config keys; one that is no AF_UNIX
+        // path (too long) cannot be connected to either.
+        let Ok(bytes) = unix_keys::pattern(&p) else {
+            continue;
+        };
+        if out.iter().any(|e| e.bytes == bytes) {
+            continue;
+        }
+        let id = add(format!(
+            "built-in deny unix {p} ({why}; allow_unix overrides)"
+        ));
+        out.push(UnixEntry {
+            workload_id: SCOPE_UNIX_BUILTIN,
+            rule: rule(UNIX_DENY, id, &bytes),
+            bytes,
+        });
+    }
     for w in &cfg.workloads {
-        let mut mine: Vec<UnixEntry> = Vec::new();
-        let mut put = |bytes: &[u8], r: UnixRule| {
-            if let Some(e) = mine.iter_mut().find(|e| e.bytes == bytes) {
-                e.rule = r;
-            } else {
-                mine.push(UnixEntry {
-                    workload_id: w.id,
-                    bytes: bytes.to_vec(),
-                    rule: r,
-                });
-            }
+        let mut put = |bytes: &[u8], action: u8, id: u32| {
+            out.push(UnixEntry {
+                workload_id: w.id,
+                bytes: bytes.to_vec(),
+                rule: rule(action, id, bytes),
+            });
         };
         if w.unix.allow_listed {
             let id = add(format!(
                 "workload {} unix = \"allow-listed\": only allow_unix is reachable ({file}:{})",
                 w.name, w.loc.line
             ));
-            put(&[], rule(UNIX_NOT_ALLOWED, id));
+            put(&[], UNIX_NOT_ALLOWED, id);
         }
-        for (bytes, id) in &built {
-            put(bytes, rule(UNIX_DENY, *id));
-        }
-        // The workload's own rules name the same pattern as a built-in: theirs wins.
+        // (The same pattern in both lists is a config error.)
         for d in &w.unix.deny {
             let id = add(format!(
                 "workload {} deny unix {} ({file}:{})",
                 w.name, d.text, d.loc.line
             ));
-            put(&d.bytes, rule(UNIX_DENY, id));
+            put(&d.bytes, UNIX_DENY, id);
         }
         for a in &w.unix.allow {
             let id = add(format!(
                 "workload {} allow unix {} ({file}:{})",
                 w.name, a.text, a.loc.line
             ));
-            put(&a.bytes, rule(UNIX_ALLOW, id));
+            put(&a.bytes, UNIX_ALLOW, id);
         }
-        out.extend(mine);
     }
     out
 }
@@ -142,15 +142,90 @@ pub fn address_bytes(addr: &str) -> Vec<u8> {
     v
 }
 
-/// The kernel's decision for `addr` (from [`address_bytes`]) in a workload: the
-/// longest entry whose bytes are a prefix of the address padded with NULs.
+/// The kernel's decision for `addr` (from [`address_bytes`]) in a workload: its longest
+/// entry whose bytes are a prefix of the address padded with NULs, unless the longest
+/// built-in one is longer.
 #[must_use]
 pub fn evaluate(entries: &[UnixEntry], workload_id: u32, addr: &[u8]) -> UnixRule {
     let mut padded = [0u8; mcp_guard_common::UNIX_PATH_MAX];
     padded[..addr.len()].copy_from_slice(addr);
-    entries
-        .iter()
-        .filter(|e| e.workload_id == workload_id && padded.starts_with(&e.bytes))
-        .max_by_key(|e| e.bytes.len())
-        .map_or(rule(UNIX_ALLOW, 0), |e| e.rule)
+    let best = |scope: u32| {
+        entries
+            .iter()
+            .filter(|e| e.workload_id == scope && padded.starts_with(&e.bytes))
+            .max_by_key(|e| e.bytes.len())
+            .map(|e| e.rule)
+    };
+    match (best(workload_id), best(SCOPE_UNIX_BUILTIN)) {
+        (Some(own), Some(b)) if b.len > own.len => b,
+        (Some(own), _) => own,
+        (None, Some(b)) => b,
+        (None, None) => rule(UNIX_ALLOW, 0, &[]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mcp_guard_common::{UNIX_ALLOW, UNIX_DENY, UNIX_NOT_ALLOWED};
+
+    use super::{address_bytes, evaluate};
+
+    /// The most specific entry wins; at equal length the workload's own over the
+    /// built-in one; built-in entries exist once, whatever the number of workloads.
+    #[test]
+    fn the_most_specific_entry_decides() {
+        let text = r#"
+[[workload]]
+name = "a"
+cgroup = "/a"
+allow_unix = ["/run/*", "/run/podman/podman.sock"]
+deny_unix = ["/run/app/x.sock"]
+[[workload]]
+name = "b"
+cgroup = "/b"
+unix = "allow-listed"
+allow_unix = ["@ok"]
+"#;
+        let cfg = crate::config::parse(std::path::Path::new("t.toml"), text).unwrap();
+        let c = crate::policy::compile(&cfg).unwrap();
+        let id = |n: &str| cfg.workloads.iter().find(|w| w.name == n).unwrap().id;
+        let act = |w: &str, addr: &str| evaluate(&c.unix, id(w), &address_bytes(addr)).action;
+        assert_eq!(
+            act("a", "/run/docker.sock"),
+            UNIX_DENY,
+            "built-in longer than /run/"
+        );
+        assert_eq!(
+            act("a", "/run/podman/podman.sock"),
+            UNIX_ALLOW,
+            "same pattern: own"
+        );
+        assert_eq!(act("a", "/run/app/x.sock"), UNIX_DENY);
+        assert_eq!(act("a", "/run/app/y.sock"), UNIX_ALLOW);
+        assert_eq!(act("a", "/tmp/z"), UNIX_ALLOW, "no entry");
+        assert_eq!(
+            act("a", "/run/docker.sockX"),
+            UNIX_ALLOW,
+            "exact means exact"
+        );
+        assert_eq!(
+            act("b", "/run/docker.sock"),
+            UNIX_DENY,
+            "built-in over catch-all"
+        );
+        assert_eq!(act("b", "/tmp/z"), UNIX_NOT_ALLOWED);
+        assert_eq!(act("b", "@ok"), UNIX_ALLOW);
+        assert_eq!(
+            act("b", "@okay"),
+            UNIX_NOT_ALLOWED,
+            "abstract names are exact"
+        );
+        assert_eq!(act("b", "@/containerd-shim/x"), UNIX_DENY);
+        let builtin = c
+            .unix
+            .iter()
+            .filter(|e| e.workload_id == mcp_guard_common::SCOPE_UNIX_BUILTIN)
+            .count();
+        assert_eq!(c.unix.len(), builtin + 3 + 2, "{:?}", c.unix);
+    }
 }
