@@ -382,9 +382,10 @@ fn unix_rules_survive_kill_and_restart_and_follow_reloads() {
     d.signal(libc::SIGHUP);
     assert!(
         // Generous: under emulation (the kernel matrix without KVM) a reload is slow.
-        wait_until(Duration::from_secs(30), || p.op(&format!("unix {relay}"))
+        wait_until(Duration::from_secs(60), || p.op(&format!("unix {relay}"))
             == "OK"),
-        "reload opened the path"
+        "reload opened the path; daemon log:\n{}",
+        d.stderr.lock().unwrap()
     );
     assert_eq!(p.op(&format!("unix @{}", s.abstract_name)), EPERM);
 }

@@ -47,14 +47,15 @@ fn built_in(cfg: &Config) -> Vec<(String, &'static str)> {
         .iter()
         .map(|p| ((*p).to_string(), "a local deputy"))
         .collect();
-    out.push((
-        cfg.control_socket.display().to_string(),
-        "mcp-guard's control socket",
-    ));
-    out.push((
-        cfg.mcp_socket.display().to_string(),
-        "mcp-guard's MCP socket",
-    ));
+    // The daemon binds its sockets under `<stem>.<pid>.new` and renames them into place:
+    // BPF LSM knows them by that bound name, the cgroup hooks by the path written.
+    for (path, what) in [
+        (&cfg.control_socket, "mcp-guard's control socket"),
+        (&cfg.mcp_socket, "mcp-guard's MCP socket"),
+    ] {
+        out.push((path.display().to_string(), what));
+        out.push((format!("{}.*", path.with_extension("").display()), what));
+    }
     if let Some(cri) = &cfg.pods.cri_socket {
         out.push((
             cri.display().to_string(),
