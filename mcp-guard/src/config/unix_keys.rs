@@ -16,6 +16,7 @@ const MAX_PATH: usize = 107;
 /// `allow_unix` names the same pattern.
 pub const BUILT_IN_DENY: &[&str] = &[
     "/run/containerd/containerd.sock",
+    "/run/containerd/containerd.sock.ttrpc",
     "/var/run/containerd/containerd.sock",
     "/run/k3s/containerd/containerd.sock",
     "/run/docker.sock",

@@ -31,17 +31,7 @@ pub(super) fn pod_interfaces(
 }
 
 pub(super) fn map_id(m: &aya::maps::Map) -> Option<u32> {
-    use aya::maps::Map;
-    let data = match m {
-        Map::Array(d)
-        | Map::HashMap(d)
-        | Map::LpmTrie(d)
-        | Map::PerCpuArray(d)
-        | Map::PerCpuHashMap(d)
-        | Map::LruHashMap(d)
-        | Map::RingBuf(d) => d,
-        _ => return None,
-    };
+    let data = crate::kernel::unix_hooks::map_data(m)?;
     data.info().ok().map(|i| i.id())
 }
 

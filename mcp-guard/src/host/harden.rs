@@ -140,25 +140,17 @@ pub enum HardenError {
     },
 }
 
-/// Unix sockets of local deputies: a process that reaches one can have an unguarded
-/// process connect, or start an unguarded container or unit, for it. Each that exists
-/// is covered by /dev/null in the command's mount namespace (a connect then fails).
-pub const HIDDEN_SOCKETS: [&str; 14] = [
-    "/run/containerd/containerd.sock",
-    "/run/containerd/containerd.sock.ttrpc",
-    "/run/k3s/containerd/containerd.sock",
-    "/run/docker.sock",
-    "/var/run/docker.sock",
-    "/run/crio/crio.sock",
-    "/var/run/crio/crio.sock",
-    "/run/podman/podman.sock",
-    "/run/dbus/system_bus_socket",
-    "/var/run/dbus/system_bus_socket",
-    "/run/systemd/private",
-    "/var/lib/kubelet/pod-resources/kubelet.sock",
-    "/run/mcp-guard/control.sock",
-    "/run/mcp-guard/mcp.sock",
-];
+/// Unix sockets of local deputies (the config's built-in list, whose exact paths are
+/// files to cover; the daemon's own sockets come in `hide`): a process that reaches one
+/// can have an unguarded process connect, or start an unguarded container or unit, for
+/// it. Each that exists is covered by /dev/null in the command's mount namespace (a
+/// connect then fails).
+fn hidden_sockets() -> impl Iterator<Item = std::path::PathBuf> {
+    crate::config::unix_keys::BUILT_IN_DENY
+        .iter()
+        .filter(|p| p.starts_with('/') && !p.ends_with('*'))
+        .map(std::path::PathBuf::from)
+}
 
 /// Hardens the calling process (call it last, right before exec).
 ///
@@ -263,11 +255,7 @@ fn isolate_mounts(hide: &[std::path::PathBuf]) -> Result<(), HardenError> {
         }
         mount(None, &target, flags)?;
     }
-    for path in HIDDEN_SOCKETS
-        .iter()
-        .map(std::path::PathBuf::from)
-        .chain(hide.iter().cloned())
-    {
+    for path in hidden_sockets().chain(hide.iter().cloned()) {
         let is_socket = std::fs::symlink_metadata(&path)
             .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()));
         if is_socket {

@@ -97,7 +97,8 @@ fn prog_id(fd: &OwnedFd) -> std::io::Result<u32> {
     Ok(info[1])
 }
 
-fn map_data(m: &Map) -> Option<&MapData> {
+/// The data of a map of the kinds this object defines.
+pub(crate) fn map_data(m: &Map) -> Option<&MapData> {
     Some(match m {
         Map::Array(d)
         | Map::HashMap(d)
