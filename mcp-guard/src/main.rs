@@ -221,12 +221,20 @@ fn main() -> ExitCode {
         LogFormat::Json => fmt.json().flatten_event(true).init(),
     }
     let result = match cli.cmd {
-        Cmd::Run { config } => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(daemon::run(config))),
+        Cmd::Run { config } => {
+            // A reload asked for while the daemon boots must not end it (SIGHUP's default
+            // action) nor interrupt the verifier (a caught signal does: EAGAIN). Ignored
+            // until the daemon's handler takes over just before ready; a config change
+            // during boot is seen by the file check.
+            // SAFETY: setting a signal's disposition to SIG_IGN before any thread starts.
+            unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(daemon::run(config)))
+        }
         Cmd::Check {
             config,
             strict,

@@ -576,6 +576,51 @@ impl Daemon {
         self.wait_ready();
     }
 
+    /// Restarts the daemon while sending it SIGHUP every few milliseconds from the moment
+    /// its process has taken SIGHUP over (ignored or caught: `/proc/PID/status`) until it
+    /// logs ready; returns how many it sent. A daemon that dies of one panics here.
+    pub fn restart_under_sighup(&mut self) -> usize {
+        let bin = self.bin.clone();
+        let (child, events, stderr) = Self::spawn(&bin, &self.config);
+        self.child = child;
+        self.events = events;
+        self.stderr = stderr;
+        let status = format!("/proc/{}/status", self.child.id());
+        let takes_hup = || {
+            std::fs::read_to_string(&status).is_ok_and(|s| {
+                s.lines()
+                    .filter(|l| l.starts_with("SigIgn:") || l.starts_with("SigCgt:"))
+                    .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+                    .any(|mask| mask & (1 << (libc::SIGHUP - 1)) != 0)
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !takes_hup() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let mut sent = 0;
+        while !self
+            .stderr
+            .lock()
+            .expect("log")
+            .contains("ready: enforcing")
+            && matches!(self.child.try_wait(), Ok(None))
+            && Instant::now() < deadline + Duration::from_secs(30)
+        {
+            self.signal(libc::SIGHUP);
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        // And through the instant ready is logged.
+        for _ in 0..20 {
+            self.signal(libc::SIGHUP);
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.wait_ready();
+        sent
+    }
+
     fn wait_ready(&mut self) {
         // Slow machines (software-emulated VMs: `cargo xtask vm-test`) say how long.
         let secs = std::env::var("MCPG_READY_TIMEOUT")
@@ -650,6 +695,11 @@ impl Daemon {
                 Err(_) => return out,
             }
         }
+    }
+
+    /// Whether the daemon process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// GET a path on the daemon's control socket (which serves every path).

@@ -471,6 +471,30 @@ fn upgrade_from_the_oldest_supported_binary_keeps_every_piece_of_state() {
     run(Transition::Upgrade);
 }
 
+/// `systemctl reload` (SIGHUP) while the daemon starts, or the instant it says ready,
+/// reloads and never ends it (SIGHUP's default action would).
+#[test]
+fn sighup_while_starting_is_a_reload_never_an_exit() {
+    let lab = lab();
+    let _ = lab.cg.child("w");
+    let mut d = Daemon::start(&config(&lab, ""));
+    assert!(d.terminate(), "SIGTERM: clean exit, pins kept");
+    let sent = d.restart_under_sighup();
+    assert!(sent > 20, "SIGHUPs sent while starting: {sent}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.alive(), "the daemon ended:\n{}", d.stderr.lock().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .stderr
+            .lock()
+            .unwrap()
+            .contains("SIGHUP: reloading")),
+        "a SIGHUP after ready reloads:\n{}",
+        d.stderr.lock().unwrap()
+    );
+    assert!(d.get_tcp("/healthz").is_ok(), "healthz answers");
+}
+
 /// Creates a hash map (4-byte keys and values, one entry) and pins it at `path`.
 fn pin_foreign_map(path: &std::path::Path) {
     #[repr(C)]

@@ -34,7 +34,7 @@ const KERNELS: [(&str, &str); 2] = [
 ];
 
 /// The kernel tests that run inside the VMs: (test binary, test name).
-const TESTS: [(&str, &str); 17] = [
+const TESTS: [(&str, &str); 18] = [
     ("enforcement", "socket_hooks_enforce_the_policy"),
     (
         "enforcement",
@@ -81,10 +81,12 @@ const TESTS: [(&str, &str); 17] = [
         "sticky_identity",
         "homes_predate_the_daemon_and_survive_kill_9_and_restart",
     ),
-    // 6.12: the cgroup unix hooks and BPF LSM judge; 6.1: BPF LSM alone. (The restart and
-    // reload test passes here and on 6.12 but not yet on 6.1 under emulation: a reload
-    // after kill -9 and restart did not open the path within 60 s; under investigation.)
+    // 6.12: the cgroup unix hooks and BPF LSM judge; 6.1: BPF LSM alone.
     ("unix_sockets", "unix_destinations_are_judged_per_workload"),
+    (
+        "unix_sockets",
+        "unix_rules_survive_kill_and_restart_and_follow_reloads",
+    ),
 ];
 
 /// Modules the tests need that Debian builds as modules.

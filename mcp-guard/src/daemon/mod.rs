@@ -128,6 +128,10 @@ fn config_fingerprint(path: &Path) -> Option<Vec<u8>> {
 }
 
 pub async fn run(config_path: PathBuf) -> Result<()> {
+    // SIGHUP is ignored while the daemon boots (main sets it: a caught signal would
+    // interrupt the verifier) and caught from just before "ready". The file is
+    // fingerprinted before it is read, so a change during boot is reloaded at once.
+    let mut fingerprint = config_fingerprint(&config_path);
     let cfg = config::load(&config_path)?;
     // Addresses learned for host rules before a restart stay allowed until they expire,
     // so an upgrade does not cut workloads off names they resolved a moment ago. They
@@ -445,6 +449,10 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         pod_watch,
     ));
 
+    // Before "ready": a reload asked for the moment the daemon is ready is served.
+    let mut hup = signal(SignalKind::hangup())?;
+    // A rotation of the events file during boot went unseen.
+    crate::telemetry::sink::request_reopen();
     shared.ready.store(true, Ordering::SeqCst);
     metrics.ready.set(1);
     info!(
@@ -462,7 +470,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
     let mut config_check = tokio::time::interval(CONFIG_CHECK);
     // Capability posture of the guarded processes, read from /proc off the runtime.
     let mut posture_check = tokio::time::interval(POSTURE_CHECK);
@@ -471,7 +478,6 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         tokio::time::interval_at(tokio::time::Instant::now() + HOMES_PASS, HOMES_PASS);
     let mut posture_seen = std::collections::BTreeMap::new();
     let mut posture_task: Option<tokio::task::JoinHandle<_>> = None;
-    let mut fingerprint = config_fingerprint(&config_path);
     let mut reported_missing = false;
     let mut owner_gone = state.view.clone();
     let outcome = loop {

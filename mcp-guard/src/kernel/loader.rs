@@ -270,7 +270,7 @@ fn load_cgroup_prog(
     macro_rules! load {
         ($ty:ty) => {{
             let p: &mut $ty = program.try_into().map_err(err)?;
-            p.load().map_err(err)?;
+            super::retry::load(|| p.load()).map_err(err)?;
             Ok(p.info().map_err(err)?.id())
         }};
     }
@@ -359,7 +359,7 @@ pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32,
         .ok_or(LoadError::Missing(name))?
         .try_into()
         .map_err(err)?;
-    p.load(LSM_HOOK, &btf).map_err(err)?;
+    super::retry::load(|| p.load(LSM_HOOK, &btf)).map_err(err)?;
     let ours = p.info().map_err(err)?.id();
     if let Ok(pinned) = PinnedLink::from_pin(pins.link(LSM_HOOK)) {
         let link = FdLink::from(pinned);
@@ -417,7 +417,7 @@ pub fn attach_tracepoints(
             .try_into()
             .map_err(err)?;
         if p.fd().is_err() {
-            p.load().map_err(err)?;
+            super::retry::load(|| p.load()).map_err(err)?;
         }
         if pinned_hash == object_hash() {
             if let Ok(pinned) = PinnedLink::from_pin(pins.link(event)) {

@@ -8,5 +8,6 @@ pub mod loader;
 pub mod manifest;
 pub mod maps;
 pub mod pins;
+pub mod retry;
 pub mod tc;
 pub mod unix_hooks;

@@ -130,7 +130,7 @@ impl Tc {
             .program_mut(PROGRAM)
             .ok_or_else(|| anyhow::anyhow!("{PROGRAM} missing"))?
             .try_into()?;
-        p.load()?;
+        super::retry::load(|| p.load())?;
         Ok(Self {
             config: config.clone(),
             attached: HashSet::new(),

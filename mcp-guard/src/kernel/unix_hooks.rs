@@ -169,14 +169,14 @@ fn load(
         expected_attach_type: attach_type,
         ..Default::default()
     };
-    let fd = match bpf(BPF_PROG_LOAD, &mut attr) {
+    let fd = match super::retry::load(|| bpf(BPF_PROG_LOAD, &mut attr)) {
         Ok(fd) => fd,
         Err(first) => {
             // Again with the verifier's log, to say why.
             attr.log_level = 1;
             attr.log_size = log.len() as u32;
             attr.log_buf = log.as_mut_ptr() as u64;
-            match bpf(BPF_PROG_LOAD, &mut attr) {
+            match super::retry::load(|| bpf(BPF_PROG_LOAD, &mut attr)) {
                 Ok(fd) => fd,
                 Err(second) => {
                     let text = String::from_utf8_lossy(&log);
@@ -354,7 +354,7 @@ pub fn attach_lsm(
             .ok_or(LoadError::Missing(name))?
             .try_into()
             .map_err(err)?;
-        p.load(hook, &btf).map_err(err)?;
+        super::retry::load(|| p.load(hook, &btf)).map_err(err)?;
         let ours = p.info().map_err(err)?.id();
         if pinned_hash == object_hash() {
             if let Ok(pinned) = PinnedLink::from_pin(pins.link(hook)) {
