@@ -5,7 +5,7 @@ use std::{
     process::Command,
 };
 
-/// The oldest supported upgrade source (README, "Restarts and upgrades"): the first
+/// The oldest supported upgrade source (docs/src/operations.md, "Upgrades"): the first
 /// commit whose every pinned map has a versioned name and whose MCP instance map is
 /// pinned.
 pub const UPGRADE_FROM: &str = "23c56dc";

@@ -5,7 +5,7 @@
 //! and without a control message, sendmmsg, io_uring sendmsg and io_uring connect+send,
 //! to a metadata address and a denied internal address (IPv4 and IPv6), each with a
 //! receiver inside the namespace and a packet sniffer on its loopback. Nothing may arrive.
-//! The test prints the table path -> layer that stopped it; README's attack-path table
+//! The test prints the table path -> layer that stopped it; the attack-path table (docs/src/attack-paths.md)
 //! summarises it.
 //!
 //! Three guarded processes, as deployments run them:
@@ -354,7 +354,7 @@ fn every_socket_and_send_path_is_stopped() {
         eprintln!("  {r}");
     }
     if !arrived_after.is_empty() {
-        eprintln!("  NOT STOPPED on this kernel without BPF LSM and without hardening: {arrived_after:?} (README: AF_PACKET without BPF LSM)");
+        eprintln!("  NOT STOPPED on this kernel without BPF LSM and without hardening: {arrived_after:?} (docs/src/attack-paths.md: AF_PACKET without BPF LSM)");
         assert!(!lsm, "a packet socket frame arrived although BPF LSM runs");
     }
     // The guarded defaults refuse every inet kind but TCP, MPTCP and UDP at creation.

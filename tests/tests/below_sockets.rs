@@ -82,7 +82,7 @@ fn raw_and_packet_sockets_are_refused_where_configured() {
     ] {
         let offered = o.op(&format!("socket {kind}"));
         let guarded_result = p.op(&format!("socket {kind}"));
-        // AF_XDP and AF_VSOCK need BPF LSM; without it they stay open (README).
+        // AF_XDP and AF_VSOCK need BPF LSM; without it they stay open (docs/src/attack-paths.md).
         let want = match kind {
             "tcp4" | "udp6" | "mptcp4" => offered.clone(),
             "xdp" | "vsock" if !lsm => offered.clone(),

@@ -215,6 +215,42 @@ fn check_warns_about_dangerous_policies_and_strict_fails() {
     assert!(err.contains("1 warning(s) and --strict"), "{err}");
 }
 
+/// A config whose rules need more memory than the shipped DaemonSet allows: a warning
+/// with the count, the estimate and the limit to set; `--strict` fails. Just under the
+/// budget: no warning.
+#[test]
+fn check_warns_when_the_rules_outgrow_the_daemonsets_memory_limit() {
+    use mcp_guard::config::budget;
+    let config = |n: usize| {
+        let mut t = String::from("[[workload]]\nname = 'a'\ncgroup = '/a'\ndefault = 'deny'\n");
+        for i in 0..n {
+            t.push_str(&format!(
+                "[[workload.allow]]\ncidr = '10.{}.{}.0/24'\n",
+                i / 256,
+                i % 256
+            ));
+        }
+        t
+    };
+    let within = budget::rules_within(budget::DAEMONSET_LIMIT_MIB);
+    let (code, _, err) = run(&["check", "--strict", "--config", "CFG"], &config(within));
+    assert_eq!(code, 0, "{within} rules: {err}");
+    let (code, _, err) = run(&["check", "--config", "CFG"], &config(within + 2000));
+    assert_eq!(code, 0, "{err}");
+    let want = format!(
+        "{} rules need about {} MiB in the daemon (with its kernel maps), more than the shipped DaemonSet's memory limit of {} MiB (about {within} rules): raise resources.limits.memory to",
+        within + 2000,
+        budget::estimate_mib(within + 2000),
+        budget::DAEMONSET_LIMIT_MIB
+    );
+    assert!(err.contains(&want), "{err}");
+    let (code, _, _) = run(
+        &["check", "--strict", "--config", "CFG"],
+        &config(within + 2000),
+    );
+    assert_eq!(code, 1);
+}
+
 /// `explain` refuses malformed destinations (exit 2), matches names against the host
 /// rules offline, and exits 0 on ALLOW, 1 on DENY.
 #[test]

@@ -101,6 +101,13 @@ fn daemonset_is_least_privilege() {
     ] {
         assert!(ds.contains(needle), "daemonset lacks {needle}");
     }
+    // The memory limit is the one the measured budget was derived for (`check` warns
+    // against it; the bench measures the budget).
+    let limit = format!(
+        "limits: {{cpu: 500m, memory: {}Mi}}",
+        mcp_guard::config::budget::DAEMONSET_LIMIT_MIB
+    );
+    assert!(ds.contains(&limit), "daemonset lacks {limit}");
 }
 
 /// The same three capabilities really are enough: the daemon runs with nothing else.
@@ -309,6 +316,20 @@ fn configmap_config_selects_pods_through_the_mounted_cri_socket() {
     );
     assert!(stdout.contains("workload pods-pending"), "{stdout}");
     let cfg = mcp_guard::config::parse(&config, &text).unwrap();
+    // DNS to the cluster DNS Service: the nameservers of the agent's resolv.conf (here,
+    // this machine's), on port 53, whatever the cluster's service range.
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap();
+    let servers = mcp_guard::config::resolv_conf_nameservers(&resolv);
+    let mcp = cfg
+        .workloads
+        .iter()
+        .find(|w| w.name == "mcp-servers")
+        .unwrap();
+    let allowed: Vec<_> = mcp.allow.iter().map(|r| r.net.addr()).collect();
+    assert!(
+        !servers.is_empty() && allowed == servers,
+        "{allowed:?} vs {servers:?}"
+    );
     let socket = cfg
         .pods
         .cri_socket
@@ -463,7 +484,7 @@ fn packaged_binary_with_shipped_config_blocks_metadata() {
         "LICENSE",
         "SECURITY.md",
         "CHANGELOG.md",
-        "docs/runbooks.md",
+        "docs/src/runbooks.md",
         "share/bash-completion/completions/mcp-guard",
         "share/zsh/site-functions/_mcp-guard",
         "share/fish/vendor_completions.d/mcp-guard.fish",
@@ -583,16 +604,16 @@ fn kustomize_base_needs_no_crds_and_the_operator_component_adds_them() {
 #[test]
 fn every_alert_has_a_runbook() {
     let rules = std::fs::read_to_string(deploy().join("prometheus/mcp-guard-rules.yml")).unwrap();
-    let runbooks = std::fs::read_to_string(deploy().join("../docs/runbooks.md")).unwrap();
+    let runbooks = std::fs::read_to_string(deploy().join("../docs/src/runbooks.md")).unwrap();
     let mut alerts = 0;
     for block in rules.split("- alert: ").skip(1) {
         let name = block.lines().next().unwrap().trim();
         alerts += 1;
-        let want = format!("docs/runbooks.md#{}", name.to_lowercase());
+        let want = format!("docs/src/runbooks.md#{}", name.to_lowercase());
         assert!(block.contains(&want), "{name} has no runbook_url to {want}");
         assert!(
             runbooks.contains(&format!("\n## {name}\n")),
-            "docs/runbooks.md has no section for {name}"
+            "docs/src/runbooks.md has no section for {name}"
         );
     }
     assert!(alerts >= 15, "{alerts} alerts");

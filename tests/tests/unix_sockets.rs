@@ -335,7 +335,7 @@ fn unix_destinations_are_judged_per_workload() {
     } else {
         assert_eq!(
             got, "OK",
-            "without BPF LSM a symlink is another name (README: Unix sockets)"
+            "without BPF LSM a symlink is another name (docs/src/configuration.md: Unix sockets)"
         );
     }
 }
@@ -569,7 +569,7 @@ fn a_relay_to_the_metadata_service_is_refused_at_connect_unix() {
         assert_eq!(
             curl(&w, &by_path),
             (Some(0), "credentials".to_string()),
-            "with nothing judging Unix sockets the relay is a way out (README: Unix sockets)"
+            "with nothing judging Unix sockets the relay is a way out (docs/src/configuration.md: Unix sockets)"
         );
         return;
     }

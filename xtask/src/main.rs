@@ -2,6 +2,7 @@
 
 mod demo;
 mod dist;
+mod docs;
 mod setup;
 mod systemd_vm;
 mod vm;
@@ -45,6 +46,8 @@ enum Cmd {
     Demo,
     /// The kernel tests on Debian's 6.1 and 6.12 kernels in qemu (BPF LSM on).
     VmTest,
+    /// The book (docs/, mdBook) into target/book, after regenerating its generated pages.
+    Docs,
 }
 
 /// Debian packages the test suite needs: (command, package).
@@ -103,6 +106,9 @@ fn test() -> Result<()> {
     // Unit and property tests (as an unprivileged user: they need no root), then the
     // kernel integration tests (their own crate).
     unit()?;
+    // The book builds, its generated pages are current (a unit test above) and no link
+    // of README or the book is broken.
+    docs::run(false)?;
     // Tests that a kernel feature keeps from running say so here (tests/src `needs`).
     let skips = std::env::temp_dir().join(format!("mcpg-skips-{}", std::process::id()));
     let _ = std::fs::remove_file(&skips);
@@ -235,6 +241,7 @@ fn main() -> Result<()> {
             setup::status(&mut c)
         }
         Cmd::VmTest => vm::run(),
+        Cmd::Docs => docs::run(true),
         Cmd::Demo => {
             setup::require_root("cargo xtask demo")?;
             setup::packages(TEST_PACKAGES)?;

@@ -8,6 +8,9 @@ use anyhow::{bail, Context as _, Result};
 /// toolchain's own LLVM at run time (see ../shared/TOOLCHAIN.md).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 
+/// mdBook builds the docs book (`cargo xtask docs`, and `cargo xtask test`).
+const MDBOOK_VERSION: &str = "0.5.4";
+
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(cmd).args(args).output().ok()?;
     out.status
@@ -62,6 +65,27 @@ pub fn toolchain() -> Result<()> {
             BPF_LINKER_VERSION,
             "--locked",
             "--force",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// mdBook from crates.io (only the search feature: no server, no file watcher), a few
+/// minutes once.
+pub fn mdbook() -> Result<()> {
+    let have = output("mdbook", &["--version"]).unwrap_or_default();
+    if !have.contains(MDBOOK_VERSION) {
+        eprintln!("xtask: installing mdbook {MDBOOK_VERSION} (a few minutes, once)");
+        status(Command::new("cargo").args([
+            "install",
+            "mdbook",
+            "--version",
+            MDBOOK_VERSION,
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            "search",
         ]))?;
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! `cargo xtask vm-test`, the systemd part: README's "Deploy on a VM (systemd)" run as
+//! `cargo xtask vm-test`, the systemd part: README's quick start (docs/src/deploy-vm.md) run as
 //! written on a real systemd. A Debian bookworm root filesystem is built from Debian's
 //! packages (`mmdebstrap`, systemd as init, cached under target/vm), the release tarball
 //! and a stand-in MCP server unit are put in, and the VM boots it with the newest
@@ -76,7 +76,7 @@ ip -n lab addr add 93.184.216.34/32 dev lo
   | nsenter --net=/run/netns/lab /opt/mcpg/mcpg-probe >/dev/null &
 sleep 1
 
-# README, "Deploy on a VM (systemd)", as written (the tarball is already built).
+# README's quick start (docs/src/deploy-vm.md), as written (the tarball is already built).
 set -e
 cd /tmp && tar xzf /opt/mcpg/mcp-guard-*.tar.gz && cd /tmp/mcp-guard-*-linux
 install -m 0755 bin/mcp-guard /usr/local/bin/mcp-guard

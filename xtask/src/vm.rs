@@ -661,7 +661,7 @@ pub fn run() -> Result<()> {
         let results = boot_or_fall_back(&vmlinuz, &initrd, &mut accel, &log, "")?;
         failed |= record(&mut summary, &release, results, wanted_tests, &log);
     }
-    // README's systemd walkthrough on a real systemd, on the newest kernel.
+    // README's quick start (docs/src/deploy-vm.md) on a real systemd, on the newest kernel.
     if systemd {
         let vmlinuz = newest.context("no kernel booted for the systemd VM")?;
         let tarball = crate::dist::run()?;

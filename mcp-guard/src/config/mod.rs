@@ -2,9 +2,11 @@
 //! what to fix. Validation is complete before anything touches the kernel, so a bad
 //! config never weakens running enforcement.
 
+pub mod budget;
 mod daemon_keys;
 mod events_keys;
 pub mod pods;
+pub mod reference;
 pub mod sets;
 pub mod unix_keys;
 
@@ -96,8 +98,8 @@ pub use raw::{
     DnsConfig, OnExit, TcConfig, DEFAULT_GRACE, DEFAULT_MAX_ADDRESSES, DEFAULT_MAX_TTL,
     DEFAULT_MIN_TTL, DEFAULT_WORKLOAD_IN_FLIGHT, DEFAULT_WORKLOAD_QPS,
 };
-pub use rules::parse_cidr;
 use rules::*;
+pub use rules::{parse_cidr, resolv_conf_nameservers, NAMESERVERS};
 
 // ---- validated config -----------------------------------------------------------------
 
@@ -482,10 +484,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let mut allow = Vec::new();
         let mut hosts = Vec::new();
         for a in &w.allow {
-            match allow_rule(&mut cx, a, dns.proxy.is_some()) {
-                Some(Rule::Cidr(r)) => allow.push(r),
-                Some(Rule::Host(r)) => hosts.push(r),
-                None => {}
+            for rule in allow_rule(&mut cx, a, &dns) {
+                match rule {
+                    Rule::Cidr(r) => allow.push(r),
+                    Rule::Host(r) => hosts.push(r),
+                }
             }
         }
         let deny_between_calls = mcp_keys(&mut cx, w, &name, &allow, &hosts);
@@ -584,6 +587,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         ));
     }
     warnings.extend(lint::warnings(path, &baseline, &workloads, dns.proxy));
+    warnings.extend(budget::warning(path, &workloads));
     if !cx.errors.is_empty() {
         return Err(ConfigErrors(cx.errors));
     }

@@ -290,35 +290,80 @@ pub(super) enum Rule {
     Host(HostRule),
 }
 
+/// `cidr = "nameservers"`: the DNS servers the daemon itself resolves with.
+pub const NAMESERVERS: &str = "nameservers";
+
+/// The `nameserver` addresses of a resolv.conf text.
+pub fn resolv_conf_nameservers(text: &str) -> Vec<std::net::IpAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect()
+}
+
+/// The addresses `cidr = "nameservers"` stands for: `[dns] nameservers`, else those of
+/// /etc/resolv.conf (in a pod: the cluster DNS Service), read at every (re)load.
+fn nameserver_nets(dns: &DnsConfig) -> Result<Vec<IpNet>, String> {
+    let ips = if dns.nameservers.is_empty() {
+        let text = std::fs::read_to_string("/etc/resolv.conf").map_err(|e| {
+            format!("[dns] nameservers is not set and /etc/resolv.conf cannot be read ({e})")
+        })?;
+        resolv_conf_nameservers(&text)
+    } else {
+        dns.nameservers.iter().map(SocketAddr::ip).collect()
+    };
+    if ips.is_empty() {
+        return Err("[dns] nameservers is not set and /etc/resolv.conf names no nameserver".into());
+    }
+    let mut nets: Vec<IpNet> = ips.into_iter().map(IpNet::from).collect();
+    nets.sort();
+    nets.dedup();
+    Ok(nets)
+}
+
+/// One `[[workload.allow]]` table: one rule, or one per address for `cidr = "nameservers"`;
+/// none after an error (reported through `cx`).
 pub(super) fn allow_rule(
     cx: &mut Ctx<'_>,
     spanned: &Spanned<RawAllow>,
-    proxy: bool,
-) -> Option<Rule> {
+    dns: &DnsConfig,
+) -> Vec<Rule> {
+    let proxy = dns.proxy.is_some();
     let a = spanned.get_ref();
     let target = match (&a.cidr, &a.host) {
         (Some(c), None) => {
             if let Some(ai) = &a.allow_internal {
                 cx.err(&ai.span(), "allow.allow_internal only applies to host rules: a cidr rule allows exactly its addresses; remove the key");
-                return None;
+                return Vec::new();
             }
-            match parse_cidr(c.get_ref().trim()) {
+            let text = c.get_ref().trim();
+            let nets = if text == NAMESERVERS {
+                nameserver_nets(dns)
+            } else {
+                parse_cidr(text).map(|n| vec![n])
+            };
+            match nets {
                 Ok(n) => Ok(n),
                 Err(e) => {
-                    cx.err(&c.span(), format!("allow.cidr: {e}"));
-                    return None;
+                    let hint = if text.chars().all(|c| c.is_ascii_alphabetic()) {
+                        format!(" (a name: host = {text:?}; the daemon's DNS servers: cidr = \"{NAMESERVERS}\")")
+                    } else {
+                        String::new()
+                    };
+                    cx.err(&c.span(), format!("allow.cidr: {e}{hint}"));
+                    return Vec::new();
                 }
             }
         }
         (None, Some(h)) => match host_pattern(h.get_ref()) {
             Ok(p @ HostPattern::Wildcard(_)) if !proxy => {
                 cx.err(&h.span(), format!("allow.host {:?}: wildcard names are learned from the DNS answers the workload receives through the daemon's DNS proxy: set [dns] proxy = \"127.0.0.153:53\" (and point the workload's resolver at it), or name the hosts exactly", p.to_string()));
-                return None;
+                return Vec::new();
             }
             Ok(p) => Err(p),
             Err(e) => {
                 cx.err(&h.span(), format!("allow.host: {e}"));
-                return None;
+                return Vec::new();
             }
         },
         (Some(c), Some(_)) => {
@@ -326,14 +371,14 @@ pub(super) fn allow_rule(
                 &c.span(),
                 "an allow rule has both cidr and host: write two [[workload.allow]] rules",
             );
-            return None;
+            return Vec::new();
         }
         (None, None) => {
             cx.err(
                 &spanned.span(),
                 "an allow rule needs cidr = \"10.0.12.0/24\" or host = \"api.github.com\"",
             );
-            return None;
+            return Vec::new();
         }
     };
     let loc = cx.loc(
@@ -376,18 +421,23 @@ pub(super) fn allow_rule(
         tools.dedup();
     }
     if !ok {
-        return None;
+        return Vec::new();
     }
-    Some(match target {
-        Ok(net) => Rule::Cidr(AllowRule {
-            net,
-            ports,
-            proto: a.proto,
-            tools,
-            comment: a.comment.clone(),
-            loc,
-        }),
-        Err(pattern) => Rule::Host(HostRule {
+    match target {
+        Ok(nets) => nets
+            .into_iter()
+            .map(|net| {
+                Rule::Cidr(AllowRule {
+                    net,
+                    ports: ports.clone(),
+                    proto: a.proto,
+                    tools: tools.clone(),
+                    comment: a.comment.clone(),
+                    loc,
+                })
+            })
+            .collect(),
+        Err(pattern) => vec![Rule::Host(HostRule {
             pattern,
             ports,
             proto: a.proto,
@@ -395,8 +445,8 @@ pub(super) fn allow_rule(
             tools,
             comment: a.comment.clone(),
             loc,
-        }),
-    })
+        })],
+    }
 }
 
 pub(super) fn port_number(n: i64) -> Result<u16, String> {

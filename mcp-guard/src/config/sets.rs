@@ -1,5 +1,5 @@
 //! Named address sets: the cloud metadata endpoints and the non-global ranges that
-//! `default = "deny-internal"` refuses. README documents each entry and its source.
+//! `default = "deny-internal"` refuses. docs/src/configuration.md (Named sets) documents each entry and its source.
 
 use std::sync::LazyLock;
 

@@ -390,3 +390,23 @@ fn control_characters_in_names_are_errors() {
         e.message
     );
 }
+
+/// `cidr = "nameservers"`: one rule per DNS server the daemon resolves with, with the
+/// rule's ports, protocol and line; a resolv.conf text is read for its nameserver lines.
+#[test]
+fn nameservers_stand_for_the_daemons_dns_servers() {
+    let cfg = p("[[workload]]\nname = \"w\"\ncgroup = \"/w\"\ndefault = \"deny\"\n[[workload.allow]]\ncidr = \"nameservers\"\nports = [53]\n[dns]\nnameservers = [\"10.43.0.10\", \"fd00::a:53\", \"10.43.0.10:5353\"]\n").unwrap();
+    let rules = &cfg.workloads[0].allow;
+    let nets: Vec<String> = rules.iter().map(|r| r.net.to_string()).collect();
+    assert_eq!(nets, ["10.43.0.10/32", "fd00::a:53/128"]);
+    assert!(rules.iter().all(|r| r.loc.line == 6 && r.ports.len() == 1));
+    assert_eq!(
+        resolv_conf_nameservers("# k8s\nsearch svc.cluster.local\nnameserver 10.96.0.10\n nameserver fd00::10\nnameserver bogus\noptions ndots:5\n"),
+        ["10.96.0.10".parse::<std::net::IpAddr>().unwrap(), "fd00::10".parse().unwrap()]
+    );
+    // A typo is still a CIDR error, not a set.
+    let e = err(
+        "[[workload]]\nname = \"w\"\ncgroup = \"/w\"\n[[workload.allow]]\ncidr = \"nameserver\"\n",
+    );
+    assert!(e.to_string().contains("allow.cidr"), "{e}");
+}

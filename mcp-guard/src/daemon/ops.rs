@@ -1,7 +1,21 @@
 //! What the daemon's loop does: reloads, learned answers, DNS settings, the attachment
 //! and registration checks, pod interfaces, gauges.
 
-use super::{state::Owner, *};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use tracing::{debug, error, info, warn};
+
+use super::{prepare_reload, state::Owner};
+use crate::{
+    config, dns,
+    host::cgroup,
+    kernel::{loader, pins::Pins},
+    policy::{self, Compiled},
+    telemetry::metrics::Metrics,
+};
 
 /// Pod mode: node-side interface -> pod workload cgroup, read in the TC namespace (a
 /// thread enters `[tc] netns` if set). `None` when it cannot be read: the map stays.

@@ -120,6 +120,40 @@ pub(super) struct Owner {
 }
 
 impl Owner {
+    /// The owner of a booted kernel side and its first policy.
+    pub fn new(
+        k: super::boot::ForOwner,
+        cfg: Arc<config::Config>,
+        compiled: Compiled,
+        engine: Arc<Mutex<dns::Engine>>,
+        installed: Arc<Vec<policy::Learned>>,
+        out: Outputs,
+    ) -> Self {
+        Self {
+            pod_mode: cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty(),
+            cfg,
+            compiled: Arc::new(compiled),
+            maps: k.maps,
+            ebpf: k.ebpf,
+            tc_repaired: k.tc.as_ref().map_or(0, |t| t.repaired),
+            tc: k.tc,
+            attachments: k.attachments,
+            learned_file: k.pins.learned_file(),
+            attach_dir: k.attach_dir,
+            pins: k.pins,
+            registration_on: k.registration_on,
+            map_ids: k.map_ids,
+            mount: k.mount,
+            metrics: k.metrics,
+            engine,
+            dns: None,
+            installed,
+            pods: Arc::new(k.pods),
+            mcp: Arc::default(),
+            out,
+        }
+    }
+
     /// Publishes the view, the names and the status document.
     pub fn publish(&mut self) {
         self.publish_names();

@@ -75,10 +75,8 @@ fn upstreams(cfg: &Config) -> Result<Vec<SocketAddr>> {
     }
     let text = std::fs::read_to_string("/etc/resolv.conf")
         .map_err(|e| DnsError::NoNameservers(format!("cannot be read ({e})")))?;
-    let found: Vec<SocketAddr> = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+    let found: Vec<SocketAddr> = crate::config::resolv_conf_nameservers(&text)
+        .into_iter()
         .map(|ip| SocketAddr::new(ip, 53))
         .collect();
     if found.is_empty() {

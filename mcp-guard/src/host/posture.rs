@@ -24,8 +24,11 @@ pub struct Finding {
 }
 
 /// Per workload: how many of its processes hold a dropped capability, and one of them.
+pub type Scan = BTreeMap<String, (usize, Option<Finding>)>;
+
+/// Reads the capabilities of every process of every guarded workload.
 #[must_use]
-pub fn scan(compiled: &Compiled, mount: &Path) -> BTreeMap<String, (usize, Option<Finding>)> {
+pub fn scan(compiled: &Compiled, mount: &Path) -> Scan {
     let mut dirs: HashMap<PathBuf, String> = HashMap::new();
     for w in &compiled.workloads {
         let Some(c) = w.cgroup.as_deref() else {
@@ -101,7 +104,7 @@ pub fn publish(
         let was = before.get(w).copied().unwrap_or(0);
         if *n > 0 && was == 0 {
             if let Some(f) = first {
-                warn!(workload = %w, processes = n, pid = f.pid, comm = %f.comm, caps = ?f.caps, "guarded processes hold capabilities that go around the cgroup hooks (raw/packet sockets, qdiscs, cgroup moves, BPF): drop them (mcp-guard exec does; see README, hardening)");
+                warn!(workload = %w, processes = n, pid = f.pid, comm = %f.comm, caps = ?f.caps, "guarded processes hold capabilities that go around the cgroup hooks (raw/packet sockets, qdiscs, cgroup moves, BPF): drop them (mcp-guard exec does; see docs/src/attack-paths.md, Hardening)");
             }
         }
     }

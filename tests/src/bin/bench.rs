@@ -167,6 +167,89 @@ fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A `/proc/PID/status` field in KiB (VmHWM: the peak resident set).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or(0)
+}
+
+/// The kernel memory (KiB) of the maps a process holds: the `memlock` of each distinct
+/// map among its descriptors (what cgroup v2 charges to the creator's memory cgroup).
+fn maps_kib(pid: u32) -> u64 {
+    let mut seen = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let field = |k: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        if let (Some(id), Some(bytes)) = (field("map_id:"), field("memlock:")) {
+            seen.insert(id, bytes);
+        }
+    }
+    seen.values().sum::<u64>() / 1024
+}
+
+/// The daemon with policies of `sizes` rules (/32 hosts with a port, in one workload):
+/// its peak resident set (parsing is the peak) and its maps, after a reload (both
+/// slots written), against `config::budget::estimate_mib`.
+fn memory_budget(cg: &TestCgroup, sizes: &[usize]) -> Row {
+    use mcp_guard::config::budget;
+    let mut parts = Vec::new();
+    let mut met = true;
+    for &n in sizes {
+        let mut t = format!(
+            "[[workload]]\nname = \"w\"\ncgroup = \"{}/w\"\ndefault = \"deny\"\n",
+            cg.rel
+        );
+        for i in 0..n as u32 {
+            let (a, b, c) = ((i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff);
+            let _ = write!(
+                t,
+                "[[workload.allow]]\ncidr = \"11.{a}.{b}.{c}/32\"\nports = [443]\n"
+            );
+        }
+        let _ = write!(
+            t,
+            "[daemon]\nattach_cgroup = \"{}\"\n[events]\nsink = \"none\"\n",
+            cg.rel
+        );
+        let d = Daemon::start(&t);
+        reload_to(&d, &t.replace("ports = [443]", "ports = [8443]"));
+        let (peak, maps) = (status_kib(d.pid(), "VmHWM:"), maps_kib(d.pid()));
+        drop(d);
+        let total = (peak + maps) as f64 / 1024.0;
+        let estimate = budget::estimate_mib(n);
+        met &= total <= estimate as f64;
+        parts.push(format!(
+            "{n}: {:.0} + {:.0} = {total:.0} MiB (estimate {estimate})",
+            peak as f64 / 1024.0,
+            maps as f64 / 1024.0
+        ));
+    }
+    Row {
+        name: "memory budget: rules: daemon peak RSS + kernel maps (after a reload)".into(),
+        value: parts.join("; "),
+        target: format!(
+            "≤ check's estimate ({} MiB + {} B per rule; the DaemonSet's {} MiB holds {} rules)",
+            budget::BASE_MIB,
+            budget::PER_RULE_BYTES,
+            budget::DAEMONSET_LIMIT_MIB,
+            budget::rules_within(budget::DAEMONSET_LIMIT_MIB)
+        ),
+        met: Some(met),
+    }
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
@@ -748,6 +831,17 @@ fn main() {
         });
         drop(d);
     }
+
+    // Memory budget: the estimate `check` and the DaemonSet's limit use, against the
+    // daemon's peak resident set plus the kernel memory of its maps.
+    rows.push(memory_budget(
+        &cg,
+        if quick {
+            &[1_000, 10_000]
+        } else {
+            &[1_000, 10_000, 50_000, 100_000]
+        },
+    ));
 
     // Report.
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

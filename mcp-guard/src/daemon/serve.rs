@@ -1,0 +1,493 @@
+//! After boot: the state owner and the tasks start ([`Running::start`]), the daemon says
+//! ready and serves signals, config changes and its timers ([`Running::serve`]), and on
+//! SIGTERM/SIGINT stops, keeping or detaching enforcement ([`Running::stop`]).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{atomic::Ordering, Arc, Mutex},
+};
+
+use anyhow::{Context as _, Result};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::{broadcast, mpsc, watch},
+    task::{AbortHandle, JoinHandle},
+};
+use tracing::{error, info, warn};
+
+use super::{
+    boot, config_fingerprint, mcp, ops, pods,
+    state::{self, Command, Handle, Outputs, Owner},
+    CONFIG_CHECK, HOMES_PASS, POSTURE_CHECK,
+};
+use crate::{
+    api::http::{self, Shared},
+    config::{self, OnExit},
+    dns,
+    kernel::{maps::Homes, pins::Pins},
+    policy::{self, Compiled},
+    telemetry::{
+        events::{self, Delivered},
+        metrics::Metrics,
+        sink::{Sink, SinkWriter},
+    },
+};
+
+/// A daemon past boot: the owner thread, the tasks and what the signal loop needs.
+pub(super) struct Running {
+    state: Handle,
+    owner_thread: std::thread::JoinHandle<()>,
+    tasks: Vec<AbortHandle>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    mount: PathBuf,
+    pins: Pins,
+    cfg: Arc<config::Config>,
+    attach_dir: PathBuf,
+    dns_updates: mpsc::UnboundedReceiver<dns::Update>,
+    /// Taken by the pass running on a blocking thread, given back when it ends.
+    homes: Option<Homes>,
+    homes_task: Option<JoinHandle<(Homes, crate::kernel::maps::HomesPass)>>,
+    posture_seen: std::collections::BTreeMap<String, usize>,
+    posture_task: Option<JoinHandle<crate::host::posture::Scan>>,
+}
+
+/// The channels between the owner, the DNS side, the event reader and the HTTP side.
+struct Wiring {
+    stream: broadcast::Sender<Arc<events::JsonEvent>>,
+    daemon_events: mpsc::UnboundedReceiver<events::JsonEvent>,
+    names: watch::Receiver<Arc<events::Names>>,
+    view: watch::Receiver<Arc<state::View>>,
+    delivered: Arc<Delivered>,
+    history: Arc<events::History>,
+}
+
+/// The owner's ends of the channels, and the DNS side's.
+struct OwnerEnds {
+    view: watch::Sender<Arc<state::View>>,
+    names: watch::Sender<Arc<events::Names>>,
+    status: watch::Sender<Arc<String>>,
+    status_rx: watch::Receiver<Arc<String>>,
+    dns_updates: mpsc::UnboundedReceiver<dns::Update>,
+}
+
+/// Where the DNS side sends learned sets and its events.
+struct ToDns {
+    updates: mpsc::UnboundedSender<dns::Update>,
+    events: mpsc::UnboundedSender<events::JsonEvent>,
+}
+
+impl Wiring {
+    /// The channels, with placeholders until the owner's first publish.
+    fn new(
+        cfg: &Arc<config::Config>,
+        installed: &Arc<Vec<policy::Learned>>,
+    ) -> (Self, OwnerEnds, ToDns) {
+        let (stream, _) = broadcast::channel(4096);
+        let (events_tx, daemon_events) = mpsc::unbounded_channel();
+        let (updates_tx, dns_updates) = mpsc::unbounded_channel();
+        let (names_tx, names) = watch::channel(Arc::default());
+        let (status_tx, status_rx) = watch::channel(Arc::new(String::from("{}")));
+        let (view_tx, view) = watch::channel(Arc::new(state::View {
+            cfg: cfg.clone(),
+            compiled: Arc::default(),
+            pod_workloads: Arc::default(),
+            pending: Vec::new(),
+            installed: installed.clone(),
+        }));
+        let wiring = Self {
+            stream,
+            daemon_events,
+            names,
+            view,
+            delivered: Arc::new(Delivered::default()),
+            history: Arc::new(events::History::default()),
+        };
+        let ends = OwnerEnds {
+            view: view_tx,
+            names: names_tx,
+            status: status_tx,
+            status_rx,
+            dns_updates,
+        };
+        let to_dns = ToDns {
+            updates: updates_tx,
+            events: events_tx,
+        };
+        (wiring, ends, to_dns)
+    }
+}
+
+/// The DNS engine, seeded with the addresses kept from before a restart.
+fn engine(
+    cfg: &Arc<config::Config>,
+    k: &boot::ForOwner,
+    learned: &[policy::Learned],
+    to: ToDns,
+) -> Arc<Mutex<dns::Engine>> {
+    let mut e = dns::Engine::new(
+        cfg.clone(),
+        k.mount.clone(),
+        to.updates,
+        to.events,
+        k.metrics.clone(),
+    );
+    e.seed(learned);
+    e.generation = k.maps.generation();
+    Arc::new(Mutex::new(e))
+}
+
+impl Running {
+    /// Starts the state owner on the booted kernel side, then the tasks.
+    pub fn start(
+        cfg: config::Config,
+        compiled: Compiled,
+        learned: Vec<policy::Learned>,
+        k: boot::Kernel,
+        listeners: boot::Listeners,
+    ) -> Result<Self> {
+        let cfg = Arc::new(cfg);
+        let (metrics, mount) = (k.owned.metrics.clone(), k.owned.mount.clone());
+        let (attach_dir, pins) = (k.owned.attach_dir.clone(), k.owned.pins.clone());
+        let installed = Arc::new(learned);
+        let (wiring, out, to_dns) = Wiring::new(&cfg, &installed);
+        let engine = engine(&cfg, &k.owned, &installed, to_dns);
+        let shared = shared(&wiring, out.status_rx, engine.clone(), &metrics, k.counters);
+        let sink = sink(&cfg, &metrics)?;
+        ops::set_policy_gauges(&metrics, &compiled);
+        metrics.reloads.with_label_values(&["success"]).inc();
+        metrics.last_reload_success.set(ops::unix_now());
+        metrics
+            .policy_generation
+            .set(i64::from(k.owned.maps.generation()));
+        let outputs = Outputs {
+            view: out.view,
+            names: out.names,
+            status: out.status,
+            shared: shared.clone(),
+        };
+        let mut owner = Owner::new(k.owned, cfg.clone(), compiled, engine, installed, outputs);
+        owner.sync_dns();
+        owner.publish();
+        anyhow::ensure!(
+            owner.check_attachment(),
+            "the kernel does not list every program as attached to {}",
+            attach_dir.display()
+        );
+        let (commands, commands_rx) = std::sync::mpsc::channel();
+        let owner_thread = std::thread::Builder::new()
+            .name("mcpg-state".into())
+            .spawn(move || owner.run(&commands_rx))
+            .context("starting the state owner thread")?;
+        let state = Handle {
+            tx: commands,
+            view: wiring.view.clone(),
+        };
+        let tasks = Tasks {
+            ring: k.ring,
+            sink,
+            listeners,
+            pod_watch: k.pod_watch,
+        }
+        .spawn(wiring, &shared, &state, &metrics, &mount);
+        Ok(Self {
+            state,
+            owner_thread,
+            tasks,
+            shared,
+            metrics,
+            mount,
+            pins,
+            cfg,
+            attach_dir,
+            dns_updates: out.dns_updates,
+            homes: Some(k.homes),
+            homes_task: None,
+            posture_seen: std::collections::BTreeMap::new(),
+            posture_task: None,
+        })
+    }
+
+    /// Says ready, then serves signals, config changes, learned answers and the timers
+    /// until SIGTERM or SIGINT (Ok) or the owner stops (Err).
+    pub async fn serve(&mut self, config_path: &Path, fingerprint: Option<Vec<u8>>) -> Result<()> {
+        // Before "ready": a reload asked for the moment the daemon is ready is served.
+        let mut hup = signal(SignalKind::hangup())?;
+        self.ready(config_path);
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut config_check = tokio::time::interval(CONFIG_CHECK);
+        let mut posture_check = tokio::time::interval(POSTURE_CHECK);
+        // The first homes pass ran before ready: the next one a period later.
+        let mut homes_check =
+            tokio::time::interval_at(tokio::time::Instant::now() + HOMES_PASS, HOMES_PASS);
+        let mut file = ConfigFile {
+            path: config_path.to_path_buf(),
+            fingerprint,
+            reported_missing: false,
+        };
+        let mut owner_gone = self.state.view.clone();
+        loop {
+            tokio::select! {
+                _ = term.recv() => { info!("SIGTERM"); return Ok(()); }
+                _ = int.recv() => { info!("SIGINT"); return Ok(()); }
+                r = owner_gone.changed() => if r.is_err() {
+                    // Its thread ended (it panicked): the pinned state stays enforced.
+                    anyhow::bail!("the state owner stopped; exiting (the pinned policy stays in force)");
+                },
+                _ = hup.recv() => {
+                    info!("SIGHUP: reloading {} (and reopening the events file)", config_path.display());
+                    crate::telemetry::sink::request_reopen();
+                    file.fingerprint = config_fingerprint(config_path);
+                    self.state.send(Command::Reload(config_path.to_path_buf()));
+                }
+                _ = config_check.tick() => file.check(&self.state, &self.metrics),
+                Some(mut update) = self.dns_updates.recv() => {
+                    // The owner installs the newest of queued sets once and answers everyone.
+                    self.state.send(Command::Learned(update.learned, update.done.take().into_iter().collect()));
+                }
+                _ = homes_check.tick() => self.homes_pass().await,
+                _ = posture_check.tick() => self.posture_pass().await,
+            }
+        }
+    }
+
+    fn ready(&self, config_path: &Path) {
+        // A rotation of the events file during boot went unseen.
+        crate::telemetry::sink::request_reopen();
+        self.shared.ready.store(true, Ordering::SeqCst);
+        self.metrics.ready.set(1);
+        let listen: SocketAddr = self.cfg.metrics_listen;
+        info!(
+            config = %config_path.display(),
+            attach = %self.attach_dir.display(),
+            pin_dir = %self.pins.dir.display(),
+            listen = %listen,
+            "ready: enforcing on connect4, connect6, sendmsg4, sendmsg6"
+        );
+        // systemd (Type=notify): ready once enforcement is attached. Outside systemd
+        // (no NOTIFY_SOCKET) this does nothing.
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            warn!("telling systemd we are ready: {e}");
+        }
+    }
+
+    /// Tasks of guarded workloads without a home, on a blocking thread; the result of
+    /// the previous pass is published when it ended.
+    async fn homes_pass(&mut self) {
+        if let Some(t) = self.homes_task.take_if(|t| t.is_finished()) {
+            if let Ok((h, pass)) = t.await {
+                ops::publish_homes(&self.metrics, &pass);
+                self.homes = Some(h);
+            }
+        }
+        if let Some(mut h) = self.homes.take() {
+            let mount = self.mount.clone();
+            self.homes_task = Some(tokio::task::spawn_blocking(move || {
+                let pass = h.pass(&mount);
+                (h, pass)
+            }));
+        }
+    }
+
+    /// The capability posture of the guarded processes, read from /proc off the runtime.
+    async fn posture_pass(&mut self) {
+        if let Some(t) = self.posture_task.take_if(|t| t.is_finished()) {
+            if let Ok(found) = t.await {
+                crate::host::posture::publish(&self.metrics, &found, &mut self.posture_seen);
+            }
+        }
+        if self.posture_task.is_none() {
+            let compiled = self.state.view().compiled.clone();
+            let mount = self.mount.clone();
+            self.posture_task = Some(tokio::task::spawn_blocking(move || {
+                crate::host::posture::scan(&compiled, &mount)
+            }));
+        }
+    }
+
+    /// Stops the tasks and the owner (links stay pinned), then keeps or detaches
+    /// enforcement as `on_exit` says; `outcome` is what ended the loop.
+    pub async fn stop(self, outcome: Result<()>) -> Result<()> {
+        self.shared.ready.store(false, Ordering::SeqCst);
+        self.metrics.ready.set(0);
+        for t in &self.tasks {
+            t.abort();
+        }
+        // The owner stops the DNS side and drops the programs (links stay pinned).
+        self.state.send(Command::Stop);
+        drop(self.state);
+        let owner_thread = self.owner_thread;
+        let joined = tokio::time::timeout(
+            state::STOP_WAIT,
+            tokio::task::spawn_blocking(move || owner_thread.join()),
+        )
+        .await;
+        if !matches!(joined, Ok(Ok(Ok(())))) {
+            warn!("the state owner did not stop cleanly");
+        }
+        let _ = std::fs::remove_file(&self.cfg.control_socket);
+        let _ = std::fs::remove_file(&self.cfg.mcp_socket);
+        outcome?;
+        match self.cfg.on_exit {
+            OnExit::Keep => info!(
+                pin_dir = %self.pins.dir.display(),
+                "exiting; enforcement stays attached through the pins (on_exit = \"keep\"); `mcp-guard uninstall` removes it"
+            ),
+            OnExit::Detach => {
+                let removed = self
+                    .pins
+                    .uninstall()
+                    .with_context(|| format!("removing pins under {}", self.pins.dir.display()))?;
+                info!(
+                    removed = removed.len(),
+                    "detached and removed every pin (on_exit = \"detach\")"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The config file as the loop last saw it.
+struct ConfigFile {
+    path: PathBuf,
+    fingerprint: Option<Vec<u8>>,
+    reported_missing: bool,
+}
+
+impl ConfigFile {
+    /// Reloads when the file changed; a file that is gone is reported once and the
+    /// running policy stays.
+    fn check(&mut self, state: &Handle, metrics: &Metrics) {
+        let now = config_fingerprint(&self.path);
+        if now.is_none() {
+            if !self.reported_missing {
+                error!(
+                    "config file {} is gone or unreadable: the running policy stays in force",
+                    self.path.display()
+                );
+                metrics.reloads.with_label_values(&["failure"]).inc();
+                self.reported_missing = true;
+            }
+            return;
+        }
+        self.reported_missing = false;
+        if now != self.fingerprint {
+            info!("config file {} changed: reloading", self.path.display());
+            self.fingerprint = now;
+            state.send(Command::Reload(self.path.clone()));
+        }
+    }
+}
+
+/// What the HTTP side serves: readiness, the owner's snapshots, the event stream and
+/// history, `/dns` and `/metrics`.
+fn shared(
+    w: &Wiring,
+    status: watch::Receiver<Arc<String>>,
+    engine: Arc<Mutex<dns::Engine>>,
+    metrics: &Arc<Metrics>,
+    counters: crate::kernel::maps::CounterMaps,
+) -> Arc<Shared> {
+    let counters = Mutex::new(counters);
+    let view = w.view.clone();
+    let (m, names, delivered) = (metrics.clone(), w.names.clone(), w.delivered.clone());
+    Arc::new(Shared {
+        ready: false.into(),
+        status,
+        events: w.stream.clone(),
+        history: w.history.clone(),
+        names: w.names.clone(),
+        dns: Box::new(move || {
+            // What the kernel enforces, with the TTL and expiry of the latest answer.
+            let mut learned = (*view.borrow().installed).clone();
+            engine.lock().expect("engine").refresh(&mut learned);
+            serde_json::json!({ "learned": learned }).to_string()
+        }),
+        metrics: Box::new(move || {
+            // The counter maps are read-only here and apart from the policy state.
+            let counters = counters.lock().expect("counters").read();
+            let d = delivered.events.load(Ordering::Relaxed);
+            if d > m.delivered.get() {
+                m.delivered.inc_by(d - m.delivered.get());
+            }
+            match counters {
+                Ok(c) => m.render(&c, &names.borrow().workloads),
+                Err(e) => {
+                    error!(error = %e, "reading counters");
+                    m.text()
+                }
+            }
+        }),
+    })
+}
+
+/// The configured event sink.
+fn sink(cfg: &config::Config, metrics: &Metrics) -> Result<Sink> {
+    let writer = match cfg.sink {
+        config::Sink::Stdout => SinkWriter::Stdout,
+        config::Sink::None => SinkWriter::None,
+        config::Sink::File => {
+            let p = cfg.events_file.clone().expect("validated");
+            SinkWriter::File(
+                crate::telemetry::sink::FileSink::open(p.clone())
+                    .with_context(|| format!("opening events.file {}", p.display()))?,
+            )
+        }
+    };
+    Ok(Sink::new(
+        writer,
+        metrics.events_sink_errors.clone(),
+        cfg.cmdline_in_sink,
+    ))
+}
+
+/// What the tasks take over.
+struct Tasks {
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    sink: Sink,
+    listeners: boot::Listeners,
+    pod_watch: pods::Watch,
+}
+
+impl Tasks {
+    /// The event reader, the three servers and the pod watcher.
+    fn spawn(
+        self,
+        w: Wiring,
+        shared: &Arc<Shared>,
+        state: &Handle,
+        metrics: &Arc<Metrics>,
+        mount: &Path,
+    ) -> Vec<AbortHandle> {
+        let l = self.listeners;
+        vec![
+            tokio::spawn(events::read_loop(
+                self.ring,
+                w.names,
+                self.sink,
+                w.stream,
+                w.delivered,
+                w.history,
+                w.daemon_events,
+            ))
+            .abort_handle(),
+            tokio::spawn(http::serve(http::Listener::Tcp(l.tcp), shared.clone())).abort_handle(),
+            tokio::spawn(http::serve(
+                http::Listener::Control(l.control),
+                shared.clone(),
+            ))
+            .abort_handle(),
+            tokio::spawn(mcp::serve(l.mcp, state.clone())).abort_handle(),
+            tokio::spawn(pods::watch(
+                state.clone(),
+                metrics.clone(),
+                mount.to_path_buf(),
+                self.pod_watch,
+            ))
+            .abort_handle(),
+        ]
+    }
+}
