@@ -74,7 +74,7 @@ fn document(path: &Path, strict: bool) -> (Value, u8) {
         .iter()
         .map(|w| {
             let exists = match (&w.cgroup, &w.pods) {
-                (Some(c), None) if w.name != config::pods::PENDING => {
+                (Some(c), None) if !w.pending => {
                     mount.as_deref().is_some_and(|m| cgroup::id(m, c).is_ok())
                 }
                 _ => true,
@@ -137,7 +137,7 @@ fn check(path: &Path) -> Result<usize> {
         };
         let (what, exists) = match (&w.cgroup, &w.pods) {
             (_, Some(p)) => (format!("pods {}", p.describe()), true),
-            (Some(c), None) if w.name == mcp_guard::config::pods::PENDING => (
+            (Some(c), None) if w.pending => (
                 format!("cgroup {c} (new pods until identified: all egress denied)"),
                 true,
             ),

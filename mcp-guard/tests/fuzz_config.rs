@@ -77,7 +77,7 @@ fn check(text: &str) {
         Ok(cfg) => {
             // Whatever parses must compile or fail with a message: never panic.
             if let Err(e) = policy::compile(&cfg) {
-                assert!(!e.0.is_empty());
+                assert!(!e.to_string().is_empty());
             }
         }
         Err(errs) => {

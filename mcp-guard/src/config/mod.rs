@@ -199,6 +199,9 @@ pub struct HostRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub name: String,
+    /// The built-in workload that holds new pod cgroups until the runtime names their
+    /// pod ([`pods::PENDING`]); never one of the config's.
+    pub pending: bool,
     /// Stable id, derived from the name (see [`workload_ids`]): kept across reloads,
     /// reorderings and restarts, so pinned counters and events follow the name.
     pub id: u32,
@@ -495,6 +498,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         let unix = unix_keys::unix_keys(&mut cx, w.unix.as_ref(), &w.allow_unix, &w.deny_unix);
         workloads.push(Workload {
             name,
+            pending: false,
             id: 0,
             cgroup,
             pods: selector,

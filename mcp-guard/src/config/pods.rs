@@ -197,6 +197,7 @@ pub(super) fn pending_workloads(cfg: &PodsConfig, mode: Mode, loc: &super::Loc) 
             id: 0,
             cgroup: Some(p.clone()),
             pods: None,
+            pending: true,
             default: DefaultAction::Deny,
             mode,
             allow: Vec::new(),

@@ -78,7 +78,7 @@ pub(super) fn warn_missing_cgroups(compiled: &Compiled, mount: &Path) {
         let Some(c) = w.cgroup.as_deref() else {
             continue;
         };
-        if w.name != crate::config::pods::PENDING && cgroup::id(mount, c).is_err() {
+        if !w.pending && cgroup::id(mount, c).is_err() {
             warn!(workload = %w.name, cgroup = %c, "workload cgroup does not exist yet; it will be enforced as soon as it appears");
         }
     }
@@ -148,9 +148,9 @@ pub(super) async fn kernel(
         metrics.prime(&counters.read()?);
     }
     let mut pods_table = crate::pods::Table::default();
-    if let Some((entries, table)) = first_pods {
-        maps.set_pods(entries);
-        pods_table = table;
+    if let Some(placed) = first_pods {
+        maps.set_pods(placed.entries);
+        pods_table = placed.table;
     }
     maps.install(compiled, mount, cfg.rate_limit_per_sec)?;
     let ring = RingBuf::try_from(ebpf.take_map("EVENTS_1").context("map EVENTS_1 missing")?)?;

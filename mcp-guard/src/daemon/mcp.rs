@@ -47,10 +47,36 @@ pub(super) struct Instance {
     workload_id: u32,
 }
 
-/// The state owner is gone (the daemon is stopping).
-const GONE: &str = "the daemon is stopping";
+/// Why the daemon refused a relay's message (the text goes back on the wire).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum McpError {
+    #[error("the daemon is stopping")]
+    Gone,
+    #[error("announce the instance first (start)")]
+    NotAnnounced,
+    #[error("this connection already announced an instance")]
+    AlreadyAnnounced,
+    #[error("the instance is gone")]
+    InstanceGone,
+    #[error("no workload named {0:?} in the running policy")]
+    NoWorkload(String),
+    #[error("workload {0:?} selects pods: exec --mcp needs a workload with a cgroup path")]
+    PodWorkload(String),
+    #[error("cgroup {cgroup_id} is not a cgroup below workload {workload:?} ({cgroup})")]
+    NotBelow {
+        cgroup_id: u64,
+        workload: String,
+        cgroup: String,
+    },
+    #[error("line too long")]
+    LineTooLong,
+    #[error("not a relay message: {0}")]
+    NotAMessage(#[from] serde_json::Error),
+    #[error("writing the instance into the kernel: {0}")]
+    Map(#[from] crate::kernel::maps::MapsError),
+}
 
-fn reply(r: Result<u32, String>) -> Vec<u8> {
+fn reply(r: Result<u32, McpError>) -> Vec<u8> {
     let mut line = serde_json::to_vec(&match r {
         Ok(seq) => Reply {
             ok: true,
@@ -59,7 +85,7 @@ fn reply(r: Result<u32, String>) -> Vec<u8> {
         },
         Err(e) => Reply {
             ok: false,
-            error: Some(e),
+            error: Some(e.to_string()),
             seq: 0,
         },
     })
@@ -82,11 +108,11 @@ async fn relay(stream: UnixStream, state: &Handle) {
             Ok(_) => {}
         }
         if line.last() != Some(&b'\n') {
-            let _ = w.write_all(&reply(Err("line too long".into()))).await;
+            let _ = w.write_all(&reply(Err(McpError::LineTooLong))).await;
             break;
         }
         let answer = match serde_json::from_slice::<ToDaemon>(&line) {
-            Err(e) => Err(format!("not a relay message: {e}")),
+            Err(e) => Err(McpError::NotAMessage(e)),
             Ok(m) => handle(state, &mut instance, m).await,
         };
         if w.write_all(&reply(answer)).await.is_err() {
@@ -104,7 +130,7 @@ async fn handle(
     state: &Handle,
     instance: &mut Option<Instance>,
     m: ToDaemon,
-) -> Result<u32, String> {
+) -> Result<u32, McpError> {
     let ToDaemon::Start {
         workload,
         cgroup_id,
@@ -114,7 +140,7 @@ async fn handle(
     } = m
     else {
         let Some(i) = instance.clone() else {
-            return Err("announce the instance first (start)".into());
+            return Err(McpError::NotAnnounced);
         };
         return state
             .ask(|reply| Command::McpUpdate {
@@ -123,10 +149,10 @@ async fn handle(
                 reply,
             })
             .await
-            .unwrap_or_else(|| Err(GONE.into()));
+            .unwrap_or(Err(McpError::Gone));
     };
     if instance.is_some() {
-        return Err("this connection already announced an instance".into());
+        return Err(McpError::AlreadyAnnounced);
     }
     let i = state
         .ask(|reply| Command::McpStart {
@@ -138,7 +164,7 @@ async fn handle(
             reply,
         })
         .await
-        .unwrap_or_else(|| Err(GONE.into()))?;
+        .unwrap_or(Err(McpError::Gone))?;
     *instance = Some(i);
     Ok(0)
 }
@@ -152,32 +178,31 @@ impl Owner {
         relay_pid: u32,
         command: Vec<String>,
         resumed: bool,
-    ) -> Result<Instance, String> {
+    ) -> Result<Instance, McpError> {
         let (wid, wl_cgroup) = {
             let w = self
                 .compiled
                 .workloads
                 .iter()
                 .find(|w| w.name == workload)
-                .ok_or_else(|| format!("no workload named {workload:?} in the running policy"))?;
-            let c = w.cgroup.clone().ok_or_else(|| {
-                format!("workload {workload:?} selects pods: exec --mcp needs a workload with a cgroup path")
-            })?;
+                .ok_or_else(|| McpError::NoWorkload(workload.clone()))?;
+            let c = w
+                .cgroup
+                .clone()
+                .ok_or_else(|| McpError::PodWorkload(workload.clone()))?;
             (w.id, c)
         };
         // The instance must be a cgroup below the workload's: a relay cannot lend another
         // workload's processes its tools.
         let path = cgroup::find_by_id(&self.mount, &wl_cgroup, cgroup_id)
             .filter(|p| *p != wl_cgroup)
-            .ok_or_else(|| {
-                format!(
-                    "cgroup {cgroup_id} is not a cgroup below workload {workload:?} ({wl_cgroup})"
-                )
+            .ok_or_else(|| McpError::NotBelow {
+                cgroup_id,
+                workload: workload.clone(),
+                cgroup: wl_cgroup.clone(),
             })?;
         Arc::make_mut(&mut self.mcp).start(cgroup_id, workload.clone(), wid, relay_pid, command);
-        self.maps
-            .set_instance(cgroup_id, wid, 0, Vec::new())
-            .map_err(|e| e.to_string())?;
+        self.maps.set_instance(cgroup_id, wid, 0, Vec::new())?;
         self.metrics
             .mcp_instances
             .set(self.maps.instance_count() as i64);
@@ -211,7 +236,7 @@ impl Owner {
     }
 
     /// Peers, tools, counts or a call of an announced instance.
-    pub(super) fn mcp_update(&mut self, i: &Instance, m: ToDaemon) -> Result<u32, String> {
+    pub(super) fn mcp_update(&mut self, i: &Instance, m: ToDaemon) -> Result<u32, McpError> {
         let metrics = self.metrics.clone();
         if let ToDaemon::Counts {
             malformed,
@@ -230,7 +255,7 @@ impl Owner {
         let reg = Arc::make_mut(&mut self.mcp);
         let seq = match m {
             ToDaemon::Start { .. } | ToDaemon::Counts { .. } => {
-                return Err("this connection already announced an instance".into())
+                return Err(McpError::AlreadyAnnounced)
             }
             ToDaemon::Peers { client, server } => {
                 if let Some(inst) = reg.get_mut(i.cgroup_id) {
@@ -270,7 +295,7 @@ impl Owner {
                 outcome: _,
             } => reg.end(i.cgroup_id, &request_id),
         }
-        .ok_or("the instance is gone")?;
+        .ok_or(McpError::InstanceGone)?;
         let tools = reg
             .get(i.cgroup_id)
             .map(crate::mcp::registry::Instance::active_tools)
@@ -279,9 +304,8 @@ impl Owner {
         // Written before the answer: the relay forwards the call only after this.
         self.maps
             .set_instance(i.cgroup_id, i.workload_id, seq, tools)
-            .map_err(|e| {
+            .inspect_err(|e| {
                 warn!(error = %e, "MCP instance update failed: the call runs with no tool active");
-                e.to_string()
             })?;
         Ok(seq)
     }

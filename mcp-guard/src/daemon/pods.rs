@@ -37,7 +37,7 @@ impl Watch {
         workloads: &[CompiledWorkload],
         cfg: &crate::config::Config,
         mount: &Path,
-    ) -> Option<(Vec<(u32, String)>, Table, usize)> {
+    ) -> Option<pods::Placement> {
         if self.client.is_none() {
             let Some(socket) = cri::socket(cfg.pods.cri_socket.as_deref()) else {
                 self.fail(format!(
@@ -69,18 +69,17 @@ impl Watch {
             info!("the container runtime answers again");
             self.failing = false;
         }
-        let (entries, table, warnings, missing) =
-            pods::place(workloads, &found, mount, &cfg.pods.pod_cgroups);
+        let mut placed = pods::place(workloads, &found, mount, &cfg.pods.pod_cgroups);
         if self.warned.len() > 4096 {
             // Pods come and go: forget old warnings rather than grow without bound.
             self.warned.clear();
         }
-        for w in warnings {
+        for w in std::mem::take(&mut placed.warnings) {
             if self.warned.insert(w.clone()) {
                 warn!("{w}");
             }
         }
-        Some((entries, table, missing))
+        Some(placed)
     }
 
     fn fail(&mut self, why: String) {
@@ -102,7 +101,7 @@ pub(super) async fn first(
     mount: &Path,
     file: std::path::PathBuf,
     was_pinned: bool,
-) -> (Watch, Option<(Vec<(u32, String)>, Table)>) {
+) -> (Watch, Option<pods::Placement>) {
     let mut w = Watch {
         file,
         ..Watch::default()
@@ -122,12 +121,12 @@ pub(super) async fn first(
             ));
             None
         });
-    if let Some((entries, table, _)) = listed {
+    if let Some(placed) = listed {
         info!(
-            pods = table.len(),
+            pods = placed.table.len(),
             "listed the node's pods through the container runtime"
         );
-        return (w, Some((entries, table)));
+        return (w, Some(placed));
     }
     if !was_pinned {
         return (w, None);
@@ -136,13 +135,13 @@ pub(super) async fn first(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    let (entries, table) = pods::reuse(&saved, &compiled.workloads, mount);
+    let placed = pods::reuse(&saved, &compiled.workloads, mount);
     warn!(
-        reused = table.len(),
+        reused = placed.table.len(),
         kept = saved.len(),
         "the container runtime does not answer: reusing the pods the previous daemon placed whose cgroups are unchanged; new pods stay pending"
     );
-    (w, Some((entries, table)))
+    (w, Some(placed))
 }
 
 /// How long the start waits for the first pod list before installing the policy.
@@ -177,13 +176,13 @@ pub(super) async fn watch(
         }
         let placed = w.poll(&workloads, &cfg, &mount).await;
         metrics.cri_up.set(i64::from(placed.is_some()));
-        if let Some((entries, table, _missing)) = placed {
+        if let Some(placed) = placed {
             let file = w.file.clone();
             let asked = state
                 .ask(|done| Command::Pods {
                     workloads,
-                    entries,
-                    table,
+                    entries: placed.entries,
+                    table: placed.table,
                     file,
                     done,
                 })
@@ -211,7 +210,7 @@ impl Owner {
     pub(super) fn apply_pods(
         &mut self,
         workloads: &[CompiledWorkload],
-        entries: Vec<(u32, String)>,
+        entries: Vec<crate::kernel::maps::PodEntry>,
         table: Table,
         file: &Path,
     ) {
@@ -264,7 +263,7 @@ impl Owner {
         }
         let pending = workloads
             .iter()
-            .find(|w| w.name == PENDING)
+            .find(|w| w.pending)
             .map_or(0, |w| self.maps.cgroups_of(w.id).len());
         self.metrics
             .pods

@@ -20,8 +20,7 @@ use tracing::debug;
 use super::{mcp::Instance, ATTACH_CHECK, CGROUP_RESCAN};
 use crate::{
     api::http::Shared,
-    config::{self, pods::PENDING},
-    dns,
+    config, dns,
     kernel::{loader::Attachments, maps::PolicyMaps, pins::Pins, tc::Tc},
     mcp::{registry::Registry, wire::ToDaemon},
     pods::Table,
@@ -50,7 +49,7 @@ pub(super) enum Command {
     /// Register a poll's placed pods.
     Pods {
         workloads: Arc<Vec<CompiledWorkload>>,
-        entries: Vec<(u32, String)>,
+        entries: Vec<crate::kernel::maps::PodEntry>,
         table: Table,
         file: PathBuf,
         done: oneshot::Sender<()>,
@@ -62,13 +61,13 @@ pub(super) enum Command {
         relay_pid: u32,
         command: Vec<String>,
         resumed: bool,
-        reply: oneshot::Sender<Result<Instance, String>>,
+        reply: oneshot::Sender<Result<Instance, super::mcp::McpError>>,
     },
     /// A relay reported peers, tools, counts or a call; answered with the new sequence.
     McpUpdate {
         instance: Instance,
         message: ToDaemon,
-        reply: oneshot::Sender<Result<u32, String>>,
+        reply: oneshot::Sender<Result<u32, super::mcp::McpError>>,
     },
     /// A relay's connection ended.
     McpEnd(Instance),
@@ -165,7 +164,7 @@ impl Owner {
             .compiled
             .workloads
             .iter()
-            .find(|w| w.name == PENDING)
+            .find(|w| w.pending)
             .map(|w| self.maps.cgroups_of(w.id))
             .unwrap_or_default();
         let same_policy = Arc::ptr_eq(&self.out.view.borrow().compiled, &self.compiled);
@@ -176,7 +175,7 @@ impl Owner {
                 self.compiled
                     .workloads
                     .iter()
-                    .filter(|w| w.pods.is_some() || w.name == PENDING)
+                    .filter(|w| w.pods.is_some() || w.pending)
                     .cloned()
                     .collect(),
             )

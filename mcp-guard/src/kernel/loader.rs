@@ -51,6 +51,16 @@ pub enum LoadError {
         path: String,
         detail: String,
     },
+    /// The kernel's BTF (/sys/kernel/btf/vmlinux) cannot be read, or lacks what a
+    /// program needs.
+    #[error("the {hook} program needs the kernel's BTF (/sys/kernel/btf/vmlinux): {detail}")]
+    Btf { hook: &'static str, detail: String },
+    /// A program loaded outside aya (the unix hooks) that the kernel refused.
+    #[error("program {name}: {detail}")]
+    Raw { name: &'static str, detail: String },
+    /// An attachment whose link cannot be made (the kernel lacks the link type).
+    #[error("attaching {hook}: {detail}")]
+    Link { hook: &'static str, detail: String },
 }
 
 /// The verifier's log can run to thousands of lines; its last lines say what failed.
@@ -349,9 +359,8 @@ pub(crate) fn pin_over(link: FdLink, hook: &str, pins: &Pins) -> Result<(), Load
 pub fn attach_lsm(ebpf: &mut Ebpf, pins: &Pins, pinned_hash: u32) -> Result<u32, LoadError> {
     let (name, _) = lsm();
     let err = |source| LoadError::Program { name, source };
-    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Pin {
-        hook: LSM_HOOK.to_string(),
-        path: "/sys/kernel/btf/vmlinux".into(),
+    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Btf {
+        hook: LSM_HOOK,
         detail: chain(&e),
     })?;
     let p: &mut Lsm = ebpf
@@ -428,14 +437,14 @@ pub fn attach_tracepoints(
             }
         }
         let id = p.attach(category, event).map_err(err)?;
-        let link = FdLink::try_from(p.take_link(id).map_err(err)?).map_err(|e| LoadError::Pin {
-            hook: event.to_string(),
-            path: String::new(),
-            detail: format!(
-                "{} (the kernel has no BPF perf links: 5.15 or newer needed)",
-                chain(&e)
-            ),
-        })?;
+        let link =
+            FdLink::try_from(p.take_link(id).map_err(err)?).map_err(|e| LoadError::Link {
+                hook: event,
+                detail: format!(
+                    "{} (the kernel has no BPF perf links: 5.15 or newer needed)",
+                    chain(&e)
+                ),
+            })?;
         pin_over(link, event, pins)?;
         info!(program = name, hook = event, "attached and pinned");
     }

@@ -112,11 +112,7 @@ pub(crate) fn map_data(m: &Map) -> Option<&MapData> {
 }
 
 fn program_error(name: &'static str, detail: String) -> LoadError {
-    LoadError::Pin {
-        hook: name.to_string(),
-        path: "(unix hook load)".into(),
-        detail,
-    }
+    LoadError::Raw { name, detail }
 }
 
 /// Loads one unix program with its attach type. Errors carry the verifier's last lines.
@@ -335,15 +331,13 @@ pub fn attach_lsm(
     pinned_hash: u32,
 ) -> Result<Vec<(&'static str, u32)>, LoadError> {
     if let Some((name, _)) = offsets().iter().find(|(_, v)| *v == 0) {
-        return Err(LoadError::Pin {
-            hook: "unix_stream_connect".into(),
-            path: "/sys/kernel/btf/vmlinux".into(),
-            detail: format!("the kernel's BTF does not give {name}"),
+        return Err(LoadError::Btf {
+            hook: "unix_stream_connect",
+            detail: format!("it does not give {name}"),
         });
     }
-    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Pin {
-        hook: "unix_stream_connect".into(),
-        path: "/sys/kernel/btf/vmlinux".into(),
+    let btf = aya::Btf::from_sys_fs().map_err(|e| LoadError::Btf {
+        hook: "unix_stream_connect",
         detail: chain(&e),
     })?;
     let mut out = Vec::new();

@@ -13,7 +13,12 @@ use std::{
     path::Path,
 };
 
-use crate::{config::pods::ANNOTATION, host::cgroup, policy::CompiledWorkload};
+use crate::{
+    config::pods::ANNOTATION,
+    host::cgroup,
+    kernel::maps::{PodEntry, PodOwner},
+    policy::CompiledWorkload,
+};
 
 /// A pod sandbox as the runtime reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -192,48 +197,61 @@ pub struct Placed {
 /// Every pod placed, by its cgroup path.
 pub type Table = BTreeMap<String, Placed>;
 
+/// Pods placed in workloads: what the maps register, and the table everyone else reads.
+#[derive(Debug, Default)]
+pub struct Placement {
+    pub entries: Vec<PodEntry>,
+    pub table: Table,
+    /// Selection conflicts to log.
+    pub warnings: Vec<String>,
+    /// Pods whose cgroup is not there yet.
+    pub missing: usize,
+}
+
 /// What a restarted daemon may reuse of the pods it placed before, while the runtime does
 /// not answer: each pod whose cgroup is still the same cgroup (same id) and whose
-/// workload still selects pods. Returns (entries for the maps, table).
+/// workload still selects pods.
 #[must_use]
-pub fn reuse(
-    saved: &[Placed],
-    workloads: &[CompiledWorkload],
-    mount: &Path,
-) -> (Vec<(u32, String)>, Table) {
+pub fn reuse(saved: &[Placed], workloads: &[CompiledWorkload], mount: &Path) -> Placement {
     let mut entries = Vec::new();
     let mut table = Table::new();
     for p in saved {
         if cgroup::id(mount, &p.cgroup).ok() != Some(p.cgroup_id) {
             continue;
         }
-        let wid = match &p.workload {
-            None => crate::kernel::maps::UNSELECTED,
+        let owner = match &p.workload {
+            None => PodOwner::Unselected,
             Some(name) => match workloads
                 .iter()
                 .find(|w| &w.name == name && w.pods.is_some())
             {
-                Some(w) => w.id,
+                Some(w) => PodOwner::Workload(w.id),
                 None => continue,
             },
         };
         let mut p = p.clone();
-        p.workload_id = (wid != crate::kernel::maps::UNSELECTED).then_some(wid);
-        entries.push((wid, p.cgroup.clone()));
+        p.workload_id = match owner {
+            PodOwner::Workload(w) => Some(w),
+            PodOwner::Unselected => None,
+        };
+        entries.push((owner, p.cgroup.clone()));
         table.insert(p.cgroup.clone(), p);
     }
-    (entries, table)
+    Placement {
+        entries,
+        table,
+        ..Placement::default()
+    }
 }
 
-/// Places every pod: (cgroup path, workload id or `UNSELECTED`) for the maps, the table
-/// for everyone else, warnings to log, and the pods whose cgroup is not there yet.
+/// Places every pod in the workload that selects it (or none).
 #[must_use]
 pub fn place(
     workloads: &[CompiledWorkload],
     pods: &[Pod],
     mount: &Path,
     pod_cgroups: &[String],
-) -> (Vec<(u32, String)>, Table, Vec<String>, usize) {
+) -> Placement {
     let mut entries = Vec::new();
     let mut table = Table::new();
     let mut warnings = Vec::new();
@@ -254,7 +272,7 @@ pub fn place(
         let (chosen, warning) = select(workloads, pod);
         warnings.extend(warning);
         entries.push((
-            chosen.map_or(crate::kernel::maps::UNSELECTED, |(w, _)| w.id),
+            chosen.map_or(PodOwner::Unselected, |(w, _)| PodOwner::Workload(w.id)),
             cg.clone(),
         ));
         table.insert(
@@ -272,7 +290,12 @@ pub fn place(
             },
         );
     }
-    (entries, table, warnings, missing)
+    Placement {
+        entries,
+        table,
+        warnings,
+        missing,
+    }
 }
 
 /// The container id in a container's cgroup name: `<id>` (cgroupfs driver),

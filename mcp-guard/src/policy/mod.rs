@@ -4,7 +4,6 @@
 
 use std::{
     collections::HashMap,
-    fmt,
     net::{IpAddr, Ipv6Addr},
 };
 
@@ -33,6 +32,8 @@ pub struct RuleInfo {
 pub struct CompiledWorkload {
     pub id: u32,
     pub name: String,
+    /// The built-in pending workload (see [`crate::config::Workload::pending`]).
+    pub pending: bool,
     /// `None` for a workload that selects pods: its cgroups come from the runtime.
     pub cgroup: Option<String>,
     pub pods: Option<crate::config::pods::PodSelector>,
@@ -129,16 +130,23 @@ pub struct Compiled {
     pub unix: Vec<unix::UnixEntry>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CompileError(pub String);
-
-impl fmt::Display for CompileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// A valid config the kernel's entry layout cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("{file}: workload {workload:?}: {count} distinct `tools` lists; at most {max} fit", max = mcp_guard_common::MAX_TOOLSETS)]
+    TooManyToolsets {
+        file: String,
+        workload: String,
+        count: usize,
+    },
+    #[error("{file}: workload {workload:?}: destination {net} is covered by {count} distinct port ranges (its own rules and those of wider CIDRs); at most {MAX_RANGES} fit: merge ports into ranges such as \"8000-8100\"")]
+    TooManyRanges {
+        file: String,
+        workload: String,
+        net: String,
+        count: usize,
+    },
 }
-
-impl std::error::Error for CompileError {}
 
 /// An address as the maps store it: IPv6, or IPv4 in its mapped form.
 #[must_use]
@@ -364,12 +372,11 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
             .cloned()
             .collect();
         if toolsets.len() > mcp_guard_common::MAX_TOOLSETS {
-            return Err(CompileError(format!(
-                "{file}: workload {:?}: {} distinct `tools` lists; at most {} fit",
-                w.name,
-                toolsets.len(),
-                mcp_guard_common::MAX_TOOLSETS
-            )));
+            return Err(CompileError::TooManyToolsets {
+                file: file.to_string(),
+                workload: w.name.clone(),
+                count: toolsets.len(),
+            });
         }
         let toolset_of = |tools: &Vec<String>| -> u8 {
             if tools.is_empty() {
@@ -496,11 +503,12 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                     },
                 )
                 .map_or_else(|_| "?".into(), |n| n.to_string());
-                return Err(CompileError(format!(
-                    "{file}: workload {:?}: destination {net} is covered by {} distinct port ranges (its own rules and those of wider CIDRs); at most {MAX_RANGES} fit: merge ports into ranges such as \"8000-8100\"",
-                    w.name,
-                    ranges.len()
-                )));
+                return Err(CompileError::TooManyRanges {
+                    file: file.to_string(),
+                    workload: w.name.clone(),
+                    net,
+                    count: ranges.len(),
+                });
             }
             let mut entry = deny_entry(
                 if ranges.is_empty() {
@@ -538,6 +546,7 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
         out.workloads.push(CompiledWorkload {
             id: wid,
             name: w.name.clone(),
+            pending: w.pending,
             cgroup: w.cgroup.clone(),
             pods: w.pods.clone(),
             default: match w.default {

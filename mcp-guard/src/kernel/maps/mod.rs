@@ -26,8 +26,8 @@ mod unix;
 pub use counters::{CounterMaps, Counters};
 pub use homes::{Homes, Pass as HomesPass};
 
-use pods::live_pods;
-pub use pods::UNSELECTED;
+use pods::{live_pods, UNSELECTED_CLAIM};
+pub use pods::{PodEntry, PodOwner};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MapsError {
@@ -49,7 +49,7 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> MapsError {
 /// lives in, mapped to its workload. Pods come first (they are more specific than the
 /// pending patterns that also match them); a cgroup named by two workloads belongs to
 /// the first in the config.
-fn resolve(compiled: &Compiled, pods: &[(u32, String)], mount: &Path) -> BTreeMap<u64, u32> {
+fn resolve(compiled: &Compiled, pods: &[PodEntry], mount: &Path) -> BTreeMap<u64, u32> {
     let mut out = BTreeMap::new();
     let named = live_pods(compiled, pods).chain(
         compiled
@@ -62,7 +62,7 @@ fn resolve(compiled: &Compiled, pods: &[(u32, String)], mount: &Path) -> BTreeMa
             out.entry(id).or_insert(wid);
         }
     }
-    out.retain(|_, w| *w != UNSELECTED);
+    out.retain(|_, w| *w != UNSELECTED_CLAIM);
     out
 }
 
@@ -238,8 +238,8 @@ pub struct PolicyMaps {
     mcp: BTreeMap<u64, mcp::InstanceState>,
     /// An incomplete scan was reported (once until a scan completes again).
     warned_incomplete: bool,
-    /// Pod cgroups identified through the CRI: (workload id or [`UNSELECTED`], path).
-    pods: Vec<(u32, String)>,
+    /// Pod cgroups identified through the CRI.
+    pods: Vec<PodEntry>,
     /// Bumped whenever `pods` changes (the scanner plans again).
     pods_version: u32,
 }
@@ -539,7 +539,7 @@ impl PolicyMaps {
                 }
             }
         }
-        desired.retain(|_, w| *w != UNSELECTED);
+        desired.retain(|_, w| *w != UNSELECTED_CLAIM);
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
         // A scan that met an error (out of file descriptors, say) removes nothing: what

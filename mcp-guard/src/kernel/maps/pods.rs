@@ -1,31 +1,49 @@
 //! Identified pods in the maps: pod cgroups registered for the workload that selects
-//! them, or claimed as nobody's ([`UNSELECTED`]).
+//! them, or claimed as nobody's ([`PodOwner::Unselected`]).
 
 use std::collections::BTreeMap;
 
 use super::PolicyMaps;
 use crate::policy::Compiled;
 
-/// A pod cgroup the daemon identified but no workload selects: registered as nobody's
-/// (it falls back to the workload of the cgroup above it), and claimed so that the
-/// pending pattern does not hold it.
-pub const UNSELECTED: u32 = u32::MAX;
+/// Whose an identified pod is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PodOwner {
+    /// The workload (id) that selects it.
+    Workload(u32),
+    /// No workload selects it: registered as nobody's (it falls back to the workload of
+    /// the cgroup above it), and claimed so that the pending pattern does not hold it.
+    Unselected,
+}
+
+/// An identified pod: whose it is, and its cgroup path below the mount.
+pub type PodEntry = (PodOwner, String);
+
+/// How the cgroup scanner carries [`PodOwner::Unselected`]: a claim that registers
+/// nothing (no workload has this id). Private to the maps; dropped before any write.
+pub(super) const UNSELECTED_CLAIM: u32 = u32::MAX;
 
 /// The identified pods whose workload the policy still has (after a reload dropped a
-/// workload, its pods are held by the pending patterns until they are assigned again).
+/// workload, its pods are held by the pending patterns until they are assigned again),
+/// as scanner claims.
 pub(super) fn live_pods<'a>(
     compiled: &'a Compiled,
-    pods: &'a [(u32, String)],
+    pods: &'a [PodEntry],
 ) -> impl Iterator<Item = (u32, &'a str)> + 'a {
-    pods.iter()
-        .filter(|(w, _)| *w == UNSELECTED || compiled.workloads.iter().any(|x| x.id == *w))
-        .map(|(w, c)| (*w, c.as_str()))
+    pods.iter().filter_map(|(owner, c)| {
+        let claim = match *owner {
+            PodOwner::Unselected => UNSELECTED_CLAIM,
+            PodOwner::Workload(w) if compiled.workloads.iter().any(|x| x.id == w) => w,
+            PodOwner::Workload(_) => return None,
+        };
+        Some((claim, c.as_str()))
+    })
 }
 
 impl PolicyMaps {
-    /// Sets the identified pod cgroups (see [`UNSELECTED`]); the next
+    /// Sets the identified pod cgroups (see [`PodOwner`]); the next
     /// [`Self::refresh_cgroups`] registers them. Returns whether anything changed.
-    pub fn set_pods(&mut self, mut pods: Vec<(u32, String)>) -> bool {
+    pub fn set_pods(&mut self, mut pods: Vec<PodEntry>) -> bool {
         pods.sort();
         if pods == self.pods {
             return false;
