@@ -292,6 +292,12 @@ impl Owner {
             warn!("{}: {what} changed, which is read at start only: restart mcp-guard to apply it (the new policy is in force)", path.display());
         }
         self.pod_mode = cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty();
+        // What the new rules no longer cover goes (the compiler already left it out).
+        if Arc::make_mut(&mut self.learned).retain_for(&cfg) {
+            self.installed = Arc::new(self.learned.snapshot());
+            write_learned(&self.learned_file, &self.installed);
+        }
+        self.learned.publish_metrics(&cfg, &self.metrics);
         self.cfg = Arc::new(cfg);
         self.compiled = Arc::new(compiled);
         self.sync_dns();
@@ -378,7 +384,8 @@ pub(super) fn start_only_changes(old: &config::Config, new: &config::Config) -> 
 }
 
 impl Owner {
-    /// Starts, reconfigures, restarts or stops the DNS side to match the config.
+    /// Starts, restarts or stops the DNS side to match the config (it follows the
+    /// published view for everything else).
     pub(super) fn sync_dns(&mut self) {
         let cfg = &self.cfg;
         if !dns::wanted(cfg) {
@@ -389,33 +396,56 @@ impl Owner {
         }
         if let Some(d) = self.dns.as_ref() {
             if d.accepts(cfg) {
-                d.set_config(cfg.clone());
                 return;
             }
             info!("DNS: [dns] changed: restarting the resolver and the proxy");
         }
         drop(self.dns.take());
-        let changed = self.engine.lock().expect("engine").set_config(cfg.clone());
-        match dns::Dns::start(cfg.clone(), self.engine.clone()) {
+        self.publish_dns();
+        match dns::Dns::start(self.dns_view.subscribe(), self.dns_wiring.clone()) {
             Ok(d) => self.dns = Some(d),
             Err(e) => error!(
                 "DNS could not start, so host rules allow nothing until it can (fix and reload): {e:#}"
             ),
         }
-        if changed {
-            self.engine.lock().expect("engine").publish(None);
+    }
+
+    /// Merges answers from the DNS side; installs the policy if they changed anything.
+    pub(super) fn learned_answers(&mut self, answers: Vec<policy::Learned>) {
+        let changed = Arc::make_mut(&mut self.learned).merge(answers, &self.cfg, &self.metrics);
+        if changed != dns::learned::Need::Nothing {
+            self.apply_learned();
         }
     }
 
-    /// Compiles the config with a new set of learned addresses and switches to it whole.
-    pub(super) fn apply_learned(&mut self, learned: Vec<policy::Learned>) {
+    /// Drops learned addresses whose TTL and grace ran out, and installs without them.
+    pub(super) fn expire_learned(&mut self) {
+        let now = dns::learned::unix_now();
+        if self.installed.iter().any(|l| l.expires_unix <= now)
+            && Arc::make_mut(&mut self.learned).expire(now)
+        {
+            self.apply_learned();
+        }
+    }
+
+    /// The learned set back to what the kernel enforces (an install failed), so the DNS
+    /// side offers those answers again.
+    fn keep_installed(&mut self) {
+        self.learned = Arc::new(dns::learned::LearnedSet::seeded(&self.installed, &self.cfg));
+        self.publish_dns();
+    }
+
+    /// Compiles the config with the learned set and switches to it whole.
+    pub(super) fn apply_learned(&mut self) {
+        let learned = self.learned.snapshot();
+        self.learned.publish_metrics(&self.cfg, &self.metrics);
         let compiled = match policy::compile_with(&self.cfg, &learned) {
             Ok(c) => c,
             Err(e) => {
                 error!(
                     "learned DNS answers do not fit the policy, keeping the previous addresses: {e}"
                 );
-                return;
+                return self.keep_installed();
             }
         };
         if let Err(e) = self
@@ -423,11 +453,10 @@ impl Owner {
             .install(&compiled, &self.mount, self.cfg.rate_limit_per_sec)
         {
             error!("writing learned DNS answers failed, the previous policy stays in force: {e}");
-            return;
+            return self.keep_installed();
         }
         let generation = self.maps.generation();
         self.metrics.policy_generation.set(i64::from(generation));
-        self.engine.lock().expect("engine").generation = generation;
         debug!(
             generation,
             learned = learned.len(),

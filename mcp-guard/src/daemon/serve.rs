@@ -119,25 +119,6 @@ impl Wiring {
     }
 }
 
-/// The DNS engine, seeded with the addresses kept from before a restart.
-fn engine(
-    cfg: &Arc<config::Config>,
-    k: &boot::ForOwner,
-    learned: &[policy::Learned],
-    to: ToDns,
-) -> Arc<Mutex<dns::Engine>> {
-    let mut e = dns::Engine::new(
-        cfg.clone(),
-        k.mount.clone(),
-        to.updates,
-        to.events,
-        k.metrics.clone(),
-    );
-    e.seed(learned);
-    e.generation = k.maps.generation();
-    Arc::new(Mutex::new(e))
-}
-
 impl Running {
     /// Starts the state owner on the booted kernel side, then the tasks.
     pub fn start(
@@ -150,10 +131,16 @@ impl Running {
         let cfg = Arc::new(cfg);
         let (metrics, mount) = (k.owned.metrics.clone(), k.owned.mount.clone());
         let (attach_dir, pins) = (k.owned.attach_dir.clone(), k.owned.pins.clone());
-        let installed = Arc::new(learned);
+        let learned = dns::learned::LearnedSet::seeded(&learned, &cfg);
+        let installed = Arc::new(learned.snapshot());
         let (wiring, out, to_dns) = Wiring::new(&cfg, &installed);
-        let engine = engine(&cfg, &k.owned, &installed, to_dns);
-        let shared = shared(&wiring, out.status_rx, engine.clone(), &metrics, k.counters);
+        let dns_wiring = dns::Wiring {
+            mount: mount.clone(),
+            updates: to_dns.updates,
+            events: to_dns.events,
+            metrics: metrics.clone(),
+        };
+        let shared = shared(&wiring, out.status_rx, &metrics, k.counters);
         let sink = sink(&cfg, &metrics)?;
         ops::set_policy_gauges(&metrics, &compiled);
         metrics.reloads.with_label_values(&["success"]).inc();
@@ -167,7 +154,7 @@ impl Running {
             status: out.status,
             shared: shared.clone(),
         };
-        let mut owner = Owner::new(k.owned, cfg.clone(), compiled, engine, installed, outputs);
+        let mut owner = Owner::new(k.owned, cfg.clone(), compiled, learned, dns_wiring, outputs);
         owner.sync_dns();
         owner.publish();
         anyhow::ensure!(
@@ -245,7 +232,7 @@ impl Running {
                 _ = config_check.tick() => file.check(&self.state, &self.metrics),
                 Some(mut update) = self.dns_updates.recv() => {
                     // The owner installs the newest of queued sets once and answers everyone.
-                    self.state.send(Command::Learned(update.learned, update.done.take().into_iter().collect()));
+                    self.state.send(Command::Learned(update.answers, update.done.take().into_iter().collect()));
                 }
                 _ = homes_check.tick() => self.homes_pass().await,
                 _ = posture_check.tick() => self.posture_pass().await,
@@ -387,7 +374,6 @@ impl ConfigFile {
 fn shared(
     w: &Wiring,
     status: watch::Receiver<Arc<String>>,
-    engine: Arc<Mutex<dns::Engine>>,
     metrics: &Arc<Metrics>,
     counters: crate::kernel::maps::CounterMaps,
 ) -> Arc<Shared> {
@@ -401,10 +387,9 @@ fn shared(
         history: w.history.clone(),
         names: w.names.clone(),
         dns: Box::new(move || {
-            // What the kernel enforces, with the TTL and expiry of the latest answer.
-            let mut learned = (*view.borrow().installed).clone();
-            engine.lock().expect("engine").refresh(&mut learned);
-            serde_json::json!({ "learned": learned }).to_string()
+            // What the kernel enforces.
+            let learned = view.borrow().installed.clone();
+            serde_json::json!({ "learned": *learned }).to_string()
         }),
         metrics: Box::new(move || {
             // The counter maps are read-only here and apart from the policy state.

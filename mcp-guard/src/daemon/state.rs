@@ -10,7 +10,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{atomic::Ordering, mpsc, Arc, Mutex},
+    sync::{atomic::Ordering, mpsc, Arc},
     time::{Duration, Instant},
 };
 
@@ -44,7 +44,8 @@ pub(super) struct View {
 pub(super) enum Command {
     /// Read, validate and install the config file (SIGHUP, or the file changed).
     Reload(PathBuf),
-    /// Install newer learned DNS answers; the senders are answered once they are.
+    /// DNS answers that teach the policy something, merged and installed; the senders
+    /// are answered once they are.
     Learned(Vec<policy::Learned>, Vec<oneshot::Sender<()>>),
     /// Register a poll's placed pods.
     Pods {
@@ -101,13 +102,17 @@ pub(super) struct Owner {
     pub map_ids: Vec<u32>,
     pub mount: PathBuf,
     pub metrics: Arc<Metrics>,
-    /// The DNS engine is shared with the resolver and proxy threads; the owner sets its
-    /// config and generation.
-    pub engine: Arc<Mutex<dns::Engine>>,
     /// The DNS side, while the config has host rules or a proxy.
     pub dns: Option<dns::Dns>,
-    /// The learned addresses compiled into the installed policy; a reload compiles them
-    /// again with the new rules.
+    /// What the DNS side works from (it follows every publish), and where it sends.
+    pub dns_view: watch::Sender<Arc<dns::View>>,
+    pub dns_wiring: dns::Wiring,
+    /// The attribution the DNS side was last given (recomputed when registrations change).
+    pub registrations: Arc<dns::Registrations>,
+    /// The addresses host rules learned: merged from the DNS side's answers, expired
+    /// here, compiled into every policy.
+    pub learned: Arc<dns::learned::LearnedSet>,
+    /// The learned addresses compiled into the installed policy (served on /dns).
     pub installed: Arc<Vec<policy::Learned>>,
     /// Where the installed learned addresses are kept for the next daemon.
     pub learned_file: PathBuf,
@@ -124,10 +129,18 @@ impl Owner {
         k: super::boot::ForOwner,
         cfg: Arc<config::Config>,
         compiled: Compiled,
-        engine: Arc<Mutex<dns::Engine>>,
-        installed: Arc<Vec<policy::Learned>>,
+        learned: dns::learned::LearnedSet,
+        dns_wiring: dns::Wiring,
         out: Outputs,
     ) -> Self {
+        let learned = Arc::new(learned);
+        let (dns_view, _) = watch::channel(Arc::new(dns::View {
+            cfg: cfg.clone(),
+            registrations: Arc::default(),
+            mcp: Arc::default(),
+            generation: k.maps.generation(),
+            learned: learned.clone(),
+        }));
         Self {
             pod_mode: cfg.tc.enabled && !cfg.tc.pod_interfaces.is_empty(),
             cfg,
@@ -144,9 +157,12 @@ impl Owner {
             map_ids: k.map_ids,
             mount: k.mount,
             metrics: k.metrics,
-            engine,
             dns: None,
-            installed,
+            dns_view,
+            dns_wiring,
+            registrations: Arc::default(),
+            installed: Arc::new(learned.snapshot()),
+            learned,
             pods: Arc::new(k.pods),
             mcp: Arc::default(),
             out,
@@ -207,15 +223,28 @@ impl Owner {
 
     /// The `/status` document, the view and the DNS proxy's attribution (all follow
     /// registrations).
-    pub fn publish_status(&self) {
+    pub fn publish_status(&mut self) {
         self.out
             .status
             .send_replace(Arc::new(super::ops::status_json(self)));
         self.publish_view();
-        self.engine
-            .lock()
-            .expect("engine")
-            .set_registrations(self.registrations());
+        let r = self.registrations();
+        if *self.registrations != r {
+            self.registrations = Arc::new(r);
+        }
+        self.publish_dns();
+    }
+
+    /// What the DNS side works from: the config, attribution, MCP instances, generation
+    /// and learned set of this moment.
+    pub fn publish_dns(&self) {
+        self.dns_view.send_replace(Arc::new(dns::View {
+            cfg: self.cfg.clone(),
+            registrations: self.registrations.clone(),
+            mcp: self.mcp.clone(),
+            generation: self.maps.generation(),
+            learned: self.learned.clone(),
+        }));
     }
 
     /// The pods placed in a workload: (cgroup id, path below the mount).
@@ -263,7 +292,7 @@ impl Owner {
     /// Publishes the MCP registry alone (a call started or ended).
     pub fn publish_mcp(&self) {
         // The DNS proxy names the tool call a refusal happens under.
-        self.engine.lock().expect("engine").mcp = self.mcp.clone();
+        self.publish_dns();
         self.out.names.send_modify(|n| {
             let mut next = (**n).clone();
             next.mcp = self.mcp.clone();
@@ -295,8 +324,8 @@ impl Owner {
             for c in coalesce(batch) {
                 if matches!(c, Command::Stop) {
                     self.set_ready(false);
-                    // The DNS side first (its threads use the engine), then the rest;
-                    // the programs stay attached through their pins.
+                    // The DNS side first (it sends answers here), then the rest; the
+                    // programs stay attached through their pins.
                     drop(self.dns.take());
                     return;
                 }
@@ -308,6 +337,7 @@ impl Owner {
                 if self.maps.refresh_cgroups(&self.compiled, &self.mount) > 0 {
                     self.publish_status();
                 }
+                self.expire_learned();
                 debug!(elapsed_us = t.elapsed().as_micros() as u64, "cgroup scan");
                 next_scan = now + CGROUP_RESCAN;
             }
@@ -323,8 +353,8 @@ impl Owner {
     fn apply(&mut self, c: Command) {
         match c {
             Command::Reload(path) => self.reload(&path),
-            Command::Learned(learned, done) => {
-                self.apply_learned(learned);
+            Command::Learned(answers, done) => {
+                self.learned_answers(answers);
                 for d in done {
                     let _ = d.send(());
                 }
@@ -364,8 +394,8 @@ impl Owner {
     }
 }
 
-/// Learned answers queued behind each other: only the newest set is installed, and
-/// everyone waiting on an older one is answered with it.
+/// Learned answers queued behind each other are merged and installed once, where the
+/// last of them stood, and everyone waiting on any of them is answered then.
 fn coalesce(batch: Vec<Command>) -> Vec<Command> {
     let Some(last) = batch
         .iter()
@@ -374,13 +404,18 @@ fn coalesce(batch: Vec<Command>) -> Vec<Command> {
         return batch;
     };
     let mut waiting = Vec::new();
+    let mut answers = Vec::new();
     let mut out = Vec::with_capacity(batch.len());
     for (i, c) in batch.into_iter().enumerate() {
         match c {
-            Command::Learned(learned, done) => {
+            Command::Learned(a, done) => {
+                answers.extend(a);
                 waiting.extend(done);
                 if i == last {
-                    out.push(Command::Learned(learned, std::mem::take(&mut waiting)));
+                    out.push(Command::Learned(
+                        std::mem::take(&mut answers),
+                        std::mem::take(&mut waiting),
+                    ));
                 }
             }
             other => out.push(other),
@@ -425,7 +460,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn queued_learned_answers_are_installed_once_newest_and_everyone_is_answered() {
+    fn queued_learned_answers_are_merged_installed_once_and_everyone_is_answered() {
         let learned = |n: usize| {
             (0..n)
                 .map(|i| policy::Learned {
@@ -449,9 +484,9 @@ mod tests {
         assert_eq!(out.len(), 3, "one Learned, the reload, the stop");
         assert!(matches!(out[0], Command::Reload(_)));
         let Command::Learned(l, done) = &out[1] else {
-            panic!("the newest learned set comes after the reload");
+            panic!("the merged answers come after the reload");
         };
-        assert_eq!(l.len(), 2, "the newest set");
+        assert_eq!(l.len(), 3, "every answer, in order");
         assert_eq!(done.len(), 2, "both waiters are answered");
         assert!(matches!(out[2], Command::Stop));
         for c in out {

@@ -33,20 +33,11 @@ pub struct Registrations {
 }
 
 impl Engine {
-    /// Takes the owner's registrations; the cached answers go if they changed.
-    pub fn set_registrations(&mut self, r: Registrations) {
-        if r != self.registrations {
-            self.registrations = r;
-            self.owners.clear();
-            self.sources.0 = None;
-        }
-    }
-
     /// The registered cgroups' directories, as the kernel sees them now.
     fn registered_dirs(&self) -> Vec<(u64, PathBuf)> {
-        let r = &self.registrations;
+        let r = &self.view.registrations;
         sources::registered_dirs(
-            self.cfg
+            self.cfg()
                 .workloads
                 .iter()
                 .filter_map(|w| w.cgroup.as_deref()),
@@ -96,7 +87,7 @@ impl Engine {
                 })
             })
             .max_by_key(|(_, dir)| dir.components().count());
-        let w = nearest.and_then(|(id, _)| self.registrations.workloads.get(&id).cloned());
+        let w = nearest.and_then(|(id, _)| self.view.registrations.workloads.get(&id).cloned());
         self.owners.insert(cgroup_id, (Instant::now(), w.clone()));
         w
     }
@@ -105,7 +96,7 @@ impl Engine {
     /// refusal happens (a DNS refusal is the daemon's, so it is named at once, not when
     /// the event is read).
     pub(super) fn tool_call(&self, cgroup_id: u64) -> Option<crate::mcp::registry::Attribution> {
-        let seq = self.mcp.get(cgroup_id)?.seq;
-        self.mcp.attribute(cgroup_id, seq)
+        let seq = self.view.mcp.get(cgroup_id)?.seq;
+        self.view.mcp.attribute(cgroup_id, seq)
     }
 }

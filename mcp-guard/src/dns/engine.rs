@@ -1,18 +1,25 @@
-//! The learned addresses of host rules: what DNS answered for which workload, behind
-//! the rebinding guard, for how long, and which workload a DNS client belongs to.
+//! The DNS side's own state: the rebinding guard on answers, which names a workload may
+//! ask for (and the CNAME chains its answers reached), rate-limited refusal reports and
+//! the attribution caches. It lives on the DNS thread alone; what it works from (config,
+//! registrations, MCP instances, generation, the learned set) is the state owner's
+//! published [`View`], and what it learns goes to the owner as an [`Update`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     path::PathBuf,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::{filter::Refusal, Update};
+use super::{
+    filter::Refusal,
+    learned::{unix_now, Need},
+    Update, View,
+};
 use crate::{
     config::{Config, HostPattern},
     policy::{self, Learned},
@@ -20,24 +27,11 @@ use crate::{
     telemetry::metrics::Metrics,
 };
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// The learned addresses and what they are for. Shared by the resolver, the proxy and
-/// the daemon (which shows it on /dns and hands it to `explain`).
+/// The DNS side's state (see the module documentation).
 pub struct Engine {
-    pub(super) cfg: Arc<Config>,
+    pub(super) view: Arc<View>,
     pub(super) mount: PathBuf,
-    /// (workload, name, address) -> what was learned.
-    learned: BTreeMap<(String, String, IpAddr), Learned>,
     pub(super) owners: HashMap<u64, (Instant, Option<String>)>,
-    /// `exec --mcp` instances, to name the tool call a refusal happened under.
-    pub mcp: Arc<crate::mcp::registry::Registry>,
-    /// What the kernel attributes by (from the state owner).
-    pub(super) registrations: super::Registrations,
     /// Source address -> cgroup id of the workload whose own network namespace has it
     /// (clients in another namespace than the proxy, such as pods), and when it was read.
     pub(super) sources: (Option<Instant>, BTreeMap<[u8; 16], u64>),
@@ -52,30 +46,21 @@ pub struct Engine {
     updates: mpsc::UnboundedSender<Update>,
     events: mpsc::UnboundedSender<JsonEvent>,
     pub(super) metrics: Arc<Metrics>,
-    /// Policy generation, for events.
-    pub generation: u32,
-    /// A learned address's expiry moved later since the last [`Engine::take_renewed`]:
-    /// the kernel holds each expiry too (it refuses an expired answer with no daemon),
-    /// so a renewal must be installed like a new address.
-    renewed: bool,
 }
 
 impl Engine {
     #[must_use]
     pub fn new(
-        cfg: Arc<Config>,
+        view: Arc<View>,
         mount: PathBuf,
         updates: mpsc::UnboundedSender<Update>,
         events: mpsc::UnboundedSender<JsonEvent>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let e = Self {
-            cfg,
+            view,
             mount,
-            learned: BTreeMap::new(),
             owners: HashMap::new(),
-            registrations: super::Registrations::default(),
-            mcp: Arc::default(),
             sources: (None, BTreeMap::new()),
             reported: HashMap::new(),
             query_reported: HashMap::new(),
@@ -83,25 +68,45 @@ impl Engine {
             updates,
             events,
             metrics,
-            generation: 0,
-            renewed: false,
         };
         e.init_series();
         e
     }
 
+    pub(super) fn cfg(&self) -> &Config {
+        &self.view.cfg
+    }
+
+    /// Takes the owner's newest view. Another config forgets the caches that depend on
+    /// it; other registrations forget the attribution caches.
+    pub fn set_view(&mut self, v: Arc<View>) {
+        if !Arc::ptr_eq(&v.cfg, &self.view.cfg) {
+            self.owners.clear();
+            self.sources = (None, BTreeMap::new());
+            self.aliases.clear();
+            self.view = v;
+            self.init_series();
+            return;
+        }
+        if v.registrations != self.view.registrations {
+            self.owners.clear();
+            self.sources.0 = None;
+        }
+        self.view = v;
+    }
+
     /// Refusal counters exist at 0 for every workload with host rules, so an alert on
     /// their increase() sees the first refusal.
     fn init_series(&self) {
-        for w in self.cfg.workloads.iter().filter(|w| !w.hosts.is_empty()) {
+        for w in self.cfg().workloads.iter().filter(|w| !w.hosts.is_empty()) {
             for reason in ["rebound-metadata", "rebound-baseline", "rebound-internal"] {
                 self.metrics
                     .dns_refused
                     .with_label_values(&[&w.name, reason]);
             }
         }
-        if self.cfg.dns.proxy.is_some() {
-            for w in &self.cfg.workloads {
+        if self.cfg().dns.proxy.is_some() {
+            for w in &self.cfg().workloads {
                 for r in Refusal::ALL.iter().filter(|r| **r != Refusal::Unattributed) {
                     self.metrics
                         .dns_query_refused
@@ -116,7 +121,7 @@ impl Engine {
 
     /// The id and config of a workload by name.
     pub(super) fn workload(&self, name: &str) -> Option<(u32, &crate::config::Workload)> {
-        self.cfg
+        self.cfg()
             .workloads
             .iter()
             .find(|w| w.name == name)
@@ -165,7 +170,7 @@ impl Engine {
                 if chain.contains(&owner) && !chain.contains(&target) && chain.len() < 16 {
                     let until = unix_now()
                         + u64::from(self.ttl_bounds(rec.ttl))
-                        + u64::from(self.cfg.dns.grace);
+                        + u64::from(self.cfg().dns.grace);
                     if self.aliases.len() >= 65_536 {
                         let now = unix_now();
                         self.aliases.retain(|_, (_, u)| *u > now);
@@ -196,7 +201,7 @@ impl Engine {
             .dns_query_refused
             .with_label_values(&[workload, r.reason])
             .inc();
-        let limit = self.cfg.rate_limit_per_sec;
+        let limit = self.cfg().rate_limit_per_sec;
         if self.query_reported.len() > 10_000 {
             self.query_reported.clear();
         }
@@ -219,67 +224,17 @@ impl Engine {
             mcp: self.tool_call(r.cgroup_id),
             ..events::dns_query_refusal(&events::QueryRefusal {
                 suppressed,
-                generation: self.generation,
+                generation: self.view.generation,
                 qtype: r.qtype.clone(),
                 ..*r
             })
         });
     }
 
-    /// Everything learned and still alive, for the compiler.
-    #[must_use]
-    pub fn snapshot(&self) -> Vec<Learned> {
-        self.learned.values().cloned().collect()
-    }
-
-    /// Takes over what a previous daemon learned (as installed), keeping only what the
-    /// rules still match and the guard admits.
-    pub fn seed(&mut self, learned: &[Learned]) {
-        for l in learned {
-            self.learned
-                .insert((l.workload.clone(), l.name.clone(), l.addr), l.clone());
-        }
-        let cfg = self.cfg.clone();
-        self.set_config(cfg);
-    }
-
-    /// Updates entries to the TTL and expiry of the latest answer for the same workload,
-    /// name and address.
-    pub fn refresh(&self, entries: &mut [Learned]) {
-        for l in entries {
-            let key = (l.workload.clone(), l.name.clone(), l.addr);
-            if let Some(now) = self.learned.get(&key) {
-                l.ttl = now.ttl;
-                l.expires_unix = now.expires_unix;
-            }
-        }
-    }
-
-    /// A new config: forget what no host rule matches any more, and what the new
-    /// baseline or rules refuse.
-    pub fn set_config(&mut self, cfg: Arc<Config>) -> bool {
-        self.cfg = cfg;
-        self.owners.clear();
-        self.sources = (None, BTreeMap::new());
-        self.aliases.clear();
-        self.init_series();
-        let before = self.learned.len();
-        let cfg = self.cfg.clone();
-        self.learned.retain(|(wl, name, addr), _| {
-            cfg.workloads.iter().any(|w| {
-                &w.name == wl
-                    && w.hosts.iter().any(|h| {
-                        h.pattern.matches(name) && policy::refusal(&cfg, h, *addr).is_none()
-                    })
-            })
-        });
-        before != self.learned.len()
-    }
-
     /// Exact names to resolve, with the workloads that have rules for them.
     pub(super) fn exact_names(&self) -> BTreeMap<String, BTreeSet<String>> {
         let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for w in &self.cfg.workloads {
+        for w in &self.cfg().workloads {
             for h in &w.hosts {
                 if let HostPattern::Exact(n) = &h.pattern {
                     out.entry(n.clone()).or_default().insert(w.name.clone());
@@ -290,12 +245,11 @@ impl Engine {
     }
 
     pub(super) fn ttl_bounds(&self, ttl: u32) -> u32 {
-        ttl.clamp(self.cfg.dns.min_ttl, self.cfg.dns.max_ttl)
+        ttl.clamp(self.cfg().dns.min_ttl, self.cfg().dns.max_ttl)
     }
 
-    /// Takes one answer for `name` as received by `workload`: admitted addresses are
-    /// learned (or kept longer), refused ones reported. Returns whether the set of
-    /// learned addresses grew (the policy must change before anyone uses them).
+    /// Takes one answer for `name` as received by `workload`: refused addresses are
+    /// counted and reported, admitted ones come back as what the policy would learn.
     pub fn learn(
         &mut self,
         workload: &str,
@@ -303,96 +257,109 @@ impl Engine {
         records: &[(IpAddr, u32)],
         source: &'static str,
         cgroup_id: u64,
-    ) -> bool {
-        let cfg = self.cfg.clone();
+    ) -> Vec<Learned> {
+        let view = self.view.clone();
+        let cfg = &view.cfg;
         let Some(w) = cfg.workloads.iter().find(|w| w.name == workload) else {
-            return false;
+            return Vec::new();
         };
         let rules: Vec<_> = w.hosts.iter().filter(|h| h.pattern.matches(name)).collect();
         if rules.is_empty() {
-            return false;
+            return Vec::new();
         }
         let now = unix_now();
-        let mut grew = false;
+        let mut admitted = Vec::new();
         for &(addr, ttl) in records {
             let addr = addr.to_canonical();
-            let mut admitted = false;
+            let mut ok = false;
             for h in &rules {
-                match policy::refusal(&cfg, h, addr) {
-                    None => admitted = true,
-                    Some(reason) => {
-                        self.metrics
-                            .dns_refused
-                            .with_label_values(&[workload, reason])
-                            .inc();
-                        let Some(suppressed) = self.report_now(workload, name, addr, reason) else {
-                            continue;
-                        };
-                        warn!(workload, name, %addr, reason, rule = %h.pattern, "DNS answer refused by the rebinding guard");
-                        let mcp = self.tool_call(cgroup_id);
-                        let _ = self.events.send(events::JsonEvent {
-                            mcp,
-                            ..events::dns_refusal(&events::Refusal {
-                                workload,
-                                workload_id: w.id,
-                                cgroup_id,
-                                name,
-                                addr,
-                                reason,
-                                rule: format!(
-                                    "workload {} allow host {} ({}:{})",
-                                    w.name,
-                                    h.pattern,
-                                    cfg.path.display(),
-                                    h.loc.line
-                                ),
-                                source,
-                                generation: self.generation,
-                                suppressed,
-                            })
-                        });
-                    }
+                match policy::refusal(cfg, h, addr) {
+                    None => ok = true,
+                    Some(reason) => self.refuse_answer(w, h, name, addr, reason, source, cgroup_id),
                 }
             }
-            if !admitted {
-                continue;
-            }
-            let expires_unix = now + u64::from(self.ttl_bounds(ttl)) + u64::from(cfg.dns.grace);
-            let key = (workload.to_string(), name.to_string(), addr);
-            let full = self.learned_by(workload) >= cfg.dns.max_addresses as usize;
-            match self.learned.get_mut(&key) {
-                Some(l) => {
-                    if expires_unix > l.expires_unix {
-                        l.expires_unix = expires_unix;
-                        self.renewed = true;
-                    }
-                    l.ttl = ttl;
-                }
-                None if full => {
-                    self.metrics
-                        .dns_limited
-                        .with_label_values(&[workload])
-                        .inc();
-                    warn!(workload, name, %addr, limit = cfg.dns.max_addresses, "not learned: the workload has [dns] max_addresses learned addresses already (connections to it stay denied)");
-                }
-                None => {
-                    debug!(workload, name, %addr, ttl, source, "learned");
-                    self.learned.insert(
-                        key,
-                        Learned {
-                            workload: workload.to_string(),
-                            name: name.to_string(),
-                            addr,
-                            ttl,
-                            expires_unix,
-                            source: source.to_string(),
-                        },
-                    );
-                    grew = true;
-                }
+            if ok {
+                admitted.push(Learned {
+                    workload: workload.to_string(),
+                    name: name.to_string(),
+                    addr,
+                    ttl,
+                    expires_unix: now + u64::from(self.ttl_bounds(ttl)) + u64::from(cfg.dns.grace),
+                    source: source.to_string(),
+                });
             }
         }
-        grew
+        admitted
+    }
+
+    /// Counts an answer the rebinding guard refused and reports it (rate-limited).
+    #[allow(clippy::too_many_arguments)]
+    fn refuse_answer(
+        &mut self,
+        w: &crate::config::Workload,
+        h: &crate::config::HostRule,
+        name: &str,
+        addr: IpAddr,
+        reason: &'static str,
+        source: &'static str,
+        cgroup_id: u64,
+    ) {
+        let workload = w.name.as_str();
+        self.metrics
+            .dns_refused
+            .with_label_values(&[workload, reason])
+            .inc();
+        let Some(suppressed) = self.report_now(workload, name, addr, reason) else {
+            return;
+        };
+        warn!(workload, name, %addr, reason, rule = %h.pattern, "DNS answer refused by the rebinding guard");
+        let mcp = self.tool_call(cgroup_id);
+        let _ = self.events.send(events::JsonEvent {
+            mcp,
+            ..events::dns_refusal(&events::Refusal {
+                workload,
+                workload_id: w.id,
+                cgroup_id,
+                name,
+                addr,
+                reason,
+                rule: format!(
+                    "workload {} allow host {} ({}:{})",
+                    w.name,
+                    h.pattern,
+                    self.cfg().path.display(),
+                    h.loc.line
+                ),
+                source,
+                generation: self.view.generation,
+                suppressed,
+            })
+        });
+    }
+
+    /// Hands admitted answers to the state owner if they teach the policy anything:
+    /// new addresses (with `wait`, the returned receiver is answered once the kernel
+    /// enforces them), or expiries worth moving later (never waited for).
+    pub fn offer(
+        &self,
+        answers: Vec<Learned>,
+        wait: bool,
+    ) -> (Need, Option<oneshot::Receiver<()>>) {
+        let need = self.view.learned.need(&answers, self.cfg());
+        let done = match need {
+            Need::Nothing => return (need, None),
+            Need::New if wait => {
+                let (tx, rx) = oneshot::channel();
+                let _ = self.updates.send(Update {
+                    answers,
+                    done: Some(tx),
+                });
+                return (need, Some(rx));
+            }
+            Need::New | Need::Renewal => None,
+        };
+        let _ = self.updates.send(Update { answers, done });
+        (need, None)
     }
 
     /// Rate limit for refusal events: one per (workload, name, address, reason) per
@@ -423,57 +390,16 @@ impl Engine {
             }
         }
     }
-
-    fn learned_by(&self, workload: &str) -> usize {
-        self.learned
-            .range((workload.to_string(), String::new(), IpAddr::from([0u8; 4]))..)
-            .take_while(|((w, _, _), _)| w == workload)
-            .count()
-    }
-
-    /// Drops addresses whose TTL and grace ran out. Returns whether any did.
-    pub fn expire(&mut self) -> bool {
-        let now = unix_now();
-        let before = self.learned.len();
-        self.learned.retain(|_, l| l.expires_unix > now);
-        before != self.learned.len()
-    }
-
-    /// Sends the learned set to the daemon.
-    /// Whether an expiry moved later since the last call (see `renewed`).
-    pub fn take_renewed(&mut self) -> bool {
-        std::mem::take(&mut self.renewed)
-    }
-
-    pub fn publish(&self, done: Option<oneshot::Sender<()>>) {
-        self.metrics.dns_learned.reset();
-        for w in &self.cfg.workloads {
-            if !w.hosts.is_empty() {
-                self.metrics
-                    .dns_learned
-                    .with_label_values(&[&w.name])
-                    .set(0);
-            }
-        }
-        for l in self.learned.values() {
-            self.metrics
-                .dns_learned
-                .with_label_values(&[&l.workload])
-                .inc();
-        }
-        let _ = self.updates.send(Update {
-            learned: self.snapshot(),
-            done,
-        });
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dns::learned::LearnedSet;
 
     fn engine(
         text: &str,
+        learned: LearnedSet,
     ) -> (
         Engine,
         mpsc::UnboundedReceiver<Update>,
@@ -482,8 +408,15 @@ mod tests {
         let cfg = crate::config::parse(std::path::Path::new("t.toml"), text).unwrap();
         let (utx, urx) = mpsc::unbounded_channel();
         let (etx, erx) = mpsc::unbounded_channel();
+        let view = View {
+            cfg: Arc::new(cfg),
+            registrations: Arc::default(),
+            mcp: Arc::default(),
+            generation: 3,
+            learned: Arc::new(learned),
+        };
         let e = Engine::new(
-            Arc::new(cfg),
+            Arc::new(view),
             PathBuf::from("/nonexistent"),
             utx,
             etx,
@@ -495,21 +428,20 @@ mod tests {
     const CFG: &str = "[dns]\nproxy='127.0.0.1:5353'\nmax_addresses=2\nmin_ttl=10\nmax_ttl=100\ngrace=5\n[[workload]]\nname='w'\ncgroup='/w'\n[[workload.allow]]\nhost='*.cdn.test'\n[[workload.allow]]\nhost='api.test'\n";
 
     #[test]
-    fn learns_within_guard_bounds_and_limit() {
-        let (mut e, _u, mut ev) = engine(CFG);
+    fn the_guard_admits_within_ttl_bounds_and_reports_refusals_once_a_second() {
+        let (mut e, _u, mut ev) = engine(CFG, LearnedSet::default());
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let now = unix_now();
         // Not a name any rule of the workload matches, or an unknown workload.
-        assert!(!e.learn("w", "cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7));
-        assert!(!e.learn("x", "a.cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7));
-        // Metadata and internal answers are refused, reported, and not learned.
-        assert!(!e.learn(
-            "w",
-            "a.cdn.test",
-            &[(ip("169.254.169.254"), 60), (ip("10.1.1.1"), 60)],
-            "proxy",
-            7
-        ));
+        assert!(e
+            .learn("w", "cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7)
+            .is_empty());
+        assert!(e
+            .learn("x", "a.cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7)
+            .is_empty());
+        // Metadata and internal answers are refused, reported, and not admitted.
+        let bad = [(ip("169.254.169.254"), 60), (ip("10.1.1.1"), 60)];
+        assert!(e.learn("w", "a.cdn.test", &bad, "proxy", 7).is_empty());
         let r1 = ev.try_recv().unwrap();
         let r2 = ev.try_recv().unwrap();
         assert_eq!(
@@ -517,33 +449,44 @@ mod tests {
             ("rebound-metadata", "rebound-internal")
         );
         assert_eq!(r1.name.as_deref(), Some("a.cdn.test"));
-        assert_eq!(r1.cgroup_id, 7);
+        assert_eq!((r1.cgroup_id, r1.policy_generation), (7, 3));
         // The same refusal again within a second: counted, not reported again.
-        assert!(!e.learn(
-            "w",
-            "a.cdn.test",
-            &[(ip("169.254.169.254"), 60)],
-            "proxy",
-            7
-        ));
+        assert!(e.learn("w", "a.cdn.test", &bad[..1], "proxy", 7).is_empty());
         assert!(ev.try_recv().is_err());
         // TTLs clamped to 10..=100, plus 5 s grace.
-        assert!(e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 0)], "proxy", 7));
-        assert!(e.learn("w", "api.test", &[(ip("2.2.2.2"), 1000)], "resolver", 0));
-        let s = e.snapshot();
-        let exp = |a: &str| s.iter().find(|l| l.addr == ip(a)).unwrap().expires_unix - now;
-        assert!((15..=16).contains(&exp("1.1.1.1")), "{}", exp("1.1.1.1"));
-        assert!((105..=106).contains(&exp("2.2.2.2")), "{}", exp("2.2.2.2"));
-        // Seen again: not new; a third address is over max_addresses = 2.
-        assert!(!e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 50)], "proxy", 7));
-        assert!(!e.learn("w", "b.cdn.test", &[(ip("3.3.3.3"), 50)], "proxy", 7));
-        assert_eq!(e.snapshot().len(), 2);
-        // Nothing expired yet; a config without the wildcard forgets its answers.
-        assert!(!e.expire());
-        let narrower = CFG.replace("host='*.cdn.test'", "host='other.test'");
-        let cfg = crate::config::parse(std::path::Path::new("t.toml"), &narrower).unwrap();
-        assert!(e.set_config(Arc::new(cfg)));
-        let left: Vec<String> = e.snapshot().iter().map(|l| l.name.clone()).collect();
-        assert_eq!(left, ["api.test"]);
+        let a = e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 0)], "proxy", 7);
+        let b = e.learn("w", "api.test", &[(ip("2.2.2.2"), 1000)], "resolver", 0);
+        assert!((15..=16).contains(&(a[0].expires_unix - now)), "{a:?}");
+        assert!((105..=106).contains(&(b[0].expires_unix - now)), "{b:?}");
+    }
+
+    #[test]
+    fn only_answers_that_teach_the_policy_go_to_the_owner_and_only_new_ones_wait() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (e0, _, _) = engine(CFG, LearnedSet::default());
+        let cfg = e0.view.cfg.clone();
+        let m = Metrics::new("test");
+        let mut known = LearnedSet::default();
+        let (mut e, _, _) = engine(CFG, LearnedSet::default());
+        let a = e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7);
+        known.merge(a.clone(), &cfg, &m);
+        let (mut e, mut updates, _) = engine(CFG, known);
+        // Already learned: nothing is sent, nothing waits.
+        let again = e.learn("w", "a.cdn.test", &[(ip("1.1.1.1"), 60)], "proxy", 7);
+        assert_eq!(e.offer(again, true).0, Need::Nothing);
+        assert!(updates.try_recv().is_err());
+        // A new address waits for the owner; the update carries it.
+        let new = e.learn("w", "a.cdn.test", &[(ip("1.1.1.2"), 60)], "proxy", 7);
+        let (need, rx) = e.offer(new, true);
+        assert_eq!(need, Need::New);
+        let u = updates.try_recv().unwrap();
+        assert_eq!(u.answers[0].addr, ip("1.1.1.2"));
+        u.done.unwrap().send(()).unwrap();
+        assert!(rx.unwrap().try_recv().is_ok());
+        // Without waiting (the resolver), no receiver.
+        let new = e.learn("w", "api.test", &[(ip("2.2.2.2"), 60)], "resolver", 0);
+        let (need, rx) = e.offer(new, false);
+        assert!(need == Need::New && rx.is_none());
+        assert!(updates.try_recv().unwrap().done.is_none());
     }
 }

@@ -4,11 +4,7 @@
 //! its query rate and in-flight budget. Everything else is answered REFUSED by the proxy
 //! itself, so a guarded workload cannot carry data out in query names or types.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Instant,
-};
+use std::{cell::RefCell, collections::HashMap, rc::Rc, time::Instant};
 
 use hickory_resolver::proto::{
     op::{Message, MessageType, OpCode},
@@ -126,13 +122,13 @@ struct Budget {
 
 /// One in-flight query of a workload; the count goes down when it is dropped.
 pub struct InFlight {
-    budgets: Arc<Mutex<Budgets>>,
+    budgets: Rc<RefCell<Budgets>>,
     workload: String,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut b = self.budgets.lock().expect("budgets");
+        let mut b = self.budgets.borrow_mut();
         if let Some(w) = b.by_workload.get_mut(&self.workload) {
             w.in_flight = w.in_flight.saturating_sub(1);
         }
@@ -146,7 +142,7 @@ impl Budgets {
     /// # Errors
     /// [`Refusal::RateLimited`] or [`Refusal::InFlightLimited`].
     pub fn take(
-        this: &Arc<Mutex<Self>>,
+        this: &Rc<RefCell<Self>>,
         workload: &str,
         per_sec: u32,
         in_flight: u32,
@@ -155,13 +151,13 @@ impl Budgets {
     }
 
     fn take_at(
-        this: &Arc<Mutex<Self>>,
+        this: &Rc<RefCell<Self>>,
         workload: &str,
         per_sec: u32,
         in_flight: u32,
         now: Instant,
     ) -> Result<InFlight, Refusal> {
-        let mut b = this.lock().expect("budgets");
+        let mut b = this.borrow_mut();
         if b.by_workload.len() > 65_536 {
             b.by_workload.retain(|_, w| w.in_flight > 0);
         }
@@ -268,7 +264,7 @@ mod tests {
 
     #[test]
     fn budgets_limit_rate_and_in_flight_per_workload() {
-        let b = Arc::new(Mutex::new(Budgets::default()));
+        let b = Rc::new(RefCell::new(Budgets::default()));
         let t0 = Instant::now();
         // 3 per second, at most 2 at once.
         let g1 = Budgets::take_at(&b, "w", 3, 2, t0).unwrap();

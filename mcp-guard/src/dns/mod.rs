@@ -7,18 +7,25 @@
 //! workload only after the addresses in it are enforced.
 //!
 //! All of it runs on one thread that has entered `[dns] netns` (if set), so names are
-//! resolved, and the proxy listens, where the workloads live.
+//! resolved, and the proxy listens, where the workloads live. That thread owns its
+//! [`Engine`] (no lock: its tasks share one single-threaded runtime); it reads the state
+//! owner's [`View`] and sends what it learns as [`Update`]s. The learned set itself is
+//! the owner's ([`learned::LearnedSet`]).
 
 mod attribute;
 mod engine;
 pub mod filter;
+pub mod learned;
 mod proxy;
 
 use std::{
+    cell::RefCell,
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
-    sync::{Arc, Mutex},
+    path::PathBuf,
+    rc::Rc,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -32,11 +39,15 @@ use hickory_resolver::{
 };
 use tokio::{
     net::UdpSocket,
-    sync::{oneshot, watch},
+    sync::{mpsc, oneshot, watch},
+    task::spawn_local,
 };
 use tracing::{info, warn};
 
-use crate::{config::Config, host::sockdiag::SockDiag, policy::Learned};
+use crate::{
+    config::Config, host::sockdiag::SockDiag, mcp::registry::Registry, policy::Learned,
+    telemetry::events::JsonEvent, telemetry::metrics::Metrics,
+};
 
 /// Why the DNS side could not start. Host rules then allow nothing (fail closed) until a
 /// reload fixes it.
@@ -62,10 +73,34 @@ pub enum DnsError {
 
 type Result<T> = std::result::Result<T, DnsError>;
 
-/// A new learned set for the daemon to enforce; `done` is answered once it is.
+/// Answers that teach the policy something, for the state owner to merge and install;
+/// `done` is answered once the kernel enforces them.
 pub struct Update {
-    pub learned: Vec<Learned>,
+    pub answers: Vec<Learned>,
     pub done: Option<oneshot::Sender<()>>,
+}
+
+/// What the DNS side works from, published by the state owner with every change.
+#[derive(Debug)]
+pub struct View {
+    pub cfg: Arc<Config>,
+    /// What the kernel attributes by.
+    pub registrations: Arc<Registrations>,
+    /// `exec --mcp` instances, to name the tool call a refusal happens under.
+    pub mcp: Arc<Registry>,
+    /// The policy generation, for events.
+    pub generation: u32,
+    /// What the policy learned so far.
+    pub learned: Arc<learned::LearnedSet>,
+}
+
+/// Where the DNS side sends what it learns and reports, and what it reads.
+#[derive(Clone)]
+pub struct Wiring {
+    pub mount: PathBuf,
+    pub updates: mpsc::UnboundedSender<Update>,
+    pub events: mpsc::UnboundedSender<JsonEvent>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// The upstream servers: `[dns] nameservers`, else those of resolv.conf.
@@ -166,9 +201,8 @@ fn enter_and_bind(dns: &crate::config::DnsConfig, servers: &[SocketAddr]) -> Res
     })
 }
 
-/// A running DNS side: its thread, and how to hand it a new config or stop it.
+/// A running DNS side: its thread, and how to stop it.
 pub struct Dns {
-    config: watch::Sender<Arc<Config>>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The `[dns]` table it was started with: another one needs a restart.
@@ -182,25 +216,22 @@ pub fn wanted(cfg: &Config) -> bool {
 }
 
 impl Dns {
-    /// Starts the resolver (and the proxy, if configured) on a thread of their own.
+    /// Starts the resolver (and the proxy, if configured) on a thread of their own, which
+    /// follows the owner's `view`.
     ///
     /// # Errors
     /// The namespace cannot be entered, there is no upstream server, or the proxy address
     /// cannot be bound: all reported before the thread runs.
-    pub fn start(cfg: Arc<Config>, engine: Arc<Mutex<Engine>>) -> Result<Self> {
+    pub fn start(view: watch::Receiver<Arc<View>>, wiring: Wiring) -> Result<Self> {
+        let cfg = view.borrow().cfg.clone();
         let servers = upstreams(&cfg)?;
-        let (config_tx, config_rx) = watch::channel(cfg.clone());
         let (stop_tx, stop_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
         let dns = cfg.dns.clone();
         let thread = std::thread::Builder::new()
             .name("mcpg-dns".into())
             .spawn(move || {
-                let Setup {
-                    rt,
-                    resolver,
-                    proxy,
-                } = match enter_and_bind(&dns, &servers) {
+                let setup = match enter_and_bind(&dns, &servers) {
                     Ok(v) => {
                         let _ = ready_tx.send(Ok(()));
                         v
@@ -210,24 +241,7 @@ impl Dns {
                         return;
                     }
                 };
-                rt.block_on(async move {
-                    let resolving = tokio::spawn(resolve_loop(engine.clone(), resolver, config_rx));
-                    let proxying = proxy.map(|(sock, tcp, diag)| {
-                        tokio::spawn(proxy::proxy_loop(
-                            Arc::new(sock),
-                            tcp,
-                            dns.proxy.expect("bound"),
-                            engine.clone(),
-                            servers.clone(),
-                            Arc::new(Mutex::new(diag)),
-                        ))
-                    });
-                    let _ = stop_rx.await;
-                    resolving.abort();
-                    if let Some(p) = proxying {
-                        p.abort();
-                    }
-                });
+                run(setup, view, wiring, servers, stop_rx);
             })?;
         ready_rx.recv().map_err(|_| DnsError::ThreadEnded)??;
         info!(
@@ -237,7 +251,6 @@ impl Dns {
             if cfg.dns.proxy.is_some() { " and learning answers through the proxy" } else { "" }
         );
         Ok(Self {
-            config: config_tx,
             stop: Some(stop_tx),
             thread: Some(thread),
             started_with: cfg.dns.clone(),
@@ -249,9 +262,59 @@ impl Dns {
     pub fn accepts(&self, cfg: &Config) -> bool {
         self.started_with == cfg.dns
     }
+}
 
-    pub fn set_config(&self, cfg: Arc<Config>) {
-        let _ = self.config.send(cfg);
+/// The DNS thread's life: its engine, the resolver, the proxy and the view follower on
+/// one single-threaded runtime, until `stop`.
+fn run(
+    setup: Setup,
+    view: watch::Receiver<Arc<View>>,
+    wiring: Wiring,
+    servers: Vec<SocketAddr>,
+    stop: oneshot::Receiver<()>,
+) {
+    let Setup {
+        rt,
+        resolver,
+        proxy,
+    } = setup;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let first = view.borrow().clone();
+        let proxy_addr = first.cfg.dns.proxy;
+        let engine = Rc::new(RefCell::new(Engine::new(
+            first,
+            wiring.mount,
+            wiring.updates,
+            wiring.events,
+            wiring.metrics,
+        )));
+        let mut tasks = vec![
+            spawn_local(follow(engine.clone(), view.clone())),
+            spawn_local(resolve_loop(engine.clone(), resolver, view)),
+        ];
+        if let (Some((sock, tcp, diag)), Some(addr)) = (proxy, proxy_addr) {
+            tasks.push(spawn_local(proxy::proxy_loop(
+                Rc::new(sock),
+                tcp,
+                addr,
+                engine,
+                servers,
+                Rc::new(RefCell::new(diag)),
+            )));
+        }
+        let _ = stop.await;
+        for t in tasks {
+            t.abort();
+        }
+    });
+}
+
+/// Hands the engine every view the owner publishes.
+async fn follow(engine: Rc<RefCell<Engine>>, mut view: watch::Receiver<Arc<View>>) {
+    while view.changed().await.is_ok() {
+        let v = view.borrow_and_update().clone();
+        engine.borrow_mut().set_view(v);
     }
 }
 
@@ -288,17 +351,16 @@ async fn lookup(resolver: &TokioResolver, name: &str) -> (Vec<(IpAddr, u32)>, Op
     (out, error)
 }
 
-/// Resolves every exact name when its shortest record TTL (clamped) runs out, and
-/// expires what was learned.
+/// Resolves every exact name when its shortest record TTL (clamped) runs out; what it
+/// learns goes to the owner (never waited for). Expiry is the owner's.
 async fn resolve_loop(
-    engine: Arc<Mutex<Engine>>,
+    engine: Rc<RefCell<Engine>>,
     resolver: TokioResolver,
-    mut config: watch::Receiver<Arc<Config>>,
+    mut view: watch::Receiver<Arc<View>>,
 ) {
     let mut due: BTreeMap<String, Instant> = BTreeMap::new();
-    let mut expiry = tokio::time::interval(Duration::from_millis(500));
     loop {
-        let names = engine.lock().expect("engine").exact_names();
+        let names = engine.borrow().exact_names();
         due.retain(|n, _| names.contains_key(n));
         for n in names.keys() {
             due.entry(n.clone()).or_insert_with(Instant::now);
@@ -312,22 +374,12 @@ async fn resolve_loop(
         };
         tokio::select! {
             () = sleep => {}
-            r = config.changed() => {
+            r = view.changed() => {
                 if r.is_err() {
                     return;
                 }
-                let cfg = config.borrow_and_update().clone();
-                let mut e = engine.lock().expect("engine");
-                if e.set_config(cfg) {
-                    e.publish(None);
-                }
-                continue;
-            }
-            _ = expiry.tick() => {
-                let mut e = engine.lock().expect("engine");
-                if e.expire() {
-                    e.publish(None);
-                }
+                let v = view.borrow_and_update().clone();
+                engine.borrow_mut().set_view(v);
                 continue;
             }
         }
@@ -339,7 +391,7 @@ async fn resolve_loop(
             .collect();
         for name in ready {
             let (records, error) = lookup(&resolver, &name).await;
-            let mut e = engine.lock().expect("engine");
+            let mut e = engine.borrow_mut();
             let result = match (&error, records.is_empty()) {
                 (Some(_), true) => "error",
                 (None, true) => "empty",
@@ -352,23 +404,20 @@ async fn resolve_loop(
                     "DNS lookup failed (addresses learned before stay until they expire): {err}"
                 );
             }
-            let mut grew = false;
+            let mut admitted = Vec::new();
             for w in names.get(&name).into_iter().flatten() {
-                grew |= e.learn(w, &name, &records, "resolver", 0);
+                admitted.extend(e.learn(w, &name, &records, "resolver", 0));
             }
+            let _ = e.offer(admitted, false);
             let next = records
                 .iter()
                 .map(|(_, ttl)| e.ttl_bounds(*ttl))
                 .min()
-                .unwrap_or(e.cfg.dns.min_ttl);
+                .unwrap_or(e.cfg().dns.min_ttl);
             due.insert(
                 name.clone(),
                 Instant::now() + Duration::from_secs(u64::from(next)),
             );
-            // A renewal is installed too: the kernel holds every expiry.
-            if e.take_renewed() || grew {
-                e.publish(None);
-            }
         }
     }
 }

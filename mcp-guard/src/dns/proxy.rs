@@ -4,18 +4,20 @@
 //! only once the kernel enforces it.
 
 use std::{
+    cell::RefCell,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    rc::Rc,
     time::Duration,
 };
 
 use hickory_resolver::proto::{op::Message, rr::RData};
-use tokio::{net::UdpSocket, sync::oneshot};
+use tokio::{net::UdpSocket, task::spawn_local};
 use tracing::warn;
 
 use super::{
     engine::Engine,
     filter::{self, Budgets, Refusal},
+    learned::Need,
 };
 use crate::{host::sockdiag::SockDiag, telemetry::events::QueryRefusal};
 
@@ -30,21 +32,22 @@ const TCP_QUERIES_PER_CONNECTION: usize = 64;
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
 pub(super) async fn proxy_loop(
-    sock: Arc<UdpSocket>,
+    sock: Rc<UdpSocket>,
     tcp: tokio::net::TcpListener,
     addr: SocketAddr,
-    engine: Arc<Mutex<Engine>>,
+    engine: Rc<RefCell<Engine>>,
     servers: Vec<SocketAddr>,
-    diag: Arc<Mutex<SockDiag>>,
+    diag: Rc<RefCell<SockDiag>>,
 ) {
     let mut buf = vec![0u8; 4096];
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let shared = Arc::new(Shared {
-        engine: engine.clone(),
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let metrics = engine.borrow().metrics.clone();
+    let shared = Rc::new(Shared {
+        engine,
         servers,
-        budgets: Arc::new(Mutex::new(Budgets::default())),
+        budgets: Rc::new(RefCell::new(Budgets::default())),
     });
-    let _tcp = AbortOnDrop(tokio::spawn(tcp_loop(
+    let _tcp = AbortOnDrop(spawn_local(tcp_loop(
         tcp,
         addr,
         shared.clone(),
@@ -57,15 +60,14 @@ pub(super) async fn proxy_loop(
         };
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
             // A flood: drop the query (the client asks again), never queue without bound.
-            let metrics = engine.lock().expect("engine").metrics.clone();
             metrics.dns_proxied.with_label_values(&["overloaded"]).inc();
             continue;
         };
         let query = buf[..n].to_vec();
         // Who asked, while their socket certainly exists.
-        let cgroup_id = diag.lock().expect("diag").udp_cgroup(addr, client);
+        let cgroup_id = diag.borrow_mut().udp_cgroup(addr, client);
         let (sock, shared) = (sock.clone(), shared.clone());
-        tokio::spawn(async move {
+        spawn_local(async move {
             answer(sock, client, query, cgroup_id, shared).await;
             drop(permit);
         });
@@ -137,13 +139,13 @@ pub(super) fn question(msg: &[u8]) -> &[u8] {
 /// Which cgroup asked: the asking socket's own (found in the proxy's namespace), else
 /// the workload whose namespace holds the client's source address (a pod).
 fn attribute(
-    engine: &Mutex<Engine>,
+    engine: &RefCell<Engine>,
     found: std::io::Result<Option<u64>>,
     client: SocketAddr,
 ) -> Option<u64> {
     match found {
         Ok(Some(c)) => Some(c),
-        Ok(None) => engine.lock().expect("engine").cgroup_by_source(client.ip()),
+        Ok(None) => engine.borrow_mut().cgroup_by_source(client.ip()),
         Err(e) => {
             warn!(%client, "DNS proxy: cannot tell which cgroup asked: {e}");
             None
@@ -153,9 +155,9 @@ fn attribute(
 
 /// What the proxy shares between its UDP and TCP sides.
 pub(super) struct Shared {
-    pub engine: Arc<Mutex<Engine>>,
+    pub engine: Rc<RefCell<Engine>>,
     pub servers: Vec<SocketAddr>,
-    pub budgets: Arc<Mutex<Budgets>>,
+    pub budgets: Rc<RefCell<Budgets>>,
 }
 
 /// Whether an upstream answer goes back over UDP or TCP (and how the query came).
@@ -185,15 +187,14 @@ async fn handle(
     transport: Transport,
 ) -> Option<Vec<u8>> {
     let engine = &shared.engine;
-    let metrics = engine.lock().expect("engine").metrics.clone();
+    let metrics = engine.borrow().metrics.clone();
     if query.len() < 12 {
         metrics.dns_proxied.with_label_values(&["malformed"]).inc();
         return None;
     }
     let parsed = filter::question(query);
     let refuse = |why: Refusal, who: Option<(&str, u32)>, q: Option<&filter::Question>| {
-        let mut e = engine.lock().expect("engine");
-        e.refuse_query(&QueryRefusal {
+        engine.borrow_mut().refuse_query(&QueryRefusal {
             workload: who.map(|(w, _)| w),
             workload_id: who.map_or(0, |(_, id)| id),
             cgroup_id: cgroup_id.unwrap_or(0),
@@ -210,7 +211,7 @@ async fn handle(
     };
     // 1. Who asked, before anything else: an unknown client gets nothing upstream.
     let owner = {
-        let mut e = engine.lock().expect("engine");
+        let mut e = engine.borrow_mut();
         cgroup_id.and_then(|cg| e.owner(cg)).and_then(|name| {
             e.workload(&name)
                 .map(|(id, w)| (name.clone(), id, w.resolve_any))
@@ -226,10 +227,10 @@ async fn handle(
     };
     // 2. The workload's budgets: one workload cannot starve the others.
     let (qps, in_flight) = {
-        let e = engine.lock().expect("engine");
+        let e = engine.borrow();
         (
-            e.cfg.dns.workload_queries_per_sec,
-            e.cfg.dns.workload_in_flight,
+            e.cfg().dns.workload_queries_per_sec,
+            e.cfg().dns.workload_in_flight,
         )
     };
     let _in_flight = match Budgets::take(&shared.budgets, &workload, qps, in_flight) {
@@ -237,10 +238,7 @@ async fn handle(
         Err(why) => return refuse(why, who, Some(&q)),
     };
     // 3. The name, then the type.
-    let allowed = engine
-        .lock()
-        .expect("engine")
-        .allowed_name(&workload, &q.name);
+    let allowed = engine.borrow_mut().allowed_name(&workload, &q.name);
     let origin = match allowed {
         Some(origin) => origin,
         None if resolve_any => q.name.clone(),
@@ -276,7 +274,7 @@ async fn handle(
     )
     .await;
     metrics.dns_proxied.with_label_values(&[result]).inc();
-    let max_ttl = engine.lock().expect("engine").cfg.dns.max_ttl;
+    let max_ttl = engine.borrow().cfg().dns.max_ttl;
     Some(filter::cap_ttls(&mut msg, max_ttl).unwrap_or(response))
 }
 
@@ -285,7 +283,7 @@ async fn handle(
 /// to it), and, if that taught the policy anything new, waits until the kernel has it.
 /// Returns the metric's result.
 async fn learn_response(
-    engine: &Mutex<Engine>,
+    engine: &RefCell<Engine>,
     cgroup_id: u64,
     workload: &str,
     origin: &str,
@@ -294,7 +292,7 @@ async fn learn_response(
     client: SocketAddr,
 ) -> &'static str {
     let done = {
-        let mut e = engine.lock().expect("engine");
+        let mut e = engine.borrow_mut();
         e.note_cnames(workload, origin, asked, msg);
         let records: Vec<(IpAddr, u32)> = msg
             .answers
@@ -305,17 +303,13 @@ async fn learn_response(
                 _ => None,
             })
             .collect();
-        if !e.learn(workload, origin, &records, "proxy", cgroup_id) {
-            // Nothing new: the answer goes out at once; a renewed expiry is installed
-            // meanwhile (the address stays allowed under its earlier expiry until then).
-            if e.take_renewed() {
-                e.publish(None);
-            }
-            return "forwarded";
+        let admitted = e.learn(workload, origin, &records, "proxy", cgroup_id);
+        // Nothing new: the answer goes out at once; a renewal is installed meanwhile
+        // (the address stays allowed under its earlier expiry until then).
+        match e.offer(admitted, true) {
+            (Need::New, Some(rx)) => rx,
+            _ => return "forwarded",
         }
-        let (tx, rx) = oneshot::channel();
-        e.publish(Some(tx));
-        rx
     };
     if tokio::time::timeout(INSTALL_WAIT, done).await.is_err() {
         warn!(%client, "DNS proxy: the policy with the new answer was not in place within {INSTALL_WAIT:?}; answering anyway (connections fail closed until it is)");
@@ -324,11 +318,11 @@ async fn learn_response(
 }
 
 async fn answer(
-    sock: Arc<UdpSocket>,
+    sock: Rc<UdpSocket>,
     client: SocketAddr,
     query: Vec<u8>,
     found: std::io::Result<Option<u64>>,
-    shared: Arc<Shared>,
+    shared: Rc<Shared>,
 ) {
     let cgroup_id = attribute(&shared.engine, found, client);
     if let Some(r) = handle(&shared, client, cgroup_id, &query, Transport::Udp).await {
@@ -341,22 +335,22 @@ async fn answer(
 async fn tcp_loop(
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
-    shared: Arc<Shared>,
-    diag: Arc<Mutex<SockDiag>>,
-    in_flight: Arc<tokio::sync::Semaphore>,
+    shared: Rc<Shared>,
+    diag: Rc<RefCell<SockDiag>>,
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 ) {
     loop {
         let Ok((stream, client)) = listener.accept().await else {
             continue;
         };
         let Ok(permit) = in_flight.clone().try_acquire_owned() else {
-            let metrics = shared.engine.lock().expect("engine").metrics.clone();
+            let metrics = shared.engine.borrow().metrics.clone();
             metrics.dns_proxied.with_label_values(&["overloaded"]).inc();
             continue;
         };
-        let found = diag.lock().expect("diag").tcp_cgroup(addr, client);
+        let found = diag.borrow_mut().tcp_cgroup(addr, client);
         let shared = shared.clone();
-        tokio::spawn(async move {
+        spawn_local(async move {
             let cgroup_id = attribute(&shared.engine, found, client);
             let _ = tcp_session(stream, client, cgroup_id, &shared).await;
             drop(permit);
