@@ -295,7 +295,7 @@ impl Owner {
         // What the new rules no longer cover goes (the compiler already left it out).
         if Arc::make_mut(&mut self.learned).retain_for(&cfg) {
             self.installed = Arc::new(self.learned.snapshot());
-            write_learned(&self.learned_file, &self.installed);
+            self.persist.send(self.installed.clone());
         }
         self.learned.publish_metrics(&cfg, &self.metrics);
         self.cfg = Arc::new(cfg);
@@ -335,6 +335,47 @@ pub(super) fn read_learned(path: &Path, dns: &config::DnsConfig) -> Vec<policy::
 /// Keeps the installed learned addresses for the next daemon (write, then rename).
 pub(super) fn write_learned(path: &Path, learned: &[policy::Learned]) {
     write_state(path, learned, "learned addresses");
+}
+
+/// Writes the installed learned addresses for the next daemon on a thread of its own,
+/// the newest set only, so installing a learned answer never waits on the disk. What
+/// was sent is written before [`Persist::finish`] returns (the daemon stopping).
+pub(super) struct Persist {
+    tx: Option<std::sync::mpsc::Sender<Arc<Vec<policy::Learned>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Persist {
+    pub fn start(path: PathBuf) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Vec<policy::Learned>>>();
+        let thread = std::thread::Builder::new()
+            .name("mcpg-persist".into())
+            .spawn(move || {
+                while let Ok(mut set) = rx.recv() {
+                    set = rx.try_iter().last().unwrap_or(set);
+                    write_learned(&path, &set);
+                }
+            })
+            .ok();
+        Self {
+            tx: Some(tx),
+            thread,
+        }
+    }
+
+    pub fn send(&self, set: Arc<Vec<policy::Learned>>) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(set);
+        }
+    }
+
+    /// Writes what is pending and stops the thread.
+    pub fn finish(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Writes daemon state kept for the next daemon (learned addresses, placed pods): a
@@ -411,10 +452,18 @@ impl Owner {
     }
 
     /// Merges answers from the DNS side; installs the policy if they changed anything.
-    pub(super) fn learned_answers(&mut self, answers: Vec<policy::Learned>) {
+    /// `done` is answered as soon as the kernel enforces them (or nothing changed).
+    pub(super) fn learned_answers(
+        &mut self,
+        answers: Vec<policy::Learned>,
+        mut done: Vec<tokio::sync::oneshot::Sender<()>>,
+    ) {
         let changed = Arc::make_mut(&mut self.learned).merge(answers, &self.cfg, &self.metrics);
         if changed != dns::learned::Need::Nothing {
-            self.apply_learned();
+            self.apply_learned(&mut done);
+        }
+        for d in done {
+            let _ = d.send(());
         }
     }
 
@@ -424,7 +473,7 @@ impl Owner {
         if self.installed.iter().any(|l| l.expires_unix <= now)
             && Arc::make_mut(&mut self.learned).expire(now)
         {
-            self.apply_learned();
+            self.apply_learned(&mut Vec::new());
         }
     }
 
@@ -435,8 +484,9 @@ impl Owner {
         self.publish_dns();
     }
 
-    /// Compiles the config with the learned set and switches to it whole.
-    pub(super) fn apply_learned(&mut self) {
+    /// Compiles the config with the learned set and switches to it whole; answers `done`
+    /// once the kernel enforces it.
+    pub(super) fn apply_learned(&mut self, done: &mut Vec<tokio::sync::oneshot::Sender<()>>) {
         let learned = self.learned.snapshot();
         self.learned.publish_metrics(&self.cfg, &self.metrics);
         let compiled = match policy::compile_with(&self.cfg, &learned) {
@@ -463,9 +513,14 @@ impl Owner {
             "policy updated from DNS answers"
         );
         self.compiled = Arc::new(compiled);
-        write_learned(&self.learned_file, &learned);
         self.installed = Arc::new(learned);
+        // What /dns, /status and the DNS side see is the new policy before anyone who
+        // waits for these answers has them (the kernel already enforces it).
         self.publish();
+        for d in done.drain(..) {
+            let _ = d.send(());
+        }
+        self.persist.send(self.installed.clone());
     }
 }
 

@@ -45,7 +45,6 @@ pub(super) struct Running {
     pins: Pins,
     cfg: Arc<config::Config>,
     attach_dir: PathBuf,
-    dns_updates: mpsc::UnboundedReceiver<dns::Update>,
     /// Taken by the pass running on a blocking thread, given back when it ends.
     homes: Option<Homes>,
     homes_task: Option<JoinHandle<(Homes, crate::kernel::maps::HomesPass)>>,
@@ -69,12 +68,10 @@ struct OwnerEnds {
     names: watch::Sender<Arc<events::Names>>,
     status: watch::Sender<Arc<String>>,
     status_rx: watch::Receiver<Arc<String>>,
-    dns_updates: mpsc::UnboundedReceiver<dns::Update>,
 }
 
-/// Where the DNS side sends learned sets and its events.
+/// Where the DNS side sends its events.
 struct ToDns {
-    updates: mpsc::UnboundedSender<dns::Update>,
     events: mpsc::UnboundedSender<events::JsonEvent>,
 }
 
@@ -86,7 +83,6 @@ impl Wiring {
     ) -> (Self, OwnerEnds, ToDns) {
         let (stream, _) = broadcast::channel(4096);
         let (events_tx, daemon_events) = mpsc::unbounded_channel();
-        let (updates_tx, dns_updates) = mpsc::unbounded_channel();
         let (names_tx, names) = watch::channel(Arc::default());
         let (status_tx, status_rx) = watch::channel(Arc::new(String::from("{}")));
         let (view_tx, view) = watch::channel(Arc::new(state::View {
@@ -109,12 +105,8 @@ impl Wiring {
             names: names_tx,
             status: status_tx,
             status_rx,
-            dns_updates,
         };
-        let to_dns = ToDns {
-            updates: updates_tx,
-            events: events_tx,
-        };
+        let to_dns = ToDns { events: events_tx };
         (wiring, ends, to_dns)
     }
 }
@@ -134,9 +126,14 @@ impl Running {
         let learned = dns::learned::LearnedSet::seeded(&learned, &cfg);
         let installed = Arc::new(learned.snapshot());
         let (wiring, out, to_dns) = Wiring::new(&cfg, &installed);
+        // Learned answers go straight onto the owner's channel.
+        let (commands, commands_rx) = std::sync::mpsc::channel();
+        let to_owner = commands.clone();
         let dns_wiring = dns::Wiring {
             mount: mount.clone(),
-            updates: to_dns.updates,
+            updates: Arc::new(move |u: dns::Update| {
+                let _ = to_owner.send(Command::Learned(u.answers, u.done.into_iter().collect()));
+            }),
             events: to_dns.events,
             metrics: metrics.clone(),
         };
@@ -162,7 +159,6 @@ impl Running {
             "the kernel does not list every program as attached to {}",
             attach_dir.display()
         );
-        let (commands, commands_rx) = std::sync::mpsc::channel();
         let owner_thread = std::thread::Builder::new()
             .name("mcpg-state".into())
             .spawn(move || owner.run(&commands_rx))
@@ -188,7 +184,6 @@ impl Running {
             pins,
             cfg,
             attach_dir,
-            dns_updates: out.dns_updates,
             homes: Some(k.homes),
             homes_task: None,
             posture_seen: std::collections::BTreeMap::new(),
@@ -230,10 +225,6 @@ impl Running {
                     self.state.send(Command::Reload(config_path.to_path_buf()));
                 }
                 _ = config_check.tick() => file.check(&self.state, &self.metrics),
-                Some(mut update) = self.dns_updates.recv() => {
-                    // The owner installs the newest of queued sets once and answers everyone.
-                    self.state.send(Command::Learned(update.answers, update.done.take().into_iter().collect()));
-                }
                 _ = homes_check.tick() => self.homes_pass().await,
                 _ = posture_check.tick() => self.posture_pass().await,
             }

@@ -114,8 +114,8 @@ pub(super) struct Owner {
     pub learned: Arc<dns::learned::LearnedSet>,
     /// The learned addresses compiled into the installed policy (served on /dns).
     pub installed: Arc<Vec<policy::Learned>>,
-    /// Where the installed learned addresses are kept for the next daemon.
-    pub learned_file: PathBuf,
+    /// Writes the installed learned addresses for the next daemon.
+    pub persist: super::ops::Persist,
     /// Pods identified through the CRI.
     pub pods: Arc<Table>,
     /// `exec --mcp` instances and their calls.
@@ -150,7 +150,7 @@ impl Owner {
             tc_repaired: k.tc.as_ref().map_or(0, |t| t.repaired),
             tc: k.tc,
             attachments: k.attachments,
-            learned_file: k.pins.learned_file(),
+            persist: super::ops::Persist::start(k.pins.learned_file()),
             attach_dir: k.attach_dir,
             pins: k.pins,
             registration_on: k.registration_on,
@@ -327,6 +327,7 @@ impl Owner {
                     // The DNS side first (it sends answers here), then the rest; the
                     // programs stay attached through their pins.
                     drop(self.dns.take());
+                    self.persist.finish();
                     return;
                 }
                 self.apply(c);
@@ -348,17 +349,13 @@ impl Owner {
             }
         }
         self.set_ready(false);
+        self.persist.finish();
     }
 
     fn apply(&mut self, c: Command) {
         match c {
             Command::Reload(path) => self.reload(&path),
-            Command::Learned(answers, done) => {
-                self.learned_answers(answers);
-                for d in done {
-                    let _ = d.send(());
-                }
-            }
+            Command::Learned(answers, done) => self.learned_answers(answers, done),
             Command::Pods {
                 workloads,
                 entries,

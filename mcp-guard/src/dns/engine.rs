@@ -43,7 +43,7 @@ pub struct Engine {
     /// (workload, name) -> (the allowed name whose answer's CNAME chain reached it, unix
     /// second it stops being allowed): a resolver following the chain may ask for it.
     aliases: HashMap<(String, String), (String, u64)>,
-    updates: mpsc::UnboundedSender<Update>,
+    updates: super::Deliver,
     events: mpsc::UnboundedSender<JsonEvent>,
     pub(super) metrics: Arc<Metrics>,
 }
@@ -53,7 +53,7 @@ impl Engine {
     pub fn new(
         view: Arc<View>,
         mount: PathBuf,
-        updates: mpsc::UnboundedSender<Update>,
+        updates: super::Deliver,
         events: mpsc::UnboundedSender<JsonEvent>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -350,7 +350,7 @@ impl Engine {
             Need::Nothing => return (need, None),
             Need::New if wait => {
                 let (tx, rx) = oneshot::channel();
-                let _ = self.updates.send(Update {
+                (self.updates)(Update {
                     answers,
                     done: Some(tx),
                 });
@@ -358,7 +358,7 @@ impl Engine {
             }
             Need::New | Need::Renewal => None,
         };
-        let _ = self.updates.send(Update { answers, done });
+        (self.updates)(Update { answers, done });
         (need, None)
     }
 
@@ -415,10 +415,13 @@ mod tests {
             generation: 3,
             learned: Arc::new(learned),
         };
+        let deliver: crate::dns::Deliver = Arc::new(move |u| {
+            let _ = utx.send(u);
+        });
         let e = Engine::new(
             Arc::new(view),
             PathBuf::from("/nonexistent"),
-            utx,
+            deliver,
             etx,
             Arc::new(Metrics::new("test")),
         );

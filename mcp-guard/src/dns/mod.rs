@@ -94,11 +94,14 @@ pub struct View {
     pub learned: Arc<learned::LearnedSet>,
 }
 
+/// How the DNS side hands an [`Update`] to the state owner (straight onto its channel).
+pub type Deliver = Arc<dyn Fn(Update) + Send + Sync>;
+
 /// Where the DNS side sends what it learns and reports, and what it reads.
 #[derive(Clone)]
 pub struct Wiring {
     pub mount: PathBuf,
-    pub updates: mpsc::UnboundedSender<Update>,
+    pub updates: Deliver,
     pub events: mpsc::UnboundedSender<JsonEvent>,
     pub metrics: Arc<Metrics>,
 }

@@ -203,9 +203,14 @@ pub struct Attachments {
 /// CAP_SYS_ADMIN to look programs up by id.
 #[must_use]
 pub fn object_hash() -> u32 {
-    OBJECT.iter().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-    })
+    // Computed once: hashing the whole object took about a millisecond, twice per
+    // policy install (every learned DNS answer waited on it).
+    static HASH: std::sync::LazyLock<u32> = std::sync::LazyLock::new(|| {
+        OBJECT.iter().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+        })
+    });
+    *HASH
 }
 
 /// Loads (verifies) every socket program and makes sure each hook is enforced by a
