@@ -569,22 +569,23 @@ impl Daemon {
     /// Starts `bin` (another build: an upgrade) on the same config and pin directory.
     pub fn restart_with(&mut self, bin: &Path) {
         self.bin = bin.to_path_buf();
-        let (child, events, stderr) = Self::spawn(bin, &self.config);
+        self.respawn();
+        self.wait_ready();
+    }
+
+    /// Starts the process again (same binary, config and pins), not waiting for ready.
+    fn respawn(&mut self) {
+        let (child, events, stderr) = Self::spawn(&self.bin, &self.config);
         self.child = child;
         self.events = events;
         self.stderr = stderr;
-        self.wait_ready();
     }
 
     /// Restarts the daemon while sending it SIGHUP every few milliseconds from the moment
     /// its process has taken SIGHUP over (ignored or caught: `/proc/PID/status`) until it
     /// logs ready; returns how many it sent. A daemon that dies of one panics here.
     pub fn restart_under_sighup(&mut self) -> usize {
-        let bin = self.bin.clone();
-        let (child, events, stderr) = Self::spawn(&bin, &self.config);
-        self.child = child;
-        self.events = events;
-        self.stderr = stderr;
+        self.respawn();
         let status = format!("/proc/{}/status", self.child.id());
         let takes_hup = || {
             std::fs::read_to_string(&status).is_ok_and(|s| {

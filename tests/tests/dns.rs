@@ -1037,3 +1037,46 @@ fn learned_answers_expire_while_the_daemon_is_down() {
     );
     assert!(d.stop(), "daemon exits cleanly");
 }
+
+/// `cidr = "nameservers"`: a `default = "deny"` workload may ask the daemon's own DNS
+/// server (a real dnsmasq on 127.0.0.1:53, named by `[dns] nameservers`) and nothing
+/// else on that address; a workload without the rule is refused. It holds while the
+/// daemon is killed, after a restart, and a reload naming another server moves it.
+#[test]
+fn nameservers_in_an_allow_rule_are_the_daemons_dns_servers() {
+    let ns = lab();
+    let _dnsmasq = Dnsmasq::start(&ns, HOSTS, &[], 60);
+    let cg = TestCgroup::new();
+    let (_, with_dir) = cg.child("with");
+    let (_, without_dir) = cg.child("without");
+    let config = |server: &str| {
+        format!(
+            "[[workload]]\nname = \"with\"\ncgroup = \"{r}/with\"\ndefault = \"deny\"\n[[workload.allow]]\ncidr = \"nameservers\"\nports = [53]\n[[workload]]\nname = \"without\"\ncgroup = \"{r}/without\"\ndefault = \"deny\"\n[dns]\nnameservers = [\"{server}\"]\n[tc]\nenabled = false\n",
+            r = cg.rel
+        )
+    };
+    let mut d = Daemon::start(&config("127.0.0.1:53"));
+    let mut with = Probe::new(PROBE, &with_dir, &ns);
+    let mut without = Probe::new(PROBE, &without_dir, &ns);
+    let ask = |p: &mut Probe| p.op("dns api.example.test A 127.0.0.1 53 udp");
+    let answered = |r: &str| r.starts_with("RCODE=0 ADDR=93.184.216.34");
+    assert!(answered(&ask(&mut with)), "{}", ask(&mut with));
+    let refused = ask(&mut without);
+    assert!(refused.contains("os error 1"), "{refused}");
+    // Only port 53 of the server: its address is otherwise as internal as before.
+    assert_eq!(with.op("tcp 127.0.0.1 5432"), "EPERM");
+    d.kill9();
+    assert!(answered(&ask(&mut with)), "daemon killed");
+    assert!(ask(&mut without).contains("os error 1"), "daemon killed");
+    d.restart();
+    assert!(answered(&ask(&mut with)), "after the restart");
+    // Another server named: the rule follows it at the reload.
+    d.write_config(&config("127.0.0.2:53"));
+    d.signal(libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(10), || ask(&mut with)
+            .contains("os error 1")),
+        "the reload moved the rule to 127.0.0.2:\n{}",
+        d.stderr.lock().unwrap()
+    );
+}

@@ -55,38 +55,30 @@ pub fn toolchain() -> Result<()> {
             "nightly",
         ]))?;
     }
-    let have = output("bpf-linker", &["--version"]).unwrap_or_default();
-    if !have.contains(BPF_LINKER_VERSION) {
-        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
-        status(Command::new("cargo").args([
-            "install",
-            "bpf-linker",
-            "--version",
-            BPF_LINKER_VERSION,
-            "--locked",
-            "--force",
-        ]))?;
-    }
-    Ok(())
+    cargo_install("bpf-linker", BPF_LINKER_VERSION, &[], "about a minute")
 }
 
-/// mdBook from crates.io (only the search feature: no server, no file watcher), a few
-/// minutes once.
+/// mdBook from crates.io (only the search feature: no server, no file watcher).
 pub fn mdbook() -> Result<()> {
-    let have = output("mdbook", &["--version"]).unwrap_or_default();
-    if !have.contains(MDBOOK_VERSION) {
-        eprintln!("xtask: installing mdbook {MDBOOK_VERSION} (a few minutes, once)");
-        status(Command::new("cargo").args([
-            "install",
-            "mdbook",
-            "--version",
-            MDBOOK_VERSION,
-            "--locked",
-            "--force",
-            "--no-default-features",
-            "--features",
-            "search",
-        ]))?;
+    cargo_install(
+        "mdbook",
+        MDBOOK_VERSION,
+        &["--no-default-features", "--features", "search"],
+        "a minute or two, once",
+    )
+}
+
+/// `cargo install` of a crate's binary at a pinned version, unless `NAME --version`
+/// already says that version.
+fn cargo_install(name: &str, version: &str, extra: &[&str], takes: &str) -> Result<()> {
+    let have = output(name, &["--version"]).unwrap_or_default();
+    if !have.contains(version) {
+        eprintln!("xtask: installing {name} {version} ({takes})");
+        status(
+            Command::new("cargo")
+                .args(["install", name, "--version", version, "--locked", "--force"])
+                .args(extra),
+        )?;
     }
     Ok(())
 }

@@ -99,7 +99,7 @@ pub use raw::{
     DEFAULT_MIN_TTL, DEFAULT_WORKLOAD_IN_FLIGHT, DEFAULT_WORKLOAD_QPS,
 };
 use rules::*;
-pub use rules::{parse_cidr, resolv_conf_nameservers, NAMESERVERS};
+pub use rules::{nameservers, parse_cidr, resolv_conf_nameservers, NAMESERVERS};
 
 // ---- validated config -----------------------------------------------------------------
 

@@ -29,6 +29,9 @@ pub const DEFAULT_POD_CGROUPS: &[&str] = &[
 ];
 
 /// The runtime sockets tried when `daemon.cri_socket` is not set (containerd, CRI-O).
+/// How often the runtime is asked for its pods (`[daemon] cri_poll_ms`).
+pub const DEFAULT_POLL_MS: u64 = 200;
+
 pub const DEFAULT_CRI_SOCKETS: &[&str] =
     &["/run/containerd/containerd.sock", "/run/crio/crio.sock"];
 
@@ -98,7 +101,7 @@ impl Default for PodsConfig {
                 .iter()
                 .map(|s| (*s).to_string())
                 .collect(),
-            poll_ms: 200,
+            poll_ms: DEFAULT_POLL_MS,
         }
     }
 }

@@ -3,7 +3,7 @@
 //! checks the table against the parser itself (the keys serde lists for each table), so
 //! the reference cannot drift from the code.
 
-use super::pods::{DEFAULT_CRI_SOCKETS, DEFAULT_POD_CGROUPS};
+use super::pods::{DEFAULT_CRI_SOCKETS, DEFAULT_POD_CGROUPS, DEFAULT_POLL_MS};
 use super::raw::*;
 use super::{DEFAULT_CONTROL_SOCKET, DEFAULT_LISTEN, DEFAULT_PIN_DIR, DEFAULT_RATE_LIMIT};
 
@@ -121,10 +121,10 @@ pub fn keys() -> Vec<Key> {
         key("daemon", "cgroup_skb", "bool", "true", "The per-packet backstop on the cgroup; `false` only to test TC alone."),
         key("daemon", "control_socket", "path", format!("\"{DEFAULT_CONTROL_SOCKET}\""), "/status, /events, /dns and the CLI: root only (0600)."),
         key("daemon", "control_group", "group name", "none", "This group may use the control socket too (0660)."),
-        key("daemon", "mcp_socket", "path", "\"/run/mcp-guard/mcp.sock\"", "Where `exec --mcp` relays report tool calls: root only (0600)."),
+        key("daemon", "mcp_socket", "path", format!("\"{}\"", crate::mcp::wire::DEFAULT_SOCKET), "Where `exec --mcp` relays report tool calls: root only (0600)."),
         key("daemon", "cri_socket", "path", DEFAULT_CRI_SOCKETS.join(", then "), "Pod workloads: the runtime's CRI socket."),
         key("daemon", "pod_cgroups", "list of cgroup globs", DEFAULT_POD_CGROUPS.len().to_string() + " kubelet layouts", "Where new pod cgroups appear (held as pending until the runtime names them); `[]` turns pending off."),
-        key("daemon", "cri_poll_ms", "milliseconds (10..10000)", 200, "How often the runtime is asked for its pods."),
+        key("daemon", "cri_poll_ms", "milliseconds (10..10000)", DEFAULT_POLL_MS, "How often the runtime is asked for its pods."),
         key("tc", "enabled", "bool", "true", "Attach the TC classifier."),
         key("tc", "interfaces", "list of interface globs", "[\"*\"] (every non-loopback interface)", "VM mode: egress of these interfaces; new ones are attached within a second."),
         key("tc", "pod_interfaces", "list of interface globs", "[]", "Pod mode: ingress of these node-side veths, judged by source address."),

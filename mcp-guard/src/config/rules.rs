@@ -301,21 +301,34 @@ pub fn resolv_conf_nameservers(text: &str) -> Vec<std::net::IpAddr> {
         .collect()
 }
 
-/// The addresses `cidr = "nameservers"` stands for: `[dns] nameservers`, else those of
-/// /etc/resolv.conf (in a pod: the cluster DNS Service), read at every (re)load.
-fn nameserver_nets(dns: &DnsConfig) -> Result<Vec<IpNet>, String> {
-    let ips = if dns.nameservers.is_empty() {
-        let text = std::fs::read_to_string("/etc/resolv.conf").map_err(|e| {
-            format!("[dns] nameservers is not set and /etc/resolv.conf cannot be read ({e})")
-        })?;
-        resolv_conf_nameservers(&text)
-    } else {
-        dns.nameservers.iter().map(SocketAddr::ip).collect()
-    };
-    if ips.is_empty() {
-        return Err("[dns] nameservers is not set and /etc/resolv.conf names no nameserver".into());
+/// The DNS servers the daemon resolves with: `[dns] nameservers`, else the `nameserver`
+/// lines of /etc/resolv.conf (port 53; in a pod: the cluster DNS Service), read when
+/// called. The DNS side's upstreams and `cidr = "nameservers"` both come from here.
+///
+/// # Errors
+/// Neither names a server; the text says why (it completes "/etc/resolv.conf ...").
+pub fn nameservers(dns: &DnsConfig) -> Result<Vec<SocketAddr>, String> {
+    if !dns.nameservers.is_empty() {
+        return Ok(dns.nameservers.clone());
     }
-    let mut nets: Vec<IpNet> = ips.into_iter().map(IpNet::from).collect();
+    let text =
+        std::fs::read_to_string("/etc/resolv.conf").map_err(|e| format!("cannot be read ({e})"))?;
+    let found: Vec<SocketAddr> = resolv_conf_nameservers(&text)
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect();
+    if found.is_empty() {
+        return Err("names no nameserver".into());
+    }
+    Ok(found)
+}
+
+/// The addresses `cidr = "nameservers"` stands for (see [`nameservers`]), read at every
+/// (re)load.
+fn nameserver_nets(dns: &DnsConfig) -> Result<Vec<IpNet>, String> {
+    let servers = nameservers(dns)
+        .map_err(|why| format!("[dns] nameservers is not set and /etc/resolv.conf {why}"))?;
+    let mut nets: Vec<IpNet> = servers.iter().map(|s| IpNet::from(s.ip())).collect();
     nets.sort();
     nets.dedup();
     Ok(nets)

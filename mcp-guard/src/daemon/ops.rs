@@ -310,9 +310,7 @@ pub(super) fn read_learned(path: &Path, dns: &config::DnsConfig) -> Vec<policy::
     let Ok(text) = std::fs::read_to_string(path) else {
         return Vec::new();
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = dns::learned::unix_now();
     match serde_json::from_str::<Vec<policy::Learned>>(&text) {
         // No entry outlives what the current bounds would give a fresh answer.
         Ok(v) => v

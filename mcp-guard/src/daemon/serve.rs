@@ -70,17 +70,12 @@ struct OwnerEnds {
     status_rx: watch::Receiver<Arc<String>>,
 }
 
-/// Where the DNS side sends its events.
-struct ToDns {
-    events: mpsc::UnboundedSender<events::JsonEvent>,
-}
-
 impl Wiring {
     /// The channels, with placeholders until the owner's first publish.
     fn new(
         cfg: &Arc<config::Config>,
         installed: &Arc<Vec<policy::Learned>>,
-    ) -> (Self, OwnerEnds, ToDns) {
+    ) -> (Self, OwnerEnds, mpsc::UnboundedSender<events::JsonEvent>) {
         let (stream, _) = broadcast::channel(4096);
         let (events_tx, daemon_events) = mpsc::unbounded_channel();
         let (names_tx, names) = watch::channel(Arc::default());
@@ -106,8 +101,7 @@ impl Wiring {
             status: status_tx,
             status_rx,
         };
-        let to_dns = ToDns { events: events_tx };
-        (wiring, ends, to_dns)
+        (wiring, ends, events_tx)
     }
 }
 
@@ -125,7 +119,7 @@ impl Running {
         let (attach_dir, pins) = (k.owned.attach_dir.clone(), k.owned.pins.clone());
         let learned = dns::learned::LearnedSet::seeded(&learned, &cfg);
         let installed = Arc::new(learned.snapshot());
-        let (wiring, out, to_dns) = Wiring::new(&cfg, &installed);
+        let (wiring, out, dns_events) = Wiring::new(&cfg, &installed);
         // Learned answers go straight onto the owner's channel.
         let (commands, commands_rx) = std::sync::mpsc::channel();
         let to_owner = commands.clone();
@@ -134,7 +128,7 @@ impl Running {
             updates: Arc::new(move |u: dns::Update| {
                 let _ = to_owner.send(Command::Learned(u.answers, u.done.into_iter().collect()));
             }),
-            events: to_dns.events,
+            events: dns_events,
             metrics: metrics.clone(),
         };
         let shared = shared(&wiring, out.status_rx, &metrics, k.counters);

@@ -338,11 +338,12 @@ impl Owner {
                 if self.maps.refresh_cgroups(&self.compiled, &self.mount) > 0 {
                     self.publish_status();
                 }
-                self.expire_learned();
                 debug!(elapsed_us = t.elapsed().as_micros() as u64, "cgroup scan");
                 next_scan = now + CGROUP_RESCAN;
             }
             if now >= next_check {
+                // Cleanup only: the kernel refuses an expired answer on its own.
+                self.expire_learned();
                 let ok = self.check();
                 self.set_ready(ok);
                 next_check = now + ATTACH_CHECK;

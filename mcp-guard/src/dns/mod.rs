@@ -108,19 +108,7 @@ pub struct Wiring {
 
 /// The upstream servers: `[dns] nameservers`, else those of resolv.conf.
 fn upstreams(cfg: &Config) -> Result<Vec<SocketAddr>> {
-    if !cfg.dns.nameservers.is_empty() {
-        return Ok(cfg.dns.nameservers.clone());
-    }
-    let text = std::fs::read_to_string("/etc/resolv.conf")
-        .map_err(|e| DnsError::NoNameservers(format!("cannot be read ({e})")))?;
-    let found: Vec<SocketAddr> = crate::config::resolv_conf_nameservers(&text)
-        .into_iter()
-        .map(|ip| SocketAddr::new(ip, 53))
-        .collect();
-    if found.is_empty() {
-        return Err(DnsError::NoNameservers("names no nameserver".into()));
-    }
-    Ok(found)
+    crate::config::nameservers(&cfg.dns).map_err(DnsError::NoNameservers)
 }
 
 fn resolver(servers: &[SocketAddr]) -> Result<TokioResolver> {

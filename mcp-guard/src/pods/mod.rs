@@ -204,8 +204,6 @@ pub struct Placement {
     pub table: Table,
     /// Selection conflicts to log.
     pub warnings: Vec<String>,
-    /// Pods whose cgroup is not there yet.
-    pub missing: usize,
 }
 
 /// What a restarted daemon may reuse of the pods it placed before, while the runtime does
@@ -240,7 +238,7 @@ pub fn reuse(saved: &[Placed], workloads: &[CompiledWorkload], mount: &Path) -> 
     Placement {
         entries,
         table,
-        ..Placement::default()
+        warnings: Vec::new(),
     }
 }
 
@@ -255,7 +253,6 @@ pub fn place(
     let mut entries = Vec::new();
     let mut table = Table::new();
     let mut warnings = Vec::new();
-    let mut missing = 0;
     let mut candidates = None;
     for pod in pods {
         let path = pod.cgroup_parent.as_deref().and_then(cgroup_path);
@@ -266,7 +263,7 @@ pub fn place(
             pod_cgroups,
             &mut candidates,
         ) else {
-            missing += 1;
+            // Its cgroup is not there yet: the next poll places it.
             continue;
         };
         let (chosen, warning) = select(workloads, pod);
@@ -294,7 +291,6 @@ pub fn place(
         entries,
         table,
         warnings,
-        missing,
     }
 }
 
