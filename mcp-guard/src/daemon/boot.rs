@@ -16,7 +16,7 @@ use super::{ops, pods};
 use crate::{
     api::http,
     config,
-    host::cgroup,
+    host::{attribution::Registered, cgroup},
     kernel::{
         loader::{self, Attachments},
         maps::{CounterMaps, Homes, PolicyMaps},
@@ -164,7 +164,15 @@ pub(super) async fn kernel(
         pinned_hash,
         &metrics,
     )?;
-    let homes = seed_homes(&mut ebpf, &pins, mount, &metrics)?;
+    // Cgroups the kernel registered since the install are adopted first.
+    maps.refresh_cgroups(compiled, mount);
+    let registered = Registered::new(
+        mount,
+        maps.registered_dirs()
+            .into_iter()
+            .map(|(id, dir, wid)| (id, dir, wid, String::new())),
+    );
+    let homes = seed_homes(&mut ebpf, &registered, &metrics)?;
     let tc = load_tc(&mut ebpf, cfg, &pins, pinned_hash, &metrics)?;
     if was_pinned {
         info!(
@@ -249,9 +257,9 @@ fn attach(
 
 /// Sticky identity: tasks that were running before the tracepoints get their home now,
 /// after the tracepoints (a task created meanwhile has one from its creator).
-fn seed_homes(ebpf: &mut aya::Ebpf, pins: &Pins, mount: &Path, metrics: &Metrics) -> Result<Homes> {
-    let mut homes = Homes::take(ebpf, pins)?;
-    let pass = homes.pass(mount);
+fn seed_homes(ebpf: &mut aya::Ebpf, registered: &Registered, metrics: &Metrics) -> Result<Homes> {
+    let mut homes = Homes::take(ebpf)?;
+    let pass = homes.pass(registered);
     ops::publish_homes(metrics, &pass);
     info!(
         seeded = pass.seeded,

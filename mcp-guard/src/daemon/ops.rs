@@ -20,7 +20,7 @@ use crate::{
 /// Pod mode: node-side interface -> pod workload cgroup, read in the TC namespace (a
 /// thread enters `[tc] netns` if set). `None` when it cannot be read: the map stays.
 pub(super) fn pod_interfaces(
-    dirs: Vec<(u64, PathBuf)>,
+    registered: &crate::host::attribution::Registered,
     netns: Option<&Path>,
 ) -> Option<std::collections::BTreeMap<u32, u64>> {
     std::thread::scope(|s| {
@@ -34,7 +34,7 @@ pub(super) fn pod_interfaces(
                     return None;
                 }
             }
-            crate::host::podlinks::scan(dirs)
+            crate::host::podlinks::scan(registered)
                 .map_err(|e| warn!("pod mode: cannot read which interface leads to which pod: {e}"))
                 .ok()
         })
@@ -106,7 +106,7 @@ impl Owner {
                 .set(i64::from(n > 0));
             let wanted = self
                 .pod_mode
-                .then(|| pod_interfaces(self.registered_dirs(), self.cfg.tc.netns.as_deref()))
+                .then(|| pod_interfaces(&self.registered, self.cfg.tc.netns.as_deref()))
                 .flatten();
             if let Some(wanted) = wanted {
                 if self.maps.set_sources(&wanted) > 0 {

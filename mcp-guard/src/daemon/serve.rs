@@ -41,7 +41,6 @@ pub(super) struct Running {
     tasks: Vec<AbortHandle>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
-    mount: PathBuf,
     pins: Pins,
     cfg: Arc<config::Config>,
     attach_dir: PathBuf,
@@ -86,6 +85,7 @@ impl Wiring {
             pod_workloads: Arc::default(),
             pending: Vec::new(),
             installed: installed.clone(),
+            registered: Arc::default(),
         }));
         let wiring = Self {
             stream,
@@ -124,7 +124,6 @@ impl Running {
         let (commands, commands_rx) = std::sync::mpsc::channel();
         let to_owner = commands.clone();
         let dns_wiring = dns::Wiring {
-            mount: mount.clone(),
             updates: Arc::new(move |u: dns::Update| {
                 let _ = to_owner.send(Command::Learned(u.answers, u.done.into_iter().collect()));
             }),
@@ -174,7 +173,6 @@ impl Running {
             tasks,
             shared,
             metrics,
-            mount,
             pins,
             cfg,
             attach_dir,
@@ -255,9 +253,9 @@ impl Running {
             }
         }
         if let Some(mut h) = self.homes.take() {
-            let mount = self.mount.clone();
+            let registered = self.state.view().registered.clone();
             self.homes_task = Some(tokio::task::spawn_blocking(move || {
-                let pass = h.pass(&mount);
+                let pass = h.pass(&registered);
                 (h, pass)
             }));
         }
@@ -271,10 +269,10 @@ impl Running {
             }
         }
         if self.posture_task.is_none() {
-            let compiled = self.state.view().compiled.clone();
-            let mount = self.mount.clone();
+            let view = self.state.view();
+            let (compiled, registered) = (view.compiled.clone(), view.registered.clone());
             self.posture_task = Some(tokio::task::spawn_blocking(move || {
-                crate::host::posture::scan(&compiled, &mount)
+                crate::host::posture::scan(&compiled, &registered)
             }));
         }
     }

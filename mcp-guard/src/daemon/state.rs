@@ -21,6 +21,7 @@ use super::{mcp::Instance, ATTACH_CHECK, CGROUP_RESCAN};
 use crate::{
     api::http::Shared,
     config, dns,
+    host::attribution::Registered,
     kernel::{loader::Attachments, maps::PolicyMaps, pins::Pins, tc::Tc},
     mcp::{registry::Registry, wire::ToDaemon},
     pods::Table,
@@ -38,6 +39,8 @@ pub(super) struct View {
     pub pending: Vec<u64>,
     /// The learned addresses compiled into the installed policy (served on /dns).
     pub installed: Arc<Vec<policy::Learned>>,
+    /// The registered cgroups (the posture scan and the homes pass walk them).
+    pub registered: Arc<Registered>,
 }
 
 /// A change to the state, asked of the owner.
@@ -107,8 +110,9 @@ pub(super) struct Owner {
     /// What the DNS side works from (it follows every publish), and where it sends.
     pub dns_view: watch::Sender<Arc<dns::View>>,
     pub dns_wiring: dns::Wiring,
-    /// The attribution the DNS side was last given (recomputed when registrations change).
-    pub registrations: Arc<dns::Registrations>,
+    /// The registered cgroups as last published (recomputed when registrations change):
+    /// the one attribution the DNS side, enrichment, pod mode and the scans follow.
+    pub registered: Arc<Registered>,
     /// The addresses host rules learned: merged from the DNS side's answers, expired
     /// here, compiled into every policy.
     pub learned: Arc<dns::learned::LearnedSet>,
@@ -136,7 +140,7 @@ impl Owner {
         let learned = Arc::new(learned);
         let (dns_view, _) = watch::channel(Arc::new(dns::View {
             cfg: cfg.clone(),
-            registrations: Arc::default(),
+            registered: Arc::default(),
             mcp: Arc::default(),
             generation: k.maps.generation(),
             learned: learned.clone(),
@@ -160,7 +164,7 @@ impl Owner {
             dns: None,
             dns_view,
             dns_wiring,
-            registrations: Arc::default(),
+            registered: Arc::default(),
             installed: Arc::new(learned.snapshot()),
             learned,
             pods: Arc::new(k.pods),
@@ -202,6 +206,7 @@ impl Owner {
             pod_workloads,
             pending,
             installed: self.installed.clone(),
+            registered: self.registered.clone(),
         }));
     }
 
@@ -210,27 +215,36 @@ impl Owner {
         self.out.names.send_replace(Arc::new(Names {
             mcp: self.mcp.clone(),
             pods: self.pods.clone(),
-            mount: self.mount.clone(),
             workloads: c.workloads.iter().map(|w| (w.id, w.name.clone())).collect(),
             cgroups: c
                 .workloads
                 .iter()
                 .filter_map(|w| Some((w.id, w.cgroup.clone()?)))
                 .collect(),
+            registered: self.registered.clone(),
             rules: Arc::new(c.rules.iter().map(|r| (r.id, r.text.clone())).collect()),
         }));
     }
 
-    /// The `/status` document, the view and the DNS proxy's attribution (all follow
+    /// The `/status` document, the view, the names and the DNS side's view (all follow
     /// registrations).
     pub fn publish_status(&mut self) {
+        let r = self.registered_now();
+        let changed = *self.registered != r;
+        if changed {
+            self.registered = Arc::new(r);
+        }
         self.out
             .status
             .send_replace(Arc::new(super::ops::status_json(self)));
         self.publish_view();
-        let r = self.registrations();
-        if *self.registrations != r {
-            self.registrations = Arc::new(r);
+        if changed {
+            let registered = self.registered.clone();
+            self.out.names.send_modify(|n| {
+                let mut next = (**n).clone();
+                next.registered = registered;
+                *n = Arc::new(next);
+            });
         }
         self.publish_dns();
     }
@@ -240,52 +254,27 @@ impl Owner {
     pub fn publish_dns(&self) {
         self.dns_view.send_replace(Arc::new(dns::View {
             cfg: self.cfg.clone(),
-            registrations: self.registrations.clone(),
+            registered: self.registered.clone(),
             mcp: self.mcp.clone(),
             generation: self.maps.generation(),
             learned: self.learned.clone(),
         }));
     }
 
-    /// The pods placed in a workload: (cgroup id, path below the mount).
-    fn placed(&self) -> Vec<(u64, String)> {
-        self.pods
-            .iter()
-            .filter(|(_, p)| p.workload.is_some())
-            .map(|(path, p)| (p.cgroup_id, path.clone()))
-            .collect()
-    }
-
-    /// What the kernel decides attribution by, for the DNS proxy: registered cgroup ->
-    /// its workload's name, and where the placed pods are.
-    fn registrations(&self) -> dns::Registrations {
+    /// The registered cgroups of this moment, with their directories and workloads.
+    fn registered_now(&self) -> Registered {
         let names: std::collections::HashMap<u32, &str> = self
             .compiled
             .workloads
             .iter()
             .map(|w| (w.id, w.name.as_str()))
             .collect();
-        dns::Registrations {
-            workloads: self
-                .maps
-                .registered()
-                .iter()
-                .filter_map(|(cg, w)| Some((*cg, names.get(w)?.to_string())))
-                .collect(),
-            placed: self.placed(),
-        }
-    }
-
-    /// The registered cgroups' directories (see [`crate::host::sources::registered_dirs`]).
-    pub fn registered_dirs(&self) -> Vec<(u64, PathBuf)> {
-        crate::host::sources::registered_dirs(
-            self.compiled
-                .workloads
-                .iter()
-                .filter_map(|w| w.cgroup.as_deref()),
-            &self.placed(),
-            |id| self.maps.registered().contains_key(&id),
+        Registered::new(
             &self.mount,
+            self.maps
+                .registered_dirs()
+                .into_iter()
+                .filter_map(|(id, dir, wid)| Some((id, dir, wid, names.get(&wid)?.to_string()))),
         )
     }
 

@@ -1,52 +1,22 @@
 //! Which workload a DNS client belongs to: the cgroup of the asking socket (found in
 //! the proxy's namespace) or, for a client in another namespace (a pod), the cgroup
 //! whose namespace holds its source address; then the workload of that cgroup, as the
-//! kernel decides it (the nearest registered cgroup above it).
+//! kernel decides it ([`crate::host::attribution`]).
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use super::engine::Engine;
-use crate::{
-    host::{cgroup, sources},
-    policy,
-};
+use crate::policy;
 
 /// How long a cgroup's workload is remembered by the proxy.
 const OWNER_TTL: Duration = Duration::from_secs(5);
 /// How often, at most, the proxy reads which source address is whose.
 const SOURCES_RESCAN: Duration = Duration::from_secs(1);
 
-/// What the kernel decides a socket's workload by, handed over by the state owner with
-/// every change: the registered cgroups and the directories of the placed pods (pod
-/// workloads name no cgroup of their own).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Registrations {
-    /// Registered cgroup id -> its workload's name.
-    pub workloads: HashMap<u64, String>,
-    /// Pods placed in a workload: (cgroup id, path below the mount).
-    pub placed: Vec<(u64, String)>,
-}
-
 impl Engine {
-    /// The registered cgroups' directories, as the kernel sees them now.
-    fn registered_dirs(&self) -> Vec<(u64, PathBuf)> {
-        let r = &self.view.registrations;
-        sources::registered_dirs(
-            self.cfg()
-                .workloads
-                .iter()
-                .filter_map(|w| w.cgroup.as_deref()),
-            &r.placed,
-            |id| r.workloads.contains_key(&id),
-            &self.mount,
-        )
-    }
-
     /// The cgroup of a client in another network namespace than the proxy, by its source
     /// address (a pod's address belongs to the pod's namespace). The address map is read
     /// again on a miss, at most every [`SOURCES_RESCAN`].
@@ -54,19 +24,17 @@ impl Engine {
         let key = policy::addr16(ip.to_canonical());
         let stale = self.sources.0.is_none_or(|t| t.elapsed() >= SOURCES_RESCAN);
         if !self.sources.1.contains_key(&key) && stale {
-            let dirs = self.registered_dirs();
             // The DNS thread's own namespace: /proc/thread-self is this thread.
             self.sources = (
                 Some(Instant::now()),
-                sources::scan_cgroups(dirs, "/proc/thread-self/ns/net"),
+                self.view.registered.sources("/proc/thread-self/ns/net"),
             );
         }
         self.sources.1.get(&key).copied()
     }
 
     /// The workload a cgroup belongs to (the nearest registered cgroup at or above it,
-    /// as the kernel decides), looked up in the cgroup tree and remembered for a few
-    /// seconds.
+    /// as the kernel decides), remembered for a few seconds.
     pub(super) fn owner(&mut self, cgroup_id: u64) -> Option<String> {
         if let Some((at, w)) = self.owners.get(&cgroup_id) {
             if at.elapsed() < OWNER_TTL {
@@ -76,18 +44,11 @@ impl Engine {
         if self.owners.len() > 4096 {
             self.owners.clear();
         }
-        // The nearest registered cgroup at or above it decides, as in the kernel.
-        let nearest = self
-            .registered_dirs()
-            .into_iter()
-            .filter(|(_, dir)| {
-                dir.strip_prefix(&self.mount).is_ok_and(|rel| {
-                    cgroup::find_by_id(&self.mount, &format!("/{}", rel.display()), cgroup_id)
-                        .is_some()
-                })
-            })
-            .max_by_key(|(_, dir)| dir.components().count());
-        let w = nearest.and_then(|(id, _)| self.view.registrations.workloads.get(&id).cloned());
+        let w = self
+            .view
+            .registered
+            .locate(cgroup_id)
+            .map(|(_, d)| d.workload.clone());
         self.owners.insert(cgroup_id, (Instant::now(), w.clone()));
         w
     }

@@ -7,7 +7,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -30,7 +29,6 @@ use crate::{
 /// The DNS side's state (see the module documentation).
 pub struct Engine {
     pub(super) view: Arc<View>,
-    pub(super) mount: PathBuf,
     pub(super) owners: HashMap<u64, (Instant, Option<String>)>,
     /// Source address -> cgroup id of the workload whose own network namespace has it
     /// (clients in another namespace than the proxy, such as pods), and when it was read.
@@ -52,14 +50,12 @@ impl Engine {
     #[must_use]
     pub fn new(
         view: Arc<View>,
-        mount: PathBuf,
         updates: super::Deliver,
         events: mpsc::UnboundedSender<JsonEvent>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let e = Self {
             view,
-            mount,
             owners: HashMap::new(),
             sources: (None, BTreeMap::new()),
             reported: HashMap::new(),
@@ -88,7 +84,7 @@ impl Engine {
             self.init_series();
             return;
         }
-        if v.registrations != self.view.registrations {
+        if v.registered != self.view.registered {
             self.owners.clear();
             self.sources.0 = None;
         }
@@ -410,7 +406,7 @@ mod tests {
         let (etx, erx) = mpsc::unbounded_channel();
         let view = View {
             cfg: Arc::new(cfg),
-            registrations: Arc::default(),
+            registered: Arc::default(),
             mcp: Arc::default(),
             generation: 3,
             learned: Arc::new(learned),
@@ -418,13 +414,7 @@ mod tests {
         let deliver: crate::dns::Deliver = Arc::new(move |u| {
             let _ = utx.send(u);
         });
-        let e = Engine::new(
-            Arc::new(view),
-            PathBuf::from("/nonexistent"),
-            deliver,
-            etx,
-            Arc::new(Metrics::new("test")),
-        );
+        let e = Engine::new(Arc::new(view), deliver, etx, Arc::new(Metrics::new("test")));
         (e, urx, erx)
     }
 

@@ -23,13 +23,11 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     os::fd::AsRawFd,
-    path::PathBuf,
     rc::Rc,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-pub use attribute::Registrations;
 pub use engine::Engine;
 use hickory_resolver::{
     config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig},
@@ -84,8 +82,8 @@ pub struct Update {
 #[derive(Debug)]
 pub struct View {
     pub cfg: Arc<Config>,
-    /// What the kernel attributes by.
-    pub registrations: Arc<Registrations>,
+    /// The registered cgroups: whose a client is.
+    pub registered: Arc<crate::host::attribution::Registered>,
     /// `exec --mcp` instances, to name the tool call a refusal happens under.
     pub mcp: Arc<Registry>,
     /// The policy generation, for events.
@@ -100,7 +98,6 @@ pub type Deliver = Arc<dyn Fn(Update) + Send + Sync>;
 /// Where the DNS side sends what it learns and reports, and what it reads.
 #[derive(Clone)]
 pub struct Wiring {
-    pub mount: PathBuf,
     pub updates: Deliver,
     pub events: mpsc::UnboundedSender<JsonEvent>,
     pub metrics: Arc<Metrics>,
@@ -275,7 +272,6 @@ fn run(
         let proxy_addr = first.cfg.dns.proxy;
         let engine = Rc::new(RefCell::new(Engine::new(
             first,
-            wiring.mount,
             wiring.updates,
             wiring.events,
             wiring.metrics,

@@ -2,10 +2,10 @@
 //! diagnostics, pod interfaces and addresses, the capability posture of guarded
 //! processes and the hardening `exec` applies.
 
+pub mod attribution;
 pub mod cgroup;
 pub mod harden;
 pub mod identity;
 pub mod podlinks;
 pub mod posture;
 pub mod sockdiag;
-pub mod sources;

@@ -12,10 +12,9 @@ use std::{
     fs::File,
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    path::PathBuf,
 };
 
-use crate::host::sources;
+use crate::host::attribution::Registered;
 
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
@@ -191,14 +190,14 @@ fn link_netnsids(nl: &mut Netlink) -> io::Result<BTreeMap<u32, i32>> {
 }
 
 /// Node-side interface index -> registered cgroup id of the workload pod on its other
-/// end, for the interfaces of the calling thread's network namespace. `dirs` are the
-/// registered cgroups ([`sources::registered_dirs`]): the deepest of them above a
-/// namespace's processes decides, as the kernel decides for their sockets.
+/// end, for the interfaces of the calling thread's network namespace: the nearest
+/// registered cgroup above a namespace's processes decides, as the kernel decides for
+/// their sockets.
 ///
 /// # Errors
 /// The netlink socket cannot be made or answered badly.
-pub fn scan(dirs: Vec<(u64, PathBuf)>) -> io::Result<BTreeMap<u32, u64>> {
-    let pods = sources::pod_namespaces(dirs, "/proc/thread-self/ns/net");
+pub fn scan(registered: &Registered) -> io::Result<BTreeMap<u32, u64>> {
+    let pods = registered.namespaces("/proc/thread-self/ns/net");
     let mut nl = Netlink::open()?;
     let mut by_nsid: BTreeMap<i32, u64> = BTreeMap::new();
     for (pid, cgroup_id) in pods {

@@ -3,14 +3,14 @@
 //! sockets, change qdiscs, move itself out of its cgroup or detach programs; the daemon
 //! cannot stop that, so it says so, per workload (a metric, an alert, a log line).
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    path::{Path, PathBuf},
-};
+use std::collections::BTreeMap;
 
 use tracing::warn;
 
-use crate::{host::cgroup, host::harden, policy::Compiled};
+use crate::{
+    host::{attribution::Registered, harden},
+    policy::Compiled,
+};
 
 /// Processes looked at per scan, at most (the scan runs every few seconds).
 const MAX_PROCESSES: usize = 100_000;
@@ -26,63 +26,36 @@ pub struct Finding {
 /// Per workload: how many of its processes hold a dropped capability, and one of them.
 pub type Scan = BTreeMap<String, (usize, Option<Finding>)>;
 
-/// Reads the capabilities of every process of every guarded workload.
+/// Reads the capabilities of every process of every guarded workload: the processes
+/// below the registered cgroups, each counted for its nearest registered cgroup's
+/// workload. Every workload of `compiled` has an entry (0 when none is privileged).
 #[must_use]
-pub fn scan(compiled: &Compiled, mount: &Path) -> Scan {
-    let mut dirs: HashMap<PathBuf, String> = HashMap::new();
-    for w in &compiled.workloads {
-        let Some(c) = w.cgroup.as_deref() else {
-            continue;
-        };
-        for (_, dir) in cgroup::resolve_dirs(mount, c) {
-            dirs.entry(dir).or_insert_with(|| w.name.clone());
-        }
-    }
-    let mut out: BTreeMap<String, (usize, Option<Finding>)> = compiled
+pub fn scan(compiled: &Compiled, registered: &Registered) -> Scan {
+    let mut out: Scan = compiled
         .workloads
         .iter()
         .map(|w| (w.name.clone(), (0, None)))
         .collect();
-    let mut budget = MAX_PROCESSES;
-    for (dir, name) in &dirs {
-        let mut stack = vec![dir.clone()];
-        while let Some(d) = stack.pop() {
-            for pid in cgroup::procs(&d) {
-                if budget == 0 {
-                    return out;
-                }
-                budget -= 1;
-                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-                    continue;
-                };
-                let caps = harden::held(&status);
-                if caps.is_empty() {
-                    continue;
-                }
-                let e = out.entry(name.clone()).or_default();
-                e.0 += 1;
-                if e.1.is_none() {
-                    let comm = status
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Name:"))
-                        .unwrap_or("")
-                        .trim()
-                        .chars()
-                        .take(16)
-                        .collect();
-                    e.1 = Some(Finding { pid, comm, caps });
-                }
-            }
-            let Ok(rd) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for ent in rd.flatten() {
-                let p = ent.path();
-                // A child cgroup that is another workload's is counted there.
-                if ent.file_type().is_ok_and(|t| t.is_dir()) && !dirs.contains_key(&p) {
-                    stack.push(p);
-                }
-            }
+    for (pid, dir) in registered.processes(MAX_PROCESSES) {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let caps = harden::held(&status);
+        if caps.is_empty() {
+            continue;
+        }
+        let e = out.entry(dir.workload.clone()).or_default();
+        e.0 += 1;
+        if e.1.is_none() {
+            let comm = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Name:"))
+                .unwrap_or("")
+                .trim()
+                .chars()
+                .take(16)
+                .collect();
+            e.1 = Some(Finding { pid, comm, caps });
         }
     }
     out
@@ -95,12 +68,18 @@ pub fn publish(
     found: &BTreeMap<String, (usize, Option<Finding>)>,
     before: &mut BTreeMap<String, usize>,
 ) {
-    metrics.privileged_processes.reset();
+    // Only what changed is written: with 10,000 workloads, rewriting every series every
+    // scan cost more than the scan.
+    for w in before.keys().filter(|w| !found.contains_key(*w)) {
+        let _ = metrics.privileged_processes.remove_label_values(&[w]);
+    }
     for (w, (n, first)) in found {
-        metrics
-            .privileged_processes
-            .with_label_values(&[w])
-            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        if before.get(w) != Some(n) {
+            metrics
+                .privileged_processes
+                .with_label_values(&[w])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
         let was = before.get(w).copied().unwrap_or(0);
         if *n > 0 && was == 0 {
             if let Some(f) = first {

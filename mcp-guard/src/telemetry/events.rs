@@ -247,10 +247,11 @@ pub struct Names {
     /// Pods identified through the CRI, to name the pod and container of an event.
     pub pods: Arc<crate::pods::Table>,
     pub workloads: HashMap<u32, String>,
-    /// Workload id -> its configured cgroup, where events' cgroups are looked up.
+    /// Workload id -> its configured cgroup (where a cgroup no longer registered is
+    /// said to have been).
     pub cgroups: HashMap<u32, String>,
-    /// The host cgroup v2 mount.
-    pub mount: std::path::PathBuf,
+    /// The registered cgroups, where events' cgroups are looked up.
+    pub registered: Arc<crate::host::attribution::Registered>,
     /// Rule id -> its text (shared: a policy can hold many rules).
     pub rules: Arc<HashMap<u32, String>>,
 }
@@ -413,16 +414,14 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         .entry((e.workload_id, e.cgroup_id))
         .or_insert_with(|| {
             let pods = &names.pods;
-            // A pod workload's cgroups are its pods'.
-            // A pattern's cgroups are below its literal prefix.
-            let path = workload_cgroup
-                .and_then(|w| {
-                    cgroup::find_by_id(&names.mount, &cgroup::literal_prefix(w), e.cgroup_id)
-                })
-                .or_else(|| {
-                    pods.values()
-                        .filter(|p| p.workload_id == Some(e.workload_id))
-                        .find_map(|p| cgroup::find_by_id(&names.mount, &p.cgroup, e.cgroup_id))
+            // Below the registered cgroups (the workload's own, its pods'), as the kernel
+            // attributed it; a cgroup gone since is said by its workload's.
+            let r = &names.registered;
+            let path = r
+                .locate(e.cgroup_id)
+                .and_then(|(dir, _)| {
+                    let rel = dir.strip_prefix(r.mount()).ok()?;
+                    Some(format!("/{}", rel.display()))
                 })
                 .or_else(|| workload_cgroup.cloned());
             let owner = path.as_deref().map(cgroup::owner).unwrap_or_default();

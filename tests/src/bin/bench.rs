@@ -278,8 +278,13 @@ fn main() {
     ns.add_addr("169.254.169.254");
     let target: SocketAddr = "10.77.0.1:80".parse().unwrap();
     // One row alone, to work on it (not a result: nothing is written).
-    if std::env::var("MCPG_BENCH_ONLY").as_deref() == Ok("dns") {
-        let r = dns_proxy(&ns, quick);
+    let only = std::env::var("MCPG_BENCH_ONLY").ok();
+    if let Some(only) = only.as_deref() {
+        let r = match only {
+            "dns" => dns_proxy(&ns, quick),
+            "idle" => idle_cpu(quick),
+            other => panic!("MCPG_BENCH_ONLY={other}: one of dns, idle"),
+        };
         println!("{} | {} | {} | {:?}", r.name, r.value, r.target, r.met);
         return;
     }
@@ -484,37 +489,7 @@ fn main() {
     });
     drop(d);
 
-    // Idle cost of watching many workloads: 10,000 workload cgroups named, 1,000 of them
-    // existing, the daemon looking for changes every 100 ms.
-    {
-        let cg = TestCgroup::new();
-        let mut text = String::new();
-        for w in 0..10_000 {
-            text.push_str(&format!(
-                "[[workload]]\nname = \"w{w}\"\ncgroup = \"{}/w{w}\"\n",
-                cg.rel
-            ));
-            if w < 1_000 {
-                let _ = cg.child(&format!("w{w}"));
-            }
-        }
-        text.push_str(&format!("[daemon]\nattach_cgroup = \"{}\"\n", cg.rel));
-        let d = Daemon::start(&text);
-        std::thread::sleep(Duration::from_secs(2));
-        let (c0, t0) = (cpu_seconds(d.pid()), Instant::now());
-        std::thread::sleep(Duration::from_secs(scale(10, 3) as u64));
-        let share = (cpu_seconds(d.pid()) - c0) / t0.elapsed().as_secs_f64();
-        let registered = d.status()["workloads"].as_array().map_or(0, |w| {
-            w.iter().filter(|w| !w["cgroup_id"].is_null()).count()
-        });
-        rows.push(Row {
-            name: "daemon CPU when idle, 10,000 workloads (1,000 cgroups existing)".into(),
-            value: format!("{:.1} % of a core; {registered} registered", share * 100.0),
-            target: "< 5 %".into(),
-            met: Some(share < 0.05 && registered == 1_000),
-        });
-        drop(d);
-    }
+    rows.push(idle_cpu(quick));
 
     // 5. Reload: replacing a 10,000-rule policy in the maps (the daemon's own code path).
     let pins = Pins::new(&PathBuf::from("/sys/fs/bpf").join(unique("mcpg-bench")));
@@ -892,6 +867,49 @@ fn dns_proxy(ns: &NetNs, quick: bool) -> Row {
         value: format!("p50 {l50:.2} / {f50:.2} / {r50:.2} ms, p99 {l99:.2} / {f99:.2} / {r99:.2} ms; {learned} of {total} learned"),
         target: "learning p50 ≤ 2 ms, p99 ≤ 5 ms; learned and refused p99 ≤ 0.5 ms".into(),
         met: Some(l50 <= 2.0 && l99 <= 5.0 && f99 <= 0.5 && r99 <= 0.5 && learned == total),
+    };
+    drop(d);
+    row
+}
+
+/// Idle cost of watching many workloads: 10,000 workload cgroups named, 1,000 of them
+/// existing, the daemon looking for changes every 100 ms.
+fn idle_cpu(quick: bool) -> Row {
+    let scale = |full: usize, q: usize| if quick { q } else { full };
+    let cg = TestCgroup::new();
+    let mut text = String::new();
+    for w in 0..10_000 {
+        text.push_str(&format!(
+            "[[workload]]\nname = \"w{w}\"\ncgroup = \"{}/w{w}\"\n",
+            cg.rel
+        ));
+        if w < 1_000 {
+            let _ = cg.child(&format!("w{w}"));
+        }
+    }
+    text.push_str(&format!("[daemon]\nattach_cgroup = \"{}\"\n", cg.rel));
+    let d = Daemon::start(&text);
+    std::thread::sleep(Duration::from_secs(2));
+    let (c0, t0) = (cpu_seconds(d.pid()), Instant::now());
+    // MCPG_BENCH_PERF=FILE records where the idle time goes (perf record -g).
+    if let Ok(out) = std::env::var("MCPG_BENCH_PERF") {
+        let _ = std::process::Command::new("perf")
+            .args(["record", "-q", "-g", "-F", "499", "-o", &out, "-p"])
+            .arg(d.pid().to_string())
+            .args(["--", "sleep", &scale(10, 3).to_string()])
+            .status();
+    } else {
+        std::thread::sleep(Duration::from_secs(scale(10, 3) as u64));
+    }
+    let share = (cpu_seconds(d.pid()) - c0) / t0.elapsed().as_secs_f64();
+    let registered = d.status()["workloads"].as_array().map_or(0, |w| {
+        w.iter().filter(|w| !w["cgroup_id"].is_null()).count()
+    });
+    let row = Row {
+        name: "daemon CPU when idle, 10,000 workloads (1,000 cgroups existing)".into(),
+        value: format!("{:.1} % of a core; {registered} registered", share * 100.0),
+        target: "< 5 %".into(),
+        met: Some(share < 0.05 && registered == 1_000),
     };
     drop(d);
     row

@@ -54,22 +54,26 @@ pub fn root(configured: Option<&Path>) -> io::Result<PathBuf> {
 /// container's cgroup namespace.
 #[must_use]
 pub fn find_by_id(mount: &Path, under: &str, id: u64) -> Option<String> {
-    fn walk(dir: &Path, id: u64, depth: u32) -> Option<PathBuf> {
-        if fs::metadata(dir).ok()?.ino() == id {
-            return Some(dir.to_path_buf());
-        }
-        if depth == 0 {
-            return None;
-        }
-        fs::read_dir(dir)
-            .ok()?
-            .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .find_map(|e| walk(&e.path(), id, depth - 1))
-    }
-    let found = walk(&fs_path(mount, under), id, 16)?;
+    let found = find_below(&fs_path(mount, under), id, crate::MAX_DEPTH)?;
     let rel = found.strip_prefix(mount).ok()?;
     Some(format!("/{}", rel.display()))
+}
+
+/// The directory of the cgroup with id `id` at or below the directory `dir`, at most
+/// `depth` levels down.
+#[must_use]
+pub fn find_below(dir: &Path, id: u64, depth: usize) -> Option<PathBuf> {
+    if fs::metadata(dir).ok()?.ino() == id {
+        return Some(dir.to_path_buf());
+    }
+    if depth == 0 {
+        return None;
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .find_map(|e| find_below(&e.path(), id, depth - 1))
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.

@@ -19,6 +19,8 @@ pub struct Scanner {
     /// Parent directories and their (inode, link count) at the last look.
     parents: Vec<(PathBuf, Option<(u64, u64)>)>,
     last_full: Option<std::time::Instant>,
+    /// The cgroups the patterns matched at the last scan, with their directories.
+    pattern_dirs: Vec<(u64, PathBuf)>,
     /// The last scan met a filesystem error other than "not there": what it did not
     /// find may still exist.
     pub incomplete: bool,
@@ -100,6 +102,7 @@ impl Scanner {
         // each, not the whole path from the root.
         let mut dirs: Vec<Option<fs::File>> = (0..self.parents.len()).map(|_| None).collect();
         let mut out = BTreeMap::new();
+        self.pattern_dirs.clear();
         for e in &mut self.plan {
             match e {
                 Entry::Plain {
@@ -125,13 +128,36 @@ impl Scanner {
                     }
                 }
                 Entry::Pattern { wid, cgroup } => {
-                    for id in resolve(mount, cgroup) {
+                    for (id, dir) in resolve_dirs(mount, cgroup) {
                         out.entry(id).or_insert(*wid);
+                        self.pattern_dirs.push((id, dir));
                     }
                 }
             }
         }
         self.incomplete = scan_errors() != errors_before;
         out
+    }
+
+    /// Plans again at the next scan (the plan was made for a policy that did not
+    /// become live).
+    pub fn forget(&mut self) {
+        self.key = None;
+    }
+
+    /// The cgroups the last scan found, with their directories (a cgroup two entries
+    /// name comes twice).
+    pub fn found(&self) -> impl Iterator<Item = (u64, &Path)> {
+        self.plan
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Plain {
+                    path,
+                    found: Some(id),
+                    ..
+                } => Some((*id, path.as_path())),
+                _ => None,
+            })
+            .chain(self.pattern_dirs.iter().map(|(id, d)| (*id, d.as_path())))
     }
 }

@@ -7,21 +7,18 @@
 //! Runs at start (after the tracepoints are attached, before the daemon says ready)
 //! and then every few seconds, off the state owner's thread.
 
-use std::{
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::path::Path;
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
-use mcp_guard_common::{CgroupKey, Config as KConfig, Home, WorkloadInfo, MAX_CGROUP_LEVEL};
+use aya::maps::{HashMap, MapData, MapError};
+use mcp_guard_common::{CgroupKey, Home, WorkloadInfo, MAX_CGROUP_LEVEL};
 
 use super::{map_err, MapsError};
-use crate::kernel::pins::Pins;
+use crate::host::attribution::Registered;
 
 /// Only new entries: a home the kernel recorded is never replaced.
 const BPF_NOEXIST: u64 = 1;
-/// cgroups looked at per pass, at most.
-const MAX_DIRS: usize = 200_000;
+/// Processes looked at per pass, at most.
+const MAX_TASKS: usize = 200_000;
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -37,104 +34,64 @@ pub struct Pass {
     pub failed: usize,
 }
 
-/// `HOMES_1` with read access to the registrations it is seeded from.
+/// `HOMES_1`.
 pub struct Homes {
     homes: HashMap<MapData, u32, Home>,
-    cgroups: HashMap<MapData, CgroupKey, WorkloadInfo>,
-    config: Array<MapData, KConfig>,
-}
-
-fn pinned(pins: &Pins, name: &'static str) -> Result<MapData, MapsError> {
-    MapData::from_pin(pins.map(name)).map_err(map_err(name))
 }
 
 impl Homes {
-    /// Takes `HOMES_1` out of the loaded object and opens the pinned registrations.
+    /// Takes `HOMES_1` out of the loaded object.
     ///
     /// # Errors
-    /// A map is missing, unpinned or of another type.
-    pub fn take(ebpf: &mut aya::Ebpf, pins: &Pins) -> Result<Self, MapsError> {
+    /// The map is missing or of another type.
+    pub fn take(ebpf: &mut aya::Ebpf) -> Result<Self, MapsError> {
         let homes = ebpf
             .take_map("HOMES_1")
             .ok_or(MapsError::Missing("HOMES_1"))?;
         Ok(Self {
             homes: HashMap::try_from(homes).map_err(map_err("HOMES_1"))?,
-            cgroups: HashMap::try_from(Map::HashMap(pinned(pins, "CGROUPS_1")?))
-                .map_err(map_err("CGROUPS_1"))?,
-            config: Array::try_from(Map::Array(pinned(pins, "CONFIG_1")?))
-                .map_err(map_err("CONFIG_1"))?,
         })
     }
 
-    /// Removes the entries of tasks that are gone, then gives a home to every task of a
-    /// registered workload cgroup that has none.
-    pub fn pass(&mut self, mount: &Path) -> Pass {
+    /// Removes the entries of tasks that are gone, then gives a home to every task
+    /// below a registered workload cgroup that has none: the nearest registered cgroup
+    /// above it, as the kernel decides ([`Registered`]).
+    pub fn pass(&mut self, registered: &Registered) -> Pass {
         let mut pass = Pass {
             swept: self.sweep(),
             ..Pass::default()
         };
-        let slot = self.config.get(&0, 0).map_or(0, |c| c.slot & 1);
-        // Depth-first below the mount: (dir, level, home of the nearest registered
-        // ancestor or the dir itself).
-        let mut stack: Vec<(PathBuf, u32, Option<Home>)> = vec![(mount.to_path_buf(), 0, None)];
-        let mut budget = MAX_DIRS;
-        while let Some((dir, level, inherited)) = stack.pop() {
-            if budget == 0 {
-                break;
-            }
-            budget -= 1;
-            let Ok(meta) = std::fs::metadata(&dir) else {
-                continue;
-            };
-            let key = CgroupKey {
-                cgroup_id: meta.ino(),
-                slot,
-                _pad: 0,
-            };
-            let home = match self.cgroups.get(&key, 0) {
-                Ok(info) => Some(Home {
-                    cgroup_id: meta.ino(),
-                    level,
-                    workload_id: info.workload_id,
-                }),
-                Err(_) => inherited,
-            };
-            if let Some(h) = &home {
-                self.seed_dir(&dir, h, &mut pass);
-            }
-            if level + 1 >= MAX_CGROUP_LEVEL {
+        for (pid, dir) in registered.processes(MAX_TASKS) {
+            // Deeper than the kernel's ancestor walk: it cannot decide by it either.
+            if dir.level >= MAX_CGROUP_LEVEL {
                 continue;
             }
-            let Ok(rd) = std::fs::read_dir(&dir) else {
-                continue;
+            let home = Home {
+                cgroup_id: dir.id,
+                level: dir.level,
+                workload_id: dir.workload_id,
             };
-            for ent in rd.flatten() {
-                if ent.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push((ent.path(), level + 1, home));
-                }
-            }
+            self.seed_process(pid, &home, &mut pass);
         }
         pass.tracked = self.homes.keys().filter(Result::is_ok).count();
         pass
     }
 
-    /// Every thread of every process in `dir` (this cgroup only) without a home gets `home`.
-    fn seed_dir(&mut self, dir: &Path, home: &Home, pass: &mut Pass) {
-        for pid in crate::host::cgroup::procs(dir) {
-            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-                continue;
-            };
-            let tids = tasks
-                .flatten()
-                .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok());
-            for tid in std::iter::once(pid).chain(tids) {
-                match self.homes.insert(tid, home, BPF_NOEXIST) {
-                    Ok(()) => pass.seeded += 1,
-                    // Already has one (the kernel's, or the process id done above).
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
-                    Err(_) => pass.failed += 1,
-                }
+    /// The process `pid` and each of its threads without a home get `home`.
+    fn seed_process(&mut self, pid: u32, home: &Home, pass: &mut Pass) {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return;
+        };
+        let tids = tasks
+            .flatten()
+            .filter_map(|t| t.file_name().to_str()?.parse::<u32>().ok());
+        for tid in std::iter::once(pid).chain(tids) {
+            match self.homes.insert(tid, home, BPF_NOEXIST) {
+                Ok(()) => pass.seeded += 1,
+                // Already has one (the kernel's, or the process id done above).
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(_) => pass.failed += 1,
             }
         }
     }

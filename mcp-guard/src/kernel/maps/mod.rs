@@ -16,10 +16,12 @@ use tracing::{info, warn};
 
 use crate::{host::cgroup, policy::Compiled};
 
+mod batch;
 mod counters;
 mod homes;
 mod mcp;
 mod pods;
+mod registrations;
 mod repair;
 mod unix;
 
@@ -227,10 +229,10 @@ pub struct PolicyMaps {
     live: Option<Compiled>,
     /// The registration-at-creation entries of the live slot.
     live_register: Vec<RegisterEntry>,
+    /// Self-repair checks made (the whole maps are read every fifth).
+    checks: u64,
     /// Workloads of the installed policy whose cgroups only the scan registers (name, why).
     scan_only: Vec<(String, String)>,
-    /// Self-repair checks made (some parts run every fifth).
-    checks: u64,
     /// Finds workload cgroups for the 100 ms rescan.
     scanner: cgroup::Scanner,
     /// `exec --mcp` instances (`MCP_INSTANCES_1`) and what the daemon keeps of them.
@@ -283,8 +285,8 @@ impl PolicyMaps {
             registered: BTreeMap::new(),
             live: None,
             live_register: Vec::new(),
-            scan_only: Vec::new(),
             checks: 0,
+            scan_only: Vec::new(),
             scanner: cgroup::Scanner::default(),
             warned_incomplete: false,
             pods: Vec::new(),
@@ -364,7 +366,7 @@ impl PolicyMaps {
         // Announce that the inactive slot is about to change: a program that read it
         // before the last switch and is still deciding sees the generation move and
         // decides again on the live slot (see mcp-guard-ebpf/src/decide.rs).
-        self.generation += 1;
+        self.generation = self.generation.wrapping_add(1);
         let announce = KConfig {
             slot: self.active,
             generation: self.generation,
@@ -392,7 +394,8 @@ impl PolicyMaps {
                 }
             }
         }
-        let registered = resolve(compiled, &self.pods, mount);
+        let mut registered = self.scan(compiled, self.generation.wrapping_add(1), mount);
+        registered.retain(|_, w| *w != UNSELECTED_CLAIM);
         let result = register_result.and_then(|()| {
             for e in &compiled.lpm {
                 let key = e.key(slot);
@@ -442,16 +445,23 @@ impl PolicyMaps {
         });
         self.remove_stale(&old, &contents);
         self.slots[slot as usize] = contents;
+        if result.is_err() {
+            // The scan was planned for a policy that is not installed.
+            self.scanner.forget();
+        }
         result?;
         let cfg = KConfig {
             slot,
-            generation: self.generation + 1,
+            generation: self.generation.wrapping_add(1),
             rate_limit_per_sec: rate_limit,
             object_hash: crate::kernel::loader::object_hash(),
         };
-        self.config.set(0, cfg, 0).map_err(map_err("CONFIG_1"))?;
+        if let Err(e) = self.config.set(0, cfg, 0) {
+            self.scanner.forget();
+            return Err(map_err("CONFIG_1")(e));
+        }
         self.active = slot;
-        self.generation += 1;
+        self.generation = self.generation.wrapping_add(1);
         self.rate_limit = rate_limit;
         self.registered = registered;
         self.live = Some(compiled.clone());
@@ -495,135 +505,5 @@ impl PolicyMaps {
         for k in old.cgroups.iter().filter(|k| !keep_cgroups.contains(k)) {
             let _ = self.cgroups.remove(k);
         }
-    }
-
-    /// Brings the active slot's cgroup registrations up to date: cgroups that appeared
-    /// (a unit started, a pod was scheduled), were recreated with a new id, or went away.
-    /// Returns how many registrations changed.
-    pub fn refresh_cgroups(&mut self, compiled: &Compiled, mount: &Path) -> usize {
-        let slot = self.active;
-        let pods = &self.pods;
-        let mut desired = self.scanner.resolve(
-            (u64::from(self.generation) << 32) | u64::from(self.pods_version),
-            || {
-                live_pods(compiled, pods)
-                    .chain(
-                        compiled
-                            .workloads
-                            .iter()
-                            .filter_map(|w| Some((w.id, w.cgroup.as_deref()?))),
-                    )
-                    .collect()
-            },
-            mount,
-        );
-        // A cgroup this scan found may hold a registration the kernel made at mkdir that
-        // this daemon has not seen: it becomes known here, so what follows treats it like
-        // any other (kept, overwritten for another workload, or removed: a pod no
-        // workload selects leaves pending this way). Adopting one is a change: the
-        // published view learns its cgroup id.
-        let mut changed = 0;
-        for &id in desired.keys() {
-            if !self.registered.contains_key(&id) {
-                let key = CgroupKey {
-                    cgroup_id: id,
-                    slot,
-                    _pad: 0,
-                };
-                if let Ok(info) = self.cgroups.get(&key, 0) {
-                    self.registered.insert(id, info.workload_id);
-                    changed += 1;
-                    if !self.slots[slot as usize].cgroups.contains(&key) {
-                        self.slots[slot as usize].cgroups.push(key);
-                    }
-                }
-            }
-        }
-        desired.retain(|_, w| *w != UNSELECTED_CLAIM);
-        // Only cgroups no workload names any more are removed; a cgroup that moves to
-        // another workload is overwritten in place, so no decision finds it missing.
-        // A scan that met an error (out of file descriptors, say) removes nothing: what
-        // it could not see may still run a workload (fail closed).
-        let gone: Vec<u64> = if self.scanner.incomplete {
-            if !self.warned_incomplete {
-                warn!("cgroup scan incomplete (a filesystem error other than \"not there\"): registrations are kept until a scan completes");
-                self.warned_incomplete = true;
-            }
-            Vec::new()
-        } else {
-            self.warned_incomplete = false;
-            self.registered
-                .keys()
-                .filter(|id| !desired.contains_key(id))
-                .copied()
-                .collect()
-        };
-        for id in gone {
-            let key = CgroupKey {
-                cgroup_id: id,
-                slot,
-                _pad: 0,
-            };
-            let _ = self.cgroups.remove(&key);
-            self.slots[slot as usize].cgroups.retain(|k| *k != key);
-            self.registered.remove(&id);
-            changed += 1;
-        }
-        let mut infos = None;
-        for (&id, &wid) in &desired {
-            if self.registered.get(&id) == Some(&wid) {
-                continue;
-            }
-            let info = infos.get_or_insert_with(|| infos_of(compiled))[&wid];
-            let key = CgroupKey {
-                cgroup_id: id,
-                slot,
-                _pad: 0,
-            };
-            match self.cgroups.insert(key, info, 0) {
-                Ok(()) => {
-                    if !self.slots[slot as usize].cgroups.contains(&key) {
-                        self.slots[slot as usize].cgroups.push(key);
-                    }
-                    self.registered.insert(id, wid);
-                    let name = compiled
-                        .workloads
-                        .iter()
-                        .find(|w| w.id == wid)
-                        .map_or("?", |w| w.name.as_str());
-                    info!(
-                        workload = name,
-                        cgroup_id = id,
-                        "workload cgroup registered"
-                    );
-                    changed += 1;
-                }
-                Err(e) => warn!(workload_id = wid, error = %e, "cannot register workload cgroup"),
-            }
-        }
-        if changed > 0 {
-            let next = self.epoch.get(&0, 0).unwrap_or(0).wrapping_add(1);
-            if let Err(e) = self.epoch.set(0, next, 0) {
-                warn!(error = %e, "cannot bump the registration epoch: the packet backstop keeps decisions cached before this change until the next policy change");
-            }
-        }
-        changed
-    }
-
-    /// The cgroup ids registered for a workload, in the active slot.
-    #[must_use]
-    pub fn cgroups_of(&self, workload_id: u32) -> Vec<u64> {
-        self.registered
-            .iter()
-            .filter(|(_, w)| **w == workload_id)
-            .map(|(id, _)| *id)
-            .collect()
-    }
-
-    /// The cgroups the kernel holds a registration for in the live slot, with the
-    /// workload id of each.
-    #[must_use]
-    pub fn registered(&self) -> &BTreeMap<u64, u32> {
-        &self.registered
     }
 }
