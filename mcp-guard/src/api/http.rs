@@ -168,36 +168,50 @@ fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
-async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    shared: &Shared,
-    scope: Scope,
-) -> std::io::Result<()> {
+/// The request line's method and target, once the headers are in; `None` when the
+/// client went away, idled or sent too much (answered here).
+async fn read_request<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> std::io::Result<Option<(String, String)>> {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
         if n == buf.len() {
-            return respond(
-                &mut stream,
+            respond(
+                stream,
                 "431 Request Header Fields Too Large",
                 "text/plain",
                 "",
             )
-            .await;
+            .await?;
+            return Ok(None);
         }
         let Ok(r) = tokio::time::timeout(REQUEST_TIMEOUT, stream.read(&mut buf[n..])).await else {
             // Idle or slow: the slot goes to someone else.
-            return Ok(());
+            return Ok(None);
         };
         let r = r?;
         if r == 0 {
-            return Ok(());
+            return Ok(None);
         }
         n += r;
     }
     let req = String::from_utf8_lossy(&buf[..n]);
     let mut parts = req.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    Ok(Some((
+        parts.next().unwrap_or("").to_string(),
+        parts.next().unwrap_or("").to_string(),
+    )))
+}
+
+async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    shared: &Shared,
+    scope: Scope,
+) -> std::io::Result<()> {
+    let Some((method, target)) = read_request(&mut stream).await? else {
+        return Ok(());
+    };
     if method != "GET" {
         return respond(
             &mut stream,
@@ -207,7 +221,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     if scope == Scope::Public && matches!(path, "/status" | "/dns" | "/events") {
         return respond(
             &mut stream,
@@ -217,114 +231,121 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
+    let ok = "200 OK";
     match path {
-        "/healthz" => respond(&mut stream, "200 OK", "text/plain", "ok\n").await,
+        "/healthz" => respond(&mut stream, ok, "text/plain", "ok\n").await,
+        "/readyz" if shared.ready.load(Ordering::SeqCst) => {
+            respond(&mut stream, ok, "text/plain", "ready\n").await
+        }
         "/readyz" => {
-            if shared.ready.load(Ordering::SeqCst) {
-                respond(&mut stream, "200 OK", "text/plain", "ready\n").await
-            } else {
-                respond(
-                    &mut stream,
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n",
-                )
-                .await
-            }
+            respond(
+                &mut stream,
+                "503 Service Unavailable",
+                "text/plain",
+                "not ready\n",
+            )
+            .await
         }
         "/status" => {
             let body = shared.status.borrow().clone();
-            respond(&mut stream, "200 OK", "application/json", &body).await
+            respond(&mut stream, ok, "application/json", &body).await
         }
-        "/dns" => {
-            let body = (shared.dns)();
-            respond(&mut stream, "200 OK", "application/json", &body).await
-        }
+        "/dns" => respond(&mut stream, ok, "application/json", &(shared.dns)()).await,
         "/metrics" => {
             let body = (shared.metrics)();
-            respond(
-                &mut stream,
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                &body,
-            )
-            .await
+            let kind = "text/plain; version=0.0.4; charset=utf-8";
+            respond(&mut stream, ok, kind, &body).await
         }
-        "/events" => {
-            let workload = query_param(query, "workload").map(str::to_string);
-            let reason = query_param(query, "reason").map(str::to_string);
-            let since: Option<f64> = query_param(query, "since").and_then(|s| s.parse().ok());
-            let keep = |e: &JsonEvent| {
-                workload
-                    .as_deref()
-                    .is_none_or(|w| e.workload.as_deref() == Some(w))
-                    && reason.as_deref().is_none_or(|r| e.reason == r)
-            };
-            // Subscribe before replaying so nothing falls between history and live.
-            let mut rx = shared.events.subscribe();
-            stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n")
-                .await?;
-            let mut last_replayed = 0u64;
-            if let Some(since) = since {
-                let cutoff = (since.max(0.0) * 1e9) as u128;
-                let raw: Vec<_> = shared
-                    .history
-                    .lock()
-                    .expect("history lock")
-                    .iter()
-                    .filter(|(t, _)| *t >= cutoff)
-                    .map(|(_, e)| e.clone())
-                    .collect();
-                let names = shared.names.borrow().clone();
-                let mut cache = Cache::default();
-                let replay: Vec<JsonEvent> = raw
-                    .iter()
-                    .map(|r| match r {
-                        Recorded::Kernel(e) => enrich_cached(e, &names, &mut cache),
-                        Recorded::Daemon(j) => (**j).clone(),
-                    })
-                    .filter(|e| keep(e))
-                    .collect();
-                for e in replay {
-                    last_replayed = last_replayed.max(e.monotonic_ns);
-                    let mut line = serde_json::to_vec(&e).expect("serialisable");
-                    line.push(b'\n');
-                    stream.write_all(&line).await?;
-                }
-            }
-            loop {
-                let e = match rx.recv().await {
-                    Ok(e) => e,
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
-                };
-                if workload
-                    .as_deref()
-                    .is_some_and(|w| e.workload.as_deref() != Some(w))
-                {
-                    continue;
-                }
-                if reason.as_deref().is_some_and(|r| e.reason != r) {
-                    continue;
-                }
-                let mut line = serde_json::to_vec(&*e).expect("serialisable");
-                line.push(b'\n');
-                stream.write_all(&line).await?;
-            }
-        }
+        "/events" => stream_events(&mut stream, shared, query).await,
         _ => {
-            respond(
-                &mut stream,
-                "404 Not Found",
-                "text/plain",
-                if scope == Scope::Public {
-                    "not found: try /metrics, /healthz, /readyz\n"
-                } else {
-                    "not found: try /metrics, /healthz, /readyz, /status, /events, /dns\n"
-                },
-            )
-            .await
+            let body = if scope == Scope::Public {
+                "not found: try /metrics, /healthz, /readyz\n"
+            } else {
+                "not found: try /metrics, /healthz, /readyz, /status, /events, /dns\n"
+            };
+            respond(&mut stream, "404 Not Found", "text/plain", body).await
         }
     }
+}
+
+/// What `/events` keeps: `workload=` and `reason=` of the query.
+struct EventFilter {
+    workload: Option<String>,
+    reason: Option<String>,
+}
+
+impl EventFilter {
+    fn keep(&self, e: &JsonEvent) -> bool {
+        self.workload
+            .as_deref()
+            .is_none_or(|w| e.workload.as_deref() == Some(w))
+            && self.reason.as_deref().is_none_or(|r| e.reason == r)
+    }
+}
+
+/// `/events`: the history since `since=` (enriched off the runtime), then live events.
+async fn stream_events<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    shared: &Shared,
+    query: &str,
+) -> std::io::Result<()> {
+    let filter = Arc::new(EventFilter {
+        workload: query_param(query, "workload").map(str::to_string),
+        reason: query_param(query, "reason").map(str::to_string),
+    });
+    let since: Option<f64> = query_param(query, "since").and_then(|s| s.parse().ok());
+    // Subscribe before replaying so nothing falls between history and live.
+    let mut rx = shared.events.subscribe();
+    stream
+        .write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+    if let Some(since) = since {
+        for e in replay(shared, since, filter.clone()).await {
+            let mut line = serde_json::to_vec(&e).expect("serialisable");
+            line.push(b'\n');
+            stream.write_all(&line).await?;
+        }
+    }
+    loop {
+        let e = match rx.recv().await {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => return Ok(()),
+        };
+        if !filter.keep(&e) {
+            continue;
+        }
+        let mut line = serde_json::to_vec(&*e).expect("serialisable");
+        line.push(b'\n');
+        stream.write_all(&line).await?;
+    }
+}
+
+/// The kept history since `since` (unix seconds), enriched on a blocking thread (it
+/// reads /proc and cgroupfs for up to the whole history).
+async fn replay(shared: &Shared, since: f64, filter: Arc<EventFilter>) -> Vec<JsonEvent> {
+    let cutoff = (since.max(0.0) * 1e9) as u128;
+    let raw: Vec<_> = shared
+        .history
+        .lock()
+        .expect("history lock")
+        .iter()
+        .filter(|(t, _)| *t >= cutoff)
+        .map(|(_, e)| e.clone())
+        .collect();
+    let names = shared.names.borrow().clone();
+    tokio::task::spawn_blocking(move || {
+        let mut cache = Cache::default();
+        raw.iter()
+            .map(|r| match r {
+                Recorded::Kernel(e) => enrich_cached(e, &names, &mut cache),
+                Recorded::Daemon(j) => (**j).clone(),
+            })
+            .filter(|e| filter.keep(e))
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }

@@ -164,15 +164,7 @@ pub(super) async fn kernel(
         pinned_hash,
         &metrics,
     )?;
-    // Cgroups the kernel registered since the install are adopted first.
-    maps.refresh_cgroups(compiled, mount);
-    let registered = Registered::new(
-        mount,
-        maps.registered_dirs()
-            .into_iter()
-            .map(|(id, dir, wid)| (id, dir, wid, String::new())),
-    );
-    let homes = seed_homes(&mut ebpf, &registered, &metrics)?;
+    let homes = seed_homes(&mut ebpf, &mut maps, compiled, mount, &metrics)?;
     let tc = load_tc(&mut ebpf, cfg, &pins, pinned_hash, &metrics)?;
     if was_pinned {
         info!(
@@ -257,9 +249,23 @@ fn attach(
 
 /// Sticky identity: tasks that were running before the tracepoints get their home now,
 /// after the tracepoints (a task created meanwhile has one from its creator).
-fn seed_homes(ebpf: &mut aya::Ebpf, registered: &Registered, metrics: &Metrics) -> Result<Homes> {
+fn seed_homes(
+    ebpf: &mut aya::Ebpf,
+    maps: &mut PolicyMaps,
+    compiled: &Compiled,
+    mount: &Path,
+    metrics: &Metrics,
+) -> Result<Homes> {
+    // Cgroups the kernel registered since the install are adopted first.
+    maps.refresh_cgroups(compiled, mount);
+    let registered = Registered::new(
+        mount,
+        maps.registered_dirs()
+            .into_iter()
+            .map(|(id, dir, wid)| (id, dir, wid, String::new())),
+    );
     let mut homes = Homes::take(ebpf)?;
-    let pass = homes.pass(registered);
+    let pass = homes.pass(&registered);
     ops::publish_homes(metrics, &pass);
     info!(
         seeded = pass.seeded,

@@ -248,6 +248,35 @@ async fn handle(
         return refuse(Refusal::TypeNotAllowed, who, Some(&q));
     }
     // 4. Upstream.
+    let asked = Asked {
+        client,
+        cgroup_id: cgroup_id.unwrap_or(0),
+        workload: &workload,
+        origin: &origin,
+        name: &q.name,
+    };
+    upstream(shared, query, transport, &asked).await
+}
+
+/// A query that passed the checks: who asked and under which allowed name.
+struct Asked<'a> {
+    client: SocketAddr,
+    cgroup_id: u64,
+    workload: &'a str,
+    origin: &'a str,
+    name: &'a str,
+}
+
+/// Forwards an allowed query, learns the answer for the workload (held until the kernel
+/// enforces it) and caps its TTLs.
+async fn upstream(
+    shared: &Shared,
+    query: &[u8],
+    transport: Transport,
+    asked: &Asked<'_>,
+) -> Option<Vec<u8>> {
+    let engine = &shared.engine;
+    let metrics = engine.borrow().metrics.clone();
     let response = match transport {
         Transport::Udp => forward(query, &shared.servers).await,
         Transport::Tcp => forward_tcp(query, &shared.servers).await,
@@ -265,12 +294,12 @@ async fn handle(
     };
     let result = learn_response(
         engine,
-        cgroup_id.unwrap_or(0),
-        &workload,
-        &origin,
-        &q.name,
+        asked.cgroup_id,
+        asked.workload,
+        asked.origin,
+        asked.name,
         &msg,
-        client,
+        asked.client,
     )
     .await;
     metrics.dns_proxied.with_label_values(&[result]).inc();

@@ -166,51 +166,15 @@ impl Tc {
         // do the work on a thread that entered the configured one.
         std::thread::scope(|s| {
             s.spawn(|| {
-                if let Some(ns) = &config.netns {
-                    let Ok(f) = std::fs::File::open(ns) else {
-                        warn!(netns = %ns.display(), "tc.netns cannot be opened");
-                        return;
-                    };
-                    // SAFETY: valid netns fd; only this thread changes namespace.
-                    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        warn!(netns = %ns.display(), "cannot enter tc.netns");
-                        return;
-                    }
+                if !enter_netns(config) {
+                    return;
                 }
                 let netns = std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino());
                 let present = interfaces();
                 attached.retain(|(idx, _)| present.iter().any(|(i, _)| i == idx));
                 pinned.retain(|(idx, _)| present.iter().any(|(i, _)| i == idx));
-                // A pin removed behind our back released its link: attach it again below.
-                let removed: Vec<(u32, bool)> = pinned
-                    .iter()
-                    .filter(|(idx, ingress)| !pins.link(&pin_name(netns, *idx, *ingress)).exists())
-                    .copied()
-                    .collect();
-                for k in removed {
-                    warn!(ifindex = k.0, ingress = k.1, "tc classifier link pin was removed behind the daemon's back: attaching again");
-                    pinned.remove(&k);
-                    attached.remove(&k);
-                    *repaired += 1;
-                }
-                let wanted: Vec<(u32, &String, bool, bool)> = present
-                    .iter()
-                    .map(|(idx, name)| {
-                        let mut egress = name != "lo" && config.interfaces.iter().any(|g| glob_match(g, name));
-                        let mut ingress = config.pod_interfaces.iter().any(|g| glob_match(g, name));
-                        if egress || ingress {
-                            let ty = link_type(name);
-                            if ty != Some(ARPHRD_ETHER) {
-                                if skipped.insert(*idx) {
-                                    warn!(interface = %name, link_type = ?ty, "tc classifier not attached: not an Ethernet interface (its parser reads Ethernet frames); the cgroup_skb backstop judges guarded sockets' packets on it");
-                                }
-                                egress = false;
-                                ingress = false;
-                            }
-                        }
-                        (*idx, name, egress, ingress)
-                    })
-                    .collect();
+                *repaired += forget_removed_pins(pins, netns, pinned, attached);
+                let wanted = wanted(&present, config, skipped);
                 unpin_unwanted(pins, Some(netns), |idx, ingress| {
                     wanted.iter().any(|&(i, _, e, g)| i == idx && if ingress { g } else { e })
                 });
@@ -228,39 +192,130 @@ impl Tc {
                             *adopted += 1;
                             continue;
                         }
-                        let mut link = p.attach(name, kind).and_then(|id| p.take_link(id));
-                        if link.is_err() {
-                            // Before TCX (kernels older than 6.6) the classifier goes into
-                            // a clsact qdisc through netlink: add it (if missing), retry.
-                            let _ = aya::programs::tc::qdisc_add_clsact(name);
-                            link = p.attach(name, kind).and_then(|id| p.take_link(id));
-                        }
-                        match link {
-                            Ok(link) => {
-                                if <&FdLink>::try_from(&link).is_ok() {
-                                    // TCX: pin over any older link (which then detaches),
-                                    // after this one is attached: no gap.
-                                    let fd = FdLink::try_from(link).expect("a TCX link");
-                                    match crate::kernel::loader::pin_over(fd, &pin, pins) {
-                                        Ok(()) => {
-                                            pinned.insert((*idx, is_ingress));
-                                        }
-                                        Err(e) => warn!(interface = %name, "tc classifier attached but not pinned ({e}): it stops with the daemon"),
-                                    }
-                                } else {
-                                    warn!(interface = %name, "tc classifier attached through netlink (no TCX): it stops with the daemon");
-                                    unpinned.push(link);
-                                }
-                                info!(interface = %name, direction = if is_ingress { "ingress (pod mode)" } else { "egress" }, "tc classifier attached");
-                                attached.insert((*idx, is_ingress));
+                        if let Some(is_pinned) = attach_new(p, pins, name, kind, &pin, unpinned) {
+                            if is_pinned {
+                                pinned.insert((*idx, is_ingress));
                             }
-                            Err(e) => warn!(interface = %name, "tc classifier: {e}"),
+                            attached.insert((*idx, is_ingress));
                         }
                     }
                 }
             });
         });
         self.attached.len()
+    }
+}
+
+/// Enters `[tc] netns` on this thread, if set; false (said) when it cannot.
+fn enter_netns(config: &TcConfig) -> bool {
+    let Some(ns) = &config.netns else {
+        return true;
+    };
+    let Ok(f) = std::fs::File::open(ns) else {
+        warn!(netns = %ns.display(), "tc.netns cannot be opened");
+        return false;
+    };
+    // SAFETY: valid netns fd; only this thread changes namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        warn!(netns = %ns.display(), "cannot enter tc.netns");
+        return false;
+    }
+    true
+}
+
+/// A pin removed behind the daemon's back released its link: forgotten here, so it is
+/// attached again. Returns how many.
+fn forget_removed_pins(
+    pins: &Pins,
+    netns: u64,
+    pinned: &mut HashSet<(u32, bool)>,
+    attached: &mut HashSet<(u32, bool)>,
+) -> u64 {
+    let removed: Vec<(u32, bool)> = pinned
+        .iter()
+        .filter(|(idx, ingress)| !pins.link(&pin_name(netns, *idx, *ingress)).exists())
+        .copied()
+        .collect();
+    for k in &removed {
+        warn!(
+            ifindex = k.0,
+            ingress = k.1,
+            "tc classifier link pin was removed behind the daemon's back: attaching again"
+        );
+        pinned.remove(k);
+        attached.remove(k);
+    }
+    removed.len() as u64
+}
+
+/// Per present interface: (index, name, egress wanted, ingress wanted). Interfaces that
+/// are not Ethernet are skipped (said once each).
+fn wanted<'a>(
+    present: &'a [(u32, String)],
+    config: &TcConfig,
+    skipped: &mut HashSet<u32>,
+) -> Vec<(u32, &'a String, bool, bool)> {
+    present
+        .iter()
+        .map(|(idx, name)| {
+            let mut egress = name != "lo" && config.interfaces.iter().any(|g| glob_match(g, name));
+            let mut ingress = config.pod_interfaces.iter().any(|g| glob_match(g, name));
+            if egress || ingress {
+                let ty = link_type(name);
+                if ty != Some(ARPHRD_ETHER) {
+                    if skipped.insert(*idx) {
+                        warn!(interface = %name, link_type = ?ty, "tc classifier not attached: not an Ethernet interface (its parser reads Ethernet frames); the cgroup_skb backstop judges guarded sockets' packets on it");
+                    }
+                    egress = false;
+                    ingress = false;
+                }
+            }
+            (*idx, name, egress, ingress)
+        })
+        .collect()
+}
+
+/// Attaches the classifier to `name` in direction `kind`: `Some(true)` a TCX link
+/// pinned as `pin`, `Some(false)` attached but not pinned (a netlink attachment is kept
+/// in `unpinned`), `None` not attached (said; tried again at the next sync).
+fn attach_new(
+    p: &mut SchedClassifier,
+    pins: &Pins,
+    name: &str,
+    kind: TcAttachType,
+    pin: &str,
+    unpinned: &mut Vec<SchedClassifierLink>,
+) -> Option<bool> {
+    let mut link = p.attach(name, kind).and_then(|id| p.take_link(id));
+    if link.is_err() {
+        // Before TCX (kernels older than 6.6) the classifier goes into a clsact qdisc
+        // through netlink: add it (if missing), retry.
+        let _ = aya::programs::tc::qdisc_add_clsact(name);
+        link = p.attach(name, kind).and_then(|id| p.take_link(id));
+    }
+    let link = match link {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(interface = %name, "tc classifier: {e}");
+            return None;
+        }
+    };
+    let ingress = matches!(kind, TcAttachType::Ingress);
+    info!(interface = %name, direction = if ingress { "ingress (pod mode)" } else { "egress" }, "tc classifier attached");
+    if <&FdLink>::try_from(&link).is_err() {
+        warn!(interface = %name, "tc classifier attached through netlink (no TCX): it stops with the daemon");
+        unpinned.push(link);
+        return Some(false);
+    }
+    // TCX: pin over any older link (which then detaches), after this one is attached:
+    // no gap.
+    let fd = FdLink::try_from(link).expect("a TCX link");
+    match crate::kernel::loader::pin_over(fd, pin, pins) {
+        Ok(()) => Some(true),
+        Err(e) => {
+            warn!(interface = %name, "tc classifier attached but not pinned ({e}): it stops with the daemon");
+            Some(false)
+        }
     }
 }
 

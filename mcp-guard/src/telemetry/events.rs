@@ -3,18 +3,10 @@
 //! The reader never blocks the kernel: a full ring buffer makes the programs count the
 //! event as lost and carry on deciding.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-};
+use std::{collections::HashMap, sync::Arc};
 
-use aya::maps::{MapData, RingBuf};
 use mcp_guard_common::Event;
 use serde::Serialize;
-use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 use crate::{
     host::cgroup,
@@ -272,7 +264,7 @@ pub fn proto_name(p: u8) -> String {
     }
 }
 
-fn monotonic_ns() -> u64 {
+pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -391,6 +383,43 @@ pub struct Cache {
     cgroups: HashMap<(u32, u64), Place>,
 }
 
+/// Where an event's cgroup is: below the registered cgroups (the workload's own, its
+/// pods'), as the kernel attributed it; a cgroup gone since is said by its workload's.
+fn place(e: &Event, names: &Names) -> Place {
+    let r = &names.registered;
+    let path = r
+        .locate(e.cgroup_id)
+        .and_then(|(dir, _)| {
+            let rel = dir.strip_prefix(r.mount()).ok()?;
+            Some(format!("/{}", rel.display()))
+        })
+        .or_else(|| names.cgroups.get(&e.workload_id).cloned());
+    let owner = path.as_deref().map(cgroup::owner).unwrap_or_default();
+    let pod = path
+        .as_deref()
+        .and_then(|p| crate::pods::attribute(&names.pods, p))
+        .map(|(p, container_id, container)| PodRef {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            uid: p.uid.clone(),
+            container: container.map(str::to_string),
+            container_id,
+        });
+    (path, owner, pod)
+}
+
+fn socket_family_name(family: u8) -> &'static str {
+    match family {
+        1 => "unix",
+        2 => "inet",
+        10 => "inet6",
+        17 => "packet",
+        40 => "vsock",
+        44 => "xdp",
+        _ => "unknown",
+    }
+}
+
 /// [`enrich`] with lookups shared across a batch.
 #[must_use]
 pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
@@ -408,35 +437,10 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
     let dst_path = is_unix.then(|| super::unix_paths::unix_path(e));
     let src = (e.saddr_be != [0; 16]).then(|| display_addr(e.saddr_be).to_string());
     let comm_len = e.comm.iter().position(|&c| c == 0).unwrap_or(e.comm.len());
-    let workload_cgroup = names.cgroups.get(&e.workload_id);
     let (cgroup_path, owner, pod) = cache
         .cgroups
         .entry((e.workload_id, e.cgroup_id))
-        .or_insert_with(|| {
-            let pods = &names.pods;
-            // Below the registered cgroups (the workload's own, its pods'), as the kernel
-            // attributed it; a cgroup gone since is said by its workload's.
-            let r = &names.registered;
-            let path = r
-                .locate(e.cgroup_id)
-                .and_then(|(dir, _)| {
-                    let rel = dir.strip_prefix(r.mount()).ok()?;
-                    Some(format!("/{}", rel.display()))
-                })
-                .or_else(|| workload_cgroup.cloned());
-            let owner = path.as_deref().map(cgroup::owner).unwrap_or_default();
-            let pod = path
-                .as_deref()
-                .and_then(|p| crate::pods::attribute(pods, p))
-                .map(|(p, container_id, container)| PodRef {
-                    namespace: p.namespace.clone(),
-                    name: p.name.clone(),
-                    uid: p.uid.clone(),
-                    container: container.map(str::to_string),
-                    container_id,
-                });
-            (path, owner, pod)
-        })
+        .or_insert_with(|| place(e, names))
         .clone();
     let (exe, cmdline) = cache
         .procs
@@ -476,16 +480,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
             (_, false) => "ipv6",
         }
         .into(),
-        socket_family: match e.sock_family {
-            1 => "unix",
-            2 => "inet",
-            10 => "inet6",
-            17 => "packet",
-            40 => "vsock",
-            44 => "xdp",
-            _ => "unknown",
-        }
-        .into(),
+        socket_family: socket_family_name(e.sock_family).into(),
         proto: proto_name(e.proto),
         dst: if let Some(p) = &dst_path {
             p.clone()
@@ -510,118 +505,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
     }
 }
 
-/// Counts of what the reader delivered, for the invariant and the metrics.
-#[derive(Default)]
-pub struct Delivered {
-    pub events: AtomicU64,
-}
-
-/// How many recent events the daemon keeps for `mcp-guard events --since`.
-pub const HISTORY: usize = 10_000;
-
-/// One remembered event: kernel events are kept raw and enriched only when someone
-/// replays them; the daemon's own (DNS refusals) are born enriched.
-#[derive(Clone)]
-pub enum Recorded {
-    Kernel(Event),
-    Daemon(Arc<JsonEvent>),
-}
-
-/// Recent events with their wall-clock time (Unix ns), oldest first.
-pub type History = std::sync::Mutex<std::collections::VecDeque<(u128, Recorded)>>;
-
-fn remember(history: &History, wall: u128, r: Recorded) {
-    let mut h = history.lock().expect("history lock");
-    if h.len() == HISTORY {
-        h.pop_front();
-    }
-    h.push_back((wall, r));
-}
-
-/// Reads the ring buffer until the task is dropped. `names` is the state owner's latest.
-pub async fn read_loop(
-    ring: RingBuf<MapData>,
-    names: tokio::sync::watch::Receiver<Arc<Names>>,
-    mut sink: super::sink::Sink,
-    stream: broadcast::Sender<Arc<JsonEvent>>,
-    delivered: Arc<Delivered>,
-    history: Arc<History>,
-    mut daemon_events: tokio::sync::mpsc::UnboundedReceiver<JsonEvent>,
-) -> std::io::Result<()> {
-    // SAFETY: the ring buffer owns its fd and moves into the AsyncFd, so the fd stays open
-    // exactly as long as it is registered.
-    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
-    loop {
-        let mut guard = tokio::select! {
-            g = fd.readable_mut() => g?,
-            Some(j) = daemon_events.recv() => {
-                let j = Arc::new(j);
-                let mut line = serde_json::to_vec(&*j).expect("serialisable");
-                line.push(b'\n');
-                sink.write(&line);
-                let _ = stream.send(j.clone());
-                let wall = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos());
-                remember(&history, wall, Recorded::Daemon(j));
-                continue;
-            }
-        };
-        let ring = guard.get_inner_mut();
-        let mut batch = Vec::new();
-        while let Some(item) = ring.next() {
-            if let Some(e) = decode(&item) {
-                batch.push(e);
-            }
-        }
-        guard.clear_ready();
-        if batch.is_empty() {
-            continue;
-        }
-        delivered
-            .events
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        // Events are counted and kept raw always; turned into JSON only for a sink or a
-        // live follower, so a flood nobody reads costs almost nothing.
-        let to_sink = !sink.is_none();
-        let followed = stream.receiver_count() > 0;
-        let mut out = Vec::new();
-        if to_sink || followed {
-            let names = names.borrow().clone();
-            let mut cache = Cache::default();
-            for e in &batch {
-                let j = Arc::new(enrich_cached(e, &names, &mut cache));
-                if to_sink {
-                    if sink.cmdline || j.cmdline.is_none() {
-                        serde_json::to_writer(&mut out, &*j).expect("serialisable");
-                    } else {
-                        let mut without = (*j).clone();
-                        without.cmdline = None;
-                        serde_json::to_writer(&mut out, &without).expect("serialisable");
-                    }
-                    out.push(b'\n');
-                }
-                if followed {
-                    let _ = stream.send(j);
-                }
-            }
-        }
-        {
-            let now_mono = monotonic_ns();
-            let now_wall = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            for e in batch.iter().skip(batch.len().saturating_sub(HISTORY)) {
-                remember(
-                    &history,
-                    now_wall.saturating_sub(u128::from(now_mono.saturating_sub(e.ts_ns))),
-                    Recorded::Kernel(*e),
-                );
-            }
-        }
-        sink.write(&out);
-    }
-}
+pub use super::reader::{read_loop, Delivered, History, Recorded, HISTORY};
 
 #[cfg(test)]
 mod tests {

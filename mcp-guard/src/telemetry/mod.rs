@@ -2,6 +2,7 @@
 
 pub mod events;
 pub mod metrics;
+pub mod reader;
 pub mod siem;
 pub mod sink;
 pub mod unix_paths;

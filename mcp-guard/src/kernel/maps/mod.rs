@@ -384,65 +384,11 @@ impl PolicyMaps {
         // Registration at creation for this slot first, then the scan: a cgroup created
         // from here on is registered by the kernel, one created before is found below.
         let (register, scan_only) = register_entries(compiled, &cgroup::kernel_root(mount), slot);
-        let mut register_result = Ok(());
-        for (k, v) in &register {
-            match self.register.insert(k, v, 0) {
-                Ok(()) => contents.register.push(*k),
-                Err(e) => {
-                    register_result = Err(map_err("REGISTER_1")(e));
-                    break;
-                }
-            }
-        }
+        let register_result = self.write_register(&register, &mut contents);
         let mut registered = self.scan(compiled, self.generation.wrapping_add(1), mount);
         registered.retain(|_, w| *w != UNSELECTED_CLAIM);
-        let result = register_result.and_then(|()| {
-            for e in &compiled.lpm {
-                let key = e.key(slot);
-                self.lpm
-                    .insert(&key, e.entry, 0)
-                    .map_err(map_err("POLICY_LPM_1"))?;
-                contents.lpm.push(key);
-            }
-            self.unix.write(&compiled.unix, slot, &mut contents.unix)?;
-            let clock = Clock::now();
-            for e in &compiled.exact {
-                let key = e.key(slot);
-                // The expiry first: an entry flagged to expire with no expiry stored is
-                // ignored by the programs (fail closed), never allowed for good.
-                if let Some(unix) = e.expires_unix {
-                    self.expiry
-                        .insert(key, clock.boot_ns_at(unix), 0)
-                        .map_err(map_err("EXPIRY_1"))?;
-                    contents.expiry.push(key);
-                }
-                self.exact
-                    .insert(key, e.entry, 0)
-                    .map_err(map_err("POLICY_EXACT_1"))?;
-                contents.exact.push(key);
-            }
-            let infos = infos_of(compiled);
-            for (&id, &wid) in &registered {
-                let key = CgroupKey {
-                    cgroup_id: id,
-                    slot,
-                    _pad: 0,
-                };
-                self.cgroups
-                    .insert(key, infos[&wid], 0)
-                    .map_err(map_err("CGROUPS_1"))?;
-                contents.cgroups.push(key);
-            }
-            // What a task that left a workload whose cgroup is gone is judged by.
-            for (key, info) in homes::strict_entries(&infos, slot) {
-                self.cgroups
-                    .insert(key, info, 0)
-                    .map_err(map_err("CGROUPS_1"))?;
-                contents.cgroups.push(key);
-            }
-            // MCP instances: their masks under the incoming policy, before it is live.
-            self.write_instances_for(compiled, slot)
-        });
+        let result = register_result
+            .and_then(|()| self.write_slot(compiled, slot, &registered, &mut contents));
         self.remove_stale(&old, &contents);
         self.slots[slot as usize] = contents;
         if result.is_err() {
@@ -475,6 +421,77 @@ impl PolicyMaps {
             "policy installed"
         );
         Ok(())
+    }
+
+    /// Writes the registration-at-creation entries of the incoming slot.
+    fn write_register(
+        &mut self,
+        register: &[RegisterEntry],
+        contents: &mut SlotContents,
+    ) -> Result<(), MapsError> {
+        for (k, v) in register {
+            self.register
+                .insert(k, v, 0)
+                .map_err(map_err("REGISTER_1"))?;
+            contents.register.push(*k);
+        }
+        Ok(())
+    }
+
+    /// Writes the policy, the registrations and the MCP instances of `compiled` into
+    /// `slot` (not live yet), recording every key in `contents`.
+    fn write_slot(
+        &mut self,
+        compiled: &Compiled,
+        slot: u32,
+        registered: &BTreeMap<u64, u32>,
+        contents: &mut SlotContents,
+    ) -> Result<(), MapsError> {
+        for e in &compiled.lpm {
+            let key = e.key(slot);
+            self.lpm
+                .insert(&key, e.entry, 0)
+                .map_err(map_err("POLICY_LPM_1"))?;
+            contents.lpm.push(key);
+        }
+        self.unix.write(&compiled.unix, slot, &mut contents.unix)?;
+        let clock = Clock::now();
+        for e in &compiled.exact {
+            let key = e.key(slot);
+            // The expiry first: an entry flagged to expire with no expiry stored is
+            // ignored by the programs (fail closed), never allowed for good.
+            if let Some(unix) = e.expires_unix {
+                self.expiry
+                    .insert(key, clock.boot_ns_at(unix), 0)
+                    .map_err(map_err("EXPIRY_1"))?;
+                contents.expiry.push(key);
+            }
+            self.exact
+                .insert(key, e.entry, 0)
+                .map_err(map_err("POLICY_EXACT_1"))?;
+            contents.exact.push(key);
+        }
+        let infos = infos_of(compiled);
+        for (&id, &wid) in registered {
+            let key = CgroupKey {
+                cgroup_id: id,
+                slot,
+                _pad: 0,
+            };
+            self.cgroups
+                .insert(key, infos[&wid], 0)
+                .map_err(map_err("CGROUPS_1"))?;
+            contents.cgroups.push(key);
+        }
+        // What a task that left a workload whose cgroup is gone is judged by.
+        for (key, info) in homes::strict_entries(&infos, slot) {
+            self.cgroups
+                .insert(key, info, 0)
+                .map_err(map_err("CGROUPS_1"))?;
+            contents.cgroups.push(key);
+        }
+        // MCP instances: their masks under the incoming policy, before it is live.
+        self.write_instances_for(compiled, slot)
     }
 
     /// Deletes the keys of `old` that `new` does not have.

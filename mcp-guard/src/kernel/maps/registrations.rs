@@ -11,58 +11,13 @@ impl PolicyMaps {
     pub fn refresh_cgroups(&mut self, compiled: &Compiled, mount: &Path) -> usize {
         let slot = self.active;
         let mut desired = self.scan(compiled, self.generation, mount);
-        // A cgroup this scan found may hold a registration the kernel made at mkdir that
-        // this daemon has not seen: it becomes known here, so what follows treats it like
-        // any other (kept, overwritten for another workload, or removed: a pod no
-        // workload selects leaves pending this way). Adopting one is a change: the
-        // published view learns its cgroup id.
-        let mut changed = 0;
-        for &id in desired.keys() {
-            if !self.registered.contains_key(&id) {
-                let key = CgroupKey {
-                    cgroup_id: id,
-                    slot,
-                    _pad: 0,
-                };
-                if let Ok(info) = self.cgroups.get(&key, 0) {
-                    self.registered.insert(id, info.workload_id);
-                    changed += 1;
-                    if !self.slots[slot as usize].cgroups.contains(&key) {
-                        self.slots[slot as usize].cgroups.push(key);
-                    }
-                }
-            }
-        }
+        let mut changed = self.adopt_kernel_registrations(&desired);
         desired.retain(|_, w| *w != UNSELECTED_CLAIM);
         // Only cgroups no workload names any more are removed; a cgroup that moves to
         // another workload is overwritten in place, so no decision finds it missing.
         // A scan that met an error (out of file descriptors, say) removes nothing: what
         // it could not see may still run a workload (fail closed).
-        let gone: Vec<u64> = if self.scanner.incomplete {
-            if !self.warned_incomplete {
-                warn!("cgroup scan incomplete (a filesystem error other than \"not there\"): registrations are kept until a scan completes");
-                self.warned_incomplete = true;
-            }
-            Vec::new()
-        } else {
-            self.warned_incomplete = false;
-            self.registered
-                .keys()
-                .filter(|id| !desired.contains_key(id))
-                .copied()
-                .collect()
-        };
-        for id in gone {
-            let key = CgroupKey {
-                cgroup_id: id,
-                slot,
-                _pad: 0,
-            };
-            let _ = self.cgroups.remove(&key);
-            self.slots[slot as usize].cgroups.retain(|k| *k != key);
-            self.registered.remove(&id);
-            changed += 1;
-        }
+        changed += self.remove_gone(&desired);
         let mut infos = None;
         for (&id, &wid) in &desired {
             if self.registered.get(&id) == Some(&wid) {
@@ -96,12 +51,78 @@ impl PolicyMaps {
             }
         }
         if changed > 0 {
-            let next = self.epoch.get(&0, 0).unwrap_or(0).wrapping_add(1);
-            if let Err(e) = self.epoch.set(0, next, 0) {
-                warn!(error = %e, "cannot bump the registration epoch: the packet backstop keeps decisions cached before this change until the next policy change");
+            self.bump_epoch();
+        }
+        changed
+    }
+
+    /// A cgroup this scan found may hold a registration the kernel made at mkdir that
+    /// this daemon has not seen: it becomes known here, so what follows treats it like
+    /// any other (kept, overwritten for another workload, or removed: a pod no workload
+    /// selects leaves pending this way). Adopting one is a change: the published view
+    /// learns its cgroup id. Returns how many.
+    fn adopt_kernel_registrations(&mut self, desired: &BTreeMap<u64, u32>) -> usize {
+        let slot = self.active;
+        let mut changed = 0;
+        for &id in desired.keys() {
+            if self.registered.contains_key(&id) {
+                continue;
+            }
+            let key = CgroupKey {
+                cgroup_id: id,
+                slot,
+                _pad: 0,
+            };
+            if let Ok(info) = self.cgroups.get(&key, 0) {
+                self.registered.insert(id, info.workload_id);
+                changed += 1;
+                if !self.slots[slot as usize].cgroups.contains(&key) {
+                    self.slots[slot as usize].cgroups.push(key);
+                }
             }
         }
         changed
+    }
+
+    /// Removes the registrations of cgroups no workload names any more (a cgroup that
+    /// moves to another workload is overwritten in place, so no decision finds it
+    /// missing). A scan that met an error (out of file descriptors, say) removes
+    /// nothing: what it could not see may still run a workload (fail closed).
+    fn remove_gone(&mut self, desired: &BTreeMap<u64, u32>) -> usize {
+        if self.scanner.incomplete {
+            if !self.warned_incomplete {
+                warn!("cgroup scan incomplete (a filesystem error other than \"not there\"): registrations are kept until a scan completes");
+                self.warned_incomplete = true;
+            }
+            return 0;
+        }
+        self.warned_incomplete = false;
+        let slot = self.active;
+        let gone: Vec<u64> = self
+            .registered
+            .keys()
+            .filter(|id| !desired.contains_key(id))
+            .copied()
+            .collect();
+        for &id in &gone {
+            let key = CgroupKey {
+                cgroup_id: id,
+                slot,
+                _pad: 0,
+            };
+            let _ = self.cgroups.remove(&key);
+            self.slots[slot as usize].cgroups.retain(|k| *k != key);
+            self.registered.remove(&id);
+        }
+        gone.len()
+    }
+
+    /// The cgroup_skb backstop decides again what it cached before a registration change.
+    fn bump_epoch(&mut self) {
+        let next = self.epoch.get(&0, 0).unwrap_or(0).wrapping_add(1);
+        if let Err(e) = self.epoch.set(0, next, 0) {
+            warn!(error = %e, "cannot bump the registration epoch: the packet backstop keeps decisions cached before this change until the next policy change");
+        }
     }
 
     /// Every existing cgroup the workloads of `compiled` (installed as `generation`) and
