@@ -147,12 +147,25 @@ pub fn exec_in(
 /// `exec --mcp`: the server runs in `<workload cgroup>/mcp-<relay pid>`, started through
 /// `exec-instance` (join, harden, exec) with its stdio piped to the relay, which stays
 /// in its own cgroup. Returns the server's exit code.
+/// How an MCP server under `exec` talks to its clients.
+pub enum Transport {
+    /// Newline-delimited JSON-RPC on stdin/stdout (`--mcp`): the relay sits on the pipes.
+    Stdio,
+    /// Streamable HTTP (`--mcp-http`): the server listens on `upstream`, the proxy serves
+    /// its clients on `listen`.
+    Http {
+        listen: std::net::SocketAddr,
+        upstream: std::net::SocketAddr,
+    },
+}
+
 pub fn exec_mcp(
     path: &Path,
     workload: &str,
     unguarded: bool,
     harden: Option<&Harden<'_>>,
     call_timeout: Duration,
+    transport: &Transport,
     cmd: &[String],
 ) -> Result<u8> {
     use crate::mcp::{relay, wire::ToDaemon};
@@ -221,15 +234,64 @@ pub fn exec_mcp(
             c.arg("--hide").arg(p);
         }
         c.arg("--").args(cmd);
-        let child = c
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {:?}", cmd[0]))?;
-        let status = relay::relay(daemon, child, call_timeout)?;
+        let status = match transport {
+            Transport::Stdio => {
+                let child = c
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .with_context(|| format!("starting {:?}", cmd[0]))?;
+                relay::relay(daemon, child, call_timeout)?
+            }
+            Transport::Http { listen, upstream } => {
+                let child = c
+                    .spawn()
+                    .with_context(|| format!("starting {:?}", cmd[0]))?;
+                http_relay(daemon, child, *listen, *upstream, call_timeout)?
+            }
+        };
         Ok(status.code().map_or(1, |c| c as u8))
     };
     let result = run();
     remove("the server left processes behind");
     result
+}
+
+/// Serves the server's clients on `listen` through the Streamable HTTP proxy until the
+/// server exits; returns its exit status.
+fn http_relay(
+    daemon: Option<crate::mcp::relay::Daemon>,
+    mut child: std::process::Child,
+    listen: std::net::SocketAddr,
+    upstream: std::net::SocketAddr,
+    call_timeout: Duration,
+) -> Result<std::process::ExitStatus> {
+    use crate::mcp::http_proxy::Proxy;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let proxy = Proxy::new(upstream, daemon, call_timeout);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let (d, stop) = (proxy.daemon(), done.clone());
+        std::thread::spawn(move || crate::mcp::relay::watch(d, stop));
+    }
+    let listener = match rt.block_on(tokio::net::TcpListener::bind(listen)) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the MCP proxy cannot listen on {listen}: {e}");
+        }
+    };
+    let status = rt.block_on(async move {
+        tokio::select! {
+            () = proxy.serve(listener) => unreachable!("the proxy serves until dropped"),
+            s = tokio::task::spawn_blocking(move || child.wait()) => s,
+        }
+    });
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(status??)
 }

@@ -110,11 +110,19 @@ enum Cmd {
         /// The command is an MCP server on the stdio transport: relay its messages, run it
         /// in a cgroup of its own below the workload's, and tell the daemon about every
         /// tools/call (events name the tool; `tools = [...]` rules apply during calls).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "mcp_http")]
         mcp: bool,
-        /// With --mcp: a call with no answer after this many seconds counts as ended
-        /// (its tools are no longer active).
-        #[arg(long, default_value_t = 300, requires = "mcp")]
+        /// The command is an MCP server on the Streamable HTTP transport listening on
+        /// --upstream: serve its clients on this address through a proxy outside its
+        /// guard that tells the daemon about every tools/call, as --mcp does for stdio.
+        #[arg(long, value_name = "LISTEN", requires = "upstream")]
+        mcp_http: Option<std::net::SocketAddr>,
+        /// With --mcp-http: where the server listens (e.g. 127.0.0.1:8001).
+        #[arg(long, value_name = "ADDR", requires = "mcp_http")]
+        upstream: Option<std::net::SocketAddr>,
+        /// With --mcp or --mcp-http: a call with no answer after this many seconds counts
+        /// as ended (its tools are no longer active).
+        #[arg(long, default_value_t = 300)]
         call_timeout: u64,
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
@@ -278,6 +286,8 @@ fn main() -> ExitCode {
             user,
             group,
             mcp,
+            mcp_http,
+            upstream,
             call_timeout,
             cmd,
         } => {
@@ -287,13 +297,20 @@ fn main() -> ExitCode {
                 group: group.as_deref(),
             };
             let harden = (!no_hardening).then_some(&h);
-            if mcp {
+            if mcp || mcp_http.is_some() {
+                let transport = match (mcp_http, upstream) {
+                    (Some(listen), Some(upstream)) => {
+                        mcp_guard::exec::Transport::Http { listen, upstream }
+                    }
+                    _ => mcp_guard::exec::Transport::Stdio,
+                };
                 return match mcp_guard::exec::exec_mcp(
                     &config,
                     &workload,
                     unguarded,
                     harden,
                     Duration::from_secs(call_timeout),
+                    &transport,
                     &cmd,
                 ) {
                     Ok(code) => ExitCode::from(code),

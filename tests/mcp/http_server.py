@@ -3,7 +3,10 @@
 it got (as a fetch tool of an SSRF-prone server would), `/healthz` answers a kubelet-style
 probe.
 
-    http_server.py HOST PORT
+    http_server.py HOST PORT [json]
+
+With `json` the server answers POSTs with `application/json` bodies instead of SSE
+streams.
 """
 
 import sys
@@ -14,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 
 host, port = sys.argv[1], int(sys.argv[2])
+json_response = len(sys.argv) > 3 and sys.argv[3] == "json"
 server = MCPServer("test-http")
 
 
@@ -33,4 +37,4 @@ async def healthz(_request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok")
 
 
-server.run(transport="streamable-http", host=host, port=port)
+server.run(transport="streamable-http", host=host, port=port, json_response=json_response)

@@ -8,7 +8,9 @@
 //! - [`wire`] is the line protocol between a relay and the daemon (its MCP socket).
 //! - [`registry`] is the daemon's record of instances and their calls, for attribution.
 //! - [`relay`] is the relay itself (the `exec --mcp` side).
+//! - [`http_proxy`] is its Streamable HTTP counterpart (`exec --mcp-http`).
 
+pub mod http_proxy;
 pub mod jsonrpc;
 pub mod registry;
 pub mod relay;

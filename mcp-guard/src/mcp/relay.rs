@@ -222,7 +222,7 @@ impl Daemon {
 /// instance and its calls in flight are registered again within `backoff` (doubling
 /// from 200 ms up to 1 s while the daemon stays away), without waiting for the next
 /// message.
-fn watch(daemon: Arc<Mutex<Option<Daemon>>>, done: Arc<std::sync::atomic::AtomicBool>) {
+pub(crate) fn watch(daemon: Arc<Mutex<Option<Daemon>>>, done: Arc<std::sync::atomic::AtomicBool>) {
     let mut backoff = Duration::from_millis(200);
     while !done.load(Ordering::SeqCst) {
         std::thread::sleep(backoff);

@@ -1,0 +1,501 @@
+//! The Streamable HTTP proxy (`exec --mcp-http`): stands in front of an MCP server on
+//! the Streamable HTTP transport, outside its guard, and does what the stdio relay does:
+//! every `tools/call` is told to the daemon (which answers once the kernel enforces the
+//! call's tools) before it is forwarded, and its end (the result or error passing back in
+//! a JSON body or an SSE event, a cancellation, `DELETE` of the session, the response
+//! stream ending without it, the call timeout) is told before the client can read the
+//! result. Bytes pass through unchanged; a body that is not JSON-RPC, or larger than
+//! [`MAX_MESSAGE`], is passed on unread and counted.
+//!
+//! Request ids are only unique within a session: calls are reported to the daemon as
+//! `SESSION/ID` (the `Mcp-Session-Id` header; `-` before the session has one).
+//! An `Mcp-Method` or `Mcp-Name` header that disagrees with its body (revision
+//! 2026-07-28) is refused with 400 and a JSON-RPC error, as the spec requires of
+//! intermediaries.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_util::{FutureExt as _, StreamExt as _};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::{
+    body::{Frame, Incoming},
+    header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, HOST},
+    Method, Request, Response, StatusCode,
+};
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo},
+};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{
+    jsonrpc::{self, Message},
+    relay::{Counts, Daemon, MAX_MESSAGE},
+    wire::{Peer, ToDaemon},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Body = BoxBody<Bytes, BoxError>;
+
+/// A call in flight: its session and when it started.
+struct Call {
+    session: String,
+    started: Instant,
+}
+
+/// The proxy's state, shared by every connection.
+pub struct Proxy {
+    upstream: SocketAddr,
+    client: Client<HttpConnector, Full<Bytes>>,
+    daemon: Arc<Mutex<Option<Daemon>>>,
+    calls: Mutex<HashMap<String, Call>>,
+    /// Per session: the client that initialized it (sent with the server's answer).
+    clients: Mutex<HashMap<String, Option<Peer>>>,
+    pub counts: Counts,
+    /// Requests refused because a header disagreed with the body.
+    pub mismatched: AtomicU64,
+    call_timeout: Duration,
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+impl Proxy {
+    /// `daemon`: `None` runs unguarded (nothing is told; no tool is ever active).
+    #[must_use]
+    pub fn new(upstream: SocketAddr, daemon: Option<Daemon>, call_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            upstream,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            daemon: Arc::new(Mutex::new(daemon)),
+            calls: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            counts: Counts::default(),
+            mismatched: AtomicU64::new(0),
+            call_timeout,
+        })
+    }
+
+    /// Serves `listener` until the task is dropped; calls past the timeout are ended
+    /// every second.
+    pub async fn serve(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        /// Stops the sweeper with the server.
+        struct Abort(tokio::task::JoinHandle<()>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _sweeper = Abort({
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    me.end_expired().await;
+                }
+            })
+        });
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let me = me.clone();
+                    async move { Ok::<_, Infallible>(me.handle(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    /// The daemon connection (watched from a thread of its own, as the stdio relay's).
+    #[must_use]
+    pub fn daemon(&self) -> Arc<Mutex<Option<Daemon>>> {
+        self.daemon.clone()
+    }
+
+    /// Tells the daemon (on a blocking thread: the relay's connection is synchronous).
+    async fn tell(&self, m: ToDaemon) {
+        let daemon = self.daemon.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(d) = daemon.lock().expect("daemon").as_mut() {
+                d.send(m);
+            }
+        })
+        .await;
+    }
+
+    /// Ends a call still in flight (once: the first end wins).
+    async fn end(&self, key: &str, outcome: &str) {
+        if self.calls.lock().expect("calls").remove(key).is_some() {
+            self.tell(ToDaemon::End {
+                request_id: key.to_string(),
+                outcome: outcome.into(),
+            })
+            .await;
+        }
+    }
+
+    async fn end_expired(&self) {
+        let expired: Vec<String> = self
+            .calls
+            .lock()
+            .expect("calls")
+            .iter()
+            .filter(|(_, c)| c.started.elapsed() >= self.call_timeout)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            self.end(&k, "timeout").await;
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let session = parts
+            .headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_string();
+        let oversized = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .is_some_and(|n| n > MAX_MESSAGE);
+        if parts.method != Method::POST || oversized {
+            if oversized {
+                self.counts.oversized.fetch_add(1, Ordering::Relaxed);
+            }
+            if parts.method == Method::DELETE {
+                self.end_session(&session).await;
+            }
+            // GET (the server's stream), DELETE, or a body passed on unread.
+            let up = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
+            return self.forward_streaming(up, &session, Vec::new()).await;
+        }
+        let bytes = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return status(StatusCode::BAD_REQUEST, "unreadable body\n"),
+        };
+        if let Err(why) = headers_agree(&parts.headers, &bytes) {
+            self.mismatched.fetch_add(1, Ordering::Relaxed);
+            return mismatch(&bytes, &why);
+        }
+        let announced = self.client_messages(&session, &bytes).await;
+        let up = Request::from_parts(parts, full(bytes));
+        self.forward_streaming(up, &session, announced).await
+    }
+
+    /// What the client sent: calls announced (and their tools activated) before they
+    /// are forwarded, cancellations ended. Returns the calls this request announced.
+    async fn client_messages(&self, session: &str, body: &[u8]) -> Vec<String> {
+        let Some(msgs) = jsonrpc::read(body) else {
+            self.counts.malformed.fetch_add(1, Ordering::Relaxed);
+            return Vec::new();
+        };
+        let mut announced = Vec::new();
+        for m in msgs {
+            match m {
+                Message::Initialize { client, .. } => {
+                    self.clients
+                        .lock()
+                        .expect("clients")
+                        .insert(session.to_string(), client);
+                }
+                Message::Call {
+                    id,
+                    tool,
+                    arguments,
+                } => {
+                    let key = format!("{session}/{id}");
+                    self.calls.lock().expect("calls").insert(
+                        key.clone(),
+                        Call {
+                            session: session.to_string(),
+                            started: Instant::now(),
+                        },
+                    );
+                    self.tell(ToDaemon::Call {
+                        request_id: key.clone(),
+                        tool,
+                        arguments,
+                    })
+                    .await;
+                    announced.push(key);
+                }
+                Message::Cancelled { id } => {
+                    self.end(&format!("{session}/{id}"), "cancelled").await
+                }
+                Message::ListTools { .. } | Message::Other | Message::Response { .. } => {}
+            }
+        }
+        announced
+    }
+
+    /// What the server sent (in a JSON body or one SSE event): a call's end told before
+    /// the client can read it; `initialize` and `tools/list` answers reported.
+    async fn server_messages(&self, session: &str, body: &[u8]) {
+        let Some(msgs) = jsonrpc::read(body) else {
+            self.counts.malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        for m in msgs {
+            let Message::Response { id, error, result } = m else {
+                continue;
+            };
+            let key = format!("{session}/{id}");
+            let outcome = if error { "error" } else { "result" };
+            self.end(&key, outcome).await;
+            if let Some(server) = result.as_ref().and_then(jsonrpc::peer) {
+                let client = self
+                    .clients
+                    .lock()
+                    .expect("clients")
+                    .get(session)
+                    .cloned()
+                    .flatten();
+                self.tell(ToDaemon::Peers {
+                    client,
+                    server: Some(server),
+                })
+                .await;
+            } else if let Some(names) = result.as_ref().and_then(jsonrpc::tool_names) {
+                self.tell(ToDaemon::Tools { names }).await;
+            }
+        }
+    }
+
+    /// `DELETE` of a session: its calls end.
+    async fn end_session(&self, session: &str) {
+        let keys: Vec<String> = self
+            .calls
+            .lock()
+            .expect("calls")
+            .iter()
+            .filter(|(_, c)| c.session == session)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.end(&k, "cancelled").await;
+        }
+        self.clients.lock().expect("clients").remove(session);
+    }
+
+    /// Sends `req` upstream and passes the answer back: a JSON body read whole, an SSE
+    /// stream event by event, anything else as it comes. `announced` calls still open
+    /// when the answer is over (or the client went away) are ended.
+    async fn forward_streaming(
+        self: Arc<Self>,
+        req: Request<Body>,
+        session: &str,
+        announced: Vec<String>,
+    ) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let Ok(uri) = format!("http://{}{path}", self.upstream).parse() else {
+            return status(StatusCode::BAD_REQUEST, "bad request target\n");
+        };
+        parts.uri = uri;
+        if let Ok(h) = self.upstream.to_string().parse() {
+            parts.headers.insert(HOST, h);
+        }
+        // The client is HTTP/1.1 with a Full body: collect what came (a streamed GET or
+        // DELETE has none; an oversized POST is passed on in one piece, unread).
+        let bytes = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return status(StatusCode::BAD_REQUEST, "unreadable body\n"),
+        };
+        let answer = match self
+            .client
+            .request(Request::from_parts(parts, Full::new(bytes)))
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                for k in &announced {
+                    self.end(k, "error").await;
+                }
+                return status(StatusCode::BAD_GATEWAY, &format!("upstream: {e}\n"));
+            }
+        };
+        let (parts, body) = answer.into_parts();
+        let kind = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if kind.starts_with("text/event-stream") {
+            let body = self.clone().events(body, session.to_string(), announced);
+            return Response::from_parts(parts, body);
+        }
+        let bytes = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return status(StatusCode::BAD_GATEWAY, &format!("upstream: {e}\n")),
+        };
+        if kind.starts_with("application/json") && bytes.len() <= MAX_MESSAGE {
+            self.server_messages(session, &bytes).await;
+        }
+        for k in &announced {
+            // A 202 or an error status: no answer to the call will come on this request.
+            if !kind.starts_with("application/json") {
+                self.end(k, "error").await;
+            }
+        }
+        Response::from_parts(parts, full(bytes))
+    }
+
+    /// An SSE response passed on chunk by chunk: each chunk is decoded first, and the
+    /// ends of the calls it completes are told before the chunk goes on (a client acts on
+    /// an event only once its last line is in).
+    fn events(
+        self: Arc<Self>,
+        mut upstream: Incoming,
+        session: String,
+        announced: Vec<String>,
+    ) -> Body {
+        let (to_client, rx) = mpsc::channel::<Bytes>(16);
+        tokio::spawn(async move {
+            let (feed, fed) = mpsc::unbounded_channel::<Bytes>();
+            let mut fed = fed;
+            let mut decoder =
+                sse_stream::SseByteStream::new(futures_util::stream::poll_fn(move |cx| {
+                    fed.poll_recv(cx).map(|b| b.map(Ok::<_, Infallible>))
+                }));
+            while let Some(frame) = upstream.frame().await {
+                let Ok(frame) = frame else { break };
+                let Ok(chunk) = frame.into_data() else {
+                    continue;
+                };
+                let _ = feed.send(chunk.clone());
+                while let Some(Some(Ok(ev))) = decoder.next().now_or_never() {
+                    if let Some(data) = ev.data {
+                        self.server_messages(&session, data.as_bytes()).await;
+                    }
+                }
+                if to_client.send(chunk).await.is_err() {
+                    break; // the client went away
+                }
+            }
+            for k in &announced {
+                self.end(k, "cancelled").await;
+            }
+        });
+        let mut rx = rx;
+        BodyExt::boxed(StreamBody::new(
+            futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+                .map(|b| Ok::<_, BoxError>(Frame::data(b))),
+        ))
+    }
+}
+
+fn status(code: StatusCode, text: &str) -> Response<Body> {
+    let mut r = Response::new(full(text.to_string()));
+    *r.status_mut() = code;
+    r
+}
+
+/// `Mcp-Method` and `Mcp-Name` (revision 2026-07-28) against the body they describe.
+fn headers_agree(headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
+    let header = |n: &str| {
+        headers
+            .get(n)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string())
+    };
+    let (method, name) = (header("mcp-method"), header("mcp-name"));
+    if method.is_none() && name.is_none() {
+        return Ok(());
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|_| "the body is not one JSON-RPC message".to_string())?;
+    if let Some(m) = method {
+        if v["method"].as_str() != Some(m.as_str()) {
+            return Err(format!(
+                "Mcp-Method {m:?} disagrees with the body's method {}",
+                v["method"]
+            ));
+        }
+    }
+    if let Some(n) = name {
+        let p = &v["params"];
+        let body_name = p["name"].as_str().or_else(|| p["uri"].as_str());
+        if body_name != Some(n.as_str()) {
+            return Err(format!(
+                "Mcp-Name {n:?} disagrees with the body's {}",
+                if p["name"].is_null() {
+                    p["uri"].clone()
+                } else {
+                    p["name"].clone()
+                }
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// 400 with a JSON-RPC error naming the disagreement (the request's id where it has one).
+fn mismatch(body: &[u8], why: &str) -> Response<Body> {
+    let id = serde_json::from_slice::<Value>(body)
+        .ok()
+        .map_or(Value::Null, |v| v["id"].clone());
+    let err = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {"code": -32600, "message": format!("mcp-guard: {why}")},
+    });
+    let mut r = Response::new(full(err.to_string()));
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_must_agree_with_the_body() {
+        let body = br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"fetch","arguments":{}}}"#;
+        let mut h = HeaderMap::new();
+        assert!(
+            headers_agree(&h, body).is_ok(),
+            "no headers: nothing to check"
+        );
+        h.insert("mcp-method", "tools/call".parse().unwrap());
+        h.insert("mcp-name", "fetch".parse().unwrap());
+        assert!(headers_agree(&h, body).is_ok());
+        h.insert("mcp-name", "query_db".parse().unwrap());
+        let e = headers_agree(&h, body).unwrap_err();
+        assert!(e.contains("query_db") && e.contains("fetch"), "{e}");
+        h.remove("mcp-name");
+        h.insert("mcp-method", "tools/list".parse().unwrap());
+        assert!(headers_agree(&h, body).is_err());
+        let r = mismatch(body, "x");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,214 @@
+//! Streamable HTTP MCP servers under `exec --mcp-http`: the official MCP Python SDK's
+//! server (`MCPServer`, streamable-http) behind the proxy, called by the SDK's own
+//! client from another namespace. The kernel refuses what the tool call's policy
+//! refuses, tool-scoped rules apply during the calls of their tools, events name the
+//! tool call and its session, in SSE and JSON response modes; the proxy killed
+//! mid-call leaves no tool active.
+
+use std::time::Duration;
+
+use mcp_guard_tests::{
+    guard_bin, in_netns, mcp_helper, mcp_http_session, mcp_venv, wait_until, Daemon, NetNs, Probe,
+    Running, TempDir, TestCgroup,
+};
+use serde_json::Value;
+
+const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
+
+/// The server's namespace (metadata service, two internal databases on `lo`, the
+/// proxy's address on a veth) and the client's.
+fn lab() -> (NetNs, NetNs) {
+    let srv = NetNs::new();
+    let cli = NetNs::new();
+    srv.veth("s0", &cli, "c0");
+    srv.ip("addr add 10.0.20.5/24 dev s0");
+    cli.ip("addr add 10.0.20.7/24 dev c0");
+    for a in ["169.254.169.254", "10.0.40.9", "10.0.40.10"] {
+        srv.add_addr(a);
+    }
+    srv.serve_tcp("169.254.169.254:80", "HTTP/1.0 200 OK\r\n\r\nAKIAFAKE");
+    srv.serve_tcp("10.0.40.9:5432", "HTTP/1.0 200 OK\r\n\r\ndb-for-fetch");
+    srv.serve_tcp("10.0.40.10:5432", "HTTP/1.0 200 OK\r\n\r\ndb-for-query");
+    // Accepts and never answers: a fetch call that stays in flight (its 5 s timeout).
+    let l = srv.in_ns(|| std::net::TcpListener::bind("10.0.40.9:80").expect("bind"));
+    std::thread::spawn(move || {
+        let held: Vec<_> = l.incoming().collect();
+        drop(held);
+    });
+    (srv, cli)
+}
+
+fn config(cg: &TestCgroup) -> String {
+    format!(
+        r#"[baseline]
+deny = ["metadata"]
+[[workload]]
+name = "http-mcp"
+cgroup = "{r}/http-mcp"
+default = "deny-internal"
+[[workload.allow]]
+cidr = "10.0.40.9/32"
+ports = [80, 5432]
+tools = ["fetch"]
+[[workload.allow]]
+cidr = "10.0.40.10/32"
+ports = [5432]
+tools = ["query_db"]
+[daemon]
+attach_cgroup = "{r}"
+[events]
+rate_limit_per_sec = 0
+"#,
+        r = cg.rel
+    )
+}
+
+/// `exec --mcp-http` in the server namespace: the SDK's server on 127.0.0.1:8001, the
+/// proxy on 10.0.20.5:8000.
+fn serve(srv: &NetNs, d: &Daemon, json: bool, log: &std::path::Path) -> Running {
+    let mut c = in_netns(srv, None);
+    c.arg(guard_bin())
+        .args(["exec", "--config"])
+        .arg(&d.config)
+        .args([
+            "--workload",
+            "http-mcp",
+            "--mcp-http",
+            "10.0.20.5:8000",
+            "--upstream",
+            "127.0.0.1:8001",
+            "--",
+        ])
+        .arg(mcp_venv().join("bin/python"))
+        .arg(mcp_helper("http_server.py"))
+        .args(["127.0.0.1", "8001"]);
+    if json {
+        c.arg("json");
+    }
+    Running::spawn(&mut c, log)
+}
+
+fn ready(cli: &NetNs, log: &std::path::Path) {
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            mcp_guard_tests::curl_in(cli, None, "http://10.0.20.5:8000/healthz") == (0, "ok".into())
+        }),
+        "the server answers through the proxy: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+fn text(got: &Value, i: usize) -> String {
+    got["results"][i]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn check_session(d: &Daemon, cli: &NetNs, mode: &str) {
+    let got = mcp_http_session(
+        cli,
+        "http://10.0.20.5:8000/mcp",
+        r#"[["fetch", {"url": "http://169.254.169.254/latest/meta-data/"}],
+            ["fetch", {"url": "http://10.0.40.9:5432/"}],
+            ["fetch", {"url": "http://10.0.40.10:5432/"}]]"#,
+    );
+    assert_eq!(got["server"], "test-http", "{mode}");
+    assert_eq!(got["tools"], serde_json::json!(["fetch"]), "{mode}");
+    let t = text(&got, 0);
+    assert!(
+        t.starts_with("refused: ") && t.contains("Operation not permitted"),
+        "{mode}: the metadata fetch refused in the kernel: {t}"
+    );
+    assert!(
+        text(&got, 1).contains("db-for-fetch"),
+        "{mode}: a tools = [\"fetch\"] rule lets fetch through: {}",
+        text(&got, 1)
+    );
+    let t = text(&got, 2);
+    assert!(
+        t.contains("Operation not permitted"),
+        "{mode}: a tools = [\"query_db\"] rule does not let fetch through: {t}"
+    );
+    // The refusal of the metadata service names the call, its request id and session.
+    let mut named: Option<Value> = None;
+    wait_until(Duration::from_secs(5), || {
+        named = d
+            .events(Duration::from_millis(200))
+            .into_iter()
+            .find(|e| e["dst"] == "169.254.169.254" && !e["mcp"].is_null());
+        named.is_some()
+    });
+    let e = named.unwrap_or_else(|| panic!("{mode}: no event naming the tool call"));
+    assert_eq!(e["workload"], "http-mcp");
+    assert_eq!(e["mcp"]["tool"], "fetch", "{mode}: {e}");
+    let req = e["mcp"]["request_id"].as_str().unwrap_or_default();
+    let (session, id) = req.rsplit_once('/').unwrap_or(("", ""));
+    assert!(
+        session.len() >= 8 && !id.is_empty(),
+        "{mode}: the request id carries the session: {e}"
+    );
+}
+
+#[test]
+fn streamable_http_calls_are_scoped_and_named_in_sse_and_json_modes() {
+    let (srv, cli) = lab();
+    let cg = TestCgroup::new();
+    cg.child("http-mcp");
+    let d = Daemon::start(&config(&cg));
+    let logs = TempDir::new();
+    for (json, mode) in [(false, "SSE"), (true, "JSON")] {
+        let log = logs.0.join(format!("{mode}.log"));
+        let server = serve(&srv, &d, json, &log);
+        ready(&cli, &log);
+        check_session(&d, &cli, mode);
+        let exec_pid = server.0.id();
+        drop(server);
+        // The server outlives its killed proxy: its cgroup goes, and the port is free
+        // for the next mode.
+        mcp_guard_tests::remove_cgroup_tree(&cg.dir.join(format!("http-mcp/mcp-{exec_pid}")));
+    }
+}
+
+/// A call in flight activates its tools; killing the proxy (kill -9) mid-call ends the
+/// daemon's connection and nothing stays active.
+#[test]
+fn the_proxy_killed_mid_call_leaves_no_tool_active() {
+    let (srv, cli) = lab();
+    let cg = TestCgroup::new();
+    cg.child("http-mcp");
+    let d = Daemon::start(&config(&cg));
+    let logs = TempDir::new();
+    let log = logs.0.join("server.log");
+    let mut server = serve(&srv, &d, false, &log);
+    ready(&cli, &log);
+    let instance = cg
+        .dir
+        .join("http-mcp")
+        .join(format!("mcp-{}", server.0.id()));
+    // A fetch that hangs: the call stays in flight.
+    let mut client = Running::spawn(
+        in_netns(&cli, None)
+            .arg(mcp_venv().join("bin/python"))
+            .arg(mcp_helper("http_client.py"))
+            .arg("http://10.0.20.5:8000/mcp")
+            .args(["--calls", r#"[["fetch", {"url": "http://10.0.40.9/"}]]"#]),
+        &logs.0.join("client.log"),
+    );
+    let mut p = Probe::new(PROBE, &instance, &srv);
+    assert!(
+        wait_until(Duration::from_secs(15), || p.op("tcp 10.0.40.9 5432")
+            == "OK"),
+        "during the fetch call, the fetch rule applies to the instance: {}\nclient: {}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        std::fs::read_to_string(logs.0.join("client.log")).unwrap_or_default()
+    );
+    let _ = server.0.kill();
+    let _ = server.0.wait();
+    assert!(
+        wait_until(Duration::from_secs(5), || p.op("tcp 10.0.40.9 5432")
+            == "EPERM"),
+        "after the proxy died, no tool of the instance is active"
+    );
+    let _ = client.0.kill();
+}
