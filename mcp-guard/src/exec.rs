@@ -295,3 +295,58 @@ fn http_relay(
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(status??)
 }
+
+/// `mcp-guard mcp-proxy`: the Streamable HTTP proxy for a server started elsewhere,
+/// whose processes run in `instance` (a cgroup below the workload's; the daemon checks).
+/// Serves until killed; the daemon connection is kept (and renewed after a daemon
+/// restart) as the stdio relay keeps it.
+///
+/// # Errors
+/// The config, the workload or the instance cgroup is wrong, the daemon refuses the
+/// instance, or the address cannot be listened on.
+pub fn mcp_proxy(
+    path: &Path,
+    workload: &str,
+    instance: &str,
+    listen: std::net::SocketAddr,
+    upstream: std::net::SocketAddr,
+    call_timeout: Duration,
+) -> Result<()> {
+    use crate::mcp::{http_proxy::Proxy, relay, wire::ToDaemon};
+    let (cfg, _) = exec_target(path, workload, false)?;
+    let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
+    let cgroup_id = cgroup::id(&mount, instance).with_context(|| {
+        format!(
+            "--instance {instance}: no such cgroup below {}",
+            mount.display()
+        )
+    })?;
+    let start = ToDaemon::Start {
+        workload: workload.to_string(),
+        cgroup_id,
+        relay_pid: std::process::id(),
+        command: vec![format!("mcp-proxy {listen} -> {upstream}")],
+        resumed: false,
+    };
+    let daemon = relay::Daemon::connect(&cfg.mcp_socket, start)
+        .with_context(|| format!("the daemon refused the instance {instance}"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let proxy = Proxy::new(upstream, Some(daemon), call_timeout);
+    {
+        let (d, stop) = (
+            proxy.daemon(),
+            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        );
+        std::thread::spawn(move || relay::watch(d, stop));
+    }
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("the MCP proxy cannot listen on {listen}"))?;
+        proxy.serve(listener).await;
+        Ok(())
+    })
+}

@@ -127,6 +127,27 @@ enum Cmd {
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
     },
+    /// A Streamable HTTP proxy in front of an MCP server started elsewhere (a systemd
+    /// unit, say) whose processes run in INSTANCE, a cgroup below the workload's: tells
+    /// the daemon about every tools/call, as `exec --mcp-http` does.
+    McpProxy {
+        #[arg(long, short, env = "MCP_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        #[arg(long, short)]
+        workload: String,
+        /// The server's cgroup, below the mount (e.g. /mcp.slice/fetch.service/server).
+        #[arg(long, value_name = "CGROUP")]
+        instance: String,
+        /// Where the proxy serves the server's clients.
+        #[arg(long, value_name = "LISTEN")]
+        listen: std::net::SocketAddr,
+        /// Where the server listens.
+        #[arg(long, value_name = "ADDR")]
+        upstream: std::net::SocketAddr,
+        /// A call with no answer after this many seconds counts as ended.
+        #[arg(long, default_value_t = 300)]
+        call_timeout: u64,
+    },
     /// Wait until the kernel enforces a workload's cgroup (read from the pinned state, as
     /// exec does); exit 0 then, 1 after --wait seconds. For a systemd unit's
     /// `ExecStartPre=+`, so an MCP server never starts unguarded.
@@ -257,6 +278,29 @@ fn main() -> ExitCode {
             Ok(Verdict::Deny) => return ExitCode::from(1),
             other => other.map(|_| ()),
         },
+        Cmd::McpProxy {
+            config,
+            workload,
+            instance,
+            listen,
+            upstream,
+            call_timeout,
+        } => {
+            return match mcp_guard::exec::mcp_proxy(
+                &config,
+                &workload,
+                &instance,
+                listen,
+                upstream,
+                Duration::from_secs(call_timeout),
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Cmd::Enforced {
             config,
             workload,

@@ -212,3 +212,46 @@ fn the_proxy_killed_mid_call_leaves_no_tool_active() {
     );
     let _ = client.0.kill();
 }
+
+/// `mcp-guard mcp-proxy` in front of a server started elsewhere (here in a cgroup below
+/// the workload's, as a systemd unit's would be): the same scoping and naming; an
+/// instance that is not below the workload's cgroup is refused by the daemon.
+#[test]
+fn mcp_proxy_serves_a_server_started_elsewhere() {
+    let (srv, cli) = lab();
+    let cg = TestCgroup::new();
+    let (rel, dir) = cg.child("http-mcp/server");
+    let d = Daemon::start(&config(&cg));
+    let logs = TempDir::new();
+    let log = logs.0.join("server.log");
+    let _server = Running::spawn(
+        mcp_guard_tests::in_cgroup(&dir, &srv)
+            .arg(mcp_venv().join("bin/python"))
+            .arg(mcp_helper("http_server.py"))
+            .args(["127.0.0.1", "8001"]),
+        &log,
+    );
+    let proxy = |instance: &str| {
+        let mut c = in_netns(&srv, None);
+        c.arg(guard_bin())
+            .args(["mcp-proxy", "--config"])
+            .arg(&d.config)
+            .args(["--workload", "http-mcp", "--instance", instance])
+            .args(["--listen", "10.0.20.5:8000", "--upstream", "127.0.0.1:8001"]);
+        c
+    };
+    let out = proxy(&cg.rel).output().expect("mcp-proxy");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an instance above the workload is refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a cgroup below workload"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _proxy = Running::spawn(&mut proxy(&rel), &logs.0.join("proxy.log"));
+    ready(&cli, &log);
+    check_session(&d, &cli, "mcp-proxy");
+}
