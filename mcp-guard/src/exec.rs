@@ -266,6 +266,28 @@ fn http_relay(
     upstream: std::net::SocketAddr,
     call_timeout: Duration,
 ) -> Result<std::process::ExitStatus> {
+    let pid = child.id();
+    let exited = async move { tokio::task::spawn_blocking(move || child.wait()).await };
+    match serve_proxy(daemon, listen, upstream, call_timeout, exited) {
+        Ok(status) => Ok(status??),
+        Err(e) => {
+            // Nobody can reach a server whose proxy cannot listen.
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            Err(e)
+        }
+    }
+}
+
+/// Serves `listen` through the proxy to `upstream` (the daemon connection watched and
+/// renewed as the stdio relay's) until `until` completes; returns its output.
+fn serve_proxy<T: Send + 'static>(
+    daemon: Option<crate::mcp::relay::Daemon>,
+    listen: std::net::SocketAddr,
+    upstream: std::net::SocketAddr,
+    call_timeout: Duration,
+    until: impl std::future::Future<Output = T> + Send,
+) -> Result<T> {
     use crate::mcp::http_proxy::Proxy;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -277,23 +299,18 @@ fn http_relay(
         let (d, stop) = (proxy.daemon(), done.clone());
         std::thread::spawn(move || crate::mcp::relay::watch(d, stop));
     }
-    let listener = match rt.block_on(tokio::net::TcpListener::bind(listen)) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the MCP proxy cannot listen on {listen}: {e}");
-        }
-    };
-    let status = rt.block_on(async move {
-        tokio::select! {
+    let out = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("the MCP proxy cannot listen on {listen}"))?;
+        Ok(tokio::select! {
             () = proxy.serve(listener) => unreachable!("the proxy serves until dropped"),
-            s = tokio::task::spawn_blocking(move || child.wait()) => s,
-        }
+            out = until => out,
+        })
     });
     done.store(true, std::sync::atomic::Ordering::SeqCst);
     rt.shutdown_timeout(Duration::from_secs(1));
-    Ok(status??)
+    out
 }
 
 /// `mcp-guard mcp-proxy`: the Streamable HTTP proxy for a server started elsewhere,
@@ -312,7 +329,7 @@ pub fn mcp_proxy(
     upstream: std::net::SocketAddr,
     call_timeout: Duration,
 ) -> Result<()> {
-    use crate::mcp::{http_proxy::Proxy, relay, wire::ToDaemon};
+    use crate::mcp::{relay, wire::ToDaemon};
     let (cfg, _) = exec_target(path, workload, false)?;
     let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
     let cgroup_id = cgroup::id(&mount, instance).with_context(|| {
@@ -330,23 +347,11 @@ pub fn mcp_proxy(
     };
     let daemon = relay::Daemon::connect(&cfg.mcp_socket, start)
         .with_context(|| format!("the daemon refused the instance {instance}"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let proxy = Proxy::new(upstream, Some(daemon), call_timeout);
-    {
-        let (d, stop) = (
-            proxy.daemon(),
-            std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
-        );
-        std::thread::spawn(move || relay::watch(d, stop));
-    }
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("the MCP proxy cannot listen on {listen}"))?;
-        proxy.serve(listener).await;
-        Ok(())
-    })
+    serve_proxy(
+        Some(daemon),
+        listen,
+        upstream,
+        call_timeout,
+        std::future::pending::<()>(),
+    )
 }

@@ -255,3 +255,28 @@ fn mcp_proxy_serves_a_server_started_elsewhere() {
     ready(&cli, &log);
     check_session(&d, &cli, "mcp-proxy");
 }
+
+/// The daemon killed with kill -9 and started again under a running proxy: the proxy
+/// announces its instance again, and new calls are scoped and named as before.
+#[test]
+fn the_proxy_reconnects_after_the_daemon_is_killed_and_restarted() {
+    let (srv, cli) = lab();
+    let cg = TestCgroup::new();
+    cg.child("http-mcp");
+    let mut d = Daemon::start(&config(&cg));
+    let logs = TempDir::new();
+    let log = logs.0.join("server.log");
+    let _server = serve(&srv, &d, false, &log);
+    ready(&cli, &log);
+    check_session(&d, &cli, "before the restart");
+    d.kill9();
+    d.restart();
+    // The instance is registered again within the relay's backoff (at most 1 s).
+    assert!(
+        wait_until(Duration::from_secs(10), || d.get("/metrics").lines().any(
+            |l| l.starts_with("mcp_guard_mcp_instances ") && !l.ends_with(" 0")
+        )),
+        "the proxy registered its instance again"
+    );
+    check_session(&d, &cli, "after kill -9 and restart");
+}

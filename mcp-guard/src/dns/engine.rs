@@ -84,7 +84,8 @@ impl Engine {
             self.init_series();
             return;
         }
-        if v.registered != self.view.registered {
+        // The owner replaces the Arc only when the registrations changed.
+        if !Arc::ptr_eq(&v.registered, &self.view.registered) {
             self.owners.clear();
             self.sources.0 = None;
         }

@@ -376,10 +376,9 @@ impl Proxy {
         session: String,
         announced: Vec<String>,
     ) -> Body {
-        let (to_client, rx) = mpsc::channel::<Bytes>(16);
+        let (to_client, mut rx) = mpsc::channel::<Bytes>(16);
         tokio::spawn(async move {
-            let (feed, fed) = mpsc::unbounded_channel::<Bytes>();
-            let mut fed = fed;
+            let (feed, mut fed) = mpsc::unbounded_channel::<Bytes>();
             let mut decoder =
                 sse_stream::SseByteStream::new(futures_util::stream::poll_fn(move |cx| {
                     fed.poll_recv(cx).map(|b| b.map(Ok::<_, Infallible>))
@@ -403,7 +402,6 @@ impl Proxy {
                 self.end(k, "cancelled").await;
             }
         });
-        let mut rx = rx;
         BodyExt::boxed(StreamBody::new(
             futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
                 .map(|b| Ok::<_, BoxError>(Frame::data(b))),

@@ -62,17 +62,9 @@ pub fn dump<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>) -> io::Result<Vec<(K, 
             map_fd: u32::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?,
             ..BatchAttr::default()
         };
-        // SAFETY: attr points at buffers of `chunk` keys and values of the map's sizes
-        // (K and V are the map's own key and value types) and at two u32 tokens.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                std::ptr::addr_of_mut!(attr),
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
+        // attr points at buffers of `chunk` keys and values of the map's sizes (K and V
+        // are the map's own key and value types) and at two u32 tokens.
+        let err = crate::kernel::unix_hooks::bpf(BPF_MAP_LOOKUP_BATCH, &mut attr).err();
         let n = (attr.count as usize).min(chunk);
         match err.as_ref().and_then(io::Error::raw_os_error) {
             None | Some(libc::ENOENT) => {
