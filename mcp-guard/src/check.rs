@@ -145,6 +145,12 @@ fn check(path: &Path) -> Result<usize> {
                 format!("cgroup {c}"),
                 mount.as_deref().is_some_and(|m| cgroup::id(m, c).is_ok()),
             ),
+            (None, None) if w.name == crate::config::pods::PROXY => (
+                String::from(
+                    "the MCP proxy sidecar containers of pods (loopback and the MCP socket only)",
+                ),
+                true,
+            ),
             (None, None) => (String::from("nothing"), true),
         };
         println!(

@@ -313,8 +313,20 @@ fn serve_proxy<T: Send + 'static>(
     out
 }
 
-/// `mcp-guard mcp-proxy`: the Streamable HTTP proxy for a server started elsewhere,
-/// whose processes run in `instance` (a cgroup below the workload's; the daemon checks).
+/// What `mcp-guard mcp-proxy` stands in front of.
+pub enum ProxyTarget {
+    /// A server whose processes run in `instance`, a cgroup below the workload's.
+    Cgroup {
+        config: PathBuf,
+        workload: String,
+        instance: String,
+    },
+    /// In a pod: container `name` of the sidecar's own pod, the daemon reached on
+    /// `socket` (mounted from the node).
+    Container { name: String, socket: PathBuf },
+}
+
+/// `mcp-guard mcp-proxy`: the Streamable HTTP proxy for a server started elsewhere.
 /// Serves until killed; the daemon connection is kept (and renewed after a daemon
 /// restart) as the stdio relay keeps it.
 ///
@@ -322,31 +334,49 @@ fn serve_proxy<T: Send + 'static>(
 /// The config, the workload or the instance cgroup is wrong, the daemon refuses the
 /// instance, or the address cannot be listened on.
 pub fn mcp_proxy(
-    path: &Path,
-    workload: &str,
-    instance: &str,
+    target: ProxyTarget,
     listen: std::net::SocketAddr,
     upstream: std::net::SocketAddr,
     call_timeout: Duration,
 ) -> Result<()> {
-    use crate::mcp::{relay, wire::ToDaemon};
-    let (cfg, _) = exec_target(path, workload, false)?;
-    let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
-    let cgroup_id = cgroup::id(&mount, instance).with_context(|| {
-        format!(
-            "--instance {instance}: no such cgroup below {}",
-            mount.display()
-        )
-    })?;
-    let start = ToDaemon::Start {
-        workload: workload.to_string(),
-        cgroup_id,
-        relay_pid: std::process::id(),
-        command: vec![format!("mcp-proxy {listen} -> {upstream}")],
-        resumed: false,
+    use crate::mcp::wire::ToDaemon;
+    let command = vec![format!("mcp-proxy {listen} -> {upstream}")];
+    let relay_pid = std::process::id();
+    let (socket, start, what) = match target {
+        ProxyTarget::Cgroup {
+            config,
+            workload,
+            instance,
+        } => {
+            let (cfg, _) = exec_target(&config, &workload, false)?;
+            let mount = cgroup::root(cfg.cgroup_root.as_deref())?;
+            let cgroup_id = cgroup::id(&mount, &instance).with_context(|| {
+                format!(
+                    "--instance {instance}: no such cgroup below {}",
+                    mount.display()
+                )
+            })?;
+            let start = ToDaemon::Start {
+                workload,
+                cgroup_id,
+                relay_pid,
+                command,
+                resumed: false,
+            };
+            (cfg.mcp_socket, start, format!("the instance {instance}"))
+        }
+        ProxyTarget::Container { name, socket } => {
+            let start = ToDaemon::StartPod {
+                container: name.clone(),
+                relay_pid,
+                command,
+                resumed: false,
+            };
+            (socket, start, format!("container {name:?} of this pod"))
+        }
     };
-    let daemon = relay::Daemon::connect(&cfg.mcp_socket, start)
-        .with_context(|| format!("the daemon refused the instance {instance}"))?;
+    let daemon = connect_until_placed(&socket, start)
+        .with_context(|| format!("the daemon refused {what}"))?;
     serve_proxy(
         Some(daemon),
         listen,
@@ -354,4 +384,33 @@ pub fn mcp_proxy(
         call_timeout,
         std::future::pending::<()>(),
     )
+}
+
+/// Connects; a sidecar that starts with its pod may be refused until the daemon's
+/// runtime poll has placed the pod and its containers (and the kernel lets the sidecar
+/// reach the socket): retried for up to a minute, then the last refusal is returned.
+fn connect_until_placed(
+    socket: &Path,
+    start: crate::mcp::wire::ToDaemon,
+) -> std::io::Result<crate::mcp::relay::Daemon> {
+    let pod = matches!(start, crate::mcp::wire::ToDaemon::StartPod { .. });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match crate::mcp::relay::Daemon::connect(socket, start.clone()) {
+            Err(e) if pod && std::time::Instant::now() < deadline => {
+                use std::io::ErrorKind as K;
+                let transient = matches!(
+                    e.kind(),
+                    K::PermissionDenied | K::NotFound | K::ConnectionRefused
+                ) || e.to_string().contains("with a cgroup yet")
+                    || e.to_string().contains("not listed yet")
+                    || e.to_string().contains("in no pod this daemon placed");
+                if !transient {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
 }

@@ -133,11 +133,19 @@ enum Cmd {
     McpProxy {
         #[arg(long, short, env = "MCP_GUARD_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
-        #[arg(long, short)]
-        workload: String,
+        #[arg(long, short, required_unless_present = "container")]
+        workload: Option<String>,
         /// The server's cgroup, below the mount (e.g. /mcp.slice/fetch.service/server).
-        #[arg(long, value_name = "CGROUP")]
-        instance: String,
+        #[arg(long, value_name = "CGROUP", required_unless_present = "container")]
+        instance: Option<String>,
+        /// In a pod: the proxy is the pod's sidecar container (its workload's
+        /// pods.mcp_proxy) and the server is container NAME of the same pod; the daemon
+        /// finds both from the sidecar's peer credentials. No config file is read.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["workload", "instance"])]
+        container: Option<String>,
+        /// With --container: the daemon's MCP socket, as mounted in the sidecar.
+        #[arg(long, value_name = "PATH", requires = "container", default_value = mcp_guard::mcp::wire::DEFAULT_SOCKET)]
+        socket: PathBuf,
         /// Where the proxy serves the server's clients.
         #[arg(long, value_name = "LISTEN")]
         listen: std::net::SocketAddr,
@@ -282,14 +290,23 @@ fn main() -> ExitCode {
             config,
             workload,
             instance,
+            container,
+            socket,
             listen,
             upstream,
             call_timeout,
         } => {
+            let target = match (container, workload, instance) {
+                (Some(c), _, _) => mcp_guard::exec::ProxyTarget::Container { name: c, socket },
+                (None, Some(w), Some(i)) => mcp_guard::exec::ProxyTarget::Cgroup {
+                    config,
+                    workload: w,
+                    instance: i,
+                },
+                _ => unreachable!("clap requires --container or --workload and --instance"),
+            };
             return match mcp_guard::exec::mcp_proxy(
-                &config,
-                &workload,
-                &instance,
+                target,
                 listen,
                 upstream,
                 Duration::from_secs(call_timeout),

@@ -16,8 +16,9 @@ use std::{
 use k8s_cri::v1::{
     runtime_service_client::RuntimeServiceClient, ContainerConfig, ContainerMetadata,
     ContainerStatusRequest, CreateContainerRequest, ImageSpec, LinuxContainerConfig,
-    LinuxPodSandboxConfig, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    LinuxPodSandboxConfig, Mount, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest,
 };
 use tonic::transport::Channel;
 
@@ -141,6 +142,7 @@ pub struct Containerd {
 }
 
 /// One pod, as the kubelet would ask for it.
+#[derive(Clone, Copy)]
 pub struct PodSpec<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
@@ -354,6 +356,23 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         name: &str,
         args: &[&str],
     ) -> (String, i32) {
+        let id = self.start_container(sandbox, p, name, &["/pause"], args, &[]);
+        (id.clone(), self.wait_container(&id))
+    }
+
+    /// Creates and starts container `name` running `command ARGS...` with the host's
+    /// directories `mounts` bound at the same paths (read-only, `rw` ones writable; the
+    /// test image holds only `/pause`, so a program of the host needs `/usr` and its
+    /// own files mounted). Returns its id without waiting.
+    pub fn start_container(
+        &mut self,
+        sandbox: &str,
+        p: &PodSpec<'_>,
+        name: &str,
+        command: &[&str],
+        args: &[&str],
+        mounts: &[(&Path, bool)],
+    ) -> String {
         let status = self
             .rt
             .block_on(self.client.pod_sandbox_status(PodSandboxStatusRequest {
@@ -368,27 +387,39 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             .map(|m| m.uid)
             .expect("uid");
         let sandbox_config = self.sandbox_config(p, &uid);
+        let strings = |v: &[&str]| v.iter().map(|a| (*a).to_string()).collect::<Vec<_>>();
         let id = self
             .rt
-            .block_on(self.client.create_container(CreateContainerRequest {
-                pod_sandbox_id: sandbox.into(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: name.into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: IMAGE.into(),
+            .block_on(
+                self.client.create_container(CreateContainerRequest {
+                    pod_sandbox_id: sandbox.into(),
+                    config: Some(ContainerConfig {
+                        metadata: Some(ContainerMetadata {
+                            name: name.into(),
+                            attempt: 0,
+                        }),
+                        image: Some(ImageSpec {
+                            image: IMAGE.into(),
+                            ..Default::default()
+                        }),
+                        command: strings(command),
+                        args: strings(args),
+                        log_path: format!("{name}.log"),
+                        mounts: mounts
+                            .iter()
+                            .map(|(m, rw)| Mount {
+                                container_path: m.display().to_string(),
+                                host_path: m.display().to_string(),
+                                readonly: !rw,
+                                ..Default::default()
+                            })
+                            .collect(),
+                        linux: Some(LinuxContainerConfig::default()),
                         ..Default::default()
                     }),
-                    command: vec!["/pause".into()],
-                    args: args.iter().map(|a| (*a).to_string()).collect(),
-                    log_path: format!("{name}.log"),
-                    linux: Some(LinuxContainerConfig::default()),
-                    ..Default::default()
+                    sandbox_config: Some(sandbox_config),
                 }),
-                sandbox_config: Some(sandbox_config),
-            }))
+            )
             .unwrap_or_else(|e| panic!("CreateContainer: {e}\ncontainerd log:\n{}", self.log()))
             .into_inner()
             .container_id;
@@ -397,12 +428,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 container_id: id.clone(),
             }))
             .unwrap_or_else(|e| panic!("StartContainer: {e}\ncontainerd log:\n{}", self.log()));
+        id
+    }
+
+    /// Waits (30 s at most) for container `id` to exit; returns its exit code.
+    pub fn wait_container(&mut self, id: &str) -> i32 {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let s = self
                 .rt
                 .block_on(self.client.container_status(ContainerStatusRequest {
-                    container_id: id.clone(),
+                    container_id: id.into(),
                     verbose: false,
                 }))
                 .expect("ContainerStatus")
@@ -411,11 +447,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
                 .expect("status");
             // CONTAINER_EXITED
             if s.state == 2 {
-                return (id, s.exit_code);
+                return s.exit_code;
             }
-            assert!(Instant::now() < deadline, "container {name} did not exit");
+            assert!(Instant::now() < deadline, "container {id} did not exit");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// RemoveContainer (stopping it first if it runs).
+    pub fn remove_container(&mut self, id: &str) {
+        let _ = self
+            .rt
+            .block_on(self.client.remove_container(RemoveContainerRequest {
+                container_id: id.into(),
+            }));
     }
 }
 
@@ -462,6 +507,84 @@ impl Drop for Containerd {
                 }
             }
         }
+    }
+}
+
+/// The destinations the pod tests put on a pod's own loopback.
+pub const METADATA: &str = "169.254.169.254";
+pub const INTERNAL: &str = "10.0.13.5";
+pub const PUBLIC: &str = "93.184.216.34";
+
+/// Puts the three destinations on the pod's own loopback.
+pub fn addresses(netns: &Path) {
+    for a in [METADATA, INTERNAL, PUBLIC] {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args(["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"])
+            .output()
+            .expect("nsenter");
+        assert!(out.status.success(), "adding {a}: {out:?}");
+    }
+}
+
+/// A pod sandbox: its id, cgroup (below the mount, and its directory) and netns.
+pub struct Pod {
+    pub id: String,
+    pub cgroup_rel: String,
+    pub dir: PathBuf,
+    pub netns: PathBuf,
+}
+/// Runs a pod sandbox with the three destinations on its loopback.
+pub fn pod(c: &mut Containerd, cg: &crate::TestCgroup, spec: &PodSpec<'_>) -> Pod {
+    let id = c.run_pod(spec);
+    let netns = c.netns(&id);
+    addresses(&netns);
+    let cgroup_rel = spec.cgroup_parent.to_string();
+    let dir = crate::cgroup_mount().join(cgroup_rel.trim_start_matches('/'));
+    assert!(dir.exists(), "runc made no v2 cgroup {}", dir.display());
+    let _ = cg;
+    Pod {
+        id,
+        cgroup_rel,
+        dir,
+        netns,
+    }
+}
+
+/// `ip ARGS` in the pod's network namespace.
+pub fn in_pod(p: &Pod, args: &str) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", p.netns.display()))
+        .arg("ip")
+        .args(args.split_whitespace())
+        .output()
+        .expect("nsenter");
+    assert!(out.status.success(), "ip {args}: {out:?}");
+}
+
+/// A veth `vpod{i}` in the pod to `vnode{i}` in `node` (pod 10.200.0.(4i+2)/30, node
+/// .(4i+1)), with routes in the pod to `routes` (addresses in `node`) over it.
+pub fn link_to(p: &Pod, node: &crate::NetNs, i: usize, routes: &[&str]) {
+    let (pod_if, node_if) = (format!("vpod{i}"), format!("vnode{i}"));
+    in_pod(
+        p,
+        &format!(
+            "link add {pod_if} type veth peer name {node_if} netns {}",
+            node.name
+        ),
+    );
+    in_pod(
+        p,
+        &format!("addr add 10.200.0.{}/30 dev {pod_if}", 4 * i + 2),
+    );
+    in_pod(p, &format!("link set {pod_if} up"));
+    node.ip(&format!("addr add 10.200.0.{}/30 dev {node_if}", 4 * i + 1));
+    node.ip(&format!("link set {node_if} up"));
+    for a in routes {
+        in_pod(
+            p,
+            &format!("route add {a}/32 via 10.200.0.{} dev {pod_if}", 4 * i + 1),
+        );
     }
 }
 

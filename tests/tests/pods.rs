@@ -6,23 +6,16 @@
 //! nothing leaves the pod's network namespace. Probes join a pod's cgroup and network
 //! namespace; a container of the pod runs a connect probe of its own.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use mcp_guard_tests::{
     assert_event_schema,
-    cri::{self, Containerd, PodSpec},
+    cri::{self, in_pod, link_to, pod, Containerd, Pod, PodSpec, INTERNAL, METADATA, PUBLIC},
     wait_until, Daemon, NetNs, Probe, TestCgroup,
 };
 use serde_json::Value;
 
 const PROBE: &str = env!("CARGO_BIN_EXE_mcpg-probe");
-const METADATA: &str = "169.254.169.254";
-const INTERNAL: &str = "10.0.13.5";
-const PUBLIC: &str = "93.184.216.34";
 const GITHUB_LABEL: (&str, &str) = ("app.kubernetes.io/name", "github-mcp");
 
 /// A node-wide workload on the test's cgroup (like `/kubepods`: every pod, baseline
@@ -34,78 +27,6 @@ fn config(cg: &TestCgroup, c: &Containerd, pod_cgroups: &str) -> String {
 
 fn default_pod_cgroups(cg: &TestCgroup) -> String {
     format!("[\"{}/pod*\"]", cg.rel)
-}
-
-/// Puts the three destinations on the pod's own loopback.
-fn addresses(netns: &Path) {
-    for a in [METADATA, INTERNAL, PUBLIC] {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .args(["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"])
-            .output()
-            .expect("nsenter");
-        assert!(out.status.success(), "adding {a}: {out:?}");
-    }
-}
-
-struct Pod {
-    id: String,
-    cgroup_rel: String,
-    dir: PathBuf,
-    netns: PathBuf,
-}
-
-fn pod(c: &mut Containerd, cg: &TestCgroup, spec: &PodSpec<'_>) -> Pod {
-    let id = c.run_pod(spec);
-    let netns = c.netns(&id);
-    addresses(&netns);
-    let cgroup_rel = spec.cgroup_parent.to_string();
-    let dir = mcp_guard_tests::cgroup_mount().join(cgroup_rel.trim_start_matches('/'));
-    assert!(dir.exists(), "runc made no v2 cgroup {}", dir.display());
-    let _ = cg;
-    Pod {
-        id,
-        cgroup_rel,
-        dir,
-        netns,
-    }
-}
-
-/// `ip ARGS` in the pod's network namespace.
-fn in_pod(p: &Pod, args: &str) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", p.netns.display()))
-        .arg("ip")
-        .args(args.split_whitespace())
-        .output()
-        .expect("nsenter");
-    assert!(out.status.success(), "ip {args}: {out:?}");
-}
-
-/// A veth `vpod{i}` in the pod to `vnode{i}` in `node` (pod 10.200.0.(4i+2)/30, node
-/// .(4i+1)), with routes in the pod to `routes` (addresses in `node`) over it.
-fn link_to(p: &Pod, node: &NetNs, i: usize, routes: &[&str]) {
-    let (pod_if, node_if) = (format!("vpod{i}"), format!("vnode{i}"));
-    in_pod(
-        p,
-        &format!(
-            "link add {pod_if} type veth peer name {node_if} netns {}",
-            node.name
-        ),
-    );
-    in_pod(
-        p,
-        &format!("addr add 10.200.0.{}/30 dev {pod_if}", 4 * i + 2),
-    );
-    in_pod(p, &format!("link set {pod_if} up"));
-    node.ip(&format!("addr add 10.200.0.{}/30 dev {node_if}", 4 * i + 1));
-    node.ip(&format!("link set {node_if} up"));
-    for a in routes {
-        in_pod(
-            p,
-            &format!("route add {a}/32 via 10.200.0.{} dev {pod_if}", 4 * i + 1),
-        );
-    }
 }
 
 /// (metadata, internal, public) as a probe in the pod's cgroup and netns sees them:

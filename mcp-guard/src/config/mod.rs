@@ -453,6 +453,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         if name == pods::PENDING {
             cx.err(&w.name.span(), format!("workload name {name:?} is reserved for pods not yet identified: choose another"));
         }
+        if name == pods::PROXY {
+            cx.err(&w.name.span(), format!("workload name {name:?} is reserved for the MCP proxy sidecars of pods (pods.mcp_proxy): choose another"));
+        }
         let (cgroup, selector) = match (&w.cgroup, &w.pods) {
             (Some(c), None) => {
                 let Some(cgroup) = normalise_cgroup(&mut cx, c) else {
@@ -531,11 +534,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         raw.daemon.pod_cgroups.as_ref(),
         raw.daemon.cri_poll_ms.as_ref(),
     );
+    let daemon_keys::DaemonPaths {
+        attach_cgroup,
+        pin_dir,
+        control_socket,
+        mcp_socket,
+        control_group,
+    } = daemon_keys::daemon_paths(&mut cx, &raw.daemon);
     if let Some(first) = workloads.iter().find(|w| w.pods.is_some()) {
         // Every new pod is held (all egress denied) until the daemon knows whose it is.
         let mode = raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref());
         let loc = first.loc;
         workloads.extend(pods::pending_workloads(&pods_cfg, mode, &loc));
+        if let Some(w) = workloads
+            .iter()
+            .find(|w| w.pods.as_ref().is_some_and(|p| p.mcp_proxy.is_some()))
+        {
+            // The MCP proxy sidecars' containers: loopback and the MCP socket only.
+            let loc = w.loc;
+            workloads.push(pods::proxy_workload(&mcp_socket, mode, &loc));
+        }
     }
     let ids = workload_ids(workloads.iter().map(|w| w.name.as_str()));
     for w in &mut workloads {
@@ -554,13 +572,6 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             DEFAULT_LISTEN.parse().expect("valid default")
         }),
     };
-    let daemon_keys::DaemonPaths {
-        attach_cgroup,
-        pin_dir,
-        control_socket,
-        mcp_socket,
-        control_group,
-    } = daemon_keys::daemon_paths(&mut cx, &raw.daemon);
     let global_mode = raw.mode.as_ref().map_or(Mode::Enforce, |m| *m.get_ref());
     // Enforcement outlives the daemon by default; a dry run (audit) cleans up after itself.
     let on_exit = raw

@@ -16,6 +16,10 @@ pub const ANNOTATION: &str = "mcp-guard.dev/workload";
 /// through the CRI: it denies all egress.
 pub const PENDING: &str = "pods-pending";
 
+/// The workload of the MCP proxy sidecar containers (`[workload.pods] mcp_proxy`): only
+/// loopback (the server in its pod) and the daemon's MCP socket.
+pub const PROXY: &str = "mcp-proxy";
+
 /// Where the kubelet creates pod cgroups, for the cgroupfs and the systemd drivers and
 /// each QoS class (guaranteed, burstable, best effort). Every one has the
 /// `parent/prefix*` shape, so the kernel registers a new pod cgroup inside its `mkdir`.
@@ -45,6 +49,10 @@ pub struct PodSelector {
     /// A pod annotated `mcp-guard.dev/workload: NAME` joins this workload (within
     /// `namespace`, if set), whatever its labels.
     pub annotation: bool,
+    /// The name of the pods' MCP proxy sidecar container (`mcp-guard mcp-proxy
+    /// --container`): it is held by [`PROXY`] instead of this workload, and the daemon
+    /// takes tool-call reports from it for the other containers of its pod only.
+    pub mcp_proxy: Option<String>,
 }
 
 impl PodSelector {
@@ -115,6 +123,8 @@ pub(super) struct RawPods {
     pub(super) labels: BTreeMap<String, Spanned<String>>,
     #[serde(default)]
     pub(super) annotation: Option<bool>,
+    #[serde(default)]
+    pub(super) mcp_proxy: Option<Spanned<String>>,
 }
 
 /// A DNS-1123 label or a label key/value as Kubernetes allows them (checked loosely:
@@ -152,10 +162,24 @@ pub(super) fn selector(cx: &mut Ctx<'_>, raw: &Spanned<RawPods>) -> Option<PodSe
         cx.err(&raw.span(), "[workload.pods] selects every pod on the node: give a namespace, labels, or annotation = true (every pod already gets [baseline] and the workload naming /kubepods)");
         ok = false;
     }
+    let mcp_proxy = r.mcp_proxy.as_ref().map(|n| {
+        let v = n.get_ref();
+        let dns_label = !v.is_empty()
+            && v.len() <= 63
+            && v.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !v.starts_with('-')
+            && !v.ends_with('-');
+        if !dns_label {
+            cx.err(&n.span(), format!("pods.mcp_proxy {v:?} is not a container name (lower-case letters, digits and '-', at most 63): name the pod's MCP proxy sidecar container, e.g. \"mcp-proxy\""));
+            ok = false;
+        }
+        v.clone()
+    });
     ok.then_some(PodSelector {
         namespace,
         labels,
         annotation,
+        mcp_proxy,
     })
 }
 
@@ -189,6 +213,51 @@ pub(super) fn pods_config(
         }
     }
     out
+}
+
+/// The [`PROXY`] workload: TCP to loopback (the MCP server in the sidecar's pod) and
+/// the daemon's MCP socket (`socket`, where the sidecar mounts it), nothing else.
+pub(super) fn proxy_workload(socket: &std::path::Path, mode: Mode, loc: &super::Loc) -> Workload {
+    let loopback = |net: &str| super::AllowRule {
+        net: net.parse().expect("valid"),
+        ports: Vec::new(),
+        proto: super::Proto::Tcp,
+        tools: Vec::new(),
+        comment: Some("the MCP server in the proxy's pod".into()),
+        loc: *loc,
+    };
+    let text = socket.display().to_string();
+    let allow = super::unix_keys::pattern(&text)
+        .ok()
+        .map(|bytes| super::unix_keys::UnixPattern {
+            text,
+            bytes,
+            loc: *loc,
+        });
+    Workload {
+        name: PROXY.into(),
+        id: 0,
+        cgroup: None,
+        pods: None,
+        pending: false,
+        default: DefaultAction::Deny,
+        mode,
+        allow: vec![loopback("127.0.0.0/8"), loopback("::1/128")],
+        hosts: Vec::new(),
+        deny_raw_sockets: true,
+        deny_packet_sockets: true,
+        resolve_any: false,
+        deny_direct_dns: true,
+        allow_ping: false,
+        allow_other_protocols: false,
+        deny_between_calls: false,
+        unix: super::unix_keys::UnixPolicy {
+            allow_listed: true,
+            allow: allow.into_iter().collect(),
+            deny: Vec::new(),
+        },
+        loc: *loc,
+    }
 }
 
 /// The [`PENDING`] workloads: one per pod cgroup pattern, all denying every egress.

@@ -274,6 +274,26 @@ fn pod_workloads_select_pods_and_bring_the_pending_workload() {
 }
 
 #[test]
+fn a_pod_workload_naming_its_mcp_proxy_brings_the_proxy_workload() {
+    let c = p("[[workload]]\nname='gh'\n[workload.pods]\nnamespace='mcp'\nmcp_proxy='mcp-proxy'\n[daemon]\nmcp_socket='/run/mcpg/mcp.sock'\n").unwrap();
+    let gh = c.workloads.iter().find(|w| w.name == "gh").unwrap();
+    assert_eq!(
+        gh.pods.as_ref().unwrap().mcp_proxy.as_deref(),
+        Some("mcp-proxy")
+    );
+    let proxy = c.workloads.iter().find(|w| w.name == pods::PROXY).unwrap();
+    assert_eq!(proxy.default, DefaultAction::Deny);
+    assert!(proxy.cgroup.is_none() && proxy.pods.is_none() && !proxy.pending);
+    let nets: Vec<String> = proxy.allow.iter().map(|r| r.net.to_string()).collect();
+    assert_eq!(nets, ["127.0.0.0/8", "::1/128"]);
+    assert!(proxy.unix.allow_listed);
+    assert_eq!(proxy.unix.allow[0].text, "/run/mcpg/mcp.sock");
+    // Without mcp_proxy, no proxy workload.
+    let c = p("[[workload]]\nname='gh'\n[workload.pods]\nnamespace='mcp'\n").unwrap();
+    assert!(c.workloads.iter().all(|w| w.name != pods::PROXY));
+}
+
+#[test]
 fn pod_workload_errors_name_the_line() {
     let cases = [
         (
@@ -295,6 +315,16 @@ fn pod_workload_errors_name_the_line() {
             "[[workload]]\nname='a'\n[workload.pods]\nnamespace='MCP_x'\n",
             4,
             "not a Kubernetes namespace",
+        ),
+        (
+            "[[workload]]\nname='a'\n[workload.pods]\nnamespace='mcp'\nmcp_proxy='MCP Proxy'\n",
+            5,
+            "is not a container name",
+        ),
+        (
+            "[[workload]]\nname='mcp-proxy'\ncgroup='/a'\n",
+            2,
+            "reserved for the MCP proxy sidecars",
         ),
         (
             "[[workload]]\nname='a'\n[workload.pods]\nlabels={ app = 'a b' }\n",

@@ -31,8 +31,14 @@ pub(super) async fn serve(listener: UnixListener, state: Handle) {
         };
         if let Ok((s, _)) = listener.accept().await {
             let state = state.clone();
+            // The peer as the kernel saw it at connect (in the daemon's pid namespace).
+            let peer_pid = s
+                .peer_cred()
+                .ok()
+                .and_then(|c| c.pid())
+                .and_then(|p| u32::try_from(p).ok());
             tokio::spawn(async move {
-                relay(s, &state).await;
+                relay(s, &state, peer_pid).await;
                 drop(permit);
             });
         }
@@ -68,6 +74,24 @@ pub(super) enum McpError {
         workload: String,
         cgroup: String,
     },
+    #[error("the peer's credentials could not be read")]
+    NoPeer,
+    #[error("the peer is in pod {0}: a process in a pod may report calls only as its pod's MCP proxy sidecar (mcp-proxy --container)")]
+    PodPeer(String),
+    #[error("the peer (cgroup {0}) is in no pod this daemon placed")]
+    NotInPod(String),
+    #[error("pod {0} is held by no workload")]
+    PodNotSelected(String),
+    #[error("workload {0:?} names no MCP proxy container (pods.mcp_proxy)")]
+    NoProxyContainer(String),
+    #[error("container {container:?} of pod {pod} is not the pod's MCP proxy sidecar ({proxy:?}, pods.mcp_proxy)")]
+    NotTheProxy {
+        pod: String,
+        container: String,
+        proxy: String,
+    },
+    #[error("pod {pod} has no container {container:?} (other than its proxy) with a cgroup yet")]
+    NoContainer { pod: String, container: String },
     #[error("line too long")]
     LineTooLong,
     #[error("not a relay message: {0}")]
@@ -94,7 +118,7 @@ fn reply(r: Result<u32, McpError>) -> Vec<u8> {
     line
 }
 
-async fn relay(stream: UnixStream, state: &Handle) {
+async fn relay(stream: UnixStream, state: &Handle, peer_pid: Option<u32>) {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut instance: Option<Instance> = None;
@@ -113,7 +137,7 @@ async fn relay(stream: UnixStream, state: &Handle) {
         }
         let answer = match serde_json::from_slice::<ToDaemon>(&line) {
             Err(e) => Err(McpError::NotAMessage(e)),
-            Ok(m) => handle(state, &mut instance, m).await,
+            Ok(m) => handle(state, &mut instance, m, peer_pid).await,
         };
         if w.write_all(&reply(answer)).await.is_err() {
             break;
@@ -130,15 +154,9 @@ async fn handle(
     state: &Handle,
     instance: &mut Option<Instance>,
     m: ToDaemon,
+    peer_pid: Option<u32>,
 ) -> Result<u32, McpError> {
-    let ToDaemon::Start {
-        workload,
-        cgroup_id,
-        relay_pid,
-        command,
-        resumed,
-    } = m
-    else {
+    if !matches!(m, ToDaemon::Start { .. } | ToDaemon::StartPod { .. }) {
         let Some(i) = instance.clone() else {
             return Err(McpError::NotAnnounced);
         };
@@ -150,17 +168,14 @@ async fn handle(
             })
             .await
             .unwrap_or(Err(McpError::Gone));
-    };
+    }
     if instance.is_some() {
         return Err(McpError::AlreadyAnnounced);
     }
     let i = state
         .ask(|reply| Command::McpStart {
-            workload,
-            cgroup_id,
-            relay_pid,
-            command,
-            resumed,
+            peer_pid,
+            start: m,
             reply,
         })
         .await
@@ -169,31 +184,81 @@ async fn handle(
     Ok(0)
 }
 
+/// Where an instance is and whose it is, once the daemon checked it.
+struct Admitted {
+    workload: String,
+    workload_id: u32,
+    cgroup_id: u64,
+    path: String,
+}
+
 impl Owner {
-    /// Registers an announced instance: its cgroup must be below its workload's.
+    /// Registers an announced instance: `start` names a cgroup below its workload's;
+    /// `start_pod` a container of the peer's own pod, from the pod's proxy sidecar.
     pub(super) fn mcp_start(
         &mut self,
-        workload: String,
-        cgroup_id: u64,
-        relay_pid: u32,
-        command: Vec<String>,
-        resumed: bool,
+        peer_pid: Option<u32>,
+        start: ToDaemon,
     ) -> Result<Instance, McpError> {
-        let (wid, wl_cgroup) = {
-            let w = self
-                .compiled
-                .workloads
-                .iter()
-                .find(|w| w.name == workload)
-                .ok_or_else(|| McpError::NoWorkload(workload.clone()))?;
-            let c = w
-                .cgroup
-                .clone()
-                .ok_or_else(|| McpError::PodWorkload(workload.clone()))?;
-            (w.id, c)
+        let peer_path =
+            peer_pid.and_then(|pid| crate::pods::cgroup_of_pid(&self.pods, &self.mount, pid));
+        let (a, relay_pid, command, resumed) = match start {
+            ToDaemon::Start {
+                workload,
+                cgroup_id,
+                relay_pid,
+                command,
+                resumed,
+            } => {
+                if let Some((pod, _, _)) = peer_path
+                    .as_deref()
+                    .and_then(|p| crate::pods::attribute(&self.pods, p))
+                {
+                    // A process in a pod names no cgroup: only its sidecar may report,
+                    // for its own pod's containers.
+                    return Err(McpError::PodPeer(format!("{}/{}", pod.namespace, pod.name)));
+                }
+                (
+                    self.admit_cgroup(workload, cgroup_id)?,
+                    relay_pid,
+                    command,
+                    resumed,
+                )
+            }
+            ToDaemon::StartPod {
+                container,
+                relay_pid,
+                command,
+                resumed,
+            } => (
+                self.admit_container(peer_path.as_deref(), &container)?,
+                relay_pid,
+                command,
+                resumed,
+            ),
+            _ => return Err(McpError::NotAnnounced),
         };
-        // The instance must be a cgroup below the workload's: a relay cannot lend another
-        // workload's processes its tools.
+        self.register_instance(&a, relay_pid, command, resumed)?;
+        Ok(Instance {
+            cgroup_id: a.cgroup_id,
+            workload: a.workload,
+            workload_id: a.workload_id,
+        })
+    }
+
+    /// `start`: the instance must be a cgroup below the workload's (a relay cannot lend
+    /// another workload's processes its tools).
+    fn admit_cgroup(&self, workload: String, cgroup_id: u64) -> Result<Admitted, McpError> {
+        let w = self
+            .compiled
+            .workloads
+            .iter()
+            .find(|w| w.name == workload)
+            .ok_or_else(|| McpError::NoWorkload(workload.clone()))?;
+        let wl_cgroup = w
+            .cgroup
+            .clone()
+            .ok_or_else(|| McpError::PodWorkload(workload.clone()))?;
         let path = cgroup::find_by_id(&self.mount, &wl_cgroup, cgroup_id)
             .filter(|p| *p != wl_cgroup)
             .ok_or_else(|| McpError::NotBelow {
@@ -201,8 +266,79 @@ impl Owner {
                 workload: workload.clone(),
                 cgroup: wl_cgroup.clone(),
             })?;
-        Arc::make_mut(&mut self.mcp).start(cgroup_id, workload.clone(), wid, relay_pid, command);
-        self.maps.set_instance(cgroup_id, wid, 0, Vec::new())?;
+        Ok(Admitted {
+            workload_id: w.id,
+            workload,
+            cgroup_id,
+            path,
+        })
+    }
+
+    /// `start_pod`: the peer must be the proxy sidecar container its pod's workload
+    /// names (`pods.mcp_proxy`); the instance is another container of the same pod.
+    fn admit_container(&self, peer: Option<&str>, container: &str) -> Result<Admitted, McpError> {
+        let peer = peer.ok_or(McpError::NoPeer)?;
+        let (pod, _, peer_container) = crate::pods::attribute(&self.pods, peer)
+            .ok_or_else(|| McpError::NotInPod(peer.to_string()))?;
+        let pod_name = format!("{}/{}", pod.namespace, pod.name);
+        let w = pod
+            .workload
+            .as_deref()
+            .and_then(|n| self.compiled.workloads.iter().find(|w| w.name == n))
+            .ok_or_else(|| McpError::PodNotSelected(pod_name.clone()))?;
+        let proxy = w
+            .pods
+            .as_ref()
+            .and_then(|p| p.mcp_proxy.clone())
+            .ok_or_else(|| McpError::NoProxyContainer(w.name.clone()))?;
+        if peer_container != Some(proxy.as_str()) {
+            return Err(McpError::NotTheProxy {
+                pod: pod_name,
+                container: peer_container.unwrap_or("(not listed yet)").to_string(),
+                proxy,
+            });
+        }
+        let no_container = || McpError::NoContainer {
+            pod: pod_name.clone(),
+            container: container.to_string(),
+        };
+        if container == proxy {
+            return Err(no_container());
+        }
+        let id = pod
+            .containers
+            .iter()
+            .find(|(_, n)| n == container)
+            .map(|(id, _)| id.clone())
+            .ok_or_else(no_container)?;
+        let path = crate::pods::container_cgroup(&self.mount, &pod.cgroup, &id)
+            .ok_or_else(no_container)?;
+        let cgroup_id = cgroup::id(&self.mount, &path).map_err(|_| no_container())?;
+        Ok(Admitted {
+            workload: w.name.clone(),
+            workload_id: w.id,
+            cgroup_id,
+            path,
+        })
+    }
+
+    fn register_instance(
+        &mut self,
+        a: &Admitted,
+        relay_pid: u32,
+        command: Vec<String>,
+        resumed: bool,
+    ) -> Result<(), McpError> {
+        let (workload, cgroup_id, path) = (&a.workload, a.cgroup_id, &a.path);
+        Arc::make_mut(&mut self.mcp).start(
+            cgroup_id,
+            workload.clone(),
+            a.workload_id,
+            relay_pid,
+            command,
+        );
+        self.maps
+            .set_instance(cgroup_id, a.workload_id, 0, Vec::new())?;
         self.metrics
             .mcp_instances
             .set(self.maps.instance_count() as i64);
@@ -212,17 +348,13 @@ impl Owner {
             // tool active (the instance map is cleared at start).
             self.metrics
                 .mcp_resumed
-                .with_label_values(&[&workload])
+                .with_label_values(&[workload])
                 .inc();
             info!(workload = %workload, instance = cgroup_id, cgroup = %path, relay_pid, "MCP instance registered again by its relay after a daemon restart");
         } else {
             info!(workload = %workload, instance = cgroup_id, cgroup = %path, relay_pid, "MCP instance started");
         }
-        Ok(Instance {
-            cgroup_id,
-            workload,
-            workload_id: wid,
-        })
+        Ok(())
     }
 
     /// An instance's connection ended: its kernel entry goes (no tool active).
@@ -241,20 +373,24 @@ impl Owner {
         if let ToDaemon::Counts {
             malformed,
             oversized,
+            mismatched,
         } = m
         {
             let lines = &metrics.mcp_relay_lines;
-            lines
-                .with_label_values(&[&i.workload, "malformed"])
-                .inc_by(malformed);
-            lines
-                .with_label_values(&[&i.workload, "oversized"])
-                .inc_by(oversized);
+            for (kind, n) in [
+                ("malformed", malformed),
+                ("oversized", oversized),
+                ("mismatched", mismatched),
+            ] {
+                if n > 0 || kind != "mismatched" {
+                    lines.with_label_values(&[&i.workload, kind]).inc_by(n);
+                }
+            }
             return Ok(self.mcp.get(i.cgroup_id).map_or(0, |x| x.seq));
         }
         let reg = Arc::make_mut(&mut self.mcp);
         let seq = match m {
-            ToDaemon::Start { .. } | ToDaemon::Counts { .. } => {
+            ToDaemon::Start { .. } | ToDaemon::StartPod { .. } | ToDaemon::Counts { .. } => {
                 return Err(McpError::AlreadyAnnounced)
             }
             ToDaemon::Peers { client, server } => {
@@ -276,6 +412,7 @@ impl Owner {
                 request_id,
                 tool,
                 arguments,
+                session,
             } => {
                 metrics
                     .mcp_tool_calls
@@ -287,13 +424,15 @@ impl Owner {
                         tool,
                         request_id,
                         arguments,
+                        session,
                     },
                 )
             }
             ToDaemon::End {
                 request_id,
                 outcome: _,
-            } => reg.end(i.cgroup_id, &request_id),
+                session,
+            } => reg.end(i.cgroup_id, &request_id, session.as_deref()),
         }
         .ok_or(McpError::InstanceGone)?;
         let tools = reg

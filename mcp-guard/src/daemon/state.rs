@@ -58,13 +58,11 @@ pub(super) enum Command {
         file: PathBuf,
         done: oneshot::Sender<()>,
     },
-    /// An `exec --mcp` relay announced an instance.
+    /// A relay announced an instance (`start` or `start_pod`, from the connection's
+    /// peer, by its pid as the kernel gave it).
     McpStart {
-        workload: String,
-        cgroup_id: u64,
-        relay_pid: u32,
-        command: Vec<String>,
-        resumed: bool,
+        peer_pid: Option<u32>,
+        start: ToDaemon,
         reply: oneshot::Sender<Result<Instance, super::mcp::McpError>>,
     },
     /// A relay reported peers, tools, counts or a call; answered with the new sequence.
@@ -195,7 +193,7 @@ impl Owner {
                 self.compiled
                     .workloads
                     .iter()
-                    .filter(|w| w.pods.is_some() || w.pending)
+                    .filter(|w| w.pods.is_some() || w.pending || w.name == config::pods::PROXY)
                     .cloned()
                     .collect(),
             )
@@ -357,14 +355,11 @@ impl Owner {
                 let _ = done.send(());
             }
             Command::McpStart {
-                workload,
-                cgroup_id,
-                relay_pid,
-                command,
-                resumed,
+                peer_pid,
+                start,
                 reply,
             } => {
-                let r = self.mcp_start(workload, cgroup_id, relay_pid, command, resumed);
+                let r = self.mcp_start(peer_pid, start);
                 let _ = reply.send(r);
             }
             Command::McpUpdate {

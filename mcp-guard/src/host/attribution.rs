@@ -133,7 +133,12 @@ impl Registered {
         let own_netns = fs::metadata(own_netns).map(|m| m.ino()).unwrap_or(0);
         let mut seen_netns = HashSet::new();
         let mut out = Vec::new();
-        for d in &self.dirs {
+        // An MCP proxy sidecar shares its pod's namespace: the pod's workload owns it.
+        for d in self
+            .dirs
+            .iter()
+            .filter(|d| d.workload != crate::config::pods::PROXY)
+        {
             let mut pids = Vec::new();
             pids_under(&d.path, &mut pids, 8);
             for pid in pids {

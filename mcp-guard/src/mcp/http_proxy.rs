@@ -7,8 +7,9 @@
 //! result. Bytes pass through unchanged; a body that is not JSON-RPC, or larger than
 //! [`MAX_MESSAGE`], is passed on unread and counted.
 //!
-//! Request ids are only unique within a session: calls are reported to the daemon as
-//! `SESSION/ID` (the `Mcp-Session-Id` header; `-` before the session has one).
+//! Request ids are only unique within a session: calls are reported to the daemon with
+//! their session (the `Mcp-Session-Id` header; none before the server gave one), which
+//! events carry as `mcp.session`.
 //! An `Mcp-Method` or `Mcp-Name` header that disagrees with its body (revision
 //! 2026-07-28) is refused with 400 and a JSON-RPC error, as the spec requires of
 //! intermediaries.
@@ -48,10 +49,16 @@ use super::{
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
 
-/// A call in flight: its session and when it started.
+/// A call in flight: its session, request id and when it started.
 struct Call {
     session: String,
+    id: String,
     started: Instant,
+}
+
+/// The session as reported to the daemon (`-`: the server has not named it yet).
+fn reported(session: &str) -> Option<String> {
+    (session != "-").then(|| session.to_string())
 }
 
 /// The proxy's state, shared by every connection.
@@ -102,15 +109,23 @@ impl Proxy {
             let me = self.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(1));
+                let mut reported = [0; 3];
                 loop {
                     tick.tick().await;
                     me.end_expired().await;
+                    reported = me.report_counts(reported).await;
                 }
             })
         });
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or memory: wait instead of spinning.
+                    tracing::warn!(error = %e, "mcp-proxy: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let me = self.clone();
             tokio::spawn(async move {
@@ -144,13 +159,34 @@ impl Proxy {
 
     /// Ends a call still in flight (once: the first end wins).
     async fn end(&self, key: &str, outcome: &str) {
-        if self.calls.lock().expect("calls").remove(key).is_some() {
+        let call = self.calls.lock().expect("calls").remove(key);
+        if let Some(c) = call {
             self.tell(ToDaemon::End {
-                request_id: key.to_string(),
+                request_id: c.id,
                 outcome: outcome.into(),
+                session: reported(&c.session),
             })
             .await;
         }
+    }
+
+    /// Tells the daemon the bodies passed on unread and the requests refused since
+    /// `before` (malformed, oversized, mismatched); returns the totals now.
+    async fn report_counts(&self, before: [u64; 3]) -> [u64; 3] {
+        let now = [
+            self.counts.malformed.load(Ordering::Relaxed),
+            self.counts.oversized.load(Ordering::Relaxed),
+            self.mismatched.load(Ordering::Relaxed),
+        ];
+        if now != before {
+            self.tell(ToDaemon::Counts {
+                malformed: now[0] - before[0],
+                oversized: now[1] - before[1],
+                mismatched: now[2] - before[2],
+            })
+            .await;
+        }
+        now
     }
 
     async fn end_expired(&self) {
@@ -230,13 +266,15 @@ impl Proxy {
                         key.clone(),
                         Call {
                             session: session.to_string(),
+                            id: id.to_string(),
                             started: Instant::now(),
                         },
                     );
                     self.tell(ToDaemon::Call {
-                        request_id: key.clone(),
+                        request_id: id.to_string(),
                         tool,
                         arguments,
+                        session: reported(session),
                     })
                     .await;
                     announced.push(key);
@@ -353,16 +391,21 @@ impl Proxy {
         }
         let bytes = match body.collect().await {
             Ok(b) => b.to_bytes(),
-            Err(e) => return status(StatusCode::BAD_GATEWAY, &format!("upstream: {e}\n")),
+            Err(e) => {
+                for k in &announced {
+                    self.end(k, "error").await;
+                }
+                return status(StatusCode::BAD_GATEWAY, &format!("upstream: {e}\n"));
+            }
         };
         if kind.starts_with("application/json") && bytes.len() <= MAX_MESSAGE {
             self.server_messages(session, &bytes).await;
         }
+        // A JSON body holds every answer this request gets: a call it did not answer
+        // (a 202, an error status, an error with a null id for a batch the server
+        // refused) gets none later. Ended before the client reads the body.
         for k in &announced {
-            // A 202 or an error status: no answer to the call will come on this request.
-            if !kind.starts_with("application/json") {
-                self.end(k, "error").await;
-            }
+            self.end(k, "error").await;
         }
         Response::from_parts(parts, full(bytes))
     }

@@ -25,6 +25,9 @@ pub struct CallRef {
     pub tool: String,
     pub request_id: String,
     pub arguments: String,
+    /// The Streamable HTTP session (`Mcp-Session-Id`); `null` on stdio.
+    #[serde(default)]
+    pub session: Option<String>,
 }
 
 /// The `mcp` object of an event.
@@ -34,6 +37,9 @@ pub struct Attribution {
     /// connection). With several calls in flight, the one that started last.
     pub tool: Option<String>,
     pub request_id: Option<String>,
+    /// The Streamable HTTP session of that call (`Mcp-Session-Id`); `null` on stdio
+    /// and before the server gave the session an id.
+    pub session: Option<String>,
     /// A bounded summary of the call's arguments, secrets redacted.
     pub arguments: Option<String>,
     /// Every call in flight at the moment (more than one for concurrent calls).
@@ -124,17 +130,19 @@ impl Registry {
     /// A call starts; returns the new sequence.
     pub fn call(&mut self, cgroup_id: u64, call: CallRef) -> Option<u32> {
         let i = self.instances.get_mut(&cgroup_id)?;
-        i.calls.retain(|c| c.request_id != call.request_id);
+        i.calls
+            .retain(|c| c.request_id != call.request_id || c.session != call.session);
         i.calls.push(call);
         i.bump();
         Some(i.seq)
     }
 
     /// A call ends; returns the new sequence (unchanged for an unknown call).
-    pub fn end(&mut self, cgroup_id: u64, request_id: &str) -> Option<u32> {
+    pub fn end(&mut self, cgroup_id: u64, request_id: &str, session: Option<&str>) -> Option<u32> {
         let i = self.instances.get_mut(&cgroup_id)?;
         let before = i.calls.len();
-        i.calls.retain(|c| c.request_id != request_id);
+        i.calls
+            .retain(|c| c.request_id != request_id || c.session.as_deref() != session);
         if i.calls.len() != before {
             i.bump();
         }
@@ -185,6 +193,7 @@ impl Registry {
         Some(Attribution {
             tool: last.map(|c| c.tool.clone()),
             request_id: last.map(|c| c.request_id.clone()),
+            session: last.and_then(|c| c.session.clone()),
             arguments: last.map(|c| c.arguments.clone()),
             in_flight: calls.clone(),
             client: i.client.clone(),
@@ -204,6 +213,7 @@ mod tests {
             tool: tool.into(),
             request_id: id.into(),
             arguments: String::new(),
+            session: None,
         }
     }
 
@@ -213,8 +223,8 @@ mod tests {
         r.start(9, "w".into(), 1, 1, vec![]);
         let s1 = r.call(9, call("fetch", "1")).unwrap();
         let s2 = r.call(9, call("query_db", "2")).unwrap();
-        let s3 = r.end(9, "1").unwrap();
-        let s4 = r.end(9, "2").unwrap();
+        let s3 = r.end(9, "1", None).unwrap();
+        let s4 = r.end(9, "2", None).unwrap();
         assert_eq!(r.attribute(9, 0).unwrap().tool, None);
         assert_eq!(r.attribute(9, s1).unwrap().tool.as_deref(), Some("fetch"));
         let a = r.attribute(9, s2).unwrap();
@@ -225,7 +235,27 @@ mod tests {
             Some("query_db")
         );
         assert_eq!(r.attribute(9, s4).unwrap().tool, None);
-        assert_eq!(r.end(9, "unknown"), Some(s4));
+        assert_eq!(r.end(9, "unknown", None), Some(s4));
         assert!(r.attribute(8, 0).is_none());
+    }
+
+    #[test]
+    fn request_ids_are_unique_only_within_their_session() {
+        let mut r = Registry::default();
+        r.start(9, "w".into(), 1, 1, vec![]);
+        let in_session = |tool: &str, s: &str| CallRef {
+            session: Some(s.into()),
+            ..call(tool, "1")
+        };
+        r.call(9, in_session("fetch", "a")).unwrap();
+        let both = r.call(9, in_session("query_db", "b")).unwrap();
+        assert_eq!(r.attribute(9, both).unwrap().in_flight.len(), 2);
+        let s = r.end(9, "1", Some("a")).unwrap();
+        let a = r.attribute(9, s).unwrap();
+        assert_eq!(
+            (a.tool.as_deref(), a.session.as_deref()),
+            (Some("query_db"), Some("b"))
+        );
+        assert_eq!(r.end(9, "1", None), Some(s), "no such call on stdio");
     }
 }

@@ -86,7 +86,7 @@ impl Daemon {
         let r = BufReader::new(s.try_clone()?);
         self.conn = Some((s, r));
         let mut start = self.start.clone();
-        if let ToDaemon::Start { resumed, .. } = &mut start {
+        if let ToDaemon::Start { resumed, .. } | ToDaemon::StartPod { resumed, .. } = &mut start {
             // Every connection after the first announces an instance that ran on.
             *resumed = self.connected_before;
         }
@@ -133,18 +133,22 @@ impl Daemon {
         match &m {
             ToDaemon::Peers { .. } => self.peers = Some(m.clone()),
             ToDaemon::Tools { .. } => self.tools = Some(m.clone()),
-            ToDaemon::Call { request_id, .. } => {
-                let id = request_id.clone();
-                self.calls.retain(
-                    |c| !matches!(c, ToDaemon::Call { request_id, .. } if *request_id == id),
-                );
+            ToDaemon::Call {
+                request_id,
+                session,
+                ..
+            } => {
+                let key = (request_id.clone(), session.clone());
+                self.calls.retain(|c| !same_call(c, &key));
                 self.calls.push(m.clone());
             }
-            ToDaemon::End { request_id, .. } => {
-                let id = request_id.clone();
-                self.calls.retain(
-                    |c| !matches!(c, ToDaemon::Call { request_id, .. } if *request_id == id),
-                );
+            ToDaemon::End {
+                request_id,
+                session,
+                ..
+            } => {
+                let key = (request_id.clone(), session.clone());
+                self.calls.retain(|c| !same_call(c, &key));
             }
             _ => {}
         }
@@ -168,6 +172,11 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Whether `c` is the call `(request id, session)`.
+fn same_call(c: &ToDaemon, key: &(String, Option<String>)) -> bool {
+    matches!(c, ToDaemon::Call { request_id, session, .. } if *request_id == key.0 && *session == key.1)
 }
 
 impl Daemon {
@@ -384,6 +393,7 @@ pub fn relay(
                                 request_id: id,
                                 tool,
                                 arguments,
+                                session: None,
                             });
                         }
                         Message::Cancelled { id } => {
@@ -391,6 +401,7 @@ pub fn relay(
                                 tell(ToDaemon::End {
                                     request_id: id,
                                     outcome: "cancelled".into(),
+                                    session: None,
                                 });
                             }
                         }
@@ -434,6 +445,7 @@ pub fn relay(
                         tell(ToDaemon::End {
                             request_id: id,
                             outcome: if error { "error" } else { "result" }.into(),
+                            session: None,
                         });
                     } else if init {
                         let server = result
@@ -478,6 +490,7 @@ pub fn relay(
                     tell(ToDaemon::End {
                         request_id: id,
                         outcome: "timeout".into(),
+                        session: None,
                     });
                 }
                 let now = (
@@ -488,6 +501,7 @@ pub fn relay(
                     tell(ToDaemon::Counts {
                         malformed: now.0 - reported.0,
                         oversized: now.1 - reported.1,
+                        mismatched: 0,
                     });
                     reported = now;
                 }

@@ -35,6 +35,18 @@ pub enum ToDaemon {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         resumed: bool,
     },
+    /// First line from a pod's MCP proxy sidecar (`mcp-guard mcp-proxy --container`):
+    /// the instance is the container named `container` in the sidecar's own pod. The
+    /// daemon finds the pod from the connection's peer credentials (pid -> cgroup ->
+    /// pod through the runtime) and takes it only from the container the pod's workload
+    /// names in `pods.mcp_proxy`.
+    StartPod {
+        container: String,
+        relay_pid: u32,
+        command: Vec<String>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
+    },
     /// `initialize` was seen: who talks to whom.
     Peers {
         client: Option<Peer>,
@@ -47,11 +59,26 @@ pub enum ToDaemon {
         request_id: String,
         tool: String,
         arguments: String,
+        /// The Streamable HTTP session (`Mcp-Session-Id`) the call belongs to; request
+        /// ids are unique only within it. Absent on stdio.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
     },
     /// A call ended: "result", "error", "cancelled" or "timeout".
-    End { request_id: String, outcome: String },
-    /// Lines the relay passed through without reading them.
-    Counts { malformed: u64, oversized: u64 },
+    End {
+        request_id: String,
+        outcome: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+    },
+    /// Lines (bodies) the relay passed through without reading them, and (HTTP)
+    /// requests refused because a header disagreed with the body.
+    Counts {
+        malformed: u64,
+        oversized: u64,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        mismatched: u64,
+    },
 }
 
 /// The daemon's answer to every line.
@@ -63,4 +90,9 @@ pub struct Reply {
     /// The instance's call-state sequence after this change.
     #[serde(default)]
     pub seq: u32,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use crate::{
-    config::pods::ANNOTATION,
+    config::pods::{ANNOTATION, PROXY},
     host::cgroup,
     kernel::maps::{PodEntry, PodOwner},
     policy::CompiledWorkload,
@@ -272,6 +272,9 @@ pub fn place(
             chosen.map_or(PodOwner::Unselected, |(w, _)| PodOwner::Workload(w.id)),
             cg.clone(),
         ));
+        if let Some((w, _)) = chosen {
+            entries.extend(proxy_entries(workloads, w, pod, mount, &cg));
+        }
         table.insert(
             cg.clone(),
             Placed {
@@ -292,6 +295,69 @@ pub fn place(
         table,
         warnings,
     }
+}
+
+/// The cgroups of a pod's MCP proxy sidecar containers (`pods.mcp_proxy` of its
+/// workload `w`), held by the [`PROXY`] workload.
+fn proxy_entries(
+    workloads: &[CompiledWorkload],
+    w: &CompiledWorkload,
+    pod: &Pod,
+    mount: &Path,
+    pod_cgroup: &str,
+) -> Vec<PodEntry> {
+    let Some(name) = w.pods.as_ref().and_then(|p| p.mcp_proxy.as_deref()) else {
+        return Vec::new();
+    };
+    let Some(proxy) = workloads.iter().find(|x| x.name == PROXY) else {
+        return Vec::new();
+    };
+    pod.containers
+        .iter()
+        .filter(|(_, n)| n == name)
+        .filter_map(|(id, _)| container_cgroup(mount, pod_cgroup, id))
+        .map(|cg| (PodOwner::Workload(proxy.id), cg))
+        .collect()
+}
+
+/// The cgroup (below the mount) of container `id` in the pod whose cgroup is
+/// `pod_cgroup`, once the runtime made it.
+#[must_use]
+pub fn container_cgroup(mount: &Path, pod_cgroup: &str, id: &str) -> Option<String> {
+    std::fs::read_dir(cgroup::fs_path(mount, pod_cgroup))
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .find_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            let found = container_id(&n)?;
+            (found.starts_with(id) || id.starts_with(found)).then(|| format!("{pod_cgroup}/{n}"))
+        })
+}
+
+/// The cgroup (below the mount) of process `pid`, if it runs in a placed pod: found in
+/// the pod cgroups' `cgroup.procs` (`/proc/PID/cgroup` would give a path relative to
+/// the daemon's own cgroup namespace, which a containerised daemon has).
+#[must_use]
+pub fn cgroup_of_pid(table: &Table, mount: &Path, pid: u32) -> Option<String> {
+    fn walk(dir: &Path, rel: &str, pid: u32, depth: usize) -> Option<String> {
+        if cgroup::procs(dir).contains(&pid) {
+            return Some(rel.to_string());
+        }
+        if depth == 0 {
+            return None;
+        }
+        std::fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            e.path()
+                .is_dir()
+                .then(|| walk(&e.path(), &format!("{rel}/{name}"), pid, depth - 1))
+                .flatten()
+        })
+    }
+    table
+        .keys()
+        .find_map(|pod| walk(&cgroup::fs_path(mount, pod), pod, pid, 2))
 }
 
 /// The container id in a container's cgroup name: `<id>` (cgroupfs driver),
@@ -389,6 +455,7 @@ mod tests {
                 namespace: Some("mcp".into()),
                 labels: [("app".to_string(), "github".to_string())].into(),
                 annotation: false,
+                mcp_proxy: None,
             },
         );
         let any = wl(
@@ -398,6 +465,7 @@ mod tests {
                 namespace: Some("mcp".into()),
                 labels: BTreeMap::new(),
                 annotation: true,
+                mcp_proxy: None,
             },
         );
         let ws = [gh, any];

@@ -12,6 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+#[path = "bench_parts/mcp_proxy.rs"]
+mod mcp_proxy;
+
 use mcp_guard::{config, kernel::maps::PolicyMaps, kernel::pins::Pins, policy};
 use mcp_guard_tests::{cgroup_mount, unique, wait_until, Daemon, NetNs, Probe, TestCgroup};
 
@@ -283,7 +286,8 @@ fn main() {
         let r = match only {
             "dns" => dns_proxy(&ns, quick),
             "idle" => idle_cpu(quick),
-            other => panic!("MCPG_BENCH_ONLY={other}: one of dns, idle"),
+            "mcp-proxy" => mcp_proxy::row(&ns, quick),
+            other => panic!("MCPG_BENCH_ONLY={other}: one of dns, idle, mcp-proxy"),
         };
         println!("{} | {} | {} | {:?}", r.name, r.value, r.target, r.met);
         return;
@@ -739,6 +743,7 @@ fn main() {
     }
 
     rows.push(dns_proxy(&ns, quick));
+    rows.push(mcp_proxy::row(&ns, quick));
 
     // Memory budget: the estimate `check` and the DaemonSet's limit use, against the
     // daemon's peak resident set plus the kernel memory of its maps.
