@@ -85,7 +85,13 @@ impl Proxy {
     pub fn new(upstream: SocketAddr, daemon: Option<Daemon>, call_timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             upstream,
-            client: Client::builder(TokioExecutor::new()).build_http(),
+            client: Client::builder(TokioExecutor::new()).build({
+                // Small writes (an SSE event, then the body's last chunk) go out at once:
+                // with Nagle's algorithm the second waits for the peer's delayed ACK.
+                let mut c = HttpConnector::new();
+                c.set_nodelay(true);
+                c
+            }),
             daemon: Arc::new(Mutex::new(daemon)),
             calls: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
@@ -127,6 +133,7 @@ impl Proxy {
                     continue;
                 }
             };
+            let _ = stream.set_nodelay(true);
             let me = self.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {

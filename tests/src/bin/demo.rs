@@ -370,14 +370,21 @@ fn main() {
         "the exfiltrating name reached the upstream DNS server: {upstream:?}"
     );
 
-    banner("9. An MCP server on Streamable HTTP (the official SDK's) in a guarded workload answers its client; its own SSRF is refused");
-    let (_, http_dir) = cg.child("http-mcp");
+    banner("9. An MCP server on Streamable HTTP (the official SDK's) behind `exec --mcp-http` answers its client; its own SSRF is refused and named by tool call");
+    let _ = cg.child("http-mcp");
     let logs = mcp_guard_tests::TempDir::new();
+    // The server listens on loopback in its instance cgroup; the MCP-aware proxy, outside
+    // the guard, serves clients on 10.0.30.5:8000 and tells the daemon about each call.
     let server = mcp_guard_tests::Running::spawn(
-        mcp_guard_tests::in_cgroup(&http_dir, &ns)
+        mcp_guard_tests::in_netns(&ns, None)
+            .arg(bin("mcp-guard"))
+            .args(["exec", "--config"])
+            .arg(&d.config)
+            .args(["--workload", "http-mcp", "--mcp-http", "10.0.30.5:8000"])
+            .args(["--upstream", "127.0.0.1:8001", "--"])
             .arg(venv.join("bin/python"))
             .arg(mcp_guard_tests::mcp_helper("http_server.py"))
-            .args(["10.0.30.5", "8000"]),
+            .args(["127.0.0.1", "8001"]),
         &logs.0.join("server.log"),
     );
     let healthz = || mcp_guard_tests::curl_in(&ns, None, "http://10.0.30.5:8000/healthz").1;
@@ -415,13 +422,22 @@ fn main() {
         .collect();
     for e in &http_events {
         println!(
-            "  DENIED {} {} -> {} ({})",
+            "  DENIED {} {} -> {} ({}) during tool={} request={} session={}",
             e["workload"].as_str().unwrap_or(""),
             e["hook"].as_str().unwrap_or(""),
             host_port(e["dst"].as_str().unwrap_or(""), &e["dport"]),
             e["reason"].as_str().unwrap_or(""),
+            e["mcp"]["tool"].as_str().unwrap_or("-"),
+            e["mcp"]["request_id"].as_str().unwrap_or("-"),
+            e["mcp"]["session"].as_str().unwrap_or("-"),
         );
     }
+    assert!(
+        http_events
+            .iter()
+            .any(|e| e["dst"] == "169.254.169.254" && e["mcp"]["tool"] == "fetch"),
+        "the HTTP server's metadata fetch was not named by its tool call: {http_events:?}"
+    );
     assert!(
         http_events.iter().all(|e| e["hook"] != "cgroup_skb"),
         "a reply of the HTTP server to its client was refused"
