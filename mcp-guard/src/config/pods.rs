@@ -235,14 +235,27 @@ pub(super) fn proxy_workload(socket: &std::path::Path, mode: Mode, loc: &super::
             loc: *loc,
         });
     Workload {
-        name: PROXY.into(),
+        allow: vec![loopback("127.0.0.0/8"), loopback("::1/128")],
+        unix: super::unix_keys::UnixPolicy {
+            allow_listed: true,
+            allow: allow.into_iter().collect(),
+            deny: Vec::new(),
+        },
+        ..closed(PROXY, None, mode, loc)
+    }
+}
+
+/// A built-in workload denying all egress, raw and packet sockets, and DNS but the proxy.
+fn closed(name: &str, cgroup: Option<String>, mode: Mode, loc: &super::Loc) -> Workload {
+    Workload {
+        name: name.into(),
         id: 0,
-        cgroup: None,
+        cgroup,
         pods: None,
         pending: false,
         default: DefaultAction::Deny,
         mode,
-        allow: vec![loopback("127.0.0.0/8"), loopback("::1/128")],
+        allow: Vec::new(),
         hosts: Vec::new(),
         deny_raw_sockets: true,
         deny_packet_sockets: true,
@@ -251,11 +264,7 @@ pub(super) fn proxy_workload(socket: &std::path::Path, mode: Mode, loc: &super::
         allow_ping: false,
         allow_other_protocols: false,
         deny_between_calls: false,
-        unix: super::unix_keys::UnixPolicy {
-            allow_listed: true,
-            allow: allow.into_iter().collect(),
-            deny: Vec::new(),
-        },
+        unix: super::unix_keys::UnixPolicy::default(),
         loc: *loc,
     }
 }
@@ -265,24 +274,8 @@ pub(super) fn pending_workloads(cfg: &PodsConfig, mode: Mode, loc: &super::Loc) 
     cfg.pod_cgroups
         .iter()
         .map(|p| Workload {
-            name: PENDING.into(),
-            id: 0,
-            cgroup: Some(p.clone()),
-            pods: None,
             pending: true,
-            default: DefaultAction::Deny,
-            mode,
-            allow: Vec::new(),
-            hosts: Vec::new(),
-            deny_raw_sockets: true,
-            deny_packet_sockets: true,
-            resolve_any: false,
-            deny_direct_dns: true,
-            allow_ping: false,
-            allow_other_protocols: false,
-            deny_between_calls: false,
-            unix: super::unix_keys::UnixPolicy::default(),
-            loc: *loc,
+            ..closed(PENDING, Some(p.clone()), mode, loc)
         })
         .collect()
 }
