@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -63,7 +64,9 @@ pub struct Instance {
     /// In start order.
     pub calls: Vec<CallRef>,
     pub seq: u32,
-    history: VecDeque<(u32, Vec<CallRef>)>,
+    /// Shared slices: the owner's copy-on-write of the registry copies pointers, not
+    /// calls (a busy instance's 4096 states were cloned on every call).
+    history: VecDeque<(u32, Arc<[CallRef]>)>,
     /// From the server's `tools/list`.
     pub tools: BTreeSet<String>,
     pub ended: Option<Instant>,
@@ -81,14 +84,16 @@ impl Instance {
         if self.history.len() == HISTORY {
             self.history.pop_front();
         }
-        self.history.push_back((self.seq, self.calls.clone()));
+        self.history
+            .push_back((self.seq, self.calls.clone().into()));
     }
 }
 
 /// Every instance, by the cgroup id its server runs in.
 #[derive(Debug, Default, Clone)]
 pub struct Registry {
-    instances: HashMap<u64, Instance>,
+    /// Each instance behind its own `Arc`: a change copies only the instance it touches.
+    instances: HashMap<u64, Arc<Instance>>,
 }
 
 impl Registry {
@@ -113,23 +118,23 @@ impl Registry {
             tools: BTreeSet::new(),
             ended: None,
         };
-        i.history.push_back((0, Vec::new()));
-        self.instances.insert(cgroup_id, i);
+        i.history.push_back((0, Arc::from(Vec::new())));
+        self.instances.insert(cgroup_id, Arc::new(i));
         self.prune();
     }
 
     #[must_use]
     pub fn get(&self, cgroup_id: u64) -> Option<&Instance> {
-        self.instances.get(&cgroup_id)
+        self.instances.get(&cgroup_id).map(AsRef::as_ref)
     }
 
     pub fn get_mut(&mut self, cgroup_id: u64) -> Option<&mut Instance> {
-        self.instances.get_mut(&cgroup_id)
+        self.instances.get_mut(&cgroup_id).map(Arc::make_mut)
     }
 
     /// A call starts; returns the new sequence.
     pub fn call(&mut self, cgroup_id: u64, call: CallRef) -> Option<u32> {
-        let i = self.instances.get_mut(&cgroup_id)?;
+        let i = self.instances.get_mut(&cgroup_id).map(Arc::make_mut)?;
         i.calls
             .retain(|c| c.request_id != call.request_id || c.session != call.session);
         i.calls.push(call);
@@ -139,7 +144,7 @@ impl Registry {
 
     /// A call ends; returns the new sequence (unchanged for an unknown call).
     pub fn end(&mut self, cgroup_id: u64, request_id: &str, session: Option<&str>) -> Option<u32> {
-        let i = self.instances.get_mut(&cgroup_id)?;
+        let i = self.instances.get_mut(&cgroup_id).map(Arc::make_mut)?;
         let before = i.calls.len();
         i.calls
             .retain(|c| c.request_id != request_id || c.session.as_deref() != session);
@@ -150,14 +155,14 @@ impl Registry {
     }
 
     pub fn set_tools(&mut self, cgroup_id: u64, names: Vec<String>) {
-        if let Some(i) = self.instances.get_mut(&cgroup_id) {
+        if let Some(i) = self.instances.get_mut(&cgroup_id).map(Arc::make_mut) {
             i.tools = names.into_iter().take(MAX_TOOLS).collect();
         }
     }
 
     /// The relay went away: no call is in flight any more.
     pub fn finish(&mut self, cgroup_id: u64) {
-        if let Some(i) = self.instances.get_mut(&cgroup_id) {
+        if let Some(i) = self.instances.get_mut(&cgroup_id).map(Arc::make_mut) {
             if !i.calls.is_empty() {
                 i.calls.clear();
                 i.bump();
@@ -171,7 +176,7 @@ impl Registry {
         self.instances
             .iter()
             .filter(|(_, i)| i.ended.is_none())
-            .map(|(k, i)| (*k, i))
+            .map(|(k, i)| (*k, i.as_ref()))
     }
 
     fn prune(&mut self) {
@@ -188,7 +193,7 @@ impl Registry {
             .iter()
             .rev()
             .find(|(s, _)| *s == seq)
-            .map(|(_, c)| c.clone())?;
+            .map(|(_, c)| c.to_vec())?;
         let last = calls.last();
         Some(Attribution {
             tool: last.map(|c| c.tool.clone()),
