@@ -5,7 +5,8 @@
 //! daemon's MCP socket mounted into the sidecar as a hostPath would be. The SDK's client
 //! calls from the node's namespace; the kernel refuses what the call's policy refuses and
 //! events name the tool call, its session and the pod. A process in another pod speaking
-//! the daemon's protocol by hand cannot report calls for this pod's server.
+//! the daemon's protocol by hand cannot report calls for this pod's server. The daemon
+//! killed with kill -9 and restarted under the running sidecar gets the instance back.
 
 use std::{
     path::{Path, PathBuf},
@@ -105,7 +106,7 @@ fn an_http_mcp_server_in_a_pod_is_scoped_through_its_sidecar() {
     let cg = TestCgroup::new();
     let mut c = Containerd::start();
     let node = NetNs::new();
-    let d = Daemon::start(&config(&cg, &c));
+    let mut d = Daemon::start(&config(&cg, &c));
     let socket = d.control.with_file_name("mcp.sock");
     let socket_dir = socket.parent().expect("dir").canonicalize().expect("dir");
     let spec = PodSpec {
@@ -219,6 +220,33 @@ fn an_http_mcp_server_in_a_pod_is_scoped_through_its_sidecar() {
         "{e}"
     );
     mcp_guard_tests::assert_event_schema(&e);
+
+    // kill -9 and a new daemon under the running sidecar: it announces the server
+    // container again (peer credentials checked again) and calls are scoped as before.
+    d.kill9();
+    d.restart();
+    let resumed = || {
+        d.get("/metrics")
+            .lines()
+            .any(|l| l.starts_with("mcp_guard_mcp_instances_resumed_total{") && !l.ends_with(" 0"))
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), resumed),
+        "the sidecar registered its instance again: {}",
+        d.get("/metrics")
+    );
+    let got = mcp_http_session(
+        &node,
+        "http://10.200.0.2:8000/mcp",
+        &format!(
+            r#"[["fetch", {{"url": "http://{INTERNAL}/"}}], ["fetch", {{"url": "http://{INTERNAL}:5432/"}}]]"#
+        ),
+    );
+    assert!(
+        !text(&got, 0).contains("Operation not permitted")
+            && text(&got, 1).contains("Operation not permitted"),
+        "after the restart, the fetch rule applies during fetch calls and query_db's not: {got}"
+    );
 
     // Another pod of the same workload: its sidecar container can reach the MCP socket,
     // but the daemon takes reports from it only for containers of its own pod.
