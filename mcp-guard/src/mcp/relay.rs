@@ -137,18 +137,18 @@ impl Daemon {
                 request_id,
                 session,
                 ..
-            } => {
-                let key = (request_id.clone(), session.clone());
-                self.calls.retain(|c| !same_call(c, &key));
-                self.calls.push(m.clone());
             }
-            ToDaemon::End {
+            | ToDaemon::End {
                 request_id,
                 session,
                 ..
             } => {
+                // A call replaces one with its key; an end forgets it.
                 let key = (request_id.clone(), session.clone());
                 self.calls.retain(|c| !same_call(c, &key));
+                if matches!(m, ToDaemon::Call { .. }) {
+                    self.calls.push(m.clone());
+                }
             }
             _ => {}
         }
