@@ -5,8 +5,10 @@ tools, makes the calls given as JSON, and prints one JSON object with what it go
     client.py --calls '[["fetch", {"url": "http://198.51.100.7/"}]]' -- SERVER ARGS...
 
 --concurrent makes the calls at once; --hold N keeps the session open N seconds after
-the last call (for background work of the server); --then makes more calls, one after
-the other, after that. Any failure of the client itself
+the last call (for background work of the server); --relist lists the tools again after
+that (`tools_after`); --then makes more calls, one after the other, after that. A call
+answered with a JSON-RPC error (a relay's refusal) is recorded with its `error` and
+`code`. Any other failure of the client itself
 exits non-zero, so a test cannot mistake it for a refused connection.
 """
 
@@ -17,6 +19,7 @@ import sys
 import anyio
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.shared.exceptions import MCPError
 
 
 def text_of(result):
@@ -29,6 +32,7 @@ async def main():
     ap.add_argument("--concurrent", action="store_true")
     ap.add_argument("--hold", type=float, default=0)
     ap.add_argument("--then", default="[]")
+    ap.add_argument("--relist", action="store_true")
     ap.add_argument("server", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     server = a.server[1:] if a.server and a.server[0] == "--" else a.server
@@ -43,7 +47,11 @@ async def main():
             out["tools"] = [t.name for t in (await s.list_tools()).tools]
 
             async def one(i, tool, args):
-                res = await s.call_tool(tool, args)
+                try:
+                    res = await s.call_tool(tool, args)
+                except MCPError as e:
+                    out["results"][i] = {"tool": tool, "error": e.message, "code": e.code}
+                    return
                 is_error = getattr(res, "is_error", None)
                 if is_error is None:
                     is_error = getattr(res, "isError", False)
@@ -58,6 +66,8 @@ async def main():
                     await one(i, tool, args)
             if a.hold:
                 await anyio.sleep(a.hold)
+            if a.relist:
+                out["tools_after"] = [t.name for t in (await s.list_tools()).tools]
             for i, (tool, args) in enumerate(then):
                 await one(len(calls) + i, tool, args)
     json.dump(out, sys.stdout)

@@ -645,3 +645,229 @@ fn tool_scoping_survives_a_restart_and_nothing_stays_active_between_calls() {
         "nothing stays active between calls: {got}"
     );
 }
+
+fn rug_server() -> Vec<String> {
+    vec![
+        mcp_venv().join("bin/python").display().to_string(),
+        mcp_helper("rug_server.py").display().to_string(),
+    ]
+}
+
+/// Reloads `d` with `text` and waits for the new generation.
+fn reload(d: &Daemon, text: &str) {
+    let generation = d.status()["generation"].as_u64().unwrap();
+    d.write_config(text);
+    assert!(
+        mcp_guard_tests::wait_until(Duration::from_secs(10), || {
+            d.status()["generation"].as_u64().unwrap() > generation
+        }),
+        "the config change was not loaded"
+    );
+}
+
+/// The SDK client against the rug-pull server: three calls, the list again, one more.
+fn rug_session(ns: &NetNs, d: &Daemon) -> Value {
+    let calls = serde_json::json!([
+        ["notes", {"text": "a"}],
+        ["drop_table", {"name": "users"}],
+        ["update", {}],
+    ]);
+    let then = serde_json::json!([["notes", {"text": "b"}]]).to_string();
+    client(ns, d, &rug_server(), &calls, &["--relist", "--then", &then])
+}
+
+#[test]
+fn tool_rules_hide_and_refuse_tools_and_a_changed_tool_is_pinned() {
+    let (ns, cg) = lab();
+    let relay = "[workload.mcp]\ndeny_tools = [\"drop_*\"]\npin_tools = true\n";
+    let d = Daemon::start(&config(&cg, relay, ""));
+    let out = rug_session(&ns, &d);
+    let names = |k: &str| -> Vec<String> {
+        out[k]
+            .as_array()
+            .unwrap_or_else(|| panic!("{k}: {out}"))
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        names("tools"),
+        ["notes", "update"],
+        "drop_table is hidden: {out}"
+    );
+    let r = &out["results"];
+    assert_eq!(r[0]["text"], "noted: a", "{out}");
+    assert_eq!(
+        r[1]["code"], -32001,
+        "the denied tool is answered by the relay: {out}"
+    );
+    let why = r[1]["error"].as_str().unwrap();
+    assert!(
+        why.contains("deny_tools \"drop_*\"") && why.contains("tool-denied"),
+        "{out}"
+    );
+    assert_eq!(r[2]["text"], "updated", "{out}");
+    assert_eq!(
+        names("tools_after"),
+        ["update"],
+        "the changed tool is hidden: {out}"
+    );
+    assert_eq!(r[3]["code"], -32001, "the changed tool is refused: {out}");
+    assert!(
+        r[3]["error"].as_str().unwrap().contains("pin_tools"),
+        "{out}"
+    );
+
+    let e = wait_event(&d, "for the denied tool", |e| {
+        e["hook"] == "mcp" && e["reason"] == "tool-denied"
+    });
+    mcp_guard_tests::assert_event_schema(&e);
+    assert_eq!(e["verdict"], "refused", "{e:#}");
+    assert_eq!(e["mcp"]["tool"], "drop_table", "{e:#}");
+    assert_eq!(e["mcp"]["request_id"], "4", "{e:#}");
+    assert!(
+        e["rule"].as_str().unwrap().contains(":6)"),
+        "the rule's line: {e:#}"
+    );
+    let e = wait_event(&d, "for the changed tool in the list", |e| {
+        e["hook"] == "mcp" && e["reason"] == "tool-changed" && e["verdict"] == "hidden"
+    });
+    mcp_guard_tests::assert_event_schema(&e);
+    assert_eq!(e["mcp"]["tool"], "notes", "{e:#}");
+    let e = wait_event(&d, "for the changed tool's call", |e| {
+        e["hook"] == "mcp" && e["reason"] == "tool-changed" && e["verdict"] == "refused"
+    });
+    assert_eq!(e["mcp"]["tool"], "notes", "{e:#}");
+    // Exact counters; refused calls were never in flight.
+    let decisions = |reason: &str, verdict: &str| {
+        metric(&d, &format!("mcp_guard_mcp_relay_decisions_total{{reason=\"{reason}\",verdict=\"{verdict}\",workload=\"mcp\"}}"))
+    };
+    assert_eq!(decisions("tool-denied", "refused"), 1.0);
+    assert_eq!(decisions("tool-changed", "hidden"), 1.0);
+    assert_eq!(decisions("tool-changed", "refused"), 1.0);
+    assert_eq!(
+        metric(&d, "mcp_guard_mcp_tool_calls_total{workload=\"mcp\"}"),
+        2.0
+    );
+
+    // pin_tools off: the change is reported, the tool stays listed and callable; no
+    // tool rule: drop_table is listed and runs.
+    reload(&d, &config(&cg, "", ""));
+    let out = rug_session(&ns, &d);
+    assert_eq!(
+        out["tools"],
+        serde_json::json!(["notes", "drop_table", "update"]),
+        "{out}"
+    );
+    assert_eq!(out["results"][1]["text"], "dropped users", "{out}");
+    assert_eq!(
+        out["tools_after"],
+        serde_json::json!(["drop_table", "update", "notes"]),
+        "the changed tool is listed again (the server lists it last now): {out}"
+    );
+    assert_eq!(out["results"][3]["text"], "noted: b", "{out}");
+    let e = wait_event(&d, "for the reported change", |e| {
+        e["hook"] == "mcp" && e["reason"] == "tool-changed" && e["verdict"] == "reported"
+    });
+    assert_eq!(e["mcp"]["tool"], "notes", "{e:#}");
+}
+
+#[test]
+fn arguments_naming_a_refused_destination_are_refused_at_the_relay() {
+    let (ns, cg) = lab();
+    let d = Daemon::start(&config(&cg, "", ""));
+    let calls = serde_json::json!([
+        ["fetch", {"url": format!("http://{PUBLIC}/"), "raw": true}],
+        ["fetch", {"url": format!("http://{METADATA}/latest/meta-data/"), "raw": true}],
+        ["fetch", {"url": format!("http://{INTERNAL}/admin"), "raw": true}],
+    ]);
+    let out = client(&ns, &d, &fetch_server(), &calls, &[]);
+    let r = &out["results"];
+    assert!(
+        r[0]["text"].as_str().unwrap().contains("public-page"),
+        "{out}"
+    );
+    for (i, what) in [(1, "baseline"), (2, "deny-internal")] {
+        assert_eq!(r[i]["code"], -32001, "{out}");
+        let why = r[i]["error"].as_str().unwrap();
+        assert!(
+            why.contains("argument-refused") && why.contains(what),
+            "{i}: {why}"
+        );
+    }
+    let e = wait_event(&d, "for the metadata argument", |e| {
+        e["hook"] == "mcp"
+            && e["reason"] == "argument-refused"
+            && e["dst"] == format!("{METADATA}:80")
+    });
+    mcp_guard_tests::assert_event_schema(&e);
+    assert_eq!(e["dest_class"], "metadata", "{e:#}");
+    assert_eq!(e["severity"], "critical", "{e:#}");
+    assert_eq!(e["mcp"]["tool"], "fetch", "{e:#}");
+    // The server never saw those calls: the kernel refused nothing.
+    assert_eq!(
+        try_metric(&d, "mcp_guard_denied_flows_total{dest_class=\"metadata\"").unwrap_or(0.0),
+        0.0,
+        "{}",
+        d.get("/metrics")
+    );
+
+    // The check off: the server tries, and the kernel refuses.
+    reload(
+        &d,
+        &config(&cg, "[workload.mcp]\ncheck_arguments = false\n", ""),
+    );
+    let out = client(&ns, &d, &fetch_server(), &calls, &[]);
+    let r = &out["results"];
+    assert_eq!(r[1]["is_error"], true, "{out}");
+    assert!(!r[1]["text"].as_str().unwrap().contains("SECRET"), "{out}");
+    wait_event(&d, "the kernel's refusal", |e| {
+        e["dst"] == METADATA && e["reason"] == "baseline-metadata" && e["mcp"]["tool"] == "fetch"
+    });
+}
+
+#[test]
+fn credentials_in_tool_results_are_masked_or_reported() {
+    let (ns, cg) = lab();
+    let key = "AKIAIOSFODNN7EXAMPLE";
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
+    ns.serve_tcp(
+        &format!("{PUBLIC}:8080"),
+        http(Box::leak(
+            format!("AccessKeyId: {key}\nAuthorization: Bearer {jwt}\n").into_boxed_str(),
+        )),
+    );
+    let d = Daemon::start(&config(&cg, "[workload.mcp]\nmask = \"secrets\"\n", ""));
+    let calls =
+        serde_json::json!([["fetch", {"url": format!("http://{PUBLIC}:8080/creds"), "raw": true}]]);
+    let out = client(&ns, &d, &fetch_server(), &calls, &[]);
+    let text = out["results"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("[REDACTED:aws-access-key-id]") && text.contains("[REDACTED:jwt]"),
+        "{out}"
+    );
+    assert!(!text.contains(key) && !text.contains(jwt), "{out}");
+    let e = wait_event(&d, "for the masked key", |e| {
+        e["hook"] == "mcp" && e["secret"] == "aws-access-key-id"
+    });
+    mcp_guard_tests::assert_event_schema(&e);
+    assert_eq!(e["verdict"], "masked", "{e:#}");
+    assert_eq!(e["mcp"]["tool"], "fetch", "{e:#}");
+    assert_eq!(e["mcp"]["request_id"], "3", "{e:#}");
+    assert_eq!(
+        metric(
+            &d,
+            "mcp_guard_mcp_secrets_total{action=\"masked\",kind=\"jwt\",workload=\"mcp\"}"
+        ),
+        1.0
+    );
+
+    // Report only: the bytes pass unchanged, the finding is reported.
+    reload(&d, &config(&cg, "[workload.mcp]\nmask = \"report\"\n", ""));
+    let out = client(&ns, &d, &fetch_server(), &calls, &[]);
+    let text = out["results"][0]["text"].as_str().unwrap();
+    assert!(text.contains(key) && text.contains(jwt), "{out}");
+    wait_event(&d, "for the reported key", |e| {
+        e["hook"] == "mcp" && e["secret"] == "aws-access-key-id" && e["verdict"] == "reported"
+    });
+}

@@ -7,6 +7,7 @@ mod daemon_keys;
 mod events_keys;
 pub mod pods;
 pub mod reference;
+pub mod relay_keys;
 pub mod sets;
 pub mod unix_keys;
 
@@ -236,6 +237,8 @@ pub struct Workload {
     pub deny_between_calls: bool,
     /// AF_UNIX destinations (`unix`, `allow_unix`, `deny_unix`).
     pub unix: unix_keys::UnixPolicy,
+    /// `[workload.mcp]`: what its relays decide before a message passes.
+    pub relay: relay_keys::RelayPolicy,
     pub loc: Loc,
 }
 
@@ -499,6 +502,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         }
         let deny_between_calls = mcp_keys(&mut cx, w, &name, &allow, &hosts);
         let unix = unix_keys::unix_keys(&mut cx, w.unix.as_ref(), &w.allow_unix, &w.deny_unix);
+        let relay = relay_keys::relay_keys(&mut cx, w.mcp.as_ref());
         workloads.push(Workload {
             name,
             pending: false,
@@ -519,6 +523,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
             allow_other_protocols: w.allow_other_protocols.unwrap_or(false),
             deny_between_calls,
             unix,
+            relay,
             loc,
         });
     }

@@ -264,6 +264,7 @@ fn closed(name: &str, cgroup: Option<String>, mode: Mode, loc: &super::Loc) -> W
         allow_ping: false,
         allow_other_protocols: false,
         deny_between_calls: false,
+        relay: super::relay_keys::RelayPolicy::default(),
         unix: super::unix_keys::UnixPolicy::default(),
         loc: *loc,
     }

@@ -148,6 +148,8 @@ pub(super) struct RawWorkload {
     pub(super) allow_unix: Vec<Spanned<String>>,
     #[serde(default)]
     pub(super) deny_unix: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) mcp: Option<Spanned<super::relay_keys::RawMcp>>,
 }
 
 #[derive(Deserialize)]

@@ -54,6 +54,10 @@ pub const TABLES: &[(&str, &str)] = &[
         "workload.pods",
         "Kubernetes: the pods that are this workload, instead of `cgroup`.",
     ),
+    (
+        "workload.mcp",
+        "Policy at the relay: what the workload's MCP relays (`exec --mcp`, `exec --mcp-http`, a pod's `mcp-proxy` sidecar) decide before a message reaches the server or the client.",
+    ),
     ("dns", "Resolving host rules and the filtering DNS proxy."),
     ("events", "Denial events."),
     ("metrics", "The Prometheus endpoint."),
@@ -97,6 +101,12 @@ pub fn keys() -> Vec<Key> {
         key("workload.allow", "allow_internal", "bool", "false", "Host rules only: may an answer be an internal address?"),
         key("workload.allow", "tools", "list of MCP tool names", "always", "Only while a call of one of these tools is in flight (`exec --mcp`)."),
         key("workload.allow", "comment", "string", "none", "Free text, for people."),
+        key("workload", "mcp", "table", "none", "Policy at the relay: see `[workload.mcp]`."),
+        key("workload.mcp", "allow_tools", "list of tool names or globs (`*`, `?`, `[...]`)", "every tool", "Only these tools are listed (`tools/list`) and may be called; a call of another is answered by the relay with a JSON-RPC error (code -32001) naming the rule and never reaches the server."),
+        key("workload.mcp", "deny_tools", "list of tool names or globs", "[]", "These tools are taken out of `tools/list` and their calls refused by the relay (checked before `allow_tools`)."),
+        key("workload.mcp", "pin_tools", "bool", "false", "A tool whose name, description or input schema changes after the session's first `tools/list` is hidden and its calls refused (a change is always reported)."),
+        key("workload.mcp", "check_arguments", "bool", "true", "A call whose arguments name a destination (a URL, `host:port`, an address) the workload's own policy refuses is answered by the relay with the rule that refuses it (the kernel still judges whatever the server does)."),
+        key("workload.mcp", "mask", "\"off\" | \"report\" | \"secrets\"", "\"off\"", "Credentials in tool results and call arguments (cloud keys, GitHub and Slack tokens, private keys, JWTs): `secrets` replaces each with `[REDACTED:<kind>]` inside its JSON string, `report` only counts and reports them."),
         key("workload.pods", "namespace", "Kubernetes namespace", "every namespace", "Only pods of this namespace."),
         key("workload.pods", "labels", "table of label = value", "{}", "Pods that carry all these labels."),
         key("workload.pods", "annotation", "bool", "false", "Pods annotated `mcp-guard.dev/workload: NAME` join too."),
@@ -184,6 +194,7 @@ mod tests {
                 "[[workload]]\nname = \"w\"\n[workload.pods]\nnamespace = \"n\"\nzz_unknown = 1\n"
                     .into()
             }
+            "workload.mcp" => format!("{base}[workload.mcp]\nzz_unknown = 1\n"),
             "baseline" => format!("[baseline]\nzz_unknown = 1\n{base}"),
             t => format!("{base}[{t}]\nzz_unknown = 1\n"),
         };

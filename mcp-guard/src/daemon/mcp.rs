@@ -48,9 +48,9 @@ pub(super) async fn serve(listener: UnixListener, state: Handle) {
 /// The instance a connection announced.
 #[derive(Clone)]
 pub(super) struct Instance {
-    cgroup_id: u64,
-    workload: String,
-    workload_id: u32,
+    pub(super) cgroup_id: u64,
+    pub(super) workload: String,
+    pub(super) workload_id: u32,
 }
 
 /// Why the daemon refused a relay's message (the text goes back on the wire).
@@ -100,17 +100,13 @@ pub(super) enum McpError {
     Map(#[from] crate::kernel::maps::MapsError),
 }
 
-fn reply(r: Result<u32, McpError>) -> Vec<u8> {
+fn reply(r: Result<Reply, McpError>) -> Vec<u8> {
     let mut line = serde_json::to_vec(&match r {
-        Ok(seq) => Reply {
-            ok: true,
-            error: None,
-            seq,
-        },
+        Ok(r) => r,
         Err(e) => Reply {
             ok: false,
             error: Some(e.to_string()),
-            seq: 0,
+            ..Reply::ok(0)
         },
     })
     .expect("serialisable");
@@ -149,13 +145,13 @@ async fn relay(stream: UnixStream, state: &Handle, peer_pid: Option<u32>) {
     }
 }
 
-/// Applies one message through the state owner; returns the instance's sequence after it.
+/// Applies one message through the state owner; returns the answer.
 async fn handle(
     state: &Handle,
     instance: &mut Option<Instance>,
     m: ToDaemon,
     peer_pid: Option<u32>,
-) -> Result<u32, McpError> {
+) -> Result<Reply, McpError> {
     if !matches!(m, ToDaemon::Start { .. } | ToDaemon::StartPod { .. }) {
         let Some(i) = instance.clone() else {
             return Err(McpError::NotAnnounced);
@@ -172,7 +168,7 @@ async fn handle(
     if instance.is_some() {
         return Err(McpError::AlreadyAnnounced);
     }
-    let i = state
+    let (i, view) = state
         .ask(|reply| Command::McpStart {
             peer_pid,
             start: m,
@@ -181,7 +177,10 @@ async fn handle(
         .await
         .unwrap_or(Err(McpError::Gone))?;
     *instance = Some(i);
-    Ok(0)
+    Ok(Reply {
+        relay: Some(view),
+        ..Reply::ok(0)
+    })
 }
 
 /// Where an instance is and whose it is, once the daemon checked it.
@@ -199,7 +198,7 @@ impl Owner {
         &mut self,
         peer_pid: Option<u32>,
         start: ToDaemon,
-    ) -> Result<Instance, McpError> {
+    ) -> Result<(Instance, crate::mcp::wire::RelayView), McpError> {
         let peer_path =
             peer_pid.and_then(|pid| crate::pods::cgroup_of_pid(&self.pods, &self.mount, pid));
         let (a, relay_pid, command, resumed) = match start {
@@ -239,11 +238,15 @@ impl Owner {
             _ => return Err(McpError::NotAnnounced),
         };
         self.register_instance(&a, relay_pid, command, resumed)?;
-        Ok(Instance {
-            cgroup_id: a.cgroup_id,
-            workload: a.workload,
-            workload_id: a.workload_id,
-        })
+        let view = self.relay_view(&a.workload);
+        Ok((
+            Instance {
+                cgroup_id: a.cgroup_id,
+                workload: a.workload,
+                workload_id: a.workload_id,
+            },
+            view,
+        ))
     }
 
     /// `start`: the instance must be a cgroup below the workload's (a relay cannot lend
@@ -368,57 +371,84 @@ impl Owner {
     }
 
     /// Peers, tools, counts or a call of an announced instance.
-    pub(super) fn mcp_update(&mut self, i: &Instance, m: ToDaemon) -> Result<u32, McpError> {
+    pub(super) fn mcp_update(&mut self, i: &Instance, m: ToDaemon) -> Result<Reply, McpError> {
         let metrics = self.metrics.clone();
-        if let ToDaemon::Counts {
-            malformed,
-            oversized,
-            mismatched,
-        } = m
-        {
-            let lines = &metrics.mcp_relay_lines;
-            for (kind, n) in [
-                ("malformed", malformed),
-                ("oversized", oversized),
-                ("mismatched", mismatched),
-            ] {
-                if n > 0 || kind != "mismatched" {
-                    lines.with_label_values(&[&i.workload, kind]).inc_by(n);
-                }
-            }
-            return Ok(self.mcp.get(i.cgroup_id).map_or(0, |x| x.seq));
-        }
-        let reg = Arc::make_mut(&mut self.mcp);
+        let seq_now = |o: &Self| o.mcp.get(i.cgroup_id).map_or(0, |x| x.seq);
         let seq = match m {
-            ToDaemon::Start { .. } | ToDaemon::StartPod { .. } | ToDaemon::Counts { .. } => {
+            ToDaemon::Start { .. } | ToDaemon::StartPod { .. } => {
                 return Err(McpError::AlreadyAnnounced)
             }
+            ToDaemon::Counts {
+                malformed,
+                oversized,
+                mismatched,
+            } => {
+                let lines = &metrics.mcp_relay_lines;
+                for (kind, n) in [
+                    ("malformed", malformed),
+                    ("oversized", oversized),
+                    ("mismatched", mismatched),
+                ] {
+                    if n > 0 || kind != "mismatched" {
+                        lines.with_label_values(&[&i.workload, kind]).inc_by(n);
+                    }
+                }
+                return Ok(Reply::ok(seq_now(self)));
+            }
             ToDaemon::Peers { client, server } => {
-                if let Some(inst) = reg.get_mut(i.cgroup_id) {
+                if let Some(inst) = Arc::make_mut(&mut self.mcp).get_mut(i.cgroup_id) {
                     inst.client = client;
                     inst.server = server;
                 }
-                let seq = reg.get(i.cgroup_id).map_or(0, |x| x.seq);
                 self.publish_mcp();
-                return Ok(seq);
+                return Ok(Reply::ok(seq_now(self)));
             }
-            ToDaemon::Tools { names } => {
-                reg.set_tools(i.cgroup_id, names);
-                let seq = reg.get(i.cgroup_id).map_or(0, |x| x.seq);
+            ToDaemon::Tools {
+                names,
+                changed,
+                session,
+            } => {
+                let hidden = self.judge_tools(i, &names, &changed, session.as_deref());
+                Arc::make_mut(&mut self.mcp).set_tools(i.cgroup_id, names);
                 self.publish_mcp();
-                return Ok(seq);
+                return Ok(Reply {
+                    hidden,
+                    ..Reply::ok(seq_now(self))
+                });
             }
             ToDaemon::Call {
                 request_id,
                 tool,
                 arguments,
                 session,
+                targets,
+                changed,
+                masked,
             } => {
+                let asked = super::mcp_policy::CallAsked {
+                    tool: &tool,
+                    request_id: &request_id,
+                    session: session.as_deref(),
+                    arguments: &arguments,
+                    targets: &targets,
+                    changed,
+                };
+                if !masked.is_empty() {
+                    self.report_masked(i, &asked, &masked);
+                }
+                if let Some(refused) = self.judge_call(i, &asked) {
+                    // Never forwarded: nothing to activate, nothing in flight.
+                    return Ok(Reply {
+                        refused: Some(refused),
+                        relay: Some(self.relay_view(&i.workload)),
+                        ..Reply::ok(seq_now(self))
+                    });
+                }
                 metrics
                     .mcp_tool_calls
                     .with_label_values(&[&i.workload])
                     .inc();
-                reg.call(
+                Arc::make_mut(&mut self.mcp).call(
                     i.cgroup_id,
                     CallRef {
                         tool,
@@ -432,10 +462,33 @@ impl Owner {
                 request_id,
                 outcome: _,
                 session,
-            } => reg.end(i.cgroup_id, &request_id, session.as_deref()),
+                masked,
+            } => {
+                if !masked.is_empty() {
+                    let call = self.mcp.get(i.cgroup_id).and_then(|x| {
+                        x.calls
+                            .iter()
+                            .find(|c| c.request_id == request_id && c.session == session)
+                            .cloned()
+                    });
+                    if let Some(c) = call {
+                        let asked = super::mcp_policy::CallAsked {
+                            tool: &c.tool,
+                            request_id: &c.request_id,
+                            session: c.session.as_deref(),
+                            arguments: &c.arguments,
+                            targets: &[],
+                            changed: false,
+                        };
+                        self.report_masked(i, &asked, &masked);
+                    }
+                }
+                Arc::make_mut(&mut self.mcp).end(i.cgroup_id, &request_id, session.as_deref())
+            }
         }
         .ok_or(McpError::InstanceGone)?;
-        let tools = reg
+        let tools = self
+            .mcp
             .get(i.cgroup_id)
             .map(crate::mcp::registry::Instance::active_tools)
             .unwrap_or_default();
@@ -446,6 +499,9 @@ impl Owner {
             .inspect_err(|e| {
                 warn!(error = %e, "MCP instance update failed: the call runs with no tool active");
             })?;
-        Ok(seq)
+        Ok(Reply {
+            relay: Some(self.relay_view(&i.workload)),
+            ..Reply::ok(seq)
+        })
     }
 }

@@ -17,6 +17,7 @@ use crate::{
 
 mod boot;
 mod mcp;
+mod mcp_policy;
 mod ops;
 mod pods;
 mod serve;

@@ -63,13 +63,14 @@ pub(super) enum Command {
     McpStart {
         peer_pid: Option<u32>,
         start: ToDaemon,
-        reply: oneshot::Sender<Result<Instance, super::mcp::McpError>>,
+        reply:
+            oneshot::Sender<Result<(Instance, crate::mcp::wire::RelayView), super::mcp::McpError>>,
     },
     /// A relay reported peers, tools, counts or a call; answered with the new sequence.
     McpUpdate {
         instance: Instance,
         message: ToDaemon,
-        reply: oneshot::Sender<Result<u32, super::mcp::McpError>>,
+        reply: oneshot::Sender<Result<crate::mcp::wire::Reply, super::mcp::McpError>>,
     },
     /// A relay's connection ended.
     McpEnd(Instance),

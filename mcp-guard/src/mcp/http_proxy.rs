@@ -172,6 +172,7 @@ impl Proxy {
                 request_id: c.id,
                 outcome: outcome.into(),
                 session: reported(&c.session),
+                masked: std::collections::BTreeMap::new(),
             })
             .await;
         }
@@ -267,6 +268,7 @@ impl Proxy {
                     id,
                     tool,
                     arguments,
+                    targets,
                 } => {
                     let key = format!("{session}/{id}");
                     self.calls.lock().expect("calls").insert(
@@ -282,6 +284,9 @@ impl Proxy {
                         tool,
                         arguments,
                         session: reported(session),
+                        targets,
+                        changed: false,
+                        masked: std::collections::BTreeMap::new(),
                     })
                     .await;
                     announced.push(key);
@@ -323,7 +328,12 @@ impl Proxy {
                 })
                 .await;
             } else if let Some(names) = result.as_ref().and_then(jsonrpc::tool_names) {
-                self.tell(ToDaemon::Tools { names }).await;
+                self.tell(ToDaemon::Tools {
+                    names,
+                    changed: Vec::new(),
+                    session: reported(session),
+                })
+                .await;
             }
         }
     }

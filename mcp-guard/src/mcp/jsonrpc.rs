@@ -20,6 +20,8 @@ pub enum Message {
         id: String,
         tool: String,
         arguments: String,
+        /// Destinations the arguments name (for the relay's argument check).
+        targets: Vec<String>,
     },
     /// `notifications/cancelled` for a request id.
     Cancelled { id: String },
@@ -39,9 +41,15 @@ pub enum Message {
 #[must_use]
 pub fn read(line: &[u8]) -> Option<Vec<Message>> {
     let v: Value = serde_json::from_slice(line).ok()?;
+    read_value(&v)
+}
+
+/// [`read`] of a message already parsed.
+#[must_use]
+pub fn read_value(v: &Value) -> Option<Vec<Message>> {
     match v {
         Value::Array(items) if !items.is_empty() => items.iter().map(one).collect(),
-        Value::Object(_) => one(&v).map(|m| vec![m]),
+        Value::Object(_) => one(v).map(|m| vec![m]),
         _ => None,
     }
 }
@@ -91,6 +99,9 @@ fn one(v: &Value) -> Option<Message> {
                 arguments: p
                     .and_then(|p| p.get("arguments"))
                     .map_or_else(String::new, summary),
+                targets: p
+                    .and_then(|p| p.get("arguments"))
+                    .map_or_else(Vec::new, super::gate::targets),
             }
         }
         ("tools/list", Some(id)) => Message::ListTools { id: id_text(id) },
@@ -152,6 +163,13 @@ fn secret_key(k: &str) -> bool {
 /// A URL shown as its scheme and host (and port): no user, password, path or query,
 /// where secrets travel.
 fn url_host(s: &str) -> Option<String> {
+    let (scheme, host) = url_parts(s)?;
+    Some(format!("{scheme}://{host}"))
+}
+
+/// A URL's scheme and `host[:port]` (user and password, path, query and fragment left
+/// out). `None`: not `scheme://...`.
+pub(super) fn url_parts(s: &str) -> Option<(&str, &str)> {
     let (scheme, rest) = s.split_once("://")?;
     if scheme.is_empty()
         || !scheme
@@ -161,8 +179,10 @@ fn url_host(s: &str) -> Option<String> {
         return None;
     }
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    Some(format!("{scheme}://{host}"))
+    Some((
+        scheme,
+        authority.rsplit_once('@').map_or(authority, |(_, h)| h),
+    ))
 }
 
 fn value_text(k: &str, v: &Value) -> String {
@@ -217,7 +237,8 @@ mod tests {
                 id: "7".into(),
                 tool: "fetch".into(),
                 arguments: "api_key=[redacted] max_length=5000 raw=true url=http://169.254.169.254"
-                    .into()
+                    .into(),
+                targets: vec!["169.254.169.254:80".into()],
             }]
         );
         let m = read(

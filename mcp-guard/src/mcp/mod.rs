@@ -10,8 +10,11 @@
 //! - [`relay`] is the relay itself (the `exec --mcp` side).
 //! - [`http_proxy`] is its Streamable HTTP counterpart (`exec --mcp-http`).
 
+pub mod gate;
 pub mod http_proxy;
 pub mod jsonrpc;
+pub mod pump;
 pub mod registry;
 pub mod relay;
+pub mod secrets;
 pub mod wire;

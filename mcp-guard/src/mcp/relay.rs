@@ -12,20 +12,16 @@ use std::{
     io::{BufRead, BufReader, Read, Write},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant},
 };
 
+pub use super::pump::{pump, Counts, Seen, MAX_MESSAGE};
 use super::{
+    gate,
     jsonrpc::{self, Message},
-    wire::{Peer, Reply, ToDaemon, MAX_LINE},
+    wire::{Peer, RelayView, Reply, ToDaemon, MAX_LINE},
 };
-
-/// Lines longer than this are passed through unread (and counted as oversized).
-pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// How long the daemon may take to answer one relay request.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,6 +41,8 @@ pub struct Daemon {
     warned: bool,
     /// Whether a connection was made before (a new one resumes the instance).
     connected_before: bool,
+    /// The workload's policy at the relay, as the daemon last said it.
+    view: RelayView,
 }
 
 impl Daemon {
@@ -62,6 +60,7 @@ impl Daemon {
             calls: Vec::new(),
             warned: false,
             connected_before: false,
+            view: RelayView::default(),
         };
         d.reconnect()?;
         Ok(d)
@@ -96,7 +95,10 @@ impl Daemon {
         replay.extend(self.tools.clone());
         replay.extend(self.calls.clone());
         for (n, m) in replay.iter().enumerate() {
-            self.exchange(m)?;
+            let r = self.exchange(m)?;
+            if let Some(v) = r.relay {
+                self.view = v;
+            }
             if n == 0 {
                 if let Some((s, _)) = &self.conn {
                     s.set_read_timeout(Some(DAEMON_TIMEOUT))?;
@@ -127,9 +129,16 @@ impl Daemon {
         Ok(reply)
     }
 
-    /// Sends one message, reconnecting once if the connection broke. Returns whether the
-    /// daemon acknowledged it; failures are reported on stderr (once until it works).
-    pub fn send(&mut self, m: ToDaemon) -> bool {
+    /// The workload's policy at the relay, as the daemon last said it.
+    #[must_use]
+    pub fn view(&self) -> RelayView {
+        self.view
+    }
+
+    /// Sends one message, reconnecting once if the connection broke. Returns the daemon's
+    /// answer (`None`: it did not acknowledge); failures are reported on stderr (once
+    /// until it works).
+    pub fn send(&mut self, m: ToDaemon) -> Option<Reply> {
         match &m {
             ToDaemon::Peers { .. } => self.peers = Some(m.clone()),
             ToDaemon::Tools { .. } => self.tools = Some(m.clone()),
@@ -156,9 +165,24 @@ impl Daemon {
             .exchange(&m)
             .or_else(|_| self.reconnect().and_then(|()| self.exchange(&m)));
         match result {
-            Ok(_) => {
+            Ok(r) => {
                 self.warned = false;
-                true
+                if let Some(v) = r.relay {
+                    self.view = v;
+                }
+                if r.refused.is_some() {
+                    // Never forwarded: not a call in flight to announce again.
+                    if let ToDaemon::Call {
+                        request_id,
+                        session,
+                        ..
+                    } = &m
+                    {
+                        let key = (request_id.clone(), session.clone());
+                        self.calls.retain(|c| !same_call(c, &key));
+                    }
+                }
+                Some(r)
             }
             Err(e) => {
                 self.conn = None;
@@ -168,7 +192,7 @@ impl Daemon {
                     );
                     self.warned = true;
                 }
-                false
+                None
             }
         }
     }
@@ -250,82 +274,193 @@ pub(crate) fn watch(daemon: Arc<Mutex<Option<Daemon>>>, done: Arc<std::sync::ato
 /// What the relay knows about the session, shared by both directions.
 #[derive(Default)]
 struct Session {
-    /// Calls in flight: request id -> tool and start.
+    /// Calls in flight: request id -> start.
     calls: HashMap<String, Instant>,
     initialize: Option<String>,
     list: HashSet<String>,
     client: Option<Peer>,
+    /// Tool definitions as the session first listed them.
+    pins: gate::Pins,
 }
 
-/// Lines passed through unread.
-#[derive(Default)]
-pub struct Counts {
-    pub malformed: AtomicU64,
-    pub oversized: AtomicU64,
-}
+/// Tells the daemon, and what it answered (`None`: unguarded, or no answer).
+type Tell = Arc<dyn Fn(ToDaemon) -> Option<Reply> + Send + Sync>;
 
-/// Copies `input` to `output` line by line, calling `seen` with each complete line of
-/// at most [`MAX_MESSAGE`] bytes (without its newline) before writing it; longer lines
-/// stream through unread and are counted. `seen` returning false counts the line as
-/// malformed. Ends at EOF of `input` or a failed write.
-pub fn pump(
-    mut input: impl Read,
-    mut output: impl Write,
-    counts: &Counts,
-    mut seen: impl FnMut(&[u8], &mut dyn Write) -> std::io::Result<bool>,
-) -> std::io::Result<()> {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    let mut passthrough = false;
-    loop {
-        let n = match input.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        let mut rest = &chunk[..n];
-        while !rest.is_empty() {
-            if let Some(i) = rest.iter().position(|&b| b == b'\n') {
-                let (head, tail) = rest.split_at(i + 1);
-                rest = tail;
-                if passthrough {
-                    output.write_all(head)?;
-                    passthrough = false;
-                    continue;
-                }
-                buf.extend_from_slice(head);
-                let body = &buf[..buf.len() - 1];
-                let body = body.strip_suffix(b"\r").unwrap_or(body);
-                if !seen(body, &mut output)? {
-                    counts.malformed.fetch_add(1, Ordering::Relaxed);
-                }
-                output.write_all(&buf)?;
-                output.flush()?;
-                buf.clear();
-            } else {
-                if passthrough {
-                    output.write_all(rest)?;
-                } else {
-                    buf.extend_from_slice(rest);
-                    if buf.len() > MAX_MESSAGE {
-                        counts.oversized.fetch_add(1, Ordering::Relaxed);
-                        output.write_all(&buf)?;
-                        buf.clear();
-                        passthrough = true;
+/// Client -> server, one line: calls are judged and announced (their tools activated)
+/// before they are forwarded; refused calls are answered here and never forwarded.
+fn client_line(
+    line: &[u8],
+    session: &Mutex<Session>,
+    tell: &Tell,
+    view: &dyn Fn() -> Option<RelayView>,
+    to_client: &Mutex<impl Write>,
+) -> Seen {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return Seen::Malformed;
+    };
+    let Some(msgs) = jsonrpc::read_value(&v) else {
+        return Seen::Malformed;
+    };
+    let view = view();
+    let (changed, mut masked) =
+        gate::mask_message(&mut v, view.unwrap_or_default().mask, &|_| false);
+    let mut refused: Vec<(String, String)> = Vec::new();
+    for m in msgs {
+        match m {
+            Message::Initialize { id, client } => {
+                let mut s = session.lock().expect("session");
+                s.initialize = Some(id);
+                s.client = client;
+            }
+            Message::ListTools { id } => {
+                session.lock().expect("session").list.insert(id);
+            }
+            Message::Call {
+                id,
+                tool,
+                arguments,
+                targets,
+            } => {
+                let was_changed = session
+                    .lock()
+                    .expect("session")
+                    .pins
+                    .changed
+                    .contains(&tool);
+                let reply = tell(ToDaemon::Call {
+                    request_id: id.clone(),
+                    tool,
+                    arguments,
+                    session: None,
+                    targets,
+                    changed: was_changed,
+                    masked: masked.remove(&id).unwrap_or_default(),
+                });
+                match reply {
+                    Some(Reply {
+                        refused: Some(why), ..
+                    }) => refused.push((id, why)),
+                    None if view.is_some_and(|v| v.fail_closed) => {
+                        refused.push((id, gate::UNCHECKED.into()));
+                    }
+                    _ => {
+                        session
+                            .lock()
+                            .expect("session")
+                            .calls
+                            .insert(id, Instant::now());
                     }
                 }
-                rest = &[];
+            }
+            Message::Cancelled { id } => {
+                if session.lock().expect("session").calls.remove(&id).is_some() {
+                    tell(ToDaemon::End {
+                        request_id: id,
+                        outcome: "cancelled".into(),
+                        session: None,
+                        masked: std::collections::BTreeMap::new(),
+                    });
+                }
+            }
+            Message::Other | Message::Response { .. } => {}
+        }
+    }
+    if !refused.is_empty() {
+        let mut out = to_client.lock().expect("client");
+        for (id, why) in &refused {
+            // The client's end may be gone; the server's side goes on.
+            let _ = out
+                .write_all(&gate::refusal(id, why))
+                .and_then(|()| out.flush());
+        }
+        let ids: Vec<String> = refused.into_iter().map(|(id, _)| id).collect();
+        return match gate::without_requests(v, &ids) {
+            Some(left) => Seen::Replace(gate::bytes(&left)),
+            None => Seen::Replace(Vec::new()),
+        };
+    }
+    if changed {
+        return Seen::Replace(gate::bytes(&v));
+    }
+    Seen::Pass
+}
+
+/// Server -> client, one line: a call's end is told before the client sees the result;
+/// `initialize` and `tools/list` answers reported (refused or changed tools taken out of
+/// the list), credentials in call results masked.
+fn server_line(
+    line: &[u8],
+    session: &Mutex<Session>,
+    tell: &Tell,
+    view: &dyn Fn() -> Option<RelayView>,
+) -> Seen {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return Seen::Malformed;
+    };
+    let Some(msgs) = jsonrpc::read_value(&v) else {
+        return Seen::Malformed;
+    };
+    let mode = view().unwrap_or_default().mask;
+    let (mut changed, mut masked) = {
+        let s = session.lock().expect("session");
+        gate::mask_message(&mut v, mode, &|id| s.calls.contains_key(id))
+    };
+    for m in msgs {
+        let Message::Response { id, error, result } = m else {
+            continue;
+        };
+        let (call, init, list, client) = {
+            let mut s = session.lock().expect("session");
+            let init = s.initialize.as_ref() == Some(&id);
+            if init {
+                s.initialize = None;
+            }
+            (
+                s.calls.remove(&id).is_some(),
+                init,
+                s.list.remove(&id),
+                s.client.clone(),
+            )
+        };
+        if call {
+            tell(ToDaemon::End {
+                request_id: id.clone(),
+                outcome: if error { "error" } else { "result" }.into(),
+                session: None,
+                masked: masked.remove(&id).unwrap_or_default(),
+            });
+        } else if init {
+            let server = result
+                .as_ref()
+                .and_then(|r| r.get("serverInfo"))
+                .and_then(jsonrpc::peer);
+            tell(ToDaemon::Peers { client, server });
+        } else if list {
+            if let Some(r) = result.as_ref() {
+                if let Some(names) = jsonrpc::tool_names(r) {
+                    // Every tool changed so far: each list that still holds one is a
+                    // decision (hidden with pin_tools, reported without).
+                    let all_changed: Vec<String> = {
+                        let mut s = session.lock().expect("session");
+                        s.pins.observe(r);
+                        s.pins.changed.iter().cloned().collect()
+                    };
+                    if let Some(reply) = tell(ToDaemon::Tools {
+                        names,
+                        changed: all_changed,
+                        session: None,
+                    }) {
+                        changed |= gate::hide_in_response(&mut v, &id, &reply.hidden);
+                    }
+                }
             }
         }
-        output.flush()?;
     }
-    // A last line without its newline: passed on as it is.
-    if !buf.is_empty() {
-        counts.malformed.fetch_add(1, Ordering::Relaxed);
-        output.write_all(&buf)?;
+    if changed {
+        Seen::Replace(gate::bytes(&v))
+    } else {
+        Seen::Pass
     }
-    output.flush()
 }
 
 /// Runs the relay until the server exits; returns its exit status.
@@ -348,118 +483,46 @@ pub fn relay(
     }
     let session = Arc::new(Mutex::new(Session::default()));
     let counts = Arc::new(Counts::default());
-    let to_server = child.stdin.take().expect("piped stdin");
+    let to_server = Mutex::new(child.stdin.take().expect("piped stdin"));
     let from_server = child.stdout.take().expect("piped stdout");
-    let tell = {
+    let to_client = Arc::new(Mutex::new(std::io::stdout()));
+    let tell: Tell = {
         let daemon = daemon.clone();
-        move |m: ToDaemon| {
-            if let Some(d) = daemon.lock().expect("daemon").as_mut() {
-                d.send(m);
-            }
-        }
+        Arc::new(move |m: ToDaemon| daemon.lock().expect("daemon").as_mut()?.send(m))
+    };
+    let view = {
+        let daemon = daemon.clone();
+        move || daemon.lock().expect("daemon").as_ref().map(Daemon::view)
     };
 
-    // Client -> server: a call is announced (and its tools activated) before it is
-    // forwarded; a cancellation ends it once forwarded.
     let up = {
-        let (session, counts, tell) = (session.clone(), counts.clone(), tell.clone());
+        let (session, counts, tell, view, to_client) = (
+            session.clone(),
+            counts.clone(),
+            tell.clone(),
+            view.clone(),
+            to_client.clone(),
+        );
         std::thread::spawn(move || {
             let stdin = std::io::stdin().lock();
-            let r = pump(stdin, to_server, &counts, |line, _| {
-                let Some(msgs) = jsonrpc::read(line) else {
-                    return Ok(false);
-                };
-                for m in msgs {
-                    match m {
-                        Message::Initialize { id, client } => {
-                            let mut s = session.lock().expect("session");
-                            s.initialize = Some(id);
-                            s.client = client;
-                        }
-                        Message::ListTools { id } => {
-                            session.lock().expect("session").list.insert(id);
-                        }
-                        Message::Call {
-                            id,
-                            tool,
-                            arguments,
-                        } => {
-                            session
-                                .lock()
-                                .expect("session")
-                                .calls
-                                .insert(id.clone(), Instant::now());
-                            tell(ToDaemon::Call {
-                                request_id: id,
-                                tool,
-                                arguments,
-                                session: None,
-                            });
-                        }
-                        Message::Cancelled { id } => {
-                            if session.lock().expect("session").calls.remove(&id).is_some() {
-                                tell(ToDaemon::End {
-                                    request_id: id,
-                                    outcome: "cancelled".into(),
-                                    session: None,
-                                });
-                            }
-                        }
-                        Message::Other | Message::Response { .. } => {}
-                    }
-                }
-                Ok(true)
-            });
             // The client went away: the server sees EOF on its stdin (to_server dropped).
-            r
+            pump(stdin, &to_server, &counts, |line| {
+                client_line(line, &session, &tell, &view, &to_client)
+            })
         })
     };
 
-    // Server -> client: a call's end is reported before the client sees the result.
     let down = {
-        let (session, counts, tell) = (session.clone(), counts.clone(), tell.clone());
+        let (session, counts, tell, view, to_client) = (
+            session.clone(),
+            counts.clone(),
+            tell.clone(),
+            view.clone(),
+            to_client.clone(),
+        );
         std::thread::spawn(move || {
-            let stdout = std::io::stdout().lock();
-            pump(from_server, stdout, &counts, |line, _| {
-                let Some(msgs) = jsonrpc::read(line) else {
-                    return Ok(false);
-                };
-                for m in msgs {
-                    let Message::Response { id, error, result } = m else {
-                        continue;
-                    };
-                    let (call, init, list, client) = {
-                        let mut s = session.lock().expect("session");
-                        let init = s.initialize.as_ref() == Some(&id);
-                        if init {
-                            s.initialize = None;
-                        }
-                        (
-                            s.calls.remove(&id).is_some(),
-                            init,
-                            s.list.remove(&id),
-                            s.client.clone(),
-                        )
-                    };
-                    if call {
-                        tell(ToDaemon::End {
-                            request_id: id,
-                            outcome: if error { "error" } else { "result" }.into(),
-                            session: None,
-                        });
-                    } else if init {
-                        let server = result
-                            .as_ref()
-                            .and_then(|r| r.get("serverInfo"))
-                            .and_then(jsonrpc::peer);
-                        tell(ToDaemon::Peers { client, server });
-                    } else if list {
-                        if let Some(names) = result.as_ref().and_then(jsonrpc::tool_names) {
-                            tell(ToDaemon::Tools { names });
-                        }
-                    }
-                }
-                Ok(true)
+            pump(from_server, &to_client, &counts, |line| {
+                server_line(line, &session, &tell, &view)
             })
         })
     };
@@ -491,6 +554,7 @@ pub fn relay(
                         request_id: id,
                         outcome: "timeout".into(),
                         session: None,
+                        masked: std::collections::BTreeMap::new(),
                     });
                 }
                 let now = (

@@ -4,6 +4,8 @@
 //! `call` only once the kernel enforces the call's tools; when the connection closes
 //! (the relay exited or was killed) the daemon clears the instance's tools.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Default path of the daemon's MCP socket.
@@ -52,8 +54,17 @@ pub enum ToDaemon {
         client: Option<Peer>,
         server: Option<Peer>,
     },
-    /// The server's `tools/list` answer (names only).
-    Tools { names: Vec<String> },
+    /// The server's `tools/list` answer (names only), before the client sees it; the
+    /// reply's `hidden` names the tools the relay takes out of it.
+    Tools {
+        names: Vec<String>,
+        /// Tools whose definition (name, description, input schema) changed since the
+        /// session's first list.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        changed: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+    },
     /// A `tools/call` the relay is about to forward: answered once its tools are active.
     Call {
         request_id: String,
@@ -63,6 +74,16 @@ pub enum ToDaemon {
         /// ids are unique only within it. Absent on stdio.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session: Option<String>,
+        /// Destinations its arguments name (`host:port`, or `host`), for the argument
+        /// check.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        targets: Vec<String>,
+        /// The tool's definition changed since the session's first `tools/list`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        changed: bool,
+        /// Credentials found in its arguments, by kind (masked with `mask = "secrets"`).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        masked: BTreeMap<String, u32>,
     },
     /// A call ended: "result", "error", "cancelled" or "timeout".
     End {
@@ -70,6 +91,9 @@ pub enum ToDaemon {
         outcome: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         session: Option<String>,
+        /// Credentials found in its result, by kind.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        masked: BTreeMap<String, u32>,
     },
     /// Lines (bodies) the relay passed through without reading them, and (HTTP)
     /// requests refused because a header disagreed with the body.
@@ -90,6 +114,40 @@ pub struct Reply {
     /// The instance's call-state sequence after this change.
     #[serde(default)]
     pub seq: u32,
+    /// A `call` the relay must not forward: answered with a JSON-RPC error carrying this
+    /// text (the rule that refused it). Older relays ignore it (the kernel still
+    /// enforces whatever the server does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// A `tools` list: the tools to take out of it before the client sees it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<String>,
+    /// The workload's policy at the relay, on `start` and `call` replies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayView>,
+}
+
+/// What the relay applies by itself: masking, and whether calls are refused while the
+/// daemon cannot be asked (the workload has tool rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RelayView {
+    pub mask: crate::config::relay_keys::Mask,
+    #[serde(default)]
+    pub fail_closed: bool,
+}
+
+impl Reply {
+    #[must_use]
+    pub fn ok(seq: u32) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            seq,
+            refused: None,
+            hidden: Vec::new(),
+            relay: None,
+        }
+    }
 }
 
 #[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference

@@ -71,6 +71,9 @@ pub struct JsonEvent {
     /// Hook "dns", a query the proxy refused: the type asked for ("A", "TXT", ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns_type: Option<String>,
+    /// Hook "mcp", credentials found in a message: their kind ("aws-access-key-id", ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
     /// The MCP tool call in flight when a process of an `exec --mcp` instance was refused
     /// (`tool: null`: none was, a background connection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +155,7 @@ fn dns_event(reason: &str, rule: String, generation: u32, suppressed: u32) -> Js
         name: None,
         dns_source: None,
         dns_type: None,
+        secret: None,
         mcp: None,
         pod: None,
     }
@@ -228,6 +232,48 @@ pub fn dns_refusal(r: &Refusal<'_>) -> JsonEvent {
         name: Some(r.name.to_string()),
         dns_source: Some(r.source.into()),
         ..dns_event(r.reason, r.rule.clone(), r.generation, r.suppressed)
+    }
+}
+
+/// What a relay decided about an MCP message, for [`relay_event`].
+pub struct RelayDecision<'a> {
+    pub workload: &'a str,
+    pub workload_id: u32,
+    /// The instance's cgroup.
+    pub cgroup_id: u64,
+    /// "refused" (a call the relay answered), "hidden" (a changed tool taken out of
+    /// `tools/list`), "audit" (would have been; the workload is in audit mode), "masked"
+    /// or "reported" (a changed tool left in, credentials found and left).
+    pub verdict: &'static str,
+    /// "tool-denied", "tool-not-allowed", "tool-changed", "argument-refused",
+    /// or "secret".
+    pub reason: &'static str,
+    pub rule: String,
+    /// An argument check: the destination the arguments named.
+    pub dst: Option<&'a str>,
+    pub dest_class: &'static str,
+    /// Masking: the credential kind.
+    pub kind: Option<&'a str>,
+    pub mcp: Option<crate::mcp::registry::Attribution>,
+    pub generation: u32,
+}
+
+/// The event for a decision an MCP relay took (hook `mcp`): a call refused before the
+/// server saw it, a tool definition that changed, credentials found in a message.
+#[must_use]
+pub fn relay_event(d: &RelayDecision<'_>) -> JsonEvent {
+    JsonEvent {
+        severity: super::siem::severity(d.reason, d.dest_class).into(),
+        hook: "mcp".into(),
+        verdict: d.verdict.into(),
+        workload: Some(d.workload.to_string()),
+        workload_id: d.workload_id,
+        cgroup_id: d.cgroup_id,
+        dst: d.dst.unwrap_or_default().to_string(),
+        dest_class: d.dest_class.into(),
+        secret: d.kind.map(str::to_string),
+        mcp: d.mcp.clone(),
+        ..dns_event(d.reason, d.rule.clone(), d.generation, 0)
     }
 }
 
@@ -500,6 +546,7 @@ pub fn enrich_cached(e: &Event, names: &Names, cache: &mut Cache) -> JsonEvent {
         name: None,
         dns_source: None,
         dns_type: None,
+        secret: None,
         mcp,
         pod,
     }

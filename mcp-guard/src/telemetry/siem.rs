@@ -18,7 +18,8 @@ pub fn severity(reason: &str, dest_class: &str) -> &'static str {
         }
         (
             "raw-socket" | "packet-socket" | "ping-socket" | "socket-protocol" | "malformed-packet"
-            | "rebound-internal" | "rebound-baseline" | "name-not-allowed",
+            | "rebound-internal" | "rebound-baseline" | "name-not-allowed" | "tool-changed"
+            | "secret",
             _,
         )
         | (_, "internal") => "high",
