@@ -1,6 +1,7 @@
 """An MCP client on the Streamable HTTP transport, built on the official MCP Python SDK:
 connects to URL, initializes, lists the tools, makes the calls given as JSON and prints
-one JSON object with what it got. Any failure of the client itself exits non-zero.
+one JSON object with what it got (a call answered with a JSON-RPC error: its `error`
+and `code`). Any other failure of the client itself exits non-zero.
 
     http_client.py URL --calls '[["fetch", {"url": "http://198.51.100.7/"}]]'
 """
@@ -11,6 +12,7 @@ import json
 import anyio
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 
 def text_of(result):
@@ -31,7 +33,11 @@ async def main():
             out["server"] = info.name
             out["tools"] = [t.name for t in (await s.list_tools()).tools]
             for tool, args in json.loads(a.calls):
-                res = await s.call_tool(tool, args)
+                try:
+                    res = await s.call_tool(tool, args)
+                except MCPError as e:  # a relay's refusal
+                    out["results"].append({"tool": tool, "error": e.message, "code": e.code})
+                    continue
                 is_error = getattr(res, "is_error", None)
                 if is_error is None:
                     is_error = getattr(res, "isError", False)

@@ -1,7 +1,7 @@
 """An MCP server on the Streamable HTTP transport, built on the official MCP Python SDK's
 `MCPServer`, for the real-software tests and the demo: `fetch` GETs a URL and says what
-it got (as a fetch tool of an SSRF-prone server would), `/healthz` answers a kubelet-style
-probe.
+it got (as a fetch tool of an SSRF-prone server would), `echo` returns its text,
+`/healthz` answers a kubelet-style probe.
 
     http_server.py HOST PORT [json]
 
@@ -30,6 +30,12 @@ def fetch(url: str) -> str:
     except Exception as e:  # the test reads what the server saw
         reason = getattr(e, "reason", e)
         return f"refused: {getattr(reason, 'strerror', None) or reason}"
+
+
+@server.tool()
+def echo(text: str) -> str:
+    """Returns its text."""
+    return text
 
 
 @server.custom_route("/healthz", methods=["GET"])

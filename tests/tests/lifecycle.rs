@@ -95,6 +95,11 @@ fn lab() -> Lab {
     }
 }
 
+/// The kernel's tool scoping is what is checked: the relay's argument check is off. The
+/// oldest supported binary predates `[workload.mcp]`: the upgrade row starts it without
+/// these lines, and its relay (which ignores the new daemon's refusals) runs on.
+const RELAY_OFF: &str = "[workload.mcp]\ncheck_arguments = false\n";
+
 fn config(lab: &Lab, extra_rule: &str) -> String {
     format!(
         r#"
@@ -129,7 +134,7 @@ default = "deny-internal"
 cidr = "{MCP_DB}/32"
 ports = [5432]
 tools = ["query_db", "slow_query_db"]
-
+{RELAY_OFF}
 [dns]
 nameservers = ["127.0.0.1:53"]
 netns = "{ns}"
@@ -310,7 +315,13 @@ fn run(t: Transition) {
     };
     let (_, w) = lab.cg.child("w");
     let (_, raw) = lab.cg.child("raw");
-    let mut d = Daemon::start_with(&before_bin, &config(&lab, ""));
+    let text = config(&lab, "");
+    let text = if t == Transition::Upgrade {
+        text.replace(RELAY_OFF, "")
+    } else {
+        text
+    };
+    let mut d = Daemon::start_with(&before_bin, &text);
     // A cgroup made after the daemon started: registered by the kernel at mkdir.
     let (_, pat1) = lab.cg.child("pat-1");
     // Learned through the proxy before the transition.

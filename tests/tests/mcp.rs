@@ -43,9 +43,16 @@ fn lab() -> (NetNs, TestCgroup) {
     (ns, TestCgroup::new())
 }
 
+/// The workload's config. The kernel layer is what most tests here check: unless
+/// `workload_extra` gives its own `[workload.mcp]`, the relay's argument check is off.
 fn config(cg: &TestCgroup, workload_extra: &str, rules: &str) -> String {
+    let relay = if workload_extra.contains("[workload.mcp]") {
+        ""
+    } else {
+        "[workload.mcp]\ncheck_arguments = false\n"
+    };
     format!(
-        "[[workload]]\nname = \"mcp\"\ncgroup = \"{}/mcp\"\ndefault = \"deny-internal\"\n{workload_extra}\n{rules}\n",
+        "[[workload]]\nname = \"mcp\"\ncgroup = \"{}/mcp\"\ndefault = \"deny-internal\"\n{workload_extra}\n{relay}{rules}\n",
         cg.rel
     )
 }
@@ -775,7 +782,7 @@ fn tool_rules_hide_and_refuse_tools_and_a_changed_tool_is_pinned() {
 #[test]
 fn arguments_naming_a_refused_destination_are_refused_at_the_relay() {
     let (ns, cg) = lab();
-    let d = Daemon::start(&config(&cg, "", ""));
+    let d = Daemon::start(&config(&cg, "[workload.mcp]\n", ""));
     let calls = serde_json::json!([
         ["fetch", {"url": format!("http://{PUBLIC}/"), "raw": true}],
         ["fetch", {"url": format!("http://{METADATA}/latest/meta-data/"), "raw": true}],

@@ -38,7 +38,13 @@ fn lab() -> (NetNs, NetNs) {
     (srv, cli)
 }
 
+/// The kernel layer is what most tests here check: the relay's argument check is off
+/// unless a test gives its own `[workload.mcp]` keys ([`config_with`]).
 fn config(cg: &TestCgroup) -> String {
+    config_with(cg, "check_arguments = false\n")
+}
+
+fn config_with(cg: &TestCgroup, relay: &str) -> String {
     format!(
         r#"[baseline]
 deny = ["metadata"]
@@ -54,7 +60,8 @@ tools = ["fetch"]
 cidr = "10.0.40.10/32"
 ports = [5432]
 tools = ["query_db"]
-[daemon]
+[workload.mcp]
+{relay}[daemon]
 attach_cgroup = "{r}"
 [events]
 rate_limit_per_sec = 0
@@ -111,10 +118,15 @@ struct Served {
 }
 
 fn served(json: bool) -> Served {
+    served_with(json, "check_arguments = false\n")
+}
+
+/// [`served`], with `relay` (keys of `[workload.mcp]`) in the workload.
+fn served_with(json: bool, relay: &str) -> Served {
     let (srv, cli) = lab();
     let cg = TestCgroup::new();
     cg.child("http-mcp");
-    let d = Daemon::start(&config(&cg));
+    let d = Daemon::start(&config_with(&cg, relay));
     let logs = TempDir::new();
     let log = logs.0.join("server.log");
     let server = serve(&srv, &d, json, &log);
@@ -163,7 +175,7 @@ fn check_session(d: &Daemon, cli: &NetNs, mode: &str) {
             ["fetch", {"url": "http://10.0.40.10:5432/"}]]"#,
     );
     assert_eq!(got["server"], "test-http", "{mode}");
-    assert_eq!(got["tools"], serde_json::json!(["fetch"]), "{mode}");
+    assert_eq!(got["tools"], serde_json::json!(["fetch", "echo"]), "{mode}");
     let t = text(&got, 0);
     assert!(
         t.starts_with("refused: ") && t.contains("Operation not permitted"),
@@ -464,6 +476,69 @@ fn the_proxy_refuses_disagreeing_headers_and_reads_batches() {
             )),
             "{kind} requests are counted: {}",
             d.get("/metrics")
+        );
+    }
+}
+
+#[test]
+fn policy_at_the_relay_applies_to_streamable_http_in_sse_and_json_modes() {
+    for json in [false, true] {
+        let s = served_with(json, "deny_tools = [\"echo\"]\nmask = \"secrets\"\n");
+        s.srv.add_addr("93.184.216.34");
+        s.srv.serve_tcp(
+            "93.184.216.34:80",
+            "HTTP/1.0 200 OK\r\n\r\nkey=AKIAIOSFODNN7EXAMPLE",
+        );
+        let got = mcp_http_session(
+            &s.cli,
+            "http://10.0.20.5:8000/mcp",
+            r#"[["fetch", {"url": "http://169.254.169.254/latest/meta-data/"}],
+                ["fetch", {"url": "http://93.184.216.34/"}],
+                ["echo", {"text": "x"}]]"#,
+        );
+        let mode = if json { "json" } else { "sse" };
+        assert_eq!(
+            got["tools"],
+            serde_json::json!(["fetch"]),
+            "{mode}: echo is hidden: {got}"
+        );
+        let r = &got["results"];
+        assert_eq!(r[0]["code"], -32001, "{mode}: refused at the proxy: {got}");
+        assert!(
+            r[0]["error"].as_str().unwrap().contains("argument-refused"),
+            "{got}"
+        );
+        let t = text(&got, 1);
+        assert!(
+            t.contains("key=[REDACTED:aws-access-key-id]") && !t.contains("AKIAIOSFODNN7EXAMPLE"),
+            "{mode}: masked in the result: {got}"
+        );
+        assert_eq!(r[2]["code"], -32001, "{mode}: {got}");
+        assert!(
+            r[2]["error"].as_str().unwrap().contains("deny_tools"),
+            "{got}"
+        );
+        let events = s.d.events(Duration::from_secs(2));
+        let e = events
+            .iter()
+            .find(|e| e["hook"] == "mcp" && e["reason"] == "argument-refused")
+            .unwrap_or_else(|| panic!("{mode}: no relay event: {events:#?}"));
+        mcp_guard_tests::assert_event_schema(e);
+        assert_eq!(e["mcp"]["tool"], "fetch", "{e:#}");
+        assert!(
+            e["mcp"]["session"].is_string(),
+            "{mode}: the session is named: {e:#}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| e["hook"] == "mcp" && e["secret"] == "aws-access-key-id"),
+            "{mode}: {events:#?}"
+        );
+        // The server never saw the refused fetch: the kernel refused nothing.
+        assert!(
+            !events.iter().any(|e| e["dst"] == "169.254.169.254"),
+            "{mode}: {events:#?}"
         );
     }
 }

@@ -44,6 +44,9 @@ tools = ["fetch"]
 cidr = "{INTERNAL}/32"
 ports = [5432]
 tools = ["query_db"]
+# The kernel layer is what is checked: the relay's argument check is off.
+[workload.mcp]
+check_arguments = false
 [daemon]
 attach_cgroup = "{r}"
 cri_socket = "{sock}"

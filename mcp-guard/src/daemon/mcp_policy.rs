@@ -198,13 +198,27 @@ impl Owner {
                 }
                 continue;
             };
-            // No port given: refused only if refused on both web ports.
-            let ports: &[u16] = match port {
-                Some(p) => &[p][..],
-                None => &[80, 443],
+            // No port given: refused only if refused on every port a rule of the
+            // workload names (and the web ports).
+            let ports: Vec<u16> = match port {
+                Some(p) => vec![p],
+                None => {
+                    let mut v: Vec<u16> = w
+                        .allow
+                        .iter()
+                        .flat_map(|r| r.ports.iter())
+                        .chain(w.hosts.iter().flat_map(|h| h.ports.iter()))
+                        .map(|p| p.lo)
+                        .chain([80, 443])
+                        .collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v.truncate(64);
+                    v
+                }
             };
             let mut denied = None;
-            for &p in ports {
+            for &p in &ports {
                 let d = ev.decide_active(wl, ip, p, FlowProto::Tcp, active);
                 if d.verdict == Verdict::Allow {
                     denied = None;

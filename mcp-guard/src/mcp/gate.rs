@@ -166,7 +166,33 @@ pub fn targets(arguments: &Value) -> Vec<String> {
                 }
             }
             Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
-            Value::Object(o) => o.values().for_each(|x| walk(x, out)),
+            Value::Object(o) => {
+                // `{"host": "10.0.0.5", "port": 5432}`: the host with its port.
+                let port = o
+                    .get("port")
+                    .and_then(Value::as_u64)
+                    .and_then(|p| u16::try_from(p).ok());
+                for (k, v) in o {
+                    let host_key = matches!(
+                        k.to_ascii_lowercase().as_str(),
+                        "host" | "hostname" | "address" | "addr" | "server" | "ip"
+                    );
+                    match (v, port) {
+                        (Value::String(h), Some(p)) if host_key && !h.contains("://") => {
+                            let h = h.trim();
+                            let t = if h.contains(':') && !h.starts_with('[') {
+                                target(&format!("[{h}]:{p}"))
+                            } else {
+                                target(&format!("{h}:{p}"))
+                            };
+                            if let Some(t) = t.filter(|t| !out.contains(t)) {
+                                out.push(t);
+                            }
+                        }
+                        _ => walk(v, out),
+                    }
+                }
+            }
             _ => {}
         }
     }
@@ -231,11 +257,9 @@ impl Pins {
     }
 }
 
-/// A JSON-RPC error answering request `id` (its JSON text) for the relay.
-#[must_use]
-pub fn refusal(id: &str, message: &str) -> Vec<u8> {
+fn refusal_value(id: &str, message: &str) -> Value {
     let id: Value = serde_json::from_str(id).unwrap_or(Value::Null);
-    let mut line = serde_json::to_vec(&serde_json::json!({
+    serde_json::json!({
         "jsonrpc": "2.0",
         "id": id,
         "error": {
@@ -243,10 +267,37 @@ pub fn refusal(id: &str, message: &str) -> Vec<u8> {
             "message": message,
             "data": {"refused_by": "mcp-guard"},
         }
-    }))
-    .expect("serialisable");
+    })
+}
+
+/// A JSON-RPC error answering request `id` (its JSON text) for the relay, as a line.
+#[must_use]
+pub fn refusal(id: &str, message: &str) -> Vec<u8> {
+    let mut line = bytes(&refusal_value(id, message));
     line.push(b'\n');
     line
+}
+
+/// The answer to a whole message (HTTP: one body) holding `refused` calls: their
+/// errors, and for the other requests of a batch an error saying they were not
+/// forwarded (notifications get none).
+#[must_use]
+pub fn refusals_for(v: &Value, refused: &[(String, String)]) -> Vec<u8> {
+    let answer = |m: &Value| -> Option<Value> {
+        m.get("method")?;
+        let id = super::jsonrpc::id_text(m.get("id")?);
+        Some(match refused.iter().find(|(r, _)| *r == id) {
+            Some((_, why)) => refusal_value(&id, why),
+            None => refusal_value(
+                &id,
+                "mcp-guard did not forward this request: another call of its batch was refused",
+            ),
+        })
+    };
+    match v {
+        Value::Array(items) => bytes(&Value::Array(items.iter().filter_map(answer).collect())),
+        other => bytes(&answer(other).unwrap_or(Value::Null)),
+    }
 }
 
 /// Takes the `hidden` tools out of a `tools/list` result (in place). Returns whether
@@ -372,7 +423,9 @@ mod tests {
             "decimal": "http://2852039166/latest",
             "hex": "http://0xa9.0xfe.0xa9.0xfe:8080/",
             "octal": "0251.0376.0251.0376",
-            "mapped": "http://[::ffff:169.254.169.254]/"
+            "mapped": "http://[::ffff:169.254.169.254]/",
+            "db": {"host": "10.0.13.5", "port": 5432},
+            "cache": {"host": "cache.internal", "port": 6379}
         });
         let mut t = targets(&args);
         t.sort();
@@ -380,12 +433,14 @@ mod tests {
             t,
             [
                 "10.0.0.5",
+                "10.0.13.5:5432",
                 "169.254.169.254",
                 "169.254.169.254:80",
                 "169.254.169.254:8080",
                 "[::ffff:169.254.169.254]:80",
                 "[fd00::1]:21",
                 "api.github.com:8443",
+                "cache.internal:6379",
                 "db.internal:5432",
                 "fd00::2"
             ]

@@ -26,7 +26,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::{FutureExt as _, StreamExt as _};
+use futures_util::StreamExt as _;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::{
     body::{Frame, Incoming},
@@ -41,13 +41,22 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{
+    gate,
     jsonrpc::{self, Message},
     relay::{Counts, Daemon, MAX_MESSAGE},
-    wire::{Peer, ToDaemon},
+    wire::{Peer, RelayView, Reply, ToDaemon},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
+
+/// What becomes of a client's body.
+enum Upward {
+    /// Forwarded (as these bytes); the calls it announced.
+    Forward(Vec<String>, Bytes),
+    /// Answered by the proxy with this JSON body (a call was refused).
+    Answer(Vec<u8>),
+}
 
 /// A call in flight: its session, request id and when it started.
 struct Call {
@@ -69,6 +78,8 @@ pub struct Proxy {
     calls: Mutex<HashMap<String, Call>>,
     /// Per session: the client that initialized it (sent with the server's answer).
     clients: Mutex<HashMap<String, Option<Peer>>>,
+    /// Per session: the tool definitions it first listed, and its `tools/list` requests.
+    pins: Mutex<HashMap<String, (gate::Pins, Vec<String>)>>,
     pub counts: Counts,
     /// Requests refused because a header disagreed with the body.
     pub mismatched: AtomicU64,
@@ -95,6 +106,7 @@ impl Proxy {
             daemon: Arc::new(Mutex::new(daemon)),
             calls: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
+            pins: Mutex::new(HashMap::new()),
             counts: Counts::default(),
             mismatched: AtomicU64::new(0),
             call_timeout,
@@ -153,26 +165,45 @@ impl Proxy {
         self.daemon.clone()
     }
 
-    /// Tells the daemon (on a blocking thread: the relay's connection is synchronous).
-    async fn tell(&self, m: ToDaemon) {
+    /// Tells the daemon (on a blocking thread: the relay's connection is synchronous);
+    /// its answer (`None`: unguarded, or no answer).
+    async fn tell(&self, m: ToDaemon) -> Option<Reply> {
         let daemon = self.daemon.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Some(d) = daemon.lock().expect("daemon").as_mut() {
-                d.send(m);
-            }
-        })
-        .await;
+        tokio::task::spawn_blocking(move || daemon.lock().expect("daemon").as_mut()?.send(m))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// The workload's policy at the relay (`None`: unguarded).
+    fn view(&self) -> Option<RelayView> {
+        self.daemon
+            .lock()
+            .expect("daemon")
+            .as_ref()
+            .map(Daemon::view)
     }
 
     /// Ends a call still in flight (once: the first end wins).
     async fn end(&self, key: &str, outcome: &str) {
+        self.end_masked(key, outcome, std::collections::BTreeMap::new())
+            .await;
+    }
+
+    /// [`Self::end`], with the credentials found in its result.
+    async fn end_masked(
+        &self,
+        key: &str,
+        outcome: &str,
+        masked: std::collections::BTreeMap<String, u32>,
+    ) {
         let call = self.calls.lock().expect("calls").remove(key);
         if let Some(c) = call {
             self.tell(ToDaemon::End {
                 request_id: c.id,
                 outcome: outcome.into(),
                 session: reported(&c.session),
-                masked: std::collections::BTreeMap::new(),
+                masked,
             })
             .await;
         }
@@ -243,19 +274,40 @@ impl Proxy {
             self.mismatched.fetch_add(1, Ordering::Relaxed);
             return mismatch(&bytes, &why);
         }
-        let announced = self.client_messages(&session, &bytes).await;
+        let (announced, bytes) = match self.client_messages(&session, bytes).await {
+            Upward::Forward(announced, bytes) => (announced, bytes),
+            Upward::Answer(body) => {
+                // Refused calls: answered here, never forwarded.
+                let mut r = Response::new(full(body));
+                r.headers_mut()
+                    .insert(CONTENT_TYPE, "application/json".parse().expect("header"));
+                return r;
+            }
+        };
+        let mut parts = parts;
+        parts.headers.remove(CONTENT_LENGTH);
         let up = Request::from_parts(parts, full(bytes));
         self.forward_streaming(up, &session, announced).await
     }
 
-    /// What the client sent: calls announced (and their tools activated) before they
-    /// are forwarded, cancellations ended. Returns the calls this request announced.
-    async fn client_messages(&self, session: &str, body: &[u8]) -> Vec<String> {
-        let Some(msgs) = jsonrpc::read(body) else {
+    /// What the client sent: calls judged and announced (their tools activated) before
+    /// they are forwarded, cancellations ended, credentials in arguments masked. A body
+    /// with a refused call is answered here: the refused call with the rule, the other
+    /// requests of its batch with "not forwarded".
+    async fn client_messages(&self, session: &str, body: Bytes) -> Upward {
+        let parsed = serde_json::from_slice::<Value>(&body).ok();
+        let Some((mut v, msgs)) = parsed.and_then(|v| {
+            let m = jsonrpc::read_value(&v)?;
+            Some((v, m))
+        }) else {
             self.counts.malformed.fetch_add(1, Ordering::Relaxed);
-            return Vec::new();
+            return Upward::Forward(Vec::new(), body);
         };
+        let view = self.view();
+        let (changed, mut masked) =
+            gate::mask_message(&mut v, view.unwrap_or_default().mask, &|_| false);
         let mut announced = Vec::new();
+        let mut refused: Vec<(String, String)> = Vec::new();
         for m in msgs {
             match m {
                 Message::Initialize { client, .. } => {
@@ -264,13 +316,24 @@ impl Proxy {
                         .expect("clients")
                         .insert(session.to_string(), client);
                 }
+                Message::ListTools { id } => {
+                    let mut pins = self.pins.lock().expect("pins");
+                    pins.entry(session.to_string()).or_default().1.push(id);
+                }
                 Message::Call {
                     id,
                     tool,
                     arguments,
                     targets,
                 } => {
+                    let changed = self
+                        .pins
+                        .lock()
+                        .expect("pins")
+                        .get(session)
+                        .is_some_and(|(p, _)| p.changed.contains(&tool));
                     let key = format!("{session}/{id}");
+                    // In flight before it is told: its end may come back at once.
                     self.calls.lock().expect("calls").insert(
                         key.clone(),
                         Call {
@@ -279,33 +342,70 @@ impl Proxy {
                             started: Instant::now(),
                         },
                     );
-                    self.tell(ToDaemon::Call {
-                        request_id: id.to_string(),
-                        tool,
-                        arguments,
-                        session: reported(session),
-                        targets,
-                        changed: false,
-                        masked: std::collections::BTreeMap::new(),
-                    })
-                    .await;
-                    announced.push(key);
+                    let reply = self
+                        .tell(ToDaemon::Call {
+                            request_id: id.to_string(),
+                            tool,
+                            arguments,
+                            session: reported(session),
+                            targets,
+                            changed,
+                            masked: masked.remove(&id).unwrap_or_default(),
+                        })
+                        .await;
+                    let why = match reply {
+                        Some(Reply {
+                            refused: Some(why), ..
+                        }) => Some(why),
+                        None if view.is_some_and(|v| v.fail_closed) => {
+                            Some(gate::UNCHECKED.to_string())
+                        }
+                        _ => None,
+                    };
+                    if let Some(why) = why {
+                        self.calls.lock().expect("calls").remove(&key);
+                        refused.push((id, why));
+                    } else {
+                        announced.push(key);
+                    }
                 }
                 Message::Cancelled { id } => {
-                    self.end(&format!("{session}/{id}"), "cancelled").await
+                    self.end(&format!("{session}/{id}"), "cancelled").await;
                 }
-                Message::ListTools { .. } | Message::Other | Message::Response { .. } => {}
+                Message::Other | Message::Response { .. } => {}
             }
         }
-        announced
+        if !refused.is_empty() {
+            for k in &announced {
+                self.end(k, "error").await;
+            }
+            return Upward::Answer(gate::refusals_for(&v, &refused));
+        }
+        if changed {
+            return Upward::Forward(announced, gate::bytes(&v).into());
+        }
+        Upward::Forward(announced, body)
     }
 
     /// What the server sent (in a JSON body or one SSE event): a call's end told before
-    /// the client can read it; `initialize` and `tools/list` answers reported.
-    async fn server_messages(&self, session: &str, body: &[u8]) {
-        let Some(msgs) = jsonrpc::read(body) else {
+    /// the client can read it; `initialize` and `tools/list` answers reported (refused or
+    /// changed tools taken out), credentials in call results masked. Returns the body to
+    /// pass on instead, when it changed.
+    async fn server_messages(&self, session: &str, body: &[u8]) -> Option<Vec<u8>> {
+        let parsed = serde_json::from_slice::<Value>(body).ok();
+        let Some((mut v, msgs)) = parsed.and_then(|v| {
+            let m = jsonrpc::read_value(&v)?;
+            Some((v, m))
+        }) else {
             self.counts.malformed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
+        };
+        let mode = self.view().unwrap_or_default().mask;
+        let (mut changed, mut masked) = {
+            let calls = self.calls.lock().expect("calls");
+            gate::mask_message(&mut v, mode, &|id| {
+                calls.contains_key(&format!("{session}/{id}"))
+            })
         };
         for m in msgs {
             let Message::Response { id, error, result } = m else {
@@ -313,7 +413,8 @@ impl Proxy {
             };
             let key = format!("{session}/{id}");
             let outcome = if error { "error" } else { "result" };
-            self.end(&key, outcome).await;
+            self.end_masked(&key, outcome, masked.remove(&id).unwrap_or_default())
+                .await;
             if let Some(server) = result.as_ref().and_then(jsonrpc::peer) {
                 let client = self
                     .clients
@@ -328,14 +429,26 @@ impl Proxy {
                 })
                 .await;
             } else if let Some(names) = result.as_ref().and_then(jsonrpc::tool_names) {
-                self.tell(ToDaemon::Tools {
-                    names,
-                    changed: Vec::new(),
-                    session: reported(session),
-                })
-                .await;
+                let all_changed: Vec<String> = {
+                    let mut pins = self.pins.lock().expect("pins");
+                    let (p, lists) = pins.entry(session.to_string()).or_default();
+                    lists.retain(|l| *l != id);
+                    p.observe(result.as_ref().expect("a result"));
+                    p.changed.iter().cloned().collect()
+                };
+                if let Some(reply) = self
+                    .tell(ToDaemon::Tools {
+                        names,
+                        changed: all_changed,
+                        session: reported(session),
+                    })
+                    .await
+                {
+                    changed |= gate::hide_in_response(&mut v, &id, &reply.hidden);
+                }
             }
         }
+        changed.then(|| gate::bytes(&v))
     }
 
     /// `DELETE` of a session: its calls end.
@@ -352,6 +465,7 @@ impl Proxy {
             self.end(&k, "cancelled").await;
         }
         self.clients.lock().expect("clients").remove(session);
+        self.pins.lock().expect("pins").remove(session);
     }
 
     /// Sends `req` upstream and passes the answer back: a JSON body read whole, an SSE
@@ -415,8 +529,13 @@ impl Proxy {
                 return status(StatusCode::BAD_GATEWAY, &format!("upstream: {e}\n"));
             }
         };
+        let mut parts = parts;
+        let mut bytes = bytes;
         if kind.starts_with("application/json") && bytes.len() <= MAX_MESSAGE {
-            self.server_messages(session, &bytes).await;
+            if let Some(new) = self.server_messages(session, &bytes).await {
+                parts.headers.remove(CONTENT_LENGTH);
+                bytes = new.into();
+            }
         }
         // A JSON body holds every answer this request gets: a call it did not answer
         // (a 202, an error status, an error with a null id for a batch the server
@@ -438,23 +557,33 @@ impl Proxy {
     ) -> Body {
         let (to_client, mut rx) = mpsc::channel::<Bytes>(16);
         tokio::spawn(async move {
-            let (feed, mut fed) = mpsc::unbounded_channel::<Bytes>();
-            let mut decoder =
-                sse_stream::SseByteStream::new(futures_util::stream::poll_fn(move |cx| {
-                    fed.poll_recv(cx).map(|b| b.map(Ok::<_, Infallible>))
-                }));
+            let mut split = super::sse::Splitter::default();
             while let Some(frame) = upstream.frame().await {
                 let Ok(frame) = frame else { break };
                 let Ok(chunk) = frame.into_data() else {
                     continue;
                 };
-                let _ = feed.send(chunk.clone());
-                while let Some(Some(Ok(ev))) = decoder.next().now_or_never() {
-                    if let Some(data) = ev.data {
-                        self.server_messages(&session, data.as_bytes()).await;
+                split.push(&chunk);
+                let mut out = Vec::with_capacity(chunk.len());
+                for event in split.events() {
+                    let changed = match super::sse::data(&event) {
+                        Some(data) => self.server_messages(&session, data.as_bytes()).await,
+                        None => None,
+                    };
+                    match changed {
+                        Some(new) => out.extend(super::sse::with_data(
+                            &event,
+                            &String::from_utf8_lossy(&new),
+                        )),
+                        None => out.extend(event),
                     }
                 }
-                if to_client.send(chunk).await.is_err() {
+                if split.pending() > MAX_MESSAGE {
+                    // An event too long to read: passed on as it comes, unread.
+                    self.counts.oversized.fetch_add(1, Ordering::Relaxed);
+                    out.extend(split.take_all());
+                }
+                if !out.is_empty() && to_client.send(out.into()).await.is_err() {
                     break; // the client went away
                 }
             }

@@ -17,4 +17,5 @@ pub mod pump;
 pub mod registry;
 pub mod relay;
 pub mod secrets;
+pub mod sse;
 pub mod wire;
