@@ -30,7 +30,7 @@ use futures_util::StreamExt as _;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::{
     body::{Frame, Incoming},
-    header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, HOST},
+    header::{CONTENT_LENGTH, CONTENT_TYPE, HOST},
     Method, Request, Response, StatusCode,
 };
 use hyper_util::{
@@ -42,13 +42,14 @@ use tokio::sync::mpsc;
 
 use super::{
     gate,
+    http_headers::{headers_agree, mismatch},
     jsonrpc::{self, Message},
     relay::{Counts, Daemon, MAX_MESSAGE},
     wire::{Peer, RelayView, Reply, ToDaemon},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-type Body = BoxBody<Bytes, BoxError>;
+pub(super) type Body = BoxBody<Bytes, BoxError>;
 
 /// What becomes of a client's body.
 enum Upward {
@@ -86,7 +87,7 @@ pub struct Proxy {
     call_timeout: Duration,
 }
 
-fn full(b: impl Into<Bytes>) -> Body {
+pub(super) fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }
 
@@ -602,87 +603,4 @@ fn status(code: StatusCode, text: &str) -> Response<Body> {
     let mut r = Response::new(full(text.to_string()));
     *r.status_mut() = code;
     r
-}
-
-/// `Mcp-Method` and `Mcp-Name` (revision 2026-07-28) against the body they describe.
-fn headers_agree(headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
-    let header = |n: &str| {
-        headers
-            .get(n)
-            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_string())
-    };
-    let (method, name) = (header("mcp-method"), header("mcp-name"));
-    if method.is_none() && name.is_none() {
-        return Ok(());
-    }
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|_| "the body is not one JSON-RPC message".to_string())?;
-    if let Some(m) = method {
-        if v["method"].as_str() != Some(m.as_str()) {
-            return Err(format!(
-                "Mcp-Method {m:?} disagrees with the body's method {}",
-                v["method"]
-            ));
-        }
-    }
-    if let Some(n) = name {
-        let p = &v["params"];
-        let body_name = p["name"].as_str().or_else(|| p["uri"].as_str());
-        if body_name != Some(n.as_str()) {
-            return Err(format!(
-                "Mcp-Name {n:?} disagrees with the body's {}",
-                if p["name"].is_null() {
-                    p["uri"].clone()
-                } else {
-                    p["name"].clone()
-                }
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// 400 with a JSON-RPC error naming the disagreement (the request's id where it has one).
-fn mismatch(body: &[u8], why: &str) -> Response<Body> {
-    let id = serde_json::from_slice::<Value>(body)
-        .ok()
-        .map_or(Value::Null, |v| v["id"].clone());
-    let err = serde_json::json!({
-        "jsonrpc": "2.0",
-        "id": id,
-        "error": {"code": -32600, "message": format!("mcp-guard: {why}")},
-    });
-    let mut r = Response::new(full(err.to_string()));
-    *r.status_mut() = StatusCode::BAD_REQUEST;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn headers_must_agree_with_the_body() {
-        let body = br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"fetch","arguments":{}}}"#;
-        let mut h = HeaderMap::new();
-        assert!(
-            headers_agree(&h, body).is_ok(),
-            "no headers: nothing to check"
-        );
-        h.insert("mcp-method", "tools/call".parse().unwrap());
-        h.insert("mcp-name", "fetch".parse().unwrap());
-        assert!(headers_agree(&h, body).is_ok());
-        h.insert("mcp-name", "query_db".parse().unwrap());
-        let e = headers_agree(&h, body).unwrap_err();
-        assert!(e.contains("query_db") && e.contains("fetch"), "{e}");
-        h.remove("mcp-name");
-        h.insert("mcp-method", "tools/list".parse().unwrap());
-        assert!(headers_agree(&h, body).is_err());
-        let r = mismatch(body, "x");
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
-    }
 }

@@ -11,6 +11,7 @@
 //! - [`http_proxy`] is its Streamable HTTP counterpart (`exec --mcp-http`).
 
 pub mod gate;
+mod http_headers;
 pub mod http_proxy;
 pub mod jsonrpc;
 pub mod pump;
