@@ -121,7 +121,7 @@ fn mcp_server_over_streamable_http_answers_its_clients() {
             ["fetch", {"url": "http://10.0.20.7:9/"}]]"#,
     );
     assert_eq!(got["server"], "test-http");
-    assert_eq!(got["tools"], serde_json::json!(["fetch"]));
+    assert_eq!(got["tools"], serde_json::json!(["fetch", "echo"]));
     for (i, what) in ["metadata", "internal database", "its own client"]
         .iter()
         .enumerate()
