@@ -10,6 +10,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use mcp_guard::{api::client, config, daemon, policy::Verdict, telemetry::events::JsonEvent};
 
+mod approvals;
 mod check;
 mod explain;
 mod status;
@@ -239,6 +240,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Tool calls held for approval (`[workload.mcp] approval_tools`): list, approve,
+    /// deny. Needs the control socket (root, or daemon.control_group); only members of
+    /// the workload's `approvers` groups (and root) may decide.
+    Approvals {
+        /// Config of the daemon (its daemon.control_socket is used); or give --socket.
+        #[arg(long, short, env = "MCP_GUARD_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        /// The daemon's control socket (default /run/mcp-guard/control.sock).
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        action: approvals::Action,
+    },
 }
 
 fn main() -> ExitCode {
@@ -438,6 +452,11 @@ fn main() -> ExitCode {
             since,
             json,
         } => events(config, socket, workload, reason, since, json),
+        Cmd::Approvals {
+            config,
+            socket,
+            action,
+        } => status::control_socket(config, socket).and_then(|s| approvals::run(&s, action)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -472,7 +491,7 @@ fn uninstall(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
 }
 
 /// Returns how many warnings the config drew.
-fn parse_since(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_since(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num
         .parse()

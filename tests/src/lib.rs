@@ -1244,3 +1244,48 @@ pub fn mcp_http_session(ns: &NetNs, url: &str, calls: &str) -> serde_json::Value
     );
     serde_json::from_slice(&out.stdout).expect("client JSON")
 }
+
+/// `mcp-guard approvals ...` as `uid` with `groups` (setpriv), or as root.
+pub fn approvals_cli(
+    d: &Daemon,
+    as_user: Option<(u32, &str)>,
+    args: &[&str],
+) -> std::process::Output {
+    let mut c = match as_user {
+        Some((uid, groups)) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={uid}"))
+                .arg(format!("--groups={groups}"))
+                .arg(guard_bin());
+            c
+        }
+        None => Command::new(guard_bin()),
+    };
+    c.arg("approvals")
+        .arg("--socket")
+        .arg(&d.control)
+        .args(args)
+        .output()
+        .expect("mcp-guard approvals")
+}
+
+/// The pending request of the next held call.
+pub fn next_pending(d: &Daemon) -> String {
+    let mut id = String::new();
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let out = approvals_cli(d, None, &["list", "--json"]);
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            match v.as_array().and_then(|a| a.first()) {
+                Some(r) => {
+                    id = r["id"].as_str().unwrap_or_default().to_string();
+                    true
+                }
+                None => false,
+            }
+        }),
+        "no approval request was raised"
+    );
+    id
+}

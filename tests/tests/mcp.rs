@@ -878,3 +878,187 @@ fn credentials_in_tool_results_are_masked_or_reported() {
         e["hook"] == "mcp" && e["secret"] == "aws-access-key-id" && e["verdict"] == "reported"
     });
 }
+
+/// Requests a webhook receiver got: headers and body of each.
+type Hooks = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A webhook receiver on the host's loopback: every request's headers and body.
+fn webhook_receiver() -> (u16, Hooks) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().unwrap().port();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut head = String::new();
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                head.push_str(&line);
+            }
+            let mut body = vec![0; len];
+            let _ = r.read_exact(&mut body);
+            g.lock().unwrap().push((head, body));
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        }
+    });
+    (port, got)
+}
+
+#[test]
+fn approval_required_calls_wait_for_a_person() {
+    let (ns, cg) = lab();
+    let (port, hooks) = webhook_receiver();
+    let keys = mcp_guard_tests::TempDir::new();
+    let key = keys.0.join("webhook.key");
+    std::fs::write(&key, "s3cret-key\n").unwrap();
+    let staff = "50"; // Debian's staff group: the approvers
+    let users = "100"; // users: may reach the control socket, not decide
+    let relay = format!(
+        "[workload.mcp]\napproval_tools = [\"update\"]\napprovers = [\"staff\"]\napproval_timeout = \"4s\"\nmax_duration = \"1m\"\napproval_webhook = \"http://127.0.0.1:{port}/hook\"\napproval_webhook_secret_file = \"{}\"\n",
+        key.display()
+    );
+    let text = format!(
+        "{}[daemon]\ncontrol_group = \"users\"\n",
+        config(&cg, &relay, "")
+    );
+    let d = Daemon::start(&text);
+    let calls = serde_json::json!([["update", {}], ["update", {}], ["update", {}], ["notes", {"text": "free"}]]);
+    let child = mcp_guard_tests::in_netns(&ns, None)
+        .arg(mcp_venv().join("bin/python"))
+        .arg(mcp_helper("client.py"))
+        .arg("--calls")
+        .arg(calls.to_string())
+        .arg("--")
+        .arg(guard_bin())
+        .args(["exec", "--mcp", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "mcp", "--"])
+        .args(rug_server())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("MCP client");
+
+    // 1: a user who may reach the socket but is no approver is refused; a member of
+    // staff approves.
+    let id = mcp_guard_tests::next_pending(&d);
+    let out = mcp_guard_tests::approvals_cli(
+        &d,
+        Some((4243, users)),
+        &["approve", &id, "--reason", "me"],
+    );
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("approvers"),
+        "{}",
+        output_text(&out)
+    );
+    let out = mcp_guard_tests::approvals_cli(
+        &d,
+        Some((4242, &format!("{users},{staff}"))),
+        &["approve", &id, "--reason", "change 42"],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    // 2: denied by root.
+    let id2 = loop {
+        let i = mcp_guard_tests::next_pending(&d);
+        if i != id {
+            break i;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = mcp_guard_tests::approvals_cli(
+        &d,
+        None,
+        &["deny", &id2, "--reason", "not during the freeze"],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    // 3: nobody answers: expired after 4 s. 4: a tool that needs no approval runs.
+    let out = child.wait_with_output().expect("MCP client");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    let r = &got["results"];
+    assert_eq!(r[0]["text"], "updated", "approved: {got}");
+    assert_eq!(r[1]["code"], -32001, "{got}");
+    let why = r[1]["error"].as_str().unwrap();
+    assert!(
+        why.contains("approval-denied") && why.contains("not during the freeze"),
+        "{got}"
+    );
+    assert!(
+        r[2]["error"].as_str().unwrap().contains("approval-expired"),
+        "{got}"
+    );
+    assert_eq!(r[3]["text"], "noted: free", "{got}");
+
+    // The records: every request and decision, who and why.
+    let out = mcp_guard_tests::approvals_cli(&d, None, &["list", "--all", "--json"]);
+    let all: Value = serde_json::from_slice(&out.stdout).expect("list JSON");
+    let states: Vec<&str> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["approved", "denied", "expired"], "{all:#}");
+    assert_eq!(all[0]["decided_by"]["uid"], 4242, "{all:#}");
+    assert_eq!(all[0]["reason"], "change 42", "{all:#}");
+    assert_eq!(all[1]["decided_by"]["uid"], 0, "{all:#}");
+    for reason in [
+        "approval-requested",
+        "approval-approved",
+        "approval-denied",
+        "approval-expired",
+    ] {
+        let e = wait_event(&d, reason, |e| e["hook"] == "mcp" && e["reason"] == reason);
+        mcp_guard_tests::assert_event_schema(&e);
+        assert_eq!(e["mcp"]["tool"], "update", "{e:#}");
+    }
+    assert_eq!(
+        metric(
+            &d,
+            "mcp_guard_mcp_approvals_total{event=\"requested\",workload=\"mcp\"}"
+        ),
+        3.0
+    );
+
+    // The webhook got every step, signed: HMAC-SHA256(key, "v1:" + timestamp + ":" + body).
+    assert!(
+        mcp_guard_tests::wait_until(Duration::from_secs(5), || hooks.lock().unwrap().len() >= 6),
+        "webhook requests: {}",
+        hooks.lock().unwrap().len()
+    );
+    for (head, body) in hooks.lock().unwrap().iter() {
+        let h = |name: &str| {
+            head.lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    (k.eq_ignore_ascii_case(name)).then(|| v.trim().to_string())
+                })
+                .unwrap_or_else(|| panic!("no {name} in {head}"))
+        };
+        use hmac::{KeyInit as _, Mac as _};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret-key").unwrap();
+        mac.update(format!("v1:{}:", h("x-mcp-guard-timestamp")).as_bytes());
+        mac.update(body);
+        let want: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(h("x-mcp-guard-signature"), format!("sha256={want}"));
+        let v: Value = serde_json::from_slice(body).expect("JSON body");
+        assert!(v["text"].as_str().unwrap().contains("mcp-guard"), "{v}");
+    }
+}

@@ -542,3 +542,62 @@ fn policy_at_the_relay_applies_to_streamable_http_in_sse_and_json_modes() {
         );
     }
 }
+
+#[test]
+fn approval_holds_a_streamable_http_call_until_someone_decides() {
+    let s = served_with(
+        false,
+        "check_arguments = false\napproval_tools = [\"echo\"]\napprovers = [\"root\"]\napproval_timeout = \"30s\"\n",
+    );
+    let log = s.logs.0.join("client.log");
+    let mut client = Running::spawn(
+        in_netns(&s.cli, None)
+            .arg(mcp_venv().join("bin/python"))
+            .arg(mcp_helper("http_client.py"))
+            .arg("http://10.0.20.5:8000/mcp")
+            .args([
+                "--calls",
+                r#"[["echo", {"text": "first"}], ["echo", {"text": "second"}]]"#,
+            ]),
+        &log,
+    );
+    let id = mcp_guard_tests::next_pending(&s.d);
+    let out = mcp_guard_tests::approvals_cli(&s.d, None, &["approve", &id, "--reason", "ok"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        mcp_guard_tests::output_text(&out)
+    );
+    let id2 = loop {
+        let i = mcp_guard_tests::next_pending(&s.d);
+        if i != id {
+            break i;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = mcp_guard_tests::approvals_cli(&s.d, None, &["deny", &id2, "--reason", "no"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        mcp_guard_tests::output_text(&out)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !client.alive()),
+        "the client finished: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let got: Value = output
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("client output: {output}"));
+    assert_eq!(text(&got, 0), "first", "approved: {got}");
+    assert_eq!(got["results"][1]["code"], -32001, "{got}");
+    assert!(
+        got["results"][1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("approval-denied"),
+        "{got}"
+    );
+}

@@ -90,3 +90,33 @@ pub fn get_body(to: &Endpoint, path: &str) -> std::io::Result<String> {
 pub fn control_body(socket: &Path, path: &str) -> std::io::Result<String> {
     get_body(&Endpoint::Control(socket.to_path_buf()), path)
 }
+
+/// A POST (no body) on the control socket: the status code and the body, whatever the
+/// status (the daemon explains refusals in the body).
+///
+/// # Errors
+/// No daemon answers.
+pub fn control_post(socket: &Path, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = connect(&Endpoint::Control(socket.to_path_buf()))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: mcp-guard\r\nContent-Length: 0\r\n\r\n"
+    )?;
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status)?;
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = String::new();
+    r.read_to_string(&mut body)?;
+    Ok((code, body))
+}

@@ -36,6 +36,8 @@ pub struct Shared {
     pub metrics: Box<dyn Fn() -> String + Send + Sync>,
     /// JSON of the addresses host rules allow now (served on /dns).
     pub dns: Box<dyn Fn() -> String + Send + Sync>,
+    /// Approval requests of tool calls (listed and decided on the control socket).
+    pub approvals: Arc<crate::mcp::approvals::Approvals>,
 }
 
 /// Binds the listener; a taken port is an error the caller reports.
@@ -101,8 +103,15 @@ pub fn bind_control(path: &std::path::Path, group: Option<u32>) -> std::io::Resu
 pub enum Scope {
     /// /metrics, /healthz, /readyz (TCP, anyone on the host or the pod network).
     Public,
-    /// Everything (the control socket).
-    Control,
+    /// Everything (the control socket), with the peer's credentials.
+    Control(Option<Peer>),
+}
+
+/// A control-socket client as `SO_PEERCRED` gives it.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Peer {
+    pub uid: u32,
+    pub pid: u32,
 }
 
 /// The two listeners: TCP serves [`Scope::Public`], the control socket everything.
@@ -128,7 +137,12 @@ pub async fn serve(listener: Listener, shared: Arc<Shared>) {
             }
             Listener::Control(l) => {
                 if let Ok((s, _)) = l.accept().await {
-                    tokio::spawn(connection(s, shared, Scope::Control, permit));
+                    // Who is asking, as the kernel saw them connect (approvals).
+                    let peer = s.peer_cred().ok().map(|c| Peer {
+                        uid: c.uid(),
+                        pid: c.pid().and_then(|p| u32::try_from(p).ok()).unwrap_or(0),
+                    });
+                    tokio::spawn(connection(s, shared, Scope::Control(peer), permit));
                 }
             }
         }
@@ -162,7 +176,7 @@ async fn respond<S: AsyncWrite + Unpin>(
     stream.shutdown().await
 }
 
-fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+pub(super) fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
     query
         .split('&')
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
@@ -212,17 +226,23 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let Some((method, target)) = read_request(&mut stream).await? else {
         return Ok(());
     };
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    if let (Scope::Control(peer), "POST") = (scope, method.as_str()) {
+        if let Some(rest) = path.strip_prefix("/approvals/") {
+            let (status, body) = super::approvals::decide(&shared.approvals, rest, query, peer);
+            return respond(&mut stream, status, "application/json", &body).await;
+        }
+    }
     if method != "GET" {
         return respond(
             &mut stream,
             "405 Method Not Allowed",
             "text/plain",
-            "GET only\n",
+            "GET only (and POST /approvals/ID/approve|deny on the control socket)\n",
         )
         .await;
     }
-    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-    if scope == Scope::Public && matches!(path, "/status" | "/dns" | "/events") {
+    if scope == Scope::Public && matches!(path, "/status" | "/dns" | "/events" | "/approvals") {
         return respond(
             &mut stream,
             "404 Not Found",
@@ -257,6 +277,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             respond(&mut stream, ok, kind, &body).await
         }
         "/events" => stream_events(&mut stream, shared, query).await,
+        "/approvals" if scope != Scope::Public => {
+            let all = query_param(query, "all") == Some("1");
+            let body = serde_json::json!({ "approvals": shared.approvals.list(all) }).to_string();
+            respond(&mut stream, ok, "application/json", &body).await
+        }
         _ => {
             let body = if scope == Scope::Public {
                 "not found: try /metrics, /healthz, /readyz\n"

@@ -51,6 +51,9 @@ pub(super) struct Instance {
     pub(super) cgroup_id: u64,
     pub(super) workload: String,
     pub(super) workload_id: u32,
+    /// Its cgroup (relative to the mount) and its relay: where approvals may not come from.
+    pub(super) path: String,
+    pub(super) relay_pid: u32,
 }
 
 /// Why the daemon refused a relay's message (the text goes back on the wire).
@@ -244,6 +247,8 @@ impl Owner {
                 cgroup_id: a.cgroup_id,
                 workload: a.workload,
                 workload_id: a.workload_id,
+                path: a.path,
+                relay_pid,
             },
             view,
         ))
@@ -424,6 +429,7 @@ impl Owner {
                 targets,
                 changed,
                 masked,
+                approval,
             } => {
                 let asked = super::mcp_policy::CallAsked {
                     tool: &tool,
@@ -432,17 +438,28 @@ impl Owner {
                     arguments: &arguments,
                     targets: &targets,
                     changed,
+                    approval: approval.as_deref(),
                 };
-                if !masked.is_empty() {
+                if !masked.is_empty() && approval.is_none() {
                     self.report_masked(i, &asked, &masked);
                 }
-                if let Some(refused) = self.judge_call(i, &asked) {
-                    // Never forwarded: nothing to activate, nothing in flight.
-                    return Ok(Reply {
-                        refused: Some(refused),
-                        relay: Some(self.relay_view(&i.workload)),
-                        ..Reply::ok(seq_now(self))
-                    });
+                match self.judge_call(i, &asked) {
+                    super::mcp_policy::CallVerdict::Forward => {}
+                    // Never forwarded (or not yet): nothing to activate, nothing in flight.
+                    super::mcp_policy::CallVerdict::Refuse(refused) => {
+                        return Ok(Reply {
+                            refused: Some(refused),
+                            relay: Some(self.relay_view(&i.workload)),
+                            ..Reply::ok(seq_now(self))
+                        });
+                    }
+                    super::mcp_policy::CallVerdict::Hold(id) => {
+                        return Ok(Reply {
+                            pending: Some(id),
+                            relay: Some(self.relay_view(&i.workload)),
+                            ..Reply::ok(seq_now(self))
+                        });
+                    }
                 }
                 metrics
                     .mcp_tool_calls
@@ -479,6 +496,7 @@ impl Owner {
                             arguments: &c.arguments,
                             targets: &[],
                             changed: false,
+                            approval: None,
                         };
                         self.report_masked(i, &asked, &masked);
                     }

@@ -26,6 +26,17 @@ pub(super) struct CallAsked<'a> {
     pub arguments: &'a str,
     pub targets: &'a [String],
     pub changed: bool,
+    /// Asked again about a call held for approval: the request's id.
+    pub approval: Option<&'a str>,
+}
+
+/// What the relay does with a call.
+pub(super) enum CallVerdict {
+    Forward,
+    /// Answer it with this error.
+    Refuse(String),
+    /// Hold it: it waits for approval request `id`.
+    Hold(String),
 }
 
 /// One refusal: reason and the rule (as text, for the client and the event).
@@ -110,10 +121,50 @@ impl Owner {
         let _ = self.dns_wiring.events.send(events::relay_event(&d));
     }
 
-    /// Judges a call before the relay forwards it. `Some(text)`: refused, the relay
-    /// answers the client with it.
-    pub(super) fn judge_call(&self, i: &Instance, c: &CallAsked<'_>) -> Option<String> {
-        let policy = self.relay_policy(&i.workload)?;
+    /// Judges a call before the relay forwards it: refused (the relay answers the
+    /// client with the text), held for approval, or forwarded.
+    pub(super) fn judge_call(&self, i: &Instance, c: &CallAsked<'_>) -> CallVerdict {
+        let Some(policy) = self.relay_policy(&i.workload) else {
+            return CallVerdict::Forward;
+        };
+        if let Some(refused) = self.refusal(i, policy, c) {
+            return CallVerdict::Refuse(refused);
+        }
+        let Some(approval) = policy.needs_approval(c.tool) else {
+            return CallVerdict::Forward;
+        };
+        if self.audit(&i.workload) {
+            // Audit mode holds nothing (the request is not raised).
+            return CallVerdict::Forward;
+        }
+        let store = &self.out.shared.approvals;
+        let answer = match c.approval {
+            Some(id) => store.check(id, i.cgroup_id, c.request_id),
+            None => store.ask(&crate::mcp::approvals::Ask {
+                workload: &i.workload,
+                instance: i.cgroup_id,
+                relay_pid: i.relay_pid,
+                cgroup: &i.path,
+                tool: c.tool,
+                request_id: c.request_id,
+                session: c.session,
+                arguments: c.arguments,
+                policy: approval,
+            }),
+        };
+        match answer {
+            crate::mcp::approvals::Answer::Approved => CallVerdict::Forward,
+            crate::mcp::approvals::Answer::Pending(id) => CallVerdict::Hold(id),
+            crate::mcp::approvals::Answer::Refused(t) => CallVerdict::Refuse(t),
+        }
+    }
+
+    /// A refusal by the tool rules, pins or argument check (reported).
+    fn refusal(&self, i: &Instance, policy: &RelayPolicy, c: &CallAsked<'_>) -> Option<String> {
+        if c.approval.is_some() {
+            // Judged when first asked; now only the approval is awaited.
+            return None;
+        }
         let path = &self.cfg.path;
         let refusal = if let Some(r) = policy.tool_refusal(c.tool, path) {
             Some(Refusal {
@@ -288,6 +339,7 @@ impl Owner {
                             arguments: "",
                             targets: &[],
                             changed: true,
+                            approval: None,
                         },
                     ),
                     generation: self.maps.generation(),
@@ -350,5 +402,123 @@ impl Owner {
                         generation: self.maps.generation(),
                     }));
         }
+    }
+}
+
+/// Events, metrics and the webhook for every approval request, decision and expiry.
+pub(super) fn approval_notifier(
+    events: tokio::sync::mpsc::UnboundedSender<events::JsonEvent>,
+    metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
+) -> Box<dyn Fn(&crate::mcp::approvals::Happened) + Send + Sync> {
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    Box::new(move |h| {
+        let r = &h.record;
+        metrics
+            .mcp_approvals
+            .with_label_values(&[&r.workload, h.what])
+            .inc();
+        let who = r.decided_by.as_ref().map_or_else(String::new, |d| {
+            format!(
+                " by uid {}{} (pid {})",
+                d.uid,
+                d.user
+                    .as_ref()
+                    .map(|u| format!(" ({u})"))
+                    .unwrap_or_default(),
+                d.pid
+            )
+        });
+        let rule = format!(
+            "approval request {} for tools/call {:?}: {}{who}{}{}",
+            r.id,
+            r.tool,
+            h.what,
+            r.reason
+                .as_ref()
+                .map(|x| format!(": {x}"))
+                .unwrap_or_default(),
+            r.grant_until
+                .as_ref()
+                .map(|g| format!("; calls of {:?} approved until {g}", r.tool))
+                .unwrap_or_default()
+        );
+        let (verdict, reason) = match h.what {
+            "requested" => ("held", "approval-requested"),
+            "approved" => ("approved", "approval-approved"),
+            "denied" => ("refused", "approval-denied"),
+            _ => ("refused", "approval-expired"),
+        };
+        let _ = events.send(events::relay_event(&RelayDecision {
+            workload: &r.workload,
+            workload_id: 0,
+            cgroup_id: r.instance,
+            verdict,
+            reason,
+            rule,
+            dst: None,
+            dest_class: "none",
+            kind: None,
+            mcp: Some(Attribution {
+                tool: Some(r.tool.clone()),
+                request_id: Some(r.request_id.clone()),
+                session: r.session.clone(),
+                arguments: Some(r.arguments.clone()),
+                in_flight: Vec::new(),
+                client: None,
+                server: None,
+                instance: r.instance,
+                seq: 0,
+            }),
+            generation: 0,
+        }));
+        if let (Some((url, key_file)), Some(rt)) = (r.webhook().cloned(), runtime.as_ref()) {
+            let body = crate::mcp::approvals::webhook_body(h);
+            let (metrics, workload) = (metrics.clone(), r.workload.clone());
+            rt.spawn(async move {
+                if let Err(e) = post_webhook(&url, key_file.as_deref(), body).await {
+                    tracing::warn!(error = %e, url, "approval webhook failed");
+                    metrics
+                        .mcp_approvals
+                        .with_label_values(&[&workload, "webhook-failed"])
+                        .inc();
+                }
+            });
+        }
+    })
+}
+
+/// POSTs one signed approval message.
+async fn post_webhook(
+    url: &str,
+    key_file: Option<&std::path::Path>,
+    body: Vec<u8>,
+) -> Result<(), String> {
+    use http_body_util::Full;
+    let key = match key_file {
+        Some(f) => std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?,
+        None => return Err("no approval_webhook_secret_file".into()),
+    };
+    let key: Vec<u8> = key.trim_ascii().to_vec();
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let sig = crate::mcp::approvals::signature(&key, ts, &body);
+    let req = hyper::Request::post(url)
+        .header("content-type", "application/json")
+        .header("x-mcp-guard-timestamp", ts.to_string())
+        .header("x-mcp-guard-signature", sig)
+        .body(Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    if answer.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("answered {}", answer.status()))
     }
 }

@@ -120,6 +120,7 @@ impl Running {
         let learned = dns::learned::LearnedSet::seeded(&learned, &cfg);
         let installed = Arc::new(learned.snapshot());
         let (wiring, out, dns_events) = Wiring::new(&cfg, &installed);
+        let approval_events = dns_events.clone();
         // Learned answers go straight onto the owner's channel.
         let (commands, commands_rx) = std::sync::mpsc::channel();
         let to_owner = commands.clone();
@@ -130,7 +131,11 @@ impl Running {
             events: dns_events,
             metrics: metrics.clone(),
         };
-        let shared = shared(&wiring, out.status_rx, &metrics, k.counters);
+        let approvals = crate::mcp::approvals::Approvals::new(
+            Some(pins.approvals_file()),
+            super::mcp_policy::approval_notifier(approval_events, metrics.clone()),
+        );
+        let shared = shared(&wiring, out.status_rx, &metrics, k.counters, approvals);
         let sink = sink(&cfg, &metrics)?;
         ops::set_policy_gauges(&metrics, &compiled);
         metrics.reloads.with_label_values(&["success"]).inc();
@@ -359,6 +364,7 @@ fn shared(
     status: watch::Receiver<Arc<String>>,
     metrics: &Arc<Metrics>,
     counters: crate::kernel::maps::CounterMaps,
+    approvals: Arc<crate::mcp::approvals::Approvals>,
 ) -> Arc<Shared> {
     let counters = Mutex::new(counters);
     let view = w.view.clone();
@@ -369,6 +375,7 @@ fn shared(
         events: w.stream.clone(),
         history: w.history.clone(),
         names: w.names.clone(),
+        approvals,
         dns: Box::new(move || {
             // What the kernel enforces.
             let learned = view.borrow().installed.clone();

@@ -58,6 +58,20 @@ impl Pins {
     /// Where the addresses learned for host rules are kept across daemon restarts, beside
     /// the pins in lifetime: /run (tmpfs) is emptied at boot, as bpffs is.
     #[must_use]
+    /// Where approval requests and decisions are recorded (JSON lines, appended).
+    pub fn approvals_file(&self) -> PathBuf {
+        let learned = self.learned_file();
+        let name = learned
+            .file_name()
+            .map(|n| {
+                n.to_string_lossy()
+                    .replace("learned", "approvals")
+                    .replace(".json", ".jsonl")
+            })
+            .unwrap_or_else(|| "approvals.jsonl".into());
+        learned.with_file_name(name)
+    }
+
     pub fn learned_file(&self) -> PathBuf {
         let tag: String = self
             .dir

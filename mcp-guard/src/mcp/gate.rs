@@ -334,6 +334,21 @@ pub fn without_requests(v: Value, refused: &[String]) -> Option<Value> {
     }
 }
 
+/// The request `id` (JSON text) of a message or batch, alone, as bytes with a newline.
+#[must_use]
+pub fn request_bytes(v: &Value, id: &str) -> Vec<u8> {
+    let is = |m: &&Value| {
+        m.get("method").is_some() && m.get("id").map(super::jsonrpc::id_text).as_deref() == Some(id)
+    };
+    let one = match v {
+        Value::Array(items) => items.iter().find(is),
+        other => Some(other).filter(is),
+    };
+    let mut b = one.map(bytes).unwrap_or_default();
+    b.push(b'\n');
+    b
+}
+
 /// Takes the `hidden` tools out of the `tools/list` response to request `id` in a
 /// message or batch. Returns whether any went.
 pub fn hide_in_response(v: &mut Value, id: &str, hidden: &[String]) -> bool {

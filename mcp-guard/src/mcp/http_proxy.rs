@@ -176,6 +176,39 @@ impl Proxy {
             .flatten()
     }
 
+    /// A call in flight from now.
+    fn track(&self, key: &str, session: &str, id: &str) {
+        self.calls.lock().expect("calls").insert(
+            key.to_string(),
+            Call {
+                session: session.to_string(),
+                id: id.to_string(),
+                started: Instant::now(),
+            },
+        );
+    }
+
+    /// Asks again about a call held for approval until someone decided; the last
+    /// answer (`None`: the daemon did not answer for a minute).
+    async fn await_approval(&self, call: ToDaemon, approval: String) -> Option<Reply> {
+        let mut ask = call;
+        if let ToDaemon::Call { approval: a, .. } = &mut ask {
+            *a = Some(approval);
+        }
+        let mut last_answer = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            match self.tell(ask.clone()).await {
+                Some(Reply {
+                    pending: Some(_), ..
+                }) => last_answer = Instant::now(),
+                Some(r) => return Some(r),
+                None if last_answer.elapsed() > Duration::from_secs(60) => return None,
+                None => {}
+            }
+        }
+    }
+
     /// The workload's policy at the relay (`None`: unguarded).
     fn view(&self) -> Option<RelayView> {
         self.daemon
@@ -335,25 +368,28 @@ impl Proxy {
                         .is_some_and(|(p, _)| p.changed.contains(&tool));
                     let key = format!("{session}/{id}");
                     // In flight before it is told: its end may come back at once.
-                    self.calls.lock().expect("calls").insert(
-                        key.clone(),
-                        Call {
-                            session: session.to_string(),
-                            id: id.to_string(),
-                            started: Instant::now(),
-                        },
-                    );
-                    let reply = self
-                        .tell(ToDaemon::Call {
-                            request_id: id.to_string(),
-                            tool,
-                            arguments,
-                            session: reported(session),
-                            targets,
-                            changed,
-                            masked: masked.remove(&id).unwrap_or_default(),
-                        })
-                        .await;
+                    self.track(&key, session, &id);
+                    let call = ToDaemon::Call {
+                        request_id: id.to_string(),
+                        tool,
+                        arguments,
+                        session: reported(session),
+                        targets,
+                        changed,
+                        masked: masked.remove(&id).unwrap_or_default(),
+                        approval: None,
+                    };
+                    let mut reply = self.tell(call.clone()).await;
+                    if let Some(Reply {
+                        pending: Some(approval),
+                        ..
+                    }) = &reply
+                    {
+                        // Held for approval: the client's request waits for the answer.
+                        self.calls.lock().expect("calls").remove(&key);
+                        reply = self.await_approval(call, approval.clone()).await;
+                        self.track(&key, session, &id);
+                    }
                     let why = match reply {
                         Some(Reply {
                             refused: Some(why), ..

@@ -10,7 +10,9 @@
 //! - [`relay`] is the relay itself (the `exec --mcp` side).
 //! - [`http_proxy`] is its Streamable HTTP counterpart (`exec --mcp-http`).
 
+pub mod approvals;
 pub mod gate;
+mod held;
 mod http_headers;
 pub mod http_proxy;
 pub mod jsonrpc;

@@ -170,8 +170,8 @@ impl Daemon {
                 if let Some(v) = r.relay {
                     self.view = v;
                 }
-                if r.refused.is_some() {
-                    // Never forwarded: not a call in flight to announce again.
+                if r.refused.is_some() || r.pending.is_some() {
+                    // Not forwarded (or not yet): not a call in flight to announce again.
                     if let ToDaemon::Call {
                         request_id,
                         session,
@@ -273,18 +273,20 @@ pub(crate) fn watch(daemon: Arc<Mutex<Option<Daemon>>>, done: Arc<std::sync::ato
 
 /// What the relay knows about the session, shared by both directions.
 #[derive(Default)]
-struct Session {
+pub(super) struct Session {
     /// Calls in flight: request id -> start.
-    calls: HashMap<String, Instant>,
+    pub(super) calls: HashMap<String, Instant>,
     initialize: Option<String>,
     list: HashSet<String>,
     client: Option<Peer>,
     /// Tool definitions as the session first listed them.
     pins: gate::Pins,
+    /// Calls held for approval (a cancellation takes one out: its waiter stops).
+    pub(super) held: HashSet<String>,
 }
 
 /// Tells the daemon, and what it answered (`None`: unguarded, or no answer).
-type Tell = Arc<dyn Fn(ToDaemon) -> Option<Reply> + Send + Sync>;
+pub(super) type Tell = Arc<dyn Fn(ToDaemon) -> Option<Reply> + Send + Sync>;
 
 /// Client -> server, one line: calls are judged and announced (their tools activated)
 /// before they are forwarded; refused calls are answered here and never forwarded.
@@ -294,6 +296,7 @@ fn client_line(
     tell: &Tell,
     view: &dyn Fn() -> Option<RelayView>,
     to_client: &Mutex<impl Write>,
+    hold: &dyn Fn(super::held::Held),
 ) -> Seen {
     let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(line) else {
         return Seen::Malformed;
@@ -305,6 +308,7 @@ fn client_line(
     let (changed, mut masked) =
         gate::mask_message(&mut v, view.unwrap_or_default().mask, &|_| false);
     let mut refused: Vec<(String, String)> = Vec::new();
+    let mut held: Vec<String> = Vec::new();
     for m in msgs {
         match m {
             Message::Initialize { id, client } => {
@@ -327,7 +331,7 @@ fn client_line(
                     .pins
                     .changed
                     .contains(&tool);
-                let reply = tell(ToDaemon::Call {
+                let call = ToDaemon::Call {
                     request_id: id.clone(),
                     tool,
                     arguments,
@@ -335,11 +339,26 @@ fn client_line(
                     targets,
                     changed: was_changed,
                     masked: masked.remove(&id).unwrap_or_default(),
-                });
+                    approval: None,
+                };
+                let reply = tell(call.clone());
                 match reply {
                     Some(Reply {
                         refused: Some(why), ..
                     }) => refused.push((id, why)),
+                    Some(Reply {
+                        pending: Some(approval),
+                        ..
+                    }) => {
+                        // Held: forwarded (or refused) once someone decides.
+                        session.lock().expect("session").held.insert(id.clone());
+                        hold(super::held::Held {
+                            approval,
+                            call,
+                            message: gate::request_bytes(&v, &id),
+                        });
+                        held.push(id);
+                    }
                     None if view.is_some_and(|v| v.fail_closed) => {
                         refused.push((id, gate::UNCHECKED.into()));
                     }
@@ -353,6 +372,8 @@ fn client_line(
                 }
             }
             Message::Cancelled { id } => {
+                // A held call cancelled: its waiter stops (nothing was forwarded).
+                session.lock().expect("session").held.remove(&id);
                 if session.lock().expect("session").calls.remove(&id).is_some() {
                     tell(ToDaemon::End {
                         request_id: id,
@@ -365,7 +386,7 @@ fn client_line(
             Message::Other | Message::Response { .. } => {}
         }
     }
-    if !refused.is_empty() {
+    if !refused.is_empty() || !held.is_empty() {
         let mut out = to_client.lock().expect("client");
         for (id, why) in &refused {
             // The client's end may be gone; the server's side goes on.
@@ -373,7 +394,7 @@ fn client_line(
                 .write_all(&gate::refusal(id, why))
                 .and_then(|()| out.flush());
         }
-        let ids: Vec<String> = refused.into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<String> = refused.into_iter().map(|(id, _)| id).chain(held).collect();
         return match gate::without_requests(v, &ids) {
             Some(left) => Seen::Replace(gate::bytes(&left)),
             None => Seen::Replace(Vec::new()),
@@ -483,7 +504,7 @@ pub fn relay(
     }
     let session = Arc::new(Mutex::new(Session::default()));
     let counts = Arc::new(Counts::default());
-    let to_server = Mutex::new(child.stdin.take().expect("piped stdin"));
+    let to_server = Arc::new(Mutex::new(child.stdin.take().expect("piped stdin")));
     let from_server = child.stdout.take().expect("piped stdout");
     let to_client = Arc::new(Mutex::new(std::io::stdout()));
     let tell: Tell = {
@@ -505,9 +526,17 @@ pub fn relay(
         );
         std::thread::spawn(move || {
             let stdin = std::io::stdin().lock();
+            // Held calls wait on threads of their own; they hold the server's stdin
+            // weakly, so that the client going away still closes it.
+            let hold = super::held::waiter(
+                Arc::downgrade(&to_server),
+                to_client.clone(),
+                tell.clone(),
+                session.clone(),
+            );
             // The client went away: the server sees EOF on its stdin (to_server dropped).
-            pump(stdin, &to_server, &counts, |line| {
-                client_line(line, &session, &tell, &view, &to_client)
+            pump(stdin, &*to_server, &counts, |line| {
+                client_line(line, &session, &tell, &view, &to_client, &hold)
             })
         })
     };

@@ -84,6 +84,10 @@ pub enum ToDaemon {
         /// Credentials found in its arguments, by kind (masked with `mask = "secrets"`).
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         masked: BTreeMap<String, u32>,
+        /// A call held for approval, asked about again: the request's id (the reply's
+        /// `pending` until someone decides).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        approval: Option<String>,
     },
     /// A call ended: "result", "error", "cancelled" or "timeout".
     End {
@@ -119,6 +123,10 @@ pub struct Reply {
     /// enforces whatever the server does).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// A `call` that waits for a person's approval: hold it and send it again with this
+    /// id in `approval` until the answer is no longer pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
     /// A `tools` list: the tools to take out of it before the client sees it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hidden: Vec<String>,
@@ -144,6 +152,7 @@ impl Reply {
             error: None,
             seq,
             refused: None,
+            pending: None,
             hidden: Vec::new(),
             relay: None,
         }

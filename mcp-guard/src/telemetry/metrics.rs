@@ -77,6 +77,8 @@ pub struct Metrics {
     pub mcp_relay_decisions: IntCounterVec,
     /// Credentials relays found in tool results and arguments, by workload and kind.
     pub mcp_secrets: IntCounterVec,
+    /// Approval requests of tool calls and what became of them, by workload and event.
+    pub mcp_approvals: IntCounterVec,
     /// Pods on this node held by each workload (`pods-pending`: not identified yet).
     pub pods: IntGaugeVec,
     /// Whether the last CRI poll answered (1) or failed (0).
@@ -139,6 +141,7 @@ impl Metrics {
             mcp_tool_calls: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_tool_calls_total", "MCP tools/call requests the relays reported (each activated its tools in the kernel before it was forwarded), by workload."), &["workload"]).expect("valid")),
             mcp_relay_decisions: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_relay_decisions_total", "Decisions of the policy at the relay ([workload.mcp]), by workload, reason (tool-denied, tool-not-allowed, tool-changed, argument-refused) and verdict (refused: a call answered by the relay; hidden: a changed tool taken out of tools/list by pin_tools; reported: a changed tool left in because pin_tools is off; audited: would have been refused or hidden)."), &["workload", "reason", "verdict"]).expect("valid")),
             mcp_secrets: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_secrets_total", "Credentials MCP relays found in tool results and call arguments (mask = report or secrets), by workload, kind and action (masked or reported)."), &["workload", "kind", "action"]).expect("valid")),
+            mcp_approvals: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_approvals_total", "Approval requests of tool calls (approval_tools), by workload and event: requested, approved, denied, expired; webhook-failed counts requests the webhook did not take."), &["workload", "event"]).expect("valid")),
             mcp_relay_lines: reg(&r, IntCounterVec::new(Opts::new("mcp_guard_mcp_relay_lines_total", "Lines (HTTP bodies) MCP relays passed through unchanged without reading them, by workload and kind (malformed: not JSON-RPC 2.0; oversized: longer than 16 MiB); mismatched: HTTP requests the proxy refused because an Mcp-Method or Mcp-Name header disagreed with the body."), &["workload", "kind"]).expect("valid")),
             pods: reg(&r, IntGaugeVec::new(Opts::new("mcp_guard_pods", "Pods on this node held by each pod-selecting workload, as identified through the container runtime (CRI); pods-pending counts pod cgroups not identified yet (all their egress is denied)."), &["workload"]).expect("valid")),
             cri_up: reg(&r, IntGauge::new("mcp_guard_cri_up", "Whether the last poll of the container runtime's CRI socket answered (1) or failed (0); while it fails, new pods stay pending (denied) and known pods keep their workload. 1 when no workload selects pods.").expect("valid")),
@@ -312,6 +315,7 @@ mod tests {
             .with_label_values(&["w", "r", "v"])
             .inc();
         m.mcp_secrets.with_label_values(&["w", "k", "a"]).inc();
+        m.mcp_approvals.with_label_values(&["w", "e"]).inc();
         m.workload_known("w");
         let exported: BTreeSet<String> = m
             .registry
