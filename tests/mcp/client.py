@@ -6,7 +6,8 @@ tools, makes the calls given as JSON, and prints one JSON object with what it go
 
 --concurrent makes the calls at once; --hold N keeps the session open N seconds after
 the last call (for background work of the server); --relist lists the tools again after
-that (`tools_after`); --then makes more calls, one after the other, after that. A call
+that (`tools_after`); --progress asks for progress notifications and keeps their
+messages (`progress`); --then makes more calls, one after the other, after that. A call
 answered with a JSON-RPC error (a relay's refusal) is recorded with its `error` and
 `code`. Any other failure of the client itself
 exits non-zero, so a test cannot mistake it for a refused connection.
@@ -33,6 +34,7 @@ async def main():
     ap.add_argument("--hold", type=float, default=0)
     ap.add_argument("--then", default="[]")
     ap.add_argument("--relist", action="store_true")
+    ap.add_argument("--progress", action="store_true")
     ap.add_argument("server", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     server = a.server[1:] if a.server and a.server[0] == "--" else a.server
@@ -46,9 +48,17 @@ async def main():
             out["server"] = init.server_info.name if hasattr(init, "server_info") else init.serverInfo.name
             out["tools"] = [t.name for t in (await s.list_tools()).tools]
 
+            out["progress"] = []
+
+            async def on_progress(progress, total, message):
+                out["progress"].append(message)
+
             async def one(i, tool, args):
                 try:
-                    res = await s.call_tool(tool, args)
+                    if a.progress:
+                        res = await s.call_tool(tool, args, progress_callback=on_progress)
+                    else:
+                        res = await s.call_tool(tool, args)
                 except MCPError as e:
                     out["results"][i] = {"tool": tool, "error": e.message, "code": e.code}
                     return

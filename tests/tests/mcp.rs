@@ -938,7 +938,7 @@ fn approval_required_calls_wait_for_a_person() {
         .arg(mcp_helper("client.py"))
         .arg("--calls")
         .arg(calls.to_string())
-        .arg("--")
+        .args(["--progress", "--"])
         .arg(guard_bin())
         .args(["exec", "--mcp", "--config"])
         .arg(&d.config)
@@ -1000,6 +1000,14 @@ fn approval_required_calls_wait_for_a_person() {
         "{got}"
     );
     assert_eq!(r[3]["text"], "noted: free", "{got}");
+    assert!(
+        got["progress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m.as_str().unwrap_or("").contains("waiting for approval")),
+        "the client asked for progress and heard the call waits: {got}"
+    );
 
     // The records: every request and decision, who and why.
     let out = mcp_guard_tests::approvals_cli(&d, None, &["list", "--all", "--json"]);
@@ -1061,4 +1069,49 @@ fn approval_required_calls_wait_for_a_person() {
         let v: Value = serde_json::from_slice(body).expect("JSON body");
         assert!(v["text"].as_str().unwrap().contains("mcp-guard"), "{v}");
     }
+}
+
+#[test]
+fn a_held_call_is_refused_never_forwarded_when_the_daemon_restarts() {
+    let (ns, cg) = lab();
+    let relay = "[workload.mcp]\napproval_tools = [\"update\"]\napproval_timeout = \"1m\"\n";
+    let mut d = Daemon::start(&config(&cg, relay, "[daemon]\non_exit = \"keep\"\n"));
+    let calls = serde_json::json!([["update", {}], ["notes", {"text": "after"}]]);
+    let child = mcp_guard_tests::in_netns(&ns, None)
+        .arg(mcp_venv().join("bin/python"))
+        .arg(mcp_helper("client.py"))
+        .arg("--calls")
+        .arg(calls.to_string())
+        .args(["--relist", "--"])
+        .arg(guard_bin())
+        .args(["exec", "--mcp", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "mcp", "--"])
+        .args(rug_server())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("MCP client");
+    let _held = mcp_guard_tests::next_pending(&d);
+    d.kill9();
+    d.restart();
+    let out = child.wait_with_output().expect("MCP client");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    let r = &got["results"];
+    assert_eq!(r[0]["code"], -32001, "the held call is refused: {got}");
+    assert!(
+        r[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no approval request"),
+        "{got}"
+    );
+    assert_eq!(r[1]["text"], "noted: after", "the session goes on: {got}");
+    // `update` never ran: the server's tools are as they were.
+    assert_eq!(
+        got["tools_after"],
+        serde_json::json!(["notes", "drop_table", "update"]),
+        "{got}"
+    );
 }

@@ -20,6 +20,8 @@ use super::{
 const POLL: Duration = Duration::from_millis(300);
 /// How long a held call waits for a daemon that does not answer at all.
 const DAEMON_AWAY: Duration = Duration::from_secs(60);
+/// How often a client that asked for progress is told the call still waits.
+const PROGRESS: Duration = Duration::from_secs(5);
 
 /// One held call.
 pub struct Held {
@@ -29,6 +31,17 @@ pub struct Held {
     pub call: ToDaemon,
     /// The request alone, as the server gets it once approved (with its newline).
     pub message: Vec<u8>,
+}
+
+/// The `progressToken` the client gave in the request's `_meta` (it asked for progress
+/// notifications).
+fn progress_token(message: &[u8]) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(message).ok()?;
+    v.get("params")?
+        .get("_meta")?
+        .get("progressToken")
+        .filter(|t| t.is_string() || t.is_number())
+        .cloned()
 }
 
 /// What the relay calls for each held call: starts its waiter.
@@ -68,6 +81,8 @@ fn wait<S: Write, C: Write>(
         *approval = Some(h.approval.clone());
     }
     let mut last_answer = Instant::now();
+    let token = progress_token(&h.message);
+    let (mut told, mut n) = (Instant::now() - PROGRESS, 0u64);
     let answer = |why: &str| {
         let mut out = to_client.lock().expect("client");
         let _ = out
@@ -78,6 +93,25 @@ fn wait<S: Write, C: Write>(
         std::thread::sleep(POLL);
         if !session.lock().expect("session").held.contains(request_id) {
             return; // cancelled by the client
+        }
+        if let Some(t) = token.as_ref().filter(|_| told.elapsed() >= PROGRESS) {
+            // The client asked for progress: it hears that the call waits (and keeps its
+            // request alive).
+            told = Instant::now();
+            n += 1;
+            let note = serde_json::json!({
+                "jsonrpc": "2.0",
+                "method": "notifications/progress",
+                "params": {
+                    "progressToken": t,
+                    "progress": n,
+                    "message": format!("mcp-guard: waiting for approval {} (mcp-guard approvals list)", h.approval),
+                }
+            });
+            let mut line = gate::bytes(&note);
+            line.push(b'\n');
+            let mut out = to_client.lock().expect("client");
+            let _ = out.write_all(&line).and_then(|()| out.flush());
         }
         match tell(ask.clone()) {
             Some(Reply {
