@@ -95,14 +95,21 @@ pub(crate) fn run(socket: &Path, action: Action) -> Result<()> {
             }
             for r in list {
                 let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+                let what = if s("kind") == "rule" {
+                    format!("rule=[{}] destination={}", s("rule"), s("destination"))
+                } else {
+                    format!(
+                        "tool={} request={} args=[{}]",
+                        s("tool"),
+                        s("request_id"),
+                        s("arguments")
+                    )
+                };
                 println!(
-                    "{}  {}  {}  tool={} request={} args=[{}]  requested {}  expires {}{}",
+                    "{}  {}  {}  {what}  requested {}  expires {}{}",
                     s("id"),
                     s("state"),
                     s("workload"),
-                    s("tool"),
-                    s("request_id"),
-                    s("arguments"),
                     s("requested_at"),
                     s("expires_at"),
                     r["reason"]

@@ -1115,3 +1115,113 @@ fn a_held_call_is_refused_never_forwarded_when_the_daemon_restarts() {
         "{got}"
     );
 }
+
+#[test]
+fn an_allow_rule_waiting_for_approval_opens_in_the_kernel_for_its_grant_only() {
+    let (ns, cg) = lab();
+    let (_, dir) = cg.child("mcp");
+    let rule = format!(
+        "[[workload.allow]]\ncidr = \"{INTERNAL}/32\"\nports = [5432]\napproval = \"required\"\napprovers = [\"root\"]\nmax_duration = \"1m\"\n[daemon]\non_exit = \"keep\"\n"
+    );
+    let mut d = Daemon::start(&config(&cg, "", &rule));
+    let mut p = mcp_guard_tests::Probe::new(env!("CARGO_BIN_EXE_mcpg-probe"), &dir, &ns);
+    let db = format!("tcp {INTERNAL} 5432");
+    assert_eq!(p.op(&db), "EPERM", "dormant until approved");
+    // The refusal raised a request for the rule.
+    let id = mcp_guard_tests::next_pending(&d);
+    let out = mcp_guard_tests::approvals_cli(&d, None, &["list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["kind"], "rule", "{list:#}");
+    assert_eq!(
+        list[0]["destination"],
+        format!("{INTERNAL}:5432"),
+        "{list:#}"
+    );
+    let out = mcp_guard_tests::approvals_cli(
+        &d,
+        None,
+        &["approve", &id, "--reason", "migration", "--for", "3s"],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        mcp_guard_tests::wait_until(Duration::from_secs(5), || p.op(&db) == "OK"),
+        "open once approved"
+    );
+    // Other ports of the address stay closed.
+    assert_eq!(p.op(&format!("tcp {INTERNAL} 80")), "EPERM");
+    // The grant ends in the kernel.
+    let e = wait_event(&d, "the approval", |e| {
+        e["hook"] == "mcp" && e["reason"] == "approval-approved"
+    });
+    mcp_guard_tests::assert_event_schema(&e);
+    assert_eq!(e["dst"], format!("{INTERNAL}:5432"), "{e:#}");
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(p.op(&db), "EPERM", "closed when the grant ends");
+    // A new request; its grant survives kill -9 and a restart of the daemon.
+    let id2 = loop {
+        let i = mcp_guard_tests::next_pending(&d);
+        if i != id {
+            break i;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = mcp_guard_tests::approvals_cli(
+        &d,
+        None,
+        &["approve", &id2, "--reason", "again", "--for", "1m"],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(mcp_guard_tests::wait_until(Duration::from_secs(5), || p
+        .op(&db)
+        == "OK"));
+    std::thread::sleep(Duration::from_millis(1500)); // the grant is written to disk
+    d.kill9();
+    assert_eq!(p.op(&db), "OK", "pinned: open while the daemon is down");
+    d.restart();
+    assert_eq!(p.op(&db), "OK", "the restarted daemon keeps the grant");
+}
+
+#[test]
+fn a_call_naming_a_destination_that_waits_for_approval_is_held_until_approved() {
+    let (ns, cg) = lab();
+    let rule = format!(
+        "[[workload.allow]]\ncidr = \"{INTERNAL}/32\"\nports = [80]\napproval = \"required\"\nmax_duration = \"1m\"\n"
+    );
+    let d = Daemon::start(&config(&cg, "[workload.mcp]\n", &rule));
+    let calls =
+        serde_json::json!([["fetch", {"url": format!("http://{INTERNAL}/admin"), "raw": true}]]);
+    let child = mcp_guard_tests::in_netns(&ns, None)
+        .arg(mcp_venv().join("bin/python"))
+        .arg(mcp_helper("client.py"))
+        .arg("--calls")
+        .arg(calls.to_string())
+        .arg("--")
+        .arg(guard_bin())
+        .args(["exec", "--mcp", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "mcp", "--"])
+        .args(fetch_server())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("MCP client");
+    let id = mcp_guard_tests::next_pending(&d);
+    let out = mcp_guard_tests::approvals_cli(&d, None, &["list"]);
+    assert!(
+        output_text(&out).contains(&format!("destination={INTERNAL}:80")),
+        "{}",
+        output_text(&out)
+    );
+    let out = mcp_guard_tests::approvals_cli(&d, None, &["approve", &id, "--reason", "debugging"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let out = child.wait_with_output().expect("MCP client");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    assert!(
+        got["results"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("internal-admin-page"),
+        "held, then forwarded once the rule opened: {got}"
+    );
+}

@@ -139,6 +139,9 @@ pub struct AllowRule {
     /// of one of them is in flight in the caller's `exec --mcp` instance. Empty: always.
     pub tools: Vec<String>,
     pub comment: Option<String>,
+    /// `approval = "required"`: the rule is dormant until a person approves a request
+    /// for it; the grant opens its addresses until it ends, expiring in the kernel.
+    pub approval: Option<relay_keys::RuleApproval>,
     pub loc: Loc,
 }
 

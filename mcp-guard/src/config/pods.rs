@@ -224,6 +224,7 @@ pub(super) fn proxy_workload(socket: &std::path::Path, mode: Mode, loc: &super::
         proto: super::Proto::Tcp,
         tools: Vec::new(),
         comment: Some("the MCP server in the proxy's pod".into()),
+        approval: None,
         loc: *loc,
     };
     let text = socket.display().to_string();

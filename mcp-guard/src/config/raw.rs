@@ -169,6 +169,12 @@ pub(super) struct RawAllow {
     pub(super) tools: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub(super) comment: Option<String>,
+    #[serde(default)]
+    pub(super) approval: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(super) approvers: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub(super) max_duration: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

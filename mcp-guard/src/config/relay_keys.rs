@@ -127,6 +127,72 @@ pub struct ApprovalPolicy {
     pub webhook_secret_file: Option<std::path::PathBuf>,
 }
 
+/// An allow rule that waits for approval (`approval = "required"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleApproval {
+    /// Unix groups whose members may approve (root always may).
+    pub approvers: Vec<String>,
+    /// How long an approval opens the rule (also the longest `--for`).
+    pub max_duration: std::time::Duration,
+}
+
+/// Addresses at most in a rule that waits for approval: a grant installs each.
+pub const MAX_APPROVAL_ADDRESSES: u128 = 256;
+
+/// The approval keys of an allow rule. `Err`: reported.
+pub(super) fn rule_approval(
+    cx: &mut Ctx<'_>,
+    a: &super::raw::RawAllow,
+    target: &Result<Vec<ipnet::IpNet>, super::HostPattern>,
+) -> Result<Option<RuleApproval>, ()> {
+    let Some(v) = &a.approval else {
+        let stray = a
+            .approvers
+            .first()
+            .map(|g| (g.span(), "approvers"))
+            .or_else(|| a.max_duration.as_ref().map(|d| (d.span(), "max_duration")));
+        if let Some((span, key)) = stray {
+            cx.err(&span, format!("allow.{key} is set but the rule has no approval = \"required\": add it, or remove the key"));
+            return Err(());
+        }
+        return Ok(None);
+    };
+    if v.get_ref() != "required" {
+        cx.err(&v.span(), format!("allow.approval = {:?}: the only value is \"required\" (the rule opens only when a person approves a request for it)", v.get_ref()));
+        return Err(());
+    }
+    match target {
+        Err(_) => {
+            cx.err(&v.span(), "allow.approval on a host rule is not supported yet: give the destination as cidr (at most 256 addresses)");
+            return Err(());
+        }
+        Ok(nets) => {
+            for n in nets {
+                let bits = u32::from(n.max_prefix_len() - n.prefix_len());
+                if bits >= 128 || (1u128 << bits) > MAX_APPROVAL_ADDRESSES {
+                    cx.err(&v.span(), format!("allow.approval: {n} holds more than {MAX_APPROVAL_ADDRESSES} addresses; an approval opens each address of the rule in the kernel: narrow the cidr (IPv4 /24 or longer)"));
+                    return Err(());
+                }
+            }
+        }
+    }
+    for g in &a.approvers {
+        if nix::unistd::Group::from_name(g.get_ref())
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            cx.err(&g.span(), format!("allow.approvers: {:?} is not a group on this machine (getent group): name the Unix group whose members may approve", g.get_ref()));
+            return Err(());
+        }
+    }
+    let max_duration = dur(cx, a.max_duration.as_ref(), "allow.max_duration", 900);
+    Ok(Some(RuleApproval {
+        approvers: a.approvers.iter().map(|g| g.get_ref().clone()).collect(),
+        max_duration,
+    }))
+}
+
 /// `30s`, `5m`, `1h` or a number of seconds.
 ///
 /// # Errors

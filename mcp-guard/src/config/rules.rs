@@ -433,9 +433,11 @@ pub(super) fn allow_rule(
         tools.sort();
         tools.dedup();
     }
-    if !ok {
+    let approval = super::relay_keys::rule_approval(cx, a, &target);
+    if !ok || approval.is_err() {
         return Vec::new();
     }
+    let approval = approval.unwrap_or(None);
     match target {
         Ok(nets) => nets
             .into_iter()
@@ -446,6 +448,7 @@ pub(super) fn allow_rule(
                     proto: a.proto,
                     tools: tools.clone(),
                     comment: a.comment.clone(),
+                    approval: approval.clone(),
                     loc,
                 })
             })

@@ -127,6 +127,29 @@ impl Owner {
         let Some(policy) = self.relay_policy(&i.workload) else {
             return CallVerdict::Forward;
         };
+        if c.approval.is_none() && policy.check_arguments && policy.needs_approval(c.tool).is_none()
+        {
+            if let Some(id) = self.rule_request(i, c) {
+                // A destination only an approval rule opens: held until it is decided.
+                return CallVerdict::Hold(id);
+            }
+        }
+        if let Some(id) = c
+            .approval
+            .filter(|_| policy.needs_approval(c.tool).is_none())
+        {
+            // Waiting on a rule's request.
+            return match self
+                .out
+                .shared
+                .approvals
+                .check(id, i.cgroup_id, c.request_id)
+            {
+                crate::mcp::approvals::Answer::Approved => CallVerdict::Forward,
+                crate::mcp::approvals::Answer::Pending(id) => CallVerdict::Hold(id),
+                crate::mcp::approvals::Answer::Refused(t) => CallVerdict::Refuse(t),
+            };
+        }
         if let Some(refused) = self.refusal(i, policy, c) {
             return CallVerdict::Refuse(refused);
         }
@@ -157,6 +180,49 @@ impl Owner {
             crate::mcp::approvals::Answer::Pending(id) => CallVerdict::Hold(id),
             crate::mcp::approvals::Answer::Refused(t) => CallVerdict::Refuse(t),
         }
+    }
+
+    /// A call whose arguments name an address and port the workload's policy refuses
+    /// but one of its rules with `approval = "required"` would open: the rule's pending
+    /// request (raised if needed).
+    fn rule_request(&self, i: &Instance, c: &CallAsked<'_>) -> Option<String> {
+        let w = self.cfg.workloads.iter().find(|w| w.name == i.workload)?;
+        if !w.allow.iter().any(|a| a.approval.is_some()) {
+            return None;
+        }
+        let ev = Evaluator::new(&self.compiled);
+        let wl = ev.workload(&i.workload)?;
+        let active = wl.mcp_mask([c.tool], true);
+        for t in c.targets {
+            let (host, Some(port)) = split_target(t) else {
+                continue;
+            };
+            let Ok(ip) = host.parse::<IpAddr>() else {
+                continue;
+            };
+            if ev
+                .decide_active(wl, ip, port, FlowProto::Tcp, active)
+                .verdict
+                == Verdict::Allow
+            {
+                continue;
+            }
+            let covering = w.allow.iter().find(|a| {
+                a.approval.is_some()
+                    && a.net.contains(&ip.to_canonical())
+                    && (a.ports.is_empty() || a.ports.iter().any(|p| (p.lo..=p.hi).contains(&port)))
+                    && a.proto != config::Proto::Udp
+            })?;
+            return super::approvals::ask_for_rule(
+                &self.out.shared.approvals,
+                &self.cfg,
+                w,
+                covering,
+                ip,
+                port,
+            );
+        }
+        None
     }
 
     /// A refusal by the tool rules, pins or argument check (reported).
@@ -402,123 +468,5 @@ impl Owner {
                         generation: self.maps.generation(),
                     }));
         }
-    }
-}
-
-/// Events, metrics and the webhook for every approval request, decision and expiry.
-pub(super) fn approval_notifier(
-    events: tokio::sync::mpsc::UnboundedSender<events::JsonEvent>,
-    metrics: std::sync::Arc<crate::telemetry::metrics::Metrics>,
-) -> Box<dyn Fn(&crate::mcp::approvals::Happened) + Send + Sync> {
-    let runtime = tokio::runtime::Handle::try_current().ok();
-    Box::new(move |h| {
-        let r = &h.record;
-        metrics
-            .mcp_approvals
-            .with_label_values(&[&r.workload, h.what])
-            .inc();
-        let who = r.decided_by.as_ref().map_or_else(String::new, |d| {
-            format!(
-                " by uid {}{} (pid {})",
-                d.uid,
-                d.user
-                    .as_ref()
-                    .map(|u| format!(" ({u})"))
-                    .unwrap_or_default(),
-                d.pid
-            )
-        });
-        let rule = format!(
-            "approval request {} for tools/call {:?}: {}{who}{}{}",
-            r.id,
-            r.tool,
-            h.what,
-            r.reason
-                .as_ref()
-                .map(|x| format!(": {x}"))
-                .unwrap_or_default(),
-            r.grant_until
-                .as_ref()
-                .map(|g| format!("; calls of {:?} approved until {g}", r.tool))
-                .unwrap_or_default()
-        );
-        let (verdict, reason) = match h.what {
-            "requested" => ("held", "approval-requested"),
-            "approved" => ("approved", "approval-approved"),
-            "denied" => ("refused", "approval-denied"),
-            _ => ("refused", "approval-expired"),
-        };
-        let _ = events.send(events::relay_event(&RelayDecision {
-            workload: &r.workload,
-            workload_id: 0,
-            cgroup_id: r.instance,
-            verdict,
-            reason,
-            rule,
-            dst: None,
-            dest_class: "none",
-            kind: None,
-            mcp: Some(Attribution {
-                tool: Some(r.tool.clone()),
-                request_id: Some(r.request_id.clone()),
-                session: r.session.clone(),
-                arguments: Some(r.arguments.clone()),
-                in_flight: Vec::new(),
-                client: None,
-                server: None,
-                instance: r.instance,
-                seq: 0,
-            }),
-            generation: 0,
-        }));
-        if let (Some((url, key_file)), Some(rt)) = (r.webhook().cloned(), runtime.as_ref()) {
-            let body = crate::mcp::approvals::webhook_body(h);
-            let (metrics, workload) = (metrics.clone(), r.workload.clone());
-            rt.spawn(async move {
-                if let Err(e) = post_webhook(&url, key_file.as_deref(), body).await {
-                    tracing::warn!(error = %e, url, "approval webhook failed");
-                    metrics
-                        .mcp_approvals
-                        .with_label_values(&[&workload, "webhook-failed"])
-                        .inc();
-                }
-            });
-        }
-    })
-}
-
-/// POSTs one signed approval message.
-async fn post_webhook(
-    url: &str,
-    key_file: Option<&std::path::Path>,
-    body: Vec<u8>,
-) -> Result<(), String> {
-    use http_body_util::Full;
-    let key = match key_file {
-        Some(f) => std::fs::read(f).map_err(|e| format!("{}: {e}", f.display()))?,
-        None => return Err("no approval_webhook_secret_file".into()),
-    };
-    let key: Vec<u8> = key.trim_ascii().to_vec();
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let sig = crate::mcp::approvals::signature(&key, ts, &body);
-    let req = hyper::Request::post(url)
-        .header("content-type", "application/json")
-        .header("x-mcp-guard-timestamp", ts.to_string())
-        .header("x-mcp-guard-signature", sig)
-        .body(Full::new(bytes::Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let client: hyper_util::client::legacy::Client<_, Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), client.request(req))
-        .await
-        .map_err(|_| "no answer within 10 s".to_string())?
-        .map_err(|e| e.to_string())?;
-    if answer.status().is_success() {
-        Ok(())
-    } else {
-        Err(format!("answered {}", answer.status()))
     }
 }

@@ -15,6 +15,7 @@ use crate::{
     policy::{self, Compiled},
 };
 
+mod approvals;
 mod boot;
 mod mcp;
 mod mcp_policy;

@@ -133,8 +133,20 @@ impl Running {
         };
         let approvals = crate::mcp::approvals::Approvals::new(
             Some(pins.approvals_file()),
-            super::mcp_policy::approval_notifier(approval_events, metrics.clone()),
+            super::approvals::approval_notifier(approval_events, metrics.clone(), {
+                // Approved rules: their addresses go in like learned answers (expiring
+                // in the kernel, kept across restarts).
+                let to_owner = commands.clone();
+                Box::new(move |grants| {
+                    let _ = to_owner.send(Command::Learned(grants, Vec::new()));
+                })
+            }),
         );
+        tokio::spawn(super::approvals::rule_requests(
+            wiring.stream.subscribe(),
+            wiring.view.clone(),
+            approvals.clone(),
+        ));
         let shared = shared(&wiring, out.status_rx, &metrics, k.counters, approvals);
         let sink = sink(&cfg, &metrics)?;
         ops::set_policy_gauges(&metrics, &compiled);

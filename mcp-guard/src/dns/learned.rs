@@ -54,9 +54,11 @@ fn key(l: &Learned) -> Key {
 fn covered(cfg: &Config, l: &Learned) -> bool {
     cfg.workloads.iter().any(|w| {
         w.name == l.workload
-            && w.hosts
+            && (w
+                .hosts
                 .iter()
                 .any(|h| h.pattern.matches(&l.name) && policy::refusal(cfg, h, l.addr).is_none())
+                || w.allow.iter().any(|a| policy::granted_by(a, l)))
     })
 }
 

@@ -44,7 +44,15 @@ pub struct Decider {
 #[derive(Debug, Clone, Serialize)]
 pub struct Record {
     pub id: String,
+    /// "tool" (a held tool call) or "rule" (an allow rule with approval = "required",
+    /// asked for by a refused connection).
+    pub kind: String,
     pub workload: String,
+    /// A rule request: the rule, and the destination whose refusal asked for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
     /// The instance's cgroup id.
     pub instance: u64,
     pub tool: String,
@@ -72,6 +80,14 @@ pub struct Record {
     cgroup: String,
     #[serde(skip)]
     webhook: Option<(String, Option<PathBuf>)>,
+    /// A rule request: the rule's line and every address an approval opens.
+    #[serde(skip)]
+    pub rule_line: usize,
+    #[serde(skip)]
+    pub grant_addrs: Vec<std::net::IpAddr>,
+    /// An approved grant's end (Unix seconds).
+    #[serde(skip)]
+    pub grant_until_unix: Option<u64>,
 }
 
 /// A call covered by an approval given with `--for`.
@@ -106,6 +122,21 @@ pub struct Ask<'a> {
     pub arguments: &'a str,
     pub policy: &'a ApprovalPolicy,
 }
+
+/// A refused connection to a destination only an allow rule with `approval =
+/// "required"` opens.
+pub struct AskRule<'a> {
+    pub workload: &'a str,
+    pub rule_line: usize,
+    pub rule: &'a str,
+    pub destination: &'a str,
+    pub addrs: Vec<std::net::IpAddr>,
+    pub approvers: &'a [String],
+    pub max_duration: Duration,
+}
+
+/// How long a rule request waits for a decision.
+pub const RULE_REQUEST_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Why a decision was refused.
 #[derive(Debug, thiserror::Error)]
@@ -254,7 +285,10 @@ impl Approvals {
         let wall = SystemTime::now();
         let r = Record {
             id: id.clone(),
+            kind: "tool".into(),
             workload: a.workload.to_string(),
+            rule: None,
+            destination: None,
             instance: a.instance,
             tool: a.tool.to_string(),
             request_id: a.request_id.to_string(),
@@ -277,6 +311,9 @@ impl Approvals {
                 .webhook
                 .clone()
                 .map(|w| (w, a.policy.webhook_secret_file.clone())),
+            rule_line: 0,
+            grant_addrs: Vec::new(),
+            grant_until_unix: None,
         };
         inner.pending.insert(id.clone(), r.clone());
         drop(inner);
@@ -287,21 +324,78 @@ impl Approvals {
         Answer::Pending(id)
     }
 
+    /// A connection refused (or a call naming a destination) that an approval rule would
+    /// open: a request, unless one for the rule is pending already. Returns the pending
+    /// request's id.
+    pub fn ask_rule(&self, a: &AskRule<'_>) -> Option<String> {
+        let mut inner = self.inner.lock().expect("approvals");
+        self.expire(&mut inner);
+        if let Some(r) = inner
+            .pending
+            .values()
+            .find(|r| r.kind == "rule" && r.workload == a.workload && r.rule_line == a.rule_line)
+        {
+            return Some(r.id.clone());
+        }
+        if inner.pending.len() >= MAX_PENDING {
+            return None;
+        }
+        inner.next += 1;
+        let since = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let id = format!("ap-{since:x}-{}", inner.next);
+        let wall = SystemTime::now();
+        let r = Record {
+            id: id.clone(),
+            kind: "rule".into(),
+            workload: a.workload.to_string(),
+            rule: Some(a.rule.to_string()),
+            destination: Some(a.destination.to_string()),
+            instance: 0,
+            tool: String::new(),
+            request_id: String::new(),
+            session: None,
+            arguments: String::new(),
+            requested_at: rfc3339(wall),
+            expires_at: rfc3339(wall + RULE_REQUEST_TIMEOUT),
+            approvers: a.approvers.to_vec(),
+            state: "pending".into(),
+            decided_by: None,
+            decided_at: None,
+            reason: None,
+            grant_until: None,
+            deadline: Some(Instant::now() + RULE_REQUEST_TIMEOUT),
+            max_duration: a.max_duration,
+            relay_pid: 0,
+            cgroup: String::new(),
+            webhook: None,
+            rule_line: a.rule_line,
+            grant_addrs: a.addrs.clone(),
+            grant_until_unix: None,
+        };
+        inner.pending.insert(id.clone(), r.clone());
+        drop(inner);
+        self.record(&Happened {
+            what: "requested",
+            record: r,
+        });
+        Some(id)
+    }
+
     /// A relay asking again about request `id` for its call.
     pub fn check(&self, id: &str, instance: u64, request_id: &str) -> Answer {
         let mut inner = self.inner.lock().expect("approvals");
         self.expire(&mut inner);
-        if let Some(r) = inner.pending.get(id) {
-            if r.instance == instance && r.request_id == request_id {
-                return Answer::Pending(id.to_string());
-            }
+        // A tool request answers its own call only; a rule request every call waiting on it.
+        let mine = |r: &Record| {
+            r.id == id
+                && (r.kind == "rule" || (r.instance == instance && r.request_id == request_id))
+        };
+        if inner.pending.get(id).is_some_and(mine) {
+            return Answer::Pending(id.to_string());
         }
-        match inner
-            .decided
-            .iter()
-            .rev()
-            .find(|r| r.id == id && r.instance == instance && r.request_id == request_id)
-        {
+        match inner.decided.iter().rev().find(|r| mine(r)) {
             Some(r) if r.state == "approved" => Answer::Approved,
             Some(r) => Answer::Refused(format!(
                 "mcp-guard refused tools/call {:?} (approval-{}): {}",
@@ -372,12 +466,24 @@ impl Approvals {
             }
         }
         let mut r = inner.pending.remove(id).expect("pending");
+        // A rule is opened for a time: the one asked for, or its max_duration.
+        let grant = if r.kind == "rule" && approve {
+            Some(grant.unwrap_or(r.max_duration))
+        } else {
+            grant
+        };
         r.state = if approve { "approved" } else { "denied" }.into();
         r.decided_by = Some(who);
         r.decided_at = Some(rfc3339(SystemTime::now()));
         r.reason = Some(reason.chars().take(512).collect());
         if let (true, Some(g)) = (approve, grant) {
             r.grant_until = Some(rfc3339(SystemTime::now() + g));
+            r.grant_until_unix = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()
+                .map(|d| (d + g).as_secs());
+        }
+        if let (true, Some(g), "tool") = (approve, grant, r.kind.as_str()) {
             inner.grants.push(Grant {
                 workload: r.workload.clone(),
                 tool: r.tool.clone(),
@@ -465,143 +571,5 @@ pub fn signature(key: &[u8], timestamp: u64, body: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy(timeout: u64) -> ApprovalPolicy {
-        ApprovalPolicy {
-            tools: Vec::new(),
-            approvers: vec!["root".into()],
-            timeout: Duration::from_millis(timeout),
-            max_duration: Duration::from_secs(60),
-            webhook: None,
-            webhook_secret_file: None,
-        }
-    }
-
-    fn ask<'a>(p: &'a ApprovalPolicy, req: &'a str) -> Ask<'a> {
-        Ask {
-            workload: "w",
-            instance: 7,
-            relay_pid: 100,
-            cgroup: "/w/mcp-100",
-            tool: "deploy",
-            request_id: req,
-            session: None,
-            arguments: "env=prod",
-            policy: p,
-        }
-    }
-
-    fn someone(pid: u32) -> Decider {
-        Decider {
-            uid: 0,
-            user: Some("root".into()),
-            pid,
-            groups: Vec::new(),
-            cgroup: None,
-        }
-    }
-
-    #[test]
-    fn requests_are_approved_denied_expired_and_granted() {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s2 = seen.clone();
-        let a = Approvals::new(None, Box::new(move |h| s2.lock().unwrap().push(h.what)));
-        let p = policy(60_000);
-        let Answer::Pending(id) = a.ask(&ask(&p, "1")) else {
-            panic!()
-        };
-        assert_eq!(a.check(&id, 7, "1"), Answer::Pending(id.clone()));
-        // The asker may not decide; nor a process inside the instance.
-        assert!(matches!(
-            a.decide(&id, true, "ok", None, someone(100)),
-            Err(DecideError::TheAsker(100))
-        ));
-        assert!(matches!(
-            a.decide(
-                &id,
-                true,
-                "ok",
-                None,
-                Decider {
-                    cgroup: Some("/w/mcp-100/x".into()),
-                    ..someone(5)
-                }
-            ),
-            Err(DecideError::TheAsker(5))
-        ));
-        assert!(matches!(
-            a.decide(&id, true, " ", None, someone(5)),
-            Err(DecideError::NoReason)
-        ));
-        let not_root = Decider {
-            uid: 4242,
-            user: None,
-            groups: vec![4242],
-            ..someone(5)
-        };
-        assert!(matches!(
-            a.decide(&id, true, "ok", None, not_root),
-            Err(DecideError::NotAnApprover { .. })
-        ));
-        a.decide(&id, true, "change 42", None, someone(5)).unwrap();
-        assert_eq!(a.check(&id, 7, "1"), Answer::Approved);
-        assert!(matches!(
-            a.decide(&id, false, "x", None, someone(5)),
-            Err(DecideError::Decided { .. })
-        ));
-        // Denied.
-        let Answer::Pending(id2) = a.ask(&ask(&p, "2")) else {
-            panic!()
-        };
-        a.decide(&id2, false, "not now", None, someone(5)).unwrap();
-        assert!(
-            matches!(a.check(&id2, 7, "2"), Answer::Refused(t) if t.contains("approval-denied") && t.contains("not now"))
-        );
-        // Expired.
-        let short = policy(1);
-        let Answer::Pending(id3) = a.ask(&ask(&short, "3")) else {
-            panic!()
-        };
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(
-            matches!(a.check(&id3, 7, "3"), Answer::Refused(t) if t.contains("approval-expired"))
-        );
-        // A grant covers later calls of the tool; longer than max_duration is refused.
-        let Answer::Pending(id4) = a.ask(&ask(&p, "4")) else {
-            panic!()
-        };
-        assert!(matches!(
-            a.decide(&id4, true, "r", Some(Duration::from_secs(120)), someone(5)),
-            Err(DecideError::TooLong { .. })
-        ));
-        a.decide(&id4, true, "r", Some(Duration::from_secs(30)), someone(5))
-            .unwrap();
-        assert_eq!(a.ask(&ask(&p, "5")), Answer::Approved);
-        assert_eq!(
-            *seen.lock().unwrap(),
-            [
-                "requested",
-                "approved",
-                "requested",
-                "denied",
-                "requested",
-                "expired",
-                "requested",
-                "approved"
-            ]
-        );
-        assert_eq!(a.pending(), 0);
-        assert_eq!(a.list(true).len(), 4);
-    }
-
-    #[test]
-    fn the_signature_is_hmac_sha256_of_timestamp_and_body() {
-        // RFC 4231-style check against an independent computation (key "key").
-        let sig = signature(b"key", 1, b"{}");
-        assert!(sig.starts_with("sha256=") && sig.len() == 7 + 64, "{sig}");
-        assert_ne!(sig, signature(b"other", 1, b"{}"));
-        assert_ne!(sig, signature(b"key", 2, b"{}"));
-    }
-}
+#[path = "approvals_tests.rs"]
+mod tests;

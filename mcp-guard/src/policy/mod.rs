@@ -390,7 +390,8 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
         };
         // Own ranges per prefix, in rule order.
         let mut own: HashMap<([u8; 16], u8), Vec<PortRange>> = HashMap::new();
-        for a in &w.allow {
+        // Rules that wait for approval are dormant: only their grants (below) open them.
+        for a in w.allow.iter().filter(|a| a.approval.is_none()) {
             let id = add_rule(
                 &mut out.rules,
                 format!(
@@ -464,6 +465,39 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
                     &h.ports,
                     h.proto,
                     toolset_of(&h.tools),
+                    id,
+                );
+            }
+        }
+        // Approved grants of rules that wait for approval: each address of the rule, on
+        // its ports, until the grant ends (in the kernel, as learned answers expire).
+        for l in learned
+            .iter()
+            .filter(|l| l.workload == w.name && l.source == APPROVAL_SOURCE)
+        {
+            for a in w.allow.iter().filter(|a| granted_by(a, l)) {
+                let net = IpNet::from(l.addr.to_canonical());
+                let until = learned_until.entry(net16(&net)).or_default();
+                *until = (*until).max(l.expires_unix);
+                let id = add_rule(
+                    &mut out.rules,
+                    format!(
+                        "workload {} allow {} {} {}{} (approved: {} until unix {}) ({file}:{})",
+                        w.name,
+                        net.addr(),
+                        ports_text(&a.ports),
+                        proto_text(a.proto),
+                        tools_text(&a.tools),
+                        a.net,
+                        l.expires_unix,
+                        a.loc.line
+                    ),
+                );
+                push_ranges(
+                    own.entry(net16(&net)).or_default(),
+                    &a.ports,
+                    a.proto,
+                    toolset_of(&a.tools),
                     id,
                 );
             }
@@ -595,9 +629,11 @@ pub fn compile_with(cfg: &Config, learned: &[Learned]) -> Result<Compiled, Compi
     Ok(out)
 }
 
+mod approval;
 mod eval;
 mod ranges;
 pub mod unix;
+pub use approval::{granted_by, APPROVAL_SOURCE};
 pub use eval::{Decision, Evaluator, FlowProto, Verdict};
 use ranges::{coalesce, dedupe, push_ranges};
 pub use ranges::{ports_text, proto_text, tools_text};
