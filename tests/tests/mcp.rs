@@ -114,6 +114,33 @@ fn client_resolving(
         .unwrap_or_else(|e| panic!("client output is not JSON ({e}):\n{}", output_text(&out)))
 }
 
+/// The SDK client in `ns` against `server` under `exec --mcp`, running on (for tests
+/// that act while its calls wait).
+fn spawn_client(
+    ns: &NetNs,
+    d: &Daemon,
+    server: &[String],
+    calls: &Value,
+    extra: &[&str],
+) -> std::process::Child {
+    mcp_guard_tests::in_netns(ns, None)
+        .arg(mcp_venv().join("bin/python"))
+        .arg(mcp_helper("client.py"))
+        .arg("--calls")
+        .arg(calls.to_string())
+        .args(extra)
+        .arg("--")
+        .arg(guard_bin())
+        .args(["exec", "--mcp", "--config"])
+        .arg(&d.config)
+        .args(["--workload", "mcp", "--"])
+        .args(server)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("MCP client")
+}
+
 /// Waits for an event matching `pred` (events read before it are kept for the next
 /// wait); panics with every event seen otherwise.
 fn wait_event(d: &Daemon, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
@@ -600,21 +627,7 @@ fn tool_scoping_survives_a_restart_and_nothing_stays_active_between_calls() {
         ["background", {}],
     ])
     .to_string();
-    let child = mcp_guard_tests::in_netns(&ns, None)
-        .arg(mcp_venv().join("bin/python"))
-        .arg(mcp_helper("client.py"))
-        .arg("--calls")
-        .arg(calls.to_string())
-        .args(["--then", &then, "--"])
-        .arg(guard_bin())
-        .args(["exec", "--mcp", "--config"])
-        .arg(&d.config)
-        .args(["--workload", "mcp", "--"])
-        .args(db_server())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("MCP client");
+    let child = spawn_client(&ns, &d, &db_server(), &calls, &["--then", &then]);
     // The slow call is in flight: kill -9, then start again.
     assert!(
         mcp_guard_tests::wait_until(Duration::from_secs(20), || try_metric(
@@ -933,21 +946,7 @@ fn approval_required_calls_wait_for_a_person() {
     );
     let d = Daemon::start(&text);
     let calls = serde_json::json!([["update", {}], ["update", {}], ["update", {}], ["notes", {"text": "free"}]]);
-    let child = mcp_guard_tests::in_netns(&ns, None)
-        .arg(mcp_venv().join("bin/python"))
-        .arg(mcp_helper("client.py"))
-        .arg("--calls")
-        .arg(calls.to_string())
-        .args(["--progress", "--"])
-        .arg(guard_bin())
-        .args(["exec", "--mcp", "--config"])
-        .arg(&d.config)
-        .args(["--workload", "mcp", "--"])
-        .args(rug_server())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("MCP client");
+    let child = spawn_client(&ns, &d, &rug_server(), &calls, &["--progress"]);
 
     // 1: a user who may reach the socket but is no approver is refused; a member of
     // staff approves.
@@ -1077,21 +1076,7 @@ fn a_held_call_is_refused_never_forwarded_when_the_daemon_restarts() {
     let relay = "[workload.mcp]\napproval_tools = [\"update\"]\napproval_timeout = \"1m\"\n";
     let mut d = Daemon::start(&config(&cg, relay, "[daemon]\non_exit = \"keep\"\n"));
     let calls = serde_json::json!([["update", {}], ["notes", {"text": "after"}]]);
-    let child = mcp_guard_tests::in_netns(&ns, None)
-        .arg(mcp_venv().join("bin/python"))
-        .arg(mcp_helper("client.py"))
-        .arg("--calls")
-        .arg(calls.to_string())
-        .args(["--relist", "--"])
-        .arg(guard_bin())
-        .args(["exec", "--mcp", "--config"])
-        .arg(&d.config)
-        .args(["--workload", "mcp", "--"])
-        .args(rug_server())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("MCP client");
+    let child = spawn_client(&ns, &d, &rug_server(), &calls, &["--relist"]);
     let _held = mcp_guard_tests::next_pending(&d);
     d.kill9();
     d.restart();
@@ -1190,21 +1175,7 @@ fn a_call_naming_a_destination_that_waits_for_approval_is_held_until_approved() 
     let d = Daemon::start(&config(&cg, "[workload.mcp]\n", &rule));
     let calls =
         serde_json::json!([["fetch", {"url": format!("http://{INTERNAL}/admin"), "raw": true}]]);
-    let child = mcp_guard_tests::in_netns(&ns, None)
-        .arg(mcp_venv().join("bin/python"))
-        .arg(mcp_helper("client.py"))
-        .arg("--calls")
-        .arg(calls.to_string())
-        .arg("--")
-        .arg(guard_bin())
-        .args(["exec", "--mcp", "--config"])
-        .arg(&d.config)
-        .args(["--workload", "mcp", "--"])
-        .args(fetch_server())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("MCP client");
+    let child = spawn_client(&ns, &d, &fetch_server(), &calls, &[]);
     let id = mcp_guard_tests::next_pending(&d);
     let out = mcp_guard_tests::approvals_cli(&d, None, &["list"]);
     assert!(

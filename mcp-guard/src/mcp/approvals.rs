@@ -275,13 +275,7 @@ impl Approvals {
                 a.tool
             ));
         }
-        inner.next += 1;
-        // Unique across daemon restarts too (a relay still asking about an older id is
-        // told it is unknown, never given another call's answer).
-        let since = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let id = format!("ap-{since:x}-{}", inner.next);
+        let id = next_id(&mut inner);
         let wall = SystemTime::now();
         let r = Record {
             id: id.clone(),
@@ -340,11 +334,7 @@ impl Approvals {
         if inner.pending.len() >= MAX_PENDING {
             return None;
         }
-        inner.next += 1;
-        let since = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let id = format!("ap-{since:x}-{}", inner.next);
+        let id = next_id(&mut inner);
         let wall = SystemTime::now();
         let r = Record {
             id: id.clone(),
@@ -514,6 +504,16 @@ impl Approvals {
     pub fn pending(&self) -> usize {
         self.inner.lock().expect("approvals").pending.len()
     }
+}
+
+/// A new request id, unique across daemon restarts too (a relay still asking about an
+/// older id is told it is unknown, never given another call's answer).
+fn next_id(inner: &mut Inner) -> String {
+    inner.next += 1;
+    let since = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("ap-{since:x}-{}", inner.next)
 }
 
 fn keep(inner: &mut Inner, r: Record) {
