@@ -282,7 +282,13 @@ impl Owner {
 
     /// The first destination in a call's arguments the workload's policy refuses.
     fn judge_targets(&self, workload: &str, tool: &str, targets: &[String]) -> Option<Refusal> {
-        if targets.is_empty() {
+        let address = |t: &String| {
+            let (h, _) = split_target(t);
+            h == "localhost" || h.parse::<IpAddr>().is_ok()
+        };
+        // Names alone are judged only against the DNS proxy's filter: the evaluator (a
+        // copy of the policy's lookup tables) is built only when an address needs it.
+        if targets.is_empty() || (self.cfg.dns.proxy.is_none() && !targets.iter().any(address)) {
             return None;
         }
         let ev = Evaluator::new(&self.compiled);
