@@ -90,18 +90,7 @@ fn client_resolving(
     extra: &[&str],
     resolv: Option<&Path>,
 ) -> Value {
-    let out = mcp_guard_tests::in_netns(ns, resolv)
-        .arg(mcp_venv().join("bin/python"))
-        .arg(mcp_helper("client.py"))
-        .arg("--calls")
-        .arg(calls.to_string())
-        .args(extra)
-        .arg("--")
-        .arg(guard_bin())
-        .args(["exec", "--mcp", "--config"])
-        .arg(&d.config)
-        .args(["--workload", "mcp", "--"])
-        .args(server)
+    let out = client_command(ns, d, server, calls, extra, resolv)
         .output()
         .expect("run the MCP client");
     assert!(
@@ -114,17 +103,18 @@ fn client_resolving(
         .unwrap_or_else(|e| panic!("client output is not JSON ({e}):\n{}", output_text(&out)))
 }
 
-/// The SDK client in `ns` against `server` under `exec --mcp`, running on (for tests
-/// that act while its calls wait).
-fn spawn_client(
+/// The SDK client's command: in `ns` (with `resolv` over /etc/resolv.conf), against
+/// `server` under `exec --mcp` with the test daemon's config.
+fn client_command(
     ns: &NetNs,
     d: &Daemon,
     server: &[String],
     calls: &Value,
     extra: &[&str],
-) -> std::process::Child {
-    mcp_guard_tests::in_netns(ns, None)
-        .arg(mcp_venv().join("bin/python"))
+    resolv: Option<&Path>,
+) -> Command {
+    let mut c = mcp_guard_tests::in_netns(ns, resolv);
+    c.arg(mcp_venv().join("bin/python"))
         .arg(mcp_helper("client.py"))
         .arg("--calls")
         .arg(calls.to_string())
@@ -134,7 +124,20 @@ fn spawn_client(
         .args(["exec", "--mcp", "--config"])
         .arg(&d.config)
         .args(["--workload", "mcp", "--"])
-        .args(server)
+        .args(server);
+    c
+}
+
+/// The SDK client in `ns` against `server` under `exec --mcp`, running on (for tests
+/// that act while its calls wait).
+fn spawn_client(
+    ns: &NetNs,
+    d: &Daemon,
+    server: &[String],
+    calls: &Value,
+    extra: &[&str],
+) -> std::process::Child {
+    client_command(ns, d, server, calls, extra, None)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -1194,5 +1197,58 @@ fn a_call_naming_a_destination_that_waits_for_approval_is_held_until_approved() 
             .unwrap_or_default()
             .contains("internal-admin-page"),
         "held, then forwarded once the rule opened: {got}"
+    );
+}
+
+#[test]
+fn tool_rules_and_pinned_definitions_hold_across_kill_9_and_restart() {
+    let (ns, cg) = lab();
+    let relay = "[workload.mcp]\ndeny_tools = [\"drop_*\"]\npin_tools = true\n";
+    let mut d = Daemon::start(&config(&cg, relay, "[daemon]\non_exit = \"keep\"\n"));
+    let calls = serde_json::json!([["update", {}]]);
+    let then =
+        serde_json::json!([["notes", {"text": "b"}], ["drop_table", {"name": "t"}]]).to_string();
+    let child = spawn_client(
+        &ns,
+        &d,
+        &rug_server(),
+        &calls,
+        &["--hold", "6", "--relist", "--then", &then],
+    );
+    assert!(
+        mcp_guard_tests::wait_until(Duration::from_secs(20), || try_metric(
+            &d,
+            "mcp_guard_mcp_tool_calls_total{workload=\"mcp\"}"
+        )
+        .is_some_and(|v| v >= 1.0)),
+        "update was called"
+    );
+    d.kill9();
+    d.restart();
+    let out = child.wait_with_output().expect("MCP client");
+    assert!(out.status.success(), "{}", output_text(&out));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("client JSON");
+    assert_eq!(
+        got["tools"],
+        serde_json::json!(["notes", "update"]),
+        "{got}"
+    );
+    assert_eq!(got["results"][0]["text"], "updated", "{got}");
+    // The definitions the session first saw are the relay's: the restarted daemon hides
+    // the changed tool and refuses its call, and the denied tool stays denied.
+    assert_eq!(got["tools_after"], serde_json::json!(["update"]), "{got}");
+    assert!(
+        got["results"][1]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("pin_tools"),
+        "{got}"
+    );
+    assert!(
+        got["results"][2]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("deny_tools"),
+        "{got}"
     );
 }

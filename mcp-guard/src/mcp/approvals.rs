@@ -309,13 +309,7 @@ impl Approvals {
             grant_addrs: Vec::new(),
             grant_until_unix: None,
         };
-        inner.pending.insert(id.clone(), r.clone());
-        drop(inner);
-        self.record(&Happened {
-            what: "requested",
-            record: r,
-        });
-        Answer::Pending(id)
+        Answer::Pending(self.raise(inner, r))
     }
 
     /// A connection refused (or a call naming a destination) that an approval rule would
@@ -364,13 +358,19 @@ impl Approvals {
             grant_addrs: a.addrs.clone(),
             grant_until_unix: None,
         };
+        Some(self.raise(inner, r))
+    }
+
+    /// A new pending request, recorded (after the store is unlocked).
+    fn raise(&self, mut inner: std::sync::MutexGuard<'_, Inner>, r: Record) -> String {
+        let id = r.id.clone();
         inner.pending.insert(id.clone(), r.clone());
         drop(inner);
         self.record(&Happened {
             what: "requested",
             record: r,
         });
-        Some(id)
+        id
     }
 
     /// A relay asking again about request `id` for its call.

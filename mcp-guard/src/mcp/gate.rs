@@ -373,6 +373,31 @@ pub fn bytes(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).expect("serialisable")
 }
 
+/// What a relay does with a call, from the daemon's answer to it.
+pub enum Verdict {
+    Forward,
+    /// Answer it with this error.
+    Refuse(String),
+    /// Hold it until approval request `id` is decided.
+    Hold(String),
+}
+
+/// The daemon's answer to a call (`None`: it did not answer) as what the relay does:
+/// with no answer, a workload whose tool rules must judge every call refuses it.
+#[must_use]
+pub fn verdict(reply: Option<super::wire::Reply>, view: Option<super::wire::RelayView>) -> Verdict {
+    match reply {
+        Some(super::wire::Reply {
+            refused: Some(why), ..
+        }) => Verdict::Refuse(why),
+        Some(super::wire::Reply {
+            pending: Some(id), ..
+        }) => Verdict::Hold(id),
+        None if view.is_some_and(|v| v.fail_closed) => Verdict::Refuse(UNCHECKED.into()),
+        _ => Verdict::Forward,
+    }
+}
+
 /// The client's answer when a call cannot be checked: the daemon did not answer and
 /// the workload's tool rules refuse calls they cannot judge.
 pub const UNCHECKED: &str = "mcp-guard refused tools/call (relay-unchecked): the mcp-guard daemon did not answer, and this workload's tool rules ([workload.mcp]) admit a call only once the daemon has judged it; retry when the daemon is back";

@@ -79,8 +79,8 @@ pub struct Proxy {
     calls: Mutex<HashMap<String, Call>>,
     /// Per session: the client that initialized it (sent with the server's answer).
     clients: Mutex<HashMap<String, Option<Peer>>>,
-    /// Per session: the tool definitions it first listed, and its `tools/list` requests.
-    pins: Mutex<HashMap<String, (gate::Pins, Vec<String>)>>,
+    /// Per session: the tool definitions it first listed.
+    pins: Mutex<HashMap<String, gate::Pins>>,
     pub counts: Counts,
     /// Requests refused because a header disagreed with the body.
     pub mismatched: AtomicU64,
@@ -350,10 +350,6 @@ impl Proxy {
                         .expect("clients")
                         .insert(session.to_string(), client);
                 }
-                Message::ListTools { id } => {
-                    let mut pins = self.pins.lock().expect("pins");
-                    pins.entry(session.to_string()).or_default().1.push(id);
-                }
                 Message::Call {
                     id,
                     tool,
@@ -365,7 +361,7 @@ impl Proxy {
                         .lock()
                         .expect("pins")
                         .get(session)
-                        .is_some_and(|(p, _)| p.changed.contains(&tool));
+                        .is_some_and(|p| p.changed.contains(&tool));
                     let key = format!("{session}/{id}");
                     // In flight before it is told: its end may come back at once.
                     self.track(&key, session, &id);
@@ -379,25 +375,17 @@ impl Proxy {
                         masked: masked.remove(&id).unwrap_or_default(),
                         approval: None,
                     };
-                    let mut reply = self.tell(call.clone()).await;
-                    if let Some(Reply {
-                        pending: Some(approval),
-                        ..
-                    }) = &reply
-                    {
+                    let mut verdict = gate::verdict(self.tell(call.clone()).await, view);
+                    if let gate::Verdict::Hold(approval) = verdict {
                         // Held for approval: the client's request waits for the answer.
                         self.calls.lock().expect("calls").remove(&key);
-                        reply = self.await_approval(call, approval.clone()).await;
+                        let reply = self.await_approval(call, approval).await;
+                        verdict = gate::verdict(reply, view);
                         self.track(&key, session, &id);
                     }
-                    let why = match reply {
-                        Some(Reply {
-                            refused: Some(why), ..
-                        }) => Some(why),
-                        None if view.is_some_and(|v| v.fail_closed) => {
-                            Some(gate::UNCHECKED.to_string())
-                        }
-                        _ => None,
+                    let why = match verdict {
+                        gate::Verdict::Refuse(why) => Some(why),
+                        gate::Verdict::Forward | gate::Verdict::Hold(_) => None,
                     };
                     if let Some(why) = why {
                         self.calls.lock().expect("calls").remove(&key);
@@ -409,7 +397,7 @@ impl Proxy {
                 Message::Cancelled { id } => {
                     self.end(&format!("{session}/{id}"), "cancelled").await;
                 }
-                Message::Other | Message::Response { .. } => {}
+                Message::ListTools { .. } | Message::Other | Message::Response { .. } => {}
             }
         }
         if !refused.is_empty() {
@@ -468,8 +456,7 @@ impl Proxy {
             } else if let Some(names) = result.as_ref().and_then(jsonrpc::tool_names) {
                 let all_changed: Vec<String> = {
                     let mut pins = self.pins.lock().expect("pins");
-                    let (p, lists) = pins.entry(session.to_string()).or_default();
-                    lists.retain(|l| *l != id);
+                    let p = pins.entry(session.to_string()).or_default();
                     p.observe(result.as_ref().expect("a result"));
                     p.changed.iter().cloned().collect()
                 };

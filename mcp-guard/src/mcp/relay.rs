@@ -341,15 +341,9 @@ fn client_line(
                     masked: masked.remove(&id).unwrap_or_default(),
                     approval: None,
                 };
-                let reply = tell(call.clone());
-                match reply {
-                    Some(Reply {
-                        refused: Some(why), ..
-                    }) => refused.push((id, why)),
-                    Some(Reply {
-                        pending: Some(approval),
-                        ..
-                    }) => {
+                match gate::verdict(tell(call.clone()), view) {
+                    gate::Verdict::Refuse(why) => refused.push((id, why)),
+                    gate::Verdict::Hold(approval) => {
                         // Held: forwarded (or refused) once someone decides.
                         session.lock().expect("session").held.insert(id.clone());
                         hold(super::held::Held {
@@ -359,10 +353,7 @@ fn client_line(
                         });
                         held.push(id);
                     }
-                    None if view.is_some_and(|v| v.fail_closed) => {
-                        refused.push((id, gate::UNCHECKED.into()));
-                    }
-                    _ => {
+                    gate::Verdict::Forward => {
                         session
                             .lock()
                             .expect("session")
